@@ -1,0 +1,180 @@
+//! Types and names shared by the kernel programs (`metaproxy-ebpf`) and the
+//! daemon (`metaproxy`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the same bytes are written by
+//! the kernel into BPF maps and read back by userspace. Addresses are kept in
+//! network byte order exactly as the kernel hands them over (`[u32; 4]`, IPv4
+//! in word 0); ports are kept in host byte order.
+//!
+//! The `user` feature adds `aya::Pod` impls so userspace can use these as map
+//! keys and values.
+#![no_std]
+
+/// `AF_INET`, as stored in [`ConnKey::family`] and [`ConnRecord::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`ConnKey::family`] and [`ConnRecord::family`].
+pub const AF_INET6: u16 = 10;
+
+/// The instance metadata service over IPv4: 169.254.169.254, network order.
+pub const IMDS_IP4: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
+/// The instance metadata service over IPv6: fd00:ec2::254, network order.
+pub const IMDS_IP6: [u32; 4] = [
+    u32::from_ne_bytes([0xfd, 0x00, 0x0e, 0xc2]),
+    0,
+    0,
+    u32::from_ne_bytes([0x00, 0x00, 0x02, 0x54]),
+];
+/// The metadata service's TCP port.
+pub const IMDS_PORT: u16 = 80;
+
+/// Map from socket cookie to [`ConnRecord`]: filled by `connect4`/`connect6`
+/// when they redirect a socket, drained by `sock_ops` once the connection has
+/// its local port.
+pub const MAP_PENDING: &str = "MP_PENDING";
+/// Map from [`ConnKey`] to [`ConnRecord`]: what the daemon reads after
+/// `accept()`. Entries are removed by `sock_ops` when the connection closes.
+pub const MAP_CONNS: &str = "MP_CONNS";
+/// Capacity of [`MAP_PENDING`]: sockets between `connect()` and the SYN.
+pub const PENDING_CAPACITY: u32 = 16_384;
+/// Capacity of [`MAP_CONNS`]: open redirected connections.
+pub const CONNS_CAPACITY: u32 = 65_536;
+
+/// Program names, as the loader finds them in the object file.
+pub const PROG_CONNECT4: &str = "mp_connect4";
+pub const PROG_CONNECT6: &str = "mp_connect6";
+pub const PROG_SOCK_OPS: &str = "mp_sock_ops";
+
+/// Load-time globals the loader overrides (see `EbpfLoader::override_global`).
+pub const GLOBAL_CONFIG: &str = "MP_CONFIG";
+
+/// What the kernel programs need to know, fixed at load time. A daemon that
+/// restarts loads fresh programs with its own config and swaps them in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// The daemon's cgroup id: its own connects are never redirected.
+    pub self_cgroup_id: u64,
+    /// IPv4 listen address, network order.
+    pub listen_ip4: u32,
+    /// IPv4 listen port, host order.
+    pub listen_port4: u16,
+    /// IPv6 listen port, host order; 0 means "no IPv6 listener: refuse".
+    pub listen_port6: u16,
+    /// IPv6 listen address, network order (meaningful when `listen_port6 != 0`).
+    pub listen_ip6: [u32; 4],
+}
+
+/// What the kernel remembers about one redirected connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// cgroup v2 id (the inode of the cgroup directory) of the task that
+    /// called `connect()`.
+    pub cgroup_id: u64,
+    /// `CLOCK_BOOTTIME` at `connect()`, in nanoseconds.
+    pub boot_ns: u64,
+    /// Thread group id (the process id userspace sees).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Original destination address, network order (IPv4 in word 0).
+    pub orig_addr: [u32; 4],
+    /// Original destination port, host order.
+    pub orig_port: u16,
+    /// Family of the original destination ([`AF_INET`] or [`AF_INET6`]).
+    pub family: u16,
+    pub _pad: u32,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// One TCP connection as both ends see it: the client's address and port
+/// and the daemon's. IPv4 addresses sit in word 0 with the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub client_addr: [u32; 4],
+    pub server_addr: [u32; 4],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+impl ConnKey {
+    /// An IPv4 connection; addresses in network order, ports in host order.
+    pub const fn v4(client: u32, client_port: u16, server: u32, server_port: u16) -> Self {
+        Self {
+            client_addr: [client, 0, 0, 0],
+            server_addr: [server, 0, 0, 0],
+            client_port,
+            server_port,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    /// An IPv6 connection; addresses in network order, ports in host order.
+    pub const fn v6(
+        client: [u32; 4],
+        client_port: u16,
+        server: [u32; 4],
+        server_port: u16,
+    ) -> Self {
+        Self {
+            client_addr: client,
+            server_addr: server,
+            client_port,
+            server_port,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    }
+}
+
+/// If `addr` is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the IPv4
+/// address in network order.
+pub const fn v4_mapped(addr: [u32; 4]) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        Some(addr[3])
+    } else {
+        None
+    }
+}
+
+/// The IPv4-mapped IPv6 form of `addr` (network order).
+pub const fn to_v4_mapped(addr: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are #[repr(C)] structs of integers and integer arrays
+    // with explicit padding fields, so every bit pattern is valid and there
+    // are no implicit padding bytes.
+    unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<ProbeConfig>(), 8 + 4 + 2 + 2 + 16);
+        assert_eq!(
+            core::mem::size_of::<ConnRecord>(),
+            8 + 8 + 4 + 4 + 16 + 2 + 2 + 4 + 16
+        );
+        assert_eq!(core::mem::size_of::<ConnKey>(), 16 + 16 + 2 + 2 + 2 + 2);
+    }
+
+    #[test]
+    fn v4_mapped_round_trips() {
+        let a = u32::from_ne_bytes([169, 254, 169, 254]);
+        assert_eq!(v4_mapped(to_v4_mapped(a)), Some(a));
+        assert_eq!(v4_mapped(IMDS_IP6), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! metaproxy's kernel programs: see [`probe`] for what each one does.
+//!
+//! This crate is built for `bpfel-unknown-none` by `metaproxy`'s build.rs;
+//! on the host it compiles to an empty binary so workspace-wide commands
+//! (`cargo check --workspace`) keep working.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod probe;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("metaproxy-ebpf is a BPF object: metaproxy's build.rs builds it");
+}

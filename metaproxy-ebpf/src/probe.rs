@@ -1,0 +1,277 @@
+//! The programs themselves (compiled only for the BPF target).
+//!
+//! * `mp_connect4` / `mp_connect6` (cgroup/connect4, cgroup/connect6): a TCP
+//!   connect to the instance metadata service is rewritten to the daemon's
+//!   listen address, and what we know about the caller (cgroup, pid, comm)
+//!   is remembered under the socket's cookie. Everything else passes
+//!   untouched. Anything we cannot redirect is refused, never passed on.
+//! * `mp_sock_ops` (sock_ops): when a redirected socket sends its SYN it has
+//!   its local port, so the record moves to a map keyed by the connection's
+//!   4-tuple, which the daemon looks up from `accept()`'s peer address. The
+//!   entry is removed when the connection closes.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::LruHashMap,
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext, Global,
+};
+use aya_log_ebpf::{debug, warn};
+use metaproxy_common::{
+    to_v4_mapped, v4_mapped, ConnKey, ConnRecord, ProbeConfig, AF_INET, AF_INET6, CONNS_CAPACITY,
+    IMDS_IP4, IMDS_IP6, IMDS_PORT, PENDING_CAPACITY,
+};
+
+/// Verdicts of a cgroup/connect program.
+const ALLOW: i32 = 1;
+/// `connect()` fails with EPERM.
+const REFUSE: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+
+#[unsafe(no_mangle)]
+static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
+    self_cgroup_id: 0,
+    listen_ip4: 0,
+    listen_port4: 0,
+    listen_port6: 0,
+    listen_ip6: [0; 4],
+});
+
+/// Socket cookie -> record, between `connect()` and the SYN. Pinned so a
+/// restarted daemon's programs share it with the ones they replace.
+#[map(name = "MP_PENDING")]
+static MP_PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(PENDING_CAPACITY, 0);
+
+/// 4-tuple -> record, from the SYN until the connection closes.
+#[map(name = "MP_CONNS")]
+static MP_CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPACITY, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/connect4 program a valid
+    // bpf_sock_addr for the duration of the call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_ip4 != IMDS_IP4 || port_of(sa) != IMDS_PORT {
+        return ALLOW;
+    }
+    let cfg = MP_CONFIG.load();
+    redirect(&ctx, sa, &cfg, AF_INET, to_v4_mapped(IMDS_IP4), |sa| {
+        sa.user_ip4 = cfg.listen_ip4;
+        set_port(sa, cfg.listen_port4);
+    })
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in mp_connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if port_of(sa) != IMDS_PORT {
+        return ALLOW;
+    }
+    let dst = read_ip6(&sa.user_ip6);
+    let cfg = MP_CONFIG.load();
+    if v4_mapped(dst) == Some(IMDS_IP4) {
+        // A dual-stack socket reaching IPv4 IMDS as ::ffff:169.254.169.254
+        // never runs connect4, so it is caught here and sent to the IPv4
+        // listener in the same mapped form.
+        return redirect(&ctx, sa, &cfg, AF_INET, dst, |sa| {
+            write_ip6(&mut sa.user_ip6, to_v4_mapped(cfg.listen_ip4));
+            set_port(sa, cfg.listen_port4);
+        });
+    }
+    if dst != IMDS_IP6 {
+        return ALLOW;
+    }
+    if cfg.listen_port6 == 0 && current_cgroup_id() != cfg.self_cgroup_id {
+        warn!(
+            &ctx,
+            "refusing ipv6 imds connect: no ipv6 listener configured"
+        );
+        return REFUSE;
+    }
+    redirect(&ctx, sa, &cfg, AF_INET6, dst, |sa| {
+        write_ip6(&mut sa.user_ip6, cfg.listen_ip6);
+        set_port(sa, cfg.listen_port6);
+    })
+}
+
+/// Record the caller under the socket's cookie and rewrite the destination,
+/// unless the caller is the daemon itself. Fails closed: a socket we cannot
+/// record is refused rather than passed to the real IMDS.
+#[inline(always)]
+fn redirect(
+    ctx: &SockAddrContext,
+    sa: &mut bpf_sock_addr,
+    cfg: &ProbeConfig,
+    family: u16,
+    orig: [u32; 4],
+    rewrite: impl FnOnce(&mut bpf_sock_addr),
+) -> i32 {
+    let cgroup_id = current_cgroup_id();
+    if cgroup_id == cfg.self_cgroup_id {
+        return ALLOW;
+    }
+    if sa.type_ != SOCK_STREAM {
+        // IMDS speaks only TCP; nothing else to it from here is legitimate.
+        return REFUSE;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let record = ConnRecord {
+        cgroup_id,
+        // SAFETY: helper with no arguments.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        orig_addr: if family == AF_INET {
+            [orig[3], 0, 0, 0]
+        } else {
+            orig
+        },
+        orig_port: IMDS_PORT,
+        family,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    // SAFETY: ctx is the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if MP_PENDING.insert(&cookie, &record, 0).is_err() {
+        warn!(
+            ctx,
+            "refusing imds connect: cannot record it (cgroup {})", cgroup_id
+        );
+        return REFUSE;
+    }
+    rewrite(sa);
+    debug!(
+        ctx,
+        "redirected imds connect: pid {} cgroup {}", record.pid, cgroup_id
+    );
+    ALLOW
+}
+
+#[inline(always)]
+fn current_cgroup_id() -> u64 {
+    // SAFETY: helper with no arguments.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+#[inline(always)]
+fn port_of(sa: &bpf_sock_addr) -> u16 {
+    // user_port holds the big-endian port in its low 16 bits.
+    u16::from_be(sa.user_port as u16)
+}
+
+#[inline(always)]
+fn set_port(sa: &mut bpf_sock_addr, port: u16) {
+    sa.user_port = u32::from(port.to_be());
+}
+
+/// The verifier accepts only 4-byte accesses to the address words of the
+/// context structs, so read and write them one word at a time.
+#[inline(always)]
+fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: each pointer is to a field of a valid context struct.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(words: &mut [u32; 4], addr: [u32; 4]) {
+    // SAFETY: as in read_ip6.
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], addr[0]);
+        core::ptr::write_volatile(&mut words[1], addr[1]);
+        core::ptr::write_volatile(&mut words[2], addr[2]);
+        core::ptr::write_volatile(&mut words[3], addr[3]);
+    }
+}
+
+#[sock_ops]
+pub fn mp_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if let Some(key) = conn_key(&ctx) {
+                let _ = MP_CONNS.remove(&key);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The SYN is about to go out: the local port is known, so move the record
+/// from the cookie to the 4-tuple and ask to hear when the socket closes.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: ctx is the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(record) = MP_PENDING.get_ptr(&cookie) else {
+        return;
+    };
+    // SAFETY: the pointer came from a successful lookup just now.
+    let record = unsafe { *record };
+    let _ = MP_PENDING.remove(&cookie);
+    let Some(key) = conn_key(ctx) else {
+        return;
+    };
+    if MP_CONNS.insert(&key, &record, 0).is_err() {
+        warn!(
+            ctx,
+            "cannot record connection of cgroup {}", record.cgroup_id
+        );
+        return;
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// The connection's 4-tuple as the daemon sees it from `accept()`.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
+    // SAFETY: the kernel hands every sock_ops program a valid bpf_sock_ops.
+    let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
+    let client_port = ctx.local_port() as u16; // host order
+    let server_port = u32::from_be(ctx.remote_port()) as u16; // network order, shifted
+    match ctx.family() as u16 {
+        AF_INET => Some(ConnKey::v4(
+            ctx.local_ip4(),
+            client_port,
+            ctx.remote_ip4(),
+            server_port,
+        )),
+        AF_INET6 => {
+            let client = read_ip6(&ops.local_ip6);
+            let server = read_ip6(&ops.remote_ip6);
+            Some(match (v4_mapped(client), v4_mapped(server)) {
+                (Some(c), Some(s)) => ConnKey::v4(c, client_port, s, server_port),
+                _ => ConnKey::v6(client, client_port, server, server_port),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(all(not(test), target_arch = "bpf"))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

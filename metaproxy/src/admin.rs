@@ -1,0 +1,187 @@
+//! The admin socket: a Unix socket only root can use, speaking HTTP, through
+//! which `metaproxy connections` (and scripts, with `curl --unix-socket`)
+//! read the daemon's state.
+//!
+//! * `GET /v1/connections` - recent connections, a JSON array, oldest first
+//! * `GET /v1/connections?follow=true` - the same, then new ones as they
+//!   come, one JSON object per line
+//! * `GET /v1/status` - pid, probe generation, map sizes
+
+use std::{
+    convert::Infallible,
+    fs,
+    future::Future,
+    io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
+use hyper::{body::Frame, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
+
+use crate::{connlog::Connection, server::State};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Binds the admin socket: its directory is 0700 and the socket 0600, so
+/// only root reaches it. A stale socket from a dead daemon is replaced; a
+/// live daemon's is not.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another metaproxy is serving {}", path.display()),
+            ));
+        }
+        fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the admin API until `shutdown` resolves, then removes the socket.
+pub async fn run(
+    listener: UnixListener,
+    path: PathBuf,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(req, &state)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    let _ = fs::remove_file(&path);
+}
+
+fn route(req: Request<hyper::body::Incoming>, state: &State) -> Response<Body> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    let follow = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "follow=true" || kv == "follow=1")
+    });
+    match req.uri().path() {
+        "/v1/connections" if follow => follow_connections(state),
+        "/v1/connections" => {
+            let (recent, _) = state.connections.snapshot_and_subscribe();
+            json(&recent)
+        }
+        "/v1/status" => {
+            let (pending, conns) = state.probe.map_sizes();
+            json(&serde_json::json!({
+                "pid": std::process::id(),
+                "generation": state.probe.generation(),
+                "maps": { "pending": pending, "conns": conns },
+            }))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn follow_connections(state: &State) -> Response<Body> {
+    let (recent, rx) = state.connections.snapshot_and_subscribe();
+    let backlog = tokio_stream::iter(recent.into_iter().map(Ok));
+    // A follower too slow to keep up misses entries rather than slowing the
+    // daemon; it is told how many.
+    let live = BroadcastStream::new(rx).map(|r| r.map_err(|e| e.to_string()));
+    let lines = backlog.chain(live).map(|item| {
+        let line = match item {
+            Ok(conn) => serde_json::to_string(&conn).unwrap_or_default(),
+            Err(lag) => serde_json::json!({ "missed": lag }).to_string(),
+        };
+        Ok::<_, Infallible>(Frame::data(Bytes::from(line + "\n")))
+    });
+    let mut resp = Response::new(StreamBody::new(lines).boxed());
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/x-ndjson".parse().expect("static"),
+    );
+    resp
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/json".parse().expect("static"),
+    );
+    resp
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Client side, for the CLI: GET `path` on the admin socket and hand each
+/// chunk of the body to `on_chunk` as it arrives.
+pub async fn get(
+    socket: &Path,
+    path: &str,
+    mut on_chunk: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "metaproxy is not running: nothing answers on {} (start it with `metaproxy run`, or pass --admin-socket)",
+            socket.display()
+        ),
+        io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: the admin socket is for root", socket.display())
+        }
+        _ => anyhow::Error::new(e).context(format!("connecting to {}", socket.display())),
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("admin socket handshake")?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, "metaproxy")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let mut resp = sender.send_request(req).await.context("admin request")?;
+    if !resp.status().is_success() {
+        anyhow::bail!("admin socket answered {}", resp.status());
+    }
+    while let Some(frame) = resp.body_mut().frame().await {
+        if let Ok(data) = frame.context("reading admin response")?.into_data() {
+            on_chunk(&data)?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses the NDJSON / JSON array the connections endpoint returns.
+pub fn parse_connections(body: &[u8]) -> anyhow::Result<Vec<Connection>> {
+    Ok(serde_json::from_slice(body)?)
+}

@@ -1,0 +1,120 @@
+//! Command-line interface (clap derive types only). Every flag can also be
+//! set through a `METAPROXY_*` environment variable.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The default listen address: link-local, so containers on any Docker
+/// bridge reach it through their default route while it is never routed off
+/// the host. The daemon adds it to `lo` if no interface has it.
+pub const DEFAULT_LISTEN: &str = "169.254.170.254:8169";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/metaproxy";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/metaproxy/admin.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "metaproxy",
+    version,
+    about = "Per-container AWS credentials for CI jobs, by cgroup"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the probe and serve intercepted metadata requests.
+    Run(RunArgs),
+    /// List intercepted connections (from a running daemon).
+    Connections(ConnectionsArgs),
+    /// Remove the probe for good: containers' IMDS connects pass through
+    /// again. Stop the daemon first.
+    Detach(DetachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory to intercept (default: the root of the cgroup v2
+    /// mount, i.e. every process on the host).
+    #[arg(long, env = "METAPROXY_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Address the probe sends IMDS connects to and the daemon listens on.
+    #[arg(long, env = "METAPROXY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// IPv6 listen address for connects to [fd00:ec2::254]:80. Without it
+    /// those connects are refused.
+    #[arg(long, env = "METAPROXY_LISTEN6")]
+    pub listen6: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+
+    /// Log format.
+    #[arg(long, env = "METAPROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// bpffs directory holding the pinned programs and maps.
+    #[arg(long, env = "METAPROXY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Unix socket of the admin API (root only).
+    #[arg(long, env = "METAPROXY_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionsArgs {
+    /// One JSON object per connection, one per line.
+    #[arg(long, env = "METAPROXY_JSON")]
+    pub json: bool,
+
+    /// Keep printing connections as they arrive.
+    #[arg(long, short, env = "METAPROXY_FOLLOW")]
+    pub follow: bool,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent_and_defaults_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["metaproxy", "run"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(run.pins.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(run.listen6.is_none());
+    }
+}

@@ -1,0 +1,99 @@
+//! The CLI's client-side commands: `connections` and `detach`.
+
+use std::io::Write as _;
+
+use crate::{
+    admin,
+    cli::{ConnectionsArgs, DetachArgs},
+    connlog::Connection,
+    probe,
+};
+
+pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
+    let socket = &args.admin.admin_socket;
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{}",
+            row([
+                "TIME",
+                "CGROUP ID",
+                "CGROUP",
+                "PID",
+                "COMM",
+                "ORIGINAL DST",
+                "OUTCOME"
+            ])
+        )?;
+    }
+    if args.follow {
+        // NDJSON: print each complete line as it arrives.
+        let mut buf = Vec::new();
+        return admin::get(socket, "/v1/connections?follow=true", |chunk| {
+            buf.extend_from_slice(chunk);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if args.json {
+                    out.write_all(&line)?;
+                } else if let Ok(conn) = serde_json::from_slice::<Connection>(&line) {
+                    writeln!(out, "{}", table_row(&conn))?;
+                }
+                out.flush()?;
+            }
+            Ok(())
+        })
+        .await;
+    }
+    let mut body = Vec::new();
+    admin::get(socket, "/v1/connections", |chunk| {
+        body.extend_from_slice(chunk);
+        Ok(())
+    })
+    .await?;
+    for conn in admin::parse_connections(&body)? {
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&conn)?)?;
+        } else {
+            writeln!(out, "{}", table_row(&conn))?;
+        }
+    }
+    Ok(())
+}
+
+fn table_row(c: &Connection) -> String {
+    let outcome = match &c.reason {
+        Some(reason) => format!("{} ({reason})", c.outcome),
+        None => c.outcome.to_string(),
+    };
+    let dash = || "-".to_string();
+    row([
+        &c.time,
+        &c.cgroup_id.map_or_else(dash, |id| id.to_string()),
+        c.cgroup.as_deref().unwrap_or("-"),
+        &c.pid.map_or_else(dash, |p| p.to_string()),
+        c.comm.as_deref().unwrap_or("-"),
+        c.original_dst.as_deref().unwrap_or("-"),
+        &outcome,
+    ])
+}
+
+fn row(cols: [&str; 7]) -> String {
+    format!(
+        "{:<24} {:>10} {:<40} {:>8} {:<16} {:<22} {}",
+        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
+    )
+}
+
+pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
+    let removed = probe::detach(&args.pins.pin_dir)?;
+    if removed == 0 {
+        println!("nothing attached under {}", args.pins.pin_dir.display());
+    } else {
+        println!(
+            "detached: removed {removed} links under {}; IMDS connects are no longer intercepted",
+            args.pins.pin_dir.display()
+        );
+    }
+    Ok(())
+}

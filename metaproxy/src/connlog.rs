@@ -1,0 +1,117 @@
+//! The record of intercepted connections that `metaproxy connections` shows:
+//! a bounded ring of recent ones plus a live feed for `--follow`.
+
+use std::{collections::VecDeque, sync::Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// One accepted connection, as an admin sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// When the caller connected (the kernel's timestamp), RFC 3339 UTC.
+    pub time: String,
+    /// The client's address as the daemon saw it.
+    pub client: String,
+    pub cgroup_id: Option<u64>,
+    /// Path below the cgroup2 mount, e.g. `/docker/<id>`.
+    pub cgroup: Option<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Where the caller meant to connect, e.g. `169.254.169.254:80`.
+    pub original_dst: Option<String>,
+    pub outcome: Outcome,
+    /// Why it was refused, for refusals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Attributed to a cgroup and handed to the IMDS surface.
+    Accepted,
+    /// Refused before any request was read.
+    Refused,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Accepted => "accepted",
+            Self::Refused => "refused",
+        })
+    }
+}
+
+/// Recent connections (oldest first) and a feed of new ones.
+#[derive(Debug)]
+pub struct ConnLog {
+    recent: Mutex<VecDeque<Connection>>,
+    capacity: usize,
+    feed: broadcast::Sender<Connection>,
+}
+
+impl ConnLog {
+    pub fn new(capacity: usize) -> Self {
+        let (feed, _) = broadcast::channel(1024);
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
+            feed,
+        }
+    }
+
+    pub fn push(&self, conn: Connection) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == self.capacity {
+                recent.pop_front();
+            }
+            recent.push_back(conn.clone());
+        }
+        // No subscribers is fine.
+        let _ = self.feed.send(conn);
+    }
+
+    /// The recent connections, and a receiver for those after them.
+    pub fn snapshot_and_subscribe(&self) -> (Vec<Connection>, broadcast::Receiver<Connection>) {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        // Subscribing under the lock means nothing falls between the two.
+        (recent.iter().cloned().collect(), self.feed.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(n: u32) -> Connection {
+        Connection {
+            time: String::new(),
+            client: format!("10.0.0.1:{n}"),
+            cgroup_id: None,
+            cgroup: None,
+            pid: Some(n),
+            comm: None,
+            original_dst: None,
+            outcome: Outcome::Accepted,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_feeds_the_rest() {
+        let log = ConnLog::new(2);
+        for n in 0..3 {
+            log.push(conn(n));
+        }
+        let (recent, mut rx) = log.snapshot_and_subscribe();
+        assert_eq!(
+            recent.iter().map(|c| c.pid).collect::<Vec<_>>(),
+            [Some(1), Some(2)]
+        );
+        log.push(conn(3));
+        assert_eq!(rx.try_recv().unwrap().pid, Some(3));
+    }
+}

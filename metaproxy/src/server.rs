@@ -1,0 +1,226 @@
+//! The accept loop: every connection the probe redirected arrives here, is
+//! attributed to the cgroup that opened it, and is served; a connection the
+//! probe did not record (a direct connect to the listen address, or one from
+//! outside the host) is refused.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metaproxy_common::{ConnRecord, AF_INET};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    cgroup::CgroupPaths,
+    connlog::{ConnLog, Connection, Outcome},
+    probe::Probe,
+};
+
+/// What the accept loop needs.
+#[derive(Debug)]
+pub struct State {
+    pub probe: Probe,
+    pub cgroups: CgroupPaths,
+    pub connections: ConnLog,
+}
+
+/// Who is on the other end of an accepted connection.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub record: ConnRecord,
+    pub cgroup: Option<String>,
+}
+
+/// Serves `listener` until `shutdown` resolves. Connections already being
+/// served are given a moment to finish.
+pub async fn run(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tasks.spawn(handle(stream, peer, state.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at shutdown were dropped");
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let caller = match attribute(&stream, peer, &state).await {
+        Ok(caller) => caller,
+        Err(reason) => {
+            tracing::warn!(client = %peer, %reason, "refusing connection");
+            state.connections.push(refused(peer, reason));
+            serve(stream, move |_req| async { forbidden() }).await;
+            return;
+        }
+    };
+    tracing::debug!(
+        client = %peer,
+        cgroup_id = caller.record.cgroup_id,
+        cgroup = caller.cgroup.as_deref().unwrap_or("?"),
+        pid = caller.record.pid,
+        "accepted connection"
+    );
+    state.connections.push(accepted(peer, &caller));
+    let caller = Arc::new(caller);
+    serve(stream, move |req| crate::imds::handle(req, caller.clone())).await;
+}
+
+/// Finds the kernel's record of this connection.
+async fn attribute(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    state: &Arc<State>,
+) -> Result<Caller, String> {
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    let record = match state.probe.lookup(peer, local) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Err("no probe record for this connection".into()),
+        Err(e) => return Err(format!("probe lookup failed: {e}")),
+    };
+    let id = record.cgroup_id;
+    let st = state.clone();
+    let cgroup = tokio::task::spawn_blocking(move || st.cgroups.path_of(id))
+        .await
+        .ok()
+        .flatten();
+    Ok(Caller { record, cgroup })
+}
+
+async fn serve<F, Fut>(stream: TcpStream, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        // Slow or silent clients must not hold a task forever.
+        .header_read_timeout(Duration::from_secs(5))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+fn forbidden() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"Forbidden\n")));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+fn accepted(peer: SocketAddr, caller: &Caller) -> Connection {
+    let r = &caller.record;
+    Connection {
+        time: boot_ns_to_rfc3339(r.boot_ns),
+        client: peer.to_string(),
+        cgroup_id: Some(r.cgroup_id),
+        cgroup: caller.cgroup.clone(),
+        pid: Some(r.pid),
+        comm: Some(comm(&r.comm)),
+        original_dst: Some(original_dst(r).to_string()),
+        outcome: Outcome::Accepted,
+        reason: None,
+    }
+}
+
+fn refused(peer: SocketAddr, reason: String) -> Connection {
+    Connection {
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        client: peer.to_string(),
+        cgroup_id: None,
+        cgroup: None,
+        pid: None,
+        comm: None,
+        original_dst: None,
+        outcome: Outcome::Refused,
+        reason: Some(reason),
+    }
+}
+
+/// The destination the caller asked for before the probe rewrote it.
+pub fn original_dst(r: &ConnRecord) -> SocketAddr {
+    let ip = if r.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(r.orig_addr[0].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_mut(4).zip(r.orig_addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    SocketAddr::new(ip, r.orig_port)
+}
+
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The kernel stamps records with CLOCK_BOOTTIME; show them as wall time.
+fn boot_ns_to_rfc3339(boot_ns: u64) -> String {
+    let now = SystemTime::now();
+    let wall = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .ok()
+        .map(|ts| Duration::from(ts).as_nanos() as u64)
+        .and_then(|boot_now| {
+            now.checked_sub(Duration::from_nanos(boot_now.saturating_sub(boot_ns)))
+        })
+        .unwrap_or(now);
+    humantime::format_rfc3339_millis(wall).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destination_and_comm_render() {
+        let mut r = ConnRecord {
+            family: AF_INET,
+            orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
+            orig_port: 80,
+            ..Default::default()
+        };
+        assert_eq!(original_dst(&r).to_string(), "169.254.169.254:80");
+        r.family = metaproxy_common::AF_INET6;
+        r.orig_addr = metaproxy_common::IMDS_IP6;
+        assert_eq!(original_dst(&r).to_string(), "[fd00:ec2::254]:80");
+        assert_eq!(comm(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+        assert_eq!(comm(b"exactly16bytes!!"), "exactly16bytes!!");
+    }
+}
