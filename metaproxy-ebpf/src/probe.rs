@@ -143,7 +143,7 @@ fn redirect(
     };
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if MP_PENDING.insert(&cookie, &record, 0).is_err() {
+    if MP_PENDING.insert(cookie, record, 0).is_err() {
         warn!(
             ctx,
             "refusing imds connect: cannot record it (cgroup {})", cgroup_id
@@ -207,7 +207,7 @@ pub fn mp_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             if let Some(key) = conn_key(&ctx) {
-                let _ = MP_CONNS.remove(&key);
+                let _ = MP_CONNS.remove(key);
             }
         }
         _ => {}
@@ -221,16 +221,16 @@ pub fn mp_sock_ops(ctx: SockOpsContext) -> u32 {
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(record) = MP_PENDING.get_ptr(&cookie) else {
+    let Some(record) = MP_PENDING.get_ptr(cookie) else {
         return;
     };
     // SAFETY: the pointer came from a successful lookup just now.
     let record = unsafe { *record };
-    let _ = MP_PENDING.remove(&cookie);
+    let _ = MP_PENDING.remove(cookie);
     let Some(key) = conn_key(ctx) else {
         return;
     };
-    if MP_CONNS.insert(&key, &record, 0).is_err() {
+    if MP_CONNS.insert(key, record, 0).is_err() {
         warn!(
             ctx,
             "cannot record connection of cgroup {}", record.cgroup_id

@@ -29,6 +29,8 @@ pub enum Command {
     Run(RunArgs),
     /// List intercepted connections (from a running daemon).
     Connections(ConnectionsArgs),
+    /// Show the running daemon's status (JSON): pid, probe generation, map sizes.
+    Status(AdminArgs),
     /// Remove the probe for good: containers' IMDS connects pass through
     /// again. Stop the daemon first.
     Detach(DetachArgs),

@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use crate::{
     admin,
-    cli::{ConnectionsArgs, DetachArgs},
+    cli::{AdminArgs, ConnectionsArgs, DetachArgs},
     connlog::Connection,
     probe,
 };
@@ -83,6 +83,16 @@ fn row(cols: [&str; 7]) -> String {
         "{:<24} {:>10} {:<40} {:>8} {:<16} {:<22} {}",
         cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
     )
+}
+
+pub async fn status(args: AdminArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    admin::get(&args.admin_socket, "/v1/status", |chunk| {
+        Ok(out.write_all(chunk)?)
+    })
+    .await?;
+    writeln!(out)?;
+    Ok(())
 }
 
 pub fn detach(args: DetachArgs) -> anyhow::Result<()> {

@@ -34,6 +34,7 @@ fn main() -> std::process::ExitCode {
                 match cli.command {
                     Command::Run(args) => daemon::run(args).await,
                     Command::Connections(args) => commands::connections(args).await,
+                    Command::Status(args) => commands::status(args).await,
                     Command::Detach(args) => commands::detach(args),
                 }
             })

@@ -44,7 +44,8 @@ use metaproxy_common::{
 };
 
 /// The compiled kernel programs, built by build.rs.
-static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metaproxy"));
+static PROBE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metaproxy-probe"));
 
 /// Bump when a map's key or value layout changes: new maps are created
 /// beside the old ones instead of reusing incompatible pins.

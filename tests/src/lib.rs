@@ -1,1 +1,57 @@
+//! metaproxy's test bed: real kernel parts, each torn down on every exit
+//! path by a Drop guard.
+//!
+//! * [`netns::NetNs`] - a network namespace with only `lo`: nothing in it
+//!   can reach another host, so a failed redirect cannot leak a packet.
+//! * [`cgroup::TestCgroup`] - a cgroup v2 subtree to attach the probe to
+//!   (never the machine's root cgroup).
+//! * [`process`] - start processes inside a namespace and a cgroup.
+//! * [`daemon::Daemon`] - the real `metaproxy` binary, run in the bed.
+//! * [`fake_imds::FakeImds`] - plays the EC2 metadata service on
+//!   169.254.169.254:80 inside the namespace and records every caller.
+//!
+//! Everything here needs root and a BPF-capable kernel; a test that cannot
+//! build its bed fails with the reason instead of skipping.
 
+pub mod cgroup;
+pub mod daemon;
+pub mod fake_imds;
+pub mod netns;
+pub mod process;
+
+/// A name unique to this process and call, for namespaces, cgroups, pins.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Fails loudly unless we are root: the bed needs namespaces, cgroups, BPF.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the metaproxy test bed needs root (namespaces, cgroups, BPF): run it through `cargo xtask test` as root"
+    );
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,1 +1,63 @@
-fn main() {}
+//! `cargo xtask`: the project's chores in one binary.
+//!
+//! * `setup` - install what a fresh machine lacks (quiet when nothing is)
+//! * `test`  - unit tests, then the privileged end-to-end tests
+//! * `clean` - remove what a killed test run left behind
+mod clean;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and packages the build and tests need.
+    Setup,
+    /// Run every test: unit tests, then the kernel and end-to-end suites.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Remove namespaces, cgroups, pins and processes left by killed runs.
+    Clean,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { filter } => test::run(filter.as_deref()),
+        Cmd::Clean => clean::run(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// Whether `cmd` runs and exits 0 (output discarded).
+pub fn succeeds(cmd: &mut std::process::Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

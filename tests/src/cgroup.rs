@@ -1,0 +1,95 @@
+//! cgroup v2 subtrees for tests, removed (with any process left in them)
+//! on drop.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+/// Where cgroup2 is mounted (from /proc/self/mountinfo).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            pre.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .context("no cgroup2 mount")
+}
+
+/// A test-owned cgroup directory under the cgroup2 root.
+#[derive(Debug)]
+pub struct TestCgroup {
+    root: PathBuf,
+    mount: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let mount = cgroup2_mount()?;
+        let root = mount.join(crate::unique_name(prefix));
+        fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+        Ok(Self { root, mount })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path below the cgroup2 mount, as /proc/PID/cgroup shows it.
+    pub fn relative(&self, dir: &Path) -> String {
+        format!(
+            "/{}",
+            dir.strip_prefix(&self.mount).unwrap_or(dir).display()
+        )
+    }
+
+    /// Creates (if needed) and returns the child `rel`, e.g. `attached/a`.
+    pub fn child(&self, rel: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.root.join(rel);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+/// The cgroup id the kernel reports for `dir` (its inode number).
+pub fn id_of(dir: &Path) -> u64 {
+    fs::metadata(dir).map(|m| m.ino()).unwrap_or(0)
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_tree(&self.root);
+    }
+}
+
+/// Kills what is left in `dir` (processes our tests started), then removes
+/// the directories bottom-up.
+pub fn remove_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    // cgroup.kill ends every process in this cgroup, which our test created.
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if fs::remove_dir(dir).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("test bed: could not remove cgroup {}", dir.display());
+}

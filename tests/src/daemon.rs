@@ -1,0 +1,201 @@
+//! The real `metaproxy` daemon, run inside the test bed.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::process::{self, ChildGuard};
+
+/// The daemon binary under test: `$METAPROXY_BIN` (set by `cargo xtask
+/// test`), else the workspace's debug build.
+pub fn metaproxy_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("METAPROXY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/metaproxy");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it (cargo build -p metaproxy) or run the tests through `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// Where and how to run the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    /// Network namespace file the daemon runs in.
+    pub netns: PathBuf,
+    /// The cgroup the probe attaches to.
+    pub attach_cgroup: PathBuf,
+    /// The cgroup the daemon process itself runs in.
+    pub own_cgroup: PathBuf,
+    /// Extra `metaproxy run` arguments.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running daemon with its own pin directory and admin socket. Dropping
+/// it stops the daemon and detaches the probe (removing every pin).
+#[derive(Debug)]
+pub struct Daemon {
+    spec: DaemonSpec,
+    child: Option<ChildGuard>,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    starts: u32,
+}
+
+impl Daemon {
+    pub fn start(spec: DaemonSpec) -> anyhow::Result<Self> {
+        let name = crate::unique_name("mpd");
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir)?;
+        let mut daemon = Self {
+            spec,
+            child: None,
+            dir,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+            starts: 0,
+        };
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, ChildGuard::pid)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    /// Everything the daemon has logged, across restarts.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new(metaproxy_bin());
+        cmd.arg("run")
+            .arg("--cgroup")
+            .arg(&self.spec.attach_cgroup)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .args(&self.spec.args)
+            .env("METAPROXY_LOG", "info,metaproxy=debug")
+            .env("NO_COLOR", "1")
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = process::spawn_in(cmd, &self.spec.netns, &self.spec.own_cgroup)?;
+        let ready = crate::wait_for("the daemon's admin socket", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.child().try_wait() {
+                return Some(Err(anyhow::anyhow!("daemon exited with {status}")));
+            }
+            self.admin("status", &[]).ok().map(|_| Ok(()))
+        });
+        match ready.and_then(|r| r) {
+            Ok(()) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(e) => bail!("{e:#}\n--- daemon log ---\n{}", self.log()),
+        }
+    }
+
+    /// kill -9: the daemon gets no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill();
+        }
+    }
+
+    /// SIGTERM; returns whether it exited within the grace period.
+    pub fn terminate(&mut self) -> bool {
+        self.child
+            .take()
+            .is_none_or(|mut c| c.terminate(Duration::from_secs(10)))
+    }
+
+    /// Starts the daemon again with the same pins, socket and cgroups.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.launch()
+    }
+
+    /// Runs `metaproxy <subcommand> --admin-socket ... args` and returns stdout.
+    pub fn admin(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(metaproxy_bin())
+            .arg(subcommand)
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .args(args)
+            .output()
+            .context("running metaproxy")?;
+        if !out.status.success() {
+            bail!(
+                "metaproxy {subcommand}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `metaproxy connections --json`, parsed.
+    pub fn connections(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        self.admin("connections", &["--json"])?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {l:?}")))
+            .collect()
+    }
+
+    /// `metaproxy status`, parsed.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.admin("status", &[])?)?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- metaproxy daemon log ({} starts) ---\n{}",
+                self.starts,
+                self.log()
+            );
+        }
+        let detached = Command::new(metaproxy_bin())
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+        if !detached.is_ok_and(|o| o.status.success()) {
+            eprintln!("test bed: could not detach {}", self.pin_dir.display());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

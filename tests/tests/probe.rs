@@ -1,0 +1,360 @@
+//! The kernel probe against the real kernel: redirect, attribution, fail
+//! closed, IPv6, bounded maps. Each test builds its own bed (network
+//! namespace with only `lo`, cgroup subtree, daemon, fake IMDS) and tears it
+//! down on every exit path. Needs root; run through `cargo xtask test`.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use metaproxy_tests::{
+    cgroup::{id_of, TestCgroup},
+    daemon::{Daemon, DaemonSpec},
+    fake_imds::{FakeImds, FakeImdsConfig},
+    netns::NetNs,
+    process::{output_in, spawn_in},
+    require_root,
+};
+use serde_json::Value;
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_mp-client");
+const IMDS: &str = "169.254.169.254:80";
+const LISTEN: &str = "169.254.170.254:8169";
+
+/// One bed. Fields drop in order: the daemon (detaching the probe) first,
+/// the namespace last.
+struct Bed {
+    daemon: Daemon,
+    fakes: Vec<FakeImds>,
+    cg: TestCgroup,
+    ns: NetNs,
+}
+
+impl Bed {
+    fn new(daemon_args: &[&str]) -> Self {
+        require_root();
+        let ns = NetNs::new("mpt", &["169.254.169.254/32", "fd00:ec2::254/128"]).expect("netns");
+        let cg = TestCgroup::new("mpt").expect("cgroup");
+        let attached = cg.child("attached").unwrap();
+        // The daemon sits inside the subtree it intercepts, as it does on a
+        // host where the probe is at the cgroup root: its own connects must
+        // still reach the real IMDS.
+        let own = cg.child("attached/metaproxy").unwrap();
+        let allow_v1 = FakeImdsConfig {
+            allow_v1: true,
+            ..Default::default()
+        };
+        let fakes = vec![
+            FakeImds::start(&ns, allow_v1.clone()).expect("fake imds"),
+            FakeImds::start_at(&ns, "169.254.169.254:81".parse().unwrap(), allow_v1.clone())
+                .expect("fake :81"),
+            FakeImds::start_at(&ns, "[fd00:ec2::254]:80".parse().unwrap(), allow_v1)
+                .expect("fake v6"),
+        ];
+        let daemon = Daemon::start(DaemonSpec {
+            netns: ns.path(),
+            attach_cgroup: attached,
+            own_cgroup: own,
+            args: daemon_args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+        })
+        .expect("daemon");
+        Self {
+            daemon,
+            fakes,
+            cg,
+            ns,
+        }
+    }
+
+    fn imds_calls(&self) -> usize {
+        self.fakes[0].calls().len()
+    }
+
+    fn cgroup(&self, rel: &str) -> PathBuf {
+        self.cg.child(rel).unwrap()
+    }
+
+    /// Runs mp-client in cgroup `rel` and parses its report.
+    fn client(&self, rel: &str, args: &[&str]) -> Value {
+        let mut cmd = Command::new(CLIENT);
+        cmd.args(args);
+        let out = output_in(cmd, &self.ns.path(), &self.cgroup(rel)).expect("client");
+        assert!(
+            out.status.success(),
+            "mp-client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("client json")
+    }
+
+    fn connection_by_port(&self, port: u64) -> Vec<Value> {
+        self.daemon
+            .connections()
+            .unwrap()
+            .into_iter()
+            .filter(|c| {
+                c["client"]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {
+    let bed = Bed::new(&[]);
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    // 404 is the daemon's closed IMDS surface; the fake would have said 200.
+    assert_eq!(got["status"], 404, "{got}");
+    let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let c = &conns[0];
+    assert_eq!(c["cgroup_id"], id_of(&bed.cgroup("attached/a")));
+    assert_eq!(c["cgroup"], bed.cg.relative(&bed.cgroup("attached/a")));
+    assert_eq!(c["pid"], got["pid"]);
+    assert_eq!(c["comm"], "mp-client");
+    assert_eq!(c["original_dst"], IMDS);
+    assert_eq!(c["outcome"], "accepted");
+    assert_eq!(bed.imds_calls(), 0, "the real IMDS was reached");
+
+    // The human table shows the same connection.
+    let table = bed.daemon.admin("connections", &[]).unwrap();
+    assert!(
+        table.lines().next().unwrap().contains("CGROUP ID"),
+        "{table}"
+    );
+    assert!(
+        table.contains("mp-client") && table.contains("/attached/a"),
+        "{table}"
+    );
+}
+
+#[test]
+fn other_ports_addresses_and_cgroups_are_untouched() {
+    let bed = Bed::new(&[]);
+    // Another port on the IMDS address: straight to whatever listens there.
+    let other_port = bed.client(
+        "attached/a",
+        &["get", "169.254.169.254:81", "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(other_port["status"], 200, "{other_port}");
+    assert_eq!(bed.fakes[1].calls().len(), 1);
+    // Another address: connection refused by the namespace, not by us.
+    let other_addr = bed.client("attached/a", &["get", "127.0.0.1:80"]);
+    assert_eq!(other_addr["errno"], libc::ECONNREFUSED, "{other_addr}");
+    // A process outside the attached subtree reaches the real IMDS.
+    let outside = bed.client("outside", &["get", IMDS, "/latest/meta-data/instance-id"]);
+    assert_eq!(outside["status"], 200, "{outside}");
+    assert_eq!(bed.imds_calls(), 1);
+    // So does a process in the daemon's own cgroup, inside the subtree: the
+    // daemon's upstream requests must never loop back to itself.
+    let own = bed.client(
+        "attached/metaproxy",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(own["status"], 200, "{own}");
+    assert_eq!(bed.imds_calls(), 2);
+    assert!(
+        bed.daemon.connections().unwrap().is_empty(),
+        "none of these should reach the daemon"
+    );
+}
+
+#[test]
+fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
+    let bed = Bed::new(&[]);
+    let groups = [
+        "attached/a",
+        "attached/b",
+        "attached/c",
+        "attached/nested/d",
+    ];
+    let children: Vec<_> = groups
+        .iter()
+        .map(|rel| {
+            let mut cmd = Command::new(CLIENT);
+            cmd.args(["hold", IMDS, "100"]).stdout(Stdio::piped());
+            spawn_in(cmd, &bed.ns.path(), &bed.cgroup(rel)).unwrap()
+        })
+        .collect();
+    let reports: Vec<Value> = children
+        .into_iter()
+        .map(|mut c| {
+            let out = std::mem::take(&mut c.child().stdout).unwrap();
+            let report: Value = serde_json::from_reader(out).unwrap();
+            assert!(c.child().wait().unwrap().success());
+            report
+        })
+        .collect();
+    let conns = bed.daemon.connections().unwrap();
+    assert_eq!(conns.len(), 400, "every connection accepted once");
+    for (rel, report) in groups.iter().zip(&reports) {
+        let want_cgroup = id_of(&bed.cgroup(rel));
+        let ports = report["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 100, "{report}");
+        assert!(
+            report["statuses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s == 404),
+            "{report}"
+        );
+        for port in ports {
+            let matching: Vec<_> = conns
+                .iter()
+                .filter(|c| c["client"].as_str().unwrap().ends_with(&format!(":{port}")))
+                .collect();
+            assert_eq!(matching.len(), 1, "port {port}: {matching:?}");
+            assert_eq!(
+                matching[0]["cgroup_id"], want_cgroup,
+                "port {port} of {rel}"
+            );
+            assert_eq!(matching[0]["pid"], report["pid"]);
+            assert_eq!(matching[0]["outcome"], "accepted");
+        }
+    }
+    assert_eq!(bed.imds_calls(), 0);
+}
+
+#[test]
+fn a_direct_connect_to_the_listen_address_has_no_record_and_is_refused() {
+    let bed = Bed::new(&[]);
+    for rel in ["attached/a", "outside"] {
+        let got = bed.client(rel, &["get", LISTEN, "/latest/meta-data/instance-id"]);
+        assert_eq!(got["status"], 403, "{rel}: {got}");
+        let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
+        assert_eq!(conns.len(), 1);
+        assert_eq!(conns[0]["outcome"], "refused");
+        assert!(
+            conns[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no probe record"),
+            "{conns:?}"
+        );
+        assert_eq!(conns[0]["cgroup_id"], Value::Null);
+    }
+}
+
+#[test]
+fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() {
+    let mut bed = Bed::new(&[]);
+    let before = bed.client("attached/a", &["get", IMDS]);
+    assert_eq!(before["status"], 404);
+
+    bed.daemon.kill9();
+    let down = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(
+        down["errno"],
+        libc::ECONNREFUSED,
+        "with the daemon dead: {down}"
+    );
+    assert_eq!(
+        bed.imds_calls(),
+        0,
+        "a dead daemon let a container reach the real IMDS"
+    );
+
+    bed.daemon.restart().unwrap();
+    let again = bed.client("attached/a", &["get", IMDS]);
+    assert_eq!(again["status"], 404, "{again}");
+    let conns = bed.connection_by_port(again["local_port"].as_u64().unwrap());
+    assert_eq!(conns[0]["cgroup_id"], id_of(&bed.cgroup("attached/a")));
+    // The restart replaced the old links rather than stacking new ones.
+    assert_eq!(bed.daemon.status().unwrap()["generation"], 2);
+    let links = std::fs::read_dir(bed.daemon.pin_dir().join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(links, 3, "one link per program");
+
+    // A clean stop keeps the redirect too.
+    assert!(bed.daemon.terminate(), "daemon did not stop on SIGTERM");
+    let stopped = bed.client("attached/a", &["get", IMDS]);
+    assert_eq!(stopped["errno"], libc::ECONNREFUSED, "{stopped}");
+    assert_eq!(bed.imds_calls(), 0);
+}
+
+#[test]
+fn detach_removes_the_redirect() {
+    let mut bed = Bed::new(&[]);
+    assert!(bed.daemon.terminate());
+    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(bed.daemon.pin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bed.daemon.pin_dir().exists());
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(
+        got["status"], 200,
+        "after detach the connect goes where it was aimed: {got}"
+    );
+}
+
+#[test]
+fn ipv6_imds_is_refused_without_an_ipv6_listener() {
+    let bed = Bed::new(&[]);
+    let got = bed.client(
+        "attached/a",
+        &["get", "[fd00:ec2::254]:80", "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["errno"], libc::EPERM, "{got}");
+    assert!(bed.fakes[2].calls().is_empty());
+    // The IPv4 service reached through an IPv4-mapped IPv6 address is still
+    // redirected (connect4 never sees it).
+    let mapped = bed.client("attached/a", &["get", "[::ffff:169.254.169.254]:80"]);
+    assert_eq!(mapped["status"], 404, "{mapped}");
+    let conns = bed.connection_by_port(mapped["local_port"].as_u64().unwrap());
+    assert_eq!(conns[0]["original_dst"], IMDS);
+    assert_eq!(bed.imds_calls(), 0);
+}
+
+#[test]
+fn ipv6_imds_is_redirected_to_an_ipv6_listener() {
+    let bed = Bed::new(&["--listen6", "[fd00:e7a::1]:8169"]);
+    let got = bed.client(
+        "attached/a",
+        &["get", "[fd00:ec2::254]:80", "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["status"], 404, "{got}");
+    let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0]["original_dst"], "[fd00:ec2::254]:80");
+    assert_eq!(conns[0]["cgroup_id"], id_of(&bed.cgroup("attached/a")));
+    assert!(bed.fakes[2].calls().is_empty());
+}
+
+#[test]
+fn maps_stay_bounded_over_100k_short_connections() {
+    let bed = Bed::new(&[]);
+    let got = bed.client("attached/a", &["churn", IMDS, "100000"]);
+    assert_eq!(got["succeeded"], 100_000, "{got}");
+    let status = bed.daemon.status().unwrap();
+    let (pending, conns) = (
+        status["maps"]["pending"].as_u64().unwrap(),
+        status["maps"]["conns"].as_u64().unwrap(),
+    );
+    // Closed connections leave nothing behind; without the cleanup the LRU
+    // would sit at its capacity (65536).
+    assert!(conns < 64 && pending < 64, "maps grew: {status}");
+    assert_eq!(bed.imds_calls(), 0);
+}

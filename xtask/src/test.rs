@@ -1,0 +1,48 @@
+//! `cargo xtask test`: unit tests, then the privileged suites in `tests/`
+//! (real kernel, real namespaces and cgroups), which need root.
+
+use std::process::Command;
+
+use crate::{run_cmd, workspace_root};
+
+pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    anyhow::ensure!(
+        is_root(),
+        "the end-to-end tests need root (network namespaces, cgroups, BPF): run `sudo -E cargo xtask test`"
+    );
+    let root = workspace_root();
+    // Build the daemon the suites run (and the test binaries) up front.
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--workspace",
+        "--all-targets",
+    ]))?;
+
+    println!("== unit tests");
+    let mut unit = Command::new("cargo");
+    unit.current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "metaproxy-tests"]);
+    if let Some(f) = filter {
+        unit.args(["--", f]);
+    }
+    run_cmd(&mut unit)?;
+
+    println!("== kernel and end-to-end tests");
+    crate::clean::run()?;
+    let mut e2e = Command::new("cargo");
+    e2e.current_dir(&root)
+        .args(["test", "-p", "metaproxy-tests", "--", "--test-threads=1"])
+        .env("METAPROXY_BIN", root.join("target/debug/metaproxy"));
+    if let Some(f) = filter {
+        e2e.arg(f);
+    }
+    run_cmd(&mut e2e)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
