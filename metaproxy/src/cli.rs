@@ -5,12 +5,15 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::imds::HostProcesses;
+
 /// The default listen address: link-local, so containers on any Docker
 /// bridge reach it through their default route while it is never routed off
 /// the host. The daemon adds it to `lo` if no interface has it.
 pub const DEFAULT_LISTEN: &str = "169.254.170.254:8169";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/metaproxy";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/metaproxy/admin.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/metaproxy";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +54,25 @@ pub struct RunArgs {
     /// those connects are refused.
     #[arg(long, env = "METAPROXY_LISTEN6")]
     pub listen6: Option<SocketAddr>,
+
+    /// Roles containers may assume: a glob on the role ARN, e.g.
+    /// `arn:aws:iam::123456789012:role/ci-*` (repeatable). Without any, only
+    /// roles in the instance profile's own account.
+    #[arg(long, env = "METAPROXY_ALLOW_ROLE", value_delimiter = ',')]
+    pub allow_role: Vec<String>,
+
+    /// Refuse IMDSv1 (requests without a session token) from containers.
+    #[arg(long, env = "METAPROXY_REQUIRE_IMDSV2")]
+    pub require_imdsv2: bool,
+
+    /// What to do with requests from processes in no container (host
+    /// services such as the SSM agent when the probe is at the cgroup root).
+    #[arg(long, env = "METAPROXY_HOST_PROCESSES", value_enum, default_value_t = HostProcesses::Allow)]
+    pub host_processes: HostProcesses,
+
+    /// Directory for what must survive a restart (the token signing key).
+    #[arg(long, env = "METAPROXY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 
     #[command(flatten)]
     pub pins: PinArgs,

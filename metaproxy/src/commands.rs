@@ -13,19 +13,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     let socket = &args.admin.admin_socket;
     let mut out = std::io::stdout().lock();
     if !args.json {
-        writeln!(
-            out,
-            "{}",
-            row([
-                "TIME",
-                "CGROUP ID",
-                "CGROUP",
-                "PID",
-                "COMM",
-                "ORIGINAL DST",
-                "OUTCOME"
-            ])
-        )?;
+        writeln!(out, "{}", row(HEADER))?;
     }
     if args.follow {
         // NDJSON: print each complete line as it arrives.
@@ -66,6 +54,14 @@ fn table_row(c: &Connection) -> String {
         Some(reason) => format!("{} ({reason})", c.outcome),
         None => c.outcome.to_string(),
     };
+    let container = match (&c.container, &c.container_id) {
+        (Some(name), Some(id)) => format!("{name} ({})", &id[..id.len().min(12)]),
+        _ => "-".into(),
+    };
+    let role = c
+        .role
+        .as_deref()
+        .map_or("-", |arn| arn.rsplit('/').next().unwrap_or(arn));
     let dash = || "-".to_string();
     row([
         &c.time,
@@ -74,14 +70,30 @@ fn table_row(c: &Connection) -> String {
         &c.pid.map_or_else(dash, |p| p.to_string()),
         c.comm.as_deref().unwrap_or("-"),
         c.original_dst.as_deref().unwrap_or("-"),
+        &container,
+        role,
+        c.request.as_deref().unwrap_or("-"),
         &outcome,
     ])
 }
 
-fn row(cols: [&str; 7]) -> String {
+const HEADER: [&str; 10] = [
+    "TIME",
+    "CGROUP ID",
+    "CGROUP",
+    "PID",
+    "COMM",
+    "ORIGINAL DST",
+    "CONTAINER",
+    "ROLE",
+    "REQUEST",
+    "OUTCOME",
+];
+
+fn row(cols: [&str; 10]) -> String {
     format!(
-        "{:<24} {:>10} {:<40} {:>8} {:<16} {:<22} {}",
-        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
+        "{:<24} {:>9} {:<28} {:>7} {:<15} {:<20} {:<28} {:<20} {:<50} {}",
+        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8], cols[9]
     )
 }
 

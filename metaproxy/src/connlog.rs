@@ -6,7 +6,8 @@ use std::{collections::VecDeque, sync::Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-/// One accepted connection, as an admin sees it.
+/// One request on an intercepted connection (or one connection refused
+/// before any request), as an admin sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
     /// When the caller connected (the kernel's timestamp), RFC 3339 UTC.
@@ -20,6 +21,17 @@ pub struct Connection {
     pub comm: Option<String>,
     /// Where the caller meant to connect, e.g. `169.254.169.254:80`.
     pub original_dst: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// The container's name.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// The role ARN the container may assume, if any.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// `METHOD /path` of the request, absent for refused connections.
+    #[serde(default)]
+    pub request: Option<String>,
     pub outcome: Outcome,
     /// Why it was refused, for refusals.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -29,17 +41,30 @@ pub struct Connection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
-    /// Attributed to a cgroup and handed to the IMDS surface.
-    Accepted,
-    /// Refused before any request was read.
+    /// Answered: credentials, the role listing, a token or metadata.
+    Served,
+    /// The container has no role: nothing to serve.
+    NoRole,
+    /// Refused, with a reason: no probe record, a refused role, a host
+    /// process under `--host-processes deny`, STS or Docker unavailable.
     Refused,
+    /// A bad, expired or foreign token, or IMDSv1 under `--require-imdsv2`.
+    Unauthorized,
+    /// A path containers may not read.
+    NotFound,
+    /// A host process's request, passed to the real IMDS unchanged.
+    Passthrough,
 }
 
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Accepted => "accepted",
+            Self::Served => "served",
+            Self::NoRole => "no-role",
             Self::Refused => "refused",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not-found",
+            Self::Passthrough => "passthrough",
         })
     }
 }
@@ -95,7 +120,11 @@ mod tests {
             pid: Some(n),
             comm: None,
             original_dst: None,
-            outcome: Outcome::Accepted,
+            container_id: None,
+            container: None,
+            role: None,
+            request: None,
+            outcome: Outcome::Served,
             reason: None,
         }
     }

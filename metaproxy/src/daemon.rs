@@ -1,7 +1,11 @@
 //! `metaproxy run`: attach the probe, serve, and stop cleanly on SIGTERM
 //! while leaving the redirect in place (fail closed).
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use metaproxy_common::ProbeConfig;
@@ -12,7 +16,11 @@ use crate::{
     cgroup::{self, CgroupPaths},
     cli::RunArgs,
     connlog::ConnLog,
+    credentials::CredentialCache,
+    identity::{DockerApi, Identities},
+    imds::{Imds, ImdsOptions, TokenKey, Upstream},
     netaddr,
+    policy::Policy,
     probe::{self, Probe, ProbeOptions},
     server::{self, State},
 };
@@ -31,6 +39,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "--listen must be an IPv4 address, got {}",
         args.listen
     );
+    let policy = Policy::new(&args.allow_role)?;
+    let tokens = TokenKey::load_or_create(&args.state_dir)
+        .with_context(|| format!("token key in --state-dir {}", args.state_dir.display()))?;
 
     let mount = cgroup::cgroup2_mount()?;
     let target = args.cgroup.clone().unwrap_or_else(|| mount.clone());
@@ -86,10 +97,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "probe attached"
     );
 
+    // The daemon's own credentials: aws-config's standard chain, so the
+    // usual variables (AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_ENDPOINT_URL_STS,
+    // AWS_REGION) work as in any AWS tool. On EC2 that is the instance
+    // profile, from the real IMDS.
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let sts = aws_sdk_sts::Client::new(&aws);
+    let account = Arc::new(OnceLock::new());
+    tokio::spawn(discover_account(sts.clone(), account.clone()));
+    let credentials = Arc::new(CredentialCache::new(sts));
+    tokio::spawn(credentials.clone().refresh_ahead(Duration::from_secs(60)));
+
+    let cgroups = Arc::new(CgroupPaths::new(mount));
+    let identities = Arc::new(Identities::new(
+        DockerApi::default(),
+        cgroups.clone(),
+        policy,
+        account.clone(),
+    ));
+    tokio::spawn(identities.clone().follow_events(credentials.clone()));
+
+    let imds = Imds {
+        identities,
+        credentials,
+        tokens,
+        upstream: Upstream::from_env(),
+        options: ImdsOptions {
+            require_imdsv2: args.require_imdsv2,
+            host_processes: args.host_processes,
+        },
+    };
     let state = Arc::new(State {
         probe,
-        cgroups: CgroupPaths::new(mount),
+        cgroups,
         connections: ConnLog::new(RECENT_CONNECTIONS),
+        imds,
     });
     let admin_listener = admin::bind(&args.admin.admin_socket)
         .await
@@ -119,6 +163,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Learns the instance profile's account (role names are taken in it, and
+/// by default only its roles are allowed), retrying while STS is down.
+async fn discover_account(sts: aws_sdk_sts::Client, account: Arc<OnceLock<String>>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match sts.get_caller_identity().send().await {
+            Ok(out) => {
+                if let Some(id) = out.account {
+                    tracing::info!(account = %id, arn = out.arn.as_deref().unwrap_or("?"), "instance credentials work");
+                    let _ = account.set(id);
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %aws_sdk_sts::error::DisplayErrorContext(&e), "cannot reach STS with the instance credentials; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 fn check_listen(ip: IpAddr, flag: &str) -> anyhow::Result<()> {

@@ -8,9 +8,12 @@ mod cgroup;
 mod cli;
 mod commands;
 mod connlog;
+mod credentials;
 mod daemon;
+mod identity;
 mod imds;
 mod netaddr;
+mod policy;
 mod probe;
 mod server;
 

@@ -14,6 +14,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, Request, Response, StatusCode};
+
 use hyper_util::rt::TokioIo;
 use metaproxy_common::{ConnRecord, AF_INET};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     cgroup::CgroupPaths,
     connlog::{ConnLog, Connection, Outcome},
+    imds::{Handled, Imds},
+    policy::RoleDecision,
     probe::Probe,
 };
 
@@ -28,8 +31,9 @@ use crate::{
 #[derive(Debug)]
 pub struct State {
     pub probe: Probe,
-    pub cgroups: CgroupPaths,
+    pub cgroups: Arc<CgroupPaths>,
     pub connections: ConnLog,
+    pub imds: Imds,
 }
 
 /// Who is on the other end of an accepted connection.
@@ -86,9 +90,19 @@ async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
         pid = caller.record.pid,
         "accepted connection"
     );
-    state.connections.push(accepted(peer, &caller));
     let caller = Arc::new(caller);
-    serve(stream, move |req| crate::imds::handle(req, caller.clone())).await;
+    serve(stream, move |req| {
+        let (caller, state) = (caller.clone(), state.clone());
+        async move {
+            let request = format!("{} {}", req.method(), req.uri().path());
+            let (resp, handled) = state.imds.handle(req, &caller).await;
+            state
+                .connections
+                .push(answered(peer, &caller, request, handled));
+            resp
+        }
+    })
+    .await;
 }
 
 /// Finds the kernel's record of this connection.
@@ -134,8 +148,7 @@ where
 }
 
 fn forbidden() -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"Forbidden\n")));
-    *resp.status_mut() = StatusCode::FORBIDDEN;
+    let mut resp = crate::imds::status(StatusCode::FORBIDDEN);
     resp.headers_mut().insert(
         header::CONNECTION,
         header::HeaderValue::from_static("close"),
@@ -143,8 +156,9 @@ fn forbidden() -> Response<Full<Bytes>> {
     resp
 }
 
-fn accepted(peer: SocketAddr, caller: &Caller) -> Connection {
+fn answered(peer: SocketAddr, caller: &Caller, request: String, handled: Handled) -> Connection {
     let r = &caller.record;
+    let container = handled.container.as_deref();
     Connection {
         time: boot_ns_to_rfc3339(r.boot_ns),
         client: peer.to_string(),
@@ -153,8 +167,15 @@ fn accepted(peer: SocketAddr, caller: &Caller) -> Connection {
         pid: Some(r.pid),
         comm: Some(comm(&r.comm)),
         original_dst: Some(original_dst(r).to_string()),
-        outcome: Outcome::Accepted,
-        reason: None,
+        container_id: container.map(|c| c.id.clone()),
+        container: container.map(|c| c.name.clone()),
+        role: container.and_then(|c| match &c.role {
+            RoleDecision::Role(role) => Some(role.arn.clone()),
+            _ => None,
+        }),
+        request: Some(request),
+        outcome: handled.outcome,
+        reason: handled.reason,
     }
 }
 
@@ -167,6 +188,10 @@ fn refused(peer: SocketAddr, reason: String) -> Connection {
         pid: None,
         comm: None,
         original_dst: None,
+        container_id: None,
+        container: None,
+        role: None,
+        request: None,
         outcome: Outcome::Refused,
         reason: Some(reason),
     }

@@ -32,7 +32,15 @@ struct Bed {
 }
 
 impl Bed {
+    /// A bed whose daemon refuses host processes, so that every answer comes
+    /// from the daemon itself (the clients here are in no container).
     fn new(daemon_args: &[&str]) -> Self {
+        let mut args = vec!["--host-processes", "deny"];
+        args.extend_from_slice(daemon_args);
+        Self::with_args(&args)
+    }
+
+    fn with_args(daemon_args: &[&str]) -> Self {
         require_root();
         let ns = NetNs::new("mpt", &["169.254.169.254/32", "fd00:ec2::254/128"]).expect("netns");
         let cg = TestCgroup::new("mpt").expect("cgroup");
@@ -52,12 +60,23 @@ impl Bed {
             FakeImds::start_at(&ns, "[fd00:ec2::254]:80".parse().unwrap(), allow_v1)
                 .expect("fake v6"),
         ];
+        // No Docker and no STS here: these tests are about the kernel half.
+        // The daemon must not call the fake IMDS for its own credentials
+        // either, so every call the fake records is a leak.
         let daemon = Daemon::start(DaemonSpec {
             netns: ns.path(),
             attach_cgroup: attached,
             own_cgroup: own,
             args: daemon_args.iter().map(|s| s.to_string()).collect(),
-            env: vec![],
+            env: vec![
+                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+                ("AWS_REGION".into(), "us-east-1".into()),
+                ("AWS_ENDPOINT_URL_STS".into(), "http://127.0.0.1:9".into()),
+                (
+                    "DOCKER_HOST".into(),
+                    "unix:///nonexistent/docker.sock".into(),
+                ),
+            ],
         })
         .expect("daemon");
         Self {
@@ -110,8 +129,9 @@ fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {
         "attached/a",
         &["get", IMDS, "/latest/meta-data/instance-id"],
     );
-    // 404 is the daemon's closed IMDS surface; the fake would have said 200.
-    assert_eq!(got["status"], 404, "{got}");
+    // The daemon answered (it refuses host processes here); the fake would
+    // have said 200.
+    assert_eq!(got["status"], 403, "{got}");
     let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
     assert_eq!(conns.len(), 1, "{conns:?}");
     let c = &conns[0];
@@ -120,7 +140,12 @@ fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {
     assert_eq!(c["pid"], got["pid"]);
     assert_eq!(c["comm"], "mp-client");
     assert_eq!(c["original_dst"], IMDS);
-    assert_eq!(c["outcome"], "accepted");
+    assert_eq!(c["request"], "GET /latest/meta-data/instance-id");
+    assert_eq!(c["outcome"], "refused");
+    assert!(
+        c["reason"].as_str().unwrap().contains("host process"),
+        "{c}"
+    );
     assert_eq!(bed.imds_calls(), 0, "the real IMDS was reached");
 
     // The human table shows the same connection.
@@ -203,7 +228,7 @@ fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|s| s == 404),
+                .all(|s| s == 403),
             "{report}"
         );
         for port in ports {
@@ -217,7 +242,7 @@ fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
                 "port {port} of {rel}"
             );
             assert_eq!(matching[0]["pid"], report["pid"]);
-            assert_eq!(matching[0]["outcome"], "accepted");
+            assert_eq!(matching[0]["request"], "GET /");
         }
     }
     assert_eq!(bed.imds_calls(), 0);
@@ -247,7 +272,7 @@ fn a_direct_connect_to_the_listen_address_has_no_record_and_is_refused() {
 fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() {
     let mut bed = Bed::new(&[]);
     let before = bed.client("attached/a", &["get", IMDS]);
-    assert_eq!(before["status"], 404);
+    assert_eq!(before["status"], 403);
 
     bed.daemon.kill9();
     let down = bed.client(
@@ -267,7 +292,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
 
     bed.daemon.restart().unwrap();
     let again = bed.client("attached/a", &["get", IMDS]);
-    assert_eq!(again["status"], 404, "{again}");
+    assert_eq!(again["status"], 403, "{again}");
     let conns = bed.connection_by_port(again["local_port"].as_u64().unwrap());
     assert_eq!(conns[0]["cgroup_id"], id_of(&bed.cgroup("attached/a")));
     // The restart replaced the old links rather than stacking new ones.
@@ -322,7 +347,7 @@ fn ipv6_imds_is_refused_without_an_ipv6_listener() {
     // The IPv4 service reached through an IPv4-mapped IPv6 address is still
     // redirected (connect4 never sees it).
     let mapped = bed.client("attached/a", &["get", "[::ffff:169.254.169.254]:80"]);
-    assert_eq!(mapped["status"], 404, "{mapped}");
+    assert_eq!(mapped["status"], 403, "{mapped}");
     let conns = bed.connection_by_port(mapped["local_port"].as_u64().unwrap());
     assert_eq!(conns[0]["original_dst"], IMDS);
     assert_eq!(bed.imds_calls(), 0);
@@ -335,12 +360,41 @@ fn ipv6_imds_is_redirected_to_an_ipv6_listener() {
         "attached/a",
         &["get", "[fd00:ec2::254]:80", "/latest/meta-data/instance-id"],
     );
-    assert_eq!(got["status"], 404, "{got}");
+    assert_eq!(got["status"], 403, "{got}");
     let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
     assert_eq!(conns.len(), 1);
     assert_eq!(conns[0]["original_dst"], "[fd00:ec2::254]:80");
     assert_eq!(conns[0]["cgroup_id"], id_of(&bed.cgroup("attached/a")));
     assert!(bed.fakes[2].calls().is_empty());
+}
+
+#[test]
+fn host_processes_are_passed_through_unchanged_token_put_included() {
+    let bed = Bed::with_args(&[]);
+    let got = bed.client("attached/a", &["v2", IMDS, "/latest/meta-data/instance-id"]);
+    assert_eq!(got["token_status"], 200, "{got}");
+    assert_eq!(got["status"], 200, "{got}");
+    assert_eq!(got["body"], "i-0123456789abcdef0");
+    // The fake saw both requests, forwarded by the daemon.
+    let seen: Vec<_> = bed.fakes[0]
+        .calls()
+        .into_iter()
+        .flat_map(|c| c.requests)
+        .collect();
+    assert!(
+        seen.contains(&("PUT".into(), "/latest/api/token".into(), 200)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("GET".into(), "/latest/meta-data/instance-id".into(), 200)),
+        "{seen:?}"
+    );
+    let conns = bed.daemon.connections().unwrap();
+    assert!(
+        conns.iter().all(|c| c["outcome"] == "passthrough"),
+        "{conns:?}"
+    );
+    assert_eq!(conns.len(), 2);
 }
 
 #[test]

@@ -1,19 +1,476 @@
 //! The IMDS surface that intercepted callers see.
 //!
-//! For now it is deliberately closed: every path answers 404, so a caller
-//! gets no credentials and nothing of the real IMDS. Serving each container
-//! its own role's credentials builds on the [`Caller`] handed in here.
+//! * A container gets exactly what IMDS would give an instance whose profile
+//!   is the container's role: IMDSv2 tokens (bound to the container), the
+//!   role listing and its credentials, a short allow-list of non-secret
+//!   metadata. Everything else (user-data, identity credentials, unknown or
+//!   odd paths) is 404 and never forwarded.
+//! * A host process (in no container) is passed through to the real IMDS
+//!   unchanged, unless `--host-processes deny`.
+//!
+//! Status codes are decided here and nowhere else.
 
-use std::sync::Arc;
+mod token;
+mod upstream;
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use serde::Serialize;
 
-use crate::server::Caller;
+pub use token::TokenKey;
+pub use upstream::Upstream;
 
-pub async fn handle(_req: Request<Incoming>, _caller: Arc<Caller>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"Not Found\n")));
-    *resp.status_mut() = StatusCode::NOT_FOUND;
+use crate::{
+    connlog::Outcome,
+    credentials::{CredentialCache, Credentials},
+    identity::{Container, Identities, Identity},
+    policy::RoleDecision,
+    server::Caller,
+};
+
+const TOKEN_PATH: &str = "/latest/api/token";
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const MAX_TTL: u64 = 21_600;
+const CREDS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
+const CREDS_EXT_PREFIX: &str = "/latest/meta-data/iam/security-credentials-extended";
+
+/// Non-secret metadata that SDKs and tools read, fetched for containers from
+/// the real IMDS. Deliberately short: no user-data, no identity signatures
+/// (they would let a job pose as the instance), no network details.
+const PASSTHROUGH: &[&str] = &[
+    "/latest/meta-data/placement/region",
+    "/latest/meta-data/placement/availability-zone",
+    "/latest/meta-data/placement/availability-zone-id",
+    "/latest/meta-data/instance-id",
+    "/latest/meta-data/instance-type",
+    "/latest/meta-data/ami-id",
+    "/latest/meta-data/services/domain",
+    "/latest/meta-data/services/partition",
+    "/latest/dynamic/instance-identity/document",
+];
+
+/// What to do with requests from processes in no container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostProcesses {
+    /// Pass them through to the real IMDS unchanged.
+    Allow,
+    /// Refuse them (403).
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ImdsOptions {
+    pub require_imdsv2: bool,
+    pub host_processes: HostProcesses,
+}
+
+/// What one request came to, for `metaproxy connections`.
+#[derive(Debug, Clone)]
+pub struct Handled {
+    pub container: Option<Arc<Container>>,
+    pub outcome: Outcome,
+    pub reason: Option<String>,
+}
+
+impl Handled {
+    fn new(container: Option<&Arc<Container>>, outcome: Outcome, reason: Option<String>) -> Self {
+        Self {
+            container: container.cloned(),
+            outcome,
+            reason,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Imds {
+    pub identities: Arc<Identities>,
+    pub credentials: Arc<CredentialCache>,
+    pub tokens: TokenKey,
+    pub upstream: Upstream,
+    pub options: ImdsOptions,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+impl Imds {
+    pub async fn handle(&self, req: Request<Incoming>, caller: &Caller) -> (Resp, Handled) {
+        let identity = match self
+            .identities
+            .resolve(caller.record.cgroup_id, caller.cgroup.as_deref())
+            .await
+        {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::warn!(cgroup_id = caller.record.cgroup_id, error = %e, "cannot identify caller");
+                return (
+                    status(StatusCode::FORBIDDEN),
+                    Handled::new(None, Outcome::Refused, Some(e.to_string())),
+                );
+            }
+        };
+        match identity {
+            Identity::Host => self.host(req).await,
+            Identity::Container(c) => {
+                let (resp, outcome, reason) = self.container(&req, &c).await;
+                (resp, Handled::new(Some(&c), outcome, reason))
+            }
+        }
+    }
+
+    async fn host(&self, req: Request<Incoming>) -> (Resp, Handled) {
+        if self.options.host_processes == HostProcesses::Deny {
+            let reason = "host process (--host-processes deny)".to_string();
+            return (
+                status(StatusCode::FORBIDDEN),
+                Handled::new(None, Outcome::Refused, Some(reason)),
+            );
+        }
+        let (parts, body) = req.into_parts();
+        let body = match http_body_util::Limited::new(body, upstream::MAX_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return (
+                    status(StatusCode::BAD_REQUEST),
+                    Handled::new(None, Outcome::Refused, Some("bad request body".into())),
+                )
+            }
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match self
+            .upstream
+            .forward(parts.method, path, &parts.headers, body)
+            .await
+        {
+            Ok(resp) => (
+                resp.map(Full::new),
+                Handled::new(None, Outcome::Passthrough, None),
+            ),
+            Err(e) => (
+                status(StatusCode::BAD_GATEWAY),
+                Handled::new(None, Outcome::Refused, Some(e.to_string())),
+            ),
+        }
+    }
+
+    async fn container(
+        &self,
+        req: &Request<Incoming>,
+        c: &Arc<Container>,
+    ) -> (Resp, Outcome, Option<String>) {
+        if req.headers().contains_key("x-forwarded-for") {
+            // IMDS refuses requests that went through a proxy.
+            return (
+                status(StatusCode::FORBIDDEN),
+                Outcome::Refused,
+                Some("X-Forwarded-For present".into()),
+            );
+        }
+        let path = req.uri().path();
+        if req.uri().query().is_some() || !is_plain_path(path) {
+            return not_found();
+        }
+        if path == TOKEN_PATH {
+            if req.method() != Method::PUT {
+                return (
+                    status(StatusCode::METHOD_NOT_ALLOWED),
+                    Outcome::NotFound,
+                    None,
+                );
+            }
+            return self.mint_token(req, c);
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return (
+                status(StatusCode::METHOD_NOT_ALLOWED),
+                Outcome::NotFound,
+                None,
+            );
+        }
+        match req.headers().get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token.to_str().unwrap_or("");
+                if let Err(e) = self.tokens.verify(token, &c.id, unix_now()) {
+                    return (
+                        status(StatusCode::UNAUTHORIZED),
+                        Outcome::Unauthorized,
+                        Some(format!("token: {e:?}")),
+                    );
+                }
+            }
+            None if self.options.require_imdsv2 => {
+                return (
+                    status(StatusCode::UNAUTHORIZED),
+                    Outcome::Unauthorized,
+                    Some("IMDSv1 refused (--require-imdsv2)".into()),
+                );
+            }
+            None => {}
+        }
+        self.route(path, c).await
+    }
+
+    fn mint_token(
+        &self,
+        req: &Request<Incoming>,
+        c: &Container,
+    ) -> (Resp, Outcome, Option<String>) {
+        let ttl = req
+            .headers()
+            .get(TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|t| (1..=MAX_TTL).contains(t));
+        let Some(ttl) = ttl else {
+            return (
+                status(StatusCode::BAD_REQUEST),
+                Outcome::Refused,
+                Some("token TTL missing or out of range".into()),
+            );
+        };
+        let mut resp = text(self.tokens.mint(&c.id, ttl, unix_now()));
+        resp.headers_mut().insert(TTL_HEADER, ttl.into());
+        (resp, Outcome::Served, None)
+    }
+
+    async fn route(&self, path: &str, c: &Container) -> (Resp, Outcome, Option<String>) {
+        let creds_path = path
+            .strip_prefix(CREDS_EXT_PREFIX)
+            .map(|rest| (rest, true))
+            .or_else(|| path.strip_prefix(CREDS_PREFIX).map(|rest| (rest, false)));
+        if let Some((rest, extended)) = creds_path {
+            let role = match &c.role {
+                RoleDecision::Role(role) => role,
+                RoleDecision::NoRole => {
+                    return (status(StatusCode::NOT_FOUND), Outcome::NoRole, None)
+                }
+                RoleDecision::Refused(reason) => {
+                    return (
+                        status(StatusCode::NOT_FOUND),
+                        Outcome::Refused,
+                        Some(reason.clone()),
+                    )
+                }
+            };
+            return match rest {
+                "" | "/" => (text(role.name().to_string()), Outcome::Served, None),
+                name if name.strip_prefix('/') == Some(role.name()) => {
+                    self.serve_credentials(c, extended).await
+                }
+                _ => not_found(),
+            };
+        }
+        match path {
+            "/latest/meta-data/iam/info" => match &c.role {
+                RoleDecision::Role(role) => {
+                    let body = serde_json::json!({
+                        "Code": "Success",
+                        "LastUpdated": imds_time(SystemTime::now()),
+                        "InstanceProfileArn": format!("arn:aws:iam::{}:instance-profile/{}", role.account(), role.name()),
+                        "InstanceProfileId": "AIPAMETAPROXY",
+                    });
+                    (
+                        text(serde_json::to_string_pretty(&body).unwrap_or_default()),
+                        Outcome::Served,
+                        None,
+                    )
+                }
+                _ => (status(StatusCode::NOT_FOUND), Outcome::NoRole, None),
+            },
+            p if PASSTHROUGH.contains(&p) => match self.upstream.get_cached(p).await {
+                Ok(body) => (Response::new(Full::new(body)), Outcome::Served, None),
+                Err(e) => (
+                    status(StatusCode::BAD_GATEWAY),
+                    Outcome::Refused,
+                    Some(e.to_string()),
+                ),
+            },
+            _ => not_found(),
+        }
+    }
+
+    async fn serve_credentials(
+        &self,
+        c: &Container,
+        extended: bool,
+    ) -> (Resp, Outcome, Option<String>) {
+        let Some(key) = c.cred_key() else {
+            return not_found();
+        };
+        let creds = match self.credentials.get(&key).await {
+            Ok(creds) => creds,
+            Err(e) => {
+                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, error = %e, "no credentials to serve");
+                return (
+                    status(StatusCode::SERVICE_UNAVAILABLE),
+                    Outcome::Refused,
+                    Some(e.to_string()),
+                );
+            }
+        };
+        tracing::info!(
+            target: "metaproxy::audit",
+            container_id = %c.id,
+            container = %c.name,
+            job = c.job_id.as_deref().unwrap_or("-"),
+            role_arn = %key.role_arn,
+            session = %key.session_name,
+            access_key_id = %creds.access_key_id,
+            expiration = %imds_time(creds.expiration),
+            "credentials issued"
+        );
+        let account = extended.then(|| {
+            key.role_arn
+                .split(':')
+                .nth(4)
+                .unwrap_or_default()
+                .to_string()
+        });
+        let body = CredentialsDocument::new(&creds, account);
+        (
+            text(serde_json::to_string_pretty(&body).unwrap_or_default()),
+            Outcome::Served,
+            None,
+        )
+    }
+}
+
+/// The credentials document, field for field as IMDS writes it.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CredentialsDocument<'a> {
+    code: &'static str,
+    last_updated: String,
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    expiration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<String>,
+}
+
+impl<'a> CredentialsDocument<'a> {
+    fn new(c: &'a Credentials, account_id: Option<String>) -> Self {
+        Self {
+            code: "Success",
+            last_updated: imds_time(c.last_updated),
+            kind: "AWS-HMAC",
+            access_key_id: &c.access_key_id,
+            secret_access_key: c.secret_access_key.expose(),
+            token: c.session_token.expose(),
+            expiration: imds_time(c.expiration),
+            account_id,
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`, as IMDS writes times (no fractions).
+pub fn imds_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Only plain absolute paths: no `..`, `.`, empty segments, percent-escapes
+/// or characters IMDS paths never contain.
+fn is_plain_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains("//")
+        && path.split('/').all(|seg| seg != "." && seg != "..")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.+=,@".contains(&b))
+}
+
+fn not_found() -> (Resp, Outcome, Option<String>) {
+    (status(StatusCode::NOT_FOUND), Outcome::NotFound, None)
+}
+
+fn text(body: String) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
     resp
+}
+
+pub fn status(code: StatusCode) -> Resp {
+    let mut resp = text(format!("{}\n", code.canonical_reason().unwrap_or("")));
+    *resp.status_mut() = code;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_paths_pass() {
+        for ok in [
+            "/latest/meta-data/iam/security-credentials/",
+            "/latest/api/token",
+            "/latest/meta-data/iam/security-credentials/ci-role",
+        ] {
+            assert!(is_plain_path(ok), "{ok}");
+        }
+        for odd in [
+            "/latest/meta-data/../user-data",
+            "/latest//user-data",
+            "/latest/meta-data/%2e%2e/user-data",
+            "/latest/./meta-data",
+            "latest/meta-data",
+            "/latest/meta-data/iam/info;x",
+            "/latest/meta-data/iam/info\\",
+        ] {
+            assert!(!is_plain_path(odd), "{odd}");
+        }
+    }
+
+    #[test]
+    fn times_look_like_imds() {
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(imds_time(t), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn credentials_document_has_the_imds_shape() {
+        let c = Credentials {
+            access_key_id: "ASIAX".into(),
+            secret_access_key: crate::credentials::Secret::new("s".into()),
+            session_token: crate::credentials::Secret::new("t".into()),
+            expiration: UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            last_updated: UNIX_EPOCH,
+            assumed_role_arn: String::new(),
+        };
+        let doc: serde_json::Value =
+            serde_json::to_value(CredentialsDocument::new(&c, None)).unwrap();
+        assert_eq!(doc["Code"], "Success");
+        assert_eq!(doc["Type"], "AWS-HMAC");
+        assert_eq!(doc["AccessKeyId"], "ASIAX");
+        assert_eq!(doc["SecretAccessKey"], "s");
+        assert_eq!(doc["Token"], "t");
+        assert_eq!(doc["Expiration"], "2023-11-14T22:13:20Z");
+        assert!(doc.get("AccountId").is_none());
+        let ext: serde_json::Value =
+            serde_json::to_value(CredentialsDocument::new(&c, Some("123456789012".into())))
+                .unwrap();
+        assert_eq!(ext["AccountId"], "123456789012");
+    }
 }

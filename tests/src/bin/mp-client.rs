@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! mp-client get ADDR [PATH]     one request
+//! mp-client v2 ADDR PATH        IMDSv2: PUT a token, then GET PATH with it
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -19,7 +20,7 @@ use serde_json::json;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
-        eprintln!("usage: mp-client get ADDR [PATH] | hold ADDR N | churn ADDR N");
+        eprintln!("usage: mp-client get ADDR [PATH] | v2 ADDR PATH | hold ADDR N | churn ADDR N");
         std::process::exit(2)
     };
     let addr: SocketAddr = args
@@ -33,6 +34,7 @@ fn main() {
     };
     let out = match args.first().map(String::as_str) {
         Some("get") => get(addr, args.get(2).map_or("/", String::as_str)),
+        Some("v2") => v2(addr, args.get(2).map_or("/", String::as_str)),
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
         _ => usage(),
@@ -48,17 +50,62 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Sends one GET and returns the response's status code.
 fn request(stream: &mut TcpStream, path: &str) -> std::io::Result<u16> {
+    exchange(stream, "GET", path, "").map(|(status, _)| status)
+}
+
+/// Sends one request (Connection: close) and returns status and body.
+fn exchange(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace()
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+fn v2(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let token = connect(addr).and_then(|mut s| {
+        exchange(
+            &mut s,
+            "PUT",
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60\r\n",
+        )
+    });
+    let (token_status, token) = match token {
+        Ok(t) => t,
+        Err(e) => return error_json(&e),
+    };
+    let got = connect(addr).and_then(|mut s| {
+        exchange(
+            &mut s,
+            "GET",
+            path,
+            &format!("X-aws-ec2-metadata-token: {token}\r\n"),
+        )
+    });
+    match got {
+        Ok((status, body)) => {
+            json!({ "ok": true, "token_status": token_status, "status": status, "body": body })
+        }
+        Err(e) => error_json(&e),
+    }
 }
 
 fn error_json(e: &std::io::Error) -> serde_json::Value {

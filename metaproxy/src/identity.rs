@@ -1,0 +1,338 @@
+//! Who is asking: cgroup id -> container (Docker API) -> role.
+//!
+//! A cgroup path names its container: `/docker/<id>` (cgroupfs),
+//! `/system.slice/docker-<id>.scope` (systemd), `/<cgroup-parent>/<id>`.
+//! Nested containers (docker-in-docker) have several ids in the path; the
+//! deepest one that our dockerd knows wins. A path with no container id at
+//! all is a host process (an SSM or CloudWatch agent, say). A path with ids
+//! that our dockerd does not know is refused: it is some container, just not
+//! one we can vouch for.
+//!
+//! Results are cached per cgroup id and dropped when Docker reports the
+//! container gone; unknown cgroups are resolved on demand, since a
+//! container's first connect can beat Docker's `start` event.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use bollard::{query_parameters::EventsOptionsBuilder, Docker};
+use futures_util::StreamExt as _;
+
+use crate::{
+    cgroup::CgroupPaths,
+    credentials::{clean_session_name, CredKey, CredentialCache},
+    policy::{Policy, RoleDecision},
+};
+
+/// gitlab-runner labels its job containers with the job id.
+const GITLAB_JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Container(Arc<Container>),
+    /// In no container: a host service.
+    Host,
+}
+
+/// One container of our dockerd and what it may have.
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub job_id: Option<String>,
+    pub role: RoleDecision,
+    /// RoleSessionName for its AssumeRole: the job, else the container.
+    pub session_name: String,
+}
+
+impl Container {
+    /// The credential cache key, when the container has a role.
+    pub fn cred_key(&self) -> Option<CredKey> {
+        match &self.role {
+            RoleDecision::Role(role) => Some(CredKey {
+                role_arn: role.arn.clone(),
+                external_id: role.external_id.clone(),
+                session_name: self.session_name.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cgroup {0} no longer exists")]
+    CgroupGone(u64),
+    #[error("cgroup {path} names container {id}, which the Docker daemon does not know")]
+    UnknownContainer { path: String, id: String },
+    #[error("Docker API: {0}")]
+    Docker(#[from] bollard::errors::Error),
+}
+
+/// The Docker API client, made on first use and remade after failures, so a
+/// Docker daemon that starts after us (or restarts) is picked up. DOCKER_HOST
+/// is honoured.
+#[derive(Debug, Default)]
+pub struct DockerApi(tokio::sync::Mutex<Option<Docker>>);
+
+impl DockerApi {
+    async fn get(&self) -> Result<Docker, IdentityError> {
+        let mut slot = self.0.lock().await;
+        if let Some(docker) = slot.as_ref() {
+            return Ok(docker.clone());
+        }
+        let docker = Docker::connect_with_defaults()?;
+        // Speak the API version the daemon supports (older dockerd refuse
+        // newer versions).
+        let docker = match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            docker.clone().negotiate_version(),
+        )
+        .await
+        {
+            Ok(Ok(negotiated)) => negotiated,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => docker,
+        };
+        *slot = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Forgets the client after a connection-level failure.
+    async fn reset(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
+/// Resolves and caches identities.
+#[derive(Debug)]
+pub struct Identities {
+    docker: DockerApi,
+    cgroups: Arc<CgroupPaths>,
+    policy: Policy,
+    /// The instance profile's account, once STS told us.
+    account: Arc<OnceLock<String>>,
+    by_cgroup: Mutex<HashMap<u64, Identity>>,
+}
+
+impl Identities {
+    pub fn new(
+        docker: DockerApi,
+        cgroups: Arc<CgroupPaths>,
+        policy: Policy,
+        account: Arc<OnceLock<String>>,
+    ) -> Self {
+        Self {
+            docker,
+            cgroups,
+            policy,
+            account,
+            by_cgroup: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Identity>> {
+        self.by_cgroup.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The identity behind cgroup `id` whose path (below the cgroup2 mount)
+    /// is `path`, if already known.
+    pub async fn resolve(&self, id: u64, path: Option<&str>) -> Result<Identity, IdentityError> {
+        if let Some(hit) = self.cache().get(&id) {
+            return Ok(hit.clone());
+        }
+        let path = match path {
+            Some(p) => p.to_string(),
+            None => {
+                let cgroups = self.cgroups.clone();
+                tokio::task::spawn_blocking(move || cgroups.path_of(id))
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or(IdentityError::CgroupGone(id))?
+            }
+        };
+        let candidates = container_ids(&path);
+        let Some(deepest) = candidates.first().map(|d| d.to_string()) else {
+            self.cache().insert(id, Identity::Host);
+            return Ok(Identity::Host);
+        };
+        for candidate in &candidates {
+            if let Some(container) = self.inspect(candidate).await? {
+                let refused = matches!(container.role, RoleDecision::Refused(_));
+                let identity = Identity::Container(Arc::new(container));
+                // A refusal may be lifted (say, once the account is known):
+                // decide again next time rather than remember it.
+                if !refused {
+                    self.cache().insert(id, identity.clone());
+                }
+                return Ok(identity);
+            }
+        }
+        Err(IdentityError::UnknownContainer {
+            path: path.clone(),
+            id: deepest,
+        })
+    }
+
+    /// Inspects a container; `None` if our dockerd does not know it.
+    async fn inspect(&self, id: &str) -> Result<Option<Container>, IdentityError> {
+        let docker = self.docker.get().await?;
+        let c = match docker.inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => {
+                self.docker.reset().await;
+                return Err(e.into());
+            }
+        };
+        let config = c.config.unwrap_or_default();
+        let env = config.env.unwrap_or_default();
+        let image_env = match &c.image {
+            Some(image) => match docker.inspect_image(image).await {
+                Ok(img) => img.config.and_then(|c| c.env).unwrap_or_default(),
+                // Without the image's ENV we cannot tell who set IAM_ROLE.
+                Err(e) => return Err(e.into()),
+            },
+            None => Vec::new(),
+        };
+        let full_id = c.id.unwrap_or_else(|| id.to_string());
+        let name = c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string();
+        let job_id = config
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(GITLAB_JOB_LABEL))
+            .cloned();
+        let role = self
+            .policy
+            .decide(&env, &image_env, self.account.get().map(String::as_str));
+        let session_name = clean_session_name(&match &job_id {
+            Some(job) => format!("gitlab-job-{job}"),
+            None => format!("container-{}", &full_id[..full_id.len().min(12)]),
+        });
+        if let RoleDecision::Refused(reason) = &role {
+            tracing::warn!(container_id = %full_id, container = %name, %reason, "role refused");
+        }
+        Ok(Some(Container {
+            id: full_id,
+            name,
+            job_id,
+            role,
+            session_name,
+        }))
+    }
+
+    /// Follows Docker events forever: prefetches credentials for containers
+    /// that start with a role, forgets containers that stop. Reconnects if
+    /// the Docker API goes away.
+    pub async fn follow_events(self: Arc<Self>, credentials: Arc<CredentialCache>) {
+        loop {
+            let options = EventsOptionsBuilder::new()
+                .filters(&HashMap::from([
+                    ("type", vec!["container"]),
+                    ("event", vec!["start", "die", "destroy"]),
+                ]))
+                .build();
+            let docker = match self.docker.get().await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(error = %e, "docker events: API unavailable");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    continue;
+                }
+            };
+            let mut events = docker.events(Some(options));
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "docker events stream failed");
+                        self.docker.reset().await;
+                        break;
+                    }
+                };
+                let Some(id) = event.actor.and_then(|a| a.id) else {
+                    continue;
+                };
+                match event.action.as_deref() {
+                    Some("start") => match self.inspect(&id).await {
+                        Ok(Some(container)) => {
+                            if let Some(key) = container.cred_key() {
+                                tracing::info!(container_id = %container.id, container = %container.name, role_arn = %key.role_arn, "prefetching credentials");
+                                credentials.prefetch(key);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(container_id = %id, error = %e, "inspect on start failed")
+                        }
+                    },
+                    Some("die" | "destroy") => self.forget(&id, &credentials),
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Drops everything cached about container `id`.
+    fn forget(&self, id: &str, credentials: &CredentialCache) {
+        let mut cache = self.cache();
+        cache.retain(|_, identity| match identity {
+            Identity::Container(c) if c.id == id => {
+                if let Some(key) = c.cred_key() {
+                    credentials.forget(&key);
+                }
+                false
+            }
+            _ => true,
+        });
+    }
+}
+
+/// Container ids named by a cgroup path, deepest first.
+pub fn container_ids(path: &str) -> Vec<&str> {
+    let mut ids: Vec<&str> = path
+        .split('/')
+        .filter_map(|component| {
+            let id = component
+                .strip_prefix("docker-")
+                .and_then(|c| c.strip_suffix(".scope"))
+                .unwrap_or(component);
+            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+        })
+        .collect();
+    ids.reverse();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn finds_container_ids_in_every_layout() {
+        assert_eq!(container_ids(&format!("/docker/{A}")), [A]);
+        assert_eq!(
+            container_ids(&format!("/system.slice/docker-{A}.scope")),
+            [A]
+        );
+        assert_eq!(container_ids(&format!("/ci/runners/{A}")), [A]);
+        // docker-in-docker: the inner container first.
+        assert_eq!(container_ids(&format!("/docker/{A}/docker/{B}")), [B, A]);
+        assert!(container_ids("/system.slice/amazon-ssm-agent.service").is_empty());
+        assert!(container_ids("/").is_empty());
+        assert!(container_ids(&format!("/docker/{}", &A[..63])).is_empty());
+    }
+}
