@@ -67,7 +67,28 @@ pub fn id_of(dir: &Path) -> u64 {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         remove_tree(&self.root);
+        // dockerd --cgroup-parent also creates the parent in every cgroup v1
+        // hierarchy (/sys/fs/cgroup/cpu/<name>, ...): those are ours too.
+        if let Some(name) = self.root.file_name() {
+            for hierarchy in v1_hierarchies() {
+                remove_tree(&hierarchy.join(name));
+            }
+        }
     }
+}
+
+/// The cgroup v1 hierarchies mounted on this host (none on pure v2 hosts).
+pub fn v1_hierarchies() -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .collect()
 }
 
 /// Kills what is left in `dir` (processes our tests started), then removes
@@ -83,7 +104,8 @@ pub fn remove_tree(dir: &Path) {
             }
         }
     }
-    // cgroup.kill ends every process in this cgroup, which our test created.
+    // cgroup.kill ends every process in this cgroup, which our test created
+    // (v1 hierarchies have no cgroup.kill; their processes are gone with v2's).
     let _ = fs::write(dir.join("cgroup.kill"), "1");
     for _ in 0..100 {
         if fs::remove_dir(dir).is_ok() {

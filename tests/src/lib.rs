@@ -9,13 +9,20 @@
 //! * [`daemon::Daemon`] - the real `metaproxy` binary, run in the bed.
 //! * [`fake_imds::FakeImds`] - plays the EC2 metadata service on
 //!   169.254.169.254:80 inside the namespace and records every caller.
+//! * [`moto::Moto`] - STS and IAM (moto, auth on), counting AssumeRole.
+//! * [`docker::Dockerd`] - a private dockerd whose containers live under
+//!   the probe's cgroup.
+//! * [`bed::E2eBed`] - all of the above, for end-to-end tests and the demo.
 //!
 //! Everything here needs root and a BPF-capable kernel; a test that cannot
 //! build its bed fails with the reason instead of skipping.
 
+pub mod bed;
 pub mod cgroup;
 pub mod daemon;
+pub mod docker;
 pub mod fake_imds;
+pub mod moto;
 pub mod netns;
 pub mod process;
 

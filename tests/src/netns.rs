@@ -55,6 +55,24 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Runs `f` on a thread inside the namespace (for the test process's own
+    /// connections to services there) and returns its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {

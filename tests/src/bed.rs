@@ -1,0 +1,210 @@
+//! The whole end-to-end bed in one value: a namespace with no route out,
+//! moto (STS/IAM, auth on), the fake real IMDS serving instance credentials
+//! moto accepts, a private dockerd whose containers live under the cgroup
+//! the probe is attached to, and the daemon. Dropping it tears everything
+//! down in reverse order.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{
+    cgroup::TestCgroup,
+    daemon::{Daemon, DaemonSpec},
+    docker::{Dockerd, BASE_IMAGE, GATEWAY},
+    fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
+    moto::{Moto, PORT},
+    netns::NetNs,
+};
+
+/// Roles moto knows (all in the instance's account, trusting the instance).
+pub const ROLE_DEPLOY: &str = "ci-deploy";
+pub const ROLE_BUILD: &str = "ci-build";
+pub const ROLE_OTHER: &str = "ci-other";
+
+pub fn role_arn(role: &str) -> String {
+    format!("arn:aws:iam::{ACCOUNT_ID}:role/{role}")
+}
+
+/// Fields drop top to bottom: daemon, containers and dockerd, moto, the
+/// fake IMDS, cgroups, the namespace, then the scratch directory.
+#[derive(Debug)]
+pub struct E2eBed {
+    pub daemon: Daemon,
+    pub dockerd: Dockerd,
+    pub moto: Moto,
+    pub imds: FakeImds,
+    pub cg: TestCgroup,
+    pub ns: NetNs,
+    dir: ScratchDir,
+}
+
+#[derive(Debug)]
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+impl E2eBed {
+    /// Builds the bed; `daemon_args` go to `metaproxy run`.
+    pub fn start(daemon_args: &[&str]) -> anyhow::Result<Self> {
+        crate::require_root();
+        let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
+        fs::create_dir_all(&dir.0)?;
+        let ns = NetNs::new("mpt", &["169.254.169.254/32"])?;
+        let cg = TestCgroup::new("mpt")?;
+        let attached = cg.child("attached")?;
+
+        let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
+        let instance = moto.seed(
+            &ns,
+            &cg.child("services/seed")?,
+            &[ROLE_DEPLOY, ROLE_BUILD, ROLE_OTHER],
+        )?;
+        let imds = FakeImds::start(
+            &ns,
+            FakeImdsConfig {
+                credentials: Some(instance),
+                allow_v1: false,
+            },
+        )?;
+        let dockerd = Dockerd::start(
+            &ns,
+            &cg.child("services/dockerd")?,
+            &format!("{}/docker", cg.relative(&attached)),
+            dir.0.join("docker"),
+        )?;
+        let daemon = Daemon::start(DaemonSpec {
+            netns: ns.path(),
+            attach_cgroup: attached.clone(),
+            // Inside the intercepted subtree, as on a real host: its own
+            // requests to the (fake) real IMDS must not be redirected.
+            own_cgroup: cg.child("attached/metaproxy")?,
+            args: daemon_args.iter().map(|s| s.to_string()).collect(),
+            env: vec![
+                ("DOCKER_HOST".into(), dockerd.host()),
+                (
+                    "AWS_ENDPOINT_URL_STS".into(),
+                    format!("http://127.0.0.1:{PORT}"),
+                ),
+                ("AWS_REGION".into(), REGION.into()),
+            ],
+        })?;
+        let bed = Self {
+            daemon,
+            dockerd,
+            moto,
+            imds,
+            cg,
+            ns,
+            dir,
+        };
+        // The daemon is ready for containers once it knows its account.
+        crate::wait_for(
+            "the daemon to reach STS",
+            std::time::Duration::from_secs(30),
+            || {
+                bed.daemon
+                    .log()
+                    .contains("instance credentials work")
+                    .then_some(())
+            },
+        )
+        .with_context(|| bed.daemon.log())?;
+        Ok(bed)
+    }
+
+    /// A scratch directory that goes away with the bed.
+    pub fn scratch(&self) -> &Path {
+        &self.dir.0
+    }
+
+    /// `docker run` options every job container gets: the host binaries,
+    /// the region and moto as the STS endpoint.
+    pub fn container_args(&self, name: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let mut args = vec!["--name".to_string(), name.to_string()];
+        let mut all_env = vec![
+            ("AWS_REGION".to_string(), REGION.to_string()),
+            (
+                "AWS_ENDPOINT_URL_STS".to_string(),
+                format!("http://{GATEWAY}:{PORT}"),
+            ),
+        ];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for (k, v) in all_env {
+            args.push("-e".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.extend(Dockerd::host_binary_mounts(&[
+            &bin("mp-sdk-client"),
+            &bin("mp-client"),
+        ]));
+        args
+    }
+
+    /// Runs the AWS SDK client in a fresh container and returns its report.
+    pub fn sdk_client(
+        &self,
+        name: &str,
+        image: &str,
+        env: &[(&str, &str)],
+        repeat: usize,
+    ) -> anyhow::Result<Value> {
+        let mut args = self.container_args(name, env);
+        args.extend([
+            image.to_string(),
+            "/mp-sdk-client".to_string(),
+            repeat.to_string(),
+        ]);
+        let out = self.dockerd.run(&args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| {
+            format!(
+                "container {name}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// The base image name.
+    pub fn base_image(&self) -> &'static str {
+        BASE_IMAGE
+    }
+
+    /// Calls the fake real IMDS received from containers (their bridge
+    /// addresses); the daemon's own calls come from the namespace's lo.
+    pub fn container_calls_to_real_imds(&self) -> Vec<String> {
+        let prefix = GATEWAY.rsplit_once('.').map_or(GATEWAY, |(net, _)| net);
+        self.imds
+            .calls()
+            .into_iter()
+            .map(|c| c.peer.ip().to_string())
+            .filter(|ip| ip.starts_with(prefix))
+            .collect()
+    }
+}
+
+/// A binary of the tests crate, built next to the running test binary
+/// (`target/debug/deps/..`) or xtask (`target/debug/..`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found near {}: build the workspace first",
+                exe.display()
+            )
+        })
+}
