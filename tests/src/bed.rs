@@ -150,14 +150,17 @@ impl E2eBed {
     }
 
     /// Runs the AWS SDK client in a fresh container and returns its report.
+    /// `extra` are more `docker run` options (labels, say).
     pub fn sdk_client(
         &self,
         name: &str,
         image: &str,
         env: &[(&str, &str)],
+        extra: &[&str],
         repeat: usize,
     ) -> anyhow::Result<Value> {
         let mut args = self.container_args(name, env);
+        args.extend(extra.iter().map(|s| s.to_string()));
         args.extend([
             image.to_string(),
             "/mp-sdk-client".to_string(),
@@ -171,6 +174,63 @@ impl E2eBed {
                 "container {name}: {stdout}\n{}",
                 String::from_utf8_lossy(&out.stderr)
             )
+        })
+    }
+
+    /// Runs the SDK client in a container created through the Docker API
+    /// with exactly this `env` list, as gitlab-runner does (the docker CLI
+    /// would merge repeated variables; the API keeps them).
+    pub fn sdk_client_via_api(&self, name: &str, env: &[&str]) -> anyhow::Result<Value> {
+        let mut all_env = vec![
+            format!("AWS_REGION={REGION}"),
+            format!("AWS_ENDPOINT_URL_STS=http://{GATEWAY}:{PORT}"),
+        ];
+        all_env.extend(env.iter().map(|s| s.to_string()));
+        let binds: Vec<String> = Dockerd::host_binary_mounts(&[&bin("mp-sdk-client")])
+            .into_iter()
+            .filter(|a| a != "-v")
+            .collect();
+        let body = serde_json::json!({
+            "Image": BASE_IMAGE,
+            "Cmd": ["/mp-sdk-client"],
+            "Env": all_env,
+            "HostConfig": { "Binds": binds },
+        });
+        self.dockerd
+            .api_post(&format!("/containers/create?name={name}"), &body)?;
+        let out = self
+            .dockerd
+            .command()
+            .args(["start", "-a", name])
+            .output()?;
+        let _ = self.dockerd.docker(&["rm", "-f", name]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+            format!(
+                "container {name}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Starts a long-running container (`sleep`) to `exec` clients in; it is
+    /// removed when the guard drops.
+    pub fn container(
+        &self,
+        name: &str,
+        image: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Container> {
+        let mut args = vec!["run".to_string(), "-d".to_string()];
+        args.extend(self.container_args(name, env));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend([image.to_string(), "sleep".to_string(), "3600".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.dockerd.docker(&args)?;
+        Ok(Container {
+            docker_host: self.dockerd.host(),
+            name: name.to_string(),
         })
     }
 
@@ -189,6 +249,53 @@ impl E2eBed {
             .map(|c| c.peer.ip().to_string())
             .filter(|ip| ip.starts_with(prefix))
             .collect()
+    }
+}
+
+/// A running container; removed on drop.
+#[derive(Debug)]
+pub struct Container {
+    docker_host: String,
+    pub name: String,
+}
+
+impl Container {
+    fn docker(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("docker");
+        cmd.arg("-H").arg(&self.docker_host);
+        cmd
+    }
+
+    /// Runs `args` in the container (e.g. `/mp-client raw ...`) and parses
+    /// the JSON line it prints.
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = self
+            .docker()
+            .arg("exec")
+            .arg(&self.name)
+            .args(args)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+            format!(
+                "exec {args:?} in {}: {stdout}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// `mp-client raw 169.254.169.254:80 METHOD PATH HEADERS...` in the container.
+    pub fn imds(&self, method: &str, path: &str, headers: &[&str]) -> Value {
+        let mut args = vec!["/mp-client", "raw", "169.254.169.254:80", method, path];
+        args.extend_from_slice(headers);
+        self.exec(&args).expect("mp-client raw")
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.docker().args(["rm", "-f", &self.name]).output();
     }
 }
 

@@ -111,6 +111,29 @@ impl Dockerd {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// POSTs `body` to the Docker API at `path` (below the API version) and
+    /// returns the response body; fails on a non-2xx status.
+    pub fn api_post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::os::unix::net::UnixStream::connect(self.dir.join("docker.sock"))?;
+        let body = body.to_string();
+        write!(
+            stream,
+            "POST /v1.41{path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.split_whitespace().nth(1).unwrap_or("");
+        if !status.starts_with('2') {
+            bail!("docker API POST {path}: {response}");
+        }
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string())
+    }
+
     /// Imports the busybox rootfs as `name`, with extra Dockerfile-style
     /// `changes` (e.g. `ENV IAM_ROLE=x`).
     pub fn import_image(&self, name: &str, changes: &[&str]) -> anyhow::Result<()> {

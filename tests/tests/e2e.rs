@@ -1,51 +1,520 @@
 //! End to end on the real parts: the kernel probe, a private dockerd, moto
 //! as STS with auth on, the AWS SDK for Rust inside containers. Only EC2's
 //! metadata service is faked, and it records every caller: no container may
-//! ever reach it.
+//! ever reach it. Needs root; run through `cargo xtask test`.
 
-use metaproxy_tests::bed::{role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY};
+use std::time::Duration;
 
-fn assumed(role: &str, session_prefix: &str, arn: &str) -> bool {
-    arn.starts_with(&format!(
-        "arn:aws:sts::123456789012:assumed-role/{role}/{session_prefix}"
-    ))
+use metaproxy_tests::{
+    bed::{role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY},
+    fake_imds::USER_DATA_MARKER,
+    wait_for,
+};
+use serde_json::Value;
+
+const IMDS: &str = "169.254.169.254:80";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+fn is_assumed(role: &str, session: &str, arn: &str) -> bool {
+    arn == format!("arn:aws:sts::123456789012:assumed-role/{role}/{session}")
+}
+
+/// No container of the bed ever reached the real IMDS.
+fn assert_real_imds_untouched(bed: &E2eBed) {
+    let calls = bed.container_calls_to_real_imds();
+    assert!(
+        calls.is_empty(),
+        "containers reached the real IMDS: {calls:?}"
+    );
+}
+
+fn refusals(bed: &E2eBed, container: &str) -> Vec<String> {
+    bed.daemon
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["container"] == container && c["outcome"] == "refused")
+        .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[test]
-fn a_container_with_an_allowed_role_gets_that_role_and_one_without_gets_nothing() {
+fn a_container_with_an_allowed_role_gets_exactly_that_role_and_one_without_gets_nothing() {
     let bed = E2eBed::start(&[]).expect("bed");
+    let label = format!("{JOB_LABEL}=4242");
     let with = bed
         .sdk_client(
             "with-role",
             bed.base_image(),
             &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--label", &label],
             1,
         )
         .unwrap();
     assert_eq!(with["ok"], true, "{with}");
-    let arn = with["arns"][0].as_str().unwrap();
-    assert!(assumed(ROLE_DEPLOY, "container-", arn), "{arn}");
+    // The session names the job, from gitlab-runner's label.
+    assert!(
+        is_assumed(
+            ROLE_DEPLOY,
+            "gitlab-job-4242",
+            with["arns"][0].as_str().unwrap()
+        ),
+        "{with}"
+    );
 
-    let without = bed.sdk_client("no-role", bed.base_image(), &[], 1).unwrap();
+    let without = bed
+        .sdk_client("no-role", bed.base_image(), &[], &[], 1)
+        .unwrap();
     assert_eq!(without["ok"], false, "{without}");
     assert!(without["arns"].as_array().unwrap().is_empty());
 
     let conns = bed.daemon.connections().unwrap();
-    assert!(
-        conns.iter().any(|c| c["container"] == "with-role"
-            && c["role"] == role_arn(ROLE_DEPLOY)
-            && c["outcome"] == "served"),
-        "{conns:#?}"
-    );
+    let served = conns.iter().find(|c| {
+        c["container"] == "with-role" && c["request"] == format!("GET {CREDS}{ROLE_DEPLOY}")
+    });
+    let served = served.unwrap_or_else(|| panic!("{conns:#?}"));
+    assert_eq!(served["role"], role_arn(ROLE_DEPLOY));
+    assert_eq!(served["outcome"], "served");
+    assert_eq!(served["container_id"].as_str().unwrap().len(), 64);
     assert!(
         conns
             .iter()
             .any(|c| c["container"] == "no-role" && c["outcome"] == "no-role"),
         "{conns:#?}"
     );
+
+    // One audit line per issuance, naming the job and the key, never a secret.
+    let log = bed.daemon.log();
+    let audit = log
+        .lines()
+        .find(|l| l.contains("credentials issued"))
+        .expect("audit line");
+    for field in [
+        "container=with-role",
+        "job=4242",
+        "session=gitlab-job-4242",
+        "access_key_id=ASIA",
+        "expiration=",
+    ] {
+        assert!(audit.contains(field), "audit line lacks {field}: {audit}");
+    }
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn roles_the_runner_did_not_choose_or_the_policy_does_not_allow_get_nothing() {
+    let bed =
+        E2eBed::start(&["--allow-role", "arn:aws:iam::123456789012:role/ci-d*"]).expect("bed");
+    bed.dockerd
+        .import_image(
+            "mp-image-role:latest",
+            &[&format!("ENV IAM_ROLE={ROLE_DEPLOY}")],
+        )
+        .unwrap();
+
+    // A job variable repeating IAM_ROLE reaches Docker as a second entry
+    // (gitlab-runner creates containers through the API, which keeps both).
+    let conflicting = bed
+        .sdk_client_via_api("conflicting", &["IAM_ROLE=ci-build", "IAM_ROLE=ci-deploy"])
+        .unwrap();
+    assert_eq!(conflicting["ok"], false, "{conflicting}");
     assert!(
-        bed.container_calls_to_real_imds().is_empty(),
-        "a container reached the real IMDS"
+        refusals(&bed, "conflicting")
+            .iter()
+            .any(|r| r.contains("more than once")),
+        "{:?}",
+        refusals(&bed, "conflicting")
     );
-    let _ = ROLE_BUILD;
+
+    let cases: [(&str, &str, Vec<(&str, &str)>, &str); 3] = [
+        ("image-role", "mp-image-role:latest", vec![], "image"),
+        (
+            "not-allowed",
+            bed.base_image(),
+            vec![("IAM_ROLE", ROLE_BUILD)],
+            "--allow-role",
+        ),
+        (
+            "other-account",
+            bed.base_image(),
+            vec![("IAM_ROLE", "arn:aws:iam::999999999999:role/ci-deploy")],
+            "--allow-role",
+        ),
+    ];
+    for (name, image, env, why) in cases {
+        let got = bed.sdk_client(name, image, &env, &[], 1).unwrap();
+        assert_eq!(got["ok"], false, "{name} got credentials: {got}");
+        let reasons = refusals(&bed, name);
+        assert!(
+            reasons.iter().any(|r| r.contains(why)),
+            "{name}: {reasons:?}"
+        );
+    }
+    // The allowed role still works on the same daemon.
+    let ok = bed
+        .sdk_client(
+            "allowed",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+            1,
+        )
+        .unwrap();
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(bed.daemon.log().contains("role refused"));
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn concurrent_containers_only_ever_receive_their_own_role() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let reports: Vec<(String, Value)> = std::thread::scope(|s| {
+        let runs: Vec<_> = [("deployer", ROLE_DEPLOY), ("builder", ROLE_BUILD)]
+            .into_iter()
+            .map(|(name, role)| {
+                let bed = &bed;
+                s.spawn(move || {
+                    (
+                        role.to_string(),
+                        bed.sdk_client(name, bed.base_image(), &[("IAM_ROLE", role)], &[], 15)
+                            .unwrap(),
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (role, report) in reports {
+        assert_eq!(report["ok"], true, "{report}");
+        let arns = report["arns"].as_array().unwrap();
+        assert_eq!(arns.len(), 15);
+        for arn in arns {
+            assert!(
+                arn.as_str()
+                    .unwrap()
+                    .contains(&format!(":assumed-role/{role}/")),
+                "{role} received {arn}"
+            );
+        }
+    }
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let c = bed
+        .container(
+            "surface",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+
+    // Tokens: TTL required and bounded, echoed back; proxies refused.
+    for bad in [
+        vec![],
+        vec!["X-aws-ec2-metadata-token-ttl-seconds: 0"],
+        vec!["X-aws-ec2-metadata-token-ttl-seconds: 21601"],
+    ] {
+        assert_eq!(
+            c.imds("PUT", "/latest/api/token", &bad)["status"],
+            400,
+            "{bad:?}"
+        );
+    }
+    let xff = c.imds(
+        "PUT",
+        "/latest/api/token",
+        &[
+            "X-aws-ec2-metadata-token-ttl-seconds: 60",
+            "X-Forwarded-For: 10.0.0.1",
+        ],
+    );
+    assert_eq!(xff["status"], 403);
+    let put = c.imds(
+        "PUT",
+        "/latest/api/token",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 21600"],
+    );
+    assert_eq!(put["status"], 200);
+    assert_eq!(
+        put["headers"]["x-aws-ec2-metadata-token-ttl-seconds"],
+        "21600"
+    );
+    let token = format!(
+        "X-aws-ec2-metadata-token: {}",
+        put["body"].as_str().unwrap()
+    );
+    assert_eq!(
+        c.imds("GET", CREDS, &["X-aws-ec2-metadata-token: forged"])["status"],
+        401
+    );
+
+    // The role listing is the bare name: aws-config panics on a newline.
+    let listing = c.imds("GET", CREDS, &[&token]);
+    assert_eq!(
+        (listing["status"].as_u64(), listing["body"].as_str()),
+        (Some(200), Some(ROLE_DEPLOY))
+    );
+    let creds = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[&token]);
+    assert_eq!(creds["status"], 200, "{creds}");
+    let doc: Value = serde_json::from_str(creds["body"].as_str().unwrap()).unwrap();
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    let expiration = doc["Expiration"].as_str().unwrap();
+    assert!(
+        expiration.len() == 20 && expiration.ends_with('Z') && !expiration.contains('.'),
+        "{expiration}"
+    );
+    let left = humantime::parse_rfc3339(expiration)
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(20 * 60),
+        "served credentials with only {left:?} left"
+    );
+    let extended = c.imds(
+        "GET",
+        &format!("/latest/meta-data/iam/security-credentials-extended/{ROLE_DEPLOY}"),
+        &[&token],
+    );
+    let ext: Value = serde_json::from_str(extended["body"].as_str().unwrap()).unwrap();
+    assert_eq!(ext["AccountId"], "123456789012");
+    assert_eq!(ext["AccessKeyId"], doc["AccessKeyId"]);
+    assert_eq!(
+        c.imds("GET", &format!("{CREDS}metaproxy-instance-role"), &[&token])["status"],
+        404
+    );
+    assert_eq!(
+        c.imds("GET", &format!("{CREDS}{ROLE_BUILD}"), &[&token])["status"],
+        404
+    );
+    assert_eq!(
+        c.imds("GET", "/latest/meta-data/iam/info", &[&token])["status"],
+        200
+    );
+
+    // IMDSv1 is served by default.
+    assert_eq!(c.imds("GET", CREDS, &[])["body"], ROLE_DEPLOY);
+
+    // Non-secret metadata comes from the real IMDS; everything else is 404.
+    let region = c.imds("GET", "/latest/meta-data/placement/region", &[&token]);
+    assert_eq!(
+        (region["status"].as_u64(), region["body"].as_str()),
+        (Some(200), Some("us-east-1"))
+    );
+    for path in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/meta-data/iam/security-credentials/../../../user-data",
+        "/latest//user-data",
+        "/latest/meta-data/%2e%2e/%2e%2e/user-data",
+        "/latest/meta-data/placement/region/../../../user-data",
+        "/latest/meta-data/placement/regionx",
+        "/latest/dynamic/instance-identity/signature",
+    ] {
+        let got = c.imds("GET", path, &[&token]);
+        assert_eq!(got["status"], 404, "{path}: {got}");
+        assert!(!got["body"].as_str().unwrap().contains(USER_DATA_MARKER));
+    }
+    let upstream_paths: Vec<String> = bed
+        .imds
+        .calls()
+        .into_iter()
+        .flat_map(|c| c.requests)
+        .map(|(_, path, _)| path)
+        .collect();
+    assert!(
+        upstream_paths
+            .iter()
+            .all(|p| !p.contains("user-data") && !p.contains("identity-credentials")),
+        "{upstream_paths:?}"
+    );
+
+    // Nothing secret reached the daemon's log.
+    let log = bed.daemon.log();
+    for secret in [
+        doc["SecretAccessKey"].as_str().unwrap(),
+        doc["Token"].as_str().unwrap(),
+    ] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn imdsv1_is_refused_under_require_imdsv2() {
+    let bed = E2eBed::start(&["--require-imdsv2"]).expect("bed");
+    let c = bed
+        .container(
+            "v2only",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(c.imds("GET", CREDS, &[])["status"], 401);
+    let sdk = c.exec(&["/mp-sdk-client"]).unwrap();
+    assert_eq!(sdk["ok"], true, "aws-config speaks IMDSv2: {sdk}");
+}
+
+#[test]
+fn a_token_minted_for_one_container_is_refused_in_another() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let a = bed
+        .container(
+            "token-a",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let b = bed
+        .container(
+            "token-b",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let put = a.imds(
+        "PUT",
+        "/latest/api/token",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 300"],
+    );
+    let token = format!(
+        "X-aws-ec2-metadata-token: {}",
+        put["body"].as_str().unwrap()
+    );
+    assert_eq!(a.imds("GET", CREDS, &[&token])["status"], 200);
+    assert_eq!(b.imds("GET", CREDS, &[&token])["status"], 401);
+    let unauthorized = bed
+        .daemon
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["outcome"] == "unauthorized")
+        .count();
+    assert_eq!(unauthorized, 1);
+}
+
+#[test]
+fn tokens_and_containers_survive_a_daemon_restart_and_a_container_restart() {
+    let mut bed = E2eBed::start(&[]).expect("bed");
+    let c = bed
+        .container(
+            "holder",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let put = c.imds(
+        "PUT",
+        "/latest/api/token",
+        &["X-aws-ec2-metadata-token-ttl-seconds: 21600"],
+    );
+    let token = format!(
+        "X-aws-ec2-metadata-token: {}",
+        put["body"].as_str().unwrap()
+    );
+    assert_eq!(c.imds("GET", CREDS, &[&token])["status"], 200);
+
+    bed.daemon.restart().unwrap();
+    assert_eq!(
+        c.imds("GET", CREDS, &[&token])["body"],
+        ROLE_DEPLOY,
+        "token held across the restart"
+    );
+    assert_eq!(c.exec(&["/mp-sdk-client"]).unwrap()["ok"], true);
+
+    // `docker restart` gives the container a new cgroup; it is still known.
+    bed.dockerd
+        .docker(&["restart", "-t", "0", "holder"])
+        .unwrap();
+    assert_eq!(c.imds("GET", CREDS, &[&token])["body"], ROLE_DEPLOY);
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn two_hundred_concurrent_first_requests_make_one_assume_role() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let label = format!("{JOB_LABEL}=777");
+    let mut args = bed.container_args("burst", &[("IAM_ROLE", ROLE_BUILD)]);
+    args.extend(["--label".into(), label, bed.base_image().into()]);
+    args.extend(
+        [
+            "/mp-client",
+            "burst",
+            IMDS,
+            &format!("{CREDS}{ROLE_BUILD}"),
+            "200",
+        ]
+        .map(String::from),
+    );
+    let out = bed.dockerd.run(&args).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    let statuses = report["statuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 200);
+    assert!(statuses.iter().all(|s| s == 200), "{report}");
+    assert_eq!(
+        report["access_key_ids"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+    let calls: Vec<_> = bed
+        .moto
+        .assume_role_calls()
+        .into_iter()
+        .filter(|(_, session)| session == "gitlab-job-777")
+        .collect();
+    assert_eq!(calls.len(), 1, "AssumeRole calls at moto: {calls:?}");
+}
+
+#[test]
+fn a_container_started_with_a_role_is_served_from_the_prefetched_cache_even_with_sts_down() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let label = format!("{JOB_LABEL}=888");
+    let c = bed
+        .container(
+            "prefetched",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--label", &label],
+        )
+        .unwrap();
+    let session_calls = || {
+        bed.moto
+            .assume_role_calls()
+            .into_iter()
+            .filter(|(_, s)| s == "gitlab-job-888")
+            .count()
+    };
+    // The container has asked for nothing, yet its credentials exist.
+    wait_for("the prefetch", Duration::from_secs(20), || {
+        (session_calls() == 1).then_some(())
+    })
+    .unwrap();
+    assert!(bed
+        .daemon
+        .connections()
+        .unwrap()
+        .iter()
+        .all(|conn| conn["container"] != "prefetched"));
+
+    bed.moto.pause(true);
+    let started = std::time::Instant::now();
+    let creds = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+    let waited = started.elapsed();
+    bed.moto.pause(false);
+    assert_eq!(creds["status"], 200, "{creds}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the request waited {waited:?} with STS down"
+    );
+    assert_eq!(session_calls(), 1);
 }

@@ -322,7 +322,7 @@ impl Imds {
             target: "metaproxy::audit",
             container_id = %c.id,
             container = %c.name,
-            job = c.job_id.as_deref().unwrap_or("-"),
+            job = %c.job_id.as_deref().unwrap_or("-"),
             role_arn = %key.role_arn,
             session = %key.session_name,
             access_key_id = %creds.access_key_id,

@@ -5,6 +5,8 @@
 //! ```text
 //! mp-client get ADDR [PATH]     one request
 //! mp-client v2 ADDR PATH        IMDSv2: PUT a token, then GET PATH with it
+//! mp-client raw ADDR METHOD PATH [HEADER]...   one request, headers "Name: value"
+//! mp-client burst ADDR PATH N   N requests at the same moment, one thread each
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -35,6 +37,10 @@ fn main() {
     let out = match args.first().map(String::as_str) {
         Some("get") => get(addr, args.get(2).map_or("/", String::as_str)),
         Some("v2") => v2(addr, args.get(2).map_or("/", String::as_str)),
+        Some("raw") if args.len() >= 4 => raw(addr, &args[2], &args[3], &args[4..]),
+        Some("burst") if args.len() == 4 => {
+            burst(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
+        }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
         _ => usage(),
@@ -77,6 +83,66 @@ fn exchange(
         .map_or("", |(_, b)| b)
         .to_string();
     Ok((status, body))
+}
+
+fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[String]) -> serde_json::Value {
+    let headers: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let result = connect(addr).and_then(|mut s| {
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    });
+    let text = match result {
+        Ok(t) => t,
+        Err(e) => return error_json(&e),
+    };
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: serde_json::Map<String, serde_json::Value> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), json!(v.trim())))
+        .collect();
+    json!({ "ok": true, "status": status, "headers": headers, "body": body })
+}
+
+fn burst(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let (start, path) = (start.clone(), path.to_string());
+            std::thread::spawn(move || {
+                let mut s = connect(addr).ok()?;
+                start.wait();
+                exchange(&mut s, "GET", &path, "").ok()
+            })
+        })
+        .collect();
+    let results: Vec<Option<(u16, String)>> = threads
+        .into_iter()
+        .map(|t| t.join().ok().flatten())
+        .collect();
+    let statuses: Vec<u16> = results
+        .iter()
+        .map(|r| r.as_ref().map_or(0, |(s, _)| *s))
+        .collect();
+    let mut keys: Vec<String> = results
+        .iter()
+        .flatten()
+        .filter_map(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .filter_map(|v| v["AccessKeyId"].as_str().map(str::to_owned))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    json!({ "ok": true, "statuses": statuses, "access_key_ids": keys })
 }
 
 fn v2(addr: SocketAddr, path: &str) -> serde_json::Value {
