@@ -127,7 +127,9 @@ fn roles_the_runner_did_not_choose_or_the_policy_does_not_allow_get_nothing() {
         refusals(&bed, "conflicting")
     );
 
-    let cases: [(&str, &str, Vec<(&str, &str)>, &str); 3] = [
+    // (container, image, environment, what the refusal says)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 3] = [
         ("image-role", "mp-image-role:latest", vec![], "image"),
         (
             "not-allowed",
