@@ -66,7 +66,7 @@ fn table_row(c: &Connection) -> String {
     row([
         &c.time,
         &c.cgroup_id.map_or_else(dash, |id| id.to_string()),
-        c.cgroup.as_deref().unwrap_or("-"),
+        &c.cgroup.as_deref().map_or_else(dash, short_cgroup),
         &c.pid.map_or_else(dash, |p| p.to_string()),
         c.comm.as_deref().unwrap_or("-"),
         c.original_dst.as_deref().unwrap_or("-"),
@@ -75,6 +75,20 @@ fn table_row(c: &Connection) -> String {
         c.request.as_deref().unwrap_or("-"),
         &outcome,
     ])
+}
+
+/// A cgroup path with container ids cut to their usual 12 characters.
+fn short_cgroup(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            if seg.len() == 64 && seg.bytes().all(|b| b.is_ascii_hexdigit()) {
+                &seg[..12]
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 const HEADER: [&str; 10] = [

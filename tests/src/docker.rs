@@ -224,7 +224,7 @@ impl Drop for Dockerd {
 
 /// Unmounts anything still mounted below `dir` (overlay mounts of a dockerd
 /// that did not stop cleanly), deepest first.
-fn unmount_below(dir: &Path) {
+pub fn unmount_below(dir: &Path) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };

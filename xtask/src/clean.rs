@@ -1,6 +1,8 @@
 //! `cargo xtask clean`: remove what a killed test run left behind. The test
 //! bed names everything `<prefix>-<pid>-<n>`; entries whose pid is still
-//! alive belong to a running test and are left alone.
+//! alive belong to a running test and are left alone. Removing a test cgroup
+//! kills what runs in it (daemons, dockerd, moto, containers: all started by
+//! the bed), and its twins in the cgroup v1 hierarchies go too.
 
 use std::{fs, path::Path, process::Command};
 
@@ -30,6 +32,11 @@ pub fn run() -> anyhow::Result<()> {
             metaproxy_tests::cgroup::remove_tree(&dir);
             removed.push(format!("cgroup {}", dir.display()));
         }
+        for hierarchy in metaproxy_tests::cgroup::v1_hierarchies() {
+            for dir in stale_entries(&hierarchy) {
+                metaproxy_tests::cgroup::remove_tree(&dir);
+            }
+        }
     }
     for dir in stale_entries(Path::new("/sys/fs/bpf")) {
         let _ = Command::new(workspace_bin())
@@ -41,7 +48,10 @@ pub fn run() -> anyhow::Result<()> {
         removed.push(format!("pins {}", dir.display()));
     }
     for dir in stale_entries(&std::env::temp_dir()) {
+        // A killed dockerd leaves its overlay mounts behind.
+        metaproxy_tests::docker::unmount_below(&dir);
         let _ = fs::remove_dir_all(&dir);
+        removed.push(format!("scratch {}", dir.display()));
     }
     for r in &removed {
         println!("clean: removed {r}");

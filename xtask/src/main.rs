@@ -1,9 +1,11 @@
 //! `cargo xtask`: the project's chores in one binary.
 //!
 //! * `setup` - install what a fresh machine lacks (quiet when nothing is)
+//! * `demo`  - the product end to end in a throwaway bed
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `clean` - remove what a killed test run left behind
 mod clean;
+mod demo;
 mod setup;
 mod test;
 
@@ -20,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain pieces and packages the build and tests need.
     Setup,
+    /// Show it working: two job containers, one with a role, one without.
+    Demo,
     /// Run every test: unit tests, then the kernel and end-to-end suites.
     Test {
         /// Only run tests whose name contains this.
@@ -32,6 +36,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
+        Cmd::Demo => demo::run(),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
     }

@@ -8,14 +8,36 @@ use crate::{run_cmd, succeeds};
 
 /// The nightly toolchain aya-build compiles the kernel programs with.
 pub const EBPF_TOOLCHAIN: &str = "nightly";
-/// Debian packages the tests and build need.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl"];
+/// Debian packages the tests and the demo need: iproute2 for namespaces,
+/// dockerd (docker.io) for the job containers, busybox-static for their
+/// image, python3-venv for moto.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "docker.io",
+    "busybox-static",
+    "python3-venv",
+    "tar",
+];
+/// moto, the STS/IAM the tests run against.
+const MOTO: &str = "moto[server]==5.2.5";
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     apt(APT_PACKAGES)?;
     bpf_linker()?;
+    moto()?;
     Ok(())
+}
+
+/// moto in a virtualenv under target/ (see metaproxy_tests::moto::venv).
+fn moto() -> anyhow::Result<()> {
+    let venv = metaproxy_tests::moto::venv();
+    if venv.join("bin/moto_server").exists() {
+        return Ok(());
+    }
+    println!("setup: installing {MOTO} into {}", venv.display());
+    run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "--quiet", MOTO]))
 }
 
 fn rust_src() -> anyhow::Result<()> {

@@ -40,7 +40,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     run_cmd(&mut e2e)
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
