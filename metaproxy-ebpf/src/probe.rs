@@ -230,14 +230,25 @@ fn on_connect(ctx: &SockOpsContext) {
     let Some(key) = conn_key(ctx) else {
         return;
     };
+    // Without the close callback the entry would outlive the connection and
+    // could be found by a later one reusing the 4-tuple: record nothing (the
+    // daemon then refuses the connection) rather than that.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        warn!(
+            ctx,
+            "cannot watch connection of cgroup {}", record.cgroup_id
+        );
+        return;
+    }
     if MP_CONNS.insert(key, record, 0).is_err() {
         warn!(
             ctx,
             "cannot record connection of cgroup {}", record.cgroup_id
         );
-        return;
     }
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 /// The connection's 4-tuple as the daemon sees it from `accept()`.
