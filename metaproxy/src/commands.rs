@@ -104,7 +104,15 @@ const HEADER: [&str; 10] = [
     "OUTCOME",
 ];
 
+/// Shown as-is, a container's name or comm could carry terminal escapes.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 fn row(cols: [&str; 10]) -> String {
+    let cols = cols.map(printable);
     format!(
         "{:<24} {:>9} {:<28} {:>7} {:<15} {:<20} {:<28} {:<20} {:<50} {}",
         cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8], cols[9]

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aws_sdk_sts::Client as StsClient;
@@ -20,6 +20,9 @@ pub const SERVE_MIN_REMAINING: Duration = Duration::from_secs(20 * 60);
 const REFRESH_AHEAD: Duration = Duration::from_secs(30 * 60);
 /// When STS fails, credentials with at least this left are still served.
 const STALE_MIN_REMAINING: Duration = Duration::from_secs(60);
+/// Entries nobody asked for in this long are dropped instead of renewed
+/// (a container whose end we missed, say); a later request fetches anew.
+const IDLE_EVICT: Duration = Duration::from_secs(2 * 3600);
 /// Role chaining (the instance profile's session assuming a role) caps
 /// DurationSeconds at one hour.
 const DURATION_SECONDS: i32 = 3600;
@@ -80,11 +83,35 @@ pub enum CredentialsError {
     Empty(String),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
     value: RwLock<Option<Credentials>>,
     /// Held while calling STS: the single flight.
     fetching: tokio::sync::Mutex<()>,
+    last_used: Mutex<Instant>,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            value: RwLock::default(),
+            fetching: tokio::sync::Mutex::default(),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Slot {
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
 }
 
 /// The credential cache. Cheap to share (`Arc`).
@@ -107,10 +134,23 @@ impl CredentialCache {
         slots.entry(key.clone()).or_default().clone()
     }
 
+    /// Cached credentials for `key` that are fresh enough to serve.
+    pub fn cached(&self, key: &CredKey) -> Option<Credentials> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()?;
+        slot.touch();
+        fresh(&slot, SERVE_MIN_REMAINING)
+    }
+
     /// Credentials for `key` with at least [`SERVE_MIN_REMAINING`] left,
     /// from the cache when possible. Concurrent callers share one STS call.
     pub async fn get(&self, key: &CredKey) -> Result<Credentials, CredentialsError> {
         let slot = self.slot(key);
+        slot.touch();
         if let Some(c) = fresh(&slot, SERVE_MIN_REMAINING) {
             return Ok(c);
         }
@@ -204,7 +244,8 @@ impl CredentialCache {
         loop {
             tick.tick().await;
             let due: Vec<(CredKey, Arc<Slot>)> = {
-                let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                slots.retain(|_, slot| slot.idle() < IDLE_EVICT);
                 slots
                     .iter()
                     .filter(|(_, slot)| fresh(slot, REFRESH_AHEAD).is_none())

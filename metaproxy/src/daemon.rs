@@ -104,7 +104,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()
         .await;
-    let sts = aws_sdk_sts::Client::new(&aws);
+    // STS down or hanging must not hold requests (or the single flight)
+    // forever.
+    let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(5))
+        .operation_timeout(Duration::from_secs(15))
+        .build();
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(&aws)
+            .timeout_config(timeouts)
+            .build(),
+    );
     let account = Arc::new(OnceLock::new());
     tokio::spawn(discover_account(sts.clone(), account.clone()));
     let credentials = Arc::new(CredentialCache::new(sts));

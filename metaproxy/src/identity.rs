@@ -3,10 +3,11 @@
 //! A cgroup path names its container: `/docker/<id>` (cgroupfs),
 //! `/system.slice/docker-<id>.scope` (systemd), `/<cgroup-parent>/<id>`.
 //! Nested containers (docker-in-docker) have several ids in the path; the
-//! deepest one that our dockerd knows wins. A path with no container id at
-//! all is a host process (an SSM or CloudWatch agent, say). A path with ids
-//! that our dockerd does not know is refused: it is some container, just not
-//! one we can vouch for.
+//! outermost one that our dockerd knows wins (it owns its whole subtree, and
+//! a process inside it could name a child cgroup after another container).
+//! A path with no container id at all is a host process (an SSM or
+//! CloudWatch agent, say). A path with ids that our dockerd does not know is
+//! refused: it is some container, just not one we can vouch for.
 //!
 //! Results are cached per cgroup id and dropped when Docker reports the
 //! container gone; unknown cgroups are resolved on demand, since a
@@ -115,6 +116,9 @@ pub struct Identities {
     /// The instance profile's account, once STS told us.
     account: Arc<OnceLock<String>>,
     by_cgroup: Mutex<HashMap<u64, Identity>>,
+    /// Credential keys in use per container id, so a container's entries
+    /// go when it does, whether or not it was ever resolved by cgroup.
+    keys: Mutex<HashMap<String, CredKey>>,
 }
 
 impl Identities {
@@ -130,6 +134,7 @@ impl Identities {
             policy,
             account,
             by_cgroup: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -155,7 +160,7 @@ impl Identities {
             }
         };
         let candidates = container_ids(&path);
-        let Some(deepest) = candidates.first().map(|d| d.to_string()) else {
+        let Some(outermost) = candidates.first().map(|d| d.to_string()) else {
             self.cache().insert(id, Identity::Host);
             return Ok(Identity::Host);
         };
@@ -168,12 +173,15 @@ impl Identities {
                 if !refused {
                     self.cache().insert(id, identity.clone());
                 }
+                if let Identity::Container(c) = &identity {
+                    self.remember_key(c);
+                }
                 return Ok(identity);
             }
         }
         Err(IdentityError::UnknownContainer {
             path: path.clone(),
-            id: deepest,
+            id: outermost,
         })
     }
 
@@ -250,6 +258,9 @@ impl Identities {
                 }
             };
             let mut events = docker.events(Some(options));
+            // Whatever happened while we were not listening (containers
+            // gone, restarted) is forgotten: identities resolve afresh.
+            self.cache().clear();
             while let Some(event) = events.next().await {
                 let event = match event {
                     Ok(e) => e,
@@ -265,6 +276,7 @@ impl Identities {
                 match event.action.as_deref() {
                     Some("start") => match self.inspect(&id).await {
                         Ok(Some(container)) => {
+                            self.remember_key(&container);
                             if let Some(key) = container.cred_key() {
                                 tracing::info!(container_id = %container.id, container = %container.name, role_arn = %key.role_arn, "prefetching credentials");
                                 credentials.prefetch(key);
@@ -283,35 +295,41 @@ impl Identities {
         }
     }
 
+    fn remember_key(&self, container: &Container) {
+        if let Some(key) = container.cred_key() {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.insert(container.id.clone(), key);
+        }
+    }
+
     /// Drops everything cached about container `id`.
     fn forget(&self, id: &str, credentials: &CredentialCache) {
-        let mut cache = self.cache();
-        cache.retain(|_, identity| match identity {
-            Identity::Container(c) if c.id == id => {
-                if let Some(key) = c.cred_key() {
-                    credentials.forget(&key);
-                }
-                false
-            }
-            _ => true,
-        });
+        self.cache()
+            .retain(|_, identity| !matches!(identity, Identity::Container(c) if c.id == id));
+        let key = self
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(key) = key {
+            credentials.forget(&key);
+        }
     }
 }
 
-/// Container ids named by a cgroup path, deepest first.
+/// Container ids named by a cgroup path, outermost first: `<id>`,
+/// `docker-<id>.scope`, and any other runtime's `<prefix>-<id>[.scope]`
+/// (podman's `libpod-`, containerd's `cri-containerd-`), so that a container
+/// of another runtime is never mistaken for a host process.
 pub fn container_ids(path: &str) -> Vec<&str> {
-    let mut ids: Vec<&str> = path
-        .split('/')
+    path.split('/')
         .filter_map(|component| {
-            let id = component
-                .strip_prefix("docker-")
-                .and_then(|c| c.strip_suffix(".scope"))
-                .unwrap_or(component);
-            (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+            let c = component.strip_suffix(".scope").unwrap_or(component);
+            let id = c.get(c.len().checked_sub(64)?..)?;
+            let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
+            (whole_or_suffix && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
         })
-        .collect();
-    ids.reverse();
-    ids
+        .collect()
 }
 
 #[cfg(test)]
@@ -329,8 +347,19 @@ mod tests {
             [A]
         );
         assert_eq!(container_ids(&format!("/ci/runners/{A}")), [A]);
-        // docker-in-docker: the inner container first.
-        assert_eq!(container_ids(&format!("/docker/{A}/docker/{B}")), [B, A]);
+        // docker-in-docker: the outer container owns its whole subtree, so a
+        // container cannot claim another's identity by naming a child cgroup
+        // after it.
+        assert_eq!(container_ids(&format!("/docker/{A}/docker/{B}")), [A, B]);
+        assert_eq!(
+            container_ids(&format!("/machine.slice/libpod-{A}.scope")),
+            [A]
+        );
+        assert_eq!(
+            container_ids(&format!("/kubepods/cri-containerd-{B}.scope")),
+            [B]
+        );
+        assert!(container_ids(&format!("/x/not{A}")).is_empty());
         assert!(container_ids("/system.slice/amazon-ssm-agent.service").is_empty());
         assert!(container_ids("/").is_empty());
         assert!(container_ids(&format!("/docker/{}", &A[..63])).is_empty());

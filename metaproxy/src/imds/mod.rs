@@ -28,7 +28,7 @@ pub use upstream::Upstream;
 
 use crate::{
     connlog::Outcome,
-    credentials::{CredentialCache, Credentials},
+    credentials::{CredKey, CredentialCache, Credentials},
     identity::{Container, Identities, Identity},
     policy::RoleDecision,
     server::Caller,
@@ -40,6 +40,9 @@ const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const MAX_TTL: u64 = 21_600;
 const CREDS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 const CREDS_EXT_PREFIX: &str = "/latest/meta-data/iam/security-credentials-extended";
+/// How long a request waits for credentials that are not cached: under the
+/// SDKs' IMDS timeouts (aws-config and botocore give 1 s).
+const CREDENTIALS_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// Non-secret metadata that SDKs and tools read, fetched for containers from
 /// the real IMDS. Deliberately short: no user-data, no identity signatures
@@ -117,7 +120,7 @@ impl Imds {
             }
         };
         match identity {
-            Identity::Host => self.host(req).await,
+            Identity::Host => self.host(req, caller).await,
             Identity::Container(c) => {
                 let (resp, outcome, reason) = self.container(&req, &c).await;
                 (resp, Handled::new(Some(&c), outcome, reason))
@@ -125,13 +128,23 @@ impl Imds {
         }
     }
 
-    async fn host(&self, req: Request<Incoming>) -> (Resp, Handled) {
-        if self.options.host_processes == HostProcesses::Deny {
-            let reason = "host process (--host-processes deny)".to_string();
-            return (
+    async fn host(&self, req: Request<Incoming>, caller: &Caller) -> (Resp, Handled) {
+        let refuse = |reason: String| {
+            (
                 status(StatusCode::FORBIDDEN),
                 Handled::new(None, Outcome::Refused, Some(reason)),
-            );
+            )
+        };
+        if self.options.host_processes == HostProcesses::Deny {
+            return refuse("host process (--host-processes deny)".into());
+        }
+        let comm = crate::server::comm(&caller.record.comm);
+        if is_container_runtime(&comm) {
+            // dockerd fetches URLs for its API clients (`docker build` with
+            // `ADD http://169.254.169.254/...`), and jobs are API clients.
+            return refuse(format!(
+                "{comm} acts for containers; it gets no pass-through"
+            ));
         }
         let (parts, body) = req.into_parts();
         let body = match http_body_util::Limited::new(body, upstream::MAX_BODY)
@@ -299,6 +312,21 @@ impl Imds {
         }
     }
 
+    /// Fetches credentials that are not cached, waiting no longer than SDKs
+    /// wait for IMDS. The fetch runs on as its own task, so a slow STS fills
+    /// the cache for the SDK's retry instead of being abandoned.
+    async fn fetch(&self, key: &CredKey) -> Result<Credentials, String> {
+        let (cache, key) = (self.credentials.clone(), key.clone());
+        let task = tokio::spawn(async move { cache.get(&key).await });
+        match tokio::time::timeout(CREDENTIALS_WAIT, task).await {
+            Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(format!("credential fetch failed: {e}")),
+            Err(_) => Err(format!(
+                "STS has not answered within {CREDENTIALS_WAIT:?}; still trying"
+            )),
+        }
+    }
+
     async fn serve_credentials(
         &self,
         c: &Container,
@@ -307,16 +335,19 @@ impl Imds {
         let Some(key) = c.cred_key() else {
             return not_found();
         };
-        let creds = match self.credentials.get(&key).await {
-            Ok(creds) => creds,
-            Err(e) => {
-                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, error = %e, "no credentials to serve");
-                return (
-                    status(StatusCode::SERVICE_UNAVAILABLE),
-                    Outcome::Refused,
-                    Some(e.to_string()),
-                );
-            }
+        let creds = match self.credentials.cached(&key) {
+            Some(creds) => creds,
+            None => match self.fetch(&key).await {
+                Ok(creds) => creds,
+                Err(reason) => {
+                    tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, %reason, "no credentials to serve");
+                    return (
+                        status(StatusCode::SERVICE_UNAVAILABLE),
+                        Outcome::Refused,
+                        Some(reason),
+                    );
+                }
+            },
         };
         tracing::info!(
             target: "metaproxy::audit",
@@ -329,12 +360,9 @@ impl Imds {
             expiration = %imds_time(creds.expiration),
             "credentials issued"
         );
-        let account = extended.then(|| {
-            key.role_arn
-                .split(':')
-                .nth(4)
-                .unwrap_or_default()
-                .to_string()
+        let account = extended.then(|| match &c.role {
+            RoleDecision::Role(role) => role.account().to_string(),
+            _ => String::new(),
         });
         let body = CredentialsDocument::new(&creds, account);
         (
@@ -385,6 +413,14 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Host processes that act on behalf of containers or Docker API clients.
+fn is_container_runtime(comm: &str) -> bool {
+    matches!(
+        comm,
+        "dockerd" | "containerd" | "buildkitd" | "docker-proxy" | "runc" | "docker-init"
+    ) || comm.starts_with("containerd-shim")
 }
 
 /// Only plain absolute paths: no `..`, `.`, empty segments, percent-escapes

@@ -34,12 +34,20 @@ pub enum UpstreamError {
     Status(StatusCode),
 }
 
-#[derive(Debug)]
 pub struct Upstream {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     cache: Mutex<HashMap<String, (Bytes, Instant)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    // By hand: the derived one would print the daemon's IMDS token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
