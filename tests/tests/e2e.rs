@@ -22,6 +22,18 @@ fn is_assumed(role: &str, session: &str, arn: &str) -> bool {
 
 /// No container of the bed ever reached the real IMDS.
 fn assert_real_imds_untouched(bed: &E2eBed) {
+    // Every caller here is a container: nothing may be passed through.
+    let passed: Vec<_> = bed
+        .daemon
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["outcome"] == "passthrough")
+        .collect();
+    assert!(
+        passed.is_empty(),
+        "container requests passed through: {passed:?}"
+    );
     let calls = bed.container_calls_to_real_imds();
     assert!(
         calls.is_empty(),
@@ -300,6 +312,8 @@ fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
         200
     );
 
+    // Malformed HTTP gets a clear 400.
+    assert_eq!(c.imds("GET", "/a b", &[])["status"], 400);
     // IMDSv1 is served by default.
     assert_eq!(c.imds("GET", CREDS, &[])["body"], ROLE_DEPLOY);
 
@@ -519,4 +533,44 @@ fn a_container_started_with_a_role_is_served_from_the_prefetched_cache_even_with
         "the request waited {waited:?} with STS down"
     );
     assert_eq!(session_calls(), 1);
+}
+
+#[test]
+fn with_sts_down_a_request_fails_fast_and_the_retry_after_recovery_succeeds() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    bed.moto.pause(true);
+    let label = format!("{JOB_LABEL}=999");
+    // (Moto's guard resumes it if anything below panics.)
+    let c = bed
+        .container(
+            "sts-down",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--label", &label],
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    let down = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+    let waited = started.elapsed();
+    bed.moto.pause(false);
+    assert_eq!(down["status"], 503, "{down}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "a request waited {waited:?} on a dead STS"
+    );
+    assert!(
+        refusals(&bed, "sts-down").iter().any(|r| r.contains("STS")),
+        "{:?}",
+        refusals(&bed, "sts-down")
+    );
+    let ok = wait_for(
+        "credentials after STS recovers",
+        Duration::from_secs(30),
+        || {
+            let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+            (got["status"] == 200).then_some(got)
+        },
+    )
+    .unwrap();
+    assert!(ok["body"].as_str().unwrap().contains("AccessKeyId"));
 }

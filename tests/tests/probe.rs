@@ -232,9 +232,12 @@ fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
             "{report}"
         );
         for port in ports {
+            // All clients share the namespace's address, and a port one
+            // client closed may be reused by another: match on both.
             let matching: Vec<_> = conns
                 .iter()
                 .filter(|c| c["client"].as_str().unwrap().ends_with(&format!(":{port}")))
+                .filter(|c| c["pid"] == report["pid"])
                 .collect();
             assert_eq!(matching.len(), 1, "port {port}: {matching:?}");
             assert_eq!(
@@ -395,6 +398,16 @@ fn host_processes_are_passed_through_unchanged_token_put_included() {
         "{conns:?}"
     );
     assert_eq!(conns.len(), 2);
+}
+
+#[test]
+fn udp_to_imds_is_refused() {
+    let bed = Bed::new(&[]);
+    let got = bed.client("attached/a", &["udp", IMDS]);
+    assert_eq!(got["errno"], libc::EPERM, "{got}");
+    // Other UDP destinations are untouched.
+    let other = bed.client("attached/a", &["udp", "169.254.169.254:81"]);
+    assert_eq!(other["ok"], true, "{other}");
 }
 
 #[test]

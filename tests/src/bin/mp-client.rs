@@ -7,6 +7,7 @@
 //! mp-client v2 ADDR PATH        IMDSv2: PUT a token, then GET PATH with it
 //! mp-client raw ADDR METHOD PATH [HEADER]...   one request, headers "Name: value"
 //! mp-client burst ADDR PATH N   N requests at the same moment, one thread each
+//! mp-client udp ADDR            connect a UDP socket (reports the errno)
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -38,6 +39,7 @@ fn main() {
         Some("get") => get(addr, args.get(2).map_or("/", String::as_str)),
         Some("v2") => v2(addr, args.get(2).map_or("/", String::as_str)),
         Some("raw") if args.len() >= 4 => raw(addr, &args[2], &args[3], &args[4..]),
+        Some("udp") => udp(addr),
         Some("burst") if args.len() == 4 => {
             burst(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -66,6 +68,18 @@ fn exchange(
     path: &str,
     headers: &str,
 ) -> std::io::Result<(u16, String)> {
+    exchange_full(stream, method, path, headers).map(|(status, _, body)| (status, body))
+}
+
+type Headers = serde_json::Map<String, serde_json::Value>;
+
+/// Sends one request and returns status, headers (lowercased names) and body.
+fn exchange_full(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, Headers, String)> {
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
@@ -73,45 +87,40 @@ fn exchange(
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), json!(v.trim())))
+        .collect();
+    Ok((status, headers, body.to_string()))
 }
 
 fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[String]) -> serde_json::Value {
     let headers: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let result = connect(addr).and_then(|mut s| {
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    });
-    let text = match result {
-        Ok(t) => t,
-        Err(e) => return error_json(&e),
+    match connect(addr).and_then(|mut s| exchange_full(&mut s, method, path, &headers)) {
+        Ok((status, headers, body)) => {
+            json!({ "ok": true, "status": status, "headers": headers, "body": body })
+        }
+        Err(e) => error_json(&e),
+    }
+}
+
+fn udp(addr: SocketAddr) -> serde_json::Value {
+    let any: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers: serde_json::Map<String, serde_json::Value> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), json!(v.trim())))
-        .collect();
-    json!({ "ok": true, "status": status, "headers": headers, "body": body })
+    match std::net::UdpSocket::bind(any).and_then(|s| s.connect(addr)) {
+        Ok(()) => json!({ "ok": true }),
+        Err(e) => error_json(&e),
+    }
 }
 
 fn burst(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
