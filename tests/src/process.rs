@@ -61,6 +61,11 @@ pub fn output_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> anyhow::Resul
 pub struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
+    /// Guards a child spawned elsewhere.
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)
     }

@@ -64,6 +64,9 @@ fn a_container_with_an_allowed_role_gets_exactly_that_role_and_one_without_gets_
             1,
         )
         .unwrap();
+    // A probe that failed to redirect would show up here first: the fake
+    // real IMDS records every container that reaches it.
+    assert_real_imds_untouched(&bed);
     assert_eq!(with["ok"], true, "{with}");
     // The session names the job, from gitlab-runner's label.
     assert!(

@@ -425,3 +425,50 @@ fn maps_stay_bounded_over_100k_short_connections() {
     assert!(conns < 64 && pending < 64, "maps grew: {status}");
     assert_eq!(bed.imds_calls(), 0);
 }
+
+#[test]
+fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
+    let bed = Bed::new(&[]);
+    let mut follow = Command::new(metaproxy_tests::daemon::metaproxy_bin());
+    follow
+        .args(["connections", "--follow", "--json", "--admin-socket"])
+        .arg(bed.daemon.admin_socket())
+        .stdout(Stdio::piped());
+    let mut follow = metaproxy_tests::process::ChildGuard::new(follow.spawn().unwrap());
+    let stdout = follow.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    let port = format!(":{}", got["local_port"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("--follow printed nothing for our connection");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["client"].as_str().is_some_and(|c| c.ends_with(&port)) {
+            break v;
+        }
+    };
+    assert_eq!(line["cgroup_id"], id_of(&bed.cgroup("attached/a")));
+
+    let missing = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .args(["connections", "--admin-socket", "/nonexistent/admin.sock"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("metaproxy is not running"), "{err}");
+}
