@@ -577,3 +577,47 @@ fn with_sts_down_a_request_fails_fast_and_the_retry_after_recovery_succeeds() {
     .unwrap();
     assert!(ok["body"].as_str().unwrap().contains("AccessKeyId"));
 }
+
+#[test]
+fn a_removed_containers_credentials_are_dropped() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let label = format!("{JOB_LABEL}=555");
+    let calls = || {
+        bed.moto
+            .assume_role_calls()
+            .into_iter()
+            .filter(|(_, s)| s == "gitlab-job-555")
+            .count()
+    };
+    let first = bed
+        .container(
+            "first",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--label", &label],
+        )
+        .unwrap();
+    wait_for("the first prefetch", Duration::from_secs(20), || {
+        (calls() == 1).then_some(())
+    })
+    .unwrap();
+    drop(first);
+    // Same job, same role: were the old credentials still cached, the new
+    // container would be served them; they went with their container.
+    let second = bed
+        .container(
+            "second",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--label", &label],
+        )
+        .unwrap();
+    wait_for("a fresh AssumeRole", Duration::from_secs(20), || {
+        (calls() == 2).then_some(())
+    })
+    .unwrap();
+    assert_eq!(
+        second.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[])["status"],
+        200
+    );
+}

@@ -76,6 +76,8 @@ impl Bed {
                     "DOCKER_HOST".into(),
                     "unix:///nonexistent/docker.sock".into(),
                 ),
+                // Debug, so the kernel programs' own log lines show up.
+                ("METAPROXY_LOG".into(), "info,metaproxy=debug".into()),
             ],
         })
         .expect("daemon");
@@ -471,4 +473,51 @@ fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
     assert!(!missing.status.success());
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(err.contains("metaproxy is not running"), "{err}");
+}
+
+#[test]
+fn the_kernel_programs_log_reaches_the_daemons_log() {
+    let bed = Bed::new(&[]);
+    let got = bed.client("attached/a", &["get", IMDS]);
+    let line = metaproxy_tests::wait_for(
+        "the kernel's log line",
+        std::time::Duration::from_secs(5),
+        || {
+            let log = bed.daemon.log();
+            log.lines()
+                .find(|l| {
+                    l.contains("redirected imds connect")
+                        && l.contains(&format!("pid {}", got["pid"]))
+                })
+                .map(str::to_owned)
+        },
+    )
+    .unwrap();
+    assert!(
+        line.contains(&format!("cgroup {}", id_of(&bed.cgroup("attached/a")))),
+        "{line}"
+    );
+}
+
+#[test]
+fn container_runtimes_on_the_host_get_no_pass_through() {
+    let bed = Bed::with_args(&[]);
+    // A host process called dockerd: it fetches URLs for Docker API clients
+    // (`docker build` with ADD), so it must not reach the real IMDS.
+    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake_dockerd = dir.join("dockerd");
+    std::fs::copy(CLIENT, &fake_dockerd).unwrap();
+    let mut cmd = Command::new(&fake_dockerd);
+    cmd.args(["get", IMDS, "/latest/meta-data/instance-id"]);
+    let out = output_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["status"], 403, "{got}");
+    let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
+    assert!(
+        conns[0]["reason"].as_str().unwrap().contains("dockerd"),
+        "{conns:?}"
+    );
+    assert_eq!(bed.imds_calls(), 0);
 }
