@@ -189,26 +189,18 @@ impl Imds {
                 Some("X-Forwarded-For present".into()),
             );
         }
-        let path = req.uri().path();
-        if req.uri().query().is_some() || !is_plain_path(path) {
-            return not_found();
-        }
-        if path == TOKEN_PATH {
-            if req.method() != Method::PUT {
+        let route = Route::of(req.method(), req.uri().path(), req.uri().query());
+        match route {
+            Route::NotFound => return not_found(),
+            Route::MethodNotAllowed => {
                 return (
                     status(StatusCode::METHOD_NOT_ALLOWED),
                     Outcome::NotFound,
                     None,
-                );
+                )
             }
-            return self.mint_token(req, c);
-        }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return (
-                status(StatusCode::METHOD_NOT_ALLOWED),
-                Outcome::NotFound,
-                None,
-            );
+            Route::Token => return self.mint_token(req, c),
+            _ => {}
         }
         match req.headers().get(TOKEN_HEADER) {
             Some(token) => {
@@ -230,7 +222,49 @@ impl Imds {
             }
             None => {}
         }
-        self.route(path, c).await
+        if let Route::Metadata(path) = route {
+            return match self.upstream.get_cached(path).await {
+                Ok(body) => (Response::new(Full::new(body)), Outcome::Served, None),
+                Err(e) => (
+                    status(StatusCode::BAD_GATEWAY),
+                    Outcome::Refused,
+                    Some(e.to_string()),
+                ),
+            };
+        }
+        // Everything left is about the container's role.
+        let role = match &c.role {
+            RoleDecision::Role(role) => role,
+            RoleDecision::NoRole => return (status(StatusCode::NOT_FOUND), Outcome::NoRole, None),
+            RoleDecision::Refused(reason) => {
+                return (
+                    status(StatusCode::NOT_FOUND),
+                    Outcome::Refused,
+                    Some(reason.clone()),
+                )
+            }
+        };
+        match route {
+            Route::RoleListing => (text(role.name().to_string()), Outcome::Served, None),
+            Route::Credentials {
+                role: asked,
+                extended,
+            } if asked == role.name() => self.serve_credentials(c, extended).await,
+            Route::IamInfo => {
+                let body = serde_json::json!({
+                    "Code": "Success",
+                    "LastUpdated": imds_time(SystemTime::now()),
+                    "InstanceProfileArn": format!("arn:aws:iam::{}:instance-profile/{}", role.account(), role.name()),
+                    "InstanceProfileId": "AIPAMETAPROXY",
+                });
+                (
+                    text(serde_json::to_string_pretty(&body).unwrap_or_default()),
+                    Outcome::Served,
+                    None,
+                )
+            }
+            _ => not_found(),
+        }
     }
 
     fn mint_token(
@@ -254,62 +288,6 @@ impl Imds {
         let mut resp = text(self.tokens.mint(&c.id, ttl, unix_now()));
         resp.headers_mut().insert(TTL_HEADER, ttl.into());
         (resp, Outcome::Served, None)
-    }
-
-    async fn route(&self, path: &str, c: &Container) -> (Resp, Outcome, Option<String>) {
-        let creds_path = path
-            .strip_prefix(CREDS_EXT_PREFIX)
-            .map(|rest| (rest, true))
-            .or_else(|| path.strip_prefix(CREDS_PREFIX).map(|rest| (rest, false)));
-        if let Some((rest, extended)) = creds_path {
-            let role = match &c.role {
-                RoleDecision::Role(role) => role,
-                RoleDecision::NoRole => {
-                    return (status(StatusCode::NOT_FOUND), Outcome::NoRole, None)
-                }
-                RoleDecision::Refused(reason) => {
-                    return (
-                        status(StatusCode::NOT_FOUND),
-                        Outcome::Refused,
-                        Some(reason.clone()),
-                    )
-                }
-            };
-            return match rest {
-                "" | "/" => (text(role.name().to_string()), Outcome::Served, None),
-                name if name.strip_prefix('/') == Some(role.name()) => {
-                    self.serve_credentials(c, extended).await
-                }
-                _ => not_found(),
-            };
-        }
-        match path {
-            "/latest/meta-data/iam/info" => match &c.role {
-                RoleDecision::Role(role) => {
-                    let body = serde_json::json!({
-                        "Code": "Success",
-                        "LastUpdated": imds_time(SystemTime::now()),
-                        "InstanceProfileArn": format!("arn:aws:iam::{}:instance-profile/{}", role.account(), role.name()),
-                        "InstanceProfileId": "AIPAMETAPROXY",
-                    });
-                    (
-                        text(serde_json::to_string_pretty(&body).unwrap_or_default()),
-                        Outcome::Served,
-                        None,
-                    )
-                }
-                _ => (status(StatusCode::NOT_FOUND), Outcome::NoRole, None),
-            },
-            p if PASSTHROUGH.contains(&p) => match self.upstream.get_cached(p).await {
-                Ok(body) => (Response::new(Full::new(body)), Outcome::Served, None),
-                Err(e) => (
-                    status(StatusCode::BAD_GATEWAY),
-                    Outcome::Refused,
-                    Some(e.to_string()),
-                ),
-            },
-            _ => not_found(),
-        }
     }
 
     /// Fetches credentials that are not cached, waiting no longer than SDKs
@@ -423,6 +401,63 @@ fn is_container_runtime(comm: &str) -> bool {
     ) || comm.starts_with("containerd-shim")
 }
 
+/// What a container's request asks for, decided from method and path alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    /// `PUT /latest/api/token`
+    Token,
+    /// `.../iam/security-credentials/`
+    RoleListing,
+    /// `.../iam/security-credentials[-extended]/<role>`
+    Credentials {
+        role: &'a str,
+        extended: bool,
+    },
+    /// `.../iam/info`
+    IamInfo,
+    /// An allow-listed, non-secret path fetched from the real IMDS.
+    Metadata(&'static str),
+    MethodNotAllowed,
+    NotFound,
+}
+
+impl<'a> Route<'a> {
+    fn of(method: &Method, path: &'a str, query: Option<&str>) -> Self {
+        if query.is_some() || !is_plain_path(path) {
+            return Self::NotFound;
+        }
+        if path == TOKEN_PATH {
+            return if method == Method::PUT {
+                Self::Token
+            } else {
+                Self::MethodNotAllowed
+            };
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return Self::MethodNotAllowed;
+        }
+        let creds = path
+            .strip_prefix(CREDS_EXT_PREFIX)
+            .map(|rest| (rest, true))
+            .or_else(|| path.strip_prefix(CREDS_PREFIX).map(|rest| (rest, false)));
+        if let Some((rest, extended)) = creds {
+            return match rest.strip_prefix('/') {
+                None if rest.is_empty() => Self::RoleListing,
+                Some("") => Self::RoleListing,
+                Some(role) if !role.contains('/') => Self::Credentials { role, extended },
+                _ => Self::NotFound,
+            };
+        }
+        if path == "/latest/meta-data/iam/info" {
+            return Self::IamInfo;
+        }
+        PASSTHROUGH
+            .iter()
+            .find(|p| **p == path)
+            .map_or(Self::NotFound, |p| Self::Metadata(p))
+    }
+}
+
 /// Only plain absolute paths: no `..`, `.`, empty segments, percent-escapes
 /// or characters IMDS paths never contain.
 fn is_plain_path(path: &str) -> bool {
@@ -456,6 +491,72 @@ pub fn status(code: StatusCode) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_maps_only_what_imds_serves() {
+        let get = |p| Route::of(&Method::GET, p, None);
+        assert_eq!(Route::of(&Method::PUT, TOKEN_PATH, None), Route::Token);
+        assert_eq!(get(TOKEN_PATH), Route::MethodNotAllowed);
+        assert_eq!(
+            Route::of(&Method::POST, CREDS_PREFIX, None),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/"),
+            Route::RoleListing
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials"),
+            Route::RoleListing
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/ci-deploy"),
+            Route::Credentials {
+                role: "ci-deploy",
+                extended: false
+            }
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials-extended/ci-deploy"),
+            Route::Credentials {
+                role: "ci-deploy",
+                extended: true
+            }
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/a/b"),
+            Route::NotFound
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentialsX"),
+            Route::NotFound
+        );
+        assert_eq!(get("/latest/meta-data/iam/info"), Route::IamInfo);
+        assert_eq!(
+            get("/latest/meta-data/placement/region"),
+            Route::Metadata("/latest/meta-data/placement/region")
+        );
+        assert_eq!(
+            Route::of(
+                &Method::GET,
+                "/latest/meta-data/placement/region",
+                Some("x=1")
+            ),
+            Route::NotFound
+        );
+        for secret in [
+            "/latest/user-data",
+            "/latest/user-data/",
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/meta-data/placement/region/",
+            "/latest/meta-data/../user-data",
+            "/",
+        ] {
+            assert_eq!(get(secret), Route::NotFound, "{secret}");
+        }
+    }
 
     #[test]
     fn only_plain_paths_pass() {
