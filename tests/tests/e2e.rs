@@ -475,7 +475,22 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
         ]
         .map(String::from),
     );
-    let out = bed.dockerd.run(&args).unwrap();
+    // STS is held until all 200 connections are open, so the container's
+    // start-time prefetch cannot finish first: every request meets the one
+    // AssumeRole in flight. (Moto's guard resumes it if anything panics.)
+    bed.moto.pause(true);
+    let out = std::thread::scope(|s| {
+        let burst = s.spawn(|| bed.dockerd.run(&args));
+        let open = wait_for("200 open connections", Duration::from_secs(30), || {
+            let conns = bed.daemon.status().ok()?["maps"]["conns"].as_u64()?;
+            (conns >= 200).then_some(())
+        });
+        // Let the requests reach the daemon, well within their wait budget.
+        std::thread::sleep(Duration::from_millis(150));
+        bed.moto.pause(false);
+        open.unwrap();
+        burst.join().unwrap().unwrap()
+    });
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
     let statuses = report["statuses"].as_array().unwrap();
     assert_eq!(statuses.len(), 200);
