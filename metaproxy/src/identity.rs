@@ -15,6 +15,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex, OnceLock},
 };
 
@@ -46,9 +47,22 @@ pub struct Container {
     pub role: RoleDecision,
     /// RoleSessionName for its AssumeRole: the job, else the container.
     pub session_name: String,
+    /// The container's own addresses, which its connections must come
+    /// from; `None` when it shares another network namespace (`host`,
+    /// `container:<id>`) and has none of its own.
+    pub addresses: Option<Vec<IpAddr>>,
 }
 
 impl Container {
+    /// Whether a connection from `peer` can be this container's. Catches a
+    /// 4-tuple that another network namespace reused (overlapping subnets).
+    pub fn owns_address(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.addresses
+            .as_ref()
+            .is_none_or(|own| own.contains(&peer))
+    }
+
     /// The credential cache key, when the container has a role.
     pub fn cred_key(&self) -> Option<CredKey> {
         match &self.role {
@@ -142,6 +156,12 @@ impl Identities {
         self.by_cgroup.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets what is cached for cgroup `id`, so the next resolve asks
+    /// Docker again.
+    pub fn invalidate(&self, id: u64) {
+        self.cache().remove(&id);
+    }
+
     /// The identity behind cgroup `id` whose path (below the cgroup2 mount)
     /// is `path`, if already known.
     pub async fn resolve(&self, id: u64, path: Option<&str>) -> Result<Identity, IdentityError> {
@@ -208,6 +228,16 @@ impl Identities {
             },
             None => Vec::new(),
         };
+        let addresses = own_addresses(
+            c.host_config
+                .as_ref()
+                .and_then(|h| h.network_mode.as_deref()),
+            c.network_settings
+                .and_then(|n| n.networks)
+                .unwrap_or_default()
+                .into_values()
+                .flat_map(|e| [e.ip_address, e.global_ipv6_address]),
+        );
         let full_id = c.id.unwrap_or_else(|| id.to_string());
         let name = c
             .name
@@ -235,6 +265,7 @@ impl Identities {
             job_id,
             role,
             session_name,
+            addresses,
         }))
     }
 
@@ -317,6 +348,24 @@ impl Identities {
     }
 }
 
+/// The addresses a container's connections come from: its endpoints' on
+/// every network, or `None` for a container in another's namespace.
+fn own_addresses(
+    network_mode: Option<&str>,
+    endpoints: impl Iterator<Item = Option<String>>,
+) -> Option<Vec<IpAddr>> {
+    let mode = network_mode.unwrap_or_default();
+    if mode == "host" || mode.starts_with("container:") {
+        return None;
+    }
+    Some(
+        endpoints
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
+    )
+}
+
 /// Container ids named by a cgroup path, outermost first: `<id>`,
 /// `docker-<id>.scope`, and any other runtime's `<prefix>-<id>[.scope]`
 /// (podman's `libpod-`, containerd's `cri-containerd-`), so that a container
@@ -338,6 +387,27 @@ mod tests {
 
     const A: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const B: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn connections_must_come_from_the_containers_own_addresses() {
+        let endpoints =
+            || vec![Some("172.17.0.2".to_string()), Some(String::new()), None].into_iter();
+        let bridged = own_addresses(Some("bridge"), endpoints());
+        assert_eq!(bridged, Some(vec!["172.17.0.2".parse().unwrap()]));
+        assert_eq!(own_addresses(Some("host"), endpoints()), None);
+        assert_eq!(own_addresses(Some("container:abc"), endpoints()), None);
+        let c = Container {
+            id: A.into(),
+            name: "x".into(),
+            job_id: None,
+            role: RoleDecision::NoRole,
+            session_name: "s".into(),
+            addresses: bridged,
+        };
+        assert!(c.owns_address("172.17.0.2".parse().unwrap()));
+        assert!(c.owns_address("::ffff:172.17.0.2".parse().unwrap()));
+        assert!(!c.owns_address("172.17.0.3".parse().unwrap()));
+    }
 
     #[test]
     fn finds_container_ids_in_every_layout() {

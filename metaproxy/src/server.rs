@@ -41,6 +41,8 @@ pub struct State {
 pub struct Caller {
     pub record: ConnRecord,
     pub cgroup: Option<String>,
+    /// The client's address, as accept() reported it.
+    pub peer: SocketAddr,
 }
 
 /// Serves `listener` until `shutdown` resolves. Connections already being
@@ -125,7 +127,11 @@ async fn attribute(
         .await
         .ok()
         .flatten();
-    Ok(Caller { record, cgroup })
+    Ok(Caller {
+        record,
+        cgroup,
+        peer,
+    })
 }
 
 async fn serve<F, Fut>(stream: TcpStream, handler: F)

@@ -636,3 +636,27 @@ fn a_removed_containers_credentials_are_dropped() {
         200
     );
 }
+
+#[test]
+fn a_host_network_container_gets_its_role_too() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    // It has no address of its own: its connections come from the host's.
+    let got = bed
+        .sdk_client(
+            "hostnet",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_BUILD)],
+            &["--network", "host"],
+            1,
+        )
+        .unwrap();
+    assert_eq!(got["ok"], true, "{got}");
+    assert!(
+        got["arns"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!(":assumed-role/{ROLE_BUILD}/")),
+        "{got}"
+    );
+    assert_real_imds_untouched(&bed);
+}

@@ -105,11 +105,7 @@ type Resp = Response<Full<Bytes>>;
 
 impl Imds {
     pub async fn handle(&self, req: Request<Incoming>, caller: &Caller) -> (Resp, Handled) {
-        let identity = match self
-            .identities
-            .resolve(caller.record.cgroup_id, caller.cgroup.as_deref())
-            .await
-        {
+        let identity = match self.identify(caller).await {
             Ok(identity) => identity,
             Err(e) => {
                 tracing::warn!(cgroup_id = caller.record.cgroup_id, error = %e, "cannot identify caller");
@@ -126,6 +122,31 @@ impl Imds {
                 (resp, Handled::new(Some(&c), outcome, reason))
             }
         }
+    }
+
+    /// Resolves the caller, and checks that a container's connection comes
+    /// from one of its own addresses (asking Docker again once, in case its
+    /// networks changed since we cached it).
+    async fn identify(&self, caller: &Caller) -> Result<Identity, String> {
+        let (id, path) = (caller.record.cgroup_id, caller.cgroup.as_deref());
+        for fresh in [false, true] {
+            if fresh {
+                self.identities.invalidate(id);
+            }
+            match self
+                .identities
+                .resolve(id, path)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Identity::Container(c) if !c.owns_address(caller.peer.ip()) => continue,
+                identity => return Ok(identity),
+            }
+        }
+        Err(format!(
+            "client address {} is not the container's",
+            caller.peer.ip()
+        ))
     }
 
     async fn host(&self, req: Request<Incoming>, caller: &Caller) -> (Resp, Handled) {
