@@ -123,8 +123,8 @@ impl CgroupPaths {
     /// The path of cgroup `id`, or `None` if no such cgroup exists (any
     /// more). Blocking: walks the filesystem on a cache miss.
     pub fn path_of(&self, id: u64) -> Option<String> {
-        if let Some(p) = self.lock().get(&id) {
-            return Some(p.clone());
+        if let Some(p) = self.cached(id) {
+            return Some(p);
         }
         let mut found = HashMap::new();
         self.scan(&self.mount, &mut found, 0);
@@ -135,6 +135,12 @@ impl CgroupPaths {
         let hit = found.get(&id).cloned();
         cache.extend(found);
         hit
+    }
+
+    /// The path of cgroup `id` if it is cached; never blocks on the
+    /// filesystem.
+    pub fn cached(&self, id: u64) -> Option<String> {
+        self.lock().get(&id).cloned()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {

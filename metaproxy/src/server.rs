@@ -170,11 +170,17 @@ async fn attribute(
         Err(e) => return Err(format!("probe lookup failed: {e}")),
     };
     let id = record.cgroup_id;
-    let st = state.clone();
-    let cgroup = tokio::task::spawn_blocking(move || st.cgroups.path_of(id))
-        .await
-        .ok()
-        .flatten();
+    // Known cgroups are answered from memory; only a new one walks the tree.
+    let cgroup = match state.cgroups.cached(id) {
+        Some(path) => Some(path),
+        None => {
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || st.cgroups.path_of(id))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
     Ok(Caller {
         record,
         cgroup,

@@ -299,9 +299,13 @@ impl Drop for Container {
     }
 }
 
-/// A binary of the tests crate, built next to the running test binary
+/// A binary of the tests crate: in `$MP_BIN_DIR` if set (the benchmark
+/// uses release builds), else next to the running test binary
 /// (`target/debug/deps/..`) or xtask (`target/debug/..`).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("MP_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
     exe.ancestors()
         .skip(1)

@@ -2,8 +2,10 @@
 //!
 //! * `setup` - install what a fresh machine lacks (quiet when nothing is)
 //! * `demo`  - the product end to end in a throwaway bed
+//! * `bench` - latency added per metadata request, and daemon memory
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `clean` - remove what a killed test run left behind
+mod bench;
 mod clean;
 mod demo;
 mod setup;
@@ -24,6 +26,8 @@ enum Cmd {
     Setup,
     /// Show it working: two job containers, one with a role, one without.
     Demo,
+    /// Measure what metaproxy adds to a metadata request (figures, ratios).
+    Bench,
     /// Run every test: unit tests, then the kernel and end-to-end suites.
     Test {
         /// Only run tests whose name contains this.
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => demo::run(),
+        Cmd::Bench => bench::run(),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
     }

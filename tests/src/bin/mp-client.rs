@@ -8,6 +8,7 @@
 //! mp-client raw ADDR METHOD PATH [HEADER]...   one request, headers "Name: value"
 //! mp-client burst ADDR PATH N   N requests at the same moment, one thread each
 //! mp-client udp ADDR            connect a UDP socket (reports the errno)
+//! mp-client latency ADDR PATH N N sequential connect+GET+close; percentiles
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -45,6 +46,9 @@ fn main() {
         }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
+        Some("latency") if args.len() == 4 => {
+            latency(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
+        }
         _ => usage(),
     };
     println!("{out}");
@@ -217,6 +221,25 @@ fn hold(addr: SocketAddr, n: usize) -> serde_json::Value {
         statuses.push(request(&mut s, "/").unwrap_or(0));
     }
     json!({ "ok": true, "ports": ports, "statuses": statuses, "pid": std::process::id() })
+}
+
+fn latency(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
+    let mut micros = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        match connect(addr).and_then(|mut s| exchange(&mut s, "GET", path, "")) {
+            Ok((200, _)) => micros.push(started.elapsed().as_secs_f64() * 1e6),
+            _ => failed += 1,
+        }
+    }
+    micros.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        micros
+            .get(((micros.len() as f64 * p) as usize).min(micros.len().saturating_sub(1)))
+            .copied()
+    };
+    json!({ "ok": failed == 0, "n": n, "failed": failed, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99) })
 }
 
 fn churn(addr: SocketAddr, n: usize) -> serde_json::Value {
