@@ -285,6 +285,17 @@ impl Container {
         })
     }
 
+    /// An IMDSv2 token for `ttl` seconds, as the header that presents it.
+    pub fn token_header(&self, ttl: u32) -> String {
+        let ttl = format!("X-aws-ec2-metadata-token-ttl-seconds: {ttl}");
+        let put = self.imds("PUT", "/latest/api/token", &[&ttl]);
+        assert_eq!(put["status"], 200, "token PUT: {put}");
+        format!(
+            "X-aws-ec2-metadata-token: {}",
+            put["body"].as_str().unwrap_or_default()
+        )
+    }
+
     /// `mp-client raw 169.254.169.254:80 METHOD PATH HEADERS...` in the container.
     pub fn imds(&self, method: &str, path: &str, headers: &[&str]) -> Value {
         let mut args = vec!["/mp-client", "raw", "169.254.169.254:80", method, path];

@@ -400,15 +400,7 @@ fn a_token_minted_for_one_container_is_refused_in_another() {
             &[],
         )
         .unwrap();
-    let put = a.imds(
-        "PUT",
-        "/latest/api/token",
-        &["X-aws-ec2-metadata-token-ttl-seconds: 300"],
-    );
-    let token = format!(
-        "X-aws-ec2-metadata-token: {}",
-        put["body"].as_str().unwrap()
-    );
+    let token = a.token_header(300);
     assert_eq!(a.imds("GET", CREDS, &[&token])["status"], 200);
     assert_eq!(b.imds("GET", CREDS, &[&token])["status"], 401);
     let unauthorized = bed
@@ -432,15 +424,7 @@ fn tokens_and_containers_survive_a_daemon_restart_and_a_container_restart() {
             &[],
         )
         .unwrap();
-    let put = c.imds(
-        "PUT",
-        "/latest/api/token",
-        &["X-aws-ec2-metadata-token-ttl-seconds: 21600"],
-    );
-    let token = format!(
-        "X-aws-ec2-metadata-token: {}",
-        put["body"].as_str().unwrap()
-    );
+    let token = c.token_header(21600);
     assert_eq!(c.imds("GET", CREDS, &[&token])["status"], 200);
 
     bed.daemon.restart().unwrap();
