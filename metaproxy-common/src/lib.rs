@@ -132,6 +132,32 @@ impl ConnKey {
     }
 }
 
+impl ConnKey {
+    /// The key for a connection of `family` between `client` and `server`
+    /// (addresses as four network-order words, ports in host order). A
+    /// connection whose two ends are both IPv4-mapped IPv6 addresses is the
+    /// IPv4 connection the other side sees, so it is keyed as plain IPv4.
+    ///
+    /// The one place this normalisation lives: the kernel's `sock_ops`
+    /// writes keys with it and the daemon looks them up with it.
+    pub const fn new(
+        family: u16,
+        client: [u32; 4],
+        client_port: u16,
+        server: [u32; 4],
+        server_port: u16,
+    ) -> Option<Self> {
+        match family {
+            AF_INET => Some(Self::v4(client[0], client_port, server[0], server_port)),
+            AF_INET6 => match (v4_mapped(client), v4_mapped(server)) {
+                (Some(c), Some(s)) => Some(Self::v4(c, client_port, s, server_port)),
+                _ => Some(Self::v6(client, client_port, server, server_port)),
+            },
+            _ => None,
+        }
+    }
+}
+
 /// If `addr` is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the IPv4
 /// address in network order.
 pub const fn v4_mapped(addr: [u32; 4]) -> Option<u32> {
@@ -169,6 +195,19 @@ mod tests {
             8 + 8 + 4 + 4 + 16 + 2 + 2 + 4 + 16
         );
         assert_eq!(core::mem::size_of::<ConnKey>(), 16 + 16 + 2 + 2 + 2 + 2);
+    }
+
+    #[test]
+    fn mapped_pairs_key_as_ipv4_and_mixed_pairs_stay_ipv6() {
+        let c = u32::from_ne_bytes([10, 0, 0, 2]);
+        let s = u32::from_ne_bytes([169, 254, 170, 254]);
+        let v4 = ConnKey::new(AF_INET, [c, 0, 0, 0], 4000, [s, 0, 0, 0], 8169);
+        assert_eq!(v4, Some(ConnKey::v4(c, 4000, s, 8169)));
+        let mapped = ConnKey::new(AF_INET6, to_v4_mapped(c), 4000, to_v4_mapped(s), 8169);
+        assert_eq!(mapped, v4);
+        let mixed = ConnKey::new(AF_INET6, to_v4_mapped(c), 4000, IMDS_IP6, 80).unwrap();
+        assert_eq!(mixed.family, AF_INET6);
+        assert_eq!(ConnKey::new(1, [0; 4], 0, [0; 4], 0), None);
     }
 
     #[test]

@@ -259,20 +259,20 @@ fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
     let client_port = ctx.local_port() as u16; // host order
     let server_port = u32::from_be(ctx.remote_port()) as u16; // network order, shifted
     match ctx.family() as u16 {
-        AF_INET => Some(ConnKey::v4(
-            ctx.local_ip4(),
+        AF_INET => ConnKey::new(
+            AF_INET,
+            [ctx.local_ip4(), 0, 0, 0],
             client_port,
-            ctx.remote_ip4(),
+            [ctx.remote_ip4(), 0, 0, 0],
             server_port,
-        )),
-        AF_INET6 => {
-            let client = read_ip6(&ops.local_ip6);
-            let server = read_ip6(&ops.remote_ip6);
-            Some(match (v4_mapped(client), v4_mapped(server)) {
-                (Some(c), Some(s)) => ConnKey::v4(c, client_port, s, server_port),
-                _ => ConnKey::v6(client, client_port, server, server_port),
-            })
-        }
+        ),
+        AF_INET6 => ConnKey::new(
+            AF_INET6,
+            read_ip6(&ops.local_ip6),
+            client_port,
+            read_ip6(&ops.remote_ip6),
+            server_port,
+        ),
         _ => None,
     }
 }

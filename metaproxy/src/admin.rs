@@ -1,6 +1,7 @@
-//! The admin socket: a Unix socket only root can use, speaking HTTP, through
-//! which `metaproxy connections` (and scripts, with `curl --unix-socket`)
-//! read the daemon's state.
+//! The admin socket's server side: a Unix socket only root can use, speaking
+//! HTTP, through which `metaproxy connections` (and scripts, with `curl
+//! --unix-socket`) read the daemon's state. The CLI's side is
+//! [`crate::admin_client`].
 //!
 //! * `GET /v1/connections` - recent connections, a JSON array, oldest first
 //! * `GET /v1/connections?follow=true` - the same, then new ones as they
@@ -24,7 +25,24 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
-use crate::{connlog::Connection, server::State};
+use crate::connlog::ConnLog;
+
+/// The daemon's status, as `GET /v1/status` shows it.
+pub trait StatusSource: Send + Sync + 'static {
+    fn status(&self) -> serde_json::Value;
+}
+
+/// What the admin API reads.
+pub struct AdminState {
+    pub connections: Arc<ConnLog>,
+    pub status: Arc<dyn StatusSource>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -56,16 +74,17 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 pub async fn run(
     listener: UnixListener,
     path: PathBuf,
-    state: Arc<State>,
+    state: Arc<AdminState>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let state = state.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(route(req, &state)) }
@@ -75,13 +94,16 @@ pub async fn run(
                         .await;
                 });
             }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             () = &mut shutdown => break,
         }
     }
+    // Followers stream forever: end them with the daemon.
+    tasks.abort_all();
     let _ = fs::remove_file(&path);
 }
 
-fn route(req: Request<hyper::body::Incoming>, state: &State) -> Response<Body> {
+fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -95,19 +117,12 @@ fn route(req: Request<hyper::body::Incoming>, state: &State) -> Response<Body> {
             let (recent, _) = state.connections.snapshot_and_subscribe();
             json(&recent)
         }
-        "/v1/status" => {
-            let (pending, conns) = state.probe.map_sizes();
-            json(&serde_json::json!({
-                "pid": std::process::id(),
-                "generation": state.probe.generation(),
-                "maps": { "pending": pending, "conns": conns },
-            }))
-        }
+        "/v1/status" => json(&state.status.status()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn follow_connections(state: &State) -> Response<Body> {
+fn follow_connections(state: &AdminState) -> Response<Body> {
     let (recent, rx) = state.connections.snapshot_and_subscribe();
     let backlog = tokio_stream::iter(recent.into_iter().map(Ok));
     // A follower too slow to keep up misses entries rather than slowing the
@@ -142,46 +157,4 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
     *resp.status_mut() = status;
     resp
-}
-
-/// Client side, for the CLI: GET `path` on the admin socket and hand each
-/// chunk of the body to `on_chunk` as it arrives.
-pub async fn get(
-    socket: &Path,
-    path: &str,
-    mut on_chunk: impl FnMut(&[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
-            "metaproxy is not running: nothing answers on {} (start it with `metaproxy run`, or pass --admin-socket)",
-            socket.display()
-        ),
-        io::ErrorKind::PermissionDenied => {
-            anyhow::anyhow!("permission denied on {}: the admin socket is for root", socket.display())
-        }
-        _ => anyhow::Error::new(e).context(format!("connecting to {}", socket.display())),
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("admin socket handshake")?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, "metaproxy")
-        .body(http_body_util::Empty::<Bytes>::new())?;
-    let mut resp = sender.send_request(req).await.context("admin request")?;
-    if !resp.status().is_success() {
-        anyhow::bail!("admin socket answered {}", resp.status());
-    }
-    while let Some(frame) = resp.body_mut().frame().await {
-        if let Ok(data) = frame.context("reading admin response")?.into_data() {
-            on_chunk(&data)?;
-        }
-    }
-    Ok(())
-}
-
-/// Parses the NDJSON / JSON array the connections endpoint returns.
-pub fn parse_connections(body: &[u8]) -> anyhow::Result<Vec<Connection>> {
-    Ok(serde_json::from_slice(body)?)
 }

@@ -11,7 +11,7 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
 }
 
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
         let (pre, post) = line.split_once(" - ")?;
@@ -106,7 +106,7 @@ pub fn check_cgroup2_dir(mount: &Path, dir: &Path) -> Result<(), CgroupError> {
 #[derive(Debug)]
 pub struct CgroupPaths {
     mount: PathBuf,
-    cache: Mutex<HashMap<u64, String>>,
+    cache: Mutex<HashMap<u64, Arc<str>>>,
 }
 
 /// Bound on cached paths; the cache is rebuilt from a fresh scan past it.
@@ -122,7 +122,7 @@ impl CgroupPaths {
 
     /// The path of cgroup `id`, or `None` if no such cgroup exists (any
     /// more). Blocking: walks the filesystem on a cache miss.
-    pub fn path_of(&self, id: u64) -> Option<String> {
+    pub fn path_of(&self, id: u64) -> Option<Arc<str>> {
         if let Some(p) = self.cached(id) {
             return Some(p);
         }
@@ -139,22 +139,22 @@ impl CgroupPaths {
 
     /// The path of cgroup `id` if it is cached; never blocks on the
     /// filesystem.
-    pub fn cached(&self, id: u64) -> Option<String> {
+    pub fn cached(&self, id: u64) -> Option<Arc<str>> {
         self.lock().get(&id).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<str>>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn scan(&self, dir: &Path, found: &mut HashMap<u64, String>, depth: usize) {
+    fn scan(&self, dir: &Path, found: &mut HashMap<u64, Arc<str>>, depth: usize) {
         // Deeper than any real layout (systemd slices nest a handful deep).
         if depth > 32 {
             return;
         }
         if let Ok(meta) = fs::metadata(dir) {
             let rel = dir.strip_prefix(&self.mount).unwrap_or(dir);
-            found.insert(meta.ino(), format!("/{}", rel.display()));
+            found.insert(meta.ino(), format!("/{}", rel.display()).into());
         }
         let Ok(entries) = fs::read_dir(dir) else {
             return;

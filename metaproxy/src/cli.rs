@@ -5,8 +5,6 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use crate::imds::HostProcesses;
-
 /// The default listen address: link-local, so containers on any Docker
 /// bridge reach it through their default route while it is never routed off
 /// the host. The daemon adds it to `lo` if no interface has it.
@@ -117,6 +115,15 @@ pub struct ConnectionsArgs {
 pub struct DetachArgs {
     #[command(flatten)]
     pub pins: PinArgs,
+}
+
+/// What to do with requests from processes in no container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HostProcesses {
+    /// Pass them through to the real IMDS unchanged.
+    Allow,
+    /// Refuse them (403).
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

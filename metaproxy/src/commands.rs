@@ -1,9 +1,9 @@
-//! The CLI's client-side commands: `connections` and `detach`.
+//! The CLI's commands other than `run`: `connections`, `status`, `detach`.
 
 use std::io::Write as _;
 
 use crate::{
-    admin,
+    admin_client,
     cli::{AdminArgs, ConnectionsArgs, DetachArgs},
     connlog::Connection,
     probe,
@@ -18,7 +18,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     if args.follow {
         // NDJSON: print each complete line as it arrives.
         let mut buf = Vec::new();
-        return admin::get(socket, "/v1/connections?follow=true", |chunk| {
+        return admin_client::get(socket, "/v1/connections?follow=true", |chunk| {
             buf.extend_from_slice(chunk);
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
@@ -34,12 +34,12 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
         .await;
     }
     let mut body = Vec::new();
-    admin::get(socket, "/v1/connections", |chunk| {
+    admin_client::get(socket, "/v1/connections", |chunk| {
         body.extend_from_slice(chunk);
         Ok(())
     })
     .await?;
-    for conn in admin::parse_connections(&body)? {
+    for conn in admin_client::parse_connections(&body)? {
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&conn)?)?;
         } else {
@@ -121,7 +121,7 @@ fn row(cols: [&str; 10]) -> String {
 
 pub async fn status(args: AdminArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    admin::get(&args.admin_socket, "/v1/status", |chunk| {
+    admin_client::get(&args.admin_socket, "/v1/status", |chunk| {
         Ok(out.write_all(chunk)?)
     })
     .await?;

@@ -1,7 +1,7 @@
 //! The record of intercepted connections that `metaproxy connections` shows:
 //! a bounded ring of recent ones plus a live feed for `--follow`.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{collections::VecDeque, net::SocketAddr, sync::Mutex, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -36,6 +36,28 @@ pub struct Connection {
     /// Why it was refused, for refusals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl Connection {
+    /// A connection refused before any request: the probe had no record
+    /// of it, so nothing is known but the client's address.
+    pub fn refused(client: SocketAddr, reason: Option<String>) -> Self {
+        Self {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            client: client.to_string(),
+            cgroup_id: None,
+            cgroup: None,
+            pid: None,
+            comm: None,
+            original_dst: None,
+            container_id: None,
+            container: None,
+            role: None,
+            request: None,
+            outcome: Outcome::Refused,
+            reason,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,16 +1,29 @@
 //! Role credentials from STS: AssumeRole with the instance profile's own
-//! short-lived credentials, cached per (role ARN, external id, session name),
-//! prefetched when a container starts, refreshed well before expiry, one STS
-//! call however many requests wait for it, and still-valid credentials kept
-//! while STS is failing.
+//! short-lived credentials, cached per (role ARN, external id, session name).
+//!
+//! * prefetched when a container with a role starts (the cache subscribes
+//!   to identity's container events) and dropped when the last container
+//!   using them goes;
+//! * refreshed well before expiry, never served with too little left;
+//! * one STS call however many requests wait for it (single flight), and
+//!   a failure is shared by the waiters and remembered briefly, with
+//!   backoff and jitter, so an STS outage costs a bounded number of calls;
+//! * still-valid credentials kept while STS is failing.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
-use aws_sdk_sts::Client as StsClient;
+use futures_util::{future::BoxFuture, FutureExt as _};
+use tokio::{sync::broadcast, task::JoinSet};
+
+use crate::{
+    identity::ContainerEvent,
+    ids::{AccountId, ContainerId, RoleArn},
+    policy::{Policy, Role, RoleDecision},
+};
 
 /// Never hand out credentials with less than this left: SDKs refresh 10-15
 /// minutes before Expiration, and would otherwise come back at once.
@@ -23,16 +36,30 @@ const STALE_MIN_REMAINING: Duration = Duration::from_secs(60);
 /// Entries nobody asked for in this long are dropped instead of renewed
 /// (a container whose end we missed, say); a later request fetches anew.
 const IDLE_EVICT: Duration = Duration::from_secs(2 * 3600);
+/// After a failed AssumeRole, requests get the same failure for this long
+/// (doubling per consecutive failure up to [`FAILURE_BACKOFF_MAX`]).
+const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Role chaining (the instance profile's session assuming a role) caps
 /// DurationSeconds at one hour.
-const DURATION_SECONDS: i32 = 3600;
+pub const DURATION_SECONDS: i32 = 3600;
 
 /// What to assume. Two containers share credentials only if all three agree.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CredKey {
-    pub role_arn: String,
+    pub role_arn: RoleArn,
     pub external_id: Option<String>,
     pub session_name: String,
+}
+
+impl From<&Role> for CredKey {
+    fn from(role: &Role) -> Self {
+        Self {
+            role_arn: role.arn.clone(),
+            external_id: role.external_id.clone(),
+            session_name: role.session_name.clone(),
+        }
+    }
 }
 
 /// A secret string: never printed, by `Debug` or anything else.
@@ -75,12 +102,136 @@ impl Credentials {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CredentialsError {
     #[error("AssumeRole {role_arn} failed: {message}")]
-    AssumeRole { role_arn: String, message: String },
+    AssumeRole {
+        role_arn: RoleArn,
+        /// STS's error code (`AccessDenied`, ...), when it sent one.
+        code: Option<String>,
+        message: String,
+    },
     #[error("AssumeRole {0} returned no credentials")]
-    Empty(String),
+    Empty(RoleArn),
+    #[error("STS has not answered within {0:?}; still trying")]
+    Timeout(Duration),
+    #[error("credential fetch failed: {0}")]
+    Task(String),
+    #[error("GetCallerIdentity failed: {0}")]
+    CallerIdentity(String),
+}
+
+/// Who the daemon itself is, according to STS.
+#[derive(Debug, Clone)]
+pub struct CallerIdentity {
+    pub account: AccountId,
+    pub arn: String,
+}
+
+/// STS, as the daemon uses it (aws-sdk-sts; a fake in tests).
+pub trait Sts: Send + Sync + 'static {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>>;
+
+    /// GetCallerIdentity with the daemon's own credentials.
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>>;
+}
+
+/// STS through the AWS SDK, with the daemon's own credentials.
+#[derive(Debug, Clone)]
+pub struct AwsSts(pub aws_sdk_sts::Client);
+
+impl AwsSts {
+    /// A client from aws-config's standard chain (on EC2: the instance
+    /// profile, from the real IMDS), so the usual variables
+    /// (AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_ENDPOINT_URL_STS, AWS_REGION)
+    /// work. STS down or hanging must not hold requests (or the single
+    /// flight) forever, hence the timeouts.
+    pub async fn from_env() -> Self {
+        let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .operation_attempt_timeout(Duration::from_secs(5))
+            .operation_timeout(Duration::from_secs(15))
+            .build();
+        Self(aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::config::Builder::from(&aws)
+                .timeout_config(timeouts)
+                .build(),
+        ))
+    }
+}
+
+impl Sts for AwsSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        async move {
+            let out = self
+                .0
+                .assume_role()
+                .role_arn(key.role_arn.as_str())
+                .role_session_name(&key.session_name)
+                .duration_seconds(DURATION_SECONDS)
+                .set_external_id(key.external_id.clone())
+                .send()
+                .await
+                .map_err(|e| {
+                    use aws_sdk_sts::error::ProvideErrorMetadata as _;
+                    CredentialsError::AssumeRole {
+                        role_arn: key.role_arn.clone(),
+                        code: e.code().map(str::to_owned),
+                        message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+                    }
+                })?;
+            let creds = out
+                .credentials
+                .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
+            let expiration = SystemTime::try_from(creds.expiration)
+                .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
+            Ok(Credentials {
+                access_key_id: creds.access_key_id,
+                secret_access_key: Secret::new(creds.secret_access_key),
+                session_token: Secret::new(creds.session_token),
+                expiration,
+                last_updated: SystemTime::now(),
+                assumed_role_arn: out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
+            })
+        }
+        .boxed()
+    }
+
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
+        async move {
+            let out = self.0.get_caller_identity().send().await.map_err(|e| {
+                CredentialsError::CallerIdentity(
+                    aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+                )
+            })?;
+            let account = out
+                .account
+                .as_deref()
+                .and_then(AccountId::parse)
+                .ok_or_else(|| CredentialsError::CallerIdentity("no account in the answer".into()))?;
+            Ok(CallerIdentity {
+                account,
+                arn: out.arn.unwrap_or_default(),
+            })
+        }
+        .boxed()
+    }
+}
+
+#[derive(Debug)]
+struct Failure {
+    error: CredentialsError,
+    retry_at: Instant,
+    streak: u32,
 }
 
 #[derive(Debug)]
@@ -89,6 +240,7 @@ struct Slot {
     /// Held while calling STS: the single flight.
     fetching: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
+    failure: Mutex<Option<Failure>>,
 }
 
 impl Default for Slot {
@@ -97,6 +249,7 @@ impl Default for Slot {
             value: RwLock::default(),
             fetching: tokio::sync::Mutex::default(),
             last_used: Mutex::new(Instant::now()),
+            failure: Mutex::default(),
         }
     }
 }
@@ -112,21 +265,92 @@ impl Slot {
             .unwrap_or_else(|e| e.into_inner())
             .elapsed()
     }
+
+    fn fresh(&self, min_remaining: Duration) -> Option<Credentials> {
+        let value = self.value.read().unwrap_or_else(|e| e.into_inner());
+        value
+            .as_ref()
+            .filter(|c| c.remaining() >= min_remaining)
+            .cloned()
+    }
+
+    /// The last failure, while it still stands.
+    fn recent_failure(&self) -> Option<CredentialsError> {
+        let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        failure
+            .as_ref()
+            .filter(|f| Instant::now() < f.retry_at)
+            .map(|f| f.error.clone())
+    }
+
+    fn record(&self, result: &Result<Credentials, CredentialsError>) {
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(c) => {
+                *self.value.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                *failure = None;
+            }
+            Err(error) => {
+                let streak = failure.as_ref().map_or(1, |f| f.streak.saturating_add(1));
+                *failure = Some(Failure {
+                    error: error.clone(),
+                    retry_at: Instant::now() + backoff(streak),
+                    streak,
+                });
+            }
+        }
+    }
 }
 
-/// The credential cache. Cheap to share (`Arc`).
-#[derive(Debug)]
+/// How long failure number `streak` (1, 2, ...) stands: doubling from
+/// [`FAILURE_BACKOFF`] to [`FAILURE_BACKOFF_MAX`], less up to a fifth at
+/// random so that many roles do not retry in step.
+fn backoff(streak: u32) -> Duration {
+    let base = FAILURE_BACKOFF
+        .saturating_mul(1 << streak.saturating_sub(1).min(16))
+        .min(FAILURE_BACKOFF_MAX);
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    let fifth = base / 5;
+    base - fifth.mul_f64(f64::from(u16::from_ne_bytes(r)) / f64::from(u16::MAX))
+}
+
+/// The credential cache. Share it as `Arc`.
 pub struct CredentialCache {
-    sts: StsClient,
+    sts: Arc<dyn Sts>,
     slots: Mutex<HashMap<CredKey, Arc<Slot>>>,
+    /// Which containers use which keys, so credentials go with the last
+    /// container that used them.
+    owners: Mutex<HashMap<ContainerId, HashSet<CredKey>>>,
+    /// Fetches that outlive the request that started them.
+    background: Mutex<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCache")
+            .field("entries", &self.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CredentialCache {
-    pub fn new(sts: StsClient) -> Self {
+    pub fn new(sts: Arc<dyn Sts>) -> Self {
         Self {
             sts,
             slots: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+            background: Mutex::new(JoinSet::new()),
         }
+    }
+
+    /// How many credential entries are cached.
+    pub fn len(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn slot(&self, key: &CredKey) -> Arc<Slot> {
@@ -134,40 +358,73 @@ impl CredentialCache {
         slots.entry(key.clone()).or_default().clone()
     }
 
-    /// Cached credentials for `key` that are fresh enough to serve.
-    pub fn cached(&self, key: &CredKey) -> Option<Credentials> {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()?;
-        slot.touch();
-        fresh(&slot, SERVE_MIN_REMAINING)
+    fn own(&self, owner: &ContainerId, key: &CredKey) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = owners.entry(owner.clone()).or_default();
+        if !keys.contains(key) {
+            keys.insert(key.clone());
+        }
     }
 
     /// Credentials for `key` with at least [`SERVE_MIN_REMAINING`] left,
-    /// from the cache when possible. Concurrent callers share one STS call.
-    pub async fn get(&self, key: &CredKey) -> Result<Credentials, CredentialsError> {
+    /// for container `owner`. Waits at most `wait` for STS; the fetch goes
+    /// on in the background after that, so a slow STS fills the cache for
+    /// the caller's retry instead of being abandoned.
+    pub async fn get(
+        self: &Arc<Self>,
+        key: &CredKey,
+        owner: &ContainerId,
+        wait: Duration,
+    ) -> Result<Credentials, CredentialsError> {
+        self.own(owner, key);
         let slot = self.slot(key);
         slot.touch();
-        if let Some(c) = fresh(&slot, SERVE_MIN_REMAINING) {
+        if let Some(c) = slot.fresh(SERVE_MIN_REMAINING) {
             return Ok(c);
         }
+        if let Some(e) = slot.recent_failure() {
+            return Err(e);
+        }
+        let (this, key) = (self.clone(), key.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.spawn(async move {
+            let _ = tx.send(this.fetch(&key).await);
+        });
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CredentialsError::Task("the fetch task died".into())),
+            Err(_) => Err(CredentialsError::Timeout(wait)),
+        }
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "credential fetch task failed");
+            }
+        }
+        tasks.spawn(task);
+    }
+
+    /// Through the single flight: whoever held it before us may have just
+    /// fetched, or just failed.
+    async fn fetch(&self, key: &CredKey) -> Result<Credentials, CredentialsError> {
+        let slot = self.slot(key);
         let _flight = slot.fetching.lock().await;
-        // Whoever held the flight before us may have just fetched.
-        if let Some(c) = fresh(&slot, SERVE_MIN_REMAINING) {
+        if let Some(c) = slot.fresh(SERVE_MIN_REMAINING) {
             return Ok(c);
+        }
+        if let Some(e) = slot.recent_failure() {
+            return Err(e);
         }
         self.fetch_into(key, &slot).await
     }
 
-    async fn fetch_into(
-        &self,
-        key: &CredKey,
-        slot: &Slot,
-    ) -> Result<Credentials, CredentialsError> {
-        match self.assume(key).await {
+    async fn fetch_into(&self, key: &CredKey, slot: &Slot) -> Result<Credentials, CredentialsError> {
+        let result = self.sts.assume_role(key).await;
+        slot.record(&result);
+        match result {
             Ok(c) => {
                 tracing::info!(
                     role_arn = %key.role_arn,
@@ -177,133 +434,107 @@ impl CredentialCache {
                     expiration = %humantime::format_rfc3339_seconds(c.expiration),
                     "assumed role"
                 );
-                *slot.value.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
                 Ok(c)
             }
-            Err(e) => match fresh(slot, STALE_MIN_REMAINING) {
+            Err(e) => match slot.fresh(STALE_MIN_REMAINING) {
                 Some(c) => {
                     tracing::warn!(error = %e, remaining_s = c.remaining().as_secs(), "sts failing; serving cached credentials");
                     Ok(c)
                 }
-                None => Err(e),
+                None => {
+                    tracing::warn!(role_arn = %key.role_arn, error = %e, "assume role failed");
+                    Err(e)
+                }
             },
         }
     }
 
-    async fn assume(&self, key: &CredKey) -> Result<Credentials, CredentialsError> {
-        let out = self
-            .sts
-            .assume_role()
-            .role_arn(&key.role_arn)
-            .role_session_name(&key.session_name)
-            .duration_seconds(DURATION_SECONDS)
-            .set_external_id(key.external_id.clone())
-            .send()
-            .await
-            .map_err(|e| CredentialsError::AssumeRole {
-                role_arn: key.role_arn.clone(),
-                message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
-            })?;
-        let creds = out
-            .credentials
-            .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
-        let expiration = SystemTime::try_from(creds.expiration)
-            .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
-        Ok(Credentials {
-            access_key_id: creds.access_key_id,
-            secret_access_key: Secret::new(creds.secret_access_key),
-            session_token: Secret::new(creds.session_token),
-            expiration,
-            last_updated: SystemTime::now(),
-            assumed_role_arn: out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
-        })
+    /// Drops the keys container `id` used, unless another container still
+    /// uses them.
+    fn container_gone(&self, id: &ContainerId) {
+        let gone = {
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(keys) = owners.remove(id) else {
+                return;
+            };
+            keys.into_iter()
+                .filter(|k| !owners.values().any(|ks| ks.contains(k)))
+                .collect::<Vec<_>>()
+        };
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for key in gone {
+            slots.remove(&key);
+        }
     }
 
-    /// Fetches `key` in the background (a container with a role started).
-    pub fn prefetch(self: &Arc<Self>, key: CredKey) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.get(&key).await {
-                tracing::warn!(error = %e, "prefetch failed");
+    /// Acts on identity's container events forever: prefetches credentials
+    /// for containers that start with a role (as `policy` decides), drops
+    /// them when their containers are gone. Run it as a task.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut events: broadcast::Receiver<ContainerEvent>,
+        policy: Arc<Policy>,
+    ) {
+        loop {
+            match events.recv().await {
+                Ok(ContainerEvent::Started(c)) => {
+                    let RoleDecision::Role(role) = policy.decide(&c) else {
+                        continue;
+                    };
+                    let key = CredKey::from(&role);
+                    self.own(&c.id, &key);
+                    tracing::info!(container_id = %c.id, container = %c.name, role_arn = %key.role_arn, "prefetching credentials");
+                    let this = self.clone();
+                    self.spawn(async move {
+                        if let Err(e) = this.fetch(&key).await {
+                            tracing::warn!(error = %e, "prefetch failed");
+                        }
+                    });
+                }
+                Ok(ContainerEvent::Gone(id)) => self.container_gone(&id),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "container events: fell behind");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-        });
-    }
-
-    /// Drops `key` (its container is gone).
-    pub fn forget(&self, key: &CredKey) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        }
     }
 
     /// Renews, forever, every cached entry with less than [`REFRESH_AHEAD`]
-    /// left, so requests never wait on STS. Run it as a task.
+    /// left, so requests never wait on STS; drops entries idle for
+    /// [`IDLE_EVICT`]. Run it as a task.
     pub async fn refresh_ahead(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let due: Vec<(CredKey, Arc<Slot>)> = {
-                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                slots.retain(|_, slot| slot.idle() < IDLE_EVICT);
-                slots
-                    .iter()
-                    .filter(|(_, slot)| fresh(slot, REFRESH_AHEAD).is_none())
-                    .map(|(k, s)| (k.clone(), s.clone()))
-                    .collect()
-            };
-            for (key, slot) in due {
-                let _flight = slot.fetching.lock().await;
-                if fresh(&slot, REFRESH_AHEAD).is_none() {
-                    let _ = self.fetch_into(&key, &slot).await;
-                }
+            self.refresh_once().await;
+        }
+    }
+
+    async fn refresh_once(&self) {
+        let due: Vec<(CredKey, Arc<Slot>)> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.retain(|_, slot| slot.idle() < IDLE_EVICT);
+            slots
+                .iter()
+                .filter(|(_, slot)| {
+                    slot.fresh(REFRESH_AHEAD).is_none() && slot.recent_failure().is_none()
+                })
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect()
+        };
+        for (key, slot) in due {
+            let _flight = slot.fetching.lock().await;
+            if slot.fresh(REFRESH_AHEAD).is_none() {
+                let _ = self.fetch_into(&key, &slot).await;
             }
         }
     }
-}
-
-fn fresh(slot: &Slot, min_remaining: Duration) -> Option<Credentials> {
-    let value = slot.value.read().unwrap_or_else(|e| e.into_inner());
-    value
-        .as_ref()
-        .filter(|c| c.remaining() >= min_remaining)
-        .cloned()
-}
-
-/// Cleans a session name to STS's rules: 2-64 characters of `[\w+=,.@-]`.
-pub fn clean_session_name(raw: &str) -> String {
-    let mut name: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect();
-    while name.len() < 2 {
-        name.push('-');
-    }
-    name
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn session_names_follow_sts_rules() {
-        assert_eq!(clean_session_name("gitlab-job-12345"), "gitlab-job-12345");
-        assert_eq!(clean_session_name("job 7/deploy:prod"), "job-7-deploy-prod");
-        assert_eq!(clean_session_name("a"), "a-");
-        assert_eq!(clean_session_name(""), "--");
-        assert_eq!(clean_session_name("ü"), "--");
-        let long = clean_session_name(&"x".repeat(100));
-        assert_eq!(long.len(), 64);
-        assert_eq!(clean_session_name("a+b=c,d.e@f_g"), "a+b=c,d.e@f_g");
-    }
 
     #[test]
     fn secrets_never_print() {
@@ -321,5 +552,14 @@ mod tests {
             !printed.contains("very-secret") && !printed.contains("token-secret"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_with_jitter_below() {
+        for (streak, base) in [(1, 1), (2, 2), (3, 4), (6, 30), (40, 30)] {
+            let d = backoff(streak);
+            let base = Duration::from_secs(base);
+            assert!(d <= base && d >= base - base / 5, "{streak}: {d:?}");
+        }
     }
 }

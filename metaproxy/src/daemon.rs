@@ -1,50 +1,104 @@
-//! `metaproxy run`: attach the probe, serve, and stop cleanly on SIGTERM
-//! while leaving the redirect in place (fail closed).
+//! `metaproxy run`: wire the pipeline from a [`RunConfig`], attach the
+//! probe, serve, and stop cleanly on SIGTERM while leaving the redirect in
+//! place (fail closed).
+//!
+//! Every task the daemon spawns is owned by one `JoinSet`: if any of them
+//! panics or ends when it should not, the daemon logs it and exits with an
+//! error (a supervisor restarts it; the pinned redirect holds meanwhile)
+//! rather than limp on without, say, its Docker events.
 
 use std::{
-    net::IpAddr,
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
     sync::{Arc, OnceLock},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use metaproxy_common::ProbeConfig;
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
-    admin,
+    addrs::ip6_words,
+    admin::{self, AdminState, StatusSource},
+    attribution::Attribution,
     cgroup::{self, CgroupPaths},
-    cli::RunArgs,
+    config::RunConfig,
     connlog::ConnLog,
-    credentials::CredentialCache,
-    identity::{DockerApi, Identities},
-    imds::{Imds, ImdsOptions, TokenKey, Upstream},
+    credentials::{AwsSts, CredentialCache, Sts},
+    identity::{docker::DockerRuntime, Identities},
+    ids::AccountId,
     netaddr,
     policy::Policy,
-    probe::{self, Probe, ProbeOptions},
-    server::{self, State},
+    probe::{Probe, ProbeOptions},
+    server::{self, Pipeline},
+    surface::{Surface, SurfaceOptions, TokenKey},
+    upstream::HttpUpstream,
 };
 
 /// How many recent connections the admin API keeps.
 const RECENT_CONNECTIONS: usize = 4096;
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    check_listen(args.listen.ip(), "--listen")?;
-    if let Some(l6) = args.listen6 {
-        check_listen(l6.ip(), "--listen6")?;
-        anyhow::ensure!(l6.is_ipv6(), "--listen6 must be an IPv6 address, got {l6}");
+/// Tasks by id, with the name they are logged under and whether they may
+/// finish on their own.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, (&'static str, bool)>,
+}
+
+impl Tasks {
+    /// A task that runs as long as the daemon does.
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, (name, false));
     }
-    anyhow::ensure!(
-        args.listen.is_ipv4(),
-        "--listen must be an IPv4 address, got {}",
-        args.listen
-    );
-    let policy = Policy::new(&args.allow_role)?;
-    let tokens = TokenKey::load_or_create(&args.state_dir)
-        .with_context(|| format!("token key in --state-dir {}", args.state_dir.display()))?;
+
+    /// A task that finishes once its work is done.
+    fn spawn_finite(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, (name, true));
+    }
+
+    /// Waits for a task to end; `Err` if it should not have.
+    async fn next_failure(&mut self) -> anyhow::Error {
+        loop {
+            let Some(done) = self.set.join_next_with_id().await else {
+                return anyhow::anyhow!("no tasks left");
+            };
+            let (id, panic) = match done {
+                Ok((id, ())) => (id, None),
+                Err(e) => (e.id(), Some(e.to_string())),
+            };
+            let (name, finite) = self.names.remove(&id).unwrap_or(("unknown", false));
+            match panic {
+                None if finite => tracing::debug!(task = name, "task done"),
+                None => {
+                    tracing::error!(task = name, "task ended unexpectedly");
+                    return anyhow::anyhow!("the {name} task ended unexpectedly");
+                }
+                Some(e) => {
+                    tracing::error!(task = name, error = %e, "task failed");
+                    return anyhow::anyhow!("the {name} task failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let account = Arc::new(OnceLock::new());
+    let policy = Arc::new(Policy::new(
+        &config.allow_role,
+        config.host_processes,
+        account.clone(),
+    )?);
+    let tokens = TokenKey::load_or_create(&config.state_dir)
+        .with_context(|| format!("token key in --state-dir {}", config.state_dir.display()))?;
 
     let mount = cgroup::cgroup2_mount()?;
-    let target = args.cgroup.clone().unwrap_or_else(|| mount.clone());
+    let target = config.cgroup.clone().unwrap_or_else(|| mount.clone());
     cgroup::check_cgroup2_dir(&mount, &target)?;
     let own = cgroup::own_cgroup(&mount)?;
     let self_cgroup_id = cgroup::id_of(&own)?;
@@ -56,99 +110,59 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // Listen before attaching, so a redirected connect finds a listener.
-    let listener = netaddr::bind_listener(args.listen).await?;
-    let listener6 = match args.listen6 {
-        Some(addr) => Some(netaddr::bind_listener(addr).await?),
+    let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
+    let listener6 = match config.listen6 {
+        Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
         None => None,
     };
 
-    let (mut listen_ip6, mut listen_port6) = ([0; 4], 0);
-    if let Some(std::net::SocketAddr::V6(l6)) = args.listen6 {
-        listen_ip6 = probe::words(l6.ip().octets());
-        listen_port6 = l6.port();
-    }
-    let std::net::SocketAddr::V4(l4) = args.listen else {
-        unreachable!("checked above")
-    };
-    let config = ProbeConfig {
-        self_cgroup_id,
-        listen_ip4: u32::from_ne_bytes(l4.ip().octets()),
-        listen_port4: l4.port(),
-        listen_port6,
-        listen_ip6,
-    };
-    let opts = ProbeOptions {
-        cgroup: target.clone(),
-        pin_dir: args.pins.pin_dir.clone(),
-        config,
-        kernel_log_level: kernel_log_level(),
-    };
-    let (probe, kernel_log) =
-        Probe::attach(&opts).with_context(|| format!("attaching to {}", target.display()))?;
-    if let Some(kernel_log) = kernel_log {
-        tokio::spawn(kernel_log.run());
-    }
+    let mut tasks = Tasks::default();
+    let probe = attach_probe(&config, &target, self_cgroup_id, &mut tasks)?;
     tracing::info!(
         cgroup = %target.display(),
-        listen = %args.listen,
-        listen6 = ?args.listen6,
+        listen = %config.listen,
+        listen6 = ?config.listen6,
         generation = probe.generation(),
         self_cgroup = %own.display(),
         "probe attached"
     );
 
-    // The daemon's own credentials: aws-config's standard chain, so the
-    // usual variables (AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_ENDPOINT_URL_STS,
-    // AWS_REGION) work as in any AWS tool. On EC2 that is the instance
-    // profile, from the real IMDS.
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .load()
-        .await;
-    // STS down or hanging must not hold requests (or the single flight)
-    // forever.
-    let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .operation_attempt_timeout(Duration::from_secs(5))
-        .operation_timeout(Duration::from_secs(15))
-        .build();
-    let sts = aws_sdk_sts::Client::from_conf(
-        aws_sdk_sts::config::Builder::from(&aws)
-            .timeout_config(timeouts)
-            .build(),
-    );
-    let account = Arc::new(OnceLock::new());
-    tokio::spawn(discover_account(sts.clone(), account.clone()));
+    let sts: Arc<dyn Sts> = Arc::new(AwsSts::from_env().await);
+    tasks.spawn_finite("account discovery", discover_account(sts.clone(), account));
     let credentials = Arc::new(CredentialCache::new(sts));
-    tokio::spawn(credentials.clone().refresh_ahead(Duration::from_secs(60)));
+    tasks.spawn(
+        "credential refresh",
+        credentials.clone().refresh_ahead(Duration::from_secs(60)),
+    );
 
-    let cgroups = Arc::new(CgroupPaths::new(mount));
-    let identities = Arc::new(Identities::new(
-        DockerApi::default(),
-        cgroups.clone(),
-        policy,
-        account.clone(),
-    ));
-    tokio::spawn(identities.clone().follow_events(credentials.clone()));
+    let identities = Arc::new(Identities::new(Arc::new(DockerRuntime::default())));
+    // Subscribe before the events follower starts, so no start is missed.
+    tasks.spawn(
+        "credential prefetch",
+        credentials
+            .clone()
+            .follow(identities.subscribe(), policy.clone()),
+    );
+    tasks.spawn("docker events", identities.clone().follow_events());
 
-    let imds = Imds {
-        identities,
-        credentials,
-        tokens,
-        upstream: Upstream::from_env(),
-        options: ImdsOptions {
-            require_imdsv2: args.require_imdsv2,
-            host_processes: args.host_processes,
+    let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
+    let pipeline = Arc::new(Pipeline {
+        attribution: Attribution::new(probe.clone(), Arc::new(CgroupPaths::new(mount))),
+        surface: Surface {
+            identities,
+            policy,
+            credentials,
+            tokens,
+            upstream: Arc::new(HttpUpstream::from_env()),
+            options: SurfaceOptions {
+                require_imdsv2: config.require_imdsv2,
+            },
         },
-    };
-    let state = Arc::new(State {
-        probe,
-        cgroups,
-        connections: ConnLog::new(RECENT_CONNECTIONS),
-        imds,
+        connections: connections.clone(),
     });
-    let admin_listener = admin::bind(&args.admin.admin_socket)
+    let admin_listener = admin::bind(&config.admin_socket)
         .await
-        .with_context(|| format!("admin socket {}", args.admin.admin_socket.display()))?;
+        .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -157,57 +171,98 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server::run(listener, state.clone(), stopped()));
+    let mut servers = JoinSet::new();
+    servers.spawn(server::run(listener, pipeline.clone(), stopped()));
     if let Some(l6) = listener6 {
-        tasks.spawn(server::run(l6, state.clone(), stopped()));
+        servers.spawn(server::run(l6, pipeline.clone(), stopped()));
     }
-    tasks.spawn(admin::run(
+    servers.spawn(admin::run(
         admin_listener,
-        args.admin.admin_socket.clone(),
-        state.clone(),
+        config.admin_socket.clone(),
+        Arc::new(AdminState {
+            connections,
+            status: Arc::new(ProbeStatus(probe)),
+        }),
         stopped(),
     ));
 
-    wait_for_signal().await?;
+    let result = tokio::select! {
+        signal = wait_for_signal() => signal,
+        failure = tasks.next_failure() => Err(failure),
+        Some(done) = servers.join_next() => Err(match done {
+            Ok(()) => anyhow::anyhow!("a listener stopped unexpectedly"),
+            Err(e) => anyhow::anyhow!("a listener failed: {e}"),
+        }),
+    };
     tracing::info!("stopping; the probe stays attached, so IMDS connects are refused until metaproxy runs again");
     let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    Ok(())
+    while servers.join_next().await.is_some() {}
+    tasks.set.shutdown().await;
+    result
+}
+
+fn attach_probe(
+    config: &RunConfig,
+    target: &std::path::Path,
+    self_cgroup_id: u64,
+    tasks: &mut Tasks,
+) -> anyhow::Result<Arc<Probe>> {
+    let (listen_ip6, listen_port6) = match config.listen6 {
+        Some(l6) => (ip6_words(l6.ip().octets()), l6.port()),
+        None => ([0; 4], 0),
+    };
+    let opts = ProbeOptions {
+        cgroup: target.to_path_buf(),
+        pin_dir: config.pin_dir.clone(),
+        config: ProbeConfig {
+            self_cgroup_id,
+            listen_ip4: u32::from_ne_bytes(config.listen.ip().octets()),
+            listen_port4: config.listen.port(),
+            listen_port6,
+            listen_ip6,
+        },
+        kernel_log_level: kernel_log_level(),
+    };
+    let (probe, kernel_log) =
+        Probe::attach(&opts).with_context(|| format!("attaching to {}", target.display()))?;
+    if let Some(kernel_log) = kernel_log {
+        tasks.spawn("kernel log", kernel_log.run());
+    }
+    Ok(Arc::new(probe))
+}
+
+/// `GET /v1/status` on the admin socket.
+struct ProbeStatus(Arc<Probe>);
+
+impl StatusSource for ProbeStatus {
+    fn status(&self) -> serde_json::Value {
+        let (pending, conns) = self.0.map_sizes();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "generation": self.0.generation(),
+            "maps": { "pending": pending, "conns": conns },
+        })
+    }
 }
 
 /// Learns the instance profile's account (role names are taken in it, and
 /// by default only its roles are allowed), retrying while STS is down.
-async fn discover_account(sts: aws_sdk_sts::Client, account: Arc<OnceLock<String>>) {
+async fn discover_account(sts: Arc<dyn Sts>, account: Arc<OnceLock<AccountId>>) {
     let mut delay = Duration::from_secs(1);
     loop {
-        match sts.get_caller_identity().send().await {
-            Ok(out) => {
-                if let Some(id) = out.account {
-                    tracing::info!(account = %id, arn = out.arn.as_deref().unwrap_or("?"), "instance credentials work");
-                    let _ = account.set(id);
-                    return;
-                }
+        match sts.caller_identity().await {
+            Ok(me) => {
+                tracing::info!(account = %me.account, arn = %me.arn, "instance credentials work");
+                let _ = account.set(me.account);
+                return;
             }
             Err(e) => {
-                tracing::warn!(error = %aws_sdk_sts::error::DisplayErrorContext(&e), "cannot reach STS with the instance credentials; retrying");
+                tracing::warn!(error = %e, "cannot reach STS with the instance credentials; retrying");
             }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
     }
-}
-
-fn check_listen(ip: IpAddr, flag: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast(),
-        "{flag} {ip}: must be a unicast address containers can reach (not loopback or unspecified)"
-    );
-    anyhow::ensure!(
-        ip != IpAddr::from([169, 254, 169, 254]),
-        "{flag} cannot be the metadata service itself"
-    );
-    Ok(())
 }
 
 /// The most verbose kernel log level to compile in, from the tracing filter

@@ -1,25 +1,13 @@
-//! metaproxy: per-container AWS credentials for CI jobs, attributed by
-//! cgroup in the kernel. `main` parses the command line, sets up logging and
-//! dispatches; everything else lives in its own module.
+//! The `metaproxy` binary: parse the command line, set up logging, dispatch.
 #![forbid(unsafe_code)]
 
-mod admin;
-mod cgroup;
-mod cli;
-mod commands;
-mod connlog;
-mod credentials;
-mod daemon;
-mod identity;
-mod imds;
-mod netaddr;
-mod policy;
-mod probe;
-mod server;
-
 use clap::Parser as _;
-use cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use metaproxy::{
+    cli::{Cli, Command, LogFormat},
+    commands,
+    config::RunConfig,
+    daemon, logging,
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -27,7 +15,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => args.log_format,
         _ => LogFormat::Text,
     };
-    init_tracing(log_format);
+    logging::init(log_format);
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,7 +23,7 @@ fn main() -> std::process::ExitCode {
         .and_then(|runtime| {
             runtime.block_on(async {
                 match cli.command {
-                    Command::Run(args) => daemon::run(args).await,
+                    Command::Run(args) => daemon::run(RunConfig::from_args(&args)?).await,
                     Command::Connections(args) => commands::connections(args).await,
                     Command::Status(args) => commands::status(args).await,
                     Command::Detach(args) => commands::detach(args),
@@ -49,20 +37,5 @@ fn main() -> std::process::ExitCode {
             eprintln!("metaproxy: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs go to stderr; `METAPROXY_LOG` (or `RUST_LOG`) sets the filter. The
-/// kernel programs' aya-log records arrive through the `log` bridge.
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("METAPROXY_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -1,26 +1,28 @@
-//! Which role, if any, a container may have. The runner chooses roles (its
-//! `[runners.docker] environment` sets IAM_ROLE); image authors and job
-//! authors must not. There is no default role.
+//! What a caller may have: the role decision for a container, and the rules
+//! for host processes.
+//!
+//! The runner chooses roles (IAM_ROLE in its `[[runners]] environment`);
+//! image authors and job authors must not. There is no default role. Every
+//! value read here was written by someone a job may control (env, labels):
+//! it is checked, never trusted.
+
+use std::sync::{Arc, OnceLock};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-/// A role a container may assume.
+use crate::{
+    attribution::Caller,
+    identity::Container,
+    ids::{AccountId, RoleArn, RoleArnError},
+};
+
+/// A role a container may assume, and the session it is assumed as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Role {
-    pub arn: String,
+    pub arn: RoleArn,
     pub external_id: Option<String>,
-}
-
-impl Role {
-    /// The role's name: what IMDS lists under security-credentials/.
-    pub fn name(&self) -> &str {
-        self.arn.rsplit('/').next().unwrap_or(&self.arn)
-    }
-
-    /// The account the role lives in.
-    pub fn account(&self) -> &str {
-        self.arn.split(':').nth(4).unwrap_or("")
-    }
+    /// RoleSessionName: the job, else the container.
+    pub session_name: String,
 }
 
 /// The verdict for one container.
@@ -29,8 +31,45 @@ pub enum RoleDecision {
     /// No IAM_ROLE (or an empty one): the container gets no credentials.
     NoRole,
     Role(Role),
-    /// A role was asked for and refused, with the reason.
-    Refused(String),
+    /// A role was asked for and refused.
+    Refused(RoleRefusal),
+}
+
+/// Why a container's role was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleRefusal {
+    #[error("{0} is set more than once with different values")]
+    Conflicting(&'static str),
+    #[error("{0} comes from the image's ENV; only the runner may set it")]
+    FromImage(&'static str),
+    #[error("IAM_ROLE {value:?} is not a role ARN")]
+    NotRoleArn { value: String },
+    #[error("IAM_ROLE {value:?} is not a valid role name")]
+    BadRoleName { value: String },
+    #[error("the instance profile's account is not known yet")]
+    AccountUnknown,
+    #[error("{arn} is not allowed by {rule}")]
+    NotAllowed { arn: RoleArn, rule: &'static str },
+}
+
+/// What to do with requests from processes in no container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostProcesses {
+    /// Pass them through to the real IMDS unchanged.
+    Allow,
+    /// Refuse them.
+    Deny,
+}
+
+/// Why a host process gets no pass-through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostRefusal {
+    #[error("host process (--host-processes deny)")]
+    Denied,
+    /// dockerd fetches URLs for its API clients (`docker build` with `ADD
+    /// http://169.254.169.254/...`), and jobs are API clients.
+    #[error("{0} acts for containers; it gets no pass-through")]
+    ContainerRuntime(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,73 +79,69 @@ pub struct PatternError {
     source: globset::Error,
 }
 
-/// The role policy: `--allow-role` globs, or the instance's own account.
-#[derive(Debug, Clone)]
+/// The role policy: `--allow-role` globs, or the instance's own account;
+/// and the host-process rule.
+#[derive(Debug)]
 pub struct Policy {
     allow: Option<GlobSet>,
+    host: HostProcesses,
+    /// The instance profile's account, once STS told us.
+    account: Arc<OnceLock<AccountId>>,
 }
 
 impl Policy {
-    pub fn new(patterns: &[String]) -> Result<Self, PatternError> {
-        if patterns.is_empty() {
-            return Ok(Self { allow: None });
-        }
-        let mut set = GlobSetBuilder::new();
-        for p in patterns {
-            set.add(Glob::new(p).map_err(|source| PatternError {
-                pattern: p.clone(),
-                source,
-            })?);
-        }
-        let allow = set.build().map_err(|source| PatternError {
-            pattern: patterns.join(","),
-            source,
-        })?;
-        Ok(Self { allow: Some(allow) })
+    pub fn new(
+        patterns: &[String],
+        host: HostProcesses,
+        account: Arc<OnceLock<AccountId>>,
+    ) -> Result<Self, PatternError> {
+        Ok(Self {
+            allow: allow_set(patterns)?,
+            host,
+            account,
+        })
     }
 
-    /// Decides from the container's environment (`Config.Env`, which already
-    /// includes the image's), the image's own environment, and the instance
-    /// profile's account (if known yet).
-    pub fn decide(
-        &self,
-        container_env: &[String],
-        image_env: &[String],
-        account: Option<&str>,
-    ) -> RoleDecision {
-        let role = match single_value(container_env, image_env, "IAM_ROLE") {
+    /// Decides from the container's environment (`Config.Env`, which
+    /// already includes the image's), the image's own environment, and the
+    /// instance profile's account (if known yet).
+    pub fn decide(&self, c: &Container) -> RoleDecision {
+        let account = self.account.get();
+        let role = match single_value(&c.env, &c.image_env, "IAM_ROLE") {
             Ok(None) => return RoleDecision::NoRole,
             Ok(Some(v)) => v,
-            Err(reason) => return RoleDecision::Refused(reason),
+            Err(refusal) => return RoleDecision::Refused(refusal),
         };
-        let external_id = match single_value(container_env, image_env, "IAM_EXTERNAL_ID") {
+        let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
             Ok(v) => v.map(str::to_owned),
-            Err(reason) => return RoleDecision::Refused(reason),
+            Err(refusal) => return RoleDecision::Refused(refusal),
         };
         let arn = if role.starts_with("arn:") {
-            if !valid_role_arn(role) {
-                return RoleDecision::Refused(format!("IAM_ROLE {role:?} is not a role ARN"));
-            }
-            role.to_string()
+            RoleArn::parse(role).map_err(|_| RoleRefusal::NotRoleArn {
+                value: role.to_string(),
+            })
         } else {
-            if !valid_role_name(role) {
-                return RoleDecision::Refused(format!(
-                    "IAM_ROLE {role:?} is not a valid role name"
-                ));
-            }
             match account {
-                Some(account) => format!("arn:aws:iam::{account}:role/{role}"),
-                None => {
-                    return RoleDecision::Refused(
-                        "the instance profile's account is not known yet".into(),
-                    )
-                }
+                Some(account) => RoleArn::from_name(role, account).map_err(|e| match e {
+                    RoleArnError::NotRoleArn(_) | RoleArnError::BadName(_) | RoleArnError::BadPath(_) => {
+                        RoleRefusal::BadRoleName {
+                            value: role.to_string(),
+                        }
+                    }
+                }),
+                None if valid_role_name(role) => Err(RoleRefusal::AccountUnknown),
+                None => Err(RoleRefusal::BadRoleName {
+                    value: role.to_string(),
+                }),
             }
         };
-        let role = Role { arn, external_id };
+        let arn = match arn {
+            Ok(arn) => arn,
+            Err(refusal) => return RoleDecision::Refused(refusal),
+        };
         let allowed = match (&self.allow, account) {
-            (Some(set), _) => set.is_match(&role.arn),
-            (None, Some(account)) => role.account() == account,
+            (Some(set), _) => set.is_match(arn.as_str()),
+            (None, Some(account)) => arn.account() == account,
             (None, None) => false,
         };
         if !allowed {
@@ -115,10 +150,79 @@ impl Policy {
             } else {
                 "the instance profile's account"
             };
-            return RoleDecision::Refused(format!("{} is not allowed by {rule}", role.arn));
+            return RoleDecision::Refused(RoleRefusal::NotAllowed { arn, rule });
         }
-        RoleDecision::Role(role)
+        RoleDecision::Role(Role {
+            arn,
+            external_id,
+            session_name: session_name(c),
+        })
     }
+
+    /// Whether a host process (in no container) may reach the real IMDS.
+    pub fn host_access(&self, caller: &Caller) -> Result<(), HostRefusal> {
+        if self.host == HostProcesses::Deny {
+            return Err(HostRefusal::Denied);
+        }
+        if is_container_runtime(&caller.comm) {
+            return Err(HostRefusal::ContainerRuntime(caller.comm.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn allow_set(patterns: &[String]) -> Result<Option<GlobSet>, PatternError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut set = GlobSetBuilder::new();
+    for p in patterns {
+        set.add(Glob::new(p).map_err(|source| PatternError {
+            pattern: p.clone(),
+            source,
+        })?);
+    }
+    set.build().map(Some).map_err(|source| PatternError {
+        pattern: patterns.join(","),
+        source,
+    })
+}
+
+/// RoleSessionName for a container's AssumeRole: `gitlab-job-<id>` from
+/// gitlab-runner's label, else `container-<short id>`, cleaned to STS's
+/// rules.
+pub fn session_name(c: &Container) -> String {
+    clean_session_name(&match c.job_id() {
+        Some(job) => format!("gitlab-job-{job}"),
+        None => format!("container-{}", c.id.short()),
+    })
+}
+
+/// Cleans a session name to STS's rules: 2-64 characters of `[\w+=,.@-]`.
+pub fn clean_session_name(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+/// Host processes that act on behalf of containers or Docker API clients.
+fn is_container_runtime(comm: &str) -> bool {
+    matches!(
+        comm,
+        "dockerd" | "containerd" | "buildkitd" | "docker-proxy" | "runc" | "docker-init"
+    ) || comm.starts_with("containerd-shim")
 }
 
 /// The one non-empty value of `key` the runner set, if any. Refuses a value
@@ -126,22 +230,20 @@ impl Policy {
 fn single_value<'a>(
     container_env: &'a [String],
     image_env: &[String],
-    key: &'a str,
-) -> Result<Option<&'a str>, String> {
-    let values: Vec<&str> = values_of(container_env, key).collect();
-    let Some(&first) = values.last() else {
+    key: &'static str,
+) -> Result<Option<&'a str>, RoleRefusal> {
+    let mut values = values_of(container_env, key);
+    let Some(first) = values.next() else {
         return Ok(None);
     };
-    if values.iter().any(|v| *v != first) {
-        return Err(format!("{key} is set more than once with different values"));
+    if values.any(|v| v != first) {
+        return Err(RoleRefusal::Conflicting(key));
     }
     if first.is_empty() {
         return Ok(None);
     }
     if values_of(image_env, key).any(|v| v == first) {
-        return Err(format!(
-            "{key} comes from the image's ENV; only the runner may set it"
-        ));
+        return Err(RoleRefusal::FromImage(key));
     }
     Ok(Some(first))
 }
@@ -155,7 +257,6 @@ fn values_of<'a>(env: &'a [String], key: &'a str) -> impl Iterator<Item = &'a st
 }
 
 fn valid_role_name(name: &str) -> bool {
-    // IAM: names are 1-64 of [\w+=,.@-]; paths add '/'.
     let leaf = name.rsplit('/').next().unwrap_or("");
     (1..=64).contains(&leaf.len())
         && name.len() <= 512
@@ -164,143 +265,147 @@ fn valid_role_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-/".contains(c))
 }
 
-fn valid_role_arn(arn: &str) -> bool {
-    // arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME
-    let parts: Vec<&str> = arn.splitn(6, ':').collect();
-    matches!(parts.as_slice(), ["arn", partition, "iam", "", account, resource]
-        if partition.starts_with("aws")
-            && account.len() == 12
-            && account.bytes().all(|b| b.is_ascii_digit())
-            && resource.strip_prefix("role/").is_some_and(valid_role_name))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::ids::ContainerId;
 
-    const ACCT: Option<&str> = Some("123456789012");
+    fn account() -> Arc<OnceLock<AccountId>> {
+        let a = Arc::new(OnceLock::new());
+        a.set(AccountId::parse("123456789012").unwrap()).unwrap();
+        a
+    }
 
-    fn env(kvs: &[&str]) -> Vec<String> {
-        kvs.iter().map(|s| s.to_string()).collect()
+    fn policy(allow: &[&str]) -> Policy {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        Policy::new(&allow, HostProcesses::Allow, account()).unwrap()
+    }
+
+    fn container(env: &[&str], image_env: &[&str]) -> Container {
+        Container {
+            id: ContainerId::parse(&"ab".repeat(32)).unwrap(),
+            name: "job".into(),
+            labels: HashMap::new(),
+            env: env.iter().map(|s| s.to_string()).collect(),
+            image_env: image_env.iter().map(|s| s.to_string()).collect(),
+            addresses: None,
+        }
+    }
+
+    fn decide(p: &Policy, env: &[&str], image_env: &[&str]) -> RoleDecision {
+        p.decide(&container(env, image_env))
     }
 
     fn role(arn: &str) -> RoleDecision {
         RoleDecision::Role(Role {
-            arn: arn.into(),
+            arn: RoleArn::parse(arn).unwrap(),
             external_id: None,
+            session_name: "container-abababababab".into(),
         })
+    }
+
+    fn refused(d: RoleDecision) -> String {
+        match d {
+            RoleDecision::Refused(r) => r.to_string(),
+            other => panic!("not refused: {other:?}"),
+        }
     }
 
     #[test]
     fn names_and_arns() {
-        let p = Policy::new(&[]).unwrap();
+        let p = policy(&[]);
         assert_eq!(
-            p.decide(&env(&["IAM_ROLE=deploy"]), &[], ACCT),
+            decide(&p, &["IAM_ROLE=deploy"], &[]),
             role("arn:aws:iam::123456789012:role/deploy")
         );
         assert_eq!(
-            p.decide(
-                &env(&["IAM_ROLE=arn:aws:iam::123456789012:role/ci/deploy"]),
-                &[],
-                ACCT
-            ),
+            decide(&p, &["IAM_ROLE=arn:aws:iam::123456789012:role/ci/deploy"], &[]),
             role("arn:aws:iam::123456789012:role/ci/deploy")
         );
-        let RoleDecision::Role(r) = p.decide(&env(&["IAM_ROLE=ci/deploy"]), &[], ACCT) else {
+        let RoleDecision::Role(r) = decide(&p, &["IAM_ROLE=ci/deploy"], &[]) else {
             panic!()
         };
-        assert_eq!(r.name(), "deploy");
+        assert_eq!(r.arn.name(), "deploy");
     }
 
     #[test]
     fn no_role_unless_the_runner_sets_one() {
-        let p = Policy::new(&[]).unwrap();
-        assert_eq!(
-            p.decide(&env(&["PATH=/bin"]), &[], ACCT),
-            RoleDecision::NoRole
-        );
-        assert_eq!(
-            p.decide(&env(&["IAM_ROLE="]), &[], ACCT),
-            RoleDecision::NoRole
-        );
+        let p = policy(&[]);
+        assert_eq!(decide(&p, &["PATH=/bin"], &[]), RoleDecision::NoRole);
+        assert_eq!(decide(&p, &["IAM_ROLE="], &[]), RoleDecision::NoRole);
         // The image's ENV shows up in Config.Env too; it must not count.
-        let from_image = p.decide(&env(&["IAM_ROLE=admin"]), &env(&["IAM_ROLE=admin"]), ACCT);
-        assert!(matches!(from_image, RoleDecision::Refused(r) if r.contains("image")));
+        let from_image = decide(&p, &["IAM_ROLE=admin"], &["IAM_ROLE=admin"]);
+        assert!(refused(from_image).contains("image"));
         // The runner overriding the image's value is the runner's choice.
         assert_eq!(
-            p.decide(&env(&["IAM_ROLE=deploy"]), &env(&["IAM_ROLE=admin"]), ACCT),
+            decide(&p, &["IAM_ROLE=deploy"], &["IAM_ROLE=admin"]),
             role("arn:aws:iam::123456789012:role/deploy")
         );
         // ... and so is the runner clearing it.
         assert_eq!(
-            p.decide(&env(&["IAM_ROLE="]), &env(&["IAM_ROLE=admin"]), ACCT),
+            decide(&p, &["IAM_ROLE="], &["IAM_ROLE=admin"]),
             RoleDecision::NoRole
         );
     }
 
     #[test]
     fn conflicting_or_malformed_values_are_refused() {
-        let p = Policy::new(&[]).unwrap();
-        assert!(matches!(
-            p.decide(&env(&["IAM_ROLE=a", "IAM_ROLE=b"]), &[], ACCT),
-            RoleDecision::Refused(_)
-        ));
+        let p = policy(&[]);
+        assert!(refused(decide(&p, &["IAM_ROLE=a", "IAM_ROLE=b"], &[])).contains("more than once"));
         assert_eq!(
-            p.decide(&env(&["IAM_ROLE=a", "IAM_ROLE=a"]), &[], ACCT),
+            decide(&p, &["IAM_ROLE=a", "IAM_ROLE=a"], &[]),
             role("arn:aws:iam::123456789012:role/a")
         );
-        assert!(matches!(
-            p.decide(&env(&["IAM_ROLE=arn:aws:s3:::bucket"]), &[], ACCT),
-            RoleDecision::Refused(_)
-        ));
-        assert!(matches!(
-            p.decide(&env(&["IAM_ROLE=bad name"]), &[], ACCT),
-            RoleDecision::Refused(_)
-        ));
-        assert!(matches!(
-            p.decide(
-                &env(&["IAM_ROLE=x", "IAM_EXTERNAL_ID=1", "IAM_EXTERNAL_ID=2"]),
-                &[],
-                ACCT
-            ),
-            RoleDecision::Refused(_)
-        ));
+        assert!(refused(decide(&p, &["IAM_ROLE=arn:aws:s3:::bucket"], &[])).contains("not a role ARN"));
+        assert!(refused(decide(&p, &["IAM_ROLE=bad name"], &[])).contains("not a valid role name"));
+        assert!(refused(decide(
+            &p,
+            &["IAM_ROLE=x", "IAM_EXTERNAL_ID=1", "IAM_EXTERNAL_ID=2"],
+            &[]
+        ))
+        .contains("IAM_EXTERNAL_ID"));
     }
 
     #[test]
     fn allow_list_and_default_account_rule() {
-        let p = Policy::new(&[]).unwrap();
-        let other = p.decide(
-            &env(&["IAM_ROLE=arn:aws:iam::999999999999:role/x"]),
-            &[],
-            ACCT,
-        );
-        assert!(matches!(other, RoleDecision::Refused(r) if r.contains("account")));
-        assert!(matches!(
-            p.decide(&env(&["IAM_ROLE=x"]), &[], None),
-            RoleDecision::Refused(_)
-        ));
-
-        let p = Policy::new(&["arn:aws:iam::*:role/ci-*".into()]).unwrap();
+        let p = policy(&[]);
+        let other = decide(&p, &["IAM_ROLE=arn:aws:iam::999999999999:role/x"], &[]);
+        assert!(refused(other).contains("account"));
+        let unknown = Policy::new(&[], HostProcesses::Allow, Arc::new(OnceLock::new())).unwrap();
         assert_eq!(
-            p.decide(
-                &env(&["IAM_ROLE=arn:aws:iam::999999999999:role/ci-build"]),
-                &[],
-                ACCT
-            ),
+            refused(decide(&unknown, &["IAM_ROLE=x"], &[])),
+            "the instance profile's account is not known yet"
+        );
+
+        let p = policy(&["arn:aws:iam::*:role/ci-*"]);
+        assert_eq!(
+            decide(&p, &["IAM_ROLE=arn:aws:iam::999999999999:role/ci-build"], &[]),
             role("arn:aws:iam::999999999999:role/ci-build")
         );
-        assert!(
-            matches!(p.decide(&env(&["IAM_ROLE=admin"]), &[], ACCT), RoleDecision::Refused(r) if r.contains("--allow-role"))
-        );
-        let with_ext = p.decide(&env(&["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"]), &[], ACCT);
-        assert_eq!(
-            with_ext,
-            RoleDecision::Role(Role {
-                arn: "arn:aws:iam::123456789012:role/ci-x".into(),
-                external_id: Some("abc".into())
-            })
-        );
-        assert!(Policy::new(&["[".into()]).is_err());
+        assert!(refused(decide(&p, &["IAM_ROLE=admin"], &[])).contains("--allow-role"));
+        let RoleDecision::Role(with_ext) = decide(&p, &["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"], &[])
+        else {
+            panic!()
+        };
+        assert_eq!(with_ext.arn.as_str(), "arn:aws:iam::123456789012:role/ci-x");
+        assert_eq!(with_ext.external_id.as_deref(), Some("abc"));
+        assert!(Policy::new(&["[".into()], HostProcesses::Allow, account()).is_err());
+    }
+
+    #[test]
+    fn session_names_follow_sts_rules() {
+        assert_eq!(clean_session_name("gitlab-job-12345"), "gitlab-job-12345");
+        assert_eq!(clean_session_name("job 7/deploy:prod"), "job-7-deploy-prod");
+        assert_eq!(clean_session_name("a"), "a-");
+        assert_eq!(clean_session_name(""), "--");
+        assert_eq!(clean_session_name("ü"), "--");
+        assert_eq!(clean_session_name(&"x".repeat(100)).len(), 64);
+        assert_eq!(clean_session_name("a+b=c,d.e@f_g"), "a+b=c,d.e@f_g");
+        let mut c = container(&[], &[]);
+        c.labels
+            .insert(crate::identity::GITLAB_JOB_LABEL.into(), "42".into());
+        assert_eq!(session_name(&c), "gitlab-job-42");
     }
 }

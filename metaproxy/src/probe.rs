@@ -26,7 +26,6 @@
 
 use std::{
     fs, io,
-    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -42,6 +41,8 @@ use metaproxy_common::{
     ConnKey, ConnRecord, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_PENDING, PROG_CONNECT4,
     PROG_CONNECT6, PROG_SOCK_OPS,
 };
+
+use crate::addrs::AddrPair;
 
 /// The compiled kernel programs, built by build.rs.
 static PROBE_OBJECT: &[u8] =
@@ -209,14 +210,10 @@ impl Probe {
         self.generation
     }
 
-    /// What the kernel recorded for the accepted connection from `client`
-    /// to `server`, if anything.
-    pub fn lookup(
-        &self,
-        client: SocketAddr,
-        server: SocketAddr,
-    ) -> Result<Option<ConnRecord>, ProbeError> {
-        let Some(key) = conn_key(client, server) else {
+    /// What the kernel recorded for the accepted connection `pair`, if
+    /// anything.
+    pub fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, ProbeError> {
+        let Some(key) = pair.conn_key() else {
             return Ok(None);
         };
         match self.conns.get(&key, 0) {
@@ -353,74 +350,9 @@ fn is_bpffs(path: &Path) -> Result<bool, ProbeError> {
     Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
-/// The map key for a connection, as the kernel wrote it.
-pub fn conn_key(client: SocketAddr, server: SocketAddr) -> Option<ConnKey> {
-    match (client, server) {
-        (SocketAddr::V4(c), SocketAddr::V4(s)) => Some(ConnKey::v4(
-            u32::from_ne_bytes(c.ip().octets()),
-            c.port(),
-            u32::from_ne_bytes(s.ip().octets()),
-            s.port(),
-        )),
-        (SocketAddr::V6(c), SocketAddr::V6(s)) => {
-            // A v4 client on a dual-stack listener shows up mapped; the
-            // kernel keyed it as plain v4.
-            if let (Some(c4), Some(s4)) = (c.ip().to_ipv4_mapped(), s.ip().to_ipv4_mapped()) {
-                return conn_key(
-                    SocketAddr::from((c4, c.port())),
-                    SocketAddr::from((s4, s.port())),
-                );
-            }
-            Some(ConnKey::v6(
-                words(c.ip().octets()),
-                c.port(),
-                words(s.ip().octets()),
-                s.port(),
-            ))
-        }
-        _ => None,
-    }
-}
-
-/// An IPv6 address as four network-order words, the kernel's layout.
-pub fn words(octets: [u8; 16]) -> [u32; 4] {
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([
-            octets[4 * i],
-            octets[4 * i + 1],
-            octets[4 * i + 2],
-            octets[4 * i + 3],
-        ])
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_match_the_kernel_layout() {
-        let key = conn_key(
-            "10.1.2.3:40000".parse().unwrap(),
-            "169.254.170.254:8169".parse().unwrap(),
-        )
-        .unwrap();
-        assert_eq!(
-            key.client_addr,
-            [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0]
-        );
-        assert_eq!(key.server_addr[0], u32::from_ne_bytes([169, 254, 170, 254]));
-        assert_eq!((key.client_port, key.server_port), (40000, 8169));
-        let mapped = conn_key(
-            "[::ffff:10.1.2.3]:40000".parse().unwrap(),
-            "[::ffff:169.254.170.254]:8169".parse().unwrap(),
-        );
-        assert_eq!(mapped, Some(key));
-        assert_eq!(
-            conn_key("10.1.2.3:1".parse().unwrap(), "[::1]:2".parse().unwrap()),
-            None
-        );
-    }
 
     #[test]
     fn only_our_programs_count_as_link_pins() {

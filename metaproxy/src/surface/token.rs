@@ -21,11 +21,14 @@ const PREFIX: &str = "MP1";
 const KEY_FILE: &str = "token.key";
 
 /// Why a token was not accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    #[error("malformed")]
     Malformed,
+    #[error("expired")]
     Expired,
     /// Minted for someone else, or forged.
+    #[error("minted for another caller, or forged")]
     BadSignature,
 }
 

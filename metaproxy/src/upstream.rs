@@ -13,6 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{future::BoxFuture, FutureExt as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -24,7 +25,24 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Request and response bodies bigger than this are not IMDS traffic.
 pub const MAX_BODY: usize = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
+/// The real IMDS, as the IMDS surface needs it (HTTP to the service; a
+/// table in tests).
+pub trait Upstream: Send + Sync + 'static {
+    /// GET an allow-listed, non-secret `path` with the daemon's own token.
+    fn get_cached<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes, UpstreamError>>;
+
+    /// Forwards a host process's request unchanged (method, path, headers,
+    /// body) and returns the service's answer unchanged.
+    fn forward<'a>(
+        &'a self,
+        method: Method,
+        path_and_query: &'a str,
+        headers: &'a hyper::HeaderMap,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Response<Bytes>, UpstreamError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("IMDS request failed: {0}")]
     Request(String),
@@ -34,23 +52,23 @@ pub enum UpstreamError {
     Status(StatusCode),
 }
 
-pub struct Upstream {
+pub struct HttpUpstream {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     cache: Mutex<HashMap<String, (Bytes, Instant)>>,
 }
 
-impl std::fmt::Debug for Upstream {
+impl std::fmt::Debug for HttpUpstream {
     // By hand: the derived one would print the daemon's IMDS token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
+        f.debug_struct("HttpUpstream")
             .field("base", &self.base)
             .finish_non_exhaustive()
     }
 }
 
-impl Upstream {
+impl HttpUpstream {
     pub fn from_env() -> Self {
         let base = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .unwrap_or_else(|_| "http://169.254.169.254".into())
@@ -111,7 +129,7 @@ impl Upstream {
     }
 
     /// GET `path` with the daemon's own token; successful answers are cached.
-    pub async fn get_cached(&self, path: &str) -> Result<Bytes, UpstreamError> {
+    async fn get_cached_inner(&self, path: &str) -> Result<Bytes, UpstreamError> {
         if let Some((body, at)) = self
             .cache
             .lock()
@@ -145,9 +163,7 @@ impl Upstream {
         }
     }
 
-    /// Forwards a host process's request unchanged (method, path, headers,
-    /// body) and returns the service's answer unchanged.
-    pub async fn forward(
+    async fn forward_inner(
         &self,
         method: Method,
         path_and_query: &str,
@@ -166,6 +182,23 @@ impl Upstream {
             .body(Full::new(body))
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
         self.send(req).await
+    }
+}
+
+impl Upstream for HttpUpstream {
+    fn get_cached<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes, UpstreamError>> {
+        self.get_cached_inner(path).boxed()
+    }
+
+    fn forward<'a>(
+        &'a self,
+        method: Method,
+        path_and_query: &'a str,
+        headers: &'a hyper::HeaderMap,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Response<Bytes>, UpstreamError>> {
+        self.forward_inner(method, path_and_query, headers, body)
+            .boxed()
     }
 }
 

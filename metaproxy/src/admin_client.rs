@@ -1,0 +1,54 @@
+//! The CLI's side of the admin socket (see [`crate::admin`]): GET a path
+//! and stream the body.
+
+use std::{io, path::Path};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use crate::connlog::Connection;
+
+/// GET `path` on the admin socket and hand each
+/// chunk of the body to `on_chunk` as it arrives.
+pub async fn get(
+    socket: &Path,
+    path: &str,
+    mut on_chunk: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "metaproxy is not running: nothing answers on {} (start it with `metaproxy run`, or pass --admin-socket)",
+            socket.display()
+        ),
+        io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied on {}: the admin socket is for root", socket.display())
+        }
+        _ => anyhow::Error::new(e).context(format!("connecting to {}", socket.display())),
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("admin socket handshake")?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, "metaproxy")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let mut resp = sender.send_request(req).await.context("admin request")?;
+    if !resp.status().is_success() {
+        anyhow::bail!("admin socket answered {}", resp.status());
+    }
+    while let Some(frame) = resp.body_mut().frame().await {
+        if let Ok(data) = frame.context("reading admin response")?.into_data() {
+            on_chunk(&data)?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses the NDJSON / JSON array the connections endpoint returns.
+pub fn parse_connections(body: &[u8]) -> anyhow::Result<Vec<Connection>> {
+    Ok(serde_json::from_slice(body)?)
+}

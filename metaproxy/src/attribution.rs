@@ -1,0 +1,191 @@
+//! Who opened an accepted connection: the accepted connection's address
+//! pair -> the kernel's record -> a [`Caller`] with its cgroup, pid, comm
+//! and original destination.
+//!
+//! The first step of the request path, and the only place that reads the
+//! probe's records or resolves a cgroup id to its path. A connection the
+//! probe did not record (a direct connect to the listen address, anything
+//! from off the host) has no caller and is refused.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use metaproxy_common::{ConnRecord, AF_INET};
+
+use crate::{
+    addrs::{AddrPair, ClientAddr},
+    cgroup::CgroupPaths,
+    ids::CgroupId,
+    probe::Probe,
+};
+
+/// Where the kernel's connection records come from: the probe's pinned
+/// map in the daemon, a table in tests.
+pub trait RecordSource: Send + Sync + 'static {
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String>;
+}
+
+impl RecordSource for Probe {
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
+        Probe::lookup(self, pair).map_err(|e| e.to_string())
+    }
+}
+
+/// Maps cgroup ids to their paths below the cgroup2 mount.
+pub trait CgroupDirectory: Send + Sync + 'static {
+    /// From memory only; never blocks.
+    fn cached(&self, id: CgroupId) -> Option<Arc<str>>;
+    /// May walk the filesystem (run off the async workers).
+    fn resolve(&self, id: CgroupId) -> Option<Arc<str>>;
+}
+
+impl CgroupDirectory for CgroupPaths {
+    fn cached(&self, id: CgroupId) -> Option<Arc<str>> {
+        CgroupPaths::cached(self, id.0)
+    }
+    fn resolve(&self, id: CgroupId) -> Option<Arc<str>> {
+        self.path_of(id.0)
+    }
+}
+
+/// The process on the other end of an accepted connection, as the kernel
+/// saw it at `connect()`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The client's address as `accept()` reported it.
+    pub peer: ClientAddr,
+    pub cgroup: CgroupId,
+    /// The cgroup's path below the cgroup2 mount (`/docker/<id>`); `None`
+    /// if the cgroup was gone before we could look.
+    pub cgroup_path: Option<Arc<str>>,
+    pub pid: u32,
+    pub comm: String,
+    /// Where the caller meant to connect, e.g. `169.254.169.254:80`.
+    pub original_dst: SocketAddr,
+    /// When it connected (the kernel's `CLOCK_BOOTTIME`).
+    pub boot_ns: u64,
+}
+
+impl Caller {
+    /// A caller from a kernel record.
+    pub fn from_record(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>) -> Self {
+        Self {
+            peer,
+            cgroup: CgroupId(r.cgroup_id),
+            cgroup_path,
+            pid: r.pid,
+            comm: comm(&r.comm),
+            original_dst: original_dst(r),
+            boot_ns: r.boot_ns,
+        }
+    }
+
+    /// When it connected, as wall-clock time.
+    pub fn connected_at(&self) -> SystemTime {
+        boot_ns_to_wall(self.boot_ns)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttributionError {
+    #[error("no probe record for this connection")]
+    NoRecord,
+    #[error("probe lookup failed: {0}")]
+    Lookup(String),
+}
+
+/// Attribution: accepted connection -> [`Caller`].
+pub struct Attribution {
+    records: Arc<dyn RecordSource>,
+    cgroups: Arc<dyn CgroupDirectory>,
+}
+
+impl std::fmt::Debug for Attribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attribution").finish_non_exhaustive()
+    }
+}
+
+impl Attribution {
+    pub fn new(records: Arc<dyn RecordSource>, cgroups: Arc<dyn CgroupDirectory>) -> Self {
+        Self { records, cgroups }
+    }
+
+    /// The caller behind `pair`. Known cgroups are answered from memory;
+    /// only a new one walks the cgroup tree, on the blocking pool.
+    pub async fn attribute(&self, pair: &AddrPair) -> Result<Caller, AttributionError> {
+        let record = self
+            .records
+            .lookup(pair)
+            .map_err(AttributionError::Lookup)?
+            .ok_or(AttributionError::NoRecord)?;
+        let id = CgroupId(record.cgroup_id);
+        let path = match self.cgroups.cached(id) {
+            Some(path) => Some(path),
+            None => {
+                let cgroups = self.cgroups.clone();
+                tokio::task::spawn_blocking(move || cgroups.resolve(id))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        Ok(Caller::from_record(pair.client, &record, path))
+    }
+}
+
+/// The destination the caller asked for before the probe rewrote it.
+pub fn original_dst(r: &ConnRecord) -> SocketAddr {
+    let ip = if r.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(r.orig_addr[0].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_mut(4).zip(r.orig_addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    SocketAddr::new(ip, r.orig_port)
+}
+
+/// The kernel's NUL-padded `comm`.
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The kernel stamps records with CLOCK_BOOTTIME; turn that into wall time.
+fn boot_ns_to_wall(boot_ns: u64) -> SystemTime {
+    let now = SystemTime::now();
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .ok()
+        .map(|ts| Duration::from(ts).as_nanos() as u64)
+        .and_then(|boot_now| {
+            now.checked_sub(Duration::from_nanos(boot_now.saturating_sub(boot_ns)))
+        })
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destination_and_comm_render() {
+        let mut r = ConnRecord {
+            family: AF_INET,
+            orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
+            orig_port: 80,
+            ..Default::default()
+        };
+        assert_eq!(original_dst(&r).to_string(), "169.254.169.254:80");
+        r.family = metaproxy_common::AF_INET6;
+        r.orig_addr = metaproxy_common::IMDS_IP6;
+        assert_eq!(original_dst(&r).to_string(), "[fd00:ec2::254]:80");
+        assert_eq!(comm(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+        assert_eq!(comm(b"exactly16bytes!!"), "exactly16bytes!!");
+    }
+}

@@ -1,0 +1,116 @@
+//! The validated run configuration: `metaproxy run`'s arguments checked
+//! once, before anything is attached or bound. The daemon's wiring takes
+//! only a [`RunConfig`].
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+};
+
+use crate::{
+    cli::{self, RunArgs},
+    policy::HostProcesses,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{flag} {ip}: must be a unicast address containers can reach (not loopback or unspecified)")]
+    Unreachable { flag: &'static str, ip: IpAddr },
+    #[error("{flag} cannot be the metadata service itself")]
+    IsImds { flag: &'static str },
+    #[error("--listen must be an IPv4 address, got {0}")]
+    NotIpv4(SocketAddr),
+    #[error("--listen6 must be an IPv6 address, got {0}")]
+    NotIpv6(SocketAddr),
+}
+
+/// Everything `metaproxy run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// cgroup v2 directory to intercept; `None`: the cgroup2 mount's root.
+    pub cgroup: Option<PathBuf>,
+    pub listen: SocketAddrV4,
+    pub listen6: Option<SocketAddrV6>,
+    pub allow_role: Vec<String>,
+    pub require_imdsv2: bool,
+    pub host_processes: HostProcesses,
+    pub state_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub admin_socket: PathBuf,
+}
+
+impl RunConfig {
+    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        check_listen(args.listen.ip(), "--listen")?;
+        let SocketAddr::V4(listen) = args.listen else {
+            return Err(ConfigError::NotIpv4(args.listen));
+        };
+        let listen6 = match args.listen6 {
+            None => None,
+            Some(l6) => {
+                check_listen(l6.ip(), "--listen6")?;
+                let SocketAddr::V6(l6) = l6 else {
+                    return Err(ConfigError::NotIpv6(l6));
+                };
+                Some(l6)
+            }
+        };
+        Ok(Self {
+            cgroup: args.cgroup.clone(),
+            listen,
+            listen6,
+            allow_role: args.allow_role.clone(),
+            require_imdsv2: args.require_imdsv2,
+            host_processes: match args.host_processes {
+                cli::HostProcesses::Allow => HostProcesses::Allow,
+                cli::HostProcesses::Deny => HostProcesses::Deny,
+            },
+            state_dir: args.state_dir.clone(),
+            pin_dir: args.pins.pin_dir.clone(),
+            admin_socket: args.admin.admin_socket.clone(),
+        })
+    }
+}
+
+fn check_listen(ip: IpAddr, flag: &'static str) -> Result<(), ConfigError> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err(ConfigError::Unreachable { flag, ip });
+    }
+    if ip == IpAddr::from([169, 254, 169, 254]) {
+        return Err(ConfigError::IsImds { flag });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
+        let cli = Cli::try_parse_from(["metaproxy", "run"].iter().chain(args)).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        RunConfig::from_args(&run)
+    }
+
+    #[test]
+    fn listen_addresses_are_checked_once() {
+        let ok = config(&["--listen6", "[fd00:ec2::1]:8169"]).unwrap();
+        assert_eq!(ok.listen.to_string(), cli::DEFAULT_LISTEN);
+        assert!(ok.listen6.is_some());
+        for (args, msg) in [
+            (&["--listen", "127.0.0.1:1"][..], "loopback"),
+            (&["--listen", "0.0.0.0:1"][..], "unspecified"),
+            (&["--listen", "169.254.169.254:80"][..], "metadata service itself"),
+            (&["--listen", "[fd00::1]:1"][..], "must be an IPv4"),
+            (&["--listen6", "169.254.170.1:1"][..], "must be an IPv6"),
+        ] {
+            let err = config(args).unwrap_err().to_string();
+            assert!(err.contains(msg), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Who is asking: a [`Caller`]'s cgroup -> a container of our container
+//! runtime, or a host process.
+//!
+//! A cgroup path names its container: `/docker/<id>` (cgroupfs),
+//! `/system.slice/docker-<id>.scope` (systemd), `/<cgroup-parent>/<id>`.
+//! Nested containers (docker-in-docker) have several ids in the path; the
+//! outermost one that our runtime knows wins (it owns its whole subtree, and
+//! a process inside it could name a child cgroup after another container).
+//! A path with no container id at all is a host process. A path with ids
+//! that our runtime does not know is refused: it is some container, just
+//! not one we can vouch for.
+//!
+//! Results are cached per cgroup id and dropped when the runtime reports the
+//! container gone; unknown cgroups are resolved on demand, since a
+//! container's first connect can beat the runtime's `start` event.
+//! Identity publishes container start/stop as [`ContainerEvent`]s; what
+//! follows from them (prefetching credentials, dropping them) is the
+//! subscribers' business.
+//!
+//! This module only gathers facts. Which role those facts earn is
+//! [`crate::policy`]'s decision.
+
+pub mod docker;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::{future::BoxFuture, stream::BoxStream, StreamExt as _};
+use tokio::sync::broadcast;
+
+use crate::{
+    attribution::Caller,
+    ids::{CgroupId, ContainerId},
+};
+
+/// gitlab-runner labels its job containers with the job id.
+pub const GITLAB_JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+/// What a cgroup turned out to be.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Container(Arc<Container>),
+    /// In no container: a host service.
+    Host,
+}
+
+/// One container of our runtime, as the runtime describes it. Everything
+/// here except the id and addresses was written by someone: the runner, the
+/// image author, the job. Treat it as input, not as truth.
+#[derive(Clone)]
+pub struct Container {
+    pub id: ContainerId,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    /// `Config.Env`: the runner's, the image's and the job's variables.
+    pub env: Vec<String>,
+    /// The image's own `ENV`.
+    pub image_env: Vec<String>,
+    /// The container's own addresses, which its connections must come
+    /// from; `None` when it shares another network namespace (`host`,
+    /// `container:<id>`) and has none of its own.
+    pub addresses: Option<Vec<IpAddr>>,
+}
+
+impl std::fmt::Debug for Container {
+    // By hand: the environment holds job variables, which may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Container")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("env", &format_args!("<{} variables>", self.env.len()))
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Container {
+    /// Whether a connection from `peer` can be this container's. Catches a
+    /// 4-tuple that another network namespace reused (overlapping subnets).
+    pub fn owns_address(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.addresses
+            .as_ref()
+            .is_none_or(|own| own.contains(&peer))
+    }
+
+    /// The gitlab-runner job this container runs, from its label.
+    pub fn job_id(&self) -> Option<&str> {
+        self.labels.get(GITLAB_JOB_LABEL).map(String::as_str)
+    }
+}
+
+/// A container came or went.
+#[derive(Debug, Clone)]
+pub enum ContainerEvent {
+    Started(Arc<Container>),
+    Gone(ContainerId),
+}
+
+/// What the runtime reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEvent {
+    Start(ContainerId),
+    Stop(ContainerId),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("Docker API: {0}")]
+    Api(String),
+}
+
+/// The container runtime (Docker, through bollard; a table in tests).
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// The container `id`, or `None` if the runtime does not know it.
+    fn inspect<'a>(
+        &'a self,
+        id: &'a ContainerId,
+    ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>>;
+
+    /// Container start and stop events, from now on.
+    fn events(&self) -> BoxFuture<'_, Result<BoxStream<'static, Result<RuntimeEvent, RuntimeError>>, RuntimeError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cgroup {0} no longer exists")]
+    CgroupGone(CgroupId),
+    #[error("cgroup {path} names container {id}, which the Docker daemon does not know")]
+    UnknownContainer { path: String, id: String },
+    #[error("client address {0} is not the container's")]
+    ForeignAddress(IpAddr),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Resolves and caches identities; publishes container events.
+pub struct Identities {
+    runtime: Arc<dyn ContainerRuntime>,
+    by_cgroup: Mutex<HashMap<CgroupId, Identity>>,
+    events: broadcast::Sender<ContainerEvent>,
+}
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities")
+            .field("cached", &self.cache().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identities {
+    pub fn new(runtime: Arc<dyn ContainerRuntime>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            runtime,
+            by_cgroup: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    /// Container start/stop events, for those who act on them.
+    pub fn subscribe(&self) -> broadcast::Receiver<ContainerEvent> {
+        self.events.subscribe()
+    }
+
+    /// How many cgroups are cached.
+    pub fn cached(&self) -> usize {
+        self.cache().len()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<CgroupId, Identity>> {
+        self.by_cgroup.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Who `caller` is. A container's connection must come from one of its
+    /// own addresses; if it does not, the runtime is asked again once (its
+    /// networks may have changed since we cached it).
+    pub async fn identify(&self, caller: &Caller) -> Result<Identity, IdentityError> {
+        for fresh in [false, true] {
+            if fresh {
+                self.cache().remove(&caller.cgroup);
+            }
+            match self.resolve(caller).await? {
+                Identity::Container(c) if !c.owns_address(caller.peer.0.ip()) => continue,
+                identity => return Ok(identity),
+            }
+        }
+        Err(IdentityError::ForeignAddress(caller.peer.0.ip().to_canonical()))
+    }
+
+    async fn resolve(&self, caller: &Caller) -> Result<Identity, IdentityError> {
+        if let Some(hit) = self.cache().get(&caller.cgroup) {
+            return Ok(hit.clone());
+        }
+        let path = caller
+            .cgroup_path
+            .as_deref()
+            .ok_or(IdentityError::CgroupGone(caller.cgroup))?;
+        let candidates = container_ids(path);
+        let Some(outermost) = candidates.first().cloned() else {
+            self.cache().insert(caller.cgroup, Identity::Host);
+            return Ok(Identity::Host);
+        };
+        for candidate in &candidates {
+            if let Some(container) = self.runtime.inspect(candidate).await? {
+                let identity = Identity::Container(Arc::new(container));
+                self.cache().insert(caller.cgroup, identity.clone());
+                return Ok(identity);
+            }
+        }
+        Err(IdentityError::UnknownContainer {
+            path: path.to_string(),
+            id: outermost.to_string(),
+        })
+    }
+
+    /// Drops everything cached about container `id`.
+    fn forget(&self, id: &ContainerId) {
+        self.cache()
+            .retain(|_, identity| !matches!(identity, Identity::Container(c) if c.id == *id));
+    }
+
+    /// Follows the runtime's events forever: publishes containers that
+    /// start, forgets and publishes containers that stop. Reconnects if the
+    /// runtime goes away. Run it as a task.
+    pub async fn follow_events(self: Arc<Self>) {
+        loop {
+            let mut events = match self.runtime.events().await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::debug!(error = %e, "container events: runtime unavailable");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+            };
+            // Whatever happened while we were not listening (containers
+            // gone, restarted) is forgotten: identities resolve afresh.
+            self.cache().clear();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(RuntimeEvent::Start(id)) => match self.runtime.inspect(&id).await {
+                        Ok(Some(container)) => {
+                            let _ = self.events.send(ContainerEvent::Started(Arc::new(container)));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(container_id = %id, error = %e, "inspect on start failed")
+                        }
+                    },
+                    Ok(RuntimeEvent::Stop(id)) => {
+                        self.forget(&id);
+                        let _ = self.events.send(ContainerEvent::Gone(id));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "container events stream failed");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Container ids named by a cgroup path, outermost first: `<id>`,
+/// `docker-<id>.scope`, and any other runtime's `<prefix>-<id>[.scope]`
+/// (podman's `libpod-`, containerd's `cri-containerd-`), so that a container
+/// of another runtime is never mistaken for a host process.
+pub fn container_ids(path: &str) -> Vec<ContainerId> {
+    path.split('/')
+        .filter_map(|component| {
+            let c = component.strip_suffix(".scope").unwrap_or(component);
+            let id = c.get(c.len().checked_sub(64)?..)?;
+            let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
+            whole_or_suffix.then(|| ContainerId::parse(id))?
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    fn ids(path: &str) -> Vec<String> {
+        container_ids(path)
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn finds_container_ids_in_every_layout() {
+        assert_eq!(ids(&format!("/docker/{A}")), [A]);
+        assert_eq!(ids(&format!("/system.slice/docker-{A}.scope")), [A]);
+        assert_eq!(ids(&format!("/ci/runners/{A}")), [A]);
+        // docker-in-docker: the outer container owns its whole subtree.
+        assert_eq!(ids(&format!("/docker/{A}/docker/{B}")), [A, B]);
+        assert_eq!(ids(&format!("/machine.slice/libpod-{A}.scope")), [A]);
+        assert_eq!(ids(&format!("/kubepods/cri-containerd-{B}.scope")), [B]);
+        assert!(ids(&format!("/x/not{A}")).is_empty());
+        assert!(ids("/system.slice/amazon-ssm-agent.service").is_empty());
+        assert!(ids("/").is_empty());
+        assert!(ids(&format!("/docker/{}", &A[..63])).is_empty());
+    }
+
+    #[test]
+    fn debug_never_prints_the_environment() {
+        let c = Container {
+            id: ContainerId::parse(A).unwrap(),
+            name: "job".into(),
+            labels: HashMap::new(),
+            env: vec!["CI_JOB_TOKEN=glcbt-secret".into()],
+            image_env: vec![],
+            addresses: None,
+        };
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("glcbt-secret"), "{printed}");
+    }
+}

@@ -1,0 +1,40 @@
+//! metaproxy: per-container AWS credentials for CI jobs, attributed by
+//! cgroup in the kernel.
+//!
+//! The request path runs one way, one module per step:
+//!
+//! ```text
+//! probe (kernel record) -> attribution (address pair -> Caller)
+//!   -> identity (Caller -> container or host process)
+//!   -> policy (-> role decision; host-process rules)
+//!   -> credentials (STS, cache) -> surface (the IMDS answer, or a Denial)
+//! ```
+//!
+//! `server` runs that path for each accepted connection; `daemon` wires it
+//! from a validated `config`. The outside world sits behind traits
+//! ([`attribution::RecordSource`], [`identity::ContainerRuntime`],
+//! [`credentials::Sts`], [`upstream::Upstream`]) so the whole path runs
+//! in-process in tests.
+#![forbid(unsafe_code)]
+
+pub mod addrs;
+pub mod admin;
+pub mod admin_client;
+pub mod attribution;
+pub mod cgroup;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod connlog;
+pub mod credentials;
+pub mod daemon;
+pub mod identity;
+pub mod ids;
+pub mod logging;
+pub mod netaddr;
+pub mod policy;
+pub mod probe;
+pub mod ratelimit;
+pub mod server;
+pub mod surface;
+pub mod upstream;

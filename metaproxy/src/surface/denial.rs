@@ -1,0 +1,156 @@
+//! Every way a request can be turned down, in one enum that alone decides
+//! its HTTP status, its outcome in the connection log and the reason an
+//! admin reads. No status code is chosen anywhere else.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Response, StatusCode};
+
+use crate::{
+    attribution::AttributionError,
+    connlog::Outcome,
+    credentials::CredentialsError,
+    identity::IdentityError,
+    policy::{HostRefusal, RoleRefusal},
+    upstream::UpstreamError,
+};
+
+use super::token::TokenError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Denial {
+    /// The probe has no record of the connection.
+    #[error(transparent)]
+    Attribution(#[from] AttributionError),
+    /// The caller's cgroup could not be tied to a container we know.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A host process without pass-through.
+    #[error(transparent)]
+    Host(#[from] HostRefusal),
+    #[error("bad request body")]
+    HostBody,
+    /// The real IMDS failed us.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// IMDS refuses requests that went through a proxy.
+    #[error("X-Forwarded-For present")]
+    ForwardedFor,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("token TTL missing or out of range")]
+    TokenTtl,
+    #[error("token: {0}")]
+    Token(#[from] TokenError),
+    #[error("IMDSv1 refused (--require-imdsv2)")]
+    Imdsv1Refused,
+    /// The container has no role: nothing to serve.
+    #[error("no role")]
+    NoRole,
+    #[error(transparent)]
+    RoleRefused(#[from] RoleRefusal),
+    /// STS did not give us credentials to serve.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+impl Denial {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Attribution(_) | Self::Identity(_) | Self::Host(_) | Self::ForwardedFor => {
+                StatusCode::FORBIDDEN
+            }
+            Self::HostBody | Self::TokenTtl => StatusCode::BAD_REQUEST,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::NotFound | Self::NoRole | Self::RoleRefused(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Token(_) | Self::Imdsv1Refused => StatusCode::UNAUTHORIZED,
+            Self::Credentials(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::NotFound | Self::MethodNotAllowed => Outcome::NotFound,
+            Self::NoRole => Outcome::NoRole,
+            Self::Token(_) | Self::Imdsv1Refused => Outcome::Unauthorized,
+            _ => Outcome::Refused,
+        }
+    }
+
+    /// What `metaproxy connections` shows as the reason; `None` where the
+    /// outcome says it all.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Self::NotFound | Self::MethodNotAllowed | Self::NoRole => None,
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// The answer the caller gets: a status line and its canonical reason,
+    /// as IMDS writes errors. The reason stays in our log; the caller learns
+    /// no more than IMDS would tell it.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let mut resp = Response::new(Full::new(Bytes::from(format!(
+            "{}\n",
+            status.canonical_reason().unwrap_or("")
+        ))));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
+        if matches!(self, Self::Attribution(_)) {
+            // Nothing on this connection will be served.
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_denial_has_one_status_outcome_and_reason() {
+        let cases: Vec<(Denial, u16, Outcome, Option<&str>)> = vec![
+            (
+                AttributionError::NoRecord.into(),
+                403,
+                Outcome::Refused,
+                Some("no probe record for this connection"),
+            ),
+            (HostRefusal::Denied.into(), 403, Outcome::Refused, Some("host process (--host-processes deny)")),
+            (Denial::ForwardedFor, 403, Outcome::Refused, Some("X-Forwarded-For present")),
+            (Denial::NotFound, 404, Outcome::NotFound, None),
+            (Denial::MethodNotAllowed, 405, Outcome::NotFound, None),
+            (Denial::TokenTtl, 400, Outcome::Refused, Some("token TTL missing or out of range")),
+            (TokenError::Expired.into(), 401, Outcome::Unauthorized, Some("token: expired")),
+            (Denial::Imdsv1Refused, 401, Outcome::Unauthorized, Some("IMDSv1 refused (--require-imdsv2)")),
+            (Denial::NoRole, 404, Outcome::NoRole, None),
+            (RoleRefusal::AccountUnknown.into(), 404, Outcome::Refused, Some("the instance profile's account is not known yet")),
+            (
+                CredentialsError::Timeout(std::time::Duration::from_millis(800)).into(),
+                503,
+                Outcome::Refused,
+                Some("STS has not answered within 800ms; still trying"),
+            ),
+            (UpstreamError::Status(StatusCode::NOT_FOUND).into(), 502, Outcome::Refused, Some("IMDS answered 404 Not Found")),
+        ];
+        for (denial, status, outcome, reason) in cases {
+            assert_eq!(denial.status().as_u16(), status, "{denial:?}");
+            assert_eq!(denial.outcome(), outcome, "{denial:?}");
+            assert_eq!(denial.reason().as_deref(), reason, "{denial:?}");
+            assert_eq!(denial.response().status().as_u16(), status);
+        }
+        let refused = Denial::from(AttributionError::NoRecord).response();
+        assert_eq!(refused.headers()[header::CONNECTION], "close");
+    }
+}

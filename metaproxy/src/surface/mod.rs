@@ -1,0 +1,288 @@
+//! The HTTP surface that intercepted callers see: the last step of the
+//! request path. It takes a request and the [`Caller`] behind it, asks
+//! identity, policy and credentials in that order, and renders the answer.
+//!
+//! * A container gets exactly what IMDS would give an instance whose profile
+//!   is the container's role: IMDSv2 tokens (bound to the container), the
+//!   role listing and its credentials, a short allow-list of non-secret
+//!   metadata. Everything else (user-data, identity credentials, unknown or
+//!   odd paths) is 404 and never forwarded.
+//! * A host process (in no container) is passed through to the real IMDS
+//!   unchanged, where policy allows it.
+//!
+//! Every refusal is a [`Denial`], which alone decides its status code.
+
+mod denial;
+mod document;
+mod routes;
+mod token;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Body, header, Request, Response};
+
+pub use denial::Denial;
+pub use document::imds_time;
+use document::CredentialsDocument;
+pub use routes::{Route, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
+pub use token::{TokenError, TokenKey};
+
+use crate::{
+    attribution::Caller,
+    connlog::Outcome,
+    credentials::{CredKey, CredentialCache},
+    identity::{Container, Identities, Identity},
+    ids::RoleArn,
+    policy::{Policy, Role, RoleDecision},
+    ratelimit::RateLimit,
+    upstream::{Upstream, MAX_BODY},
+};
+
+/// How long a request waits for credentials that are not cached: under the
+/// SDKs' IMDS timeouts (aws-config and botocore give 1 s).
+const CREDENTIALS_WAIT: Duration = Duration::from_millis(800);
+/// How long a host process may take to send its request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Role refusals are logged at most this often per second.
+static ROLE_REFUSAL_LOG: RateLimit = RateLimit::new(10);
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SurfaceOptions {
+    /// Refuse IMDSv1 (requests without a token) from containers.
+    pub require_imdsv2: bool,
+}
+
+/// A successful answer.
+#[derive(Debug)]
+pub struct Reply {
+    response: Response<Full<Bytes>>,
+    outcome: Outcome,
+}
+
+impl Reply {
+    fn text(body: impl Into<Bytes>) -> Self {
+        let mut response = Response::new(Full::new(body.into()));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
+        Self {
+            response,
+            outcome: Outcome::Served,
+        }
+    }
+}
+
+/// What one request came to: the answer, and what `metaproxy connections`
+/// records about it.
+#[derive(Debug)]
+pub struct Handled {
+    pub container: Option<Arc<Container>>,
+    /// The role the container may assume, if it has one.
+    pub role: Option<RoleArn>,
+    pub result: Result<Reply, Denial>,
+}
+
+impl Handled {
+    fn new(container: Option<Arc<Container>>, role: Option<RoleArn>, result: Result<Reply, Denial>) -> Self {
+        Self {
+            container,
+            role,
+            result,
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match &self.result {
+            Ok(reply) => reply.outcome,
+            Err(denial) => denial.outcome(),
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.result.as_ref().err().and_then(Denial::reason)
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        match self.result {
+            Ok(reply) => reply.response,
+            Err(denial) => denial.response(),
+        }
+    }
+}
+
+/// The IMDS surface and what it asks.
+pub struct Surface {
+    pub identities: Arc<Identities>,
+    pub policy: Arc<Policy>,
+    pub credentials: Arc<CredentialCache>,
+    pub tokens: TokenKey,
+    pub upstream: Arc<dyn Upstream>,
+    pub options: SurfaceOptions,
+}
+
+impl std::fmt::Debug for Surface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Surface")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Surface {
+    /// Answers one request from `caller`.
+    pub async fn handle<B>(&self, req: Request<B>, caller: &Caller) -> Handled
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.identities.identify(caller).await {
+            Err(e) => {
+                tracing::warn!(cgroup_id = %caller.cgroup, error = %e, "cannot identify caller");
+                Handled::new(None, None, Err(e.into()))
+            }
+            Ok(Identity::Host) => Handled::new(None, None, self.host(req, caller).await),
+            Ok(Identity::Container(c)) => {
+                let decision = self.policy.decide(&c);
+                let role = match &decision {
+                    RoleDecision::Role(role) => Some(role.arn.clone()),
+                    _ => None,
+                };
+                if let RoleDecision::Refused(reason) = &decision {
+                    if let Some(suppressed) = ROLE_REFUSAL_LOG.allow() {
+                        tracing::warn!(container_id = %c.id, container = %c.name, %reason, suppressed, "role refused");
+                    }
+                }
+                let result = self.container(&req, &c, decision).await;
+                Handled::new(Some(c), role, result)
+            }
+        }
+    }
+
+    async fn host<B>(&self, req: Request<B>, caller: &Caller) -> Result<Reply, Denial>
+    where
+        B: Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.policy.host_access(caller)?;
+        let (parts, body) = req.into_parts();
+        let body = tokio::time::timeout(
+            BODY_TIMEOUT,
+            http_body_util::Limited::new(body, MAX_BODY).collect(),
+        )
+        .await
+        .map_err(|_| Denial::HostBody)?
+        .map_err(|_| Denial::HostBody)?
+        .to_bytes();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let resp = self
+            .upstream
+            .forward(parts.method, path, &parts.headers, body)
+            .await?;
+        Ok(Reply {
+            response: resp.map(Full::new),
+            outcome: Outcome::Passthrough,
+        })
+    }
+
+    async fn container<B>(
+        &self,
+        req: &Request<B>,
+        c: &Container,
+        decision: RoleDecision,
+    ) -> Result<Reply, Denial> {
+        if req.headers().contains_key("x-forwarded-for") {
+            return Err(Denial::ForwardedFor);
+        }
+        let route = Route::of(req.method(), req.uri().path(), req.uri().query());
+        match route {
+            Route::NotFound => return Err(Denial::NotFound),
+            Route::MethodNotAllowed => return Err(Denial::MethodNotAllowed),
+            Route::Token => return self.mint_token(req, c),
+            _ => {}
+        }
+        match req.headers().get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token.to_str().unwrap_or("");
+                self.tokens.verify(token, c.id.as_str(), unix_now())?;
+            }
+            None if self.options.require_imdsv2 => return Err(Denial::Imdsv1Refused),
+            None => {}
+        }
+        if let Route::Metadata(path) = route {
+            return Ok(Reply::text(self.upstream.get_cached(path).await?));
+        }
+        // Everything left is about the container's role.
+        let role = match decision {
+            RoleDecision::Role(role) => role,
+            RoleDecision::NoRole => return Err(Denial::NoRole),
+            RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
+        };
+        match route {
+            Route::RoleListing => Ok(Reply::text(role.arn.name().to_string())),
+            Route::Credentials {
+                role: asked,
+                extended,
+            } if asked == role.arn.name() => self.serve_credentials(c, &role, extended).await,
+            Route::IamInfo => Ok(Reply::text(document::iam_info(&role.arn, SystemTime::now()))),
+            _ => Err(Denial::NotFound),
+        }
+    }
+
+    fn mint_token<B>(&self, req: &Request<B>, c: &Container) -> Result<Reply, Denial> {
+        let ttl = req
+            .headers()
+            .get(TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|t| (1..=routes::MAX_TTL).contains(t))
+            .ok_or(Denial::TokenTtl)?;
+        let mut reply = Reply::text(self.tokens.mint(c.id.as_str(), ttl, unix_now()));
+        reply.response.headers_mut().insert(TTL_HEADER, ttl.into());
+        Ok(reply)
+    }
+
+    async fn serve_credentials(
+        &self,
+        c: &Container,
+        role: &Role,
+        extended: bool,
+    ) -> Result<Reply, Denial> {
+        let key = CredKey::from(role);
+        let creds = self
+            .credentials
+            .get(&key, &c.id, CREDENTIALS_WAIT)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %e, "no credentials to serve");
+            })?;
+        tracing::info!(
+            target: "metaproxy::audit",
+            container_id = %c.id,
+            container = %c.name,
+            job = %c.job_id().unwrap_or("-"),
+            role_arn = %key.role_arn,
+            session = %key.session_name,
+            access_key_id = %creds.access_key_id,
+            expiration = %imds_time(creds.expiration),
+            "credentials issued"
+        );
+        let account = extended.then(|| role.arn.account().to_string());
+        let body = CredentialsDocument::new(&creds, account);
+        Ok(Reply::text(
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        ))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
