@@ -14,7 +14,9 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{flag} {ip}: must be a unicast address containers can reach (not loopback or unspecified)")]
+    #[error(
+        "{flag} {ip}: must be a unicast address containers can reach (not loopback or unspecified)"
+    )]
     Unreachable { flag: &'static str, ip: IpAddr },
     #[error("{flag} cannot be the metadata service itself")]
     IsImds { flag: &'static str },
@@ -105,7 +107,10 @@ mod tests {
         for (args, msg) in [
             (&["--listen", "127.0.0.1:1"][..], "loopback"),
             (&["--listen", "0.0.0.0:1"][..], "unspecified"),
-            (&["--listen", "169.254.169.254:80"][..], "metadata service itself"),
+            (
+                &["--listen", "169.254.169.254:80"][..],
+                "metadata service itself",
+            ),
             (&["--listen", "[fd00::1]:1"][..], "must be an IPv4"),
             (&["--listen6", "169.254.170.1:1"][..], "must be an IPv6"),
         ] {

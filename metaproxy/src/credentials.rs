@@ -217,7 +217,9 @@ impl Sts for AwsSts {
                 .account
                 .as_deref()
                 .and_then(AccountId::parse)
-                .ok_or_else(|| CredentialsError::CallerIdentity("no account in the answer".into()))?;
+                .ok_or_else(|| {
+                    CredentialsError::CallerIdentity("no account in the answer".into())
+                })?;
             Ok(CallerIdentity {
                 account,
                 arn: out.arn.unwrap_or_default(),
@@ -421,7 +423,11 @@ impl CredentialCache {
         self.fetch_into(key, &slot).await
     }
 
-    async fn fetch_into(&self, key: &CredKey, slot: &Slot) -> Result<Credentials, CredentialsError> {
+    async fn fetch_into(
+        &self,
+        key: &CredKey,
+        slot: &Slot,
+    ) -> Result<Credentials, CredentialsError> {
         let result = self.sts.assume_role(key).await;
         slot.record(&result);
         match result {
@@ -507,11 +513,12 @@ impl CredentialCache {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            self.refresh_once().await;
+            self.refresh_due().await;
         }
     }
 
-    async fn refresh_once(&self) {
+    /// One pass of the refresher: renew what is due, drop what is idle.
+    pub async fn refresh_due(&self) {
         let due: Vec<(CredKey, Arc<Slot>)> = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|_, slot| slot.idle() < IDLE_EVICT);

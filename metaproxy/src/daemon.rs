@@ -56,7 +56,11 @@ impl Tasks {
     }
 
     /// A task that finishes once its work is done.
-    fn spawn_finite(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+    fn spawn_finite(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
         let id = self.set.spawn(task).id();
         self.names.insert(id, (name, true));
     }

@@ -94,8 +94,10 @@ impl RoleArn {
         let ["arn", partition, "iam", "", account, resource] = parts.as_slice() else {
             return Err(not());
         };
-        if !matches!(*partition, "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b")
-            && !partition.starts_with("aws-")
+        if !matches!(
+            *partition,
+            "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b"
+        ) && !partition.starts_with("aws-")
         {
             return Err(not());
         }

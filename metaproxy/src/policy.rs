@@ -123,11 +123,11 @@ impl Policy {
         } else {
             match account {
                 Some(account) => RoleArn::from_name(role, account).map_err(|e| match e {
-                    RoleArnError::NotRoleArn(_) | RoleArnError::BadName(_) | RoleArnError::BadPath(_) => {
-                        RoleRefusal::BadRoleName {
-                            value: role.to_string(),
-                        }
-                    }
+                    RoleArnError::NotRoleArn(_)
+                    | RoleArnError::BadName(_)
+                    | RoleArnError::BadPath(_) => RoleRefusal::BadRoleName {
+                        value: role.to_string(),
+                    },
                 }),
                 None if valid_role_name(role) => Err(RoleRefusal::AccountUnknown),
                 None => Err(RoleRefusal::BadRoleName {
@@ -321,7 +321,11 @@ mod tests {
             role("arn:aws:iam::123456789012:role/deploy")
         );
         assert_eq!(
-            decide(&p, &["IAM_ROLE=arn:aws:iam::123456789012:role/ci/deploy"], &[]),
+            decide(
+                &p,
+                &["IAM_ROLE=arn:aws:iam::123456789012:role/ci/deploy"],
+                &[]
+            ),
             role("arn:aws:iam::123456789012:role/ci/deploy")
         );
         let RoleDecision::Role(r) = decide(&p, &["IAM_ROLE=ci/deploy"], &[]) else {
@@ -358,7 +362,9 @@ mod tests {
             decide(&p, &["IAM_ROLE=a", "IAM_ROLE=a"], &[]),
             role("arn:aws:iam::123456789012:role/a")
         );
-        assert!(refused(decide(&p, &["IAM_ROLE=arn:aws:s3:::bucket"], &[])).contains("not a role ARN"));
+        assert!(
+            refused(decide(&p, &["IAM_ROLE=arn:aws:s3:::bucket"], &[])).contains("not a role ARN")
+        );
         assert!(refused(decide(&p, &["IAM_ROLE=bad name"], &[])).contains("not a valid role name"));
         assert!(refused(decide(
             &p,
@@ -381,11 +387,16 @@ mod tests {
 
         let p = policy(&["arn:aws:iam::*:role/ci-*"]);
         assert_eq!(
-            decide(&p, &["IAM_ROLE=arn:aws:iam::999999999999:role/ci-build"], &[]),
+            decide(
+                &p,
+                &["IAM_ROLE=arn:aws:iam::999999999999:role/ci-build"],
+                &[]
+            ),
             role("arn:aws:iam::999999999999:role/ci-build")
         );
         assert!(refused(decide(&p, &["IAM_ROLE=admin"], &[])).contains("--allow-role"));
-        let RoleDecision::Role(with_ext) = decide(&p, &["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"], &[])
+        let RoleDecision::Role(with_ext) =
+            decide(&p, &["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"], &[])
         else {
             panic!()
         };

@@ -39,7 +39,11 @@ pub struct Pipeline {
 
 /// Serves `listener` until `shutdown` resolves. Connections already being
 /// served are given a moment to finish.
-pub async fn run(listener: TcpListener, pipeline: Arc<Pipeline>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut tasks = tokio::task::JoinSet::new();
     loop {

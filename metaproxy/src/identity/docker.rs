@@ -28,16 +28,14 @@ impl DockerRuntime {
         let docker = Docker::connect_with_defaults().map_err(api)?;
         // Speak the API version the daemon supports (older dockerd refuse
         // newer versions).
-        let docker = match tokio::time::timeout(
-            Duration::from_secs(2),
-            docker.clone().negotiate_version(),
-        )
-        .await
-        {
-            Ok(Ok(negotiated)) => negotiated,
-            Ok(Err(e)) => return Err(api(e)),
-            Err(_) => docker,
-        };
+        let docker =
+            match tokio::time::timeout(Duration::from_secs(2), docker.clone().negotiate_version())
+                .await
+            {
+                Ok(Ok(negotiated)) => negotiated,
+                Ok(Err(e)) => return Err(api(e)),
+                Err(_) => docker,
+            };
         *slot = Some(docker.clone());
         Ok(docker)
     }
@@ -81,11 +79,10 @@ impl DockerRuntime {
                 .into_values()
                 .flat_map(|e| [e.ip_address, e.global_ipv6_address]),
         );
-        let id = c
-            .id
-            .as_deref()
-            .and_then(ContainerId::parse)
-            .unwrap_or_else(|| id.clone());
+        let id =
+            c.id.as_deref()
+                .and_then(ContainerId::parse)
+                .unwrap_or_else(|| id.clone());
         Ok(Some(Container {
             id,
             name: c

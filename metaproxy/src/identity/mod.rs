@@ -123,7 +123,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>>;
 
     /// Container start and stop events, from now on.
-    fn events(&self) -> BoxFuture<'_, Result<BoxStream<'static, Result<RuntimeEvent, RuntimeError>>, RuntimeError>>;
+    fn events(
+        &self,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RuntimeEvent, RuntimeError>>, RuntimeError>>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -190,7 +192,9 @@ impl Identities {
                 identity => return Ok(identity),
             }
         }
-        Err(IdentityError::ForeignAddress(caller.peer.0.ip().to_canonical()))
+        Err(IdentityError::ForeignAddress(
+            caller.peer.0.ip().to_canonical(),
+        ))
     }
 
     async fn resolve(&self, caller: &Caller) -> Result<Identity, IdentityError> {
@@ -245,7 +249,9 @@ impl Identities {
                 match event {
                     Ok(RuntimeEvent::Start(id)) => match self.runtime.inspect(&id).await {
                         Ok(Some(container)) => {
-                            let _ = self.events.send(ContainerEvent::Started(Arc::new(container)));
+                            let _ = self
+                                .events
+                                .send(ContainerEvent::Started(Arc::new(container)));
                         }
                         Ok(None) => {}
                         Err(e) => {

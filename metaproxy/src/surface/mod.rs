@@ -90,7 +90,11 @@ pub struct Handled {
 }
 
 impl Handled {
-    fn new(container: Option<Arc<Container>>, role: Option<RoleArn>, result: Result<Reply, Denial>) -> Self {
+    fn new(
+        container: Option<Arc<Container>>,
+        role: Option<RoleArn>,
+        result: Result<Reply, Denial>,
+    ) -> Self {
         Self {
             container,
             role,
@@ -230,7 +234,10 @@ impl Surface {
                 role: asked,
                 extended,
             } if asked == role.arn.name() => self.serve_credentials(c, &role, extended).await,
-            Route::IamInfo => Ok(Reply::text(document::iam_info(&role.arn, SystemTime::now()))),
+            Route::IamInfo => Ok(Reply::text(document::iam_info(
+                &role.arn,
+                SystemTime::now(),
+            ))),
             _ => Err(Denial::NotFound),
         }
     }

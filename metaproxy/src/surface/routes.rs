@@ -184,5 +184,4 @@ mod tests {
             assert!(!is_plain_path(odd), "{odd}");
         }
     }
-
 }

@@ -76,7 +76,7 @@ impl TokenKey {
         }
     }
 
-    #[cfg(test)]
+    /// A key from known bytes (tests; a fixed key across daemons).
     pub fn from_bytes(key: [u8; 32]) -> Self {
         Self(key)
     }

@@ -1,0 +1,516 @@
+//! In-process fakes of the outside world (the kernel's records, cgroup
+//! paths, the container runtime, STS, the real IMDS) and a pipeline served
+//! on 127.0.0.1:0, so the whole request path runs under plain `cargo test`
+//! without root, Docker or moto.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamExt as _};
+use hyper::{Method, Response};
+use metaproxy::{
+    addrs::AddrPair,
+    attribution::{Attribution, CgroupDirectory, RecordSource},
+    connlog::{ConnLog, Connection},
+    credentials::{
+        CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, Secret, Sts,
+    },
+    identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
+    ids::{AccountId, CgroupId, ContainerId},
+    policy::{HostProcesses, Policy},
+    server::{self, Pipeline},
+    surface::{Surface, SurfaceOptions, TokenKey},
+    upstream::{Upstream, UpstreamError},
+};
+use metaproxy_common::{ConnRecord, AF_INET};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpSocket,
+    sync::{mpsc, watch, Notify},
+};
+
+pub const ACCOUNT: &str = "123456789012";
+
+/// The kernel's records, keyed by the client's port (every test client is
+/// on 127.0.0.1).
+#[derive(Default)]
+pub struct FakeRecords(Mutex<HashMap<u16, ConnRecord>>);
+
+impl RecordSource for FakeRecords {
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
+        Ok(self.0.lock().unwrap().get(&pair.client.0.port()).copied())
+    }
+}
+
+#[derive(Default)]
+pub struct FakeCgroups(Mutex<HashMap<CgroupId, Arc<str>>>);
+
+impl CgroupDirectory for FakeCgroups {
+    fn cached(&self, id: CgroupId) -> Option<Arc<str>> {
+        self.0.lock().unwrap().get(&id).cloned()
+    }
+    fn resolve(&self, id: CgroupId) -> Option<Arc<str>> {
+        self.cached(id)
+    }
+}
+
+/// Containers by id, plus an event feed the test drives.
+pub struct FakeRuntime {
+    pub containers: Mutex<HashMap<ContainerId, Container>>,
+    pub inspects: AtomicUsize,
+    events: Mutex<Option<mpsc::UnboundedReceiver<RuntimeEvent>>>,
+    pub events_tx: mpsc::UnboundedSender<RuntimeEvent>,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        let (events_tx, rx) = mpsc::unbounded_channel();
+        Self {
+            containers: Mutex::default(),
+            inspects: AtomicUsize::new(0),
+            events: Mutex::new(Some(rx)),
+            events_tx,
+        }
+    }
+}
+
+impl ContainerRuntime for FakeRuntime {
+    fn inspect<'a>(
+        &'a self,
+        id: &'a ContainerId,
+    ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>> {
+        self.inspects.fetch_add(1, Ordering::SeqCst);
+        let found = self.containers.lock().unwrap().get(id).cloned();
+        async move { Ok(found) }.boxed()
+    }
+
+    fn events(
+        &self,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RuntimeEvent, RuntimeError>>, RuntimeError>>
+    {
+        let rx = self.events.lock().unwrap().take();
+        async move {
+            match rx {
+                Some(rx) => Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+                    .map(Ok)
+                    .boxed()),
+                // Only one follower: later calls wait forever.
+                None => Ok(futures_util::stream::pending().boxed()),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// How the fake STS answers.
+#[derive(Debug, Clone)]
+pub enum StsMode {
+    /// Credentials valid this long.
+    Ok(Duration),
+    /// An AccessDenied error.
+    Fail,
+    /// Holds every call until `release` is notified, then answers Ok(1 h).
+    Hold,
+}
+
+pub struct FakeSts {
+    pub mode: Mutex<StsMode>,
+    pub calls: Mutex<Vec<CredKey>>,
+    pub release: Notify,
+    serial: AtomicUsize,
+}
+
+impl Default for FakeSts {
+    fn default() -> Self {
+        Self {
+            mode: Mutex::new(StsMode::Ok(Duration::from_secs(3600))),
+            calls: Mutex::default(),
+            release: Notify::new(),
+            serial: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl FakeSts {
+    pub fn set(&self, mode: StsMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+    pub fn calls(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+    fn creds(&self, key: &CredKey, valid: Duration) -> Credentials {
+        let n = self.serial.fetch_add(1, Ordering::SeqCst);
+        Credentials {
+            access_key_id: format!("ASIAFAKE{n:08}"),
+            secret_access_key: Secret::new(format!("secret-{n}")),
+            session_token: Secret::new(format!("token-{n}")),
+            expiration: SystemTime::now() + valid,
+            last_updated: SystemTime::now(),
+            assumed_role_arn: format!(
+                "arn:aws:sts::{}:assumed-role/{}/{}",
+                key.role_arn.account(),
+                key.role_arn.name(),
+                key.session_name
+            ),
+        }
+    }
+}
+
+impl Sts for FakeSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        self.calls.lock().unwrap().push(key.clone());
+        let mode = self.mode.lock().unwrap().clone();
+        async move {
+            match mode {
+                StsMode::Ok(valid) => Ok(self.creds(key, valid)),
+                StsMode::Fail => Err(CredentialsError::AssumeRole {
+                    role_arn: key.role_arn.clone(),
+                    code: Some("AccessDenied".into()),
+                    message: "AccessDenied: not authorized to perform sts:AssumeRole".into(),
+                }),
+                StsMode::Hold => {
+                    self.release.notified().await;
+                    Ok(self.creds(key, Duration::from_secs(3600)))
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
+        async move {
+            Ok(CallerIdentity {
+                account: AccountId::parse(ACCOUNT).unwrap(),
+                arn: format!("arn:aws:sts::{ACCOUNT}:assumed-role/instance/i-0"),
+            })
+        }
+        .boxed()
+    }
+}
+
+/// One request passed through to the real IMDS.
+pub type Forwarded = (Method, String, Vec<(String, String)>, Bytes);
+
+/// The real IMDS: a few paths, and a record of what was forwarded.
+#[derive(Default)]
+pub struct FakeUpstream {
+    pub gets: Mutex<Vec<String>>,
+    pub forwards: Mutex<Vec<Forwarded>>,
+}
+
+impl Upstream for FakeUpstream {
+    fn get_cached<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes, UpstreamError>> {
+        self.gets.lock().unwrap().push(path.to_string());
+        async move {
+            match path {
+                "/latest/meta-data/placement/region" => Ok(Bytes::from_static(b"eu-west-1")),
+                _ => Err(UpstreamError::Status(hyper::StatusCode::NOT_FOUND)),
+            }
+        }
+        .boxed()
+    }
+
+    fn forward<'a>(
+        &'a self,
+        method: Method,
+        path_and_query: &'a str,
+        headers: &'a hyper::HeaderMap,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Response<Bytes>, UpstreamError>> {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        self.forwards
+            .lock()
+            .unwrap()
+            .push((method, path_and_query.to_string(), headers, body));
+        async move { Ok(Response::new(Bytes::from_static(b"instance-answer"))) }.boxed()
+    }
+}
+
+/// What a test container looks like.
+#[derive(Default)]
+pub struct Spec<'a> {
+    pub env: &'a [&'a str],
+    pub image_env: &'a [&'a str],
+    pub labels: &'a [(&'a str, &'a str)],
+}
+
+/// A caller the bed knows: a cgroup and, for containers, the container.
+#[derive(Debug, Clone)]
+pub struct Who {
+    pub cgroup: CgroupId,
+    pub comm: &'static str,
+    pub container: Option<ContainerId>,
+}
+
+pub struct Options {
+    pub require_imdsv2: bool,
+    pub host_processes: HostProcesses,
+    pub allow_role: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            require_imdsv2: false,
+            host_processes: HostProcesses::Allow,
+            allow_role: Vec::new(),
+        }
+    }
+}
+
+/// The whole pipeline on 127.0.0.1:0 against fakes.
+pub struct Bed {
+    pub addr: SocketAddr,
+    pub records: Arc<FakeRecords>,
+    pub cgroups: Arc<FakeCgroups>,
+    pub runtime: Arc<FakeRuntime>,
+    pub sts: Arc<FakeSts>,
+    pub upstream: Arc<FakeUpstream>,
+    pub credentials: Arc<CredentialCache>,
+    pub connections: Arc<ConnLog>,
+    next_cgroup: AtomicUsize,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.tasks.abort_all();
+    }
+}
+
+pub async fn bed() -> Bed {
+    bed_with(Options::default()).await
+}
+
+pub async fn bed_with(options: Options) -> Bed {
+    let records = Arc::new(FakeRecords::default());
+    let cgroups = Arc::new(FakeCgroups::default());
+    let runtime = Arc::new(FakeRuntime::default());
+    let sts = Arc::new(FakeSts::default());
+    let upstream = Arc::new(FakeUpstream::default());
+    let account = Arc::new(OnceLock::new());
+    account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
+    let policy =
+        Arc::new(Policy::new(&options.allow_role, options.host_processes, account).unwrap());
+    let credentials = Arc::new(CredentialCache::new(sts.clone()));
+    let identities = Arc::new(Identities::new(runtime.clone()));
+    let connections = Arc::new(ConnLog::new(1024));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        credentials
+            .clone()
+            .follow(identities.subscribe(), policy.clone()),
+    );
+    tasks.spawn(identities.clone().follow_events());
+    let pipeline = Arc::new(Pipeline {
+        attribution: Attribution::new(records.clone(), cgroups.clone()),
+        surface: Surface {
+            identities,
+            policy,
+            credentials: credentials.clone(),
+            tokens: TokenKey::from_bytes([9; 32]),
+            upstream: upstream.clone(),
+            options: SurfaceOptions {
+                require_imdsv2: options.require_imdsv2,
+            },
+        },
+        connections: connections.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    tasks.spawn(server::run(listener, pipeline, async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    Bed {
+        addr,
+        records,
+        cgroups,
+        runtime,
+        sts,
+        upstream,
+        credentials,
+        connections,
+        next_cgroup: AtomicUsize::new(1000),
+        stop,
+        tasks,
+    }
+}
+
+/// A full container id made from a small number.
+pub fn container_id(n: usize) -> ContainerId {
+    ContainerId::parse(&format!("{n:064x}")).unwrap()
+}
+
+impl Bed {
+    fn new_cgroup(&self, path: String) -> CgroupId {
+        let id = CgroupId(self.next_cgroup.fetch_add(1, Ordering::SeqCst) as u64);
+        self.cgroups.0.lock().unwrap().insert(id, path.into());
+        id
+    }
+
+    /// A running container (known to the runtime) and a process in it.
+    pub fn container(&self, n: usize, spec: Spec<'_>) -> Who {
+        let id = container_id(n);
+        let cgroup = self.new_cgroup(format!("/docker/{id}"));
+        self.runtime.containers.lock().unwrap().insert(
+            id.clone(),
+            Container {
+                id: id.clone(),
+                name: format!("job-{n}"),
+                labels: spec
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                env: spec.env.iter().map(|s| s.to_string()).collect(),
+                image_env: spec.image_env.iter().map(|s| s.to_string()).collect(),
+                addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
+            },
+        );
+        Who {
+            cgroup,
+            comm: "python3",
+            container: Some(id),
+        }
+    }
+
+    /// A process in a cgroup at `path` (a host service, or a container the
+    /// runtime does not know).
+    pub fn process_at(&self, path: &str, comm: &'static str) -> Who {
+        Who {
+            cgroup: self.new_cgroup(path.to_string()),
+            comm,
+            container: None,
+        }
+    }
+
+    /// Sends one request as `who` (the fake probe records the connection
+    /// first, as the kernel would) and returns (status, headers, body).
+    pub async fn request(
+        &self,
+        who: &Who,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut raw =
+            format!("{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            raw.push_str(&format!("{k}: {v}\r\n"));
+        }
+        raw.push_str("\r\n");
+        self.send_raw(Some(who), raw.as_bytes()).await
+    }
+
+    /// Sends raw bytes on a new connection (recorded for `who`, or not at
+    /// all) and reads the answer until the server closes.
+    pub async fn send_raw(&self, who: Option<&Who>, bytes: &[u8]) -> Answer {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        if let Some(who) = who {
+            let mut comm = [0u8; 16];
+            comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
+            self.records.0.lock().unwrap().insert(
+                port,
+                ConnRecord {
+                    cgroup_id: who.cgroup.0,
+                    pid: 4242,
+                    family: AF_INET,
+                    orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
+                    orig_port: 80,
+                    comm,
+                    ..Default::default()
+                },
+            );
+        }
+        let mut stream = socket.connect(self.addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+        self.records.0.lock().unwrap().remove(&port);
+        Answer::parse(&out)
+    }
+
+    /// A token for `who`.
+    pub async fn token(&self, who: &Who) -> String {
+        let a = self
+            .request(
+                who,
+                "PUT",
+                "/latest/api/token",
+                &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")],
+            )
+            .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body
+    }
+
+    /// The connection log, newest last.
+    pub fn log(&self) -> Vec<Connection> {
+        self.connections.snapshot_and_subscribe().0
+    }
+
+    pub fn last_log(&self) -> Connection {
+        self.log().pop().expect("a logged connection")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    fn parse(raw: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Self {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+}

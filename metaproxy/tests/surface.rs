@@ -1,0 +1,443 @@
+//! The IMDS surface, end to end through the HTTP server, in-process: every
+//! route, the token rules, each refusal and what the connection log says.
+
+mod support;
+
+use metaproxy::{connlog::Outcome, policy::HostProcesses};
+use support::{bed, bed_with, Options, Spec};
+
+const ROLE: &str = "ci-deploy";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+const TTL: (&str, &str) = ("X-aws-ec2-metadata-token-ttl-seconds", "60");
+
+fn with_role() -> Spec<'static> {
+    Spec {
+        env: &["IAM_ROLE=ci-deploy"],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_container_walks_the_imdsv2_path_to_its_roles_credentials() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let put = bed.request(&job, "PUT", "/latest/api/token", &[TTL]).await;
+    assert_eq!(put.status, 200, "{put:?}");
+    assert_eq!(
+        put.header("x-aws-ec2-metadata-token-ttl-seconds"),
+        Some("60")
+    );
+    let token = put.body.clone();
+    let auth = [("X-aws-ec2-metadata-token", token.as_str())];
+
+    let listing = bed.request(&job, "GET", CREDS, &auth).await;
+    assert_eq!(
+        (listing.status, listing.body.as_str()),
+        (200, ROLE),
+        "no trailing newline"
+    );
+    let bare = bed
+        .request(&job, "GET", CREDS.trim_end_matches('/'), &auth)
+        .await;
+    assert_eq!(bare.body, ROLE);
+
+    let creds = bed
+        .request(&job, "GET", &format!("{CREDS}{ROLE}"), &auth)
+        .await;
+    assert_eq!(creds.status, 200);
+    let doc = creds.json();
+    assert_eq!(doc["Code"], "Success");
+    assert_eq!(doc["Type"], "AWS-HMAC");
+    assert!(doc["AccessKeyId"].as_str().unwrap().starts_with("ASIAFAKE"));
+    assert!(doc["SecretAccessKey"]
+        .as_str()
+        .unwrap()
+        .starts_with("secret-"));
+    assert!(doc["Token"].as_str().unwrap().starts_with("token-"));
+    let exp = doc["Expiration"].as_str().unwrap();
+    assert!(exp.len() == 20 && exp.ends_with('Z'), "{exp}");
+    assert!(doc.get("AccountId").is_none());
+    let key = bed.sts.calls.lock().unwrap()[0].clone();
+    assert_eq!(
+        key.role_arn.as_str(),
+        "arn:aws:iam::123456789012:role/ci-deploy"
+    );
+    assert_eq!(key.session_name, "container-000000000000");
+
+    let ext = bed
+        .request(
+            &job,
+            "GET",
+            &format!("/latest/meta-data/iam/security-credentials-extended/{ROLE}"),
+            &auth,
+        )
+        .await;
+    assert_eq!(ext.json()["AccountId"], "123456789012");
+
+    let info = bed
+        .request(&job, "GET", "/latest/meta-data/iam/info", &auth)
+        .await
+        .json();
+    assert_eq!(
+        info["InstanceProfileArn"],
+        "arn:aws:iam::123456789012:instance-profile/ci-deploy"
+    );
+    assert_eq!(bed.sts.calls(), 1, "one AssumeRole, then the cache");
+
+    let served = bed
+        .log()
+        .into_iter()
+        .filter(|c| c.outcome == Outcome::Served)
+        .count();
+    assert_eq!(served, 6);
+    let last = bed.last_log();
+    assert_eq!(last.container.as_deref(), Some("job-1"));
+    assert_eq!(
+        last.role.as_deref(),
+        Some("arn:aws:iam::123456789012:role/ci-deploy")
+    );
+    assert_eq!(last.comm.as_deref(), Some("python3"));
+    assert_eq!(last.original_dst.as_deref(), Some("169.254.169.254:80"));
+    assert_eq!(
+        last.request.as_deref(),
+        Some("GET /latest/meta-data/iam/info")
+    );
+}
+
+#[tokio::test]
+async fn token_requests_need_a_ttl_in_range_and_a_put() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    for ttl in [None, Some("0"), Some("21601"), Some("x")] {
+        let headers: Vec<(&str, &str)> = ttl
+            .map(|t| ("X-aws-ec2-metadata-token-ttl-seconds", t))
+            .into_iter()
+            .collect();
+        let a = bed
+            .request(&job, "PUT", "/latest/api/token", &headers)
+            .await;
+        assert_eq!(a.status, 400, "ttl {ttl:?}");
+        assert_eq!(
+            bed.last_log().reason.as_deref(),
+            Some("token TTL missing or out of range")
+        );
+    }
+    let max = bed
+        .request(
+            &job,
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")],
+        )
+        .await;
+    assert_eq!(max.status, 200);
+    assert_eq!(
+        bed.request(&job, "GET", "/latest/api/token", &[])
+            .await
+            .status,
+        405
+    );
+    assert_eq!(bed.request(&job, "POST", CREDS, &[]).await.status, 405);
+}
+
+#[tokio::test]
+async fn tokens_are_bound_to_their_container_and_checked() {
+    let bed = bed().await;
+    let a = bed.container(1, with_role());
+    let b = bed.container(2, with_role());
+    let token_a = bed.token(&a).await;
+    let stolen = bed
+        .request(&b, "GET", CREDS, &[("X-aws-ec2-metadata-token", &token_a)])
+        .await;
+    assert_eq!(stolen.status, 401);
+    let log = bed.last_log();
+    assert_eq!(log.outcome, Outcome::Unauthorized);
+    assert_eq!(
+        log.reason.as_deref(),
+        Some("token: minted for another caller, or forged")
+    );
+    for junk in ["forged", "MP1.1.abc", ""] {
+        let r = bed
+            .request(&a, "GET", CREDS, &[("X-aws-ec2-metadata-token", junk)])
+            .await;
+        assert_eq!(r.status, 401, "{junk:?}");
+    }
+    // IMDSv1 is served unless required.
+    assert_eq!(bed.request(&a, "GET", CREDS, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn imdsv1_is_refused_when_imdsv2_is_required() {
+    let bed = bed_with(Options {
+        require_imdsv2: true,
+        ..Default::default()
+    })
+    .await;
+    let job = bed.container(1, with_role());
+    let v1 = bed.request(&job, "GET", CREDS, &[]).await;
+    assert_eq!(v1.status, 401);
+    assert_eq!(
+        bed.last_log().reason.as_deref(),
+        Some("IMDSv1 refused (--require-imdsv2)")
+    );
+    let token = bed.token(&job).await;
+    let v2 = bed
+        .request(&job, "GET", CREDS, &[("X-aws-ec2-metadata-token", &token)])
+        .await;
+    assert_eq!(v2.status, 200);
+}
+
+#[tokio::test]
+async fn forwarded_requests_are_refused_like_imds_does() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let a = bed
+        .request(
+            &job,
+            "PUT",
+            "/latest/api/token",
+            &[TTL, ("X-Forwarded-For", "10.0.0.1")],
+        )
+        .await;
+    assert_eq!(a.status, 403);
+    assert_eq!(
+        bed.last_log().reason.as_deref(),
+        Some("X-Forwarded-For present")
+    );
+}
+
+#[tokio::test]
+async fn secret_and_unknown_paths_are_404_and_never_forwarded() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    for path in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/dynamic/instance-identity/signature",
+        "/latest/meta-data/../user-data",
+        "/latest/meta-data/placement/region?x=1",
+        &format!("{CREDS}other-role"),
+        &format!("{CREDS}{ROLE}/x"),
+        "/",
+    ] {
+        let a = bed.request(&job, "GET", path, &[]).await;
+        assert_eq!(a.status, 404, "{path}");
+        assert_eq!(bed.last_log().outcome, Outcome::NotFound, "{path}");
+    }
+    assert!(bed.upstream.forwards.lock().unwrap().is_empty());
+    assert!(bed.upstream.gets.lock().unwrap().is_empty());
+    // The allow-listed, non-secret metadata comes from the real IMDS.
+    let region = bed
+        .request(&job, "GET", "/latest/meta-data/placement/region", &[])
+        .await;
+    assert_eq!((region.status, region.body.as_str()), (200, "eu-west-1"));
+    let missing = bed
+        .request(&job, "GET", "/latest/meta-data/ami-id", &[])
+        .await;
+    assert_eq!(missing.status, 502);
+}
+
+#[tokio::test]
+async fn a_container_without_a_role_or_with_a_refused_one_gets_404() {
+    let bed = bed().await;
+    let none = bed.container(1, Spec::default());
+    let a = bed.request(&none, "GET", CREDS, &[]).await;
+    assert_eq!(a.status, 404);
+    let log = bed.last_log();
+    assert_eq!((log.outcome, log.reason), (Outcome::NoRole, None));
+    assert_eq!(log.role, None);
+
+    let from_image = bed.container(
+        2,
+        Spec {
+            env: &["IAM_ROLE=admin"],
+            image_env: &["IAM_ROLE=admin"],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        bed.request(&from_image, "GET", CREDS, &[]).await.status,
+        404
+    );
+    let log = bed.last_log();
+    assert_eq!(log.outcome, Outcome::Refused);
+    assert_eq!(
+        log.reason.as_deref(),
+        Some("IAM_ROLE comes from the image's ENV; only the runner may set it")
+    );
+
+    let twice = bed.container(
+        3,
+        Spec {
+            env: &["IAM_ROLE=ci-deploy", "IAM_ROLE=admin"],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        bed.request(&twice, "GET", &format!("{CREDS}admin"), &[])
+            .await
+            .status,
+        404
+    );
+    assert!(bed.last_log().reason.unwrap().contains("more than once"));
+
+    let other_account = bed.container(
+        4,
+        Spec {
+            env: &["IAM_ROLE=arn:aws:iam::999999999999:role/x"],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        bed.request(&other_account, "GET", CREDS, &[]).await.status,
+        404
+    );
+    assert!(bed
+        .last_log()
+        .reason
+        .unwrap()
+        .contains("not allowed by the instance profile's account"));
+    assert_eq!(bed.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn the_allow_list_decides_which_roles_exist() {
+    let bed = bed_with(Options {
+        allow_role: vec!["arn:aws:iam::*:role/ci-*".into()],
+        ..Default::default()
+    })
+    .await;
+    let ok = bed.container(1, with_role());
+    assert_eq!(
+        bed.request(&ok, "GET", &format!("{CREDS}{ROLE}"), &[])
+            .await
+            .status,
+        200
+    );
+    let admin = bed.container(
+        2,
+        Spec {
+            env: &["IAM_ROLE=admin"],
+            ..Default::default()
+        },
+    );
+    assert_eq!(bed.request(&admin, "GET", CREDS, &[]).await.status, 404);
+    assert!(bed.last_log().reason.unwrap().contains("--allow-role"));
+}
+
+#[tokio::test]
+async fn unrecorded_connections_are_refused_and_closed() {
+    let bed = bed().await;
+    let a = bed
+        .send_raw(None, b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(a.status, 403);
+    assert_eq!(a.header("connection"), Some("close"));
+    let log = bed.last_log();
+    assert_eq!(log.outcome, Outcome::Refused);
+    assert_eq!(
+        log.reason.as_deref(),
+        Some("no probe record for this connection")
+    );
+    assert_eq!(log.cgroup_id, None);
+}
+
+#[tokio::test]
+async fn containers_the_runtime_does_not_know_are_refused() {
+    let bed = bed().await;
+    let ghost = bed.process_at(&format!("/docker/{}", support::container_id(77)), "sh");
+    let a = bed.request(&ghost, "GET", CREDS, &[]).await;
+    assert_eq!(a.status, 403);
+    assert!(bed
+        .last_log()
+        .reason
+        .unwrap()
+        .contains("which the Docker daemon does not know"));
+    assert!(bed.upstream.forwards.lock().unwrap().is_empty());
+    let podman = bed.process_at(
+        &format!("/machine.slice/libpod-{}.scope", support::container_id(78)),
+        "sh",
+    );
+    assert_eq!(bed.request(&podman, "GET", CREDS, &[]).await.status, 403);
+}
+
+#[tokio::test]
+async fn a_connection_from_another_address_is_not_the_containers() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let id = job.container.clone().unwrap();
+    bed.runtime
+        .containers
+        .lock()
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()
+        .addresses = Some(vec!["172.17.0.9".parse().unwrap()]);
+    let a = bed.request(&job, "GET", CREDS, &[]).await;
+    assert_eq!(a.status, 403);
+    assert_eq!(
+        bed.last_log().reason.as_deref(),
+        Some("client address 127.0.0.1 is not the container's")
+    );
+}
+
+#[tokio::test]
+async fn host_processes_pass_through_unchanged_unless_refused() {
+    let bed = bed().await;
+    let agent = bed.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
+    let a = bed
+        .request(
+            &agent,
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")],
+        )
+        .await;
+    assert_eq!((a.status, a.body.as_str()), (200, "instance-answer"));
+    assert_eq!(bed.last_log().outcome, Outcome::Passthrough);
+    let forwards = bed.upstream.forwards.lock().unwrap().clone();
+    let (method, path, headers, _) = &forwards[0];
+    assert_eq!(
+        (method.as_str(), path.as_str()),
+        ("PUT", "/latest/api/token")
+    );
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "x-aws-ec2-metadata-token-ttl-seconds" && v == "21600"));
+
+    let dockerd = bed.process_at("/system.slice/docker.service", "dockerd");
+    assert_eq!(bed.request(&dockerd, "GET", CREDS, &[]).await.status, 403);
+    assert_eq!(
+        bed.last_log().reason.as_deref(),
+        Some("dockerd acts for containers; it gets no pass-through")
+    );
+    assert_eq!(bed.upstream.forwards.lock().unwrap().len(), 1);
+
+    let deny = bed_with(Options {
+        host_processes: HostProcesses::Deny,
+        ..Default::default()
+    })
+    .await;
+    let agent = deny.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
+    assert_eq!(deny.request(&agent, "GET", CREDS, &[]).await.status, 403);
+    assert_eq!(
+        deny.last_log().reason.as_deref(),
+        Some("host process (--host-processes deny)")
+    );
+    assert!(deny.upstream.forwards.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_http_gets_an_error_and_the_server_keeps_serving() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let junk = bed.send_raw(Some(&job), b"\x00\x01 garbage\r\n\r\n").await;
+    assert_eq!(junk.status, 400, "{junk:?}");
+    let huge = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000));
+    let big = bed.send_raw(Some(&job), huge.as_bytes()).await;
+    assert!(
+        big.status == 431 || big.status == 414 || big.status == 400 || big.status == 0,
+        "{big:?}"
+    );
+    assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
+}
