@@ -10,6 +10,9 @@
 //! keys and values.
 #![no_std]
 
+#[cfg(feature = "std")]
+pub mod mountinfo;
+
 /// `AF_INET`, as stored in [`ConnKey::family`] and [`ConnRecord::family`].
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as stored in [`ConnKey::family`] and [`ConnRecord::family`].

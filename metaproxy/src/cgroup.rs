@@ -6,6 +6,7 @@
 //! it at /sys/fs/cgroup/unified, production hosts at /sys/fs/cgroup), turns
 //! paths into ids and ids back into paths.
 
+use metaproxy_common::mountinfo;
 use std::{
     collections::HashMap,
     fs, io,
@@ -35,43 +36,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
-}
-
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
-        let (pre, post) = line.split_once(" - ")?;
-        if post.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mount_point = pre.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount_point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut rest = field;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(c) => {
-                out.push(char::from(c));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    mountinfo::cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
 }
 
 /// The cgroup id of a cgroup2 directory.
@@ -83,10 +48,7 @@ pub fn id_of(dir: &Path) -> Result<u64, CgroupError> {
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or(CgroupError::NoCgroup2)?;
+    let rel = mountinfo::own_cgroup2(&text).ok_or(CgroupError::NoCgroup2)?;
     Ok(mount.join(rel.trim_start_matches('/')))
 }
 
@@ -164,39 +126,5 @@ impl CgroupPaths {
                 self.scan(&entry.path(), found, depth + 1);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_among_v1_mounts() {
-        let mountinfo = "\
-25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
-33 25 0:28 / /sys/fs/cgroup rw shared:9 - tmpfs tmpfs ro,mode=755
-34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
-35 33 0:30 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
-";
-        assert_eq!(
-            parse_cgroup2_mount(mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-    }
-
-    #[test]
-    fn pure_v2_host_and_escaped_paths() {
-        let mountinfo = "30 1 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        let odd = "30 1 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
-        assert_eq!(parse_cgroup2_mount(odd), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(
-            parse_cgroup2_mount("30 1 0:26 / /x rw - tmpfs t rw\n"),
-            None
-        );
     }
 }

@@ -7,6 +7,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::Context as _;
@@ -19,6 +20,7 @@ use crate::{
     fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
     moto::{Moto, PORT},
     netns::NetNs,
+    process::output_in,
 };
 
 /// Roles moto knows (all in the instance's account, trusting the instance).
@@ -48,19 +50,54 @@ struct ScratchDir(PathBuf);
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            crate::teardown_failed(format!("scratch directory {}: {e}", self.0.display()));
+        }
+    }
+}
+
+/// What every bed stands on: a scratch directory, a network namespace with
+/// no route out (holding `addrs` on its `lo`), and a cgroup subtree with
+/// `attached` (where the probe goes) and, inside it, the daemon's own cgroup:
+/// as on a host where the probe is at the cgroup root, the daemon's own
+/// connects must still reach the real IMDS.
+struct Foundation {
+    dir: ScratchDir,
+    ns: NetNs,
+    cg: TestCgroup,
+    attached: PathBuf,
+    own: PathBuf,
+}
+
+impl Foundation {
+    fn new(addrs: &[&str]) -> anyhow::Result<Self> {
+        crate::require_root();
+        let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
+        fs::create_dir_all(&dir.0)?;
+        let ns = NetNs::new("mpt", addrs)?;
+        let cg = TestCgroup::new("mpt")?;
+        let attached = cg.child("attached")?;
+        let own = cg.child("attached/metaproxy")?;
+        Ok(Self {
+            dir,
+            ns,
+            cg,
+            attached,
+            own,
+        })
     }
 }
 
 impl E2eBed {
     /// Builds the bed; `daemon_args` go to `metaproxy run`.
     pub fn start(daemon_args: &[&str]) -> anyhow::Result<Self> {
-        crate::require_root();
-        let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
-        fs::create_dir_all(&dir.0)?;
-        let ns = NetNs::new("mpt", &["169.254.169.254/32"])?;
-        let cg = TestCgroup::new("mpt")?;
-        let attached = cg.child("attached")?;
+        let Foundation {
+            dir,
+            ns,
+            cg,
+            attached,
+            own,
+        } = Foundation::new(&["169.254.169.254/32"])?;
 
         let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
         let instance = moto.seed(
@@ -83,10 +120,8 @@ impl E2eBed {
         )?;
         let daemon = Daemon::start(DaemonSpec {
             netns: ns.path(),
-            attach_cgroup: attached.clone(),
-            // Inside the intercepted subtree, as on a real host: its own
-            // requests to the (fake) real IMDS must not be redirected.
-            own_cgroup: cg.child("attached/metaproxy")?,
+            attach_cgroup: attached,
+            own_cgroup: own,
             args: daemon_args.iter().map(|s| s.to_string()).collect(),
             env: vec![
                 ("DOCKER_HOST".into(), dockerd.host()),
@@ -310,23 +345,113 @@ impl Drop for Container {
     }
 }
 
-/// A binary of the tests crate: in `$MP_BIN_DIR` if set (the benchmark
-/// uses release builds), else next to the running test binary
-/// (`target/debug/deps/..`) or xtask (`target/debug/..`).
+/// A binary of the tests crate (the clients run in containers).
 pub fn bin(name: &str) -> PathBuf {
-    if let Some(dir) = std::env::var_os("MP_BIN_DIR") {
-        return PathBuf::from(dir).join(name);
+    crate::binaries().dir.join(name)
+}
+
+/// The kernel suite's bed: the daemon with no Docker and no STS, and fake
+/// IMDS listeners on 169.254.169.254:80 and :81 and [fd00:ec2::254]:80.
+/// Fields drop in order: the daemon (detaching the probe) first, the
+/// namespace last.
+#[derive(Debug)]
+pub struct KernelBed {
+    pub daemon: Daemon,
+    pub fakes: Vec<FakeImds>,
+    pub cg: TestCgroup,
+    pub ns: NetNs,
+    _dir: ScratchDir,
+}
+
+impl KernelBed {
+    /// A bed whose daemon refuses host processes, so that every answer comes
+    /// from the daemon itself (the clients here are in no container).
+    pub fn new(daemon_args: &[&str]) -> Self {
+        let mut args = vec!["--host-processes", "deny"];
+        args.extend_from_slice(daemon_args);
+        Self::with_args(&args)
     }
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found near {}: build the workspace first",
-                exe.display()
-            )
+
+    pub fn with_args(daemon_args: &[&str]) -> Self {
+        let Foundation {
+            dir,
+            ns,
+            cg,
+            attached,
+            own,
+        } = Foundation::new(&["169.254.169.254/32", "fd00:ec2::254/128"]).expect("bed");
+        let allow_v1 = FakeImdsConfig {
+            allow_v1: true,
+            ..Default::default()
+        };
+        let fakes = vec![
+            FakeImds::start(&ns, allow_v1.clone()).expect("fake imds"),
+            FakeImds::start_at(&ns, "169.254.169.254:81".parse().unwrap(), allow_v1.clone())
+                .expect("fake :81"),
+            FakeImds::start_at(&ns, "[fd00:ec2::254]:80".parse().unwrap(), allow_v1)
+                .expect("fake v6"),
+        ];
+        // No Docker and no STS here: these tests are about the kernel half.
+        // The daemon must not call the fake IMDS for its own credentials
+        // either, so every call the fake records is a leak.
+        let daemon = Daemon::start(DaemonSpec {
+            netns: ns.path(),
+            attach_cgroup: attached,
+            own_cgroup: own,
+            args: daemon_args.iter().map(|s| s.to_string()).collect(),
+            env: vec![
+                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+                ("AWS_REGION".into(), "us-east-1".into()),
+                ("AWS_ENDPOINT_URL_STS".into(), "http://127.0.0.1:9".into()),
+                (
+                    "DOCKER_HOST".into(),
+                    "unix:///nonexistent/docker.sock".into(),
+                ),
+                // Debug, so the kernel programs' own log lines show up.
+                ("METAPROXY_LOG".into(), "info,metaproxy=debug".into()),
+            ],
         })
+        .expect("daemon");
+        Self {
+            daemon,
+            fakes,
+            cg,
+            ns,
+            _dir: dir,
+        }
+    }
+
+    pub fn imds_calls(&self) -> usize {
+        self.fakes[0].calls().len()
+    }
+
+    pub fn cgroup(&self, rel: &str) -> PathBuf {
+        self.cg.child(rel).unwrap()
+    }
+
+    /// Runs mp-client in cgroup `rel` and parses its report.
+    pub fn client(&self, rel: &str, args: &[&str]) -> Value {
+        let mut cmd = Command::new(bin("mp-client"));
+        cmd.args(args);
+        let out = output_in(cmd, &self.ns.path(), &self.cgroup(rel)).expect("client");
+        assert!(
+            out.status.success(),
+            "mp-client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("client json")
+    }
+
+    pub fn connection_by_port(&self, port: u64) -> Vec<Value> {
+        self.daemon
+            .connections()
+            .unwrap()
+            .into_iter()
+            .filter(|c| {
+                c["client"]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+            .collect()
+    }
 }

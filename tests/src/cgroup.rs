@@ -9,19 +9,12 @@ use std::{
 };
 
 use anyhow::Context as _;
+use metaproxy_common::mountinfo;
 
-/// Where cgroup2 is mounted (from /proc/self/mountinfo).
+/// Where cgroup2 is mounted, read as the daemon reads it.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo")?;
-    text.lines()
-        .find_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            if post.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            pre.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .context("no cgroup2 mount")
+    mountinfo::cgroup2_mount(&text).context("no cgroup2 mount")
 }
 
 /// A test-owned cgroup directory under the cgroup2 root.
@@ -66,36 +59,37 @@ pub fn id_of(dir: &Path) -> u64 {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        remove_tree(&self.root);
+        let mut left = Vec::new();
+        if !remove_tree(&self.root) {
+            left.push(self.root.clone());
+        }
         // dockerd --cgroup-parent also creates the parent in every cgroup v1
         // hierarchy (/sys/fs/cgroup/cpu/<name>, ...): those are ours too.
         if let Some(name) = self.root.file_name() {
             for hierarchy in v1_hierarchies() {
-                remove_tree(&hierarchy.join(name));
+                if !remove_tree(&hierarchy.join(name)) {
+                    left.push(hierarchy.join(name));
+                }
             }
+        }
+        if !left.is_empty() {
+            crate::teardown_failed(format!("cgroups left behind: {left:?}"));
         }
     }
 }
 
 /// The cgroup v1 hierarchies mounted on this host (none on pure v2 hosts).
 pub fn v1_hierarchies() -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup")
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .collect()
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| mountinfo::cgroup1_mounts(&text))
+        .unwrap_or_default()
 }
 
 /// Kills what is left in `dir` (processes our tests started), then removes
-/// the directories bottom-up.
-pub fn remove_tree(dir: &Path) {
+/// the directories bottom-up. `false` if something could not be removed.
+pub fn remove_tree(dir: &Path) -> bool {
     if !dir.exists() {
-        return;
+        return true;
     }
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -109,9 +103,9 @@ pub fn remove_tree(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.kill"), "1");
     for _ in 0..100 {
         if fs::remove_dir(dir).is_ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!("test bed: could not remove cgroup {}", dir.display());
+    false
 }

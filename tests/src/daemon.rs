@@ -11,19 +11,9 @@ use anyhow::{bail, Context as _};
 
 use crate::process::{self, ChildGuard};
 
-/// The daemon binary under test: `$METAPROXY_BIN` (set by `cargo xtask
-/// test`), else the workspace's debug build.
+/// The daemon binary under test.
 pub fn metaproxy_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("METAPROXY_BIN") {
-        return PathBuf::from(bin);
-    }
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/metaproxy");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it (cargo build -p metaproxy) or run the tests through `cargo xtask test`",
-        bin.display()
-    );
-    bin
+    crate::binaries().metaproxy.clone()
 }
 
 /// Where and how to run the daemon.
@@ -202,9 +192,9 @@ impl Drop for Daemon {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .output();
-        if !detached.is_ok_and(|o| o.status.success()) {
-            eprintln!("test bed: could not detach {}", self.pin_dir.display());
-        }
         let _ = fs::remove_dir_all(&self.dir);
+        if !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists() {
+            crate::teardown_failed(format!("pins left in {}", self.pin_dir.display()));
+        }
     }
 }

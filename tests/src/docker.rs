@@ -218,7 +218,9 @@ impl Drop for Dockerd {
             child.terminate(Duration::from_secs(20));
         }
         unmount_below(&self.dir);
-        let _ = fs::remove_dir_all(&self.dir);
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            crate::teardown_failed(format!("dockerd's {}: {e}", self.dir.display()));
+        }
     }
 }
 

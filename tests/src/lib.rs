@@ -26,6 +26,52 @@ pub mod moto;
 pub mod netns;
 pub mod process;
 
+/// Where the bed finds the binaries it runs: the daemon, and the directory
+/// of the clients (`mp-client`, `mp-sdk-client`, `mp-hello`).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub metaproxy: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
+}
+
+static BINARIES: std::sync::OnceLock<Binaries> = std::sync::OnceLock::new();
+
+/// Tells the bed which binaries to run (xtask's demo and bench, which build
+/// them through cargo). Must come before the first bed.
+pub fn use_binaries(binaries: Binaries) {
+    assert!(
+        BINARIES.set(binaries).is_ok(),
+        "use_binaries must come before the bed first runs a binary"
+    );
+}
+
+/// The binaries the bed runs: as given to [`use_binaries`], else from
+/// `METAPROXY_BIN` and `MP_BIN_DIR`, which `cargo xtask test` sets on the
+/// test run from what cargo reported building.
+pub fn binaries() -> &'static Binaries {
+    BINARIES.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var_os(name).map(std::path::PathBuf::from).unwrap_or_else(|| {
+                panic!("{name} is not set: run the suites through `cargo xtask test`, which builds the binaries and says where they are")
+            })
+        };
+        Binaries {
+            metaproxy: var("METAPROXY_BIN"),
+            dir: var("MP_BIN_DIR"),
+        }
+    })
+}
+
+/// Reports a teardown that left something behind: a panic (the test fails)
+/// unless the test is already failing, when a second panic would abort.
+pub fn teardown_failed(what: String) {
+    if std::thread::panicking() {
+        eprintln!("test bed teardown: {what}");
+    } else {
+        panic!("test bed teardown: {what}");
+    }
+}
+
 /// A name unique to this process and call, for namespaces, cgroups, pins.
 pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -76,10 +76,10 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!(
-                "test bed: could not delete network namespace {}: {e:#}",
+            crate::teardown_failed(format!(
+                "could not delete network namespace {}: {e:#}",
                 self.name
-            );
+            ));
         }
     }
 }

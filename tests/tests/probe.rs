@@ -3,126 +3,18 @@
 //! namespace with only `lo`, cgroup subtree, daemon, fake IMDS) and tears it
 //! down on every exit path. Needs root; run through `cargo xtask test`.
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::process::{Command, Stdio};
 
 use metaproxy_tests::{
-    cgroup::{id_of, TestCgroup},
-    daemon::{Daemon, DaemonSpec},
-    fake_imds::{FakeImds, FakeImdsConfig},
-    netns::NetNs,
+    bed::KernelBed as Bed,
+    cgroup::id_of,
     process::{output_in, spawn_in},
-    require_root,
 };
 use serde_json::Value;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_mp-client");
 const IMDS: &str = "169.254.169.254:80";
 const LISTEN: &str = "169.254.170.254:8169";
-
-/// One bed. Fields drop in order: the daemon (detaching the probe) first,
-/// the namespace last.
-struct Bed {
-    daemon: Daemon,
-    fakes: Vec<FakeImds>,
-    cg: TestCgroup,
-    ns: NetNs,
-}
-
-impl Bed {
-    /// A bed whose daemon refuses host processes, so that every answer comes
-    /// from the daemon itself (the clients here are in no container).
-    fn new(daemon_args: &[&str]) -> Self {
-        let mut args = vec!["--host-processes", "deny"];
-        args.extend_from_slice(daemon_args);
-        Self::with_args(&args)
-    }
-
-    fn with_args(daemon_args: &[&str]) -> Self {
-        require_root();
-        let ns = NetNs::new("mpt", &["169.254.169.254/32", "fd00:ec2::254/128"]).expect("netns");
-        let cg = TestCgroup::new("mpt").expect("cgroup");
-        let attached = cg.child("attached").unwrap();
-        // The daemon sits inside the subtree it intercepts, as it does on a
-        // host where the probe is at the cgroup root: its own connects must
-        // still reach the real IMDS.
-        let own = cg.child("attached/metaproxy").unwrap();
-        let allow_v1 = FakeImdsConfig {
-            allow_v1: true,
-            ..Default::default()
-        };
-        let fakes = vec![
-            FakeImds::start(&ns, allow_v1.clone()).expect("fake imds"),
-            FakeImds::start_at(&ns, "169.254.169.254:81".parse().unwrap(), allow_v1.clone())
-                .expect("fake :81"),
-            FakeImds::start_at(&ns, "[fd00:ec2::254]:80".parse().unwrap(), allow_v1)
-                .expect("fake v6"),
-        ];
-        // No Docker and no STS here: these tests are about the kernel half.
-        // The daemon must not call the fake IMDS for its own credentials
-        // either, so every call the fake records is a leak.
-        let daemon = Daemon::start(DaemonSpec {
-            netns: ns.path(),
-            attach_cgroup: attached,
-            own_cgroup: own,
-            args: daemon_args.iter().map(|s| s.to_string()).collect(),
-            env: vec![
-                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-                ("AWS_REGION".into(), "us-east-1".into()),
-                ("AWS_ENDPOINT_URL_STS".into(), "http://127.0.0.1:9".into()),
-                (
-                    "DOCKER_HOST".into(),
-                    "unix:///nonexistent/docker.sock".into(),
-                ),
-                // Debug, so the kernel programs' own log lines show up.
-                ("METAPROXY_LOG".into(), "info,metaproxy=debug".into()),
-            ],
-        })
-        .expect("daemon");
-        Self {
-            daemon,
-            fakes,
-            cg,
-            ns,
-        }
-    }
-
-    fn imds_calls(&self) -> usize {
-        self.fakes[0].calls().len()
-    }
-
-    fn cgroup(&self, rel: &str) -> PathBuf {
-        self.cg.child(rel).unwrap()
-    }
-
-    /// Runs mp-client in cgroup `rel` and parses its report.
-    fn client(&self, rel: &str, args: &[&str]) -> Value {
-        let mut cmd = Command::new(CLIENT);
-        cmd.args(args);
-        let out = output_in(cmd, &self.ns.path(), &self.cgroup(rel)).expect("client");
-        assert!(
-            out.status.success(),
-            "mp-client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("client json")
-    }
-
-    fn connection_by_port(&self, port: u64) -> Vec<Value> {
-        self.daemon
-            .connections()
-            .unwrap()
-            .into_iter()
-            .filter(|c| {
-                c["client"]
-                    .as_str()
-                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
-            })
-            .collect()
-    }
-}
 
 #[test]
 fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {

@@ -23,8 +23,6 @@ use metaproxy_tests::{
 };
 use serde_json::Value;
 
-use crate::{run_cmd, workspace_root};
-
 const ROUNDS: &str = "5000";
 
 pub fn run() -> anyhow::Result<()> {
@@ -33,27 +31,10 @@ pub fn run() -> anyhow::Result<()> {
         crate::test::is_root(),
         "the benchmark needs root (namespaces, cgroups, BPF, dockerd)"
     );
-    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "metaproxy",
-    ]))?;
-    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "metaproxy-tests",
-        "--bins",
-    ]))?;
-    // The bed starts the daemon from METAPROXY_BIN and finds the clients in
-    // MP_BIN_DIR (set before any thread).
-    let release = workspace_root().join("target/release");
-    std::env::set_var("METAPROXY_BIN", release.join("metaproxy"));
-    std::env::set_var("MP_BIN_DIR", &release);
-    crate::clean::run()?;
+    let bins = crate::build::bed_binaries(true)?;
+    let release = bins.dir.clone();
+    crate::clean::run_with(&bins.metaproxy)?;
+    metaproxy_tests::use_binaries(bins);
 
     let bed = E2eBed::start(&[])?;
     let mut hello = Command::new(release.join("mp-hello"));

@@ -9,7 +9,17 @@ use std::{fs, path::Path, process::Command};
 /// Name prefixes the test bed uses (see metaproxy_tests::unique_name).
 const PREFIXES: &[&str] = &["mpt-", "mpd-", "mpdemo-"];
 
+/// `cargo xtask clean`: finds the daemon binary (for `detach`) through cargo.
 pub fn run() -> anyhow::Result<()> {
+    let bins = crate::build::cargo_build(&["-p", "metaproxy", "--bin", "metaproxy"])?;
+    let metaproxy = bins
+        .get("metaproxy")
+        .ok_or_else(|| anyhow::anyhow!("cargo built no metaproxy binary"))?;
+    run_with(metaproxy)
+}
+
+/// Removes what killed runs left, detaching stale pins with `metaproxy`.
+pub fn run_with(metaproxy: &Path) -> anyhow::Result<()> {
     let mut removed = Vec::new();
     // Netns and cgroups first: killing a cgroup's processes (ours, by name)
     // stops stray daemons before their pins go.
@@ -39,7 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     for dir in stale_entries(Path::new("/sys/fs/bpf")) {
-        let _ = Command::new(workspace_bin())
+        let _ = Command::new(metaproxy)
             .arg("detach")
             .arg("--pin-dir")
             .arg(&dir)
@@ -57,10 +67,6 @@ pub fn run() -> anyhow::Result<()> {
         println!("clean: removed {r}");
     }
     Ok(())
-}
-
-fn workspace_bin() -> std::path::PathBuf {
-    crate::workspace_root().join("target/debug/metaproxy")
 }
 
 /// `<prefix>-<pid>-<n>` with a pid that is no longer running.

@@ -4,11 +4,9 @@
 //! the daemon), runs two job containers with the real AWS SDK inside, shows
 //! what each got and what `metaproxy connections` saw, and tears it all down.
 
-use std::{process::Command, time::Instant};
+use std::time::Instant;
 
 use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
-
-use crate::{run_cmd, workspace_root};
 
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -18,21 +16,9 @@ pub fn run() -> anyhow::Result<()> {
         "the demo needs root (namespaces, cgroups, BPF, dockerd)"
     );
     step("building metaproxy and the demo clients");
-    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--quiet",
-        "-p",
-        "metaproxy",
-        "-p",
-        "metaproxy-tests",
-        "--bins",
-    ]))?;
-    // The bed starts the daemon from METAPROXY_BIN (set before any thread).
-    std::env::set_var(
-        "METAPROXY_BIN",
-        workspace_root().join("target/debug/metaproxy"),
-    );
-    crate::clean::run()?;
+    let bins = crate::build::bed_binaries(false)?;
+    crate::clean::run_with(&bins.metaproxy)?;
+    metaproxy_tests::use_binaries(bins);
 
     step("starting the bed: netns, moto (STS, auth on), fake IMDS, dockerd, metaproxy");
     let bed = E2eBed::start(&[])?;

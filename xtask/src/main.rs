@@ -6,6 +6,7 @@
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `clean` - remove what a killed test run left behind
 mod bench;
+mod build;
 mod clean;
 mod demo;
 mod setup;

@@ -12,12 +12,10 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
         "the end-to-end tests need root (network namespaces, cgroups, BPF): run `sudo -E cargo xtask test`"
     );
     let root = workspace_root();
-    // Build the daemon the suites run (and the test binaries) up front.
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--workspace",
-        "--all-targets",
-    ]))?;
+    // Build the daemon the suites run (and the test binaries) up front;
+    // cargo says where the binaries went.
+    crate::build::cargo_build(&["--workspace", "--all-targets"])?;
+    let bins = crate::build::bed_binaries(false)?;
 
     println!("== unit tests");
     let mut unit = Command::new("cargo");
@@ -29,11 +27,12 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     run_cmd(&mut unit)?;
 
     println!("== kernel and end-to-end tests");
-    crate::clean::run()?;
+    crate::clean::run_with(&bins.metaproxy)?;
     let mut e2e = Command::new("cargo");
     e2e.current_dir(&root)
         .args(["test", "-p", "metaproxy-tests", "--", "--test-threads=1"])
-        .env("METAPROXY_BIN", root.join("target/debug/metaproxy"));
+        .env("METAPROXY_BIN", &bins.metaproxy)
+        .env("MP_BIN_DIR", &bins.dir);
     if let Some(f) = filter {
         e2e.arg(f);
     }
