@@ -63,10 +63,13 @@ pub struct RunArgs {
     #[arg(long, env = "METAPROXY_REQUIRE_IMDSV2")]
     pub require_imdsv2: bool,
 
-    /// What to do with requests from processes in no container (host
-    /// services such as the SSM agent when the probe is at the cgroup root).
-    #[arg(long, env = "METAPROXY_HOST_PROCESSES", value_enum, default_value_t = HostProcesses::Allow)]
-    pub host_processes: HostProcesses,
+    /// cgroups of host services (in no container) that may reach the real
+    /// IMDS through metaproxy, as globs on the cgroup path below the cgroup2
+    /// mount, e.g. `/system.slice/amazon-ssm-agent.service` (repeatable;
+    /// `*` stays within one path segment, `**` spans them). Every other
+    /// process in no container is refused.
+    #[arg(long, env = "METAPROXY_ALLOW_HOST_CGROUP", value_delimiter = ',')]
+    pub allow_host_cgroup: Vec<String>,
 
     /// Directory for what must survive a restart (the token signing key).
     #[arg(long, env = "METAPROXY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -115,15 +118,6 @@ pub struct ConnectionsArgs {
 pub struct DetachArgs {
     #[command(flatten)]
     pub pins: PinArgs,
-}
-
-/// What to do with requests from processes in no container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum HostProcesses {
-    /// Pass them through to the real IMDS unchanged.
-    Allow,
-    /// Refuse them (403).
-    Deny,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

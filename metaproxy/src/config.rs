@@ -7,10 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{
-    cli::{self, RunArgs},
-    policy::HostProcesses,
-};
+use crate::cli::RunArgs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,7 +32,7 @@ pub struct RunConfig {
     pub listen6: Option<SocketAddrV6>,
     pub allow_role: Vec<String>,
     pub require_imdsv2: bool,
-    pub host_processes: HostProcesses,
+    pub allow_host_cgroup: Vec<String>,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_socket: PathBuf,
@@ -63,10 +60,7 @@ impl RunConfig {
             listen6,
             allow_role: args.allow_role.clone(),
             require_imdsv2: args.require_imdsv2,
-            host_processes: match args.host_processes {
-                cli::HostProcesses::Allow => HostProcesses::Allow,
-                cli::HostProcesses::Deny => HostProcesses::Deny,
-            },
+            allow_host_cgroup: args.allow_host_cgroup.clone(),
             state_dir: args.state_dir.clone(),
             pin_dir: args.pins.pin_dir.clone(),
             admin_socket: args.admin.admin_socket.clone(),
@@ -89,7 +83,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::cli::{self, Cli, Command};
 
     fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
         let cli = Cli::try_parse_from(["metaproxy", "run"].iter().chain(args)).unwrap();

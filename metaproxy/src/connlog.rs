@@ -68,7 +68,7 @@ pub enum Outcome {
     /// The container has no role: nothing to serve.
     NoRole,
     /// Refused, with a reason: no probe record, a refused role, a host
-    /// process under `--host-processes deny`, STS or Docker unavailable.
+    /// process not in `--allow-host-cgroup`, STS or Docker unavailable.
     Refused,
     /// A bad, expired or foreign token, or IMDSv1 under `--require-imdsv2`.
     Unauthorized,

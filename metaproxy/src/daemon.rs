@@ -95,7 +95,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let account = Arc::new(OnceLock::new());
     let policy = Arc::new(Policy::new(
         &config.allow_role,
-        config.host_processes,
+        &config.allow_host_cgroup,
         account.clone(),
     )?);
     let tokens = TokenKey::load_or_create(&config.state_dir)

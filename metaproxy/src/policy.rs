@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::{
     attribution::Caller,
@@ -52,52 +52,51 @@ pub enum RoleRefusal {
     NotAllowed { arn: RoleArn, rule: &'static str },
 }
 
-/// What to do with requests from processes in no container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostProcesses {
-    /// Pass them through to the real IMDS unchanged.
-    Allow,
-    /// Refuse them.
-    Deny,
-}
-
 /// Why a host process gets no pass-through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostRefusal {
-    #[error("host process (--host-processes deny)")]
-    Denied,
     /// dockerd fetches URLs for its API clients (`docker build` with `ADD
     /// http://169.254.169.254/...`), and jobs are API clients.
     #[error("{0} acts for containers; it gets no pass-through")]
     ContainerRuntime(String),
+    /// BuildKit runs `docker build` RUN steps in cgroups of its own, with no
+    /// container behind them: job code, with the host's identity.
+    #[error("BuildKit build step in {0}: no pass-through")]
+    BuildStep(String),
+    #[error("cgroup {0} is not in --allow-host-cgroup")]
+    NotAllowListed(String),
+    #[error("cgroup of the caller is unknown (gone before it could be read)")]
+    UnknownCgroup,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("--allow-role {pattern}: {source}")]
+#[error("{flag} {pattern:?}: {source}")]
 pub struct PatternError {
+    flag: &'static str,
     pattern: String,
+    #[source]
     source: globset::Error,
 }
 
 /// The role policy: `--allow-role` globs, or the instance's own account;
-/// and the host-process rule.
+/// and the host-process allow-list (`--allow-host-cgroup`), deny by default.
 #[derive(Debug)]
 pub struct Policy {
     allow: Option<GlobSet>,
-    host: HostProcesses,
+    host_allow: Option<GlobSet>,
     /// The instance profile's account, once STS told us.
     account: Arc<OnceLock<AccountId>>,
 }
 
 impl Policy {
     pub fn new(
-        patterns: &[String],
-        host: HostProcesses,
+        allow_role: &[String],
+        allow_host_cgroup: &[String],
         account: Arc<OnceLock<AccountId>>,
     ) -> Result<Self, PatternError> {
         Ok(Self {
-            allow: allow_set(patterns)?,
-            host,
+            allow: glob_set("--allow-role", allow_role)?,
+            host_allow: glob_set("--allow-host-cgroup", allow_host_cgroup)?,
             account,
         })
     }
@@ -159,33 +158,51 @@ impl Policy {
         })
     }
 
-    /// Whether a host process (in no container) may reach the real IMDS.
+    /// Whether a host process (in no container) may reach the real IMDS:
+    /// only from an allow-listed cgroup, and never a container runtime or
+    /// a build step. Being in no container proves nothing.
     pub fn host_access(&self, caller: &Caller) -> Result<(), HostRefusal> {
-        if self.host == HostProcesses::Deny {
-            return Err(HostRefusal::Denied);
-        }
+        let path = caller
+            .cgroup_path
+            .as_deref()
+            .ok_or(HostRefusal::UnknownCgroup)?;
         if is_container_runtime(&caller.comm) {
             return Err(HostRefusal::ContainerRuntime(caller.comm.clone()));
         }
-        Ok(())
+        if is_build_step(path) {
+            return Err(HostRefusal::BuildStep(path.to_string()));
+        }
+        match &self.host_allow {
+            Some(set) if set.is_match(path) => Ok(()),
+            _ => Err(HostRefusal::NotAllowListed(path.to_string())),
+        }
     }
 }
 
-fn allow_set(patterns: &[String]) -> Result<Option<GlobSet>, PatternError> {
+/// Globs in which `*` and `?` never match `/` (`**` spans path segments):
+/// `role/ci-*` must not admit `role/ci-x/admin`.
+fn glob_set(flag: &'static str, patterns: &[String]) -> Result<Option<GlobSet>, PatternError> {
     if patterns.is_empty() {
         return Ok(None);
     }
+    let err = |pattern: &str| {
+        let pattern = pattern.to_string();
+        move |source| PatternError {
+            flag,
+            pattern,
+            source,
+        }
+    };
     let mut set = GlobSetBuilder::new();
     for p in patterns {
-        set.add(Glob::new(p).map_err(|source| PatternError {
-            pattern: p.clone(),
-            source,
-        })?);
+        set.add(
+            GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(err(p))?,
+        );
     }
-    set.build().map(Some).map_err(|source| PatternError {
-        pattern: patterns.join(","),
-        source,
-    })
+    set.build().map(Some).map_err(err(&patterns.join(",")))
 }
 
 /// RoleSessionName for a container's AssumeRole: `gitlab-job-<id>` from
@@ -217,12 +234,21 @@ pub fn clean_session_name(raw: &str) -> String {
     name
 }
 
+/// BuildKit's RUN steps: `<parent>/buildkit/<id>` (cgroupfs driver) or
+/// `buildkit-<id>.scope`-style units (systemd driver).
+fn is_build_step(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        seg == "buildkit" || seg.starts_with("buildkit-") || seg.starts_with("buildkit.")
+    })
+}
+
 /// Host processes that act on behalf of containers or Docker API clients.
 fn is_container_runtime(comm: &str) -> bool {
     matches!(
         comm,
         "dockerd" | "containerd" | "buildkitd" | "docker-proxy" | "runc" | "docker-init"
     ) || comm.starts_with("containerd-shim")
+        || comm.starts_with("buildkit-runc")
 }
 
 /// The one non-empty value of `key` the runner set, if any. Refuses a value
@@ -280,7 +306,7 @@ mod tests {
 
     fn policy(allow: &[&str]) -> Policy {
         let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
-        Policy::new(&allow, HostProcesses::Allow, account()).unwrap()
+        Policy::new(&allow, &[], account()).unwrap()
     }
 
     fn container(env: &[&str], image_env: &[&str]) -> Container {
@@ -379,7 +405,7 @@ mod tests {
         let p = policy(&[]);
         let other = decide(&p, &["IAM_ROLE=arn:aws:iam::999999999999:role/x"], &[]);
         assert!(refused(other).contains("account"));
-        let unknown = Policy::new(&[], HostProcesses::Allow, Arc::new(OnceLock::new())).unwrap();
+        let unknown = Policy::new(&[], &[], Arc::new(OnceLock::new())).unwrap();
         assert_eq!(
             refused(decide(&unknown, &["IAM_ROLE=x"], &[])),
             "the instance profile's account is not known yet"
@@ -402,7 +428,101 @@ mod tests {
         };
         assert_eq!(with_ext.arn.as_str(), "arn:aws:iam::123456789012:role/ci-x");
         assert_eq!(with_ext.external_id.as_deref(), Some("abc"));
-        assert!(Policy::new(&["[".into()], HostProcesses::Allow, account()).is_err());
+        let err = Policy::new(&["[".into()], &[], account()).unwrap_err();
+        assert!(err.to_string().starts_with("--allow-role \"[\": "), "{err}");
+    }
+
+    #[test]
+    fn role_globs_never_cross_a_path_separator() {
+        let p = policy(&["arn:aws:iam::123456789012:role/ci-*"]);
+        assert!(matches!(
+            decide(&p, &["IAM_ROLE=ci-x"], &[]),
+            RoleDecision::Role(_)
+        ));
+        // Role `admin` under path /ci-x/ is not a `ci-*` role.
+        let pathed = decide(
+            &p,
+            &["IAM_ROLE=arn:aws:iam::123456789012:role/ci-x/admin"],
+            &[],
+        );
+        assert!(refused(pathed).contains("--allow-role"));
+        assert!(refused(decide(&p, &["IAM_ROLE=ci-x/admin"], &[])).contains("--allow-role"));
+        // `**` is how an admin admits paths on purpose.
+        let p = policy(&["arn:aws:iam::123456789012:role/ci/**"]);
+        assert!(matches!(
+            decide(
+                &p,
+                &["IAM_ROLE=arn:aws:iam::123456789012:role/ci/x/deploy"],
+                &[]
+            ),
+            RoleDecision::Role(_)
+        ));
+    }
+
+    fn caller(path: Option<&str>, comm: &str) -> Caller {
+        Caller {
+            peer: crate::addrs::ClientAddr("127.0.0.1:1".parse().unwrap()),
+            cgroup: crate::ids::CgroupId(1),
+            cgroup_path: path.map(Into::into),
+            pid: 1,
+            comm: comm.into(),
+            original_dst: "169.254.169.254:80".parse().unwrap(),
+            boot_ns: 0,
+        }
+    }
+
+    #[test]
+    fn host_processes_pass_only_from_allow_listed_cgroups() {
+        let none = Policy::new(&[], &[], account()).unwrap();
+        let agent = caller(Some("/system.slice/amazon-ssm-agent.service"), "ssm-agent");
+        assert!(matches!(
+            none.host_access(&agent),
+            Err(HostRefusal::NotAllowListed(_))
+        ));
+        let p = Policy::new(
+            &[],
+            &[
+                "/system.slice/amazon-ssm-agent.service".into(),
+                "/system.slice/gitlab-runner*".into(),
+            ],
+            account(),
+        )
+        .unwrap();
+        assert_eq!(p.host_access(&agent), Ok(()));
+        assert_eq!(
+            p.host_access(&caller(
+                Some("/system.slice/gitlab-runner.service"),
+                "gitlab-runner"
+            )),
+            Ok(())
+        );
+        for (path, comm) in [
+            ("/", "curl"),
+            ("/system.slice/gitlab-runner.service/x", "sh"),
+            ("/system.slice/docker.service", "curl"),
+            ("/user.slice/user-0.slice/session-1.scope", "curl"),
+        ] {
+            assert!(p.host_access(&caller(Some(path), comm)).is_err(), "{path}");
+        }
+        // Allow-listed or not, runtimes and build steps never pass.
+        let wide = Policy::new(&[], &["/**".into()], account()).unwrap();
+        assert!(matches!(
+            wide.host_access(&caller(Some("/system.slice/docker.service"), "dockerd")),
+            Err(HostRefusal::ContainerRuntime(_))
+        ));
+        for step in [
+            "/docker/buildkit/abcdefghijklmnopqrstuvwxy",
+            "/system.slice/buildkit-abc.scope",
+        ] {
+            assert!(matches!(
+                wide.host_access(&caller(Some(step), "sh")),
+                Err(HostRefusal::BuildStep(_))
+            ));
+        }
+        assert_eq!(
+            wide.host_access(&caller(None, "sh")),
+            Err(HostRefusal::UnknownCgroup)
+        );
     }
 
     #[test]

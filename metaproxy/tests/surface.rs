@@ -3,7 +3,7 @@
 
 mod support;
 
-use metaproxy::{connlog::Outcome, policy::HostProcesses};
+use metaproxy::connlog::Outcome;
 use support::{bed, bed_with, Options, Spec};
 
 const ROLE: &str = "ci-deploy";
@@ -382,8 +382,12 @@ async fn a_connection_from_another_address_is_not_the_containers() {
 }
 
 #[tokio::test]
-async fn host_processes_pass_through_unchanged_unless_refused() {
-    let bed = bed().await;
+async fn host_processes_pass_through_only_from_allow_listed_cgroups() {
+    let bed = bed_with(Options {
+        allow_host_cgroup: vec!["/system.slice/amazon-ssm-agent.service".into()],
+        ..Default::default()
+    })
+    .await;
     let agent = bed.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
     let a = bed
         .request(
@@ -405,25 +409,44 @@ async fn host_processes_pass_through_unchanged_unless_refused() {
         .iter()
         .any(|(k, v)| k == "x-aws-ec2-metadata-token-ttl-seconds" && v == "21600"));
 
-    let dockerd = bed.process_at("/system.slice/docker.service", "dockerd");
-    assert_eq!(bed.request(&dockerd, "GET", CREDS, &[]).await.status, 403);
-    assert_eq!(
-        bed.last_log().reason.as_deref(),
-        Some("dockerd acts for containers; it gets no pass-through")
-    );
+    // In no container is not a reason to trust: a BuildKit RUN step, the
+    // root cgroup, a login session, dockerd itself.
+    for (path, comm, reason) in [
+        (
+            "/docker/buildkit/lq1hn4a0qq7ek6tq8tqmb9p8u",
+            "wget",
+            "BuildKit build step in /docker/buildkit/lq1hn4a0qq7ek6tq8tqmb9p8u: no pass-through",
+        ),
+        ("/", "curl", "cgroup / is not in --allow-host-cgroup"),
+        (
+            "/user.slice/user-1000.slice/session-3.scope",
+            "curl",
+            "cgroup /user.slice/user-1000.slice/session-3.scope is not in --allow-host-cgroup",
+        ),
+        (
+            "/system.slice/docker.service",
+            "dockerd",
+            "dockerd acts for containers; it gets no pass-through",
+        ),
+    ] {
+        let who = bed.process_at(path, comm);
+        let token = bed
+            .request(
+                &who,
+                "PUT",
+                "/latest/api/token",
+                &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+            )
+            .await;
+        assert_eq!(token.status, 403, "{path}");
+        assert_eq!(bed.last_log().reason.as_deref(), Some(reason));
+    }
     assert_eq!(bed.upstream.forwards.lock().unwrap().len(), 1);
 
-    let deny = bed_with(Options {
-        host_processes: HostProcesses::Deny,
-        ..Default::default()
-    })
-    .await;
+    // Without an allow-list, no host process passes.
+    let deny = support::bed().await;
     let agent = deny.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
     assert_eq!(deny.request(&agent, "GET", CREDS, &[]).await.status, 403);
-    assert_eq!(
-        deny.last_log().reason.as_deref(),
-        Some("host process (--host-processes deny)")
-    );
     assert!(deny.upstream.forwards.lock().unwrap().is_empty());
 }
 

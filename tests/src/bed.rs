@@ -364,15 +364,23 @@ pub struct KernelBed {
 }
 
 impl KernelBed {
-    /// A bed whose daemon refuses host processes, so that every answer comes
-    /// from the daemon itself (the clients here are in no container).
+    /// A bed whose daemon passes no host process through (the default), so
+    /// that every answer comes from the daemon itself (the clients here are
+    /// in no container).
     pub fn new(daemon_args: &[&str]) -> Self {
-        let mut args = vec!["--host-processes", "deny"];
+        Self::with_args(daemon_args)
+    }
+
+    /// A bed whose daemon passes host processes in the test cgroup
+    /// `attached/a` through to the (fake) real IMDS, as an admin allows the
+    /// SSM agent's cgroup.
+    pub fn allowing_a(daemon_args: &[&str]) -> Self {
+        let mut args = vec!["--allow-host-cgroup", "/mpt-*/attached/a"];
         args.extend_from_slice(daemon_args);
         Self::with_args(&args)
     }
 
-    pub fn with_args(daemon_args: &[&str]) -> Self {
+    fn with_args(daemon_args: &[&str]) -> Self {
         let Foundation {
             dir,
             ns,

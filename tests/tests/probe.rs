@@ -267,7 +267,7 @@ fn ipv6_imds_is_redirected_to_an_ipv6_listener() {
 
 #[test]
 fn host_processes_are_passed_through_unchanged_token_put_included() {
-    let bed = Bed::with_args(&[]);
+    let bed = Bed::allowing_a(&[]);
     let got = bed.client("attached/a", &["v2", IMDS, "/latest/meta-data/instance-id"]);
     assert_eq!(got["token_status"], 200, "{got}");
     assert_eq!(got["status"], 200, "{got}");
@@ -393,7 +393,7 @@ fn the_kernel_programs_log_reaches_the_daemons_log() {
 
 #[test]
 fn container_runtimes_on_the_host_get_no_pass_through() {
-    let bed = Bed::with_args(&[]);
+    let bed = Bed::allowing_a(&[]);
     // A host process called dockerd: it fetches URLs for Docker API clients
     // (`docker build` with ADD), so it must not reach the real IMDS.
     let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
@@ -412,4 +412,26 @@ fn container_runtimes_on_the_host_get_no_pass_through() {
         "{conns:?}"
     );
     assert_eq!(bed.imds_calls(), 0);
+}
+
+#[test]
+fn host_processes_outside_the_allow_list_and_build_steps_get_no_pass_through() {
+    let bed = Bed::allowing_a(&[]);
+    for (rel, reason) in [
+        ("attached/b", "is not in --allow-host-cgroup"),
+        // Where BuildKit (cgroupfs driver) runs `docker build` RUN steps.
+        (
+            "attached/a/buildkit/lq1hn4a0qq7ek6tq8tqmb9p8u",
+            "BuildKit build step",
+        ),
+    ] {
+        let got = bed.client(rel, &["get", IMDS, "/latest/meta-data/instance-id"]);
+        assert_eq!(got["status"], 403, "{rel}: {got}");
+        let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
+        assert!(
+            conns[0]["reason"].as_str().unwrap().contains(reason),
+            "{rel}: {conns:?}"
+        );
+    }
+    assert_eq!(bed.imds_calls(), 0, "nothing reached the real IMDS");
 }

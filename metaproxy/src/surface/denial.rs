@@ -128,10 +128,10 @@ mod tests {
                 Some("no probe record for this connection"),
             ),
             (
-                HostRefusal::Denied.into(),
+                HostRefusal::NotAllowListed("/x".into()).into(),
                 403,
                 Outcome::Refused,
-                Some("host process (--host-processes deny)"),
+                Some("cgroup /x is not in --allow-host-cgroup"),
             ),
             (
                 Denial::ForwardedFor,

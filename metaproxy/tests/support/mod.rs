@@ -26,7 +26,7 @@ use metaproxy::{
     },
     identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
     ids::{AccountId, CgroupId, ContainerId},
-    policy::{HostProcesses, Policy},
+    policy::Policy,
     server::{self, Pipeline},
     surface::{Surface, SurfaceOptions, TokenKey},
     upstream::{Upstream, UpstreamError},
@@ -257,20 +257,11 @@ pub struct Who {
     pub container: Option<ContainerId>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub require_imdsv2: bool,
-    pub host_processes: HostProcesses,
+    pub allow_host_cgroup: Vec<String>,
     pub allow_role: Vec<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            require_imdsv2: false,
-            host_processes: HostProcesses::Allow,
-            allow_role: Vec::new(),
-        }
-    }
 }
 
 /// The whole pipeline on 127.0.0.1:0 against fakes.
@@ -308,7 +299,7 @@ pub async fn bed_with(options: Options) -> Bed {
     let account = Arc::new(OnceLock::new());
     account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
     let policy =
-        Arc::new(Policy::new(&options.allow_role, options.host_processes, account).unwrap());
+        Arc::new(Policy::new(&options.allow_role, &options.allow_host_cgroup, account).unwrap());
     let credentials = Arc::new(CredentialCache::new(sts.clone()));
     let identities = Arc::new(Identities::new(runtime.clone()));
     let connections = Arc::new(ConnLog::new(1024));
