@@ -317,6 +317,7 @@ mod tests {
             env: env.iter().map(|s| s.to_string()).collect(),
             image_env: image_env.iter().map(|s| s.to_string()).collect(),
             addresses: None,
+            cgroup: None,
         }
     }
 

@@ -464,3 +464,36 @@ async fn malformed_http_gets_an_error_and_the_server_keeps_serving() {
     );
     assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_cgroup_named_after_a_container_is_not_that_container() {
+    let bed = bed().await;
+    let victim = bed.container(1, with_role());
+    let victim_id = victim.container.clone().unwrap();
+    // Whoever can create cgroups can name one after the victim.
+    let forged = bed.process_at(&format!("/evil/docker-{victim_id}.scope"), "sh");
+    let a = bed
+        .request(&forged, "GET", &format!("{CREDS}{ROLE}"), &[])
+        .await;
+    assert_eq!(a.status, 403);
+    assert_eq!(
+        bed.last_log().reason,
+        Some(format!(
+            "cgroup /evil/docker-{victim_id}.scope is named after container {victim_id}, which does not run there"
+        ))
+    );
+    // An unknown outermost id is refused, never skipped for an inner one.
+    let wrapped = bed.process_at(
+        &format!("/docker/{}/docker/{victim_id}", support::container_id(99)),
+        "sh",
+    );
+    assert_eq!(bed.request(&wrapped, "GET", CREDS, &[]).await.status, 403);
+    assert!(bed.last_log().reason.unwrap().contains("does not know"));
+    // Docker-in-Docker: a child cgroup of the victim is the victim's.
+    let inner = bed.process_at(
+        &format!("/docker/{victim_id}/docker/{}", support::container_id(98)),
+        "sh",
+    );
+    assert_eq!(bed.request(&inner, "GET", CREDS, &[]).await.body, ROLE);
+    assert_eq!(bed.sts.calls(), 0);
+}

@@ -9,6 +9,8 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 use bollard::{query_parameters::EventsOptionsBuilder, Docker};
 use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamExt as _};
 
+use metaproxy_common::mountinfo;
+
 use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent};
 use crate::ids::ContainerId;
 
@@ -83,6 +85,15 @@ impl DockerRuntime {
             c.id.as_deref()
                 .and_then(ContainerId::parse)
                 .unwrap_or_else(|| id.clone());
+        // Where Docker's container really runs: its init process's cgroup,
+        // as the kernel reports it.
+        let cgroup = c
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|pid| *pid > 0)
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok())
+            .and_then(|text| mountinfo::own_cgroup2(&text).map(str::to_owned));
         Ok(Some(Container {
             id,
             name: c
@@ -94,6 +105,7 @@ impl DockerRuntime {
             env: config.env.unwrap_or_default(),
             image_env,
             addresses,
+            cgroup,
         }))
     }
 }
@@ -173,6 +185,7 @@ mod tests {
             env: vec![],
             image_env: vec![],
             addresses: bridged,
+            cgroup: None,
         };
         assert!(c.owns_address("172.17.0.2".parse().unwrap()));
         assert!(c.owns_address("::ffff:172.17.0.2".parse().unwrap()));

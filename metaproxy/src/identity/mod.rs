@@ -4,11 +4,15 @@
 //! A cgroup path names its container: `/docker/<id>` (cgroupfs),
 //! `/system.slice/docker-<id>.scope` (systemd), `/<cgroup-parent>/<id>`.
 //! Nested containers (docker-in-docker) have several ids in the path; the
-//! outermost one that our runtime knows wins (it owns its whole subtree, and
-//! a process inside it could name a child cgroup after another container).
-//! A path with no container id at all is a host process. A path with ids
-//! that our runtime does not know is refused: it is some container, just
-//! not one we can vouch for.
+//! outermost one decides (it owns its whole subtree, and a process inside it
+//! could name a child cgroup after another container). A path with no
+//! container id at all is a host process.
+//!
+//! A name in a cgroup path is not an identity: anyone who can create
+//! cgroups can call one `docker-<victim id>.scope`. So the outermost id must
+//! be a container our runtime knows, and that container's init process must
+//! live in the very cgroup subtree the name came from; otherwise the caller
+//! is refused, never matched to an inner id or treated as a host process.
 //!
 //! Results are cached per cgroup id and dropped when the runtime reports the
 //! container gone; unknown cgroups are resolved on demand, since a
@@ -64,6 +68,9 @@ pub struct Container {
     /// from; `None` when it shares another network namespace (`host`,
     /// `container:<id>`) and has none of its own.
     pub addresses: Option<Vec<IpAddr>>,
+    /// The cgroup (below the cgroup2 mount) its init process is in, as the
+    /// kernel reports it; `None` when it is not running.
+    pub cgroup: Option<String>,
 }
 
 impl std::fmt::Debug for Container {
@@ -134,6 +141,8 @@ pub enum IdentityError {
     CgroupGone(CgroupId),
     #[error("cgroup {path} names container {id}, which the Docker daemon does not know")]
     UnknownContainer { path: String, id: String },
+    #[error("cgroup {path} is named after container {id}, which does not run there")]
+    NotItsCgroup { path: String, id: String },
     #[error("client address {0} is not the container's")]
     ForeignAddress(IpAddr),
     #[error(transparent)]
@@ -205,22 +214,31 @@ impl Identities {
             .cgroup_path
             .as_deref()
             .ok_or(IdentityError::CgroupGone(caller.cgroup))?;
-        let candidates = container_ids(path);
-        let Some(outermost) = candidates.first().cloned() else {
+        let Some((id, root)) = container_roots(path).into_iter().next() else {
             self.cache().insert(caller.cgroup, Identity::Host);
             return Ok(Identity::Host);
         };
-        for candidate in &candidates {
-            if let Some(container) = self.runtime.inspect(candidate).await? {
-                let identity = Identity::Container(Arc::new(container));
-                self.cache().insert(caller.cgroup, identity.clone());
-                return Ok(identity);
-            }
+        let Some(container) = self.runtime.inspect(&id).await? else {
+            return Err(IdentityError::UnknownContainer {
+                path: path.to_string(),
+                id: id.to_string(),
+            });
+        };
+        // The container's own init must live in the subtree the name came
+        // from: a look-alike cgroup elsewhere borrows nothing.
+        let lives_there = container
+            .cgroup
+            .as_deref()
+            .is_some_and(|init| within(init, root));
+        if !lives_there {
+            return Err(IdentityError::NotItsCgroup {
+                path: path.to_string(),
+                id: id.to_string(),
+            });
         }
-        Err(IdentityError::UnknownContainer {
-            path: path.to_string(),
-            id: outermost.to_string(),
-        })
+        let identity = Identity::Container(Arc::new(container));
+        self.cache().insert(caller.cgroup, identity.clone());
+        Ok(identity)
     }
 
     /// Drops everything cached about container `id`.
@@ -273,18 +291,38 @@ impl Identities {
     }
 }
 
-/// Container ids named by a cgroup path, outermost first: `<id>`,
+/// Whether cgroup `path` is `root` or below it.
+fn within(path: &str, root: &str) -> bool {
+    path == root
+        || path
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Container ids named by a cgroup path, outermost first, each with the
+/// path up to and including the component that names it: `<id>`,
 /// `docker-<id>.scope`, and any other runtime's `<prefix>-<id>[.scope]`
 /// (podman's `libpod-`, containerd's `cri-containerd-`), so that a container
 /// of another runtime is never mistaken for a host process.
-pub fn container_ids(path: &str) -> Vec<ContainerId> {
+pub fn container_roots(path: &str) -> Vec<(ContainerId, &str)> {
+    let mut end = 0;
     path.split('/')
         .filter_map(|component| {
+            end += component.len() + 1;
             let c = component.strip_suffix(".scope").unwrap_or(component);
             let id = c.get(c.len().checked_sub(64)?..)?;
             let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
-            whole_or_suffix.then(|| ContainerId::parse(id))?
+            let id = whole_or_suffix.then(|| ContainerId::parse(id))??;
+            Some((id, &path[..(end - 1).min(path.len())]))
         })
+        .collect()
+}
+
+/// Container ids named by a cgroup path, outermost first.
+pub fn container_ids(path: &str) -> Vec<ContainerId> {
+    container_roots(path)
+        .into_iter()
+        .map(|(id, _)| id)
         .collect()
 }
 
@@ -318,6 +356,16 @@ mod tests {
     }
 
     #[test]
+    fn each_id_comes_with_the_subtree_that_names_it() {
+        let path = format!("/ci/docker-{A}.scope/docker/{B}");
+        let roots = container_roots(&path);
+        assert_eq!(roots[0].1, format!("/ci/docker-{A}.scope"));
+        assert_eq!(roots[1].1, path);
+        assert!(within(&format!("/ci/docker-{A}.scope/init"), roots[0].1));
+        assert!(!within(&format!("/ci/docker-{A}.scopex"), roots[0].1));
+    }
+
+    #[test]
     fn debug_never_prints_the_environment() {
         let c = Container {
             id: ContainerId::parse(A).unwrap(),
@@ -326,6 +374,7 @@ mod tests {
             env: vec!["CI_JOB_TOKEN=glcbt-secret".into()],
             image_env: vec![],
             addresses: None,
+            cgroup: None,
         };
         let printed = format!("{c:?}");
         assert!(!printed.contains("glcbt-secret"), "{printed}");

@@ -375,6 +375,7 @@ impl Bed {
                 env: spec.env.iter().map(|s| s.to_string()).collect(),
                 image_env: spec.image_env.iter().map(|s| s.to_string()).collect(),
                 addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
+                cgroup: Some(format!("/docker/{id}")),
             },
         );
         Who {
