@@ -46,6 +46,8 @@ pub const CONNS_CAPACITY: u32 = 65_536;
 pub const PROG_CONNECT4: &str = "mp_connect4";
 pub const PROG_CONNECT6: &str = "mp_connect6";
 pub const PROG_SOCK_OPS: &str = "mp_sock_ops";
+pub const PROG_BIND4: &str = "mp_bind4";
+pub const PROG_BIND6: &str = "mp_bind6";
 
 /// Load-time globals the loader overrides (see `EbpfLoader::override_global`).
 pub const GLOBAL_CONFIG: &str = "MP_CONFIG";

@@ -5,6 +5,10 @@
 //!   listen address, and what we know about the caller (cgroup, pid, comm)
 //!   is remembered under the socket's cookie. Everything else passes
 //!   untouched. Anything we cannot redirect is refused, never passed on.
+//! * `mp_bind4` / `mp_bind6` (cgroup/bind4, cgroup/bind6): only the daemon
+//!   may bind its listen address (or the wildcard address on its port).
+//!   Pinned like the rest, this holds while the daemon is down: whoever bound
+//!   it first would otherwise answer every container's IMDS requests.
 //! * `mp_sock_ops` (sock_ops): when a redirected socket sends its SYN it has
 //!   its local port, so the record moves to a map keyed by the connection's
 //!   4-tuple, which the daemon looks up from `accept()`'s peer address. The
@@ -92,7 +96,9 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     if cfg.listen_port6 == 0 && current_cgroup_id() != cfg.self_cgroup_id {
-        warn!(
+        // Debug, not warn: any process can connect in a loop, and the
+        // kernel log must not become a way to flood the daemon's.
+        debug!(
             &ctx,
             "refusing ipv6 imds connect: no ipv6 listener configured"
         );
@@ -102,6 +108,43 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
         write_ip6(&mut sa.user_ip6, cfg.listen_ip6);
         set_port(sa, cfg.listen_port6);
     })
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn mp_bind4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in mp_connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    let cfg = MP_CONFIG.load();
+    let takes_listen =
+        port_of(sa) == cfg.listen_port4 && (sa.user_ip4 == cfg.listen_ip4 || sa.user_ip4 == 0);
+    bind_verdict(takes_listen, &cfg)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn mp_bind6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in mp_connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    let cfg = MP_CONFIG.load();
+    let addr = read_ip6(&sa.user_ip6);
+    let port = port_of(sa);
+    let any = addr == [0; 4];
+    // A dual-stack [::]:port socket also receives IPv4 connects.
+    let takes_listen4 =
+        port == cfg.listen_port4 && (any || v4_mapped(addr) == Some(cfg.listen_ip4));
+    let takes_listen6 =
+        cfg.listen_port6 != 0 && port == cfg.listen_port6 && (any || addr == cfg.listen_ip6);
+    bind_verdict(takes_listen4 || takes_listen6, &cfg)
+}
+
+/// Refuses a bind that would take the daemon's listen address, unless the
+/// daemon's own cgroup asks. Only TCP matters: the redirect is TCP.
+#[inline(always)]
+fn bind_verdict(takes_listen: bool, cfg: &ProbeConfig) -> i32 {
+    if takes_listen && current_cgroup_id() != cfg.self_cgroup_id {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 /// Record the caller under the socket's cookie and rewrite the destination,

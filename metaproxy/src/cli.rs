@@ -118,6 +118,10 @@ pub struct ConnectionsArgs {
 pub struct DetachArgs {
     #[command(flatten)]
     pub pins: PinArgs,
+
+    /// The running daemon's admin socket: detach refuses while it answers.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

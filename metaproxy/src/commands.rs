@@ -130,6 +130,14 @@ pub async fn status(args: AdminArgs) -> anyhow::Result<()> {
 }
 
 pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
+    // Detaching under a running daemon would open the door to the real IMDS
+    // while the admin believes metaproxy guards it.
+    if std::os::unix::net::UnixStream::connect(&args.admin.admin_socket).is_ok() {
+        anyhow::bail!(
+            "a metaproxy daemon is running (it answers on {}): stop it first (`systemctl stop metaproxy`, or SIGTERM), then detach",
+            args.admin.admin_socket.display()
+        );
+    }
     let removed = probe::detach(&args.pins.pin_dir)?;
     if removed == 0 {
         println!("nothing attached under {}", args.pins.pin_dir.display());

@@ -489,7 +489,7 @@ impl CredentialCache {
                     };
                     let key = CredKey::from(&role);
                     self.own(&c.id, &key);
-                    tracing::info!(container_id = %c.id, container = %c.name, role_arn = %key.role_arn, "prefetching credentials");
+                    tracing::info!(container_id = %c.id, container = %crate::logging::Clean(&c.name), role_arn = %key.role_arn, "prefetching credentials");
                     let this = self.clone();
                     self.spawn(async move {
                         if let Err(e) = this.fetch(&key).await {

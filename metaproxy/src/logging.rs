@@ -1,20 +1,108 @@
 //! Logging: `tracing` to stderr, text or JSON. `METAPROXY_LOG` (or
 //! `RUST_LOG`) sets the filter. The kernel programs' aya-log records arrive
 //! through the `log` bridge.
+//!
+//! A bare level (`METAPROXY_LOG=trace`) applies to metaproxy's own crates
+//! only; everything else stays at `warn` unless named
+//! (`METAPROXY_LOG=debug,hyper=debug`). The AWS SDK's trace output, for one,
+//! carries the daemon's own IMDS token and request signatures.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+/// The filter when none is given.
+const DEFAULT: &str = "info";
+/// The level for crates the admin did not name.
+const OTHERS: &str = "warn";
+
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("METAPROXY_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let given = std::env::var("METAPROXY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| DEFAULT.into());
+    let filter = EnvFilter::try_new(scoped(&given)).unwrap_or_else(|e| {
+        eprintln!("metaproxy: METAPROXY_LOG {given:?}: {e}; using {DEFAULT:?}");
+        EnvFilter::new(scoped(DEFAULT))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A value for a log line that someone else wrote (a container's name, a
+/// comm, a cgroup path, a reason quoting them): control characters are
+/// escaped, so nobody can forge log lines or terminal escapes through it.
+#[derive(Debug, Clone, Copy)]
+pub struct Clean<'a>(pub &'a str);
+
+impl std::fmt::Display for Clean<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            if c.is_control() {
+                for e in c.escape_default() {
+                    f.write_char(e)?;
+                }
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites bare levels in `filter` to apply to metaproxy's crates only
+/// (the `metaproxy` target prefix covers the kernel programs' records too).
+pub fn scoped(filter: &str) -> String {
+    let mut directives: Vec<String> = Vec::new();
+    let names_ours = filter.split(',').any(|d| d.trim().starts_with("metaproxy"));
+    let mut others_named = false;
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !d.contains('=') && !d.contains('[') && !d.contains("::");
+        if !bare {
+            directives.push(d.to_string());
+            continue;
+        }
+        if !names_ours {
+            directives.push(format!("metaproxy={d}"));
+        }
+        others_named = true;
+    }
+    if others_named || !directives.iter().any(|d| !d.contains('=')) {
+        directives.insert(0, OTHERS.to_string());
+    }
+    directives.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            Clean("job\n2026-11-26T00:00:00Z INFO forged\x1b[31m").to_string(),
+            "job\\n2026-11-26T00:00:00Z INFO forged\\u{1b}[31m"
+        );
+        assert_eq!(Clean("plain-name_1").to_string(), "plain-name_1");
+    }
+
+    #[test]
+    fn bare_levels_cover_only_our_crates() {
+        assert_eq!(scoped("trace"), "warn,metaproxy=trace");
+        assert_eq!(scoped("info"), "warn,metaproxy=info");
+        assert_eq!(scoped("info,metaproxy=debug"), "warn,metaproxy=debug");
+        assert_eq!(
+            scoped("debug,hyper=debug"),
+            "warn,metaproxy=debug,hyper=debug"
+        );
+        assert_eq!(scoped("aws_config=trace"), "warn,aws_config=trace");
+        for f in ["trace", "info,metaproxy=debug", "debug,hyper=debug"] {
+            assert!(EnvFilter::try_new(scoped(f)).is_ok(), "{f}");
+        }
     }
 }

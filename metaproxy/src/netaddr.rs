@@ -22,6 +22,12 @@ pub async fn bind_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
             tracing::info!(address = %addr.ip(), "assigned listen address to lo");
             Ok(TcpListener::bind(addr).await?)
         }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(anyhow::anyhow!(
+            "binding {addr} was refused (EPERM): a previous metaproxy's bind guard lets only its own cgroup take this address; run metaproxy in that same cgroup (its systemd unit), or `metaproxy detach` first"
+        )),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            "{addr} is already in use: another metaproxy (or another service) listens there"
+        )),
         other => Ok(other?),
     }
 }

@@ -48,6 +48,8 @@ pub enum RoleRefusal {
     BadRoleName { value: String },
     #[error("the instance profile's account is not known yet")]
     AccountUnknown,
+    #[error("IAM_EXTERNAL_ID is not a valid external id (2-1224 of letters, digits and +=,.@:/-)")]
+    BadExternalId,
     #[error("{arn} is not allowed by {rule}")]
     NotAllowed { arn: RoleArn, rule: &'static str },
 }
@@ -112,6 +114,9 @@ impl Policy {
             Err(refusal) => return RoleDecision::Refused(refusal),
         };
         let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
+            Ok(Some(v)) if !valid_external_id(v) => {
+                return RoleDecision::Refused(RoleRefusal::BadExternalId)
+            }
             Ok(v) => v.map(str::to_owned),
             Err(refusal) => return RoleDecision::Refused(refusal),
         };
@@ -282,6 +287,14 @@ fn values_of<'a>(env: &'a [String], key: &'a str) -> impl Iterator<Item = &'a st
     })
 }
 
+/// STS's rule for ExternalId: 2-1224 characters of `[\w+=,.@:/-]`.
+fn valid_external_id(id: &str) -> bool {
+    (2..=1224).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c))
+}
+
 fn valid_role_name(name: &str) -> bool {
     let leaf = name.rsplit('/').next().unwrap_or("");
     (1..=64).contains(&leaf.len())
@@ -431,6 +444,30 @@ mod tests {
         assert_eq!(with_ext.external_id.as_deref(), Some("abc"));
         let err = Policy::new(&["[".into()], &[], account()).unwrap_err();
         assert!(err.to_string().starts_with("--allow-role \"[\": "), "{err}");
+    }
+
+    #[test]
+    fn external_ids_follow_sts_rules_and_are_never_echoed() {
+        let p = policy(&[]);
+        let RoleDecision::Role(r) = decide(&p, &["IAM_ROLE=x", "IAM_EXTERNAL_ID=ab:c/d-1"], &[])
+        else {
+            panic!()
+        };
+        assert_eq!(r.external_id.as_deref(), Some("ab:c/d-1"));
+        for bad in ["Q", "line\nINFO forged", "has space"] {
+            let env = format!("IAM_EXTERNAL_ID={bad}");
+            let reason = refused(decide(&p, &["IAM_ROLE=x", &env], &[]));
+            assert!(
+                reason.starts_with("IAM_EXTERNAL_ID is not a valid"),
+                "{reason}"
+            );
+            assert!(!reason.contains(bad), "{reason}");
+        }
+        let long = format!("IAM_EXTERNAL_ID={}", "a".repeat(1225));
+        assert!(matches!(
+            decide(&p, &["IAM_ROLE=x", &long], &[]),
+            RoleDecision::Refused(_)
+        ));
     }
 
     #[test]

@@ -38,8 +38,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use metaproxy_common::{
-    ConnKey, ConnRecord, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_PENDING, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_SOCK_OPS,
+    ConnKey, ConnRecord, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_PENDING, PROG_BIND4,
+    PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
 };
 
 use crate::addrs::AddrPair;
@@ -52,7 +52,15 @@ static PROBE_OBJECT: &[u8] =
 /// beside the old ones instead of reusing incompatible pins.
 const MAPS_DIR: &str = "maps-v1";
 const LINKS_DIR: &str = "links";
-const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS];
+/// Attach order: the bind guards first, so the listen address is guarded
+/// before anything is redirected to it.
+const PROGRAMS: [&str; 5] = [
+    PROG_BIND4,
+    PROG_BIND6,
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SOCK_OPS,
+];
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";

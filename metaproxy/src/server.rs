@@ -15,6 +15,7 @@ use crate::{
     addrs::{AddrPair, ClientAddr, ServerAddr},
     attribution::{Attribution, Caller},
     connlog::{ConnLog, Connection},
+    logging::Clean,
     ratelimit::RateLimit,
     surface::{Denial, Handled, Surface},
 };
@@ -98,7 +99,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     tracing::debug!(
         client = %peer,
         cgroup_id = %caller.cgroup,
-        cgroup = caller.cgroup_path.as_deref().unwrap_or("?"),
+        cgroup = %Clean(caller.cgroup_path.as_deref().unwrap_or("?")),
         pid = caller.pid,
         "accepted connection"
     );

@@ -144,7 +144,7 @@ impl HttpUpstream {
         loop {
             let token = self.token(renew).await?;
             let req = Request::get(format!("{}{path}", self.base))
-                .header("x-aws-ec2-metadata-token", token)
+                .header("x-aws-ec2-metadata-token", sensitive(&token)?)
                 .body(Full::default())
                 .expect("valid request");
             let resp = self.send(req).await?;
@@ -175,6 +175,9 @@ impl HttpUpstream {
             .uri(format!("{}{path_and_query}", self.base));
         for (name, value) in headers {
             if !is_hop_by_hop(name) {
+                let mut value = value.clone();
+                // Never printed by hyper's Debug, whatever logs a request.
+                value.set_sensitive(true);
                 req = req.header(name, value);
             }
         }
@@ -200,6 +203,14 @@ impl Upstream for HttpUpstream {
         self.forward_inner(method, path_and_query, headers, body)
             .boxed()
     }
+}
+
+/// A header value that hyper's `Debug` prints as `Sensitive`.
+fn sensitive(value: &str) -> Result<hyper::header::HeaderValue, UpstreamError> {
+    let mut v = hyper::header::HeaderValue::from_str(value)
+        .map_err(|_| UpstreamError::Request("IMDS returned an unusable token".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 fn is_hop_by_hop(name: &hyper::header::HeaderName) -> bool {

@@ -37,7 +37,10 @@ fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {
     assert_eq!(c["request"], "GET /latest/meta-data/instance-id");
     assert_eq!(c["outcome"], "refused");
     assert!(
-        c["reason"].as_str().unwrap().contains("host process"),
+        c["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not in --allow-host-cgroup"),
         "{c}"
     );
     assert_eq!(bed.imds_calls(), 0, "the real IMDS was reached");
@@ -209,6 +212,21 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
 #[test]
 fn detach_removes_the_redirect() {
     let mut bed = Bed::new(&[]);
+    // Not under a running daemon: that would fail open behind its back.
+    let refused = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(bed.daemon.pin_dir())
+        .arg("--admin-socket")
+        .arg(bed.daemon.admin_socket())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{refused:?}"
+    );
+    assert!(bed.daemon.pin_dir().join("links").exists());
     assert!(bed.daemon.terminate());
     let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
         .arg("detach")
@@ -434,4 +452,27 @@ fn host_processes_outside_the_allow_list_and_build_steps_get_no_pass_through() {
         );
     }
     assert_eq!(bed.imds_calls(), 0, "nothing reached the real IMDS");
+}
+
+#[test]
+fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
+    let mut bed = Bed::new(&[]);
+    bed.daemon.kill9();
+    // Whoever bound the listen address (or the wildcard on its port) now
+    // would answer every container's IMDS requests.
+    for addr in [LISTEN, "0.0.0.0:8169", "[::]:8169"] {
+        let got = bed.client("attached/a", &["bind", addr]);
+        assert_eq!(got["errno"], libc::EPERM, "bind {addr}: {got}");
+    }
+    // Other ports and addresses are untouched.
+    let other = bed.client("attached/a", &["bind", "169.254.170.254:8170"]);
+    assert_eq!(other["ok"], true, "{other}");
+    // The restarted daemon gets its address back and serves.
+    bed.daemon.restart().unwrap();
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["status"], 403, "answered by the daemon: {got}");
+    assert_eq!(bed.imds_calls(), 0);
 }

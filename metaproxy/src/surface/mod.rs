@@ -38,6 +38,7 @@ use crate::{
     credentials::{CredKey, CredentialCache},
     identity::{Container, Identities, Identity},
     ids::RoleArn,
+    logging::Clean,
     policy::{Policy, Role, RoleDecision},
     ratelimit::RateLimit,
     upstream::{Upstream, MAX_BODY},
@@ -148,7 +149,7 @@ impl Surface {
     {
         match self.identities.identify(caller).await {
             Err(e) => {
-                tracing::warn!(cgroup_id = %caller.cgroup, error = %e, "cannot identify caller");
+                tracing::warn!(cgroup_id = %caller.cgroup, error = %Clean(&e.to_string()), "cannot identify caller");
                 Handled::new(None, None, Err(e.into()))
             }
             Ok(Identity::Host) => Handled::new(None, None, self.host(req, caller).await),
@@ -160,7 +161,7 @@ impl Surface {
                 };
                 if let RoleDecision::Refused(reason) = &decision {
                     if let Some(suppressed) = ROLE_REFUSAL_LOG.allow() {
-                        tracing::warn!(container_id = %c.id, container = %c.name, %reason, suppressed, "role refused");
+                        tracing::warn!(container_id = %c.id, container = %Clean(&c.name), reason = %Clean(&reason.to_string()), suppressed, "role refused");
                     }
                 }
                 let result = self.container(&req, &c, decision).await;
@@ -267,13 +268,13 @@ impl Surface {
             .get(&key, &c.id, CREDENTIALS_WAIT)
             .await
             .inspect_err(|e| {
-                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %e, "no credentials to serve");
+                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %Clean(&e.to_string()), "no credentials to serve");
             })?;
         tracing::info!(
             target: "metaproxy::audit",
             container_id = %c.id,
-            container = %c.name,
-            job = %c.job_id().unwrap_or("-"),
+            container = %Clean(&c.name),
+            job = %Clean(c.job_id().unwrap_or("-")),
             role_arn = %key.role_arn,
             session = %key.session_name,
             access_key_id = %creds.access_key_id,

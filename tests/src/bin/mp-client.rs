@@ -8,6 +8,7 @@
 //! mp-client raw ADDR METHOD PATH [HEADER]...   one request, headers "Name: value"
 //! mp-client burst ADDR PATH N   N requests at the same moment, one thread each
 //! mp-client udp ADDR            connect a UDP socket (reports the errno)
+//! mp-client bind ADDR           bind and listen on ADDR (reports the errno)
 //! mp-client latency ADDR PATH N N sequential connect+GET+close; percentiles
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
@@ -41,6 +42,7 @@ fn main() {
         Some("v2") => v2(addr, args.get(2).map_or("/", String::as_str)),
         Some("raw") if args.len() >= 4 => raw(addr, &args[2], &args[3], &args[4..]),
         Some("udp") => udp(addr),
+        Some("bind") => bind(addr),
         Some("burst") if args.len() == 4 => {
             burst(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -52,6 +54,13 @@ fn main() {
         _ => usage(),
     };
     println!("{out}");
+}
+
+fn bind(addr: SocketAddr) -> serde_json::Value {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => json!({ "ok": true }),
+        Err(e) => error_json(&e),
+    }
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
