@@ -91,6 +91,14 @@ impl Foundation {
 impl E2eBed {
     /// Builds the bed; `daemon_args` go to `metaproxy run`.
     pub fn start(daemon_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(daemon_args, &[])
+    }
+
+    /// Builds the bed; `daemon_env` is added to the daemon's environment.
+    pub fn start_with_env(
+        daemon_args: &[&str],
+        daemon_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let Foundation {
             dir,
             ns,
@@ -123,14 +131,21 @@ impl E2eBed {
             attach_cgroup: attached,
             own_cgroup: own,
             args: daemon_args.iter().map(|s| s.to_string()).collect(),
-            env: vec![
+            env: [
                 ("DOCKER_HOST".into(), dockerd.host()),
                 (
                     "AWS_ENDPOINT_URL_STS".into(),
                     format!("http://127.0.0.1:{PORT}"),
                 ),
                 ("AWS_REGION".into(), REGION.into()),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                daemon_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+            .collect(),
         })?;
         let bed = Self {
             daemon,

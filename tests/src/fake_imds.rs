@@ -146,6 +146,11 @@ impl FakeImds {
     pub fn calls(&self) -> Vec<Call> {
         self.shared.calls.lock().unwrap().clone()
     }
+
+    /// Every session token it has handed out.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.tokens.lock().unwrap().iter().cloned().collect()
+    }
 }
 
 impl Drop for FakeImds {
