@@ -59,7 +59,14 @@ pub struct RunArgs {
     #[arg(long, env = "METAPROXY_ALLOW_ROLE", value_delimiter = ',')]
     pub allow_role: Vec<String>,
 
-    /// Refuse IMDSv1 (requests without a session token) from containers.
+    /// Whether containers may send requests without a session token
+    /// (IMDSv1): as the instance does (`mirror`: refused where the instance
+    /// requires IMDSv2), always, or never.
+    #[arg(long, env = "METAPROXY_IMDSV1", value_enum, default_value_t = Imdsv1::Mirror)]
+    pub imdsv1: Imdsv1,
+
+    /// Refuse IMDSv1 from containers, whatever the instance does (the same
+    /// as `--imdsv1 refuse`).
     #[arg(long, env = "METAPROXY_REQUIRE_IMDSV2")]
     pub require_imdsv2: bool,
 
@@ -122,6 +129,16 @@ pub struct DetachArgs {
     /// The running daemon's admin socket: detach refuses while it answers.
     #[command(flatten)]
     pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Imdsv1 {
+    /// Refuse tokenless requests where the instance itself requires IMDSv2.
+    Mirror,
+    /// Serve tokenless requests.
+    Allow,
+    /// Refuse tokenless requests (401).
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,7 +7,10 @@ use std::{
     path::PathBuf,
 };
 
-use crate::cli::RunArgs;
+use crate::{
+    cli::{self, RunArgs},
+    surface::Imdsv1Mode,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,7 +34,7 @@ pub struct RunConfig {
     pub listen: SocketAddrV4,
     pub listen6: Option<SocketAddrV6>,
     pub allow_role: Vec<String>,
-    pub require_imdsv2: bool,
+    pub imdsv1: Imdsv1Mode,
     pub allow_host_cgroup: Vec<String>,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
@@ -59,7 +62,11 @@ impl RunConfig {
             listen,
             listen6,
             allow_role: args.allow_role.clone(),
-            require_imdsv2: args.require_imdsv2,
+            imdsv1: match (args.require_imdsv2, args.imdsv1) {
+                (true, _) | (false, cli::Imdsv1::Refuse) => Imdsv1Mode::Refuse,
+                (false, cli::Imdsv1::Mirror) => Imdsv1Mode::Mirror,
+                (false, cli::Imdsv1::Allow) => Imdsv1Mode::Allow,
+            },
             allow_host_cgroup: args.allow_host_cgroup.clone(),
             state_dir: args.state_dir.clone(),
             pin_dir: args.pins.pin_dir.clone(),
@@ -83,7 +90,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::cli::{self, Cli, Command};
+    use crate::cli::{Cli, Command};
 
     fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
         let cli = Cli::try_parse_from(["metaproxy", "run"].iter().chain(args)).unwrap();
@@ -91,6 +98,25 @@ mod tests {
             panic!("not run")
         };
         RunConfig::from_args(&run)
+    }
+
+    #[test]
+    fn imdsv1_mirrors_the_instance_unless_told_otherwise() {
+        assert_eq!(config(&[]).unwrap().imdsv1, Imdsv1Mode::Mirror);
+        assert_eq!(
+            config(&["--imdsv1", "allow"]).unwrap().imdsv1,
+            Imdsv1Mode::Allow
+        );
+        assert_eq!(
+            config(&["--require-imdsv2"]).unwrap().imdsv1,
+            Imdsv1Mode::Refuse
+        );
+        assert_eq!(
+            config(&["--imdsv1", "allow", "--require-imdsv2"])
+                .unwrap()
+                .imdsv1,
+            Imdsv1Mode::Refuse
+        );
     }
 
     #[test]

@@ -33,8 +33,8 @@ use crate::{
     policy::Policy,
     probe::{Probe, ProbeOptions},
     server::{self, Pipeline},
-    surface::{Surface, SurfaceOptions, TokenKey},
-    upstream::HttpUpstream,
+    surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
+    upstream::{HttpUpstream, Upstream},
 };
 
 /// How many recent connections the admin API keeps.
@@ -149,6 +149,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     tasks.spawn("docker events", identities.clone().follow_events());
 
+    let upstream: Arc<dyn Upstream> = Arc::new(HttpUpstream::from_env());
+    let imdsv1 = Arc::new(Imdsv1Gate::new(config.imdsv1));
+    imdsv1.check(upstream.as_ref()).await;
+    tasks.spawn("imdsv1 mirror", imdsv1.clone().follow(upstream.clone()));
+
     let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
     let pipeline = Arc::new(Pipeline {
         attribution: Attribution::new(probe.clone(), Arc::new(CgroupPaths::new(mount))),
@@ -157,10 +162,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             policy,
             credentials,
             tokens,
-            upstream: Arc::new(HttpUpstream::from_env()),
-            options: SurfaceOptions {
-                require_imdsv2: config.require_imdsv2,
-            },
+            upstream,
+            options: SurfaceOptions { imdsv1 },
         },
         connections: connections.clone(),
     });

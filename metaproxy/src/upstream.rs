@@ -31,6 +31,10 @@ pub trait Upstream: Send + Sync + 'static {
     /// GET an allow-listed, non-secret `path` with the daemon's own token.
     fn get_cached<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes, UpstreamError>>;
 
+    /// Whether the instance requires IMDSv2: a tokenless GET is refused
+    /// with 401 (`HttpTokens=required`).
+    fn requires_tokens(&self) -> BoxFuture<'_, Result<bool, UpstreamError>>;
+
     /// Forwards a host process's request unchanged (method, path, headers,
     /// body) and returns the service's answer unchanged.
     fn forward<'a>(
@@ -191,6 +195,20 @@ impl HttpUpstream {
 impl Upstream for HttpUpstream {
     fn get_cached<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes, UpstreamError>> {
         self.get_cached_inner(path).boxed()
+    }
+
+    fn requires_tokens(&self) -> BoxFuture<'_, Result<bool, UpstreamError>> {
+        async move {
+            let req = Request::get(format!("{}/latest/meta-data/", self.base))
+                .body(Full::default())
+                .expect("valid request");
+            match self.send(req).await?.status() {
+                StatusCode::UNAUTHORIZED => Ok(true),
+                s if s.is_success() => Ok(false),
+                other => Err(UpstreamError::Status(other)),
+            }
+        }
+        .boxed()
     }
 
     fn forward<'a>(

@@ -3,7 +3,7 @@
 
 mod support;
 
-use metaproxy::connlog::Outcome;
+use metaproxy::{connlog::Outcome, surface::Imdsv1Mode};
 use support::{bed, bed_with, Options, Spec};
 
 const ROLE: &str = "ci-deploy";
@@ -169,7 +169,7 @@ async fn tokens_are_bound_to_their_container_and_checked() {
 #[tokio::test]
 async fn imdsv1_is_refused_when_imdsv2_is_required() {
     let bed = bed_with(Options {
-        require_imdsv2: true,
+        imdsv1: Some(Imdsv1Mode::Refuse),
         ..Default::default()
     })
     .await;
@@ -178,13 +178,39 @@ async fn imdsv1_is_refused_when_imdsv2_is_required() {
     assert_eq!(v1.status, 401);
     assert_eq!(
         bed.last_log().reason.as_deref(),
-        Some("IMDSv1 refused (--require-imdsv2)")
+        Some("IMDSv1 refused (--imdsv1 refuse)")
     );
     let token = bed.token(&job).await;
     let v2 = bed
         .request(&job, "GET", CREDS, &[("X-aws-ec2-metadata-token", &token)])
         .await;
     assert_eq!(v2.status, 200);
+}
+
+#[tokio::test]
+async fn imdsv1_mirrors_the_instance() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    // The fake instance serves IMDSv1: so does metaproxy.
+    assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
+    // The admin sets HttpTokens=required; the next check follows it.
+    bed.upstream
+        .requires_tokens
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    bed.imdsv1.check(bed.upstream.as_ref()).await;
+    assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 401);
+    assert_eq!(
+        bed.last_log().reason.as_deref(),
+        Some("IMDSv1 refused (the instance requires IMDSv2)")
+    );
+    let token = bed.token(&job).await;
+    let v2 = bed
+        .request(&job, "GET", CREDS, &[("X-aws-ec2-metadata-token", &token)])
+        .await;
+    assert_eq!(v2.status, 200);
+    // Until the instance has answered, IMDSv1 is refused.
+    let fresh = metaproxy::surface::Imdsv1Gate::new(Imdsv1Mode::Mirror);
+    assert_eq!(fresh.refusal(), Some("the instance requires IMDSv2"));
 }
 
 #[tokio::test]

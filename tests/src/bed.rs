@@ -99,6 +99,20 @@ impl E2eBed {
         daemon_args: &[&str],
         daemon_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_full(daemon_args, daemon_env, false)
+    }
+
+    /// Builds a bed whose (fake) instance requires IMDSv2
+    /// (`HttpTokens=required`).
+    pub fn start_requiring_tokens(daemon_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_full(daemon_args, &[], true)
+    }
+
+    fn start_full(
+        daemon_args: &[&str],
+        daemon_env: &[(&str, &str)],
+        instance_requires_tokens: bool,
+    ) -> anyhow::Result<Self> {
         let Foundation {
             dir,
             ns,
@@ -117,7 +131,7 @@ impl E2eBed {
             &ns,
             FakeImdsConfig {
                 credentials: Some(instance),
-                allow_v1: false,
+                allow_v1: !instance_requires_tokens,
             },
         )?;
         let dockerd = Dockerd::start(

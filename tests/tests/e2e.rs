@@ -41,6 +41,16 @@ fn assert_real_imds_untouched(bed: &E2eBed) {
     );
 }
 
+fn refusals_and_unauthorized(bed: &E2eBed, container: &str) -> Vec<String> {
+    bed.daemon
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["container"] == container && c["outcome"] != "served")
+        .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 fn refusals(bed: &E2eBed, container: &str) -> Vec<String> {
     bed.daemon
         .connections()
@@ -382,6 +392,31 @@ fn imdsv1_is_refused_under_require_imdsv2() {
 }
 
 #[test]
+fn imdsv1_mirrors_an_instance_that_requires_imdsv2() {
+    let bed = E2eBed::start_requiring_tokens(&[]).expect("bed");
+    let c = bed
+        .container(
+            "mirror",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    // The instance answers a tokenless request with 401; so does metaproxy.
+    assert_eq!(c.imds("GET", CREDS, &[])["status"], 401);
+    assert!(
+        refusals_and_unauthorized(&bed, "mirror")
+            .iter()
+            .any(|r| r == "IMDSv1 refused (the instance requires IMDSv2)"),
+        "{:?}",
+        refusals_and_unauthorized(&bed, "mirror")
+    );
+    let token = c.token_header(60);
+    assert_eq!(c.imds("GET", CREDS, &[&token])["body"], ROLE_DEPLOY);
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
 fn a_token_minted_for_one_container_is_refused_in_another() {
     let bed = E2eBed::start(&[]).expect("bed");
     let a = bed
@@ -663,7 +698,7 @@ fn trace_logging_never_shows_a_token_or_a_secret() {
     assert_eq!(creds["status"], 200, "{creds}");
     let doc: Value = serde_json::from_str(creds["body"].as_str().unwrap()).unwrap();
     let log = bed.daemon.log();
-    assert!(log.contains("TRACE"), "trace logging is on");
+    assert!(log.contains("accepted connection"), "debug logging is on");
     let issued = bed.imds.issued_tokens();
     assert!(
         !issued.is_empty(),

@@ -30,7 +30,14 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     crate::clean::run_with(&bins.metaproxy)?;
     let mut e2e = Command::new("cargo");
     e2e.current_dir(&root)
-        .args(["test", "-p", "metaproxy-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "-p",
+            "metaproxy-tests",
+            "--no-fail-fast",
+            "--",
+            "--test-threads=1",
+        ])
         .env("METAPROXY_BIN", &bins.metaproxy)
         .env("MP_BIN_DIR", &bins.dir);
     if let Some(f) = filter {

@@ -44,8 +44,8 @@ pub enum Denial {
     TokenTtl,
     #[error("token: {0}")]
     Token(#[from] TokenError),
-    #[error("IMDSv1 refused (--require-imdsv2)")]
-    Imdsv1Refused,
+    #[error("IMDSv1 refused ({0})")]
+    Imdsv1Refused(&'static str),
     /// The container has no role: nothing to serve.
     #[error("no role")]
     NoRole,
@@ -66,7 +66,7 @@ impl Denial {
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound | Self::NoRole | Self::RoleRefused(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Token(_) | Self::Imdsv1Refused => StatusCode::UNAUTHORIZED,
+            Self::Token(_) | Self::Imdsv1Refused(_) => StatusCode::UNAUTHORIZED,
             Self::Credentials(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -75,7 +75,7 @@ impl Denial {
         match self {
             Self::NotFound | Self::MethodNotAllowed => Outcome::NotFound,
             Self::NoRole => Outcome::NoRole,
-            Self::Token(_) | Self::Imdsv1Refused => Outcome::Unauthorized,
+            Self::Token(_) | Self::Imdsv1Refused(_) => Outcome::Unauthorized,
             _ => Outcome::Refused,
         }
     }
@@ -154,10 +154,10 @@ mod tests {
                 Some("token: expired"),
             ),
             (
-                Denial::Imdsv1Refused,
+                Denial::Imdsv1Refused("the instance requires IMDSv2"),
                 401,
                 Outcome::Unauthorized,
-                Some("IMDSv1 refused (--require-imdsv2)"),
+                Some("IMDSv1 refused (the instance requires IMDSv2)"),
             ),
             (Denial::NoRole, 404, Outcome::NoRole, None),
             (

@@ -14,6 +14,7 @@
 
 mod denial;
 mod document;
+mod imdsv1;
 mod routes;
 mod token;
 
@@ -29,6 +30,7 @@ use hyper::{body::Body, header, Request, Response};
 pub use denial::Denial;
 pub use document::imds_time;
 use document::CredentialsDocument;
+pub use imdsv1::{Imdsv1Gate, Imdsv1Mode};
 pub use routes::{Route, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
 pub use token::{TokenError, TokenKey};
 
@@ -53,10 +55,10 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Role refusals are logged at most this often per second.
 static ROLE_REFUSAL_LOG: RateLimit = RateLimit::new(10);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct SurfaceOptions {
-    /// Refuse IMDSv1 (requests without a token) from containers.
-    pub require_imdsv2: bool,
+    /// Whether containers may send requests without a token (IMDSv1).
+    pub imdsv1: Arc<Imdsv1Gate>,
 }
 
 /// A successful answer.
@@ -217,8 +219,11 @@ impl Surface {
                 let token = token.to_str().unwrap_or("");
                 self.tokens.verify(token, c.id.as_str(), unix_now())?;
             }
-            None if self.options.require_imdsv2 => return Err(Denial::Imdsv1Refused),
-            None => {}
+            None => {
+                if let Some(why) = self.options.imdsv1.refusal() {
+                    return Err(Denial::Imdsv1Refused(why));
+                }
+            }
         }
         if let Route::Metadata(path) = route {
             return Ok(Reply::text(self.upstream.get_cached(path).await?));

@@ -28,7 +28,7 @@ use metaproxy::{
     ids::{AccountId, CgroupId, ContainerId},
     policy::Policy,
     server::{self, Pipeline},
-    surface::{Surface, SurfaceOptions, TokenKey},
+    surface::{Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey},
     upstream::{Upstream, UpstreamError},
 };
 use metaproxy_common::{ConnRecord, AF_INET};
@@ -206,6 +206,8 @@ pub type Forwarded = (Method, String, Vec<(String, String)>, Bytes);
 /// The real IMDS: a few paths, and a record of what was forwarded.
 #[derive(Default)]
 pub struct FakeUpstream {
+    /// Whether it refuses tokenless requests (HttpTokens=required).
+    pub requires_tokens: std::sync::atomic::AtomicBool,
     pub gets: Mutex<Vec<String>>,
     pub forwards: Mutex<Vec<Forwarded>>,
 }
@@ -220,6 +222,11 @@ impl Upstream for FakeUpstream {
             }
         }
         .boxed()
+    }
+
+    fn requires_tokens(&self) -> BoxFuture<'_, Result<bool, UpstreamError>> {
+        let required = self.requires_tokens.load(Ordering::SeqCst);
+        async move { Ok(required) }.boxed()
     }
 
     fn forward<'a>(
@@ -259,7 +266,8 @@ pub struct Who {
 
 #[derive(Default)]
 pub struct Options {
-    pub require_imdsv2: bool,
+    /// `None`: mirror the fake instance.
+    pub imdsv1: Option<Imdsv1Mode>,
     pub allow_host_cgroup: Vec<String>,
     pub allow_role: Vec<String>,
 }
@@ -274,6 +282,7 @@ pub struct Bed {
     pub upstream: Arc<FakeUpstream>,
     pub credentials: Arc<CredentialCache>,
     pub connections: Arc<ConnLog>,
+    pub imdsv1: Arc<Imdsv1Gate>,
     next_cgroup: AtomicUsize,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -303,6 +312,10 @@ pub async fn bed_with(options: Options) -> Bed {
     let credentials = Arc::new(CredentialCache::new(sts.clone()));
     let identities = Arc::new(Identities::new(runtime.clone()));
     let connections = Arc::new(ConnLog::new(1024));
+    let imdsv1 = Arc::new(Imdsv1Gate::new(
+        options.imdsv1.unwrap_or(Imdsv1Mode::Mirror),
+    ));
+    imdsv1.check(upstream.as_ref()).await;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(
         credentials
@@ -319,7 +332,7 @@ pub async fn bed_with(options: Options) -> Bed {
             tokens: TokenKey::from_bytes([9; 32]),
             upstream: upstream.clone(),
             options: SurfaceOptions {
-                require_imdsv2: options.require_imdsv2,
+                imdsv1: imdsv1.clone(),
             },
         },
         connections: connections.clone(),
@@ -340,6 +353,7 @@ pub async fn bed_with(options: Options) -> Bed {
         upstream,
         credentials,
         connections,
+        imdsv1,
         next_cgroup: AtomicUsize::new(1000),
         stop,
         tasks,
