@@ -78,6 +78,19 @@ pub struct RunArgs {
     #[arg(long, env = "METAPROXY_ALLOW_HOST_CGROUP", value_delimiter = ',')]
     pub allow_host_cgroup: Vec<String>,
 
+    /// Open connections the daemon keeps at most; more are closed at once.
+    #[arg(long, env = "METAPROXY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Open connections one container (cgroup) may hold; more are closed at
+    /// once, so one job cannot starve the others.
+    #[arg(
+        long,
+        env = "METAPROXY_MAX_CONNECTIONS_PER_CONTAINER",
+        default_value_t = 256
+    )]
+    pub max_connections_per_container: usize,
+
     /// Directory for what must survive a restart (the token signing key).
     #[arg(long, env = "METAPROXY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

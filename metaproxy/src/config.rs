@@ -9,6 +9,7 @@ use std::{
 
 use crate::{
     cli::{self, RunArgs},
+    server::Limits,
     surface::Imdsv1Mode,
 };
 
@@ -35,6 +36,7 @@ pub struct RunConfig {
     pub listen6: Option<SocketAddrV6>,
     pub allow_role: Vec<String>,
     pub imdsv1: Imdsv1Mode,
+    pub limits: Limits,
     pub allow_host_cgroup: Vec<String>,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
@@ -68,6 +70,10 @@ impl RunConfig {
                 (false, cli::Imdsv1::Allow) => Imdsv1Mode::Allow,
             },
             allow_host_cgroup: args.allow_host_cgroup.clone(),
+            limits: Limits {
+                max_connections: args.max_connections.max(1),
+                max_connections_per_cgroup: args.max_connections_per_container.max(1),
+            },
             state_dir: args.state_dir.clone(),
             pin_dir: args.pins.pin_dir.clone(),
             admin_socket: args.admin.admin_socket.clone(),

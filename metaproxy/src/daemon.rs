@@ -32,7 +32,7 @@ use crate::{
     netaddr,
     policy::Policy,
     probe::{Probe, ProbeOptions},
-    server::{self, Pipeline},
+    server::{self, ConnectionCount, Pipeline},
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
     upstream::{HttpUpstream, Upstream},
 };
@@ -92,6 +92,7 @@ impl Tasks {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let account = Arc::new(OnceLock::new());
     let policy = Arc::new(Policy::new(
         &config.allow_role,
@@ -155,7 +156,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     tasks.spawn("imdsv1 mirror", imdsv1.clone().follow(upstream.clone()));
 
     let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
+    let count = Arc::new(ConnectionCount::new(config.limits));
     let pipeline = Arc::new(Pipeline {
+        count: count.clone(),
         attribution: Attribution::new(probe.clone(), Arc::new(CgroupPaths::new(mount))),
         surface: Surface {
             identities,
@@ -188,7 +191,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.admin_socket.clone(),
         Arc::new(AdminState {
             connections,
-            status: Arc::new(ProbeStatus(probe)),
+            status: Arc::new(DaemonStatus { probe, count }),
         }),
         stopped(),
     ));
@@ -239,16 +242,39 @@ fn attach_probe(
 }
 
 /// `GET /v1/status` on the admin socket.
-struct ProbeStatus(Arc<Probe>);
+struct DaemonStatus {
+    probe: Arc<Probe>,
+    count: Arc<ConnectionCount>,
+}
 
-impl StatusSource for ProbeStatus {
+impl StatusSource for DaemonStatus {
     fn status(&self) -> serde_json::Value {
-        let (pending, conns) = self.0.map_sizes();
+        let (pending, conns) = self.probe.map_sizes();
         serde_json::json!({
             "pid": std::process::id(),
-            "generation": self.0.generation(),
+            "generation": self.probe.generation(),
             "maps": { "pending": pending, "conns": conns },
+            "connections": {
+                "open": self.count.open(),
+                "largest_per_container": self.count.largest_per_cgroup(),
+                "shed": self.count.shed.load(std::sync::atomic::Ordering::Relaxed),
+            },
         })
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: under systemd's
+/// default soft limit (1024) a busy runner would make accept() fail for
+/// every job, and the Docker and STS connections with it.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
 }
 

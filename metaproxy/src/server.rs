@@ -4,8 +4,21 @@
 //!
 //! `run(listener, pipeline, shutdown)` serves any listener, so tests drive
 //! the whole path in-process on `127.0.0.1:0`.
+//!
+//! Bounded: a global and a per-cgroup cap on open connections (the excess
+//! is closed at once and counted), small buffers, and timeouts on headers
+//! and idle keep-alive connections, so one job cannot starve the others.
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -15,6 +28,7 @@ use crate::{
     addrs::{AddrPair, ClientAddr, ServerAddr},
     attribution::{Attribution, Caller},
     connlog::{ConnLog, Connection},
+    ids::CgroupId,
     logging::Clean,
     ratelimit::RateLimit,
     surface::{Denial, Handled, Surface},
@@ -25,8 +39,87 @@ use crate::{
 /// to fill the disk with our log.
 static REFUSAL_LOG: RateLimit = RateLimit::new(10);
 
-/// How long a client may take to send a request's headers.
+/// How long a client may take to send a request's headers, and how long an
+/// idle keep-alive connection stays open.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// hyper's read buffer per connection (its minimum is 8 KiB): IMDS requests
+/// are a few hundred bytes.
+const READ_BUFFER: usize = 8 * 1024;
+/// Longest request path kept in the connection log.
+const LOGGED_PATH: usize = 200;
+
+/// Caps on open connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_cgroup: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_connections_per_cgroup: 256,
+        }
+    }
+}
+
+/// Open connections, overall and per cgroup.
+#[derive(Debug)]
+pub struct ConnectionCount {
+    limits: Limits,
+    total: Arc<tokio::sync::Semaphore>,
+    per_cgroup: Mutex<HashMap<CgroupId, usize>>,
+    /// Connections closed at once for being over a cap.
+    pub shed: AtomicU64,
+}
+
+impl ConnectionCount {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            total: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+            per_cgroup: Mutex::new(HashMap::new()),
+            shed: AtomicU64::new(0),
+        }
+    }
+
+    fn enter(self: &Arc<Self>, cgroup: CgroupId) -> Option<CgroupSlot> {
+        let mut map = self.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(cgroup).or_insert(0);
+        if *n >= self.limits.max_connections_per_cgroup {
+            return None;
+        }
+        *n += 1;
+        Some(CgroupSlot(self.clone(), cgroup))
+    }
+
+    /// The most connections any one cgroup has open.
+    pub fn largest_per_cgroup(&self) -> usize {
+        let map = self.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().copied().max().unwrap_or(0)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.limits.max_connections - self.total.available_permits()
+    }
+}
+
+/// One open connection of a cgroup; released on drop.
+struct CgroupSlot(Arc<ConnectionCount>, CgroupId);
+
+impl Drop for CgroupSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
 /// How long open connections get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -36,6 +129,7 @@ pub struct Pipeline {
     pub attribution: Attribution,
     pub surface: Surface,
     pub connections: Arc<ConnLog>,
+    pub count: Arc<ConnectionCount>,
 }
 
 /// Serves `listener` until `shutdown` resolves. Connections already being
@@ -50,8 +144,20 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tasks.spawn(serve_connection(stream, pipeline.clone()));
+                Ok((stream, peer)) => {
+                    // Over the global cap: closed at once (dropping it).
+                    let Ok(permit) = pipeline.count.total.clone().try_acquire_owned() else {
+                        pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = REFUSAL_LOG.allow() {
+                            tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
+                        }
+                        continue;
+                    };
+                    let pipeline = pipeline.clone();
+                    tasks.spawn(async move {
+                        serve_connection(stream, pipeline).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off rather than spin.
@@ -79,7 +185,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     };
     let pair = AddrPair::new(ClientAddr(peer), ServerAddr(local));
     let caller = match pipeline.attribution.attribute(&pair).await {
-        Ok(caller) => Arc::new(caller),
+        Ok(caller) => caller,
         Err(e) => {
             let denial = Denial::from(e);
             if let Some(suppressed) = REFUSAL_LOG.allow() {
@@ -96,6 +202,14 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
             return;
         }
     };
+    let Some(_slot) = pipeline.count.enter(caller.cgroup) else {
+        pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = REFUSAL_LOG.allow() {
+            tracing::warn!(client = %peer, cgroup_id = %caller.cgroup, suppressed, "too many open connections from one cgroup; closing");
+        }
+        return;
+    };
+    let caller = Arc::new(caller);
     tracing::debug!(
         client = %peer,
         cgroup_id = %caller.cgroup,
@@ -106,7 +220,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     serve_http(stream, move |req| {
         let (caller, pipeline) = (caller.clone(), pipeline.clone());
         async move {
-            let request = format!("{} {}", req.method(), req.uri().path());
+            let request = logged_request(req.method(), req.uri().path());
             let handled = pipeline.surface.handle(req, &caller).await;
             pipeline
                 .connections
@@ -127,12 +241,23 @@ where
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        // Slow or silent clients must not hold a task forever.
+        // Slow or silent clients must not hold a task forever; this also
+        // bounds how long an idle keep-alive connection waits.
         .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(READ_BUFFER)
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// `METHOD /path` for the connection log, the path cut to [`LOGGED_PATH`]
+/// characters: a caller must not fill our memory with its paths.
+fn logged_request(method: &hyper::Method, path: &str) -> String {
+    match path.char_indices().nth(LOGGED_PATH) {
+        Some((cut, _)) => format!("{method} {}...", &path[..cut]),
+        None => format!("{method} {path}"),
     }
 }
 

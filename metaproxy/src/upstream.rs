@@ -202,11 +202,9 @@ impl Upstream for HttpUpstream {
             let req = Request::get(format!("{}/latest/meta-data/", self.base))
                 .body(Full::default())
                 .expect("valid request");
-            match self.send(req).await?.status() {
-                StatusCode::UNAUTHORIZED => Ok(true),
-                s if s.is_success() => Ok(false),
-                other => Err(UpstreamError::Status(other)),
-            }
+            // Only 401 says "token required"; any other answer (200, or a
+            // 404 for a path it does not serve) was given without one.
+            Ok(self.send(req).await?.status() == StatusCode::UNAUTHORIZED)
         }
         .boxed()
     }

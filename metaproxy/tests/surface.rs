@@ -523,3 +523,69 @@ async fn a_cgroup_named_after_a_container_is_not_that_container() {
     assert_eq!(bed.request(&inner, "GET", CREDS, &[]).await.body, ROLE);
     assert_eq!(bed.sts.calls(), 0);
 }
+
+#[tokio::test]
+async fn one_container_cannot_hold_more_than_its_share_of_connections() {
+    use tokio::io::AsyncReadExt as _;
+    let bed = bed_with(Options {
+        limits: Some(metaproxy::server::Limits {
+            max_connections: 64,
+            max_connections_per_cgroup: 2,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let greedy = bed.container(1, with_role());
+    let other = bed.container(2, with_role());
+    let held = [bed.connect(&greedy).await, bed.connect(&greedy).await];
+    // Give the server a moment to take both in.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(bed.count.largest_per_cgroup(), 2);
+    // The third is closed at once, without an answer.
+    let mut third = bed.connect(&greedy).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(bed.count.shed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Another container is served meanwhile.
+    assert_eq!(bed.request(&other, "GET", CREDS, &[]).await.status, 200);
+    // Once the held connections go, the container is served again.
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(bed.request(&greedy, "GET", CREDS, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn the_global_cap_closes_the_excess_and_long_paths_are_cut_in_the_log() {
+    use tokio::io::AsyncReadExt as _;
+    let bed = bed_with(Options {
+        limits: Some(metaproxy::server::Limits {
+            max_connections: 3,
+            max_connections_per_cgroup: 3,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let jobs: Vec<_> = (1..=4).map(|n| bed.container(n, with_role())).collect();
+    let mut held = Vec::new();
+    for job in &jobs[..3] {
+        held.push(bed.connect(job).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut fourth = bed.connect(&jobs[3]).await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), fourth.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let long = format!("/latest/meta-data/{}", "a".repeat(5000));
+    assert_eq!(bed.request(&jobs[3], "GET", &long, &[]).await.status, 404);
+    let logged = bed.last_log().request.unwrap();
+    assert!(logged.len() < 250 && logged.ends_with("..."), "{logged}");
+}

@@ -410,6 +410,12 @@ impl KernelBed {
     }
 
     fn with_args(daemon_args: &[&str]) -> Self {
+        // No IMDSv1 check: every call the fake IMDS records must be a leak
+        // (or a pass-through the test asked for).
+        let daemon_args: Vec<&str> = ["--imdsv1", "allow"]
+            .into_iter()
+            .chain(daemon_args.iter().copied())
+            .collect();
         let Foundation {
             dir,
             ns,

@@ -27,7 +27,7 @@ use metaproxy::{
     identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
     ids::{AccountId, CgroupId, ContainerId},
     policy::Policy,
-    server::{self, Pipeline},
+    server::{self, ConnectionCount, Limits, Pipeline},
     surface::{Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey},
     upstream::{Upstream, UpstreamError},
 };
@@ -266,6 +266,7 @@ pub struct Who {
 
 #[derive(Default)]
 pub struct Options {
+    pub limits: Option<Limits>,
     /// `None`: mirror the fake instance.
     pub imdsv1: Option<Imdsv1Mode>,
     pub allow_host_cgroup: Vec<String>,
@@ -283,6 +284,7 @@ pub struct Bed {
     pub credentials: Arc<CredentialCache>,
     pub connections: Arc<ConnLog>,
     pub imdsv1: Arc<Imdsv1Gate>,
+    pub count: Arc<ConnectionCount>,
     next_cgroup: AtomicUsize,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -323,7 +325,9 @@ pub async fn bed_with(options: Options) -> Bed {
             .follow(identities.subscribe(), policy.clone()),
     );
     tasks.spawn(identities.clone().follow_events());
+    let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));
     let pipeline = Arc::new(Pipeline {
+        count: count.clone(),
         attribution: Attribution::new(records.clone(), cgroups.clone()),
         surface: Surface {
             identities,
@@ -354,6 +358,7 @@ pub async fn bed_with(options: Options) -> Bed {
         credentials,
         connections,
         imdsv1,
+        count,
         next_cgroup: AtomicUsize::new(1000),
         stop,
         tasks,
@@ -427,6 +432,31 @@ impl Bed {
         self.send_raw(Some(who), raw.as_bytes()).await
     }
 
+    /// Opens a connection as `who` and sends nothing.
+    pub async fn connect(&self, who: &Who) -> tokio::net::TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        self.record(socket.local_addr().unwrap().port(), who);
+        socket.connect(self.addr).await.unwrap()
+    }
+
+    fn record(&self, port: u16, who: &Who) {
+        let mut comm = [0u8; 16];
+        comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
+        self.records.0.lock().unwrap().insert(
+            port,
+            ConnRecord {
+                cgroup_id: who.cgroup.0,
+                pid: 4242,
+                family: AF_INET,
+                orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
+                orig_port: 80,
+                comm,
+                ..Default::default()
+            },
+        );
+    }
+
     /// Sends raw bytes on a new connection (recorded for `who`, or not at
     /// all) and reads the answer until the server closes.
     pub async fn send_raw(&self, who: Option<&Who>, bytes: &[u8]) -> Answer {
@@ -434,20 +464,7 @@ impl Bed {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = socket.local_addr().unwrap().port();
         if let Some(who) = who {
-            let mut comm = [0u8; 16];
-            comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
-            self.records.0.lock().unwrap().insert(
-                port,
-                ConnRecord {
-                    cgroup_id: who.cgroup.0,
-                    pid: 4242,
-                    family: AF_INET,
-                    orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
-                    orig_port: 80,
-                    comm,
-                    ..Default::default()
-                },
-            );
+            self.record(port, who);
         }
         let mut stream = socket.connect(self.addr).await.unwrap();
         stream.write_all(bytes).await.unwrap();
