@@ -30,8 +30,10 @@ pub enum Command {
     Run(RunArgs),
     /// List intercepted connections (from a running daemon).
     Connections(ConnectionsArgs),
-    /// Show the running daemon's status (JSON): pid, probe generation, map sizes.
-    Status(AdminArgs),
+    /// Show the running daemon's status (JSON): pid, probe generation, map
+    /// sizes, connections. With `--redirect`: whether the redirect is in
+    /// place (exit 0) or not (exit 1), daemon running or not.
+    Status(StatusArgs),
     /// Remove the probe for good: containers' IMDS connects pass through
     /// again. Stop the daemon first.
     Detach(DetachArgs),
@@ -129,6 +131,20 @@ pub struct ConnectionsArgs {
     /// Keep printing connections as they arrive.
     #[arg(long, short, env = "METAPROXY_FOLLOW")]
     pub follow: bool,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only check that the redirect is pinned in the kernel, for scripts and
+    /// for units that must not start before it (exit code 0 or 1).
+    #[arg(long)]
+    pub redirect: bool,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
 
     #[command(flatten)]
     pub admin: AdminArgs,

@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use crate::{
     admin_client,
-    cli::{AdminArgs, ConnectionsArgs, DetachArgs},
+    cli::{ConnectionsArgs, DetachArgs, StatusArgs},
     connlog::Connection,
     probe,
 };
@@ -119,9 +119,25 @@ fn row(cols: [&str; 10]) -> String {
     )
 }
 
-pub async fn status(args: AdminArgs) -> anyhow::Result<()> {
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    if args.redirect {
+        let pins = &args.pins.pin_dir;
+        let generation = probe::redirect_in_place(pins)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no redirect under {}: IMDS connects are not intercepted",
+                pins.display()
+            )
+        })?;
+        let daemon = if std::os::unix::net::UnixStream::connect(&args.admin.admin_socket).is_ok() {
+            "running"
+        } else {
+            "not running (connects are refused until it is)"
+        };
+        println!("redirect in place: generation {generation}; daemon {daemon}");
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
-    admin_client::get(&args.admin_socket, "/v1/status", |chunk| {
+    admin_client::get(&args.admin.admin_socket, "/v1/status", |chunk| {
         Ok(out.write_all(chunk)?)
     })
     .await?;

@@ -196,6 +196,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         stopped(),
     ));
 
+    // Ready only now: the probe is attached and pinned, the listeners and the
+    // admin socket are bound. Units ordered after us start containers only
+    // once the redirect exists.
+    notify(sd_notify::NotifyState::Ready);
+    tracing::info!("ready");
+
     let result = tokio::select! {
         signal = wait_for_signal() => signal,
         failure = tasks.next_failure() => Err(failure),
@@ -204,6 +210,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Err(e) => anyhow::anyhow!("a listener failed: {e}"),
         }),
     };
+    notify(sd_notify::NotifyState::Stopping);
     tracing::info!("stopping; the probe stays attached, so IMDS connects are refused until metaproxy runs again");
     let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
@@ -239,6 +246,13 @@ fn attach_probe(
         tasks.spawn("kernel log", kernel_log.run());
     }
     Ok(Arc::new(probe))
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) how we are.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
 }
 
 /// `GET /v1/status` on the admin socket.

@@ -273,6 +273,24 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
+/// The newest generation whose links are all pinned under `pin_dir`: a
+/// pinned cgroup link is an attached one, so this is the redirect in place.
+pub fn redirect_in_place(pin_dir: &Path) -> Result<Option<u64>, ProbeError> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    if !links_dir.exists() {
+        return Ok(None);
+    }
+    let links = pinned_links(&links_dir)?;
+    let complete = |g: u64| {
+        PROGRAMS.iter().all(|prog| {
+            links.iter().any(|(p, lg)| {
+                *lg == g && p.file_name().and_then(|n| n.to_str()) == Some(&format!("{prog}-{g}"))
+            })
+        })
+    };
+    Ok(links.iter().map(|(_, g)| *g).filter(|g| complete(*g)).max())
+}
+
 /// The link pins in `dir` with their generation, e.g. `mp_connect4-3`.
 fn pinned_links(dir: &Path) -> Result<Vec<(PathBuf, u64)>, ProbeError> {
     let mut found = Vec::new();

@@ -589,3 +589,26 @@ async fn the_global_cap_closes_the_excess_and_long_paths_are_cut_in_the_log() {
     let logged = bed.last_log().request.unwrap();
     assert!(logged.len() < 250 && logged.ends_with("..."), "{logged}");
 }
+
+#[tokio::test]
+async fn a_refused_role_costs_one_docker_call_however_often_it_is_asked() {
+    let bed = bed().await;
+    let refused = bed.container(
+        1,
+        Spec {
+            env: &["IAM_ROLE=arn:aws:iam::999999999999:role/elsewhere"],
+            ..Default::default()
+        },
+    );
+    for _ in 0..20 {
+        assert_eq!(bed.request(&refused, "GET", CREDS, &[]).await.status, 404);
+    }
+    assert_eq!(
+        bed.runtime
+            .inspects
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the container is inspected once, then remembered"
+    );
+    assert_eq!(bed.sts.calls(), 0);
+}

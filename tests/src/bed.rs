@@ -397,7 +397,12 @@ impl KernelBed {
     /// that every answer comes from the daemon itself (the clients here are
     /// in no container).
     pub fn new(daemon_args: &[&str]) -> Self {
-        Self::with_args(daemon_args)
+        Self::with_args(daemon_args, &[])
+    }
+
+    /// [`KernelBed::new`] with more environment for the daemon.
+    pub fn with_env(daemon_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::with_args(daemon_args, env)
     }
 
     /// A bed whose daemon passes host processes in the test cgroup
@@ -406,10 +411,10 @@ impl KernelBed {
     pub fn allowing_a(daemon_args: &[&str]) -> Self {
         let mut args = vec!["--allow-host-cgroup", "/mpt-*/attached/a"];
         args.extend_from_slice(daemon_args);
-        Self::with_args(&args)
+        Self::with_args(&args, &[])
     }
 
-    fn with_args(daemon_args: &[&str]) -> Self {
+    fn with_args(daemon_args: &[&str], extra_env: &[(&str, &str)]) -> Self {
         // No IMDSv1 check: every call the fake IMDS records must be a leak
         // (or a pass-through the test asked for).
         let daemon_args: Vec<&str> = ["--imdsv1", "allow"]
@@ -452,7 +457,14 @@ impl KernelBed {
                 ),
                 // Debug, so the kernel programs' own log lines show up.
                 ("METAPROXY_LOG".into(), "info,metaproxy=debug".into()),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+            .collect(),
         })
         .expect("daemon");
         Self {

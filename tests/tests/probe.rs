@@ -200,7 +200,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
     let links = std::fs::read_dir(bed.daemon.pin_dir().join("links"))
         .unwrap()
         .count();
-    assert_eq!(links, 3, "one link per program");
+    assert_eq!(links, 5, "one link per program");
 
     // A clean stop keeps the redirect too.
     assert!(bed.daemon.terminate(), "daemon did not stop on SIGTERM");
@@ -475,4 +475,62 @@ fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
     );
     assert_eq!(got["status"], 403, "answered by the daemon: {got}");
     assert_eq!(bed.imds_calls(), 0);
+}
+
+/// `metaproxy status --redirect` for this bed: exit status and output.
+fn redirect_status(bed: &Bed) -> (bool, String) {
+    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .args(["status", "--redirect", "--pin-dir"])
+        .arg(bed.daemon.pin_dir())
+        .arg("--admin-socket")
+        .arg(bed.daemon.admin_socket())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut bed = Bed::with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"READY=1");
+    let (ok, text) = redirect_status(&bed);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("redirect in place: generation 1; daemon running"),
+        "{text}"
+    );
+
+    assert!(bed.daemon.terminate());
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    // Stopped, the redirect holds, and status says so (exit 0).
+    let (ok, text) = redirect_status(&bed);
+    assert!(ok, "{text}");
+    assert!(text.contains("daemon not running"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Detached: exit 1, for units that must not start without it.
+    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(bed.daemon.pin_dir())
+        .arg("--admin-socket")
+        .arg(bed.daemon.admin_socket())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = redirect_status(&bed);
+    assert!(!ok && text.contains("no redirect"), "{text}");
 }
