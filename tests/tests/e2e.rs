@@ -713,3 +713,163 @@ fn trace_logging_never_shows_a_token_or_a_secret() {
     }
     assert_real_imds_untouched(&bed);
 }
+
+/// Builds `dockerfile` with the bed's dockerd through the 20.10 CLI, with
+/// BuildKit or the classic builder; returns the build's output.
+fn docker_build(bed: &E2eBed, buildkit: bool, dockerfile: &str) -> String {
+    let ctx = bed.scratch().join(if buildkit {
+        "ctx-buildkit"
+    } else {
+        "ctx-classic"
+    });
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    let mut cmd = std::process::Command::new("/usr/bin/docker");
+    cmd.arg("-H")
+        .arg(bed.dockerd.host())
+        .args(["build", "--no-cache", "-t", "mp-built"])
+        .env("DOCKER_BUILDKIT", if buildkit { "1" } else { "0" });
+    if buildkit {
+        cmd.arg("--progress=plain");
+    }
+    let out = cmd.arg(&ctx).output().expect("docker build");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "docker build failed: {said}");
+    said
+}
+
+#[test]
+fn docker_build_steps_reach_neither_pass_through_nor_the_real_imds() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let dockerfile = format!(
+        "FROM {}\nRUN /bin/busybox printf 'GET /latest/meta-data/iam/security-credentials/ HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' | /bin/busybox nc -w 3 169.254.169.254 80 2>&1 ; echo step-done\n",
+        bed.base_image()
+    );
+    let credential_calls = || {
+        bed.imds
+            .calls()
+            .iter()
+            .flat_map(|c| c.requests.clone())
+            .filter(|(_, path, _)| path.contains("security-credentials"))
+            .count()
+    };
+    let before = credential_calls();
+    // BuildKit runs RUN steps in cgroups of its own, in no container.
+    let said = docker_build(&bed, true, &dockerfile);
+    assert!(said.contains("step-done"), "{said}");
+    // The instance's role name is what the real IMDS would have listed.
+    assert!(!said.contains("metaproxy-instance-role"), "{said}");
+    let conns = bed.daemon.connections().unwrap();
+    for c in conns.iter().filter(|c| {
+        c["cgroup"]
+            .as_str()
+            .is_some_and(|p| p.contains("/buildkit/"))
+    }) {
+        assert_eq!(c["outcome"], "refused", "{c}");
+        assert!(
+            c["reason"]
+                .as_str()
+                .unwrap()
+                .contains("BuildKit build step"),
+            "{c}"
+        );
+    }
+    // The classic builder runs each step as a container: it has no role.
+    let said = docker_build(&bed, false, &dockerfile);
+    assert!(said.contains("step-done"), "{said}");
+    assert!(!said.contains("metaproxy-instance-role"), "{said}");
+    let conns = bed.daemon.connections().unwrap();
+    let from_classic: Vec<_> = conns
+        .iter()
+        .filter(|c| {
+            c["container_id"].is_string()
+                && c["request"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("security-credentials"))
+        })
+        .collect();
+    assert!(!from_classic.is_empty(), "{conns:?}");
+    assert!(
+        from_classic.iter().all(|c| c["outcome"] == "no-role"),
+        "{from_classic:?}"
+    );
+    assert!(
+        conns.iter().all(|c| c["outcome"] != "passthrough"),
+        "{conns:?}"
+    );
+    assert_eq!(
+        credential_calls(),
+        before,
+        "a build step reached the real IMDS"
+    );
+    assert_real_imds_untouched(&bed);
+}
+
+fn daemon_rss_kib(bed: &E2eBed) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.daemon.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let steady = bed
+        .container(
+            "steady",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let path = format!("{CREDS}{ROLE_DEPLOY}");
+    assert_eq!(steady.imds("GET", &path, &[])["status"], 200);
+    let rss_before = daemon_rss_kib(&bed);
+
+    // 4000 connections from one job: half slowloris, half idle keep-alive.
+    let mut args = bed.container_args("flood", &[]);
+    args.extend(["--ulimit".into(), "nofile=10000:10000".into()]);
+    args.push(bed.base_image().into());
+    args.extend(["/mp-client", "flood", IMDS, "4000", "25"].map(String::from));
+    let (latency, rss_during, status) = std::thread::scope(|s| {
+        let flood = s.spawn(|| bed.dockerd.run(&args));
+        std::thread::sleep(Duration::from_secs(6));
+        let latency = steady
+            .exec(&["/mp-client", "latency", IMDS, &path, "300"])
+            .unwrap();
+        let rss = daemon_rss_kib(&bed);
+        let status = bed.daemon.status().unwrap();
+        let out = flood.join().unwrap().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (latency, rss, status)
+    });
+    assert_eq!(latency["ok"], true, "{latency}");
+    let p99 = latency["p99_us"].as_f64().unwrap();
+    assert!(
+        p99 < 50_000.0,
+        "the other job's p99 was {p99} us under the flood"
+    );
+    let grown = rss_during.saturating_sub(rss_before);
+    assert!(
+        grown < 32 * 1024,
+        "the daemon grew by {grown} KiB under the flood ({rss_before} -> {rss_during})"
+    );
+    let conns = &status["connections"];
+    assert!(
+        conns["largest_per_container"].as_u64().unwrap() <= 256,
+        "{status}"
+    );
+    assert!(
+        conns["shed"].as_u64().unwrap() > 0,
+        "the excess was closed: {status}"
+    );
+    println!(
+        "flood: other job p50 {} us p99 {p99} us; daemon RSS {rss_before} -> {rss_during} KiB; {status}",
+        latency["p50_us"]
+    );
+}

@@ -504,7 +504,7 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let mut bed = Bed::with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).expect("a notification");
-    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
     let (ok, text) = redirect_status(&bed);
     assert!(ok, "{text}");
     assert!(
@@ -514,7 +514,7 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
 
     assert!(bed.daemon.terminate());
     let n = notify.recv(&mut buf).expect("a notification");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
     // Stopped, the redirect holds, and status says so (exit 0).
     let (ok, text) = redirect_status(&bed);
     assert!(ok, "{text}");

@@ -9,6 +9,8 @@
 //! mp-client burst ADDR PATH N   N requests at the same moment, one thread each
 //! mp-client udp ADDR            connect a UDP socket (reports the errno)
 //! mp-client bind ADDR           bind and listen on ADDR (reports the errno)
+//! mp-client flood ADDR N SECS   open N connections, half trickling headers
+//!                               (slowloris), half idle after one request
 //! mp-client latency ADDR PATH N N sequential connect+GET+close; percentiles
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
@@ -43,6 +45,9 @@ fn main() {
         Some("raw") if args.len() >= 4 => raw(addr, &args[2], &args[3], &args[4..]),
         Some("udp") => udp(addr),
         Some("bind") => bind(addr),
+        Some("flood") if args.len() == 4 => {
+            flood(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
+        }
         Some("burst") if args.len() == 4 => {
             burst(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -54,6 +59,32 @@ fn main() {
         _ => usage(),
     };
     println!("{out}");
+}
+
+fn flood(addr: SocketAddr, n: usize, secs: u64) -> serde_json::Value {
+    let mut conns = Vec::with_capacity(n);
+    let mut failed = 0;
+    for i in 0..n {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            failed += 1;
+            continue;
+        };
+        let start: &[u8] = if i % 2 == 0 {
+            b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        } else {
+            b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        };
+        let _ = s.write_all(start);
+        conns.push(s);
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until {
+        for s in conns.iter_mut().step_by(2) {
+            let _ = s.write_all(b"x");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    json!({ "ok": true, "opened": conns.len(), "failed": failed })
 }
 
 fn bind(addr: SocketAddr) -> serde_json::Value {
