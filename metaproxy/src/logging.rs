@@ -24,8 +24,12 @@ pub fn init(format: LogFormat) {
         eprintln!("metaproxy: METAPROXY_LOG {given:?}: {e}; using {DEFAULT:?}");
         EnvFilter::new(scoped(DEFAULT))
     });
+    // Colour only for a person at a terminal: journald and log files get
+    // plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -407,6 +407,11 @@ fn the_kernel_programs_log_reaches_the_daemons_log() {
         line.contains(&format!("cgroup {}", id_of(&bed.cgroup("attached/a")))),
         "{line}"
     );
+    // Written to a file (as to journald): plain text, no colour codes.
+    assert!(
+        !bed.daemon.log().contains('\x1b'),
+        "escape codes in the log"
+    );
 }
 
 #[test]
