@@ -4,11 +4,25 @@
 //! aya-build compiles the eBPF crate with `rustup run <toolchain>`; the
 //! nightly toolchain is the one `cargo xtask setup` prepares (rust-src and
 //! bpf-linker). METAPROXY_EBPF_TOOLCHAIN overrides it.
+//!
+//! METAPROXY_SKIP_EBPF (set to anything) skips the kernel programs and
+//! embeds an empty object instead, for builds that only exercise the
+//! library (`cargo xtask fuzz`, whose sanitizer flags the BPF build cannot
+//! take). A daemon built that way cannot load or attach the probe (loading
+//! the empty object fails): never ship one.
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=METAPROXY_EBPF_TOOLCHAIN");
+    println!("cargo:rerun-if-env-changed=METAPROXY_SKIP_EBPF");
+    if std::env::var_os("METAPROXY_SKIP_EBPF").is_some() {
+        let out_dir = std::env::var_os("OUT_DIR").context("OUT_DIR is not set")?;
+        let object = std::path::Path::new(&out_dir).join("metaproxy-probe");
+        std::fs::write(&object, []).with_context(|| format!("writing {}", object.display()))?;
+        println!("cargo:warning=METAPROXY_SKIP_EBPF is set: no kernel programs embedded, this build cannot attach the probe");
+        return Ok(());
+    }
     let toolchain = std::env::var("METAPROXY_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir)

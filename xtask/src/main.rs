@@ -4,11 +4,13 @@
 //! * `demo`  - the product end to end in a throwaway bed
 //! * `bench` - latency added per metadata request, and daemon memory
 //! * `test`  - unit tests, then the privileged end-to-end tests
+//! * `fuzz`  - a short cargo-fuzz pass over each target in `fuzz/`
 //! * `clean` - remove what a killed test run left behind
 mod bench;
 mod build;
 mod clean;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -36,6 +38,15 @@ enum Cmd {
     },
     /// Remove namespaces, cgroups, pins and processes left by killed runs.
     Clean,
+    /// Fuzz the request router, tokens, role policy and cgroup paths
+    /// (cargo-fuzz, nightly), seeded from fuzz/corpus.
+    Fuzz {
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Only this target (router, token, policy_env, cgroup_path).
+        target: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench => bench::run(),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
+        Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }
 }
 

@@ -105,7 +105,13 @@ impl TokenKey {
         else {
             return Err(TokenError::Malformed);
         };
+        let expiry_text = expiry;
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+        // One spelling per token: `01060` or `+1060` would be another
+        // string with the same MAC (found by the `token` fuzz target).
+        if expiry.to_string() != expiry_text {
+            return Err(TokenError::Malformed);
+        }
         let mac = URL_SAFE_NO_PAD
             .decode(mac)
             .map_err(|_| TokenError::Malformed)?;
@@ -150,6 +156,16 @@ mod tests {
             key.verify(&forged, "container-a", 1000),
             Err(TokenError::BadSignature)
         );
+        // Another spelling of the same expiry is not the same token.
+        let expiry = t.split('.').nth(1).unwrap().to_string();
+        for respelled in [format!("0{expiry}"), format!("+{expiry}")] {
+            let other = t.replacen(&expiry, &respelled, 1);
+            assert_eq!(
+                key.verify(&other, "container-a", 1000),
+                Err(TokenError::Malformed),
+                "{other}"
+            );
+        }
         for junk in [
             "",
             "MP1",
