@@ -131,6 +131,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         self_cgroup = %own.display(),
         "probe attached"
     );
+    tracing::info!(
+        allow_role = ?config.allow_role,
+        allow_host_cgroup = ?config.allow_host_cgroup,
+        imdsv1 = ?config.imdsv1,
+        max_connections = config.limits.max_connections,
+        max_connections_per_container = config.limits.max_connections_per_cgroup,
+        "policy in force (host processes: only the listed cgroups pass; roles: the listed globs, else the instance's account)"
+    );
 
     let sts: Arc<dyn Sts> = Arc::new(AwsSts::from_env().await);
     tasks.spawn_finite("account discovery", discover_account(sts.clone(), account));
