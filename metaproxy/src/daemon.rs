@@ -114,15 +114,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         );
     }
 
-    // Listen before attaching, so a redirected connect finds a listener.
+    // Attach before binding: the previous generation's bind guard admits
+    // only the previous daemon's cgroup, and under systemd a restarted unit
+    // gets a new cgroup (a new id). Attaching replaces that generation with
+    // ours, so our bind is allowed. Connects redirected meanwhile (a few
+    // milliseconds) are refused: fail closed.
+    let mut tasks = Tasks::default();
+    let probe = attach_probe(&config, &target, self_cgroup_id, &mut tasks)?;
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
         None => None,
     };
-
-    let mut tasks = Tasks::default();
-    let probe = attach_probe(&config, &target, self_cgroup_id, &mut tasks)?;
     tracing::info!(
         cgroup = %target.display(),
         listen = %config.listen,

@@ -23,7 +23,7 @@ pub async fn bind_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
             Ok(TcpListener::bind(addr).await?)
         }
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(anyhow::anyhow!(
-            "binding {addr} was refused (EPERM): a previous metaproxy's bind guard lets only its own cgroup take this address; run metaproxy in that same cgroup (its systemd unit), or `metaproxy detach` first"
+            "binding {addr} was refused (EPERM): a bind guard from another metaproxy (another --pin-dir?) lets only its own cgroup take this address; stop it, or `metaproxy detach --pin-dir <its pin dir>`"
         )),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
             "{addr} is already in use: another metaproxy (or another service) listens there"

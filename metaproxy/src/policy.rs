@@ -239,11 +239,26 @@ pub fn clean_session_name(raw: &str) -> String {
     name
 }
 
-/// BuildKit's RUN steps: `<parent>/buildkit/<id>` (cgroupfs driver) or
-/// `buildkit-<id>.scope`-style units (systemd driver).
+/// BuildKit's RUN steps: `<parent>/buildkit/<id>` (cgroupfs driver),
+/// `buildkit-<id>.scope`-style units, and, with the systemd driver,
+/// `docker-<25-char id>.scope`: any container runtime's scope whose id is
+/// not a container's (a real container's 64-hex id makes it a container,
+/// decided before host rules are asked).
 fn is_build_step(path: &str) -> bool {
     path.split('/').any(|seg| {
-        seg == "buildkit" || seg.starts_with("buildkit-") || seg.starts_with("buildkit.")
+        seg == "buildkit"
+            || seg.starts_with("buildkit-")
+            || seg.starts_with("buildkit.")
+            || (seg.ends_with(".scope")
+                && [
+                    "docker-",
+                    "libpod-",
+                    "cri-containerd-",
+                    "crio-",
+                    "containerd-",
+                ]
+                .iter()
+                .any(|p| seg.starts_with(p)))
     })
 }
 
@@ -551,6 +566,7 @@ mod tests {
         for step in [
             "/docker/buildkit/abcdefghijklmnopqrstuvwxy",
             "/system.slice/buildkit-abc.scope",
+            "/system.slice/docker-lq1hn4a0qq7ek6tq8tqmb9p8u.scope",
         ] {
             assert!(matches!(
                 wide.host_access(&caller(Some(step), "sh")),

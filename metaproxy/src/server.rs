@@ -45,6 +45,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// hyper's read buffer per connection (its minimum is 8 KiB): IMDS requests
 /// are a few hundred bytes.
 const READ_BUFFER: usize = 8 * 1024;
+/// Unrecorded connections served (with their 403) at once; more are closed.
+const UNATTRIBUTED: usize = 64;
 /// Longest request path kept in the connection log.
 const LOGGED_PATH: usize = 200;
 
@@ -69,6 +71,10 @@ impl Default for Limits {
 pub struct ConnectionCount {
     limits: Limits,
     total: Arc<tokio::sync::Semaphore>,
+    /// Connections the probe did not record (direct connects to the listen
+    /// address) get their 403 from a small pool of their own, so they
+    /// cannot take the permits of attributed connections.
+    unattributed: tokio::sync::Semaphore,
     per_cgroup: Mutex<HashMap<CgroupId, usize>>,
     /// Connections closed at once for being over a cap.
     pub shed: AtomicU64,
@@ -79,6 +85,7 @@ impl ConnectionCount {
         Self {
             limits,
             total: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+            unattributed: tokio::sync::Semaphore::new(UNATTRIBUTED.min(limits.max_connections)),
             per_cgroup: Mutex::new(HashMap::new()),
             shed: AtomicU64::new(0),
         }
@@ -187,6 +194,10 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     let caller = match pipeline.attribution.attribute(&pair).await {
         Ok(caller) => caller,
         Err(e) => {
+            let Ok(_permit) = pipeline.count.unattributed.try_acquire() else {
+                pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
             let denial = Denial::from(e);
             if let Some(suppressed) = REFUSAL_LOG.allow() {
                 tracing::warn!(client = %peer, reason = %denial, suppressed, "refusing connection");

@@ -612,3 +612,33 @@ async fn a_refused_role_costs_one_docker_call_however_often_it_is_asked() {
     );
     assert_eq!(bed.sts.calls(), 0);
 }
+
+#[tokio::test]
+async fn unrecorded_connections_cannot_crowd_out_containers() {
+    use tokio::io::AsyncReadExt as _;
+    let bed = bed_with(Options {
+        limits: Some(metaproxy::server::Limits {
+            max_connections: 100,
+            max_connections_per_cgroup: 10,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let job = bed.container(1, with_role());
+    // Direct connects to the listen address hold at most a small pool.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(bed.connect_unrecorded().await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut extra = bed.connect_unrecorded().await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // A container is still served.
+    assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
+    drop(held);
+}

@@ -440,6 +440,12 @@ impl Bed {
         socket.connect(self.addr).await.unwrap()
     }
 
+    /// Opens a connection the probe did not record (a direct connect to
+    /// the listen address) and sends nothing.
+    pub async fn connect_unrecorded(&self) -> tokio::net::TcpStream {
+        tokio::net::TcpStream::connect(self.addr).await.unwrap()
+    }
+
     fn record(&self, port: u16, who: &Who) {
         let mut comm = [0u8; 16];
         comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
