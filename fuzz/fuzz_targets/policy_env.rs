@@ -50,9 +50,13 @@ fuzz_target!(|data: &[u8]| {
     let container = Container {
         id: ContainerId::parse(&"ab".repeat(32)).unwrap(),
         name: "job".into(),
-        labels: HashMap::new(),
+        labels: HashMap::from([(
+            "com.gitlab.gitlab-runner.job.id".to_string(),
+            "1".to_string(),
+        )]),
         env: lines(env),
         image_env: lines(image_env),
+        image_labels: HashMap::new(),
         addresses: None,
         cgroup: None,
     };

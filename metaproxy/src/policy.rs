@@ -12,7 +12,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::{
     attribution::Caller,
-    identity::Container,
+    identity::{Container, GITLAB_JOB_LABEL},
     ids::{AccountId, RoleArn, RoleArnError},
 };
 
@@ -48,6 +48,11 @@ pub enum RoleRefusal {
     BadRoleName { value: String },
     #[error("the instance profile's account is not known yet")]
     AccountUnknown,
+    /// Roles go only to containers gitlab-runner started for a job: a
+    /// classic `docker build` step puts a job's `ARG IAM_ROLE=...` in its
+    /// environment, and a container a job starts can carry any variable.
+    #[error("not a gitlab-runner job container (no com.gitlab.gitlab-runner.job.id label of the runner's own): no role")]
+    NotAJob,
     #[error("IAM_EXTERNAL_ID is not a valid external id (2-1224 of letters, digits and +=,.@:/-)")]
     BadExternalId,
     #[error("{arn} is not allowed by {rule}")]
@@ -113,6 +118,11 @@ impl Policy {
             Ok(Some(v)) => v,
             Err(refusal) => return RoleDecision::Refused(refusal),
         };
+        let runner_labelled = c.labels.contains_key(GITLAB_JOB_LABEL)
+            && !c.image_labels.contains_key(GITLAB_JOB_LABEL);
+        if !runner_labelled {
+            return RoleDecision::Refused(RoleRefusal::NotAJob);
+        }
         let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
             Ok(Some(v)) if !valid_external_id(v) => {
                 return RoleDecision::Refused(RoleRefusal::BadExternalId)
@@ -341,9 +351,10 @@ mod tests {
         Container {
             id: ContainerId::parse(&"ab".repeat(32)).unwrap(),
             name: "job".into(),
-            labels: HashMap::new(),
+            labels: HashMap::from([(GITLAB_JOB_LABEL.to_string(), "7".to_string())]),
             env: env.iter().map(|s| s.to_string()).collect(),
             image_env: image_env.iter().map(|s| s.to_string()).collect(),
+            image_labels: HashMap::new(),
             addresses: None,
             cgroup: None,
         }
@@ -357,7 +368,7 @@ mod tests {
         RoleDecision::Role(Role {
             arn: RoleArn::parse(arn).unwrap(),
             external_id: None,
-            session_name: "container-abababababab".into(),
+            session_name: "gitlab-job-7".into(),
         })
     }
 
@@ -486,6 +497,25 @@ mod tests {
     }
 
     #[test]
+    fn roles_go_only_to_containers_the_runner_labelled() {
+        let p = policy(&[]);
+        // A classic `docker build` step with `ARG IAM_ROLE=ci-deploy`: the
+        // value is in its environment, not in the image's ENV.
+        let mut step = container(&["IAM_ROLE=ci-deploy"], &[]);
+        step.labels.clear();
+        assert_eq!(p.decide(&step), RoleDecision::Refused(RoleRefusal::NotAJob));
+        // ... nor may an image carry the runner's label into one.
+        step.image_labels
+            .insert(GITLAB_JOB_LABEL.into(), "7".into());
+        step.labels.insert(GITLAB_JOB_LABEL.into(), "7".into());
+        assert_eq!(p.decide(&step), RoleDecision::Refused(RoleRefusal::NotAJob));
+        // Without IAM_ROLE, nothing to refuse.
+        let mut plain = container(&[], &[]);
+        plain.labels.clear();
+        assert_eq!(p.decide(&plain), RoleDecision::NoRole);
+    }
+
+    #[test]
     fn role_globs_never_cross_a_path_separator() {
         let p = policy(&["arn:aws:iam::123456789012:role/ci-*"]);
         assert!(matches!(
@@ -589,8 +619,9 @@ mod tests {
         assert_eq!(clean_session_name(&"x".repeat(100)).len(), 64);
         assert_eq!(clean_session_name("a+b=c,d.e@f_g"), "a+b=c,d.e@f_g");
         let mut c = container(&[], &[]);
-        c.labels
-            .insert(crate::identity::GITLAB_JOB_LABEL.into(), "42".into());
+        c.labels.insert(GITLAB_JOB_LABEL.into(), "42".into());
         assert_eq!(session_name(&c), "gitlab-job-42");
+        c.labels.clear();
+        assert_eq!(session_name(&c), "container-abababababab");
     }
 }

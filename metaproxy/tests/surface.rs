@@ -62,7 +62,7 @@ async fn a_container_walks_the_imdsv2_path_to_its_roles_credentials() {
         key.role_arn.as_str(),
         "arn:aws:iam::123456789012:role/ci-deploy"
     );
-    assert_eq!(key.session_name, "container-000000000000");
+    assert_eq!(key.session_name, "gitlab-job-1");
 
     let ext = bed
         .request(

@@ -28,6 +28,16 @@ pub const ROLE_DEPLOY: &str = "ci-deploy";
 pub const ROLE_BUILD: &str = "ci-build";
 pub const ROLE_OTHER: &str = "ci-other";
 
+/// gitlab-runner's job label, which metaproxy requires of role containers.
+pub const JOB_ID_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+/// A job id for a container that names none of its own.
+fn next_job_id() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(100_000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 pub fn role_arn(role: &str) -> String {
     format!("arn:aws:iam::{ACCOUNT_ID}:role/{role}")
 }
@@ -193,7 +203,14 @@ impl E2eBed {
     /// `docker run` options every job container gets: the host binaries,
     /// the region and moto as the STS endpoint.
     pub fn container_args(&self, name: &str, env: &[(&str, &str)]) -> Vec<String> {
-        let mut args = vec!["--name".to_string(), name.to_string()];
+        // As gitlab-runner labels its job containers (a test's own
+        // `--label` given later wins).
+        let mut args = vec![
+            "--name".to_string(),
+            name.to_string(),
+            "--label".to_string(),
+            format!("{JOB_ID_LABEL}={}", next_job_id()),
+        ];
         let mut all_env = vec![
             ("AWS_REGION".to_string(), REGION.to_string()),
             (
@@ -258,6 +275,7 @@ impl E2eBed {
             "Image": BASE_IMAGE,
             "Cmd": ["/mp-sdk-client"],
             "Env": all_env,
+            "Labels": { JOB_ID_LABEL: next_job_id().to_string() },
             "HostConfig": { "Binds": binds },
         });
         self.dockerd

@@ -863,3 +863,38 @@ fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon()
         latency["p50_us"]
     );
 }
+
+#[test]
+fn a_classic_build_step_with_an_iam_role_arg_gets_no_role() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    // The classic builder puts a build ARG into the step container's
+    // environment, where the image's ENV check cannot see it.
+    let dockerfile = format!(
+        "FROM {}\nARG IAM_ROLE={ROLE_DEPLOY}\nRUN /bin/busybox printf 'GET {CREDS}{ROLE_DEPLOY} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' | /bin/busybox nc -w 3 169.254.169.254 80 2>&1 ; echo step-done\n",
+        bed.base_image()
+    );
+    let said = docker_build(&bed, false, &dockerfile);
+    assert!(said.contains("step-done"), "{said}");
+    assert!(
+        !said.contains("AccessKeyId"),
+        "a build step got credentials: {said}"
+    );
+    let refused: Vec<_> = bed
+        .daemon
+        .connections()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["container_id"].is_string())
+        .collect();
+    for c in &refused {
+        assert_ne!(c["outcome"], "served", "{c}");
+    }
+    let calls: Vec<_> = bed
+        .moto
+        .assume_role_calls()
+        .into_iter()
+        .filter(|(role, _)| role.contains(ROLE_DEPLOY))
+        .collect();
+    assert!(calls.is_empty(), "AssumeRole for a build step: {calls:?}");
+    assert_real_imds_untouched(&bed);
+}

@@ -60,16 +60,22 @@ impl DockerRuntime {
             }
         };
         let config = c.config.unwrap_or_default();
-        let image_env = match &c.image {
-            // Without the image's ENV nobody can tell who set a variable.
-            Some(image) => docker
-                .inspect_image(image)
-                .await
-                .map_err(api)?
-                .config
-                .and_then(|c| c.env)
-                .unwrap_or_default(),
-            None => Vec::new(),
+        // Without the image's ENV and labels nobody can tell who set a
+        // variable or a label.
+        let (image_env, image_labels) = match &c.image {
+            Some(image) => {
+                let config = docker
+                    .inspect_image(image)
+                    .await
+                    .map_err(api)?
+                    .config
+                    .unwrap_or_default();
+                (
+                    config.env.unwrap_or_default(),
+                    config.labels.unwrap_or_default(),
+                )
+            }
+            None => (Vec::new(), HashMap::new()),
         };
         let addresses = own_addresses(
             c.host_config
@@ -104,6 +110,7 @@ impl DockerRuntime {
             labels: config.labels.unwrap_or_default(),
             env: config.env.unwrap_or_default(),
             image_env,
+            image_labels,
             addresses,
             cgroup,
         }))
@@ -184,6 +191,7 @@ mod tests {
             labels: HashMap::new(),
             env: vec![],
             image_env: vec![],
+            image_labels: HashMap::new(),
             addresses: bridged,
             cgroup: None,
         };

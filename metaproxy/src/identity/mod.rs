@@ -64,6 +64,9 @@ pub struct Container {
     pub env: Vec<String>,
     /// The image's own `ENV`.
     pub image_env: Vec<String>,
+    /// The image's own labels: a container inherits them, so a label the
+    /// image carries says nothing about who started the container.
+    pub image_labels: HashMap<String, String>,
     /// The container's own addresses, which its connections must come
     /// from; `None` when it shares another network namespace (`host`,
     /// `container:<id>`) and has none of its own.
@@ -373,6 +376,7 @@ mod tests {
             labels: HashMap::new(),
             env: vec!["CI_JOB_TOKEN=glcbt-secret".into()],
             image_env: vec![],
+            image_labels: HashMap::new(),
             addresses: None,
             cgroup: None,
         };

@@ -386,13 +386,20 @@ impl Bed {
             Container {
                 id: id.clone(),
                 name: format!("job-{n}"),
-                labels: spec
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                // As gitlab-runner labels its job containers.
+                labels: std::iter::once((
+                    metaproxy::identity::GITLAB_JOB_LABEL.to_string(),
+                    n.to_string(),
+                ))
+                .chain(
+                    spec.labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string())),
+                )
+                .collect(),
                 env: spec.env.iter().map(|s| s.to_string()).collect(),
                 image_env: spec.image_env.iter().map(|s| s.to_string()).collect(),
+                image_labels: HashMap::new(),
                 addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
                 cgroup: Some(format!("/docker/{id}")),
             },
