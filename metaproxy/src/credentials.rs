@@ -522,6 +522,13 @@ impl CredentialCache {
         let due: Vec<(CredKey, Arc<Slot>)> = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|_, slot| slot.idle() < IDLE_EVICT);
+            // Owners whose keys are gone (a missed stop event, say) go too.
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            owners.retain(|_, keys| {
+                keys.retain(|k| slots.contains_key(k));
+                !keys.is_empty()
+            });
+            drop(owners);
             slots
                 .iter()
                 .filter(|(_, slot)| {

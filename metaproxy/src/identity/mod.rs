@@ -41,6 +41,10 @@ use crate::{
     ids::{CgroupId, ContainerId},
 };
 
+/// Bound on cached cgroups (host cgroups, such as one per BuildKit step, are
+/// cached too); past it the cache starts afresh.
+const MAX_CACHED: usize = 16_384;
+
 /// gitlab-runner labels its job containers with the job id.
 pub const GITLAB_JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
 
@@ -218,7 +222,7 @@ impl Identities {
             .as_deref()
             .ok_or(IdentityError::CgroupGone(caller.cgroup))?;
         let Some((id, root)) = container_roots(path).into_iter().next() else {
-            self.cache().insert(caller.cgroup, Identity::Host);
+            self.remember(caller.cgroup, Identity::Host);
             return Ok(Identity::Host);
         };
         let Some(container) = self.runtime.inspect(&id).await? else {
@@ -240,8 +244,16 @@ impl Identities {
             });
         }
         let identity = Identity::Container(Arc::new(container));
-        self.cache().insert(caller.cgroup, identity.clone());
+        self.remember(caller.cgroup, identity.clone());
         Ok(identity)
+    }
+
+    fn remember(&self, cgroup: CgroupId, identity: Identity) {
+        let mut cache = self.cache();
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(cgroup, identity);
     }
 
     /// Drops everything cached about container `id`.
