@@ -30,7 +30,7 @@ pub trait RecordSource: Send + Sync + 'static {
 
 impl RecordSource for Probe {
     fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
-        Probe::lookup(self, pair).map_err(|e| e.to_string())
+        Probe::lookup(self, pair).map_err(|e| error_chain(&e))
     }
 }
 
@@ -135,6 +135,18 @@ impl Attribution {
         };
         Ok(Caller::from_record(pair.client, &record, path))
     }
+}
+
+/// An error and its causes on one line, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }
 
 /// The destination the caller asked for before the probe rewrote it.

@@ -19,7 +19,9 @@ use std::{
 pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
     NoCgroup2,
-    #[error("{path}: {source}")]
+    // The cause is the error's source: printed once, by whoever prints the
+    // chain, never twice.
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{0} is not a directory in the cgroup2 filesystem mounted at {1}")]
     NotCgroup2(PathBuf, PathBuf),
@@ -126,5 +128,20 @@ impl CgroupPaths {
                 self.scan(&entry.path(), found, depth + 1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_cgroup_says_its_cause_once() {
+        let err = id_of(Path::new("/nonexistent-cgroup")).unwrap_err();
+        let printed = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(
+            printed,
+            "/nonexistent-cgroup: No such file or directory (os error 2)"
+        );
     }
 }

@@ -67,7 +67,7 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -77,24 +77,24 @@ pub enum ProbeError {
     NotBpffs(PathBuf),
     #[error("mounting bpffs at {BPFFS_ROOT}: {0}")]
     Mount(nix::Error),
-    #[error("loading the kernel programs: {0}")]
+    #[error("loading the kernel programs")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("pinning {path}: {source}")]
+    #[error("pinning {path}")]
     Pin {
         path: PathBuf,
         source: aya::pin::PinError,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Link {
         name: &'static str,
         source: LinkError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         source: MapError,
