@@ -9,14 +9,16 @@ use crate::{run_cmd, succeeds};
 /// The nightly toolchain aya-build compiles the kernel programs with.
 pub const EBPF_TOOLCHAIN: &str = "nightly";
 /// Debian packages the tests and the demo need: iproute2 for namespaces,
-/// dockerd (docker.io) for the job containers, busybox-static for their
-/// image, python3-venv for moto.
+/// dockerd (docker.io, with the 20.10 CLI for `docker build`) for the job
+/// containers, busybox-static for their image, python3-venv for moto,
+/// systemd for `systemd-analyze verify` of the unit.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "docker.io",
     "busybox-static",
     "python3-venv",
     "tar",
+    "systemd",
 ];
 /// moto, the STS/IAM the tests run against.
 const MOTO: &str = "moto[server]==5.2.5";
