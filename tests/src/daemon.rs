@@ -46,12 +46,26 @@ impl Daemon {
     pub fn start(spec: DaemonSpec) -> anyhow::Result<Self> {
         let name = crate::unique_name("mpd");
         let dir = std::env::temp_dir().join(&name);
-        fs::create_dir_all(&dir)?;
+        // A bpffs of the bed's own for the pins, so the host's /sys/fs/bpf
+        // is never touched (or mounted); it outlives daemon restarts and
+        // goes, with every pin in it, when the daemon guard drops.
+        let bpffs = dir.join("bpffs");
+        fs::create_dir_all(&bpffs)?;
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some("mode=0700"),
+        )
+        .with_context(|| format!("mounting bpffs at {}", bpffs.display()))?;
         let mut daemon = Self {
             spec,
             child: None,
             dir,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+            pin_dir: bpffs.join("pins"),
             starts: 0,
         };
         daemon.launch()?;
@@ -192,9 +206,15 @@ impl Drop for Daemon {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .output();
+        let pins_left = !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists();
+        let bpffs = self.dir.join("bpffs");
+        let unmounted = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
         let _ = fs::remove_dir_all(&self.dir);
-        if !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists() {
+        if pins_left {
             crate::teardown_failed(format!("pins left in {}", self.pin_dir.display()));
+        }
+        if let Err(e) = unmounted {
+            crate::teardown_failed(format!("unmounting {}: {e}", bpffs.display()));
         }
     }
 }
