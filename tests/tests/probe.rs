@@ -213,14 +213,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
 fn detach_removes_the_redirect() {
     let mut bed = Bed::new(&[]);
     // Not under a running daemon: that would fail open behind its back.
-    let refused = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
-        .output()
-        .unwrap();
+    let refused = detach(&bed);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
@@ -482,6 +475,18 @@ fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
     assert_eq!(bed.imds_calls(), 0);
 }
 
+/// `metaproxy detach` for this bed's pins and admin socket.
+fn detach(bed: &Bed) -> std::process::Output {
+    Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(bed.daemon.pin_dir())
+        .arg("--admin-socket")
+        .arg(bed.daemon.admin_socket())
+        .output()
+        .unwrap()
+}
+
 /// `metaproxy status --redirect` for this bed: exit status and output.
 fn redirect_status(bed: &Bed) -> (bool, String) {
     let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
@@ -527,14 +532,7 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let _ = std::fs::remove_dir_all(&dir);
 
     // Detached: exit 1, for units that must not start without it.
-    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
-        .output()
-        .unwrap();
+    let out = detach(&bed);
     assert!(out.status.success(), "{out:?}");
     let (ok, text) = redirect_status(&bed);
     assert!(!ok && text.contains("no redirect"), "{text}");

@@ -186,11 +186,6 @@ impl Identities {
         self.events.subscribe()
     }
 
-    /// How many cgroups are cached.
-    pub fn cached(&self) -> usize {
-        self.cache().len()
-    }
-
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<CgroupId, Identity>> {
         self.by_cgroup.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -333,14 +328,6 @@ pub fn container_roots(path: &str) -> Vec<(ContainerId, &str)> {
         .collect()
 }
 
-/// Container ids named by a cgroup path, outermost first.
-pub fn container_ids(path: &str) -> Vec<ContainerId> {
-    container_roots(path)
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,9 +336,9 @@ mod tests {
     const B: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
 
     fn ids(path: &str) -> Vec<String> {
-        container_ids(path)
+        container_roots(path)
             .into_iter()
-            .map(|c| c.to_string())
+            .map(|(id, _)| id.to_string())
             .collect()
     }
 
