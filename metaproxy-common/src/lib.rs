@@ -67,6 +67,38 @@ pub struct ProbeConfig {
     pub listen_port6: u16,
     /// IPv6 listen address, network order (meaningful when `listen_port6 != 0`).
     pub listen_ip6: [u32; 4],
+    /// IPv4 addresses of the container-credentials endpoint to redirect on
+    /// port 80 as well (169.254.170.2, 169.254.170.23), network order; 0
+    /// is unused.
+    pub creds_ip4: [u32; 2],
+    /// IPv6 address of the container-credentials endpoint (fd00:ec2::23),
+    /// network order; all zero is unused.
+    pub creds_ip6: [u32; 4],
+}
+
+/// The container-credentials endpoint's addresses (ECS task roles, EKS Pod
+/// Identity), network order.
+pub const CREDS_IP4_ECS: u32 = u32::from_ne_bytes([169, 254, 170, 2]);
+pub const CREDS_IP4_EKS: u32 = u32::from_ne_bytes([169, 254, 170, 23]);
+pub const CREDS_IP6_EKS: [u32; 4] = [
+    u32::from_ne_bytes([0xfd, 0x00, 0x0e, 0xc2]),
+    0,
+    0,
+    u32::from_ne_bytes([0x00, 0x00, 0x00, 0x23]),
+];
+
+impl ProbeConfig {
+    /// Whether connects to IPv4 `dst` on port 80 are redirected.
+    #[inline(always)]
+    pub fn redirects_ip4(&self, dst: u32) -> bool {
+        dst == IMDS_IP4 || (dst != 0 && (dst == self.creds_ip4[0] || dst == self.creds_ip4[1]))
+    }
+
+    /// Whether connects to IPv6 `dst` on port 80 are redirected.
+    #[inline(always)]
+    pub fn redirects_ip6(&self, dst: [u32; 4]) -> bool {
+        dst == IMDS_IP6 || (dst != [0; 4] && dst == self.creds_ip6)
+    }
 }
 
 /// What the kernel remembers about one redirected connect.
@@ -194,7 +226,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<ProbeConfig>(), 8 + 4 + 2 + 2 + 16);
+        assert_eq!(
+            core::mem::size_of::<ProbeConfig>(),
+            8 + 4 + 2 + 2 + 16 + 8 + 16
+        );
         assert_eq!(
             core::mem::size_of::<ConnRecord>(),
             8 + 8 + 4 + 4 + 16 + 2 + 2 + 4 + 16

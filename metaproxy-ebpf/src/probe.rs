@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use metaproxy_common::{
     to_v4_mapped, v4_mapped, ConnKey, ConnRecord, ProbeConfig, AF_INET, AF_INET6, CONNS_CAPACITY,
-    IMDS_IP4, IMDS_IP6, IMDS_PORT, PENDING_CAPACITY,
+    IMDS_PORT, PENDING_CAPACITY,
 };
 
 /// Verdicts of a cgroup/connect program.
@@ -48,6 +48,8 @@ static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
     listen_port4: 0,
     listen_port6: 0,
     listen_ip6: [0; 4],
+    creds_ip4: [0; 2],
+    creds_ip6: [0; 4],
 });
 
 /// Socket cookie -> record, between `connect()` and the SYN. Pinned so a
@@ -64,11 +66,15 @@ pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect4 program a valid
     // bpf_sock_addr for the duration of the call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_ip4 != IMDS_IP4 || port_of(sa) != IMDS_PORT {
+    if port_of(sa) != IMDS_PORT {
         return ALLOW;
     }
     let cfg = MP_CONFIG.load();
-    redirect(&ctx, sa, &cfg, AF_INET, to_v4_mapped(IMDS_IP4), |sa| {
+    let dst = sa.user_ip4;
+    if !cfg.redirects_ip4(dst) {
+        return ALLOW;
+    }
+    redirect(&ctx, sa, &cfg, AF_INET, to_v4_mapped(dst), |sa| {
         sa.user_ip4 = cfg.listen_ip4;
         set_port(sa, cfg.listen_port4);
     })
@@ -83,7 +89,7 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
     }
     let dst = read_ip6(&sa.user_ip6);
     let cfg = MP_CONFIG.load();
-    if v4_mapped(dst) == Some(IMDS_IP4) {
+    if v4_mapped(dst).is_some_and(|v4| cfg.redirects_ip4(v4)) {
         // A dual-stack socket reaching IPv4 IMDS as ::ffff:169.254.169.254
         // never runs connect4, so it is caught here and sent to the IPv4
         // listener in the same mapped form.
@@ -92,7 +98,7 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
             set_port(sa, cfg.listen_port4);
         });
     }
-    if dst != IMDS_IP6 {
+    if !cfg.redirects_ip6(dst) {
         return ALLOW;
     }
     if cfg.listen_port6 == 0 && current_cgroup_id() != cfg.self_cgroup_id {

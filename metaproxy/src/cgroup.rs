@@ -17,7 +17,7 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo); metaproxy needs cgroup v2: boot with systemd.unified_cgroup_hierarchy=1, or mount it (mount -t cgroup2 none /sys/fs/cgroup/unified)")]
     NoCgroup2,
     // The cause is the error's source: printed once, by whoever prints the
     // chain, never twice.

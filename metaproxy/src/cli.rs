@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach the probe and serve intercepted metadata requests.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List intercepted connections (from a running daemon).
     Connections(ConnectionsArgs),
     /// Show the running daemon's status (JSON): pid, probe generation, map
@@ -103,7 +103,63 @@ pub struct RunArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
 
-    /// Log format.
+    /// Addresses of the container-credentials endpoint to serve (what SDKs
+    /// reach through `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or
+    /// `_FULL_URI`), on port 80: any of 169.254.170.2, 169.254.170.23 and
+    /// (with --listen6) fd00:ec2::23; or `off`. An address another service
+    /// already serves on this host (the ECS agent) is left alone.
+    #[arg(
+        long,
+        env = "METAPROXY_CONTAINER_CREDENTIALS",
+        default_value = "169.254.170.2,169.254.170.23"
+    )]
+    pub container_credentials: String,
+
+    /// The one path the container-credentials endpoint serves.
+    #[arg(
+        long,
+        env = "METAPROXY_CONTAINER_CREDENTIALS_PATH",
+        default_value = "/v1/credentials"
+    )]
+    pub container_credentials_path: String,
+
+    /// Require the container-credentials endpoint's `Authorization` header
+    /// to be the container's own `AWS_CONTAINER_AUTHORIZATION_TOKEN` (set in
+    /// the runner's environment), as a guard against request forgery.
+    #[arg(long, env = "METAPROXY_CONTAINER_CREDENTIALS_REQUIRE_AUTH")]
+    pub container_credentials_require_auth: bool,
+
+    /// Send STS session tags from the job with each AssumeRole: project id
+    /// and path, pipeline, job, ref, whether the ref is protected, runner
+    /// (from gitlab-runner's labels and predefined variables). The roles'
+    /// trust policies must allow sts:TagSession.
+    #[arg(long, env = "METAPROXY_SESSION_TAGS")]
+    pub session_tags: bool,
+
+    /// Rename a session tag: SOURCE=NAME, SOURCE one of project-id,
+    /// project-path, pipeline-id, job-id, ref, protected, runner-id
+    /// (repeatable; defaults: gitlab-project-id, ...).
+    #[arg(long, env = "METAPROXY_SESSION_TAG_NAME", value_delimiter = ',')]
+    pub session_tag_name: Vec<String>,
+
+    /// Make the session tags transitive (they follow role chaining).
+    #[arg(long, env = "METAPROXY_TRANSITIVE_SESSION_TAGS")]
+    pub transitive_session_tags: bool,
+
+    /// Set SourceIdentity to the job (`gitlab-job-<id>`), which CloudTrail
+    /// shows on every call made with the credentials and any role chained
+    /// from them. The roles' trust policies must allow
+    /// sts:SetSourceIdentity.
+    #[arg(long, env = "METAPROXY_SOURCE_IDENTITY")]
+    pub source_identity: bool,
+
+    /// Address of the metrics and health listener (`/metrics`, `/healthz`,
+    /// `/readyz`), or `off`. It never serves credentials; keep it on
+    /// loopback or a private address.
+    #[arg(long, env = "METAPROXY_METRICS", default_value = crate::metrics::DEFAULT_ADDR)]
+    pub metrics: String,
+
+    /// Log format: `text`, or `json` (one object per line).
     #[arg(long, env = "METAPROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -191,5 +247,6 @@ mod tests {
         assert_eq!(run.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(run.pins.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(run.listen6.is_none());
+        assert_eq!(run.metrics, crate::metrics::DEFAULT_ADDR);
     }
 }

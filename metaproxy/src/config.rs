@@ -10,7 +10,8 @@ use std::{
 use crate::{
     cli::{self, RunArgs},
     server::Limits,
-    surface::Imdsv1Mode,
+    session::SessionOptions,
+    surface::{ContainerCredentialsOptions, Imdsv1Mode},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,20 @@ pub enum ConfigError {
     NotIpv4(SocketAddr),
     #[error("--listen6 must be an IPv6 address, got {0}")]
     NotIpv6(SocketAddr),
+    #[error("--container-credentials {0:?}: expected a comma-separated list of 169.254.170.2, 169.254.170.23 and fd00:ec2::23, or off")]
+    ContainerCredentials(String),
+    #[error("--container-credentials {0}: an IPv6 address needs an IPv6 listener (--listen6)")]
+    ContainerCredentialsNeedsListen6(IpAddr),
+    #[error(
+        "--container-credentials-path {0:?}: must be a plain absolute path such as /v1/credentials"
+    )]
+    ContainerCredentialsPath(String),
+    #[error("--session-tag-name {0}")]
+    SessionTagName(String),
+    #[error("--metrics {0:?}: expected ADDRESS:PORT (such as 127.0.0.1:9169) or off")]
+    Metrics(String),
+    #[error("--metrics {0}: containers reach that address; give loopback or a private address of the host's own")]
+    MetricsOnListen(SocketAddr),
 }
 
 /// Everything `metaproxy run` needs, checked.
@@ -41,7 +56,20 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_socket: PathBuf,
+    /// The metrics and health listener, unless turned off.
+    pub metrics: Option<SocketAddr>,
+    /// Container-credentials endpoint addresses to redirect (port 80).
+    pub container_credentials: Vec<IpAddr>,
+    pub container_credentials_options: ContainerCredentialsOptions,
+    pub session: SessionOptions,
 }
+
+/// The addresses SDKs accept for the container-credentials endpoint.
+pub const CONTAINER_CREDENTIALS_ADDRS: [IpAddr; 3] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 170, 2)),
+    IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+];
 
 impl RunConfig {
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
@@ -59,7 +87,70 @@ impl RunConfig {
                 Some(l6)
             }
         };
+        let metrics = match args.metrics.trim() {
+            "off" | "" => None,
+            addr => {
+                let addr: SocketAddr = addr
+                    .parse()
+                    .map_err(|_| ConfigError::Metrics(addr.to_string()))?;
+                let on_listen = addr.ip().is_unspecified()
+                    || addr.ip() == IpAddr::V4(*listen.ip())
+                    || listen6.is_some_and(|l6| addr.ip() == IpAddr::V6(*l6.ip()));
+                if on_listen {
+                    return Err(ConfigError::MetricsOnListen(addr));
+                }
+                Some(addr)
+            }
+        };
+        let container_credentials = match args.container_credentials.trim() {
+            "off" | "" => Vec::new(),
+            list => {
+                let mut addrs = Vec::new();
+                for item in list.split(',').map(str::trim) {
+                    let ip: IpAddr = item
+                        .parse()
+                        .ok()
+                        .filter(|ip| CONTAINER_CREDENTIALS_ADDRS.contains(ip))
+                        .ok_or_else(|| ConfigError::ContainerCredentials(item.to_string()))?;
+                    if ip.is_ipv6() && listen6.is_none() {
+                        return Err(ConfigError::ContainerCredentialsNeedsListen6(ip));
+                    }
+                    if !addrs.contains(&ip) {
+                        addrs.push(ip);
+                    }
+                }
+                addrs
+            }
+        };
+        let path = &args.container_credentials_path;
+        let plain = path.starts_with('/')
+            && path.len() <= 256
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+            && !path.contains("//")
+            && !path.split('/').any(|seg| seg == "." || seg == "..");
+        if !plain {
+            return Err(ConfigError::ContainerCredentialsPath(path.clone()));
+        }
+        let session = SessionOptions {
+            tags: if args.session_tags {
+                SessionOptions::all_tags(&args.session_tag_name)
+                    .map_err(ConfigError::SessionTagName)?
+            } else {
+                Vec::new()
+            },
+            transitive: args.transitive_session_tags,
+            source_identity: args.source_identity,
+        };
         Ok(Self {
+            session,
+            container_credentials,
+            container_credentials_options: ContainerCredentialsOptions {
+                path: path.clone(),
+                require_auth: args.container_credentials_require_auth,
+            },
+            metrics,
             cgroup: args.cgroup.clone(),
             listen,
             listen6,
@@ -130,6 +221,17 @@ mod tests {
         let ok = config(&["--listen6", "[fd00:ec2::1]:8169"]).unwrap();
         assert_eq!(ok.listen.to_string(), cli::DEFAULT_LISTEN);
         assert!(ok.listen6.is_some());
+        assert_eq!(ok.metrics, Some("127.0.0.1:9169".parse().unwrap()));
+        assert_eq!(config(&["--metrics", "off"]).unwrap().metrics, None);
+        assert_eq!(
+            ok.container_credentials,
+            &CONTAINER_CREDENTIALS_ADDRS[..2],
+            "169.254.170.2 and .23 by default"
+        );
+        assert!(config(&["--container-credentials", "off"])
+            .unwrap()
+            .container_credentials
+            .is_empty());
         for (args, msg) in [
             (&["--listen", "127.0.0.1:1"][..], "loopback"),
             (&["--listen", "0.0.0.0:1"][..], "unspecified"),
@@ -139,6 +241,24 @@ mod tests {
             ),
             (&["--listen", "[fd00::1]:1"][..], "must be an IPv4"),
             (&["--listen6", "169.254.170.1:1"][..], "must be an IPv6"),
+            (&["--metrics", "9169"][..], "expected ADDRESS:PORT"),
+            (
+                &["--container-credentials", "169.254.170.3"][..],
+                "expected a comma-separated list",
+            ),
+            (
+                &["--container-credentials", "fd00:ec2::23"][..],
+                "needs an IPv6 listener",
+            ),
+            (
+                &["--container-credentials-path", "/v1/../creds"][..],
+                "plain absolute path",
+            ),
+            (&["--metrics", "0.0.0.0:9169"][..], "containers reach"),
+            (
+                &["--listen", "10.9.9.9:80", "--metrics", "10.9.9.9:9169"][..],
+                "containers reach",
+            ),
         ] {
             let err = config(args).unwrap_err().to_string();
             assert!(err.contains(msg), "{args:?}: {err}");

@@ -78,16 +78,22 @@ pub enum Outcome {
     Passthrough,
 }
 
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Served => "served",
             Self::NoRole => "no-role",
             Self::Refused => "refused",
             Self::Unauthorized => "unauthorized",
             Self::NotFound => "not-found",
             Self::Passthrough => "passthrough",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -22,7 +22,9 @@ use tokio::{sync::broadcast, task::JoinSet};
 use crate::{
     identity::ContainerEvent,
     ids::{AccountId, ContainerId, RoleArn},
+    metrics::{self, CacheMetrics, ErrorLabels, OperationLabels, StsMetrics},
     policy::{Policy, Role, RoleDecision},
+    session::Session,
 };
 
 /// Never hand out credentials with less than this left: SDKs refresh 10-15
@@ -50,6 +52,8 @@ pub struct CredKey {
     pub role_arn: RoleArn,
     pub external_id: Option<String>,
     pub session_name: String,
+    /// Tags and SourceIdentity: two jobs never share a tagged session.
+    pub session: Session,
 }
 
 impl From<&Role> for CredKey {
@@ -58,6 +62,7 @@ impl From<&Role> for CredKey {
             role_arn: role.arn.clone(),
             external_id: role.external_id.clone(),
             session_name: role.session_name.clone(),
+            session: role.session.clone(),
         }
     }
 }
@@ -121,6 +126,46 @@ pub enum CredentialsError {
     CallerIdentity(String),
 }
 
+impl CredentialsError {
+    /// An AccessDenied for a session with tags or SourceIdentity names what
+    /// the role's trust policy is missing.
+    fn with_session_hint(self, session: &Session) -> Self {
+        let Self::AssumeRole {
+            role_arn,
+            code,
+            message,
+        } = self
+        else {
+            return self;
+        };
+        let hint = if code.as_deref() != Some("AccessDenied") || session.is_empty() {
+            None
+        } else if message.contains("sts:TagSession") {
+            Some("the role's trust policy does not allow sts:TagSession for the instance role: allow it, or turn --session-tags off")
+        } else if message.contains("sts:SetSourceIdentity") {
+            Some("the role's trust policy does not allow sts:SetSourceIdentity for the instance role: allow it, or turn --source-identity off")
+        } else {
+            Some("session tags or SourceIdentity are on: the role's trust policy must allow sts:TagSession and sts:SetSourceIdentity as well as sts:AssumeRole")
+        };
+        Self::AssumeRole {
+            role_arn,
+            message: match hint {
+                Some(hint) => format!("{message} ({hint})"),
+                None => message,
+            },
+            code,
+        }
+    }
+
+    /// STS's error code, as a bounded metrics label.
+    fn code_label(&self) -> &'static str {
+        match self {
+            Self::AssumeRole { code, .. } => metrics::sts_error_code(code.as_deref()),
+            _ => "none",
+        }
+    }
+}
+
 /// Who the daemon itself is, according to STS.
 #[derive(Debug, Clone)]
 pub struct CallerIdentity {
@@ -172,6 +217,15 @@ impl Sts for AwsSts {
         key: &'a CredKey,
     ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
         async move {
+            let tags = key
+                .session
+                .tags
+                .iter()
+                .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CredentialsError::Task(format!("session tags: {e}")))?;
+            let transitive = (key.session.transitive && !tags.is_empty())
+                .then(|| key.session.tags.iter().map(|(k, _)| k.clone()).collect());
             let out = self
                 .0
                 .assume_role()
@@ -179,6 +233,9 @@ impl Sts for AwsSts {
                 .role_session_name(&key.session_name)
                 .duration_seconds(DURATION_SECONDS)
                 .set_external_id(key.external_id.clone())
+                .set_tags((!tags.is_empty()).then_some(tags))
+                .set_transitive_tag_keys(transitive)
+                .set_source_identity(key.session.source_identity.clone())
                 .send()
                 .await
                 .map_err(|e| {
@@ -226,6 +283,73 @@ impl Sts for AwsSts {
             })
         }
         .boxed()
+    }
+}
+
+/// An [`Sts`] that counts and times the calls it passes on.
+pub struct InstrumentedSts {
+    inner: Arc<dyn Sts>,
+    metrics: StsMetrics,
+}
+
+impl std::fmt::Debug for InstrumentedSts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstrumentedSts").finish_non_exhaustive()
+    }
+}
+
+impl InstrumentedSts {
+    pub fn new(inner: Arc<dyn Sts>) -> Self {
+        Self {
+            inner,
+            metrics: StsMetrics::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &StsMetrics {
+        &self.metrics
+    }
+
+    async fn measure<T>(
+        &self,
+        operation: &'static str,
+        call: BoxFuture<'_, Result<T, CredentialsError>>,
+    ) -> Result<T, CredentialsError> {
+        let labels = OperationLabels { operation };
+        self.metrics.calls.get_or_create(&labels).inc();
+        self.metrics.in_flight.inc();
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabels {
+                    operation,
+                    code: e.code_label(),
+                })
+                .inc();
+        }
+        result
+    }
+}
+
+impl Sts for InstrumentedSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        self.measure("AssumeRole", self.inner.assume_role(key))
+            .boxed()
+    }
+
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
+        self.measure("GetCallerIdentity", self.inner.caller_identity())
+            .boxed()
     }
 }
 
@@ -326,6 +450,7 @@ pub struct CredentialCache {
     owners: Mutex<HashMap<ContainerId, HashSet<CredKey>>>,
     /// Fetches that outlive the request that started them.
     background: Mutex<JoinSet<()>>,
+    metrics: CacheMetrics,
 }
 
 impl std::fmt::Debug for CredentialCache {
@@ -343,7 +468,12 @@ impl CredentialCache {
             slots: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             background: Mutex::new(JoinSet::new()),
+            metrics: CacheMetrics::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
     }
 
     /// How many credential entries are cached.
@@ -382,11 +512,14 @@ impl CredentialCache {
         let slot = self.slot(key);
         slot.touch();
         if let Some(c) = slot.fresh(SERVE_MIN_REMAINING) {
+            self.metrics.lookup("hit");
             return Ok(c);
         }
         if let Some(e) = slot.recent_failure() {
+            self.metrics.lookup("failing");
             return Err(e);
         }
+        self.metrics.lookup("miss");
         let (this, key) = (self.clone(), key.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.spawn(async move {
@@ -428,7 +561,11 @@ impl CredentialCache {
         key: &CredKey,
         slot: &Slot,
     ) -> Result<Credentials, CredentialsError> {
-        let result = self.sts.assume_role(key).await;
+        let result = self
+            .sts
+            .assume_role(key)
+            .await
+            .map_err(|e| e.with_session_hint(&key.session));
         slot.record(&result);
         match result {
             Ok(c) => {

@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -26,9 +27,10 @@ use crate::{
     cgroup::{self, CgroupPaths},
     config::RunConfig,
     connlog::ConnLog,
-    credentials::{AwsSts, CredentialCache, Sts},
+    credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
     identity::{docker::DockerRuntime, Identities},
     ids::AccountId,
+    metrics::{self, Live, LiveSource, Metrics, Readiness, RequestMetrics},
     netaddr,
     policy::Policy,
     probe::{Probe, ProbeOptions},
@@ -92,13 +94,50 @@ impl Tasks {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    tracing::debug!(?config, "configuration");
     raise_nofile_limit();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = JoinSet::new();
+
+    // The health endpoints answer from the start: /readyz says what is
+    // still missing while the daemon comes up.
+    let readiness = Arc::new(Readiness::default());
+    let metrics = Arc::new(OnceLock::new());
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "metrics listener {addr}: {e}{}",
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another process has it: set --metrics to another address, or off)"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        servers.spawn(metrics::run(
+            listener,
+            metrics.clone(),
+            readiness.clone(),
+            stopped(),
+        ));
+    }
+
     let account = Arc::new(OnceLock::new());
-    let policy = Arc::new(Policy::new(
-        &config.allow_role,
-        &config.allow_host_cgroup,
-        account.clone(),
-    )?);
+    readiness.own_credentials(account.clone());
+    let policy = Arc::new(
+        Policy::new(
+            &config.allow_role,
+            &config.allow_host_cgroup,
+            account.clone(),
+        )?
+        .with_session(config.session.clone()),
+    );
     let tokens = TokenKey::load_or_create(&config.state_dir)
         .with_context(|| format!("token key in --state-dir {}", config.state_dir.display()))?;
 
@@ -119,39 +158,47 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // gets a new cgroup (a new id). Attaching replaces that generation with
     // ours, so our bind is allowed. Connects redirected meanwhile (a few
     // milliseconds) are refused: fail closed.
+    let mut config = config;
+    config
+        .container_credentials
+        .retain(|ip| match served_elsewhere(*ip) {
+            Some(why) => {
+                tracing::warn!(address = %ip, "not serving the container-credentials endpoint at {ip}: {why}; remove it from --container-credentials to silence this");
+                false
+            }
+            None => true,
+        });
     let mut tasks = Tasks::default();
     let probe = attach_probe(&config, &target, self_cgroup_id, &mut tasks)?;
+    readiness.probe_attached();
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
         None => None,
     };
-    tracing::info!(
+    readiness.listening();
+    tracing::debug!(
         cgroup = %target.display(),
-        listen = %config.listen,
-        listen6 = ?config.listen6,
         generation = probe.generation(),
         self_cgroup = %own.display(),
         "probe attached"
     );
-    tracing::info!(
-        allow_role = ?config.allow_role,
-        allow_host_cgroup = ?config.allow_host_cgroup,
-        imdsv1 = ?config.imdsv1,
-        max_connections = config.limits.max_connections,
-        max_connections_per_container = config.limits.max_connections_per_cgroup,
-        "policy in force (host processes: only the listed cgroups pass; roles: the listed globs, else the instance's account)"
-    );
 
-    let sts: Arc<dyn Sts> = Arc::new(AwsSts::from_env().await);
-    tasks.spawn_finite("account discovery", discover_account(sts.clone(), account));
-    let credentials = Arc::new(CredentialCache::new(sts));
+    let sts = Arc::new(InstrumentedSts::new(Arc::new(AwsSts::from_env().await)));
+    let me = Arc::new(OnceLock::new());
+    tasks.spawn_finite(
+        "account discovery",
+        discover_account(sts.clone(), account, me.clone()),
+    );
+    let credentials = Arc::new(CredentialCache::new(sts.clone()));
     tasks.spawn(
         "credential refresh",
         credentials.clone().refresh_ahead(Duration::from_secs(60)),
     );
 
     let identities = Arc::new(Identities::new(Arc::new(DockerRuntime::default())));
+    let docker = identities.clone();
+    readiness.docker(Arc::new(move || docker.reachable()));
     // Subscribe before the events follower starts, so no start is missed.
     tasks.spawn(
         "credential prefetch",
@@ -168,31 +215,42 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
     let count = Arc::new(ConnectionCount::new(config.limits));
-    let pipeline = Arc::new(Pipeline {
+    let requests = RequestMetrics::default();
+    let state = Arc::new(DaemonState {
+        probe: probe.clone(),
         count: count.clone(),
-        attribution: Attribution::new(probe.clone(), Arc::new(CgroupPaths::new(mount))),
+        identities: identities.clone(),
+        credentials: credentials.clone(),
+        requests: requests.clone(),
+    });
+    let _ = metrics.set(Metrics::new(
+        &requests,
+        credentials.metrics(),
+        sts.metrics(),
+        identities.metrics(),
+        state.clone(),
+    ));
+    let pipeline = Arc::new(Pipeline {
+        count,
+        attribution: Attribution::new(probe, Arc::new(CgroupPaths::new(mount.clone()))),
         surface: Surface {
             identities,
             policy,
             credentials,
             tokens,
             upstream,
-            options: SurfaceOptions { imdsv1 },
+            options: SurfaceOptions {
+                imdsv1,
+                container_credentials: config.container_credentials_options.clone(),
+            },
         },
         connections: connections.clone(),
+        metrics: requests,
     });
     let admin_listener = admin::bind(&config.admin_socket)
         .await
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let mut servers = JoinSet::new();
     servers.spawn(server::run(listener, pipeline.clone(), stopped()));
     if let Some(l6) = listener6 {
         servers.spawn(server::run(l6, pipeline.clone(), stopped()));
@@ -202,7 +260,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.admin_socket.clone(),
         Arc::new(AdminState {
             connections,
-            status: Arc::new(DaemonStatus { probe, count }),
+            status: state,
         }),
         stopped(),
     ));
@@ -211,7 +269,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // admin socket are bound. Units ordered after us start containers only
     // once the redirect exists.
     notify(sd_notify::NotifyState::Ready);
-    tracing::info!("ready");
+    tasks.spawn_finite(
+        "startup summary",
+        summary(
+            Summary {
+                config: config.clone(),
+                mount,
+                target,
+                own,
+                docker: pipeline.surface.identities.clone(),
+            },
+            readiness,
+            me,
+        ),
+    );
 
     let result = tokio::select! {
         signal = wait_for_signal() => signal,
@@ -229,6 +300,83 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     result
 }
 
+/// What the startup summary reports besides the live checks.
+struct Summary {
+    config: RunConfig,
+    mount: PathBuf,
+    target: PathBuf,
+    own: PathBuf,
+    docker: Arc<Identities>,
+}
+
+/// How long the summary waits for Docker and STS before it reports them
+/// missing.
+const SUMMARY_WAIT: Duration = Duration::from_secs(10);
+
+/// One line, once, with everything an admin checks after a start: what is
+/// intercepted, where it listens, the policy, who the daemon is to AWS and
+/// whether Docker answers. Waits for readiness (at most [`SUMMARY_WAIT`]).
+async fn summary(s: Summary, readiness: Arc<Readiness>, me: Arc<OnceLock<CallerIdentity>>) {
+    let _ = tokio::time::timeout(SUMMARY_WAIT, async {
+        while readiness.check().is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let c = &s.config;
+    let aws = me.get().map_or_else(
+        || "unknown: GetCallerIdentity has not succeeded yet".to_string(),
+        |me| format!("account {} as {}", me.account, me.arn),
+    );
+    let ready = readiness.check();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        kernel = %kernel,
+        cgroup2 = %s.mount.display(),
+        attach_point = %s.target.display(),
+        own_cgroup = %s.own.display(),
+        listen = %c.listen,
+        listen6 = %c.listen6.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        container_credentials = %if c.container_credentials.is_empty() {
+            "off".to_string()
+        } else {
+            format!(
+                "{} {}",
+                c.container_credentials.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                c.container_credentials_options.path
+            )
+        },
+        metrics = %c.metrics.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        admin_socket = %c.admin_socket.display(),
+        allow_role = %list_or(&c.allow_role, "roles of the instance's own account"),
+        allow_host_cgroup = %list_or(&c.allow_host_cgroup, "none (every host process refused)"),
+        imdsv1 = ?c.imdsv1,
+        session_tags = %if c.session.tags.is_empty() {
+            "off".to_string()
+        } else {
+            c.session.tags.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>().join(",")
+        },
+        source_identity = c.session.source_identity,
+        max_connections = c.limits.max_connections,
+        max_connections_per_container = c.limits.max_connections_per_cgroup,
+        aws_identity = %aws,
+        docker = %if s.docker.reachable() { "reachable" } else { "unreachable" },
+        ready = %ready.err().unwrap_or("yes"),
+        "started"
+    );
+}
+
+fn list_or(items: &[String], empty: &str) -> String {
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(",")
+    }
+}
+
 fn attach_probe(
     config: &RunConfig,
     target: &std::path::Path,
@@ -239,6 +387,23 @@ fn attach_probe(
         Some(l6) => (ip6_words(l6.ip().octets()), l6.port()),
         None => ([0; 4], 0),
     };
+    let mut creds_ip4 = [0u32; 2];
+    let mut creds_ip6 = [0u32; 4];
+    let v4 = config
+        .container_credentials
+        .iter()
+        .filter_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+            std::net::IpAddr::V6(_) => None,
+        });
+    for (slot, ip) in creds_ip4.iter_mut().zip(v4) {
+        *slot = ip;
+    }
+    if let Some(std::net::IpAddr::V6(v6)) =
+        config.container_credentials.iter().find(|ip| ip.is_ipv6())
+    {
+        creds_ip6 = ip6_words(v6.octets());
+    }
     let opts = ProbeOptions {
         cgroup: target.to_path_buf(),
         pin_dir: config.pin_dir.clone(),
@@ -248,15 +413,60 @@ fn attach_probe(
             listen_port4: config.listen.port(),
             listen_port6,
             listen_ip6,
+            creds_ip4,
+            creds_ip6,
         },
         kernel_log_level: kernel_log_level(),
     };
-    let (probe, kernel_log) =
-        Probe::attach(&opts).with_context(|| format!("attaching to {}", target.display()))?;
+    let (probe, kernel_log) = Probe::attach(&opts).map_err(|e| {
+        let hint = if lacks_privilege(&e) {
+            " (not permitted: run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and CAP_DAC_READ_SEARCH as packaging/metaproxy.service grants)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("attaching to {}{hint}", target.display()))
+    })?;
     if let Some(kernel_log) = kernel_log {
         tasks.spawn("kernel log", kernel_log.run());
     }
     Ok(Arc::new(probe))
+}
+
+/// Why container-credentials address `ip` is someone else's on this host,
+/// if it is: assigned to an interface here, or (169.254.170.2) the ECS
+/// agent's credentials port is open. Sends no packet off the host.
+fn served_elsewhere(ip: std::net::IpAddr) -> Option<String> {
+    if std::net::TcpListener::bind((ip, 0)).is_ok() {
+        return Some(format!(
+            "{ip} is assigned to an interface on this host (another service, such as the ECS agent, serves it)"
+        ));
+    }
+    let ecs_agent: SocketAddr = ([127, 0, 0, 1], 51679).into();
+    let is_ecs_address = ip == std::net::IpAddr::from([169, 254, 170, 2]);
+    if is_ecs_address
+        && std::net::TcpStream::connect_timeout(&ecs_agent, Duration::from_millis(200)).is_ok()
+    {
+        return Some(format!(
+            "the ECS agent's credentials port {ecs_agent} is open: the ECS agent serves {ip} here"
+        ));
+    }
+    None
+}
+
+/// Whether `e` comes down to EPERM or EACCES from the kernel.
+fn lacks_privilege(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let errno = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .or_else(|| c.downcast_ref::<nix::Error>().map(|e| *e as i32));
+        if matches!(errno, Some(libc::EPERM | libc::EACCES)) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Tells systemd (when `NOTIFY_SOCKET` is set) how we are.
@@ -266,13 +476,16 @@ fn notify(state: sd_notify::NotifyState<'_>) {
     }
 }
 
-/// `GET /v1/status` on the admin socket.
-struct DaemonStatus {
+/// The daemon's parts that `GET /v1/status` and the metrics read.
+struct DaemonState {
     probe: Arc<Probe>,
     count: Arc<ConnectionCount>,
+    identities: Arc<Identities>,
+    credentials: Arc<CredentialCache>,
+    requests: RequestMetrics,
 }
 
-impl StatusSource for DaemonStatus {
+impl StatusSource for DaemonState {
     fn status(&self) -> serde_json::Value {
         let (pending, conns) = self.probe.map_sizes();
         serde_json::json!({
@@ -282,9 +495,27 @@ impl StatusSource for DaemonStatus {
             "connections": {
                 "open": self.count.open(),
                 "largest_per_container": self.count.largest_per_cgroup(),
-                "shed": self.count.shed.load(std::sync::atomic::Ordering::Relaxed),
+                "shed": self.requests.shed.get(),
             },
         })
+    }
+}
+
+impl LiveSource for DaemonState {
+    fn live(&self) -> Live {
+        let (pending, conns) = self.probe.map_sizes();
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        Live {
+            open_connections: n(self.count.open()),
+            largest_per_container: n(self.count.largest_per_cgroup()),
+            identity_cache: n(self.identities.cached()),
+            credential_cache: n(self.credentials.len()),
+            map_pending: n(pending),
+            map_conns: n(conns),
+            probe_generation: self.probe.generation(),
+            log_lines_dropped: crate::logging::dropped_lines(),
+            docker_reachable: self.identities.reachable(),
+        }
     }
 }
 
@@ -305,13 +536,18 @@ fn raise_nofile_limit() {
 
 /// Learns the instance profile's account (role names are taken in it, and
 /// by default only its roles are allowed), retrying while STS is down.
-async fn discover_account(sts: Arc<dyn Sts>, account: Arc<OnceLock<AccountId>>) {
+async fn discover_account(
+    sts: Arc<dyn Sts>,
+    account: Arc<OnceLock<AccountId>>,
+    me_out: Arc<OnceLock<CallerIdentity>>,
+) {
     let mut delay = Duration::from_secs(1);
     loop {
         match sts.caller_identity().await {
             Ok(me) => {
                 tracing::info!(account = %me.account, arn = %me.arn, "instance credentials work");
-                let _ = account.set(me.account);
+                let _ = account.set(me.account.clone());
+                let _ = me_out.set(me);
                 return;
             }
             Err(e) => {

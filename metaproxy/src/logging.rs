@@ -2,21 +2,43 @@
 //! `RUST_LOG`) sets the filter. The kernel programs' aya-log records arrive
 //! through the `log` bridge.
 //!
+//! Lines (the audit lines of issued credentials among them) are written by
+//! a thread of their own: a slow journald or a full pipe never holds a
+//! request. If that writer falls too far behind, lines are dropped and
+//! counted ([`dropped_lines`], the `metaproxy_log_lines_dropped_total`
+//! metric), never silently.
+//!
 //! A bare level (`METAPROXY_LOG=trace`) applies to metaproxy's own crates
 //! only; everything else stays at `warn` unless named
 //! (`METAPROXY_LOG=debug,hyper=debug`). The AWS SDK's trace output, for one,
 //! carries the daemon's own IMDS token and request signatures.
 
+use std::sync::OnceLock;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
+
+/// Lines the writer had to drop.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because the writer fell behind.
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
 
 /// The filter when none is given.
 const DEFAULT: &str = "info";
 /// The level for crates the admin did not name.
 const OTHERS: &str = "warn";
 
-pub fn init(format: LogFormat) {
+/// Sets up logging. Keep the guard until exit: dropping it flushes the
+/// lines still queued.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init(format: LogFormat) -> WorkerGuard {
     let given = std::env::var("METAPROXY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| DEFAULT.into());
@@ -27,14 +49,23 @@ pub fn init(format: LogFormat) {
     // Colour only for a person at a terminal: journald and log files get
     // plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("metaproxy-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
+        // One object per line: `timestamp`, `level`, `target`, `fields`
+        // (`message` and the event's own fields) and `span`s, as
+        // tracing-subscriber names them.
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 /// A value for a log line that someone else wrote (a container's name, a

@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => args.log_format,
         _ => LogFormat::Text,
     };
-    logging::init(log_format);
+    let log_writer = logging::init(log_format);
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,6 +30,8 @@ fn main() -> std::process::ExitCode {
                 }
             })
         });
+    // Flush queued log lines before the final error.
+    drop(log_writer);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -14,6 +14,7 @@ use crate::{
     attribution::Caller,
     identity::{Container, GITLAB_JOB_LABEL},
     ids::{AccountId, RoleArn, RoleArnError},
+    session::{Session, SessionOptions},
 };
 
 /// A role a container may assume, and the session it is assumed as.
@@ -23,6 +24,8 @@ pub struct Role {
     pub external_id: Option<String>,
     /// RoleSessionName: the job, else the container.
     pub session_name: String,
+    /// Session tags and SourceIdentity from the job (when turned on).
+    pub session: Session,
 }
 
 /// The verdict for one container.
@@ -93,6 +96,7 @@ pub struct Policy {
     host_allow: Option<GlobSet>,
     /// The instance profile's account, once STS told us.
     account: Arc<OnceLock<AccountId>>,
+    session: SessionOptions,
 }
 
 impl Policy {
@@ -105,7 +109,14 @@ impl Policy {
             allow: glob_set("--allow-role", allow_role)?,
             host_allow: glob_set("--allow-host-cgroup", allow_host_cgroup)?,
             account,
+            session: SessionOptions::default(),
         })
+    }
+
+    /// Sends session tags and SourceIdentity with each AssumeRole.
+    pub fn with_session(mut self, session: SessionOptions) -> Self {
+        self.session = session;
+        self
     }
 
     /// Decides from the container's environment (`Config.Env`, which
@@ -170,6 +181,7 @@ impl Policy {
             arn,
             external_id,
             session_name: session_name(c),
+            session: Session::for_container(c, &self.session),
         })
     }
 
@@ -283,7 +295,7 @@ fn is_container_runtime(comm: &str) -> bool {
 
 /// The one non-empty value of `key` the runner set, if any. Refuses a value
 /// set twice differently, and one that only the image's ENV could have set.
-fn single_value<'a>(
+pub fn single_value<'a>(
     container_env: &'a [String],
     image_env: &[String],
     key: &'static str,
@@ -369,6 +381,7 @@ mod tests {
             arn: RoleArn::parse(arn).unwrap(),
             external_id: None,
             session_name: "gitlab-job-7".into(),
+            session: Default::default(),
         })
     }
 

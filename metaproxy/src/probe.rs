@@ -73,9 +73,9 @@ pub enum ProbeError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("{0} is not on a BPF filesystem (bpffs)")]
+    #[error("{0} is not on a BPF filesystem (bpffs): give --pin-dir a directory on bpffs, or mount one (mount -t bpf bpf {BPFFS_ROOT})")]
     NotBpffs(PathBuf),
-    #[error("mounting bpffs at {BPFFS_ROOT}: {0}")]
+    #[error("bpffs is not mounted at {BPFFS_ROOT} and mounting it failed ({0}): mount it before starting (mount -t bpf bpf {BPFFS_ROOT}), or give metaproxy CAP_SYS_ADMIN")]
     Mount(nix::Error),
     #[error("loading the kernel programs")]
     Load(#[from] aya::EbpfError),

@@ -13,10 +13,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -30,6 +27,7 @@ use crate::{
     connlog::{ConnLog, Connection},
     ids::CgroupId,
     logging::Clean,
+    metrics::RequestMetrics,
     ratelimit::RateLimit,
     surface::{Denial, Handled, Surface},
 };
@@ -76,8 +74,6 @@ pub struct ConnectionCount {
     /// cannot take the permits of attributed connections.
     unattributed: tokio::sync::Semaphore,
     per_cgroup: Mutex<HashMap<CgroupId, usize>>,
-    /// Connections closed at once for being over a cap.
-    pub shed: AtomicU64,
 }
 
 impl ConnectionCount {
@@ -87,7 +83,6 @@ impl ConnectionCount {
             total: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             unattributed: tokio::sync::Semaphore::new(UNATTRIBUTED.min(limits.max_connections)),
             per_cgroup: Mutex::new(HashMap::new()),
-            shed: AtomicU64::new(0),
         }
     }
 
@@ -137,6 +132,7 @@ pub struct Pipeline {
     pub surface: Surface,
     pub connections: Arc<ConnLog>,
     pub count: Arc<ConnectionCount>,
+    pub metrics: RequestMetrics,
 }
 
 /// Serves `listener` until `shutdown` resolves. Connections already being
@@ -154,7 +150,7 @@ pub async fn run(
                 Ok((stream, peer)) => {
                     // Over the global cap: closed at once (dropping it).
                     let Ok(permit) = pipeline.count.total.clone().try_acquire_owned() else {
-                        pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+                        pipeline.metrics.shed.inc();
                         if let Some(suppressed) = REFUSAL_LOG.allow() {
                             tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
                         }
@@ -194,8 +190,9 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     let caller = match pipeline.attribution.attribute(&pair).await {
         Ok(caller) => caller,
         Err(e) => {
+            pipeline.metrics.records_missing.inc();
             let Ok(_permit) = pipeline.count.unattributed.try_acquire() else {
-                pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+                pipeline.metrics.shed.inc();
                 return;
             };
             let denial = Denial::from(e);
@@ -205,16 +202,24 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
             pipeline
                 .connections
                 .push(Connection::refused(peer, denial.reason()));
+            let for_requests = pipeline.clone();
             serve_http(stream, move |_req| {
-                let denial = denial.clone();
-                async move { denial.response() }
+                let (denial, pipeline) = (denial.clone(), for_requests.clone());
+                async move {
+                    pipeline.metrics.request(
+                        "unattributed",
+                        denial.outcome().as_str(),
+                        Some(denial.kind()),
+                    );
+                    denial.response()
+                }
             })
             .await;
             return;
         }
     };
     let Some(_slot) = pipeline.count.enter(caller.cgroup) else {
-        pipeline.count.shed.fetch_add(1, Ordering::Relaxed);
+        pipeline.metrics.shed.inc();
         if let Some(suppressed) = REFUSAL_LOG.allow() {
             tracing::warn!(client = %peer, cgroup_id = %caller.cgroup, suppressed, "too many open connections from one cgroup; closing");
         }
@@ -233,6 +238,11 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
         async move {
             let request = logged_request(req.method(), req.uri().path());
             let handled = pipeline.surface.handle(req, &caller).await;
+            let metrics = &pipeline.metrics;
+            metrics.request(handled.route, handled.outcome().as_str(), handled.refusal());
+            if let Some(remaining) = handled.served_remaining() {
+                metrics.served_remaining.observe(remaining.as_secs_f64());
+            }
             pipeline
                 .connections
                 .push(answered(&caller, request, &handled));

@@ -25,6 +25,7 @@ fn key() -> CredKey {
         role_arn: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{ROLE}")).unwrap(),
         external_id: None,
         session_name: "gitlab-job-777".into(),
+        session: Default::default(),
     }
 }
 
@@ -109,6 +110,13 @@ async fn a_failing_sts_is_asked_once_for_many_waiters_and_not_again_at_once() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
     assert_eq!(bed.sts.calls(), 2);
+    // The metrics say the same.
+    let sts = &bed.sts_metrics;
+    assert_eq!(sts.calls_of("AssumeRole"), 2);
+    assert_eq!(sts.errors_of("AssumeRole", "AccessDenied"), 1);
+    assert_eq!(sts.in_flight.get(), 0);
+    assert_eq!(bed.metrics.refusals_of("sts-unavailable"), 21);
+    assert_eq!(bed.metrics.requests_of("credentials", "served"), 1);
 }
 
 #[tokio::test]
@@ -186,4 +194,64 @@ async fn refresh_ahead_renews_and_the_last_good_survives_an_outage() {
     let kept = bed.request(&other, "GET", CREDS, &[]).await;
     assert_eq!(kept.status, 200, "last good kept while STS fails: {kept:?}");
     assert_eq!(kept.json()["AccessKeyId"], short.json()["AccessKeyId"]);
+}
+
+#[tokio::test]
+async fn session_tags_and_source_identity_come_from_the_runners_labels_and_variables() {
+    use metaproxy::session::SessionOptions;
+    let bed = support::bed_with(support::Options {
+        session: SessionOptions {
+            tags: SessionOptions::all_tags(&["ref=Branch".into()]).unwrap(),
+            transitive: true,
+            source_identity: true,
+        },
+        ..Default::default()
+    })
+    .await;
+    let spec = |project: &'static str| Spec {
+        env: &[
+            "IAM_ROLE=ci-deploy",
+            "CI_PROJECT_PATH=group/app",
+            "CI_PROJECT_PATH=evil/app",
+        ],
+        labels: if project == "42" {
+            &[
+                ("com.gitlab.gitlab-runner.project.id", "42"),
+                ("com.gitlab.gitlab-runner.job.ref", "main"),
+            ]
+        } else {
+            &[
+                ("com.gitlab.gitlab-runner.project.id", "43"),
+                ("com.gitlab.gitlab-runner.job.ref", "main"),
+            ]
+        },
+        ..Default::default()
+    };
+    let a = bed.container(1, spec("42"));
+    let b = bed.container(2, spec("43"));
+    assert_eq!(bed.request(&a, "GET", CREDS, &[]).await.status, 200);
+    assert_eq!(bed.request(&b, "GET", CREDS, &[]).await.status, 200);
+    let calls = bed.sts.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "tagged sessions are never shared");
+    let tags: std::collections::HashMap<_, _> = calls[0].session.tags.iter().cloned().collect();
+    assert_eq!(tags["gitlab-project-id"], "42");
+    assert_eq!(
+        tags["gitlab-project-path"], "group/app",
+        "the runner's, not the job's"
+    );
+    assert_eq!(tags["Branch"], "main");
+    assert_eq!(tags["gitlab-job-id"], "1");
+    assert!(calls[0].session.transitive);
+    assert_eq!(
+        calls[0].session.source_identity.as_deref(),
+        Some("gitlab-job-1")
+    );
+
+    // A trust policy without sts:TagSession: the refusal says so.
+    let c = bed.container(3, spec("42"));
+    bed.sts.set(StsMode::Fail);
+    assert_eq!(bed.request(&c, "GET", CREDS, &[]).await.status, 503);
+    let reason = bed.last_log().reason.unwrap();
+    assert!(reason.contains("sts:TagSession"), "{reason}");
+    assert!(reason.contains("sts:SetSourceIdentity"), "{reason}");
 }

@@ -549,7 +549,7 @@ async fn one_container_cannot_hold_more_than_its_share_of_connections() {
         .expect("closed at once")
         .unwrap_or(0);
     assert_eq!(n, 0);
-    assert_eq!(bed.count.shed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(bed.metrics.shed.get(), 1);
     // Another container is served meanwhile.
     assert_eq!(bed.request(&other, "GET", CREDS, &[]).await.status, 200);
     // Once the held connections go, the container is served again.
@@ -641,4 +641,58 @@ async fn unrecorded_connections_cannot_crowd_out_containers() {
     // A container is still served.
     assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
     drop(held);
+}
+
+#[tokio::test]
+async fn metrics_count_each_request_by_route_outcome_and_reason() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let bare = bed.container(2, Spec::default());
+    let token = |who| {
+        let bed = &bed;
+        async move {
+            bed.request(who, "PUT", "/latest/api/token", &[TTL])
+                .await
+                .body
+        }
+    };
+    let (job_token, bare_token) = (token(&job).await, token(&bare).await);
+    let auth = |t: &str| [("X-aws-ec2-metadata-token", t.to_string())];
+    let get = |who, path: &str, t: &str| {
+        let bed = &bed;
+        let (path, h) = (path.to_string(), auth(t));
+        async move {
+            let h = [(h[0].0, h[0].1.as_str())];
+            bed.request(who, "GET", &path, &h).await.status
+        }
+    };
+    let creds = format!("{CREDS}{ROLE}");
+    assert_eq!(get(&job, &creds, &job_token).await, 200);
+    assert_eq!(get(&job, &creds, &job_token).await, 200);
+    assert_eq!(get(&bare, CREDS, &bare_token).await, 404);
+    assert_eq!(get(&job, "/latest/user-data", &job_token).await, 404);
+    assert_eq!(get(&job, &creds, &bare_token).await, 401);
+
+    let m = &bed.metrics;
+    assert_eq!(m.requests_of("token", "served"), 2);
+    assert_eq!(m.requests_of("credentials", "served"), 2);
+    assert_eq!(m.requests_of("role-listing", "no-role"), 1);
+    assert_eq!(m.requests_of("other", "not-found"), 1);
+    assert_eq!(m.requests_of("credentials", "unauthorized"), 1);
+    assert_eq!(m.refusals_of("no-role"), 1);
+    assert_eq!(m.refusals_of("not-found"), 1);
+    assert_eq!(m.refusals_of("bad-token"), 1);
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("served", "", m.served_remaining.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("served_count 2"),
+        "two answers carried credentials: {text}"
+    );
+    let cache = bed.credentials.metrics();
+    assert_eq!((cache.lookups_of("miss"), cache.lookups_of("hit")), (1, 1));
+    assert_eq!(bed.sts_metrics.calls_of("AssumeRole"), 1);
+    // Each container was inspected once, then served from the cache.
+    assert_eq!(bed.identities.metrics().calls_of("inspect"), 2);
 }

@@ -185,6 +185,19 @@ impl Daemon {
             .collect()
     }
 
+    /// `GET path` on the daemon's metrics listener (`127.0.0.1:9169` in
+    /// its namespace, the default): the status code and the body.
+    pub fn metrics_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get_in(&self.spec.netns, "127.0.0.1:9169", path)
+    }
+
+    /// The value of one sample (`name{labels}` exactly as exposed) on
+    /// `/metrics`, or 0 if it is not there yet.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.metrics_get("/metrics").unwrap_or_default();
+        sample_value(&body, sample)
+    }
+
     /// `metaproxy status`, parsed.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.admin("status", &[])?)?)
@@ -217,4 +230,40 @@ impl Drop for Daemon {
             crate::teardown_failed(format!("unmounting {}: {e}", bpffs.display()));
         }
     }
+}
+
+/// The value of `sample` (`name{labels}`) in a Prometheus exposition, 0 if
+/// absent.
+pub fn sample_value(exposition: &str, sample: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.0 GET from a thread inside network namespace `netns`.
+pub fn http_get_in(netns: &Path, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let (netns, addr, path) = (netns.to_path_buf(), addr.to_string(), path.to_string());
+    std::thread::spawn(move || -> anyhow::Result<(u16, String)> {
+        nix::sched::setns(
+            fs::File::open(&netns)?,
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )?;
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        let (head, body) = answer.split_once("\r\n\r\n").context("no end of headers")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status code")?;
+        Ok((status, body.to_string()))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the GET thread panicked"))?
 }

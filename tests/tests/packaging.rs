@@ -1,8 +1,13 @@
 //! The systemd unit and the drop-ins that order Docker, containerd and
 //! gitlab-runner after metaproxy, checked by `systemd-analyze verify` with
-//! the binary under test in place of /usr/bin/metaproxy. Any warning fails.
+//! the binary under test in place of /usr/bin/metaproxy (any warning
+//! fails), and the Debian package `cargo xtask package` builds.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use metaproxy_tests::daemon::metaproxy_bin;
 
@@ -10,14 +15,45 @@ fn packaging() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging"))
 }
 
-fn install(from: &Path, to: &Path) {
+/// Copies a unit file, with `bin` in place of /usr/bin/metaproxy.
+fn install_with(from: &Path, to: &Path, bin: &Path) {
     let text = fs::read_to_string(from).unwrap();
-    let bin = metaproxy_bin();
     fs::write(
         to,
         text.replace("/usr/bin/metaproxy", bin.to_str().unwrap()),
     )
     .unwrap();
+}
+
+fn install(from: &Path, to: &Path) {
+    install_with(from, to, &metaproxy_bin());
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dpkg_deb(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new("dpkg-deb").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn verify(dir: &Path, unit: &str) {
@@ -38,13 +74,13 @@ fn verify(dir: &Path, unit: &str) {
 
 #[test]
 fn the_unit_and_the_drop_ins_verify_cleanly() {
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new();
+    let dir = &scratch.0;
     install(
         &packaging().join("metaproxy.service"),
         &dir.join("metaproxy.service"),
     );
-    verify(&dir, "metaproxy.service");
+    verify(dir, "metaproxy.service");
     for dependent in [
         "docker.service",
         "containerd.service",
@@ -57,7 +93,7 @@ fn the_unit_and_the_drop_ins_verify_cleanly() {
             &packaging().join("dropins/metaproxy-dropin.conf"),
             &dropins.join("metaproxy.conf"),
         );
-        verify(&dir, dependent);
+        verify(dir, dependent);
     }
     let unit = fs::read_to_string(packaging().join("metaproxy.service")).unwrap();
     let dropin = fs::read_to_string(packaging().join("dropins/metaproxy-dropin.conf")).unwrap();
@@ -70,5 +106,119 @@ fn the_unit_and_the_drop_ins_verify_cleanly() {
     assert!(unit.contains("Type=notify"));
     assert!(unit.contains("Before=docker.service containerd.service gitlab-runner.service"));
     assert!(dropin.contains("ExecStartPre=/usr/bin/metaproxy status --redirect"));
-    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
+    let deb = PathBuf::from(
+        std::env::var_os("METAPROXY_DEB")
+            .expect("METAPROXY_DEB: the package to check (cargo xtask test builds it)"),
+    );
+    let listing = dpkg_deb(&["--contents".as_ref(), deb.as_os_str()]);
+    let files: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    for want in [
+        "./usr/bin/metaproxy",
+        "./usr/lib/systemd/system/metaproxy.service",
+        "./usr/lib/systemd/system/docker.service.d/metaproxy.conf",
+        "./usr/lib/systemd/system/containerd.service.d/metaproxy.conf",
+        "./usr/lib/systemd/system/gitlab-runner.service.d/metaproxy.conf",
+        "./etc/default/metaproxy",
+        "./usr/share/doc/metaproxy/README.md",
+    ] {
+        assert!(files.contains(&want), "{want} missing from\n{listing}");
+    }
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with("./usr/bin/metaproxy")),
+        "{listing}"
+    );
+
+    let scratch = Scratch::new();
+    let control = scratch.0.join("control");
+    dpkg_deb(&["--control".as_ref(), deb.as_os_str(), control.as_os_str()]);
+    let read = |name: &str| fs::read_to_string(control.join(name)).unwrap_or_default();
+    // The settings survive upgrades; installing enables the unit; an
+    // upgrade restarts it (the pinned redirect holds meanwhile); removal
+    // stops it and takes the redirect out, upgrades do not.
+    assert_eq!(read("conffiles").trim(), "/etc/default/metaproxy");
+    let postinst = read("postinst");
+    assert!(
+        postinst.contains("deb-systemd-helper enable metaproxy.service"),
+        "{postinst}"
+    );
+    assert!(postinst.contains("daemon-reload"), "{postinst}");
+    let prerm = read("prerm");
+    assert!(
+        prerm.contains("deb-systemd-invoke stop metaproxy.service"),
+        "{prerm}"
+    );
+    let stop = prerm.find("deb-systemd-invoke stop").unwrap();
+    let detach = prerm
+        .find("/usr/bin/metaproxy detach")
+        .expect("prerm detaches");
+    assert!(stop < detach, "stop, then detach: {prerm}");
+    assert!(
+        prerm[detach - 60..detach].contains("\"$1\" = remove"),
+        "{prerm}"
+    );
+    let control_text = read("control");
+    assert!(
+        control_text.contains("Package: metaproxy"),
+        "{control_text}"
+    );
+    assert!(
+        control_text.contains("Depends: libc6, libgcc-s1, systemd"),
+        "{control_text}"
+    );
+
+    // Unpacked into a scratch root: the files are the repository's, the
+    // binary runs, and the unit and drop-ins verify with it.
+    let root = scratch.0.join("root");
+    dpkg_deb(&["--extract".as_ref(), deb.as_os_str(), root.as_os_str()]);
+    let unit_dir = root.join("usr/lib/systemd/system");
+    for (packaged, source) in [
+        (unit_dir.join("metaproxy.service"), "metaproxy.service"),
+        (root.join("etc/default/metaproxy"), "metaproxy.default"),
+        (
+            unit_dir.join("docker.service.d/metaproxy.conf"),
+            "dropins/metaproxy-dropin.conf",
+        ),
+    ] {
+        assert_eq!(
+            fs::read_to_string(&packaged).unwrap(),
+            fs::read_to_string(packaging().join(source)).unwrap(),
+            "{}",
+            packaged.display()
+        );
+    }
+    let bin = root.join("usr/bin/metaproxy");
+    let help = Command::new(&bin).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).starts_with("metaproxy "),
+        "{help:?}"
+    );
+    let verify_dir = scratch.0.join("units");
+    fs::create_dir_all(&verify_dir).unwrap();
+    install_with(
+        &unit_dir.join("metaproxy.service"),
+        &verify_dir.join("metaproxy.service"),
+        &bin,
+    );
+    verify(&verify_dir, "metaproxy.service");
+    fs::write(
+        verify_dir.join("docker.service"),
+        "[Service]\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    fs::create_dir_all(verify_dir.join("docker.service.d")).unwrap();
+    install_with(
+        &unit_dir.join("docker.service.d/metaproxy.conf"),
+        &verify_dir.join("docker.service.d/metaproxy.conf"),
+        &bin,
+    );
+    verify(&verify_dir, "docker.service");
 }

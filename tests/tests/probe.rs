@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use metaproxy_tests::{
     bed::KernelBed as Bed,
     cgroup::id_of,
+    daemon::sample_value,
     process::{output_in, spawn_in},
 };
 use serde_json::Value;
@@ -165,6 +166,18 @@ fn a_direct_connect_to_the_listen_address_has_no_record_and_is_refused() {
             "{conns:?}"
         );
         assert_eq!(conns[0]["cgroup_id"], Value::Null);
+    }
+    // Counted, by reason.
+    let metrics = bed.daemon.metrics_get("/metrics").unwrap().1;
+    for (sample, want) in [
+        ("metaproxy_probe_records_missing_total", 2.0),
+        ("metaproxy_refusals_total{reason=\"no-record\"}", 2.0),
+        (
+            "metaproxy_requests_total{route=\"unattributed\",outcome=\"refused\"}",
+            2.0,
+        ),
+    ] {
+        assert_eq!(sample_value(&metrics, sample), want, "{sample}\n{metrics}");
     }
 }
 
@@ -536,4 +549,118 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     assert!(out.status.success(), "{out:?}");
     let (ok, text) = redirect_status(&bed);
     assert!(!ok && text.contains("no redirect"), "{text}");
+}
+
+#[test]
+fn health_says_what_is_missing_and_json_logs_keep_their_fields() {
+    // The kernel bed has no Docker and no STS: alive, attached, not ready.
+    let bed = Bed::new(&["--log-format", "json"]);
+    assert_eq!(
+        bed.daemon.metrics_get("/healthz").unwrap(),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        bed.daemon.metrics_get("/readyz").unwrap(),
+        (
+            503,
+            "not ready: the Docker API is not reachable\n".to_string()
+        )
+    );
+    assert_eq!(bed.daemon.metrics_get("/nope").unwrap().0, 404);
+
+    // A host process outside the allow-list: refused, and counted so.
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["status"], 403, "{got}");
+    let metrics = bed.daemon.metrics_get("/metrics").unwrap().1;
+    for (sample, want) in [
+        (
+            "metaproxy_requests_total{route=\"passthrough\",outcome=\"refused\"}",
+            1.0,
+        ),
+        ("metaproxy_refusals_total{reason=\"host-not-allowed\"}", 1.0),
+        ("metaproxy_probe_generation", 1.0),
+        ("metaproxy_docker_reachable", 0.0),
+        ("metaproxy_probe_map_capacity{map=\"conns\"}", 65536.0),
+        ("metaproxy_log_lines_dropped_total", 0.0),
+    ] {
+        assert_eq!(sample_value(&metrics, sample), want, "{sample}\n{metrics}");
+    }
+    assert_eq!(bed.imds_calls(), 0);
+
+    // Every log line is one JSON object with the same top-level fields;
+    // the startup summary is one of them, once.
+    let summary = metaproxy_tests::wait_for(
+        "the startup summary",
+        std::time::Duration::from_secs(20),
+        || {
+            bed.daemon
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["fields"]["message"] == "started")
+        },
+    )
+    .unwrap();
+    let log = bed.daemon.log();
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for field in ["timestamp", "level", "target", "fields"] {
+            assert!(v.get(field).is_some(), "{field} missing: {line}");
+        }
+    }
+    assert_eq!(log.matches("\"message\":\"started\"").count(), 1);
+    let fields = &summary["fields"];
+    assert!(!fields["kernel"].as_str().unwrap().is_empty(), "{summary}");
+    assert_eq!(fields["docker"], "unreachable", "{summary}");
+    assert_eq!(fields["listen"], LISTEN, "{summary}");
+    assert_eq!(fields["metrics"], "127.0.0.1:9169", "{summary}");
+    assert!(
+        fields["aws_identity"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown"),
+        "{summary}"
+    );
+    assert!(
+        fields["attach_point"]
+            .as_str()
+            .unwrap()
+            .ends_with("/attached"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once() {
+    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+        .args(["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .arg("--pin-dir")
+        .arg(dir.join("pins"))
+        // As a terminal would have it: only a terminal gets colour.
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .env("METAPROXY_LOG", "debug")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("DEBUG"), "some log lines: {stderr}");
+    assert!(!stderr.contains('\x1b'), "escape codes: {stderr:?}");
+    let last = stderr.lines().last().unwrap();
+    assert!(last.starts_with("metaproxy: "), "{stderr}");
+    assert_eq!(
+        last.matches("No such file or directory").count(),
+        1,
+        "{last}"
+    );
 }

@@ -5,12 +5,14 @@
 //! * `bench` - latency added per metadata request, and daemon memory
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `fuzz`  - a short cargo-fuzz pass over each target in `fuzz/`
+//! * `package` - the Debian package (cargo-deb)
 //! * `clean` - remove what a killed test run left behind
 mod bench;
 mod build;
 mod clean;
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 
@@ -38,6 +40,12 @@ enum Cmd {
     },
     /// Remove namespaces, cgroups, pins and processes left by killed runs.
     Clean,
+    /// Build the Debian package (target/debian/metaproxy_*.deb).
+    Package {
+        /// Cargo profile of the packaged binary.
+        #[arg(long, default_value = "release")]
+        profile: String,
+    },
     /// Fuzz the request router, tokens, role policy and cgroup paths
     /// (cargo-fuzz, nightly), seeded from fuzz/corpus.
     Fuzz {
@@ -56,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench => bench::run(),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
+        Cmd::Package { profile } => package::run(&profile),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }
 }

@@ -27,6 +27,7 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     apt(APT_PACKAGES)?;
     bpf_linker()?;
+    cargo_deb()?;
     moto()?;
     Ok(())
 }
@@ -91,6 +92,15 @@ pub fn apt(pkgs: &[&str]) -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// cargo-deb builds the Debian package (`cargo xtask package`).
+pub fn cargo_deb() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo").args(["deb", "--version"])) {
+        return Ok(());
+    }
+    println!("setup: cargo install cargo-deb (about 1.5 minutes)");
+    run_cmd(Command::new("cargo").args(["install", "cargo-deb@3.8.0", "--locked"]))
 }
 
 /// bpf-linker links the kernel programs. The newest release wants LLVM 23;

@@ -16,6 +16,9 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     // cargo says where the binaries went.
     crate::build::cargo_build(&["--workspace", "--all-targets"])?;
     let bins = crate::build::bed_binaries(false)?;
+    // The package of the binary under test (the release package holds the
+    // same files, from a release build).
+    let deb = crate::package::build("dev")?;
 
     println!("== unit tests");
     let mut unit = Command::new("cargo");
@@ -39,6 +42,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
             "--test-threads=1",
         ])
         .env("METAPROXY_BIN", &bins.metaproxy)
+        .env("METAPROXY_DEB", &deb)
         .env("MP_BIN_DIR", &bins.dir);
     if let Some(f) = filter {
         e2e.arg(f);

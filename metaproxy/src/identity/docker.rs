@@ -131,6 +131,12 @@ impl ContainerRuntime for DockerRuntime {
     {
         async move {
             let docker = self.client().await?;
+            // The stream connects lazily: ask once now, so a Docker that
+            // went away since the client was made shows as unreachable.
+            if let Err(e) = docker.ping().await {
+                self.reset().await;
+                return Err(api(e));
+            }
             let options = EventsOptionsBuilder::new()
                 .filters(&HashMap::from([
                     ("type", vec!["container"]),

@@ -29,7 +29,10 @@ pub mod docker;
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -39,6 +42,7 @@ use tokio::sync::broadcast;
 use crate::{
     attribution::Caller,
     ids::{CgroupId, ContainerId},
+    metrics::DockerMetrics,
 };
 
 /// Bound on cached cgroups (host cgroups, such as one per BuildKit step, are
@@ -161,6 +165,9 @@ pub struct Identities {
     runtime: Arc<dyn ContainerRuntime>,
     by_cgroup: Mutex<HashMap<CgroupId, Identity>>,
     events: broadcast::Sender<ContainerEvent>,
+    metrics: DockerMetrics,
+    /// Whether the runtime's event stream is connected.
+    reachable: AtomicBool,
 }
 
 impl std::fmt::Debug for Identities {
@@ -178,7 +185,30 @@ impl Identities {
             runtime,
             by_cgroup: Mutex::new(HashMap::new()),
             events,
+            metrics: DockerMetrics::default(),
+            reachable: AtomicBool::new(false),
         }
+    }
+
+    pub fn metrics(&self) -> &DockerMetrics {
+        &self.metrics
+    }
+
+    /// Whether the runtime answers: its event stream is connected.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// How many cgroups' identities are cached.
+    pub fn cached(&self) -> usize {
+        self.cache().len()
+    }
+
+    /// `runtime.inspect`, counted.
+    async fn inspect(&self, id: &ContainerId) -> Result<Option<Container>, RuntimeError> {
+        let result = self.runtime.inspect(id).await;
+        self.metrics.call("inspect", result.is_ok());
+        result
     }
 
     /// Container start/stop events, for those who act on them.
@@ -220,7 +250,7 @@ impl Identities {
             self.remember(caller.cgroup, Identity::Host);
             return Ok(Identity::Host);
         };
-        let Some(container) = self.runtime.inspect(&id).await? else {
+        let Some(container) = self.inspect(&id).await? else {
             return Err(IdentityError::UnknownContainer {
                 path: path.to_string(),
                 id: id.to_string(),
@@ -262,7 +292,10 @@ impl Identities {
     /// runtime goes away. Run it as a task.
     pub async fn follow_events(self: Arc<Self>) {
         loop {
-            let mut events = match self.runtime.events().await {
+            let connected = self.runtime.events().await;
+            self.metrics.call("events", connected.is_ok());
+            self.reachable.store(connected.is_ok(), Ordering::Relaxed);
+            let mut events = match connected {
                 Ok(events) => events,
                 Err(e) => {
                     tracing::debug!(error = %e, "container events: runtime unavailable");
@@ -275,7 +308,7 @@ impl Identities {
             self.cache().clear();
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(RuntimeEvent::Start(id)) => match self.runtime.inspect(&id).await {
+                    Ok(RuntimeEvent::Start(id)) => match self.inspect(&id).await {
                         Ok(Some(container)) => {
                             let _ = self
                                 .events
@@ -292,10 +325,12 @@ impl Identities {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "container events stream failed");
+                        self.metrics.error("events");
                         break;
                     }
                 }
             }
+            self.reachable.store(false, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }

@@ -54,6 +54,12 @@ pub enum Denial {
     /// STS did not give us credentials to serve.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// The container-credentials endpoint requires the container's own
+    /// authorization token (`--container-credentials-require-auth`).
+    #[error(
+        "Authorization header missing, or not the container's AWS_CONTAINER_AUTHORIZATION_TOKEN"
+    )]
+    ContainerAuthorization,
 }
 
 impl Denial {
@@ -66,7 +72,9 @@ impl Denial {
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound | Self::NoRole | Self::RoleRefused(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Token(_) | Self::Imdsv1Refused(_) => StatusCode::UNAUTHORIZED,
+            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::Credentials(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -75,8 +83,40 @@ impl Denial {
         match self {
             Self::NotFound | Self::MethodNotAllowed => Outcome::NotFound,
             Self::NoRole => Outcome::NoRole,
-            Self::Token(_) | Self::Imdsv1Refused(_) => Outcome::Unauthorized,
+            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
+                Outcome::Unauthorized
+            }
             _ => Outcome::Refused,
+        }
+    }
+
+    /// The kind of refusal, a bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        use crate::{attribution::AttributionError as A, identity::IdentityError as I};
+        match self {
+            Self::Attribution(A::NoRecord) => "no-record",
+            Self::Attribution(A::Lookup(_)) => "probe-lookup",
+            Self::Identity(I::CgroupGone(_)) => "cgroup-gone",
+            Self::Identity(I::UnknownContainer { .. }) => "unknown-container",
+            Self::Identity(I::NotItsCgroup { .. }) => "not-its-cgroup",
+            Self::Identity(I::ForeignAddress(_)) => "foreign-address",
+            Self::Identity(I::Runtime(_)) => "docker-unavailable",
+            Self::Host(HostRefusal::ContainerRuntime(_)) => "host-runtime",
+            Self::Host(HostRefusal::BuildStep(_)) => "host-build-step",
+            Self::Host(HostRefusal::NotAllowListed(_)) => "host-not-allowed",
+            Self::Host(HostRefusal::UnknownCgroup) => "host-unknown-cgroup",
+            Self::HostBody => "bad-body",
+            Self::Upstream(_) => "imds-unavailable",
+            Self::ForwardedFor => "forwarded",
+            Self::NotFound => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::TokenTtl => "token-ttl",
+            Self::Token(_) => "bad-token",
+            Self::Imdsv1Refused(_) => "imdsv1-refused",
+            Self::NoRole => "no-role",
+            Self::RoleRefused(_) => "role-refused",
+            Self::Credentials(_) => "sts-unavailable",
+            Self::ContainerAuthorization => "bad-authorization",
         }
     }
 
@@ -87,6 +127,38 @@ impl Denial {
             Self::NotFound | Self::MethodNotAllowed | Self::NoRole => None,
             other => Some(other.to_string()),
         }
+    }
+
+    /// The answer on the container-credentials endpoint, shaped as the ECS
+    /// agent's errors: `{"code": ..., "message": ...}`. The message is
+    /// fixed per code; the reason stays in our log.
+    pub fn container_credentials_response(&self) -> Response<Full<Bytes>> {
+        let (code, message) = match self {
+            Self::NoRole => ("NoRole", "this container has no IAM role"),
+            Self::RoleRefused(_) => (
+                "RoleRefused",
+                "this container's IAM role is refused; the host's `metaproxy connections` says why",
+            ),
+            Self::Credentials(_) => (
+                "CredentialsUnavailable",
+                "credentials are not available yet; retry",
+            ),
+            Self::NotFound => ("NotFound", "no such path"),
+            Self::MethodNotAllowed => ("MethodNotAllowed", "use GET"),
+            Self::ContainerAuthorization => (
+                "Unauthorized",
+                "Authorization must be the container's AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            ),
+            _ => ("AccessDenied", "this caller gets no credentials here"),
+        };
+        let body = serde_json::json!({ "code": code, "message": message });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        resp
     }
 
     /// The answer the caller gets: a status line and its canonical reason,

@@ -37,6 +37,32 @@ impl<'a> CredentialsDocument<'a> {
     }
 }
 
+/// The container-credentials endpoint's answer, as the ECS agent and the
+/// EKS Pod Identity Agent write it.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ContainerCredentialsDocument<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    expiration: String,
+    account_id: String,
+    role_arn: String,
+}
+
+impl<'a> ContainerCredentialsDocument<'a> {
+    pub fn new(c: &'a Credentials, role: &crate::ids::RoleArn) -> Self {
+        Self {
+            access_key_id: &c.access_key_id,
+            secret_access_key: c.secret_access_key.expose(),
+            token: c.session_token.expose(),
+            expiration: imds_time(c.expiration),
+            account_id: role.account().to_string(),
+            role_arn: role.to_string(),
+        }
+    }
+}
+
 /// `/latest/meta-data/iam/info` for a container whose role is `role`.
 pub fn iam_info(role: &crate::ids::RoleArn, now: SystemTime) -> String {
     let body = serde_json::json!({

@@ -59,6 +59,49 @@ static ROLE_REFUSAL_LOG: RateLimit = RateLimit::new(10);
 pub struct SurfaceOptions {
     /// Whether containers may send requests without a token (IMDSv1).
     pub imdsv1: Arc<Imdsv1Gate>,
+    pub container_credentials: ContainerCredentialsOptions,
+}
+
+/// The container-credentials endpoint (what SDKs read through
+/// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `_FULL_URI`).
+#[derive(Debug, Clone)]
+pub struct ContainerCredentialsOptions {
+    /// The one path served, `/v1/credentials` by default.
+    pub path: String,
+    /// Require `Authorization` to be the container's own
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN` (as the runner set it).
+    pub require_auth: bool,
+}
+
+impl Default for ContainerCredentialsOptions {
+    fn default() -> Self {
+        Self {
+            path: "/v1/credentials".into(),
+            require_auth: false,
+        }
+    }
+}
+
+/// Which service the caller meant to reach, from its original destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The instance metadata service, 169.254.169.254 or fd00:ec2::254.
+    Imds,
+    /// The container-credentials endpoint (169.254.170.2, 169.254.170.23,
+    /// fd00:ec2::23): anything else the probe redirects.
+    ContainerCredentials,
+}
+
+impl Endpoint {
+    pub fn of(original_dst: std::net::SocketAddr) -> Self {
+        let imds4 = std::net::Ipv4Addr::new(169, 254, 169, 254);
+        let imds6 = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+        match original_dst.ip().to_canonical() {
+            std::net::IpAddr::V4(ip) if ip == imds4 => Self::Imds,
+            std::net::IpAddr::V6(ip) if ip == imds6 => Self::Imds,
+            _ => Self::ContainerCredentials,
+        }
+    }
 }
 
 /// A successful answer.
@@ -66,6 +109,8 @@ pub struct SurfaceOptions {
 pub struct Reply {
     response: Response<Full<Bytes>>,
     outcome: Outcome,
+    /// For credentials: how long they had left when served.
+    remaining: Option<Duration>,
 }
 
 impl Reply {
@@ -78,6 +123,7 @@ impl Reply {
         Self {
             response,
             outcome: Outcome::Served,
+            remaining: None,
         }
     }
 }
@@ -86,6 +132,10 @@ impl Reply {
 /// records about it.
 #[derive(Debug)]
 pub struct Handled {
+    pub endpoint: Endpoint,
+    /// What was asked for (a bounded label: `credentials`, `token`,
+    /// `passthrough`, ...).
+    pub route: &'static str,
     pub container: Option<Arc<Container>>,
     /// The role the container may assume, if it has one.
     pub role: Option<RoleArn>,
@@ -94,11 +144,15 @@ pub struct Handled {
 
 impl Handled {
     fn new(
+        endpoint: Endpoint,
+        route: &'static str,
         container: Option<Arc<Container>>,
         role: Option<RoleArn>,
         result: Result<Reply, Denial>,
     ) -> Self {
         Self {
+            endpoint,
+            route,
             container,
             role,
             result,
@@ -116,10 +170,23 @@ impl Handled {
         self.result.as_ref().err().and_then(Denial::reason)
     }
 
+    /// The refusal's kind, for metrics.
+    pub fn refusal(&self) -> Option<&'static str> {
+        self.result.as_ref().err().map(Denial::kind)
+    }
+
+    /// How long the credentials served had left, if credentials were served.
+    pub fn served_remaining(&self) -> Option<Duration> {
+        self.result.as_ref().ok().and_then(|r| r.remaining)
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        match self.result {
-            Ok(reply) => reply.response,
-            Err(denial) => denial.response(),
+        match (self.result, self.endpoint) {
+            (Ok(reply), _) => reply.response,
+            (Err(denial), Endpoint::Imds) => denial.response(),
+            (Err(denial), Endpoint::ContainerCredentials) => {
+                denial.container_credentials_response()
+            }
         }
     }
 }
@@ -149,12 +216,28 @@ impl Surface {
         B: Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let endpoint = Endpoint::of(caller.original_dst);
         match self.identities.identify(caller).await {
             Err(e) => {
                 tracing::warn!(cgroup_id = %caller.cgroup, error = %Clean(&e.to_string()), "cannot identify caller");
-                Handled::new(None, None, Err(e.into()))
+                Handled::new(endpoint, "unidentified", None, None, Err(e.into()))
             }
-            Ok(Identity::Host) => Handled::new(None, None, self.host(req, caller).await),
+            // Host processes have no role, and nothing behind the
+            // container-credentials endpoint to pass through to.
+            Ok(Identity::Host) if endpoint == Endpoint::ContainerCredentials => Handled::new(
+                endpoint,
+                "container-credentials",
+                None,
+                None,
+                Err(Denial::NotFound),
+            ),
+            Ok(Identity::Host) => Handled::new(
+                endpoint,
+                "passthrough",
+                None,
+                None,
+                self.host(req, caller).await,
+            ),
             Ok(Identity::Container(c)) => {
                 let decision = self.policy.decide(&c);
                 let role = match &decision {
@@ -166,8 +249,13 @@ impl Surface {
                         tracing::warn!(container_id = %c.id, container = %Clean(&c.name), reason = %Clean(&reason.to_string()), suppressed, "role refused");
                     }
                 }
-                let result = self.container(&req, &c, decision).await;
-                Handled::new(Some(c), role, result)
+                if endpoint == Endpoint::ContainerCredentials {
+                    let result = self.container_credentials(&req, &c, decision).await;
+                    return Handled::new(endpoint, "container-credentials", Some(c), role, result);
+                }
+                let route = Route::of(req.method(), req.uri().path(), req.uri().query());
+                let result = self.container(&req, route, &c, decision).await;
+                Handled::new(endpoint, route.label(), Some(c), role, result)
             }
         }
     }
@@ -195,19 +283,20 @@ impl Surface {
         Ok(Reply {
             response: resp.map(Full::new),
             outcome: Outcome::Passthrough,
+            remaining: None,
         })
     }
 
     async fn container<B>(
         &self,
         req: &Request<B>,
+        route: Route<'_>,
         c: &Container,
         decision: RoleDecision,
     ) -> Result<Reply, Denial> {
         if req.headers().contains_key("x-forwarded-for") {
             return Err(Denial::ForwardedFor);
         }
-        let route = Route::of(req.method(), req.uri().path(), req.uri().query());
         match route {
             Route::NotFound => return Err(Denial::NotFound),
             Route::MethodNotAllowed => return Err(Denial::MethodNotAllowed),
@@ -261,12 +350,84 @@ impl Surface {
         Ok(reply)
     }
 
+    /// The container-credentials endpoint: one path, no token (the caller
+    /// is known by its cgroup, as for IMDS), one request for credentials.
+    async fn container_credentials<B>(
+        &self,
+        req: &Request<B>,
+        c: &Container,
+        decision: RoleDecision,
+    ) -> Result<Reply, Denial> {
+        let options = &self.options.container_credentials;
+        if req.headers().contains_key("x-forwarded-for") {
+            return Err(Denial::ForwardedFor);
+        }
+        if req.uri().path() != options.path || req.uri().query().is_some() {
+            return Err(Denial::NotFound);
+        }
+        if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+            return Err(Denial::MethodNotAllowed);
+        }
+        if options.require_auth {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(hyper::header::HeaderValue::as_bytes);
+            // As for IAM_ROLE: set once, by the runner, not by the image.
+            let expected = crate::policy::single_value(
+                &c.env,
+                &c.image_env,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            )
+            .ok()
+            .flatten()
+            .filter(|t| !t.is_empty());
+            let matches = match (presented, expected) {
+                (Some(p), Some(e)) => token::constant_time_eq(p, e.as_bytes()),
+                _ => false,
+            };
+            if !matches {
+                return Err(Denial::ContainerAuthorization);
+            }
+        }
+        let role = match decision {
+            RoleDecision::Role(role) => role,
+            RoleDecision::NoRole => return Err(Denial::NoRole),
+            RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
+        };
+        let creds = self.issue(c, &role, "container-credentials").await?;
+        let body = document::ContainerCredentialsDocument::new(&creds, &role.arn);
+        let mut reply = Reply::text(serde_json::to_string(&body).unwrap_or_default());
+        reply.response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        reply.remaining = Some(creds.remaining());
+        Ok(reply)
+    }
+
     async fn serve_credentials(
         &self,
         c: &Container,
         role: &Role,
         extended: bool,
     ) -> Result<Reply, Denial> {
+        let creds = self.issue(c, role, "imds").await?;
+        let account = extended.then(|| role.arn.account().to_string());
+        let body = CredentialsDocument::new(&creds, account);
+        let mut reply = Reply::text(serde_json::to_string_pretty(&body).unwrap_or_default());
+        reply.remaining = Some(creds.remaining());
+        Ok(reply)
+    }
+
+    /// Credentials for `role`, for container `c`, with the audit line that
+    /// records their issue.
+    async fn issue(
+        &self,
+        c: &Container,
+        role: &Role,
+        endpoint: &'static str,
+    ) -> Result<crate::credentials::Credentials, Denial> {
         let key = CredKey::from(role);
         let creds = self
             .credentials
@@ -284,13 +445,10 @@ impl Surface {
             session = %key.session_name,
             access_key_id = %creds.access_key_id,
             expiration = %imds_time(creds.expiration),
+            endpoint,
             "credentials issued"
         );
-        let account = extended.then(|| role.arn.account().to_string());
-        let body = CredentialsDocument::new(&creds, account);
-        Ok(Reply::text(
-            serde_json::to_string_pretty(&body).unwrap_or_default(),
-        ))
+        Ok(creds)
     }
 }
 

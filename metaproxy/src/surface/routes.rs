@@ -46,6 +46,18 @@ pub enum Route<'a> {
 }
 
 impl<'a> Route<'a> {
+    /// The route's name, a bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::RoleListing => "role-listing",
+            Self::Credentials { .. } => "credentials",
+            Self::IamInfo => "iam-info",
+            Self::Metadata(_) => "metadata",
+            Self::MethodNotAllowed | Self::NotFound => "other",
+        }
+    }
+
     pub fn of(method: &Method, path: &'a str, query: Option<&str>) -> Self {
         if query.is_some() || !is_plain_path(path) {
             return Self::NotFound;

@@ -128,6 +128,12 @@ impl TokenKey {
     }
 }
 
+/// Whether `a` and `b` are equal, in time that depends only on their
+/// lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

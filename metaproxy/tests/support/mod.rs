@@ -22,13 +22,17 @@ use metaproxy::{
     attribution::{Attribution, CgroupDirectory, RecordSource},
     connlog::{ConnLog, Connection},
     credentials::{
-        CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, Secret, Sts,
+        CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, InstrumentedSts,
+        Secret, Sts,
     },
     identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
     ids::{AccountId, CgroupId, ContainerId},
+    metrics::{RequestMetrics, StsMetrics},
     policy::Policy,
     server::{self, ConnectionCount, Limits, Pipeline},
-    surface::{Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey},
+    surface::{
+        ContainerCredentialsOptions, Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey,
+    },
     upstream::{Upstream, UpstreamError},
 };
 use metaproxy_common::{ConnRecord, AF_INET};
@@ -262,6 +266,21 @@ pub struct Who {
     pub cgroup: CgroupId,
     pub comm: &'static str,
     pub container: Option<ContainerId>,
+    /// Where the caller connected (the probe's original destination).
+    pub dst: [u8; 4],
+}
+
+/// The instance metadata service.
+pub const IMDS: [u8; 4] = [169, 254, 169, 254];
+
+impl Who {
+    /// The same caller, connecting to `dst` instead.
+    pub fn to(&self, dst: [u8; 4]) -> Who {
+        Who {
+            dst,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -271,6 +290,8 @@ pub struct Options {
     pub imdsv1: Option<Imdsv1Mode>,
     pub allow_host_cgroup: Vec<String>,
     pub allow_role: Vec<String>,
+    pub container_credentials: Option<ContainerCredentialsOptions>,
+    pub session: metaproxy::session::SessionOptions,
 }
 
 /// The whole pipeline on 127.0.0.1:0 against fakes.
@@ -285,6 +306,9 @@ pub struct Bed {
     pub connections: Arc<ConnLog>,
     pub imdsv1: Arc<Imdsv1Gate>,
     pub count: Arc<ConnectionCount>,
+    pub identities: Arc<Identities>,
+    pub metrics: RequestMetrics,
+    pub sts_metrics: StsMetrics,
     next_cgroup: AtomicUsize,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -309,9 +333,14 @@ pub async fn bed_with(options: Options) -> Bed {
     let upstream = Arc::new(FakeUpstream::default());
     let account = Arc::new(OnceLock::new());
     account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
-    let policy =
-        Arc::new(Policy::new(&options.allow_role, &options.allow_host_cgroup, account).unwrap());
-    let credentials = Arc::new(CredentialCache::new(sts.clone()));
+    let policy = Arc::new(
+        Policy::new(&options.allow_role, &options.allow_host_cgroup, account)
+            .unwrap()
+            .with_session(options.session.clone()),
+    );
+    let instrumented = Arc::new(InstrumentedSts::new(sts.clone()));
+    let sts_metrics = instrumented.metrics().clone();
+    let credentials = Arc::new(CredentialCache::new(instrumented));
     let identities = Arc::new(Identities::new(runtime.clone()));
     let connections = Arc::new(ConnLog::new(1024));
     let imdsv1 = Arc::new(Imdsv1Gate::new(
@@ -326,17 +355,20 @@ pub async fn bed_with(options: Options) -> Bed {
     );
     tasks.spawn(identities.clone().follow_events());
     let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));
+    let metrics = RequestMetrics::default();
     let pipeline = Arc::new(Pipeline {
+        metrics: metrics.clone(),
         count: count.clone(),
         attribution: Attribution::new(records.clone(), cgroups.clone()),
         surface: Surface {
-            identities,
+            identities: identities.clone(),
             policy,
             credentials: credentials.clone(),
             tokens: TokenKey::from_bytes([9; 32]),
             upstream: upstream.clone(),
             options: SurfaceOptions {
                 imdsv1: imdsv1.clone(),
+                container_credentials: options.container_credentials.unwrap_or_default(),
             },
         },
         connections: connections.clone(),
@@ -359,6 +391,9 @@ pub async fn bed_with(options: Options) -> Bed {
         connections,
         imdsv1,
         count,
+        identities,
+        metrics,
+        sts_metrics,
         next_cgroup: AtomicUsize::new(1000),
         stop,
         tasks,
@@ -408,6 +443,7 @@ impl Bed {
             cgroup,
             comm: "python3",
             container: Some(id),
+            dst: IMDS,
         }
     }
 
@@ -418,6 +454,7 @@ impl Bed {
             cgroup: self.new_cgroup(path.to_string()),
             comm,
             container: None,
+            dst: IMDS,
         }
     }
 
@@ -462,7 +499,7 @@ impl Bed {
                 cgroup_id: who.cgroup.0,
                 pid: 4242,
                 family: AF_INET,
-                orig_addr: [u32::from_ne_bytes([169, 254, 169, 254]), 0, 0, 0],
+                orig_addr: [u32::from_ne_bytes(who.dst), 0, 0, 0],
                 orig_port: 80,
                 comm,
                 ..Default::default()

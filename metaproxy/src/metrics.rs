@@ -1,0 +1,716 @@
+//! Prometheus metrics, and the health endpoints beside them, on a listener
+//! of their own (`--metrics`, default `127.0.0.1:9169`) that never serves
+//! credentials.
+//!
+//! Each part of the request path owns its counters (`prometheus-client`
+//! metrics are shared handles), so in-process tests read them directly and
+//! the daemon registers clones here. Values that are state rather than
+//! events (open connections, cache sizes, map occupancy) are read at scrape
+//! time from a [`LiveSource`].
+//!
+//! Label values are bounded: routes, outcomes, refusal kinds, STS error
+//! codes from a fixed list. Never a container id, a role or a path.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::ids::AccountId;
+
+/// Where metrics are served unless `--metrics` says otherwise.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9169";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub operation: &'static str,
+    pub code: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn sts_buckets() -> Histogram {
+    // 5 ms .. ~10 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 12))
+}
+
+/// Requests and refusals on the IMDS listener.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub refusals: Family<ReasonLabels, Counter>,
+    /// Connections closed at once for being over a cap.
+    pub shed: Counter,
+    /// Connections the probe had no record of.
+    pub records_missing: Counter,
+    /// Remaining lifetime of the credentials each answer carried.
+    pub served_remaining: Histogram,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            refusals: Family::default(),
+            shed: Counter::default(),
+            records_missing: Counter::default(),
+            served_remaining: Histogram::new([
+                300.0, 600.0, 900.0, 1200.0, 1800.0, 2400.0, 3000.0, 3600.0, 7200.0, 21600.0,
+                43200.0,
+            ]),
+        }
+    }
+}
+
+impl RequestMetrics {
+    /// One answered request.
+    pub fn request(
+        &self,
+        route: &'static str,
+        outcome: &'static str,
+        refusal: Option<&'static str>,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels { route, outcome })
+            .inc();
+        if let Some(reason) = refusal {
+            self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+        }
+    }
+
+    /// How many requests were answered on `route` with `outcome`.
+    pub fn requests_of(&self, route: &'static str, outcome: &'static str) -> u64 {
+        self.requests
+            .get(&RequestLabels { route, outcome })
+            .map_or(0, |c| c.get())
+    }
+
+    /// How many requests were refused for `reason`.
+    pub fn refusals_of(&self, reason: &'static str) -> u64 {
+        self.refusals
+            .get(&ReasonLabels { reason })
+            .map_or(0, |c| c.get())
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "metaproxy_requests",
+            "Requests answered on the IMDS listener, by route and outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "metaproxy_refusals",
+            "Requests refused, by reason",
+            self.refusals.clone(),
+        );
+        r.register(
+            "metaproxy_connections_shed",
+            "Connections closed at once for being over --max-connections or --max-connections-per-container",
+            self.shed.clone(),
+        );
+        r.register(
+            "metaproxy_probe_records_missing",
+            "Connections the probe had no record of (direct connects to the listen address)",
+            self.records_missing.clone(),
+        );
+        r.register(
+            "metaproxy_served_credentials_remaining_seconds",
+            "Remaining lifetime of the credentials served, at the time they were served",
+            self.served_remaining.clone(),
+        );
+    }
+}
+
+/// The credential cache's lookups.
+#[derive(Debug, Clone, Default)]
+pub struct CacheMetrics {
+    /// `hit`, `miss` (STS asked), `failing` (a recent STS failure answered).
+    pub lookups: Family<ResultLabels, Counter>,
+}
+
+impl CacheMetrics {
+    pub fn lookup(&self, result: &'static str) {
+        self.lookups.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn lookups_of(&self, result: &'static str) -> u64 {
+        self.lookups
+            .get(&ResultLabels { result })
+            .map_or(0, |c| c.get())
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "metaproxy_credential_cache_lookups",
+            "Credential cache lookups by result: hit, miss (STS asked) or failing (a recent STS failure returned)",
+            self.lookups.clone(),
+        );
+    }
+}
+
+/// Calls to STS.
+#[derive(Debug, Clone)]
+pub struct StsMetrics {
+    pub calls: Family<OperationLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Histograms<OperationLabels>,
+    pub in_flight: Gauge,
+}
+
+impl Default for StsMetrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(sts_buckets),
+            in_flight: Gauge::default(),
+        }
+    }
+}
+
+impl StsMetrics {
+    pub fn calls_of(&self, operation: &'static str) -> u64 {
+        self.calls
+            .get(&OperationLabels { operation })
+            .map_or(0, |c| c.get())
+    }
+
+    pub fn errors_of(&self, operation: &'static str, code: &'static str) -> u64 {
+        self.errors
+            .get(&ErrorLabels { operation, code })
+            .map_or(0, |c| c.get())
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "metaproxy_sts_calls",
+            "STS calls made with the instance's credentials, by operation",
+            self.calls.clone(),
+        );
+        r.register(
+            "metaproxy_sts_errors",
+            "STS calls that failed, by operation and STS error code (none: no answer)",
+            self.errors.clone(),
+        );
+        r.register(
+            "metaproxy_sts_call_duration_seconds",
+            "How long STS calls took",
+            self.duration.clone(),
+        );
+        r.register(
+            "metaproxy_sts_calls_in_flight",
+            "STS calls under way",
+            self.in_flight.clone(),
+        );
+    }
+}
+
+/// Calls to the container runtime's API.
+#[derive(Debug, Clone, Default)]
+pub struct DockerMetrics {
+    pub calls: Family<OperationLabels, Counter>,
+    pub errors: Family<OperationLabels, Counter>,
+}
+
+impl DockerMetrics {
+    pub fn call(&self, operation: &'static str, ok: bool) {
+        let labels = OperationLabels { operation };
+        self.calls.get_or_create(&labels).inc();
+        if !ok {
+            self.errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// A failure after the call itself succeeded (a stream that broke).
+    pub fn error(&self, operation: &'static str) {
+        self.errors
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    pub fn calls_of(&self, operation: &'static str) -> u64 {
+        self.calls
+            .get(&OperationLabels { operation })
+            .map_or(0, |c| c.get())
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "metaproxy_docker_calls",
+            "Docker API calls, by operation",
+            self.calls.clone(),
+        );
+        r.register(
+            "metaproxy_docker_errors",
+            "Docker API calls that failed, by operation",
+            self.errors.clone(),
+        );
+    }
+}
+
+/// State read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Live {
+    pub open_connections: u64,
+    pub largest_per_container: u64,
+    pub identity_cache: u64,
+    pub credential_cache: u64,
+    pub map_pending: u64,
+    pub map_conns: u64,
+    pub probe_generation: u64,
+    pub log_lines_dropped: u64,
+    pub docker_reachable: bool,
+}
+
+/// Where [`Live`] comes from (the daemon's parts; a fixed value in tests).
+pub trait LiveSource: Send + Sync + 'static {
+    fn live(&self) -> Live;
+}
+
+struct LiveCollector(Arc<dyn LiveSource>);
+
+impl std::fmt::Debug for LiveCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveCollector")
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: &[(Option<(&str, &str)>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (label, value) in values {
+        let value = ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX));
+        match label {
+            Some(label) => value.encode(family.encode_family(&[*label])?)?,
+            None => return value.encode(family),
+        }
+    }
+    Ok(())
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let live = self.0.live();
+        gauge(
+            &mut encoder,
+            "metaproxy_open_connections",
+            "Connections open on the IMDS listener",
+            &[(None, live.open_connections)],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_open_connections_largest_per_container",
+            "The most connections any one container (cgroup) has open",
+            &[(None, live.largest_per_container)],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_identity_cache_entries",
+            "Cgroups whose identity (container or host) is cached",
+            &[(None, live.identity_cache)],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_credential_cache_entries",
+            "Role sessions whose credentials are cached",
+            &[(None, live.credential_cache)],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_probe_map_entries",
+            "Entries in the probe's kernel maps",
+            &[
+                (Some(("map", "pending")), live.map_pending),
+                (Some(("map", "conns")), live.map_conns),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_probe_map_capacity",
+            "Capacity of the probe's kernel maps",
+            &[
+                (
+                    Some(("map", "pending")),
+                    u64::from(metaproxy_common::PENDING_CAPACITY),
+                ),
+                (
+                    Some(("map", "conns")),
+                    u64::from(metaproxy_common::CONNS_CAPACITY),
+                ),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_probe_generation",
+            "Generation of the attached probe (grows with each daemon start)",
+            &[(None, live.probe_generation)],
+        )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_docker_reachable",
+            "1 while the Docker API answers (its event stream is connected)",
+            &[(None, u64::from(live.docker_reachable))],
+        )?;
+        let dropped = ConstCounter::new(live.log_lines_dropped);
+        let family = encoder.encode_descriptor(
+            "metaproxy_log_lines_dropped",
+            "Log lines (audit lines included) dropped because the writer fell behind",
+            None,
+            dropped.metric_type(),
+        )?;
+        dropped.encode(family)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Everything the `/metrics` endpoint shows.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(
+        requests: &RequestMetrics,
+        cache: &CacheMetrics,
+        sts: &StsMetrics,
+        docker: &DockerMetrics,
+        live: Arc<dyn LiveSource>,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("metaproxy_build_info", "The running build", build);
+        requests.register(&mut registry);
+        cache.register(&mut registry);
+        sts.register(&mut registry);
+        docker.register(&mut registry);
+        registry.register_collector(Box::new(LiveCollector(live)));
+        Self { registry }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Whether the whole request path works; each step is set as it comes up.
+#[derive(Default)]
+pub struct Readiness {
+    attached: AtomicBool,
+    listening: AtomicBool,
+    docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
+    account: OnceLock<Arc<OnceLock<AccountId>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.check())
+            .finish()
+    }
+}
+
+impl Readiness {
+    pub fn probe_attached(&self) {
+        self.attached.store(true, Ordering::Relaxed);
+    }
+
+    pub fn listening(&self) {
+        self.listening.store(true, Ordering::Relaxed);
+    }
+
+    /// How to tell whether the Docker API is reachable.
+    pub fn docker(&self, reachable: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.docker.set(reachable);
+    }
+
+    /// The daemon's own account, set once its credentials have worked.
+    pub fn own_credentials(&self, account: Arc<OnceLock<AccountId>>) {
+        let _ = self.account.set(account);
+    }
+
+    /// `Ok` when ready; otherwise the first thing missing, in start order.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.attached.load(Ordering::Relaxed) {
+            return Err("the probe is not attached yet");
+        }
+        if !self.listening.load(Ordering::Relaxed) {
+            return Err("the IMDS listener is not bound yet");
+        }
+        if !self.docker.get().is_some_and(|up| up()) {
+            return Err("the Docker API is not reachable");
+        }
+        if self.account.get().is_none_or(|a| a.get().is_none()) {
+            return Err("the daemon's own AWS credentials have not worked yet (GetCallerIdentity)");
+        }
+        Ok(())
+    }
+}
+
+/// How long a scraper may take to send its request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+/// `metrics` is set once the daemon's parts exist; until then `/metrics` is
+/// 503 too.
+pub async fn run(
+    listener: TcpListener,
+    metrics: Arc<OnceLock<Metrics>>,
+    readiness: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (metrics, readiness) = (metrics.clone(), readiness.clone());
+                    tasks.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let answer = answer(&req, metrics.get(), &readiness);
+                            async move { Ok::<_, Infallible>(answer) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .header_read_timeout(HEADER_TIMEOUT)
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+}
+
+fn answer<B>(
+    req: &Request<B>,
+    metrics: Option<&Metrics>,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => match metrics {
+            Some(m) => {
+                let mut resp = text(StatusCode::OK, m.encode());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            }
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// STS error codes kept as label values; anything else is `other`, so a
+/// label never takes an unbounded value.
+pub fn sts_error_code(code: Option<&str>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "AccessDenied",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IDPCommunicationError",
+        "InvalidClientTokenId",
+        "InvalidIdentityToken",
+        "InvalidParameterValue",
+        "MalformedPolicyDocument",
+        "PackedPolicyTooLarge",
+        "RegionDisabledException",
+        "RequestExpired",
+        "ServiceUnavailable",
+        "SignatureDoesNotMatch",
+        "Throttling",
+        "ThrottlingException",
+        "ValidationError",
+    ];
+    match code {
+        None => "none",
+        Some(code) => KNOWN
+            .iter()
+            .find(|k| **k == code)
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Live);
+    impl LiveSource for Fixed {
+        fn live(&self) -> Live {
+            self.0
+        }
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let requests = RequestMetrics::default();
+        requests.request("credentials", "served", None);
+        requests.request("credentials", "refused", Some("sts-unavailable"));
+        let sts = StsMetrics::default();
+        sts.calls
+            .get_or_create(&OperationLabels {
+                operation: "AssumeRole",
+            })
+            .inc();
+        let m = Metrics::new(
+            &requests,
+            &CacheMetrics::default(),
+            &sts,
+            &DockerMetrics::default(),
+            Arc::new(Fixed(Live {
+                open_connections: 3,
+                map_conns: 7,
+                ..Live::default()
+            })),
+        );
+        let text = m.encode();
+        for line in [
+            "metaproxy_requests_total{route=\"credentials\",outcome=\"served\"} 1",
+            "metaproxy_refusals_total{reason=\"sts-unavailable\"} 1",
+            "metaproxy_sts_calls_total{operation=\"AssumeRole\"} 1",
+            "metaproxy_open_connections 3",
+            "metaproxy_probe_map_entries{map=\"conns\"} 7",
+            "metaproxy_probe_map_capacity{map=\"conns\"} 65536",
+            "metaproxy_log_lines_dropped_total 0",
+            "metaproxy_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        for name in text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+        {
+            assert!(name.starts_with("metaproxy_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn readiness_names_the_first_missing_step() {
+        let r = Readiness::default();
+        assert_eq!(r.check(), Err("the probe is not attached yet"));
+        r.probe_attached();
+        assert_eq!(r.check(), Err("the IMDS listener is not bound yet"));
+        r.listening();
+        let up = Arc::new(AtomicBool::new(false));
+        let flag = up.clone();
+        r.docker(Arc::new(move || flag.load(Ordering::Relaxed)));
+        assert_eq!(r.check(), Err("the Docker API is not reachable"));
+        up.store(true, Ordering::Relaxed);
+        let account = Arc::new(OnceLock::new());
+        r.own_credentials(account.clone());
+        assert!(r.check().unwrap_err().contains("own AWS credentials"));
+        account
+            .set(AccountId::parse("123456789012").unwrap())
+            .unwrap();
+        assert_eq!(r.check(), Ok(()));
+        up.store(false, Ordering::Relaxed);
+        assert_eq!(r.check(), Err("the Docker API is not reachable"));
+    }
+
+    #[test]
+    fn error_codes_are_bounded() {
+        assert_eq!(sts_error_code(Some("AccessDenied")), "AccessDenied");
+        assert_eq!(sts_error_code(Some("x\ny")), "other");
+        assert_eq!(sts_error_code(None), "none");
+    }
+}

@@ -1,0 +1,193 @@
+//! The container-credentials endpoint (what SDKs read through
+//! `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`/`_FULL_URI`), in-process: one
+//! request, no token, attributed by cgroup like IMDS; ECS-shaped errors;
+//! never anything for a caller without a role.
+
+mod support;
+
+use metaproxy::{connlog::Outcome, surface::ContainerCredentialsOptions};
+use support::{bed, bed_with, Options, Spec, StsMode};
+
+const ECS: [u8; 4] = [169, 254, 170, 2];
+const EKS: [u8; 4] = [169, 254, 170, 23];
+const PATH: &str = "/v1/credentials";
+
+fn with_role() -> Spec<'static> {
+    Spec {
+        env: &["IAM_ROLE=ci-deploy"],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn one_request_without_a_token_gets_the_containers_role() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    for dst in [ECS, EKS] {
+        let got = bed.request(&job.to(dst), "GET", PATH, &[]).await;
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        let doc = got.json();
+        assert!(doc["AccessKeyId"].as_str().unwrap().starts_with("ASIAFAKE"));
+        assert!(doc["SecretAccessKey"]
+            .as_str()
+            .unwrap()
+            .starts_with("secret-"));
+        assert!(doc["Token"].as_str().unwrap().starts_with("token-"));
+        let exp = doc["Expiration"].as_str().unwrap();
+        assert!(exp.len() == 20 && exp.ends_with('Z'), "{exp}");
+        assert_eq!(doc["AccountId"], support::ACCOUNT);
+        assert_eq!(
+            doc["RoleArn"],
+            format!("arn:aws:iam::{}:role/ci-deploy", support::ACCOUNT)
+        );
+        let logged = bed.last_log();
+        assert_eq!(logged.outcome, Outcome::Served);
+        assert_eq!(
+            logged.original_dst.as_deref(),
+            Some(&*format!("{}.{}.{}.{}:80", dst[0], dst[1], dst[2], dst[3]))
+        );
+    }
+    // An Authorization header (as EKS Pod Identity sends) is accepted.
+    let got = bed
+        .request(&job.to(ECS), "GET", PATH, &[("Authorization", "anything")])
+        .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(bed.sts.calls(), 1, "one session, cached");
+    assert_eq!(
+        bed.metrics.requests_of("container-credentials", "served"),
+        3
+    );
+}
+
+#[tokio::test]
+async fn refusals_take_the_ecs_agents_error_shape_and_give_nothing() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let bare = bed.container(2, Spec::default());
+    let cases = [
+        (bare.to(ECS), "GET", PATH, vec![], 404, "NoRole"),
+        (
+            job.to(ECS),
+            "GET",
+            "/v2/credentials",
+            vec![],
+            404,
+            "NotFound",
+        ),
+        (
+            job.to(ECS),
+            "GET",
+            "/v1/credentials?x=1",
+            vec![],
+            404,
+            "NotFound",
+        ),
+        (
+            job.to(ECS),
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            vec![],
+            404,
+            "NotFound",
+        ),
+        (job.to(ECS), "POST", PATH, vec![], 405, "MethodNotAllowed"),
+        (
+            job.to(ECS),
+            "GET",
+            PATH,
+            vec![("X-Forwarded-For", "10.0.0.1")],
+            403,
+            "AccessDenied",
+        ),
+    ];
+    for (who, method, path, headers, status, code) in cases {
+        let got = bed.request(&who, method, path, &headers).await;
+        assert_eq!(got.status, status, "{method} {path}: {got:?}");
+        assert_eq!(got.json()["code"], code, "{got:?}");
+        assert!(!got.body.contains("ASIA"), "{got:?}");
+    }
+    // The IMDS address does not serve the container-credentials path.
+    let imds = bed.request(&job, "GET", PATH, &[]).await;
+    assert_eq!(imds.status, 404);
+    // A host process gets nothing here, and nothing is passed through.
+    let host = bed.process_at("/system.slice/ssm.service", "amazon-ssm-agent");
+    let got = bed.request(&host.to(ECS), "GET", PATH, &[]).await;
+    assert_eq!(
+        (got.status, got.json()["code"].as_str()),
+        (404, Some("NotFound"))
+    );
+    assert!(bed.upstream.forwards.lock().unwrap().is_empty());
+    assert_eq!(bed.sts.calls(), 0);
+    // STS failing: 503, which SDKs retry.
+    bed.sts.set(StsMode::Fail);
+    let got = bed.request(&job.to(ECS), "GET", PATH, &[]).await;
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.json()["code"], "CredentialsUnavailable");
+    assert!(
+        bed.last_log().reason.unwrap().contains("AccessDenied"),
+        "the reason stays in the log"
+    );
+}
+
+#[tokio::test]
+async fn a_required_authorization_must_be_the_runners_token_for_this_container() {
+    let bed = bed_with(Options {
+        container_credentials: Some(ContainerCredentialsOptions {
+            require_auth: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let job = bed
+        .container(
+            1,
+            Spec {
+                env: &[
+                    "IAM_ROLE=ci-deploy",
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN=s3cret",
+                ],
+                ..Default::default()
+            },
+        )
+        .to(ECS);
+    let other = bed
+        .container(
+            2,
+            Spec {
+                env: &[
+                    "IAM_ROLE=ci-deploy",
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN=other",
+                ],
+                ..Default::default()
+            },
+        )
+        .to(ECS);
+    let from_image = bed
+        .container(
+            3,
+            Spec {
+                env: &["IAM_ROLE=ci-deploy"],
+                image_env: &["AWS_CONTAINER_AUTHORIZATION_TOKEN=s3cret"],
+                ..Default::default()
+            },
+        )
+        .to(ECS);
+    for (who, auth, status) in [
+        (&job, None, 401),
+        (&job, Some("wrong"), 401),
+        (&job, Some("other"), 401),
+        (&job, Some("s3cret"), 200),
+        (&other, Some("s3cret"), 401),
+        (&from_image, Some("s3cret"), 401),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        let got = bed.request(who, "GET", PATH, &headers).await;
+        assert_eq!(got.status, status, "{auth:?}: {got:?}");
+        if status == 401 {
+            assert_eq!(got.json()["code"], "Unauthorized");
+            assert_eq!(bed.last_log().outcome, Outcome::Unauthorized);
+        }
+    }
+}
