@@ -99,6 +99,23 @@ impl Moto {
 
     /// Every AssumeRole moto has served, as (RoleArn, RoleSessionName).
     pub fn assume_role_calls(&self) -> Vec<(String, String)> {
+        self.assume_role_requests()
+            .into_iter()
+            .map(|form| {
+                let get = |k: &str| {
+                    form.iter()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                (get("RoleArn"), get("RoleSessionName"))
+            })
+            .collect()
+    }
+
+    /// Every AssumeRole moto has served, as its form parameters (Tags,
+    /// SourceIdentity and the rest: moto accepts them but keeps nothing).
+    pub fn assume_role_requests(&self) -> Vec<Vec<(String, String)>> {
         let text = fs::read_to_string(&self.recording).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -115,17 +132,9 @@ impl Moto {
                     body.to_string()
                 };
                 let form: Vec<(String, String)> = url_form(&body);
-                let get = |k: &str| {
-                    form.iter()
-                        .find(|(key, _)| key == k)
-                        .map(|(_, v)| v.clone())
-                };
-                (get("Action")? == "AssumeRole").then(|| {
-                    (
-                        get("RoleArn").unwrap_or_default(),
-                        get("RoleSessionName").unwrap_or_default(),
-                    )
-                })
+                form.iter()
+                    .any(|(k, v)| k == "Action" && v == "AssumeRole")
+                    .then_some(form)
             })
             .collect()
     }

@@ -1099,3 +1099,83 @@ fn the_sdk_gets_its_role_from_the_container_credentials_endpoint_one_request_per
     );
     assert_real_imds_untouched(&bed);
 }
+
+#[test]
+fn session_tags_and_source_identity_from_the_job_reach_sts() {
+    let bed = E2eBed::start(&[
+        "--session-tags",
+        "--transitive-session-tags",
+        "--source-identity",
+    ])
+    .expect("bed");
+    let labels = [
+        "--label",
+        "com.gitlab.gitlab-runner.job.id=4711",
+        "--label",
+        "com.gitlab.gitlab-runner.project.id=42",
+        "--label",
+        "com.gitlab.gitlab-runner.pipeline.id=99",
+        "--label",
+        "com.gitlab.gitlab-runner.job.ref=release/1.0",
+        "--label",
+        "com.gitlab.gitlab-runner.runner.id=5",
+    ];
+    let got = bed
+        .sdk_client(
+            "tagged",
+            bed.base_image(),
+            &[
+                ("IAM_ROLE", ROLE_DEPLOY),
+                ("CI_PROJECT_PATH", "group/app"),
+                ("CI_COMMIT_REF_PROTECTED", "true"),
+            ],
+            &labels,
+            1,
+        )
+        .unwrap();
+    assert_eq!(got["ok"], true, "{got}");
+    assert!(
+        is_assumed(
+            ROLE_DEPLOY,
+            "gitlab-job-4711",
+            got["arns"][0].as_str().unwrap()
+        ),
+        "{got}"
+    );
+    // What reached STS, from moto's request recorder.
+    let form = bed
+        .moto
+        .assume_role_requests()
+        .into_iter()
+        .find(|f| f.contains(&("RoleArn".into(), role_arn(ROLE_DEPLOY))))
+        .expect("an AssumeRole for the job's role");
+    let get = |k: &str| {
+        form.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut tags = std::collections::HashMap::new();
+    for n in 1.. {
+        let Some(key) = get(&format!("Tags.member.{n}.Key")) else {
+            break;
+        };
+        tags.insert(key, get(&format!("Tags.member.{n}.Value")).unwrap_or(""));
+    }
+    for (key, value) in [
+        ("gitlab-project-id", "42"),
+        ("gitlab-project-path", "group/app"),
+        ("gitlab-pipeline-id", "99"),
+        ("gitlab-job-id", "4711"),
+        ("gitlab-ref", "release/1.0"),
+        ("gitlab-ref-protected", "true"),
+        ("gitlab-runner-id", "5"),
+    ] {
+        assert_eq!(tags.get(key).copied(), Some(value), "{key}: {form:?}");
+    }
+    assert_eq!(get("SourceIdentity"), Some("gitlab-job-4711"), "{form:?}");
+    let transitive: Vec<&str> = (1..)
+        .map_while(|n| get(&format!("TransitiveTagKeys.member.{n}")))
+        .collect();
+    assert_eq!(transitive.len(), 7, "{form:?}");
+    assert_real_imds_untouched(&bed);
+}
