@@ -7,6 +7,8 @@
 //! * `GET /v1/connections?follow=true` - the same, then new ones as they
 //!   come, one JSON object per line
 //! * `GET /v1/status` - pid, probe generation, map sizes
+//! * `GET /v1/explain?container=NAME` - the role decision for a container,
+//!   rule by rule
 
 use std::{
     convert::Infallible,
@@ -32,10 +34,17 @@ pub trait StatusSource: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
 }
 
+/// `GET /v1/explain?container=NAME`: the role decision for a running
+/// container, rule by rule.
+pub trait Explainer: Send + Sync + 'static {
+    fn explain<'a>(&'a self, container: &'a str) -> futures_util::future::BoxFuture<'a, String>;
+}
+
 /// What the admin API reads.
 pub struct AdminState {
     pub connections: Arc<ConnLog>,
     pub status: Arc<dyn StatusSource>,
+    pub explain: Arc<dyn Explainer>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -87,7 +96,7 @@ pub async fn run(
                 tasks.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(req, &state)) }
+                        async move { Ok::<_, Infallible>(route(req, &state).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -103,7 +112,7 @@ pub async fn run(
     let _ = fs::remove_file(&path);
 }
 
-fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Response<Body> {
+async fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -118,6 +127,30 @@ fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Response<Bo
             json(&recent)
         }
         "/v1/status" => json(&state.status.status()),
+        "/v1/explain" => {
+            let container = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("container="))
+                    .filter(|c| {
+                        !c.is_empty()
+                            && c.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                    })
+            });
+            match container {
+                Some(c) => {
+                    let mut resp = Response::new(
+                        Full::new(Bytes::from(state.explain.explain(c).await)).boxed(),
+                    );
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        "text/plain; charset=utf-8".parse().expect("static"),
+                    );
+                    resp
+                }
+                None => text(StatusCode::BAD_REQUEST, "container=NAME required\n"),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -37,6 +37,28 @@ pub enum Command {
     /// Remove the probe for good: containers' IMDS connects pass through
     /// again. Stop the daemon first.
     Detach(DetachArgs),
+    /// The role policy file: check one, or explain a running container's
+    /// decision rule by rule.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file (exit 0), or print its first error with the
+    /// line (exit 1).
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the running daemon's decision for a container (name or id),
+    /// rule by rule.
+    Explain {
+        /// Container name or id.
+        container: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +150,22 @@ pub struct RunArgs {
     /// the runner's environment), as a guard against request forgery.
     #[arg(long, env = "METAPROXY_CONTAINER_CREDENTIALS_REQUIRE_AUTH")]
     pub container_credentials_require_auth: bool,
+
+    /// A role policy file (TOML): which roles which projects may get on
+    /// which refs, default deny. Reloaded on SIGHUP and when it changes; a
+    /// broken file keeps the policy in force. See `metaproxy policy check`.
+    #[arg(long, env = "METAPROXY_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// gitlab-runner container types (its `com.gitlab.gitlab-runner.type`
+    /// label) that may get roles; its helper is `predefined`.
+    #[arg(
+        long,
+        env = "METAPROXY_ROLE_CONTAINER_TYPES",
+        value_delimiter = ',',
+        default_value = "build,service"
+    )]
+    pub role_container_types: Vec<String>,
 
     /// Send STS session tags from the job with each AssumeRole: project id
     /// and path, pipeline, job, ref, whether the ref is protected, runner

@@ -1,10 +1,11 @@
-//! The CLI's commands other than `run`: `connections`, `status`, `detach`.
+//! The CLI's commands other than `run`: `connections`, `status`, `detach`,
+//! `policy`.
 
 use std::io::Write as _;
 
 use crate::{
     admin_client,
-    cli::{ConnectionsArgs, DetachArgs, StatusArgs},
+    cli::{ConnectionsArgs, DetachArgs, PolicyCommand, StatusArgs},
     connlog::Connection,
     probe,
 };
@@ -164,4 +165,31 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `metaproxy policy check FILE` and `metaproxy policy explain CONTAINER`.
+pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Check { file } => {
+            let policy = crate::policy_file::PolicyFile::load(&file)?;
+            println!("{}: ok, {} rules", file.display(), policy.rules());
+            Ok(())
+        }
+        PolicyCommand::Explain { container, admin } => {
+            anyhow::ensure!(
+                !container.is_empty()
+                    && container
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+                "{container:?} is not a container name or id"
+            );
+            let mut out = std::io::stdout().lock();
+            admin_client::get(
+                &admin.admin_socket,
+                &format!("/v1/explain?container={container}"),
+                |chunk| Ok(out.write_all(chunk)?),
+            )
+            .await
+        }
+    }
 }

@@ -62,6 +62,8 @@ pub struct RunConfig {
     pub container_credentials: Vec<IpAddr>,
     pub container_credentials_options: ContainerCredentialsOptions,
     pub session: SessionOptions,
+    pub policy_file: Option<PathBuf>,
+    pub role_container_types: Vec<String>,
 }
 
 /// The addresses SDKs accept for the container-credentials endpoint.
@@ -144,6 +146,13 @@ impl RunConfig {
             source_identity: args.source_identity,
         };
         Ok(Self {
+            policy_file: args.policy_file.clone(),
+            role_container_types: args
+                .role_container_types
+                .iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
             session,
             container_credentials,
             container_credentials_options: ContainerCredentialsOptions {

@@ -33,6 +33,7 @@ use crate::{
     metrics::{self, Live, LiveSource, Metrics, Readiness, RequestMetrics},
     netaddr,
     policy::Policy,
+    policy_file::PolicyFile,
     probe::{Probe, ProbeOptions},
     server::{self, ConnectionCount, Pipeline},
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
@@ -136,8 +137,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             &config.allow_host_cgroup,
             account.clone(),
         )?
-        .with_session(config.session.clone()),
+        .with_session(config.session.clone())
+        .with_container_types(config.role_container_types.clone()),
     );
+    if let Some(path) = &config.policy_file {
+        // Never start on a policy file that does not load: fail with its
+        // line rather than serve without the rules the admin wrote.
+        let file = PolicyFile::load(path).context("--policy-file")?;
+        tracing::info!(path = %path.display(), rules = file.rules(), "policy file loaded");
+        policy.set_file(Some(file));
+    }
     let tokens = TokenKey::load_or_create(&config.state_dir)
         .with_context(|| format!("token key in --state-dir {}", config.state_dir.display()))?;
 
@@ -207,6 +216,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .follow(identities.subscribe(), policy.clone()),
     );
     tasks.spawn("docker events", identities.clone().follow_events());
+    tasks.spawn(
+        "policy reload",
+        follow_policy_file(policy.clone(), config.policy_file.clone()),
+    );
 
     let upstream: Arc<dyn Upstream> = Arc::new(HttpUpstream::from_env());
     let imdsv1 = Arc::new(Imdsv1Gate::new(config.imdsv1));
@@ -261,6 +274,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::new(AdminState {
             connections,
             status: state,
+            explain: Arc::new(PolicyExplainer {
+                identities: pipeline.surface.identities.clone(),
+                policy: pipeline.surface.policy.clone(),
+            }),
         }),
         stopped(),
     ));
@@ -298,6 +315,72 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     while servers.join_next().await.is_some() {}
     tasks.set.shutdown().await;
     result
+}
+
+/// `metaproxy policy explain`: the daemon's own policy, applied to a
+/// container Docker names.
+struct PolicyExplainer {
+    identities: Arc<Identities>,
+    policy: Arc<Policy>,
+}
+
+impl admin::Explainer for PolicyExplainer {
+    fn explain<'a>(&'a self, container: &'a str) -> futures_util::future::BoxFuture<'a, String> {
+        Box::pin(async move {
+            match self.identities.find(container).await {
+                Ok(Some(c)) => self.policy.explain(&c),
+                Ok(None) => format!("no container {container} is known to Docker\n"),
+                Err(e) => format!("cannot ask Docker about {container}: {e}\n"),
+            }
+        })
+    }
+}
+
+/// How often the policy file is checked for changes.
+const POLICY_POLL: Duration = Duration::from_secs(2);
+
+/// Reloads the policy file on SIGHUP and when its contents change. A file
+/// that does not load is never applied: the policy in force stays, and the
+/// error (with its line) is logged.
+async fn follow_policy_file(policy: Arc<Policy>, path: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let read = |p: &PathBuf| std::fs::read(p).ok();
+    let mut seen = path.as_ref().and_then(read);
+    loop {
+        let signalled = tokio::select! {
+            _ = hup.recv() => true,
+            () = tokio::time::sleep(POLICY_POLL) => false,
+        };
+        let Some(path) = &path else {
+            if signalled {
+                tracing::info!("SIGHUP: no --policy-file to reload");
+            }
+            continue;
+        };
+        let now = read(path);
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        match PolicyFile::load(path) {
+            Ok(file) => {
+                tracing::info!(path = %path.display(), rules = file.rules(), "policy file reloaded");
+                policy.set_file(Some(file));
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "policy file not reloaded: the previous policy stays in force"
+            ),
+        }
+    }
 }
 
 /// What the startup summary reports besides the live checks.
@@ -354,6 +437,8 @@ async fn summary(s: Summary, readiness: Arc<Readiness>, me: Arc<OnceLock<CallerI
         allow_role = %list_or(&c.allow_role, "roles of the instance's own account"),
         allow_host_cgroup = %list_or(&c.allow_host_cgroup, "none (every host process refused)"),
         imdsv1 = ?c.imdsv1,
+        policy_file = %c.policy_file.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
+        role_container_types = %c.role_container_types.join(","),
         session_tags = %if c.session.tags.is_empty() {
             "off".to_string()
         } else {

@@ -34,6 +34,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netaddr;
 pub mod policy;
+pub mod policy_file;
 pub mod probe;
 pub mod ratelimit;
 pub mod server;

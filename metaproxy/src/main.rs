@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
                     Command::Connections(args) => commands::connections(args).await,
                     Command::Status(args) => commands::status(args).await,
                     Command::Detach(args) => commands::detach(args),
+                    Command::Policy(cmd) => commands::policy(cmd).await,
                 }
             })
         });

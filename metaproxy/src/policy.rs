@@ -6,7 +6,7 @@
 //! value read here was written by someone a job may control (env, labels):
 //! it is checked, never trusted.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -14,8 +14,15 @@ use crate::{
     attribution::Caller,
     identity::{Container, GITLAB_JOB_LABEL},
     ids::{AccountId, RoleArn, RoleArnError},
+    policy_file::{Facts, PolicyFile},
     session::{Session, SessionOptions},
 };
+
+/// gitlab-runner's label for the kind of container: `build`, `service`,
+/// or `predefined` for its helper.
+pub const GITLAB_TYPE_LABEL: &str = "com.gitlab.gitlab-runner.type";
+/// The container types that get roles unless configured otherwise.
+pub const DEFAULT_CONTAINER_TYPES: [&str; 2] = ["build", "service"];
 
 /// A role a container may assume, and the session it is assumed as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +67,17 @@ pub enum RoleRefusal {
     BadExternalId,
     #[error("{arn} is not allowed by {rule}")]
     NotAllowed { arn: RoleArn, rule: &'static str },
+    /// The policy file has no rule for this role, project and ref.
+    #[error("no rule in {path} allows {arn} for {facts}")]
+    PolicyFile {
+        arn: RoleArn,
+        facts: String,
+        path: String,
+    },
+    /// gitlab-runner's helper (`predefined`) and other container types get
+    /// no role unless `--role-container-types` lists them.
+    #[error("a gitlab-runner {0:?} container (com.gitlab.gitlab-runner.type); roles go to the types in --role-container-types")]
+    ContainerType(String),
 }
 
 /// Why a host process gets no pass-through.
@@ -97,6 +115,10 @@ pub struct Policy {
     /// The instance profile's account, once STS told us.
     account: Arc<OnceLock<AccountId>>,
     session: SessionOptions,
+    /// Container types (gitlab-runner's type label) that may get roles.
+    container_types: Vec<String>,
+    /// The policy file in force, if any; swapped whole on reload.
+    file: RwLock<Option<Arc<PolicyFile>>>,
 }
 
 impl Policy {
@@ -110,7 +132,33 @@ impl Policy {
             host_allow: glob_set("--allow-host-cgroup", allow_host_cgroup)?,
             account,
             session: SessionOptions::default(),
+            container_types: DEFAULT_CONTAINER_TYPES.map(String::from).to_vec(),
+            file: RwLock::new(None),
         })
+    }
+
+    /// Which gitlab-runner container types may get roles.
+    pub fn with_container_types(mut self, types: Vec<String>) -> Self {
+        self.container_types = types;
+        self
+    }
+
+    /// Puts `file` in force (whole: the previous one until this call).
+    pub fn set_file(&self, file: Option<PolicyFile>) {
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = file.map(Arc::new);
+    }
+
+    /// The policy file in force.
+    pub fn file(&self) -> Option<Arc<PolicyFile>> {
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The runner's container type label, unless the image brought it.
+    fn container_type(c: &Container) -> Option<&str> {
+        c.labels
+            .get(GITLAB_TYPE_LABEL)
+            .filter(|_| !c.image_labels.contains_key(GITLAB_TYPE_LABEL))
+            .map(String::as_str)
     }
 
     /// Sends session tags and SourceIdentity with each AssumeRole.
@@ -133,6 +181,11 @@ impl Policy {
             && !c.image_labels.contains_key(GITLAB_JOB_LABEL);
         if !runner_labelled {
             return RoleDecision::Refused(RoleRefusal::NotAJob);
+        }
+        if let Some(kind) = Self::container_type(c) {
+            if !self.container_types.iter().any(|t| t == kind) {
+                return RoleDecision::Refused(RoleRefusal::ContainerType(kind.to_string()));
+            }
         }
         let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
             Ok(Some(v)) if !valid_external_id(v) => {
@@ -177,12 +230,81 @@ impl Policy {
             };
             return RoleDecision::Refused(RoleRefusal::NotAllowed { arn, rule });
         }
+        if let Some(file) = self.file() {
+            let facts = Facts::of(c);
+            if file.allows(&arn, &facts).is_none() {
+                return RoleDecision::Refused(RoleRefusal::PolicyFile {
+                    arn,
+                    facts: facts.to_string(),
+                    path: file.path().to_string(),
+                });
+            }
+        }
         RoleDecision::Role(Role {
             arn,
             external_id,
             session_name: session_name(c),
             session: Session::for_container(c, &self.session),
         })
+    }
+
+    /// The decision for `c` and, with a policy file in force, each rule's
+    /// verdict: what `metaproxy policy explain` prints.
+    pub fn explain(&self, c: &Container) -> String {
+        use std::fmt::Write as _;
+        let decision = self.decide(c);
+        let mut out = format!("container {} ({})\n", crate::logging::Clean(&c.name), c.id);
+        let arn = match &decision {
+            RoleDecision::Role(r) => {
+                let _ = writeln!(out, "decision: role {} (session {})", r.arn, r.session_name);
+                Some(r.arn.clone())
+            }
+            RoleDecision::NoRole if Self::native_steps(c) => {
+                let _ = writeln!(out, "decision: no role (a build container without CI_ variables: gitlab-runner's native steps mode keeps IAM_ROLE out)");
+                None
+            }
+            RoleDecision::NoRole => {
+                let _ = writeln!(out, "decision: no role (no IAM_ROLE from the runner)");
+                None
+            }
+            RoleDecision::Refused(why) => {
+                let _ = writeln!(
+                    out,
+                    "decision: refused: {}",
+                    crate::logging::Clean(&why.to_string())
+                );
+                match why {
+                    RoleRefusal::PolicyFile { arn, .. } => Some(arn.clone()),
+                    _ => None,
+                }
+            }
+        };
+        let facts = Facts::of(c);
+        let _ = writeln!(out, "facts: {}", crate::logging::Clean(&facts.to_string()));
+        match (self.file(), arn) {
+            (None, _) => {
+                let _ = writeln!(
+                    out,
+                    "policy file: none (--allow-role, or the instance's account, decides)"
+                );
+            }
+            (Some(file), arn) => {
+                let _ = writeln!(out, "policy file: {} ({} rules)", file.path(), file.rules());
+                match arn {
+                    Some(arn) => out.push_str(&file.explain(&arn, &facts)),
+                    None => out.push_str("  (no role to check against its rules)\n"),
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a container with no role looks like a build container of
+    /// gitlab-runner's native steps mode, which keeps the runner's
+    /// `environment` (and so IAM_ROLE) out of the container.
+    pub fn native_steps(c: &Container) -> bool {
+        Self::container_type(c) == Some("build")
+            && !c.env.iter().any(|e| e.starts_with("CI_JOB_ID="))
     }
 
     /// Whether a host process (in no container) may reach the real IMDS:

@@ -66,7 +66,7 @@ impl TagSource {
     }
 
     /// The value the runner set for this container, if any.
-    fn value(self, c: &Container) -> Option<String> {
+    pub(crate) fn value(self, c: &Container) -> Option<String> {
         let label = |key: &str| {
             let key = format!("com.gitlab.gitlab-runner.{key}");
             // The runner's label, not one the image brought.

@@ -95,6 +95,14 @@ fn the_unit_and_the_drop_ins_verify_cleanly() {
         );
         verify(dir, dependent);
     }
+    // The example policy file is one that loads.
+    let example = packaging().join("policy.example.toml");
+    let checked = Command::new(metaproxy_bin())
+        .args(["policy", "check"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{checked:?}");
     let unit = fs::read_to_string(packaging().join("metaproxy.service")).unwrap();
     let dropin = fs::read_to_string(packaging().join("dropins/metaproxy-dropin.conf")).unwrap();
     // Restarting metaproxy must never stop Docker or running jobs.
@@ -127,6 +135,7 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
         "./usr/lib/systemd/system/gitlab-runner.service.d/metaproxy.conf",
         "./etc/default/metaproxy",
         "./usr/share/doc/metaproxy/README.md",
+        "./usr/share/doc/metaproxy/policy.example.toml",
     ] {
         assert!(files.contains(&want), "{want} missing from\n{listing}");
     }

@@ -48,8 +48,14 @@ impl DockerRuntime {
     }
 
     async fn inspect_container(&self, id: &ContainerId) -> Result<Option<Container>, RuntimeError> {
+        self.inspect_named(id.as_str()).await
+    }
+
+    /// Inspects a container by id or name.
+    async fn inspect_named(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
+        let fallback = ContainerId::parse(name_or_id);
         let docker = self.client().await?;
-        let c = match docker.inspect_container(id.as_str(), None).await {
+        let c = match docker.inspect_container(name_or_id, None).await {
             Ok(c) => c,
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
@@ -87,10 +93,11 @@ impl DockerRuntime {
                 .into_values()
                 .flat_map(|e| [e.ip_address, e.global_ipv6_address]),
         );
-        let id =
-            c.id.as_deref()
-                .and_then(ContainerId::parse)
-                .unwrap_or_else(|| id.clone());
+        let Some(id) = c.id.as_deref().and_then(ContainerId::parse).or(fallback) else {
+            return Err(RuntimeError::Api(format!(
+                "Docker gave no id for container {name_or_id}"
+            )));
+        };
         // Where Docker's container really runs: its init process's cgroup,
         // as the kernel reports it.
         let cgroup = c
@@ -123,6 +130,13 @@ impl ContainerRuntime for DockerRuntime {
         id: &'a ContainerId,
     ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>> {
         self.inspect_container(id).boxed()
+    }
+
+    fn find<'a>(
+        &'a self,
+        name_or_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>> {
+        self.inspect_named(name_or_id).boxed()
     }
 
     fn events(

@@ -140,6 +140,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &'a ContainerId,
     ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>>;
 
+    /// A container by name or id, for admins (`metaproxy policy explain`).
+    fn find<'a>(
+        &'a self,
+        name_or_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>> {
+        match ContainerId::parse(name_or_id) {
+            Some(id) => Box::pin(async move { self.inspect(&id).await }),
+            None => Box::pin(async { Ok(None) }),
+        }
+    }
+
     /// Container start and stop events, from now on.
     fn events(
         &self,
@@ -202,6 +213,13 @@ impl Identities {
     /// How many cgroups' identities are cached.
     pub fn cached(&self) -> usize {
         self.cache().len()
+    }
+
+    /// A container by name or id (admins' lookups; never cached).
+    pub async fn find(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
+        let result = self.runtime.find(name_or_id).await;
+        self.metrics.call("inspect", result.is_ok());
+        result
     }
 
     /// `runtime.inspect`, counted.

@@ -49,6 +49,9 @@ pub enum Denial {
     /// The container has no role: nothing to serve.
     #[error("no role")]
     NoRole,
+    /// No role, in a build container of gitlab-runner's native steps mode.
+    #[error("no role: this build container has no CI_ variables, as in gitlab-runner's native steps mode, which keeps the runner's environment (IAM_ROLE) out of the container")]
+    NoRoleNativeSteps,
     #[error(transparent)]
     RoleRefused(#[from] RoleRefusal),
     /// STS did not give us credentials to serve.
@@ -70,7 +73,9 @@ impl Denial {
             }
             Self::HostBody | Self::TokenTtl => StatusCode::BAD_REQUEST,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Self::NotFound | Self::NoRole | Self::RoleRefused(_) => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoRole | Self::NoRoleNativeSteps | Self::RoleRefused(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
                 StatusCode::UNAUTHORIZED
@@ -82,7 +87,7 @@ impl Denial {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::NotFound | Self::MethodNotAllowed => Outcome::NotFound,
-            Self::NoRole => Outcome::NoRole,
+            Self::NoRole | Self::NoRoleNativeSteps => Outcome::NoRole,
             Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
                 Outcome::Unauthorized
             }
@@ -113,7 +118,7 @@ impl Denial {
             Self::TokenTtl => "token-ttl",
             Self::Token(_) => "bad-token",
             Self::Imdsv1Refused(_) => "imdsv1-refused",
-            Self::NoRole => "no-role",
+            Self::NoRole | Self::NoRoleNativeSteps => "no-role",
             Self::RoleRefused(_) => "role-refused",
             Self::Credentials(_) => "sts-unavailable",
             Self::ContainerAuthorization => "bad-authorization",
@@ -134,7 +139,7 @@ impl Denial {
     /// fixed per code; the reason stays in our log.
     pub fn container_credentials_response(&self) -> Response<Full<Bytes>> {
         let (code, message) = match self {
-            Self::NoRole => ("NoRole", "this container has no IAM role"),
+            Self::NoRole | Self::NoRoleNativeSteps => ("NoRole", "this container has no IAM role"),
             Self::RoleRefused(_) => (
                 "RoleRefused",
                 "this container's IAM role is refused; the host's `metaproxy connections` says why",

@@ -320,6 +320,9 @@ impl Surface {
         // Everything left is about the container's role.
         let role = match decision {
             RoleDecision::Role(role) => role,
+            RoleDecision::NoRole if Policy::native_steps(c) => {
+                return Err(Denial::NoRoleNativeSteps)
+            }
             RoleDecision::NoRole => return Err(Denial::NoRole),
             RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
         };
@@ -392,6 +395,9 @@ impl Surface {
         }
         let role = match decision {
             RoleDecision::Role(role) => role,
+            RoleDecision::NoRole if Policy::native_steps(c) => {
+                return Err(Denial::NoRoleNativeSteps)
+            }
             RoleDecision::NoRole => return Err(Denial::NoRole),
             RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
         };
