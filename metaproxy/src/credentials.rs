@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -97,6 +97,65 @@ pub struct Credentials {
     pub last_updated: SystemTime,
     /// `arn:aws:sts::ACCOUNT:assumed-role/ROLE/SESSION`
     pub assumed_role_arn: String,
+}
+
+/// Credentials as the cache hands them out: shared (no copy per request),
+/// with the answers rendered from them kept, since they never change: each
+/// document is serialised once per refresh, not once per request.
+#[derive(Debug)]
+pub struct Issued {
+    credentials: Credentials,
+    rendered: [OnceLock<bytes::Bytes>; 3],
+    /// Containers these credentials have been handed to.
+    handed_to: Mutex<HashSet<ContainerId>>,
+}
+
+/// The renderings [`Issued`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub enum Rendering {
+    Imds = 0,
+    ImdsExtended = 1,
+    ContainerCredentials = 2,
+}
+
+impl Issued {
+    pub fn new(credentials: Credentials) -> Self {
+        Self {
+            credentials,
+            rendered: Default::default(),
+            handed_to: Mutex::default(),
+        }
+    }
+
+    /// Whether this is the first time these credentials go to `container`
+    /// (what the audit line records; repeats are only counted).
+    pub fn first_for(&self, container: &ContainerId) -> bool {
+        let mut seen = self.handed_to.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(container) {
+            return false;
+        }
+        seen.insert(container.clone());
+        true
+    }
+
+    /// The `which` rendering, made by `render` the first time.
+    pub fn rendered(
+        &self,
+        which: Rendering,
+        render: impl FnOnce(&Credentials) -> bytes::Bytes,
+    ) -> bytes::Bytes {
+        self.rendered[which as usize]
+            .get_or_init(|| render(&self.credentials))
+            .clone()
+    }
+}
+
+impl std::ops::Deref for Issued {
+    type Target = Credentials;
+
+    fn deref(&self) -> &Credentials {
+        &self.credentials
+    }
 }
 
 impl Credentials {
@@ -362,7 +421,7 @@ struct Failure {
 
 #[derive(Debug)]
 struct Slot {
-    value: RwLock<Option<Credentials>>,
+    value: RwLock<Option<Arc<Issued>>>,
     /// Held while calling STS: the single flight.
     fetching: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
@@ -392,7 +451,7 @@ impl Slot {
             .elapsed()
     }
 
-    fn fresh(&self, min_remaining: Duration) -> Option<Credentials> {
+    fn fresh(&self, min_remaining: Duration) -> Option<Arc<Issued>> {
         let value = self.value.read().unwrap_or_else(|e| e.into_inner());
         value
             .as_ref()
@@ -413,7 +472,8 @@ impl Slot {
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(c) => {
-                *self.value.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                *self.value.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Arc::new(Issued::new(c.clone())));
                 *failure = None;
             }
             Err(error) => {
@@ -507,7 +567,7 @@ impl CredentialCache {
         key: &CredKey,
         owner: &ContainerId,
         wait: Duration,
-    ) -> Result<Credentials, CredentialsError> {
+    ) -> Result<Arc<Issued>, CredentialsError> {
         self.own(owner, key);
         let slot = self.slot(key);
         slot.touch();
@@ -544,7 +604,7 @@ impl CredentialCache {
 
     /// Through the single flight: whoever held it before us may have just
     /// fetched, or just failed.
-    async fn fetch(&self, key: &CredKey) -> Result<Credentials, CredentialsError> {
+    async fn fetch(&self, key: &CredKey) -> Result<Arc<Issued>, CredentialsError> {
         let slot = self.slot(key);
         let _flight = slot.fetching.lock().await;
         if let Some(c) = slot.fresh(SERVE_MIN_REMAINING) {
@@ -560,7 +620,7 @@ impl CredentialCache {
         &self,
         key: &CredKey,
         slot: &Slot,
-    ) -> Result<Credentials, CredentialsError> {
+    ) -> Result<Arc<Issued>, CredentialsError> {
         let result = self
             .sts
             .assume_role(key)
@@ -577,7 +637,8 @@ impl CredentialCache {
                     expiration = %humantime::format_rfc3339_seconds(c.expiration),
                     "assumed role"
                 );
-                Ok(c)
+                slot.fresh(Duration::ZERO)
+                    .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))
             }
             Err(e) => match slot.fresh(STALE_MIN_REMAINING) {
                 Some(c) => {

@@ -16,7 +16,18 @@ fn main() -> std::process::ExitCode {
         _ => LogFormat::Text,
     };
     let log_writer = logging::init(log_format);
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let threads = match &cli.command {
+        Command::Run(args) => args.worker_threads,
+        _ => 1,
+    };
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let result = builder
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)

@@ -530,8 +530,19 @@ pub async fn run(
                     let (metrics, readiness) = (metrics.clone(), readiness.clone());
                     tasks.spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let answer = answer(&req, metrics.get(), &readiness);
-                            async move { Ok::<_, Infallible>(answer) }
+                            let (metrics, readiness) = (metrics.clone(), readiness.clone());
+                            async move {
+                                // Encoding walks the kernel maps: off the
+                                // thread that serves requests.
+                                let answer = tokio::task::spawn_blocking(move || {
+                                    answer(&req, metrics.get(), &readiness)
+                                })
+                                .await
+                                .unwrap_or_else(|_| {
+                                    text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n".into())
+                                });
+                                Ok::<_, Infallible>(answer)
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .header_read_timeout(HEADER_TIMEOUT)

@@ -203,7 +203,9 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                 .connections
                 .push(Connection::refused(peer, denial.reason()));
             let for_requests = pipeline.clone();
-            serve_http(stream, move |_req| {
+            // Boxed: the task of an idle connection stays small (hyper's
+            // connection state is allocated only once it is needed).
+            Box::pin(serve_http(stream, move |_req| {
                 let (denial, pipeline) = (denial.clone(), for_requests.clone());
                 async move {
                     pipeline.metrics.request(
@@ -213,7 +215,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                     );
                     denial.response()
                 }
-            })
+            }))
             .await;
             return;
         }
@@ -225,6 +227,14 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
         }
         return;
     };
+    // Wait for the first bytes before hyper allocates its buffers: a
+    // connection that has sent nothing costs a task and a socket, no more.
+    if tokio::time::timeout(HEADER_TIMEOUT, stream.readable())
+        .await
+        .is_err()
+    {
+        return;
+    }
     let caller = Arc::new(caller);
     tracing::debug!(
         client = %peer,
@@ -233,7 +243,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
         pid = caller.pid,
         "accepted connection"
     );
-    serve_http(stream, move |req| {
+    Box::pin(serve_http(stream, move |req| {
         let (caller, pipeline) = (caller.clone(), pipeline.clone());
         async move {
             let request = logged_request(req.method(), req.uri().path());
@@ -248,7 +258,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                 .push(answered(&caller, request, &handled));
             handled.into_response()
         }
-    })
+    }))
     .await;
 }
 

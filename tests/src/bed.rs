@@ -367,6 +367,23 @@ impl Container {
         })
     }
 
+    /// Starts `args` in the container in the background (`docker exec -d`).
+    pub fn exec_detached(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = self
+            .docker()
+            .arg("exec")
+            .arg("-d")
+            .arg(&self.name)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "exec -d {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// An IMDSv2 token for `ttl` seconds, as the header that presents it.
     pub fn token_header(&self, ttl: u32) -> String {
         let ttl = format!("X-aws-ec2-metadata-token-ttl-seconds: {ttl}");

@@ -111,8 +111,11 @@ fn a_container_with_an_allowed_role_gets_exactly_that_role_and_one_without_gets_
         "{conns:#?}"
     );
 
-    // One audit line per issuance, naming the job and the key, never a secret.
+    // One audit line per issuance, naming the job and the key, never a
+    // secret: the SDK fetched the same credentials twice, which is logged
+    // once.
     let log = bed.daemon.log();
+    assert_eq!(log.matches("credentials issued").count(), 1, "{log}");
     let audit = log
         .lines()
         .find(|l| l.contains("credentials issued"))

@@ -1,96 +1,459 @@
-//! `cargo xtask bench`: how much metaproxy adds to a metadata request.
+//! `cargo xtask bench [--json]`: metaproxy against the floor users compare
+//! it with, measured in the same run on the same machine.
 //!
-//! In the end-to-end bed, a job container times sequential
-//! connect + GET + close round trips (the way SDKs fetch credentials), to:
+//! In the end-to-end bed, a job container times sequential connect + GET +
+//! close round trips (the way SDKs fetch credentials), alternating three
+//! times between:
 //!
-//! 1. a minimal HTTP server (hyper, release build) it reaches directly;
-//! 2. allow-listed metadata through metaproxy (redirect, attribution,
-//!    identity, the cached answer of the real IMDS);
-//! 3. its role's credentials through metaproxy (cached after the first).
+//! * nginx (Debian's nginx-light, one worker) serving a static JSON answer
+//!   of the credentials document's size, reached directly: the floor;
+//! * a minimal hyper server (release build), reached directly;
+//! * the role's credentials through metaproxy, with an IMDSv2 token (PUT
+//!   once) and without one (the tokenless path).
 //!
-//! It prints percentiles, the ratios to the baseline, and the daemon's
-//! resident memory before and after. Figures, not pass/fail.
+//! Then: throughput with 1, 4 and 16 concurrent clients against nginx and
+//! metaproxy; the daemon's CPU time per request; its RSS idle, with more
+//! live containers (real ones, the rest extrapolated and said so) and under
+//! a 4000-connection flood; the probe's cost per connect from the kernel's
+//! own BPF statistics and a connect-only loop with the probe attached and
+//! detached; and AssumeRole calls for the role under all that load.
+//!
+//! A table for people, `--json` for machines. Figures, not pass/fail.
 
-use std::process::Command;
-
-use std::time::Duration;
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use metaproxy_tests::{
-    bed::{E2eBed, ROLE_DEPLOY},
+    bed::{Container, E2eBed, ROLE_DEPLOY},
     docker::GATEWAY,
     process::spawn_in,
     wait_for,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 
-const ROUNDS: &str = "5000";
+/// Requests per latency run; three runs of each, alternating.
+const ROUNDS: usize = 500;
+const ALTERNATIONS: usize = 3;
+const IMDS: &str = "169.254.169.254:80";
+const NGINX_PORT: u16 = 8081;
+const HYPER_PORT: u16 = 8080;
+/// Seconds per throughput run.
+const THROUGHPUT_SECS: u64 = 4;
+/// Live containers started for the memory figure (more would take minutes
+/// on 2 cores; the 100 and 1000 figures are extrapolated from these).
+const LIVE_CONTAINERS: usize = 20;
+const FLOOD: usize = 4000;
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
+    crate::setup::apt_without_starting(&["nginx-light"])?;
     anyhow::ensure!(
         crate::test::is_root(),
         "the benchmark needs root (namespaces, cgroups, BPF, dockerd)"
     );
     let bins = crate::build::bed_binaries(true)?;
     let release = bins.dir.clone();
+    let metaproxy_bin = bins.metaproxy.clone();
     crate::clean::run_with(&bins.metaproxy)?;
     metaproxy_tests::use_binaries(bins);
 
-    let bed = E2eBed::start(&[])?;
-    let mut hello = Command::new(release.join("mp-hello"));
-    hello.arg(format!("{GATEWAY}:8080"));
-    let hello = spawn_in(hello, &bed.ns.path(), &bed.cg.child("services/hello")?)?;
-    wait_for("the baseline server", Duration::from_secs(10), || {
-        let addr: std::net::SocketAddr = format!("{GATEWAY}:8080").parse().ok()?;
-        bed.ns
-            .run(move || std::net::TcpStream::connect(addr).ok())
-            .ok()
-            .flatten()
-    })?;
+    // The kernel counts run time and runs of every BPF program while this
+    // is held.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow::anyhow!("enabling BPF run-time statistics: {e}"))?;
+    let mut bed = E2eBed::start(&[
+        "--max-connections",
+        "8192",
+        "--max-connections-per-container",
+        "8192",
+    ])?;
+    let rss_idle = rss_kib(&bed)?;
     let c = bed.container("bench", bed.base_image(), &[("IAM_ROLE", ROLE_DEPLOY)], &[])?;
-    let rss_before = rss_kib(&bed)?;
+    let auth = c.token_header(21600);
+    let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}");
+    let doc = c.imds("GET", &creds_path, &[&auth]);
+    anyhow::ensure!(doc["status"] == 200, "credentials: {doc}");
+    let doc_len = doc["body"].as_str().unwrap_or_default().len();
 
-    let run = |addr: &str, path: &str| -> anyhow::Result<Value> {
-        let v = c.exec(&["/mp-client", "latency", addr, path, ROUNDS])?;
+    // The floor: nginx, one worker, the same number of bytes.
+    let dir = bed.scratch().join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("creds.json"), "x".repeat(doc_len))?;
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 16384; }}\n\
+             http {{ access_log off; keepalive_timeout 5;\n\
+               server {{ listen {GATEWAY}:{NGINX_PORT};\n\
+                 location = /creds {{ default_type application/json; alias {d}/creds.json; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let mut nginx = Command::new("/usr/sbin/nginx");
+    nginx
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir);
+    let _nginx = spawn_in(nginx, &bed.ns.path(), &bed.cg.child("services/nginx")?)?;
+    let mut hello = Command::new(release.join("mp-hello"));
+    hello.arg(format!("{GATEWAY}:{HYPER_PORT}"));
+    let _hello = spawn_in(hello, &bed.ns.path(), &bed.cg.child("services/hello")?)?;
+    for port in [NGINX_PORT, HYPER_PORT] {
+        wait_for("the floor's servers", Duration::from_secs(10), || {
+            let addr: std::net::SocketAddr = format!("{GATEWAY}:{port}").parse().ok()?;
+            bed.ns
+                .run(move || std::net::TcpStream::connect(addr).ok())
+                .ok()
+                .flatten()
+        })?;
+    }
+    let nginx_addr = format!("{GATEWAY}:{NGINX_PORT}");
+    let hyper_addr = format!("{GATEWAY}:{HYPER_PORT}");
+
+    // Latency, alternating.
+    let latency = |addr: &str, path: &str, headers: &[&str]| -> anyhow::Result<Value> {
+        let rounds = ROUNDS.to_string();
+        let mut args = vec!["/mp-client", "latency", addr, path, &rounds];
+        args.extend_from_slice(headers);
+        let v = c.exec(&args)?;
         anyhow::ensure!(v["ok"] == true, "{addr}{path}: {v}");
         Ok(v)
     };
-    let baseline = run(&format!("{GATEWAY}:8080"), "/latest/meta-data/instance-id")?;
-    let metadata = run("169.254.169.254:80", "/latest/meta-data/instance-id")?;
-    let creds = run(
-        "169.254.169.254:80",
-        &format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}"),
-    )?;
-    let rss_after = rss_kib(&bed)?;
-    drop(hello);
+    let cpu_before = cpu_ticks(&bed)?;
+    let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for _ in 0..ALTERNATIONS {
+        runs.entry("nginx")
+            .or_default()
+            .push(latency(&nginx_addr, "/creds", &[])?);
+        runs.entry("metaproxy, IMDSv2 token")
+            .or_default()
+            .push(latency(IMDS, &creds_path, &[&auth])?);
+        runs.entry("metaproxy, tokenless")
+            .or_default()
+            .push(latency(IMDS, &creds_path, &[])?);
+        runs.entry("hyper (ours)").or_default().push(latency(
+            &hyper_addr,
+            "/latest/meta-data/instance-id",
+            &[],
+        )?);
+    }
+    let cpu_after = cpu_ticks(&bed)?;
+    let mp_requests = 2 * ALTERNATIONS * ROUNDS;
+    let cpu_us_per_request = (cpu_after - cpu_before) as f64 * 1e6 / clk_tck() / mp_requests as f64;
+    let median = |name: &str, key: &str| -> f64 {
+        let mut v: Vec<f64> = runs[name].iter().filter_map(|r| r[key].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
 
+    // Throughput (profiled with perf, when asked, at 16 clients).
+    let mut throughput = Vec::new();
+    for clients in [1usize, 4, 16] {
+        let rate = |addr: &str, path: &str, headers: &[&str]| -> anyhow::Result<f64> {
+            let (n, secs) = (clients.to_string(), THROUGHPUT_SECS.to_string());
+            let mut args = vec!["/mp-client", "throughput", addr, path, &n, &secs];
+            args.extend_from_slice(headers);
+            let v = c.exec(&args)?;
+            anyhow::ensure!(v["failed"] == 0, "throughput {addr}: {v}");
+            Ok(v["per_second"].as_f64().unwrap_or(0.0))
+        };
+        let floor = rate(&nginx_addr, "/creds", &[])?;
+        let ours = rate(IMDS, &creds_path, &[&auth])?;
+        throughput.push(json!({ "clients": clients, "nginx_per_s": floor, "metaproxy_per_s": ours, "ratio": ours / floor }));
+        // An extra run under perf, never a measured one (perf slows it).
+        let profiler = (perf && clients == 16)
+            .then(|| {
+                Command::new("perf")
+                    .args(["record", "-F", "999", "-g", "-o"])
+                    .arg(crate::workspace_root().join("target/bench-perf.data"))
+                    .arg("-p")
+                    .arg(bed.daemon.pid().to_string())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            })
+            .transpose()?;
+        if let Some(mut p) = profiler {
+            rate(IMDS, &creds_path, &[&auth])?;
+            // SIGINT: perf writes its data and exits.
+            let _ = Command::new("kill")
+                .args(["-INT", &p.id().to_string()])
+                .status();
+            let _ = p.wait();
+            let report = Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--percent-limit",
+                    "1",
+                    "-i",
+                ])
+                .arg(crate::workspace_root().join("target/bench-perf.data"))
+                .output()?;
+            let out = crate::workspace_root().join("target/bench-perf.txt");
+            std::fs::write(&out, &report.stdout)?;
+            eprintln!(
+                "perf profile of the daemon at 16 clients: {}",
+                out.display()
+            );
+        }
+    }
+    let role = metaproxy_tests::bed::role_arn(ROLE_DEPLOY);
+    let assume_role_under_load = bed
+        .moto
+        .assume_role_calls()
+        .iter()
+        .filter(|(arn, _)| *arn == role)
+        .count();
+
+    // The probe's cost per connect, from the kernel's own statistics: over
+    // a connect-only loop to another address (what every connect of a job
+    // pays) and one through the redirect (what an IMDS connect pays),
+    // against a direct connect.
+    let loop_stats = |addr: &str| -> anyhow::Result<(Value, f64, f64, f64)> {
+        let before = prog_stats();
+        let v = c.exec(&["/mp-client", "connects", addr, "2000"])?;
+        let after = prog_stats();
+        let per_run = |name: &str| {
+            let (t0, n0) = before.get(name).copied().unwrap_or_default();
+            let (t1, n1) = after.get(name).copied().unwrap_or_default();
+            let runs = n1.saturating_sub(n0);
+            let ns = if runs == 0 {
+                0.0
+            } else {
+                (t1 - t0) as f64 / runs as f64
+            };
+            (ns, runs as f64 / 2000.0)
+        };
+        let (c4, c4_per) = per_run("mp_connect4");
+        let (so, so_per) = per_run("mp_sock_ops");
+        Ok((v, c4 * c4_per + so * so_per, c4, so_per))
+    };
+    let (direct, direct_probe_ns, direct_connect4_ns, direct_sock_ops_runs) =
+        loop_stats(&nginx_addr)?;
+    let (redirected, redirected_probe_ns, connect4_ns, sock_ops_per_conn) = loop_stats(IMDS)?;
+    let direct_connect_us = direct["p50_us"].as_f64().unwrap_or(f64::NAN);
+    // The same loop, probe attached (here) and detached (at the end).
+    let attached = c.exec(&["/mp-client", "connects", &nginx_addr, "2000"])?;
+
+    // Memory: more live containers, each having fetched its credentials.
+    let rss_before_containers = rss_kib(&bed)?;
+    let mut live: Vec<Container> = Vec::new();
+    for i in 0..LIVE_CONTAINERS {
+        let extra = bed.container(
+            &format!("live-{i}"),
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )?;
+        let a = extra.token_header(60);
+        let _ = extra.imds("GET", &creds_path, &[&a]);
+        live.push(extra);
+    }
+    let rss_with_containers = rss_kib(&bed)?;
+    let per_container_kib =
+        rss_with_containers.saturating_sub(rss_before_containers) as f64 / LIVE_CONTAINERS as f64;
+    drop(live);
+
+    // Memory with connections that send nothing, then with a flood of
+    // slow and keep-alive ones, all from one container.
+    let rss_before_idle = rss_kib(&bed)?;
+    c.exec_detached(&["/mp-client", "idle", IMDS, &FLOOD.to_string(), "40"])?;
+    let (mut idle_open, mut rss_idle_conns) = (0.0f64, rss_before_idle);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until && idle_open < FLOOD as f64 {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = bed.daemon.metric("metaproxy_open_connections");
+        if n >= idle_open {
+            idle_open = n;
+            rss_idle_conns = rss_kib(&bed)?;
+        }
+    }
+    let per_idle_connection_kib =
+        rss_idle_conns.saturating_sub(rss_before_idle) as f64 / idle_open.max(1.0);
+    wait_for(
+        "the idle connections to go",
+        Duration::from_secs(60),
+        || (bed.daemon.metric("metaproxy_open_connections") < 10.0).then_some(()),
+    )?;
+    let rss_before_flood = rss_kib(&bed)?;
+    c.exec_detached(&["/mp-client", "flood", IMDS, &FLOOD.to_string(), "90"])?;
+    // The most connections seen open, and the RSS then.
+    let (mut open, mut rss_flood) = (0.0f64, rss_before_flood);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < until && open < FLOOD as f64 {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = bed.daemon.metric("metaproxy_open_connections");
+        if n >= open {
+            open = n;
+            rss_flood = rss_kib(&bed)?;
+        }
+    }
+    let per_connection_kib = rss_flood.saturating_sub(rss_before_flood) as f64 / open.max(1.0);
+
+    // The connect-only loop again, with the probe detached.
+    bed.daemon.terminate();
+    let detached_ok = Command::new(&metaproxy_bin)
+        .args(["detach", "--pin-dir"])
+        .arg(bed.daemon.pin_dir())
+        .status()?
+        .success();
+    anyhow::ensure!(detached_ok, "metaproxy detach failed");
+    let detached = c.exec(&["/mp-client", "connects", &nginx_addr, "2000"])?;
+    bed.daemon.restart()?;
+
+    let floor_p50 = median("nginx", "p50_us");
+    let floor_p99 = median("nginx", "p99_us");
+    let rows: Vec<Value> = [
+        "nginx",
+        "metaproxy, IMDSv2 token",
+        "metaproxy, tokenless",
+        "hyper (ours)",
+    ]
+    .iter()
+    .map(|name| {
+        json!({
+            "name": name,
+            "p50_us": median(name, "p50_us"),
+            "p90_us": median(name, "p90_us"),
+            "p99_us": median(name, "p99_us"),
+            "p50_ratio": median(name, "p50_us") / floor_p50,
+            "p99_ratio": median(name, "p99_us") / floor_p99,
+        })
+    })
+    .collect();
+    let report = json!({
+        "machine": machine(),
+        "latency": rows,
+        "latency_runs": runs,
+        "throughput": throughput,
+        "cpu_us_per_request": cpu_us_per_request,
+        "rss_kib": {
+            "idle": rss_idle,
+            "per_live_container": per_container_kib,
+            "with_100_containers_extrapolated": rss_before_containers as f64 + 100.0 * per_container_kib,
+            "with_1000_containers_extrapolated": rss_before_containers as f64 + 1000.0 * per_container_kib,
+            "idle_connections": idle_open,
+            "with_idle_connections": rss_idle_conns,
+            "per_idle_connection": per_idle_connection_kib,
+            "flood_connections": open,
+            "under_flood": rss_flood,
+            "per_flood_connection": per_connection_kib,
+        },
+        "probe": {
+            "ordinary_connect_ns": direct_probe_ns,
+            "ordinary_connect4_ns_per_run": direct_connect4_ns,
+            "ordinary_sock_ops_runs_per_connection": direct_sock_ops_runs,
+            "ordinary_share_of_a_direct_connect": direct_probe_ns / (direct_connect_us * 1000.0),
+            "redirected_connect_ns": redirected_probe_ns,
+            "redirected_connect4_ns_per_run": connect4_ns,
+            "redirected_sock_ops_runs_per_connection": sock_ops_per_conn,
+            "redirected_share_of_a_direct_connect": redirected_probe_ns / (direct_connect_us * 1000.0),
+            "direct_connect_p50_us": direct_connect_us,
+            "redirected_connect_p50_us": redirected["p50_us"],
+            "connect_p50_us_attached": attached["p50_us"],
+            "connect_p50_us_detached": detached["p50_us"],
+        },
+        "assume_role_calls_for_the_role_under_load": assume_role_under_load,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_table(&report);
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("\n{}", r["machine"].as_str().unwrap_or_default());
     println!(
-        "\nsequential connect + GET + close from a container, {ROUNDS} rounds each (microseconds)"
+        "\ncredential GET from a job container: connect + GET + close, {ROUNDS} rounds x {ALTERNATIONS} alternating runs (median of runs, microseconds)"
     );
     println!(
-        "{:<44} {:>8} {:>8} {:>8} {:>10}",
-        "", "p50", "p90", "p99", "p50 ratio"
+        "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
+        "", "p50", "p90", "p99", "p50/nginx", "p99/nginx"
     );
-    let base = baseline["p50_us"].as_f64().unwrap_or(f64::NAN);
-    for (name, v) in [
-        ("minimal HTTP server, direct (baseline)", &baseline),
-        ("metaproxy: allow-listed metadata", &metadata),
-        ("metaproxy: role credentials (cached)", &creds),
-    ] {
-        let p = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    for row in r["latency"].as_array().into_iter().flatten() {
         println!(
-            "{name:<44} {:>8.0} {:>8.0} {:>8.0} {:>9.2}x",
-            p("p50_us"),
-            p("p90_us"),
-            p("p99_us"),
-            p("p50_us") / base
+            "{:<28} {:>8.0} {:>8.0} {:>8.0} {:>10.2}x {:>10.2}x",
+            row["name"].as_str().unwrap_or_default(),
+            f(&row["p50_us"]),
+            f(&row["p90_us"]),
+            f(&row["p99_us"]),
+            f(&row["p50_ratio"]),
+            f(&row["p99_ratio"]),
         );
     }
+    println!("\nthroughput, connect + GET + close per request (requests/s)");
     println!(
-        "\ndaemon resident memory: {rss_before} KiB before, {rss_after} KiB after {} requests",
-        2 * ROUNDS.parse::<u32>()?
+        "{:<10} {:>12} {:>12} {:>8}",
+        "clients", "nginx", "metaproxy", "ratio"
     );
-    Ok(())
+    for t in r["throughput"].as_array().into_iter().flatten() {
+        println!(
+            "{:<10} {:>12.0} {:>12.0} {:>7.2}x",
+            t["clients"],
+            f(&t["nginx_per_s"]),
+            f(&t["metaproxy_per_s"]),
+            f(&t["ratio"])
+        );
+    }
+    let m = &r["rss_kib"];
+    println!(
+        "\ndaemon CPU per request: {:.0} us",
+        f(&r["cpu_us_per_request"])
+    );
+    println!(
+        "daemon RSS: idle {} KiB; {:.0} KiB per live container ({LIVE_CONTAINERS} real ones), so about {:.1} MiB with 100 and {:.1} MiB with 1000 (extrapolated)",
+        m["idle"],
+        f(&m["per_live_container"]),
+        f(&m["with_100_containers_extrapolated"]) / 1024.0,
+        f(&m["with_1000_containers_extrapolated"]) / 1024.0,
+    );
+    println!(
+        "  {:.1} KiB per connection that sends nothing ({:.0} open); {:.1} KiB per connection of a slow/keep-alive flood ({:.0} open, {:.0} KiB)",
+        f(&m["per_idle_connection"]),
+        f(&m["idle_connections"]),
+        f(&m["per_flood_connection"]),
+        f(&m["flood_connections"]),
+        f(&m["under_flood"]),
+    );
+    let p = &r["probe"];
+    println!(
+        "probe (kernel.bpf_stats), per connect: {:.0} ns for an ordinary one ({:.2}% of a direct connect, {:.1} us p50), {:.0} ns for an IMDS one ({:.1}%)",
+        f(&p["ordinary_connect_ns"]),
+        100.0 * f(&p["ordinary_share_of_a_direct_connect"]),
+        f(&p["direct_connect_p50_us"]),
+        f(&p["redirected_connect_ns"]),
+        100.0 * f(&p["redirected_share_of_a_direct_connect"]),
+    );
+    println!(
+        "connect-only loop to nginx, p50: {:.1} us with the probe attached, {:.1} us detached",
+        f(&p["connect_p50_us_attached"]),
+        f(&p["connect_p50_us_detached"]),
+    );
+    println!(
+        "AssumeRole calls for the role under all of the above: {}",
+        r["assume_role_calls_for_the_role_under_load"]
+    );
+}
+
+/// (run time in ns, runs) of our programs, by name.
+fn prog_stats() -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if let Some(name) = info.name_as_str() {
+            if name.starts_with("mp_") {
+                let e = out.entry(name.to_string()).or_insert((0, 0));
+                e.0 += info.run_time().as_nanos() as u64;
+                e.1 += info.run_count();
+            }
+        }
+    }
+    out
 }
 
 fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
@@ -101,4 +464,43 @@ fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for the daemon"))
+}
+
+/// The daemon's user + system time, in clock ticks.
+fn cpu_ticks(bed: &E2eBed) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", bed.daemon.pid()))?;
+    // Fields after the parenthesised comm: utime is the 14th field overall.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(n(11) + n(12))
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("machine: {cpus} CPUs ({model}), kernel {}", kernel.trim())
 }

@@ -2,7 +2,8 @@
 //!
 //! * `setup` - install what a fresh machine lacks (quiet when nothing is)
 //! * `demo`  - the product end to end in a throwaway bed
-//! * `bench` - latency added per metadata request, and daemon memory
+//! * `bench` - metaproxy against nginx: latency, throughput, CPU, memory,
+//!   the probe's cost
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `fuzz`  - a short cargo-fuzz pass over each target in `fuzz/`
 //! * `package` - the Debian package (cargo-deb)
@@ -31,8 +32,16 @@ enum Cmd {
     Setup,
     /// Show it working: two job containers, one with a role, one without.
     Demo,
-    /// Measure what metaproxy adds to a metadata request (figures, ratios).
-    Bench,
+    /// Measure metaproxy against nginx in the same run (figures, ratios).
+    Bench {
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Profile the daemon with perf at 16 clients
+        /// (target/bench-perf.txt).
+        #[arg(long)]
+        perf: bool,
+    },
     /// Run every test: unit tests, then the kernel and end-to-end suites.
     Test {
         /// Only run tests whose name contains this.
@@ -61,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => demo::run(),
-        Cmd::Bench => bench::run(),
+        Cmd::Bench { json, perf } => bench::run(json, perf),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
         Cmd::Package { profile } => package::run(&profile),

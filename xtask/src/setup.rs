@@ -94,6 +94,21 @@ pub fn apt(pkgs: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Installs Debian packages for the benchmark without starting their
+/// services (a policy-rc.d that says no, for the install only): nginx must
+/// not take port 80 on the host.
+pub fn apt_without_starting(pkgs: &[&str]) -> anyhow::Result<()> {
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    if policy.exists() {
+        return apt(pkgs);
+    }
+    std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+    std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let result = apt(pkgs);
+    std::fs::remove_file(policy)?;
+    result
+}
+
 /// cargo-deb builds the Debian package (`cargo xtask package`).
 pub fn cargo_deb() -> anyhow::Result<()> {
     if succeeds(Command::new("cargo").args(["deb", "--version"])) {

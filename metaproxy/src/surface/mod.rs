@@ -37,7 +37,7 @@ pub use token::{TokenError, TokenKey};
 use crate::{
     attribution::Caller,
     connlog::Outcome,
-    credentials::{CredKey, CredentialCache},
+    credentials::{CredKey, CredentialCache, Issued, Rendering},
     identity::{Container, Identities, Identity},
     ids::RoleArn,
     logging::Clean,
@@ -402,8 +402,11 @@ impl Surface {
             RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
         };
         let creds = self.issue(c, &role, "container-credentials").await?;
-        let body = document::ContainerCredentialsDocument::new(&creds, &role.arn);
-        let mut reply = Reply::text(serde_json::to_string(&body).unwrap_or_default());
+        let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
+            let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);
+            Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+        });
+        let mut reply = Reply::text(body);
         reply.response.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
@@ -419,9 +422,17 @@ impl Surface {
         extended: bool,
     ) -> Result<Reply, Denial> {
         let creds = self.issue(c, role, "imds").await?;
-        let account = extended.then(|| role.arn.account().to_string());
-        let body = CredentialsDocument::new(&creds, account);
-        let mut reply = Reply::text(serde_json::to_string_pretty(&body).unwrap_or_default());
+        let which = if extended {
+            Rendering::ImdsExtended
+        } else {
+            Rendering::Imds
+        };
+        let body = creds.rendered(which, |creds| {
+            let account = extended.then(|| role.arn.account().to_string());
+            let doc = CredentialsDocument::new(creds, account);
+            Bytes::from(serde_json::to_vec_pretty(&doc).unwrap_or_default())
+        });
+        let mut reply = Reply::text(body);
         reply.remaining = Some(creds.remaining());
         Ok(reply)
     }
@@ -433,7 +444,7 @@ impl Surface {
         c: &Container,
         role: &Role,
         endpoint: &'static str,
-    ) -> Result<crate::credentials::Credentials, Denial> {
+    ) -> Result<Arc<Issued>, Denial> {
         let key = CredKey::from(role);
         let creds = self
             .credentials
@@ -442,6 +453,11 @@ impl Surface {
             .inspect_err(|e| {
                 tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %Clean(&e.to_string()), "no credentials to serve");
             })?;
+        if !creds.first_for(&c.id) {
+            // Already recorded for this container; `connections` and the
+            // metrics count the repeats.
+            return Ok(creds);
+        }
         tracing::info!(
             target: "metaproxy::audit",
             container_id = %c.id,

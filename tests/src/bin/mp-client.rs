@@ -11,7 +11,12 @@
 //! mp-client bind ADDR           bind and listen on ADDR (reports the errno)
 //! mp-client flood ADDR N SECS   open N connections, half trickling headers
 //!                               (slowloris), half idle after one request
-//! mp-client latency ADDR PATH N N sequential connect+GET+close; percentiles
+//! mp-client latency ADDR PATH N [HEADER]...
+//!                               N sequential connect+GET+close; percentiles
+//! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
+//!                               CLIENTS threads of connect+GET+close; requests/s
+//! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
+//! mp-client idle ADDR N SECS    open N connections, send nothing, hold them
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -53,8 +58,22 @@ fn main() {
         }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
-        Some("latency") if args.len() == 4 => {
-            latency(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
+        Some("latency") if args.len() >= 4 => latency(
+            addr,
+            &args[2],
+            args[3].parse().unwrap_or_else(|_| usage()),
+            &headers(&args[4..]),
+        ),
+        Some("throughput") if args.len() >= 5 => throughput(
+            addr,
+            &args[2],
+            args[3].parse().unwrap_or_else(|_| usage()),
+            args[4].parse().unwrap_or_else(|_| usage()),
+            &headers(&args[5..]),
+        ),
+        Some("connects") => connects(addr, n()),
+        Some("idle") if args.len() == 4 => {
+            idle(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
         }
         _ => usage(),
     };
@@ -263,23 +282,100 @@ fn hold(addr: SocketAddr, n: usize) -> serde_json::Value {
     json!({ "ok": true, "ports": ports, "statuses": statuses, "pid": std::process::id() })
 }
 
-fn latency(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
-    let mut micros = Vec::with_capacity(n);
-    let mut failed = 0;
-    for _ in 0..n {
-        let started = std::time::Instant::now();
-        match connect(addr).and_then(|mut s| exchange(&mut s, "GET", path, "")) {
-            Ok((200, _)) => micros.push(started.elapsed().as_secs_f64() * 1e6),
-            _ => failed += 1,
-        }
-    }
+/// `Name: value` arguments as header lines.
+fn headers(args: &[String]) -> String {
+    args.iter().map(|h| format!("{h}\r\n")).collect()
+}
+
+/// Percentiles of `micros` (sorted here).
+fn percentiles(mut micros: Vec<f64>) -> serde_json::Value {
     micros.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         micros
             .get(((micros.len() as f64 * p) as usize).min(micros.len().saturating_sub(1)))
             .copied()
     };
-    json!({ "ok": failed == 0, "n": n, "failed": failed, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99) })
+    json!({ "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99) })
+}
+
+/// Sequential connect + GET + close, as SDKs fetch credentials.
+fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json::Value {
+    let mut micros = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        match connect(addr).and_then(|mut s| exchange(&mut s, "GET", path, headers)) {
+            Ok((200, _)) => micros.push(started.elapsed().as_secs_f64() * 1e6),
+            _ => failed += 1,
+        }
+    }
+    let mut out = percentiles(micros);
+    out["ok"] = json!(failed == 0);
+    out["n"] = json!(n);
+    out["failed"] = json!(failed);
+    out
+}
+
+/// `clients` threads doing connect + GET + close for `secs` seconds.
+fn throughput(
+    addr: SocketAddr,
+    path: &str,
+    clients: usize,
+    secs: u64,
+    headers: &str,
+) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (path, headers) = (path.to_string(), headers.to_string());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while std::time::Instant::now() < until {
+                    match connect(addr).and_then(|mut s| exchange(&mut s, "GET", &path, &headers)) {
+                        Ok((200, _)) => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for t in threads {
+        let (o, f) = t.join().unwrap_or((0, 1));
+        ok += o;
+        failed += f;
+    }
+    json!({ "ok": failed == 0, "requests": ok, "failed": failed, "per_second": ok as f64 / secs as f64 })
+}
+
+/// Opens `n` connections, sends nothing, and holds them `secs` seconds.
+fn idle(addr: SocketAddr, n: usize, secs: u64) -> serde_json::Value {
+    let conns: Vec<TcpStream> = (0..n)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    json!({ "ok": true, "opened": conns.len() })
+}
+
+/// connect() alone, then close with a reset (no TIME_WAIT): its latency.
+fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
+    let mut micros = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => {
+                micros.push(started.elapsed().as_secs_f64() * 1e6);
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let mut out = percentiles(micros);
+    out["ok"] = json!(failed == 0);
+    out["n"] = json!(n);
+    out
 }
 
 fn churn(addr: SocketAddr, n: usize) -> serde_json::Value {
