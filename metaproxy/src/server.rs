@@ -229,11 +229,11 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
     };
     // Wait for the first bytes before hyper allocates its buffers: a
     // connection that has sent nothing costs a task and a socket, no more.
-    if tokio::time::timeout(HEADER_TIMEOUT, stream.readable())
-        .await
-        .is_err()
-    {
-        return;
+    // (`peek`, not `readable`: readiness can be reported before any data.)
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
     }
     let caller = Arc::new(caller);
     tracing::debug!(
