@@ -102,7 +102,6 @@ pub struct Credentials {
 /// Credentials as the cache hands them out: shared (no copy per request),
 /// with the answers rendered from them kept, since they never change: each
 /// document is serialised once per refresh, not once per request.
-#[derive(Debug)]
 pub struct Issued {
     credentials: Credentials,
     rendered: [OnceLock<bytes::Bytes>; 3],
@@ -147,6 +146,15 @@ impl Issued {
         self.rendered[which as usize]
             .get_or_init(|| render(&self.credentials))
             .clone()
+    }
+}
+
+/// The renderings hold the secrets in the clear: never printed.
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
     }
 }
 
@@ -764,6 +772,15 @@ mod tests {
             !printed.contains("very-secret") && !printed.contains("token-secret"),
             "{printed}"
         );
+        // Nor once rendered into an answer that the cache keeps.
+        let issued = Issued::new(c);
+        let body = issued.rendered(Rendering::Imds, |c| {
+            bytes::Bytes::from(c.secret_access_key.expose().to_string())
+        });
+        assert_eq!(body, "very-secret");
+        let printed = format!("{issued:?}");
+        assert!(printed.contains("ASIAEXAMPLE"));
+        assert!(!printed.contains("very-secret"), "{printed}");
     }
 
     #[test]

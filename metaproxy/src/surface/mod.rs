@@ -105,12 +105,21 @@ impl Endpoint {
 }
 
 /// A successful answer.
-#[derive(Debug)]
 pub struct Reply {
     response: Response<Full<Bytes>>,
     outcome: Outcome,
     /// For credentials: how long they had left when served.
     remaining: Option<Duration>,
+}
+
+/// The body may hold credentials: never printed.
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("status", &self.response.status())
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reply {
@@ -478,4 +487,17 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_never_prints_its_body() {
+        let reply = Reply::text(r#"{"SecretAccessKey": "very-secret"}"#);
+        let printed = format!("{reply:?}");
+        assert!(printed.contains("200"), "{printed}");
+        assert!(!printed.contains("very-secret"), "{printed}");
+    }
 }
