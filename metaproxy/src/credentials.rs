@@ -476,13 +476,19 @@ impl Slot {
             .map(|f| f.error.clone())
     }
 
-    fn record(&self, result: &Result<Credentials, CredentialsError>) {
+    /// Keeps new credentials (and hands them back, shared), or remembers
+    /// the failure.
+    fn record(
+        &self,
+        result: Result<Credentials, CredentialsError>,
+    ) -> Result<Arc<Issued>, CredentialsError> {
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(c) => {
-                *self.value.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Arc::new(Issued::new(c.clone())));
+                let issued = Arc::new(Issued::new(c));
+                *self.value.write().unwrap_or_else(|e| e.into_inner()) = Some(issued.clone());
                 *failure = None;
+                Ok(issued)
             }
             Err(error) => {
                 let streak = failure.as_ref().map_or(1, |f| f.streak.saturating_add(1));
@@ -491,6 +497,7 @@ impl Slot {
                     retry_at: Instant::now() + backoff(streak),
                     streak,
                 });
+                Err(error)
             }
         }
     }
@@ -634,8 +641,7 @@ impl CredentialCache {
             .assume_role(key)
             .await
             .map_err(|e| e.with_session_hint(&key.session));
-        slot.record(&result);
-        match result {
+        match slot.record(result) {
             Ok(c) => {
                 tracing::info!(
                     role_arn = %key.role_arn,
@@ -645,8 +651,7 @@ impl CredentialCache {
                     expiration = %humantime::format_rfc3339_seconds(c.expiration),
                     "assumed role"
                 );
-                slot.fresh(Duration::ZERO)
-                    .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))
+                Ok(c)
             }
             Err(e) => match slot.fresh(STALE_MIN_REMAINING) {
                 Some(c) => {

@@ -73,6 +73,14 @@ pub struct ErrorLabels {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// A counter's value for `labels`; 0 if it never counted.
+fn count<L>(family: &Family<L, Counter>, labels: &L) -> u64
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family.get(labels).map_or(0, |c| c.get())
+}
+
 fn sts_buckets() -> Histogram {
     // 5 ms .. ~10 s.
     Histogram::new(exponential_buckets(0.005, 2.0, 12))
@@ -124,16 +132,12 @@ impl RequestMetrics {
 
     /// How many requests were answered on `route` with `outcome`.
     pub fn requests_of(&self, route: &'static str, outcome: &'static str) -> u64 {
-        self.requests
-            .get(&RequestLabels { route, outcome })
-            .map_or(0, |c| c.get())
+        count(&self.requests, &RequestLabels { route, outcome })
     }
 
     /// How many requests were refused for `reason`.
     pub fn refusals_of(&self, reason: &'static str) -> u64 {
-        self.refusals
-            .get(&ReasonLabels { reason })
-            .map_or(0, |c| c.get())
+        count(&self.refusals, &ReasonLabels { reason })
     }
 
     fn register(&self, r: &mut Registry) {
@@ -178,9 +182,7 @@ impl CacheMetrics {
     }
 
     pub fn lookups_of(&self, result: &'static str) -> u64 {
-        self.lookups
-            .get(&ResultLabels { result })
-            .map_or(0, |c| c.get())
+        count(&self.lookups, &ResultLabels { result })
     }
 
     fn register(&self, r: &mut Registry) {
@@ -214,15 +216,11 @@ impl Default for StsMetrics {
 
 impl StsMetrics {
     pub fn calls_of(&self, operation: &'static str) -> u64 {
-        self.calls
-            .get(&OperationLabels { operation })
-            .map_or(0, |c| c.get())
+        count(&self.calls, &OperationLabels { operation })
     }
 
     pub fn errors_of(&self, operation: &'static str, code: &'static str) -> u64 {
-        self.errors
-            .get(&ErrorLabels { operation, code })
-            .map_or(0, |c| c.get())
+        count(&self.errors, &ErrorLabels { operation, code })
     }
 
     fn register(&self, r: &mut Registry) {
@@ -273,9 +271,7 @@ impl DockerMetrics {
     }
 
     pub fn calls_of(&self, operation: &'static str) -> u64 {
-        self.calls
-            .get(&OperationLabels { operation })
-            .map_or(0, |c| c.get())
+        count(&self.calls, &OperationLabels { operation })
     }
 
     fn register(&self, r: &mut Registry) {

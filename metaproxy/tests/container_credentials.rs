@@ -6,18 +6,11 @@
 mod support;
 
 use metaproxy::{connlog::Outcome, surface::ContainerCredentialsOptions};
-use support::{bed, bed_with, Options, Spec, StsMode};
+use support::{bed, bed_with, with_role, Options, Spec, StsMode};
 
 const ECS: [u8; 4] = [169, 254, 170, 2];
 const EKS: [u8; 4] = [169, 254, 170, 23];
 const PATH: &str = "/v1/credentials";
-
-fn with_role() -> Spec<'static> {
-    Spec {
-        env: &["IAM_ROLE=ci-deploy"],
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn one_request_without_a_token_gets_the_containers_role() {

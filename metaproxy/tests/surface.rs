@@ -4,18 +4,11 @@
 mod support;
 
 use metaproxy::{connlog::Outcome, surface::Imdsv1Mode};
-use support::{bed, bed_with, Options, Spec};
+use support::{bed, bed_with, with_role, Options, Spec};
 
 const ROLE: &str = "ci-deploy";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 const TTL: (&str, &str) = ("X-aws-ec2-metadata-token-ttl-seconds", "60");
-
-fn with_role() -> Spec<'static> {
-    Spec {
-        env: &["IAM_ROLE=ci-deploy"],
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn a_container_walks_the_imdsv2_path_to_its_roles_credentials() {

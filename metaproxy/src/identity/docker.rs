@@ -47,10 +47,6 @@ impl DockerRuntime {
         *self.0.lock().await = None;
     }
 
-    async fn inspect_container(&self, id: &ContainerId) -> Result<Option<Container>, RuntimeError> {
-        self.inspect_named(id.as_str()).await
-    }
-
     /// Inspects a container by id or name.
     async fn inspect_named(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
         let fallback = ContainerId::parse(name_or_id);
@@ -129,7 +125,7 @@ impl ContainerRuntime for DockerRuntime {
         &'a self,
         id: &'a ContainerId,
     ) -> BoxFuture<'a, Result<Option<Container>, RuntimeError>> {
-        self.inspect_container(id).boxed()
+        self.inspect_named(id.as_str()).boxed()
     }
 
     fn find<'a>(

@@ -104,6 +104,16 @@ impl Endpoint {
     }
 }
 
+/// The role a decision grants, or the refusal it comes to.
+fn granted(decision: RoleDecision, c: &Container) -> Result<Role, Denial> {
+    match decision {
+        RoleDecision::Role(role) => Ok(role),
+        RoleDecision::NoRole if Policy::native_steps(c) => Err(Denial::NoRoleNativeSteps),
+        RoleDecision::NoRole => Err(Denial::NoRole),
+        RoleDecision::Refused(reason) => Err(Denial::RoleRefused(reason)),
+    }
+}
+
 /// A successful answer.
 pub struct Reply {
     response: Response<Full<Bytes>>,
@@ -327,14 +337,7 @@ impl Surface {
             return Ok(Reply::text(self.upstream.get_cached(path).await?));
         }
         // Everything left is about the container's role.
-        let role = match decision {
-            RoleDecision::Role(role) => role,
-            RoleDecision::NoRole if Policy::native_steps(c) => {
-                return Err(Denial::NoRoleNativeSteps)
-            }
-            RoleDecision::NoRole => return Err(Denial::NoRole),
-            RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
-        };
+        let role = granted(decision, c)?;
         match route {
             Route::RoleListing => Ok(Reply::text(role.arn.name().to_string())),
             Route::Credentials {
@@ -395,21 +398,14 @@ impl Surface {
             .flatten()
             .filter(|t| !t.is_empty());
             let matches = match (presented, expected) {
-                (Some(p), Some(e)) => token::constant_time_eq(p, e.as_bytes()),
+                (Some(p), Some(e)) => bool::from(subtle::ConstantTimeEq::ct_eq(p, e.as_bytes())),
                 _ => false,
             };
             if !matches {
                 return Err(Denial::ContainerAuthorization);
             }
         }
-        let role = match decision {
-            RoleDecision::Role(role) => role,
-            RoleDecision::NoRole if Policy::native_steps(c) => {
-                return Err(Denial::NoRoleNativeSteps)
-            }
-            RoleDecision::NoRole => return Err(Denial::NoRole),
-            RoleDecision::Refused(reason) => return Err(Denial::RoleRefused(reason)),
-        };
+        let role = granted(decision, c)?;
         let creds = self.issue(c, &role, "container-credentials").await?;
         let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
             let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);

@@ -260,6 +260,14 @@ pub struct Spec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
 }
 
+/// A job container whose runner set `IAM_ROLE=ci-deploy`.
+pub fn with_role() -> Spec<'static> {
+    Spec {
+        env: &["IAM_ROLE=ci-deploy"],
+        ..Default::default()
+    }
+}
+
 /// A caller the bed knows: a cgroup and, for containers, the container.
 #[derive(Debug, Clone)]
 pub struct Who {
