@@ -13,7 +13,13 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
-    sync::{Arc, Mutex},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -144,6 +150,12 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let mut tasks = tokio::task::JoinSet::new();
+    // Connections arrive at the listener's own address, unless it listens
+    // on every address; then each one is asked.
+    let local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -158,7 +170,7 @@ pub async fn run(
                     };
                     let pipeline = pipeline.clone();
                     tasks.spawn(async move {
-                        serve_connection(stream, pipeline).await;
+                        serve_connection(stream, peer, local, pipeline).await;
                         drop(permit);
                     });
                 }
@@ -182,8 +194,13 @@ pub async fn run(
     }
 }
 
-async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
-    let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    pipeline: Arc<Pipeline>,
+) {
+    let Some(local) = local.or_else(|| stream.local_addr().ok()) else {
         return;
     };
     let pair = AddrPair::new(ClientAddr(peer), ServerAddr(local));
@@ -203,9 +220,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                 .connections
                 .push(Connection::refused(peer, denial.reason()));
             let for_requests = pipeline.clone();
-            // Boxed: the task of an idle connection stays small (hyper's
-            // connection state is allocated only once it is needed).
-            Box::pin(serve_http(stream, move |_req| {
+            serve_http(stream, move |_req| {
                 let (denial, pipeline) = (denial.clone(), for_requests.clone());
                 async move {
                     pipeline.metrics.request(
@@ -215,7 +230,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                     );
                     denial.response()
                 }
-            }))
+            })
             .await;
             return;
         }
@@ -227,14 +242,6 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
         }
         return;
     };
-    // Wait for the first bytes before hyper allocates its buffers: a
-    // connection that has sent nothing costs a task and a socket, no more.
-    // (`peek`, not `readable`: readiness can be reported before any data.)
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        _ => return,
-    }
     let caller = Arc::new(caller);
     tracing::debug!(
         client = %peer,
@@ -243,7 +250,7 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
         pid = caller.pid,
         "accepted connection"
     );
-    Box::pin(serve_http(stream, move |req| {
+    serve_http(stream, move |req| {
         let (caller, pipeline) = (caller.clone(), pipeline.clone());
         async move {
             let request = logged_request(req.method(), req.uri().path());
@@ -258,28 +265,203 @@ async fn serve_connection(stream: TcpStream, pipeline: Arc<Pipeline>) {
                 .push(answered(&caller, request, &handled));
             handled.into_response()
         }
-    }))
+    })
     .await;
 }
 
-async fn serve_http<F, Fut>(stream: TcpStream, handler: F)
+/// Serves HTTP/1.1 on `stream`, request after request, holding hyper's
+/// buffers only while a request is being read or answered.
+///
+/// A connection costs a task and a socket until its first bytes arrive
+/// (`peek`, not `readable`: readiness can be reported before any data).
+/// Then hyper serves it until a response has been flushed and nothing more
+/// is waiting ([`HandBack`]); the connection goes back to waiting, and the
+/// next request gets a fresh hyper connection. Silent connections, and
+/// keep-alive ones between requests, wait at most [`HEADER_TIMEOUT`].
+async fn serve_http<F, Fut>(mut stream: TcpStream, handler: F)
 where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Send + 'static,
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
-        let fut = handler(req);
-        async move { Ok::<_, Infallible>(fut.await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        // Slow or silent clients must not hold a task forever; this also
-        // bounds how long an idle keep-alive connection waits.
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(READ_BUFFER)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    loop {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        let io = HandBack::new(stream);
+        let (handler, in_flight) = (handler.clone(), io.in_flight.clone());
+        let service = hyper::service::service_fn(move |req| {
+            let answering = InFlight::enter(&in_flight);
+            let fut = handler(req);
+            async move {
+                let response = fut.await;
+                drop(answering);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            // Slow clients must not hold a task forever.
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(READ_BUFFER)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(io), service)
+            .without_shutdown();
+        // Boxed: the waiting connection's task stays small; hyper's state
+        // exists only while it serves.
+        match Box::pin(conn).await {
+            Ok(parts) if parts.read_buf.is_empty() => {
+                match parts.io.into_inner().waiting_again() {
+                    Some(again) => stream = again,
+                    // The client closed, or asked us to (`Connection:
+                    // close`, HTTP/1.0): hyper has answered and is done.
+                    None => return,
+                }
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                return;
+            }
+        }
+    }
+}
+
+/// The socket under hyper, taken back from it between requests.
+///
+/// hyper holds a read and a write buffer (8 KiB each) for as long as it
+/// serves a connection, so a keep-alive connection waiting for its next
+/// request would keep them. When hyper asks for more bytes and the socket
+/// has none, and everything it was given has been answered, this reports
+/// end-of-stream: to hyper that is a client closing an idle connection,
+/// which ends it cleanly (under `without_shutdown`, the socket untouched).
+/// Bytes that arrive later wait in the socket for the next round.
+///
+/// "Everything answered" is: no request in the service, a response flushed
+/// since the last bytes were read, and those bytes ending a request head
+/// (`\r\n\r\n`). So a request arriving in pieces, a body still to come,
+/// or a pipelined request hyper holds in its buffer all pass through
+/// unchanged; at worst a connection keeps hyper's buffers, as it would
+/// without this.
+struct HandBack {
+    stream: TcpStream,
+    /// Requests handed to the service and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+    /// The last bytes read.
+    tail: [u8; 4],
+    /// Bytes were written since the last flush.
+    wrote: bool,
+    /// A response was flushed and nothing has been read since.
+    flushed: bool,
+    /// End-of-stream was reported by us, not by the client.
+    handed_back: bool,
+}
+
+impl HandBack {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            in_flight: Arc::default(),
+            tail: [0; 4],
+            wrote: false,
+            flushed: false,
+            handed_back: false,
+        }
+    }
+
+    fn answered_all(&self) -> bool {
+        self.flushed && &self.tail == b"\r\n\r\n" && self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// The socket, if hyper ended because we handed it back (and not
+    /// because the client closed or the connection was not to be kept).
+    fn waiting_again(self) -> Option<TcpStream> {
+        self.handed_back.then_some(self.stream)
+    }
+}
+
+/// One request in the service, counted until its response is ready.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl tokio::io::AsyncRead for HandBack {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending if this.answered_all() => {
+                this.handed_back = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let read = &buf.filled()[before..];
+                for &b in &read[read.len().saturating_sub(4)..] {
+                    this.tail.rotate_left(1);
+                    this.tail[3] = b;
+                }
+                this.flushed = false;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for HandBack {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.wrote |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) && this.wrote {
+            this.wrote = false;
+            this.flushed = true;
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -308,5 +490,83 @@ fn answered(caller: &Caller, request: String, handled: &Handled) -> Connection {
         request: Some(request),
         outcome: handled.outcome(),
         reason: handled.reason(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn pair() -> (HandBack, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (HandBack::new(server), client)
+    }
+
+    /// What a read on the server side does now: `Some(n)` bytes (0 is
+    /// end-of-stream), `None` if it waits.
+    async fn read_now(io: &mut HandBack) -> Option<usize> {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_millis(100), io.read(&mut buf))
+            .await
+            .ok()
+            .map(Result::unwrap)
+    }
+
+    async fn answer(io: &mut HandBack) {
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        io.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn hands_back_only_once_everything_read_is_answered() {
+        let (mut io, mut client) = pair().await;
+        // Nothing read or answered yet: a read waits.
+        assert_eq!(read_now(&mut io).await, None);
+        // A whole head, answered: the next read is handed back.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(read_now(&mut io).await, Some(18));
+        let answering = InFlight::enter(&io.in_flight);
+        // Still in the service: a read waits, even after a flush (an
+        // interim answer).
+        answer(&mut io).await;
+        assert_eq!(read_now(&mut io).await, None);
+        drop(answering);
+        answer(&mut io).await;
+        assert_eq!(read_now(&mut io).await, Some(0));
+        assert!(io.handed_back);
+    }
+
+    #[tokio::test]
+    async fn a_head_in_pieces_or_a_body_to_come_is_waited_for() {
+        let (mut io, mut client) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(read_now(&mut io).await, Some(18));
+        answer(&mut io).await;
+        // The next request's first bytes arrive; the rest has not.
+        client.write_all(b"GET / HT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read_now(&mut io).await, Some(8));
+        answer(&mut io).await;
+        assert_eq!(read_now(&mut io).await, None);
+        // A head whose body is still to come.
+        client
+            .write_all(b"TP/1.1\r\n\r\nPUT / HTTP/1.1\r\ncontent-length: 2\r\n\r\nx")
+            .await
+            .unwrap();
+        assert!(read_now(&mut io).await.unwrap() > 0);
+        answer(&mut io).await;
+        assert_eq!(read_now(&mut io).await, None);
+        assert!(!io.handed_back);
+        // A client that closes is end-of-stream of its own.
+        client.shutdown().await.unwrap();
+        assert_eq!(read_now(&mut io).await, Some(0));
+        assert!(io.waiting_again().is_none());
     }
 }

@@ -485,6 +485,57 @@ async fn malformed_http_gets_an_error_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn keep_alive_connections_are_served_request_after_request() {
+    use tokio::io::AsyncWriteExt as _;
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let get = format!("GET {CREDS} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let mut conn = bed.connect(&job).await;
+    for round in 0..3 {
+        conn.write_all(get.as_bytes()).await.unwrap();
+        let a = support::read_response(&mut conn).await.expect("an answer");
+        assert_eq!((a.status, a.body.as_str()), (200, ROLE), "round {round}");
+        // Long enough for the server to go back to waiting in between.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Two requests in one write: both answered, in order.
+    let token = format!(
+        "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n{}: {}\r\n\r\n",
+        TTL.0, TTL.1
+    );
+    conn.write_all(format!("{token}{get}").as_bytes())
+        .await
+        .unwrap();
+    let first = support::read_response(&mut conn).await.expect("the token");
+    assert_eq!(first.status, 200);
+    assert!(first.body.starts_with("MP1."), "{first:?}");
+    let second = support::read_response(&mut conn).await.expect("the roles");
+    assert_eq!(second.body, ROLE);
+    // Headers that arrive in pieces are waited for, not cut short.
+    let (head, tail) = get.split_at(20);
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    conn.write_all(tail.as_bytes()).await.unwrap();
+    let a = support::read_response(&mut conn).await.expect("an answer");
+    assert_eq!(a.body, ROLE);
+    // `Connection: close` is answered, then the server closes.
+    conn.write_all(
+        format!("GET {CREDS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(support::read_response(&mut conn).await.unwrap().body, ROLE);
+    assert!(support::read_response(&mut conn).await.is_none(), "closed");
+    let served: Vec<_> = bed
+        .log()
+        .into_iter()
+        .filter(|c| c.outcome == Outcome::Served)
+        .collect();
+    assert_eq!(served.len(), 7, "{served:?}");
+    assert!(served.iter().all(|c| c.client == served[0].client));
+}
+
+#[tokio::test]
 async fn a_cgroup_named_after_a_container_is_not_that_container() {
     let bed = bed().await;
     let victim = bed.container(1, with_role());

@@ -597,3 +597,28 @@ impl Answer {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
     }
 }
+
+/// Reads one response (head and a `Content-Length` body) from a connection
+/// that stays open; `None` if the server closed it first.
+pub async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<Answer> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("a response within 10 s")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.push(byte[0]);
+    }
+    let head = Answer::parse(&raw);
+    let len: usize = head
+        .header("content-length")
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    raw.extend_from_slice(&body);
+    Some(Answer::parse(&raw))
+}
