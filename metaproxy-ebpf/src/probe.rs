@@ -268,6 +268,14 @@ pub fn mp_sock_ops(ctx: SockOpsContext) -> u32 {
 /// from the cookie to the 4-tuple and ask to hear when the socket closes.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
+    // Every connect of every job passes here; only those the redirect sent
+    // to one of our listen ports can have a record. Checking the port
+    // first spares the others the cookie and the map lookup.
+    let port = u32::from_be(ctx.remote_port()) as u16;
+    let cfg = MP_CONFIG.load();
+    if port != cfg.listen_port4 && (cfg.listen_port6 == 0 || port != cfg.listen_port6) {
+        return;
+    }
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(record) = MP_PENDING.get_ptr(cookie) else {
