@@ -2,8 +2,9 @@
 //! it with, measured in the same run on the same machine.
 //!
 //! In the end-to-end bed, a job container times sequential connect + GET +
-//! close round trips (the way SDKs fetch credentials), alternating three
-//! times between:
+//! close round trips (the way SDKs fetch credentials), each round one
+//! request to every one of these in turn (so all meet the same moment of a
+//! shared machine), in five runs whose percentiles' medians are reported:
 //!
 //! * nginx (Debian's nginx-light, one worker) serving a static JSON answer
 //!   of the credentials document's size, reached directly: the floor;
@@ -13,8 +14,10 @@
 //!
 //! Then: throughput with 1, 4 and 16 concurrent clients against nginx and
 //! metaproxy; the daemon's CPU time per request; its RSS idle, with more
-//! live containers (real ones, the rest extrapolated and said so) and under
-//! a 4000-connection flood; the probe's cost per connect from the kernel's
+//! live containers (real ones, the rest extrapolated and said so), and per
+//! connection with 4000 open from one container: silent ones, ones kept
+//! alive after a request, and a flood of slow and kept-alive ones (each
+//! from a fresh daemon); the probe's cost per connect from the kernel's
 //! own BPF statistics and a connect-only loop with the probe attached and
 //! detached; and AssumeRole calls for the role under all that load.
 //!
@@ -30,17 +33,17 @@ use metaproxy_tests::{
 };
 use serde_json::{json, Value};
 
-/// Requests per latency run; three runs of each, alternating.
-const ROUNDS: usize = 500;
-const ALTERNATIONS: usize = 3;
+/// Rounds per latency run (a round is one request to each target), and runs.
+const ROUNDS: usize = 1000;
+const ALTERNATIONS: usize = 5;
 const IMDS: &str = "169.254.169.254:80";
 const NGINX_PORT: u16 = 8081;
 const HYPER_PORT: u16 = 8080;
 /// Seconds per throughput run.
 const THROUGHPUT_SECS: u64 = 4;
-/// Live containers started for the memory figure (more would take minutes
-/// on 2 cores; the 100 and 1000 figures are extrapolated from these).
-const LIVE_CONTAINERS: usize = 20;
+/// Live containers started for the memory figure (1000 would take many
+/// minutes on 2 cores; that figure is extrapolated from these).
+const LIVE_CONTAINERS: usize = 100;
 const FLOOD: usize = 4000;
 
 pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
@@ -111,32 +114,34 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     let nginx_addr = format!("{GATEWAY}:{NGINX_PORT}");
     let hyper_addr = format!("{GATEWAY}:{HYPER_PORT}");
 
-    // Latency, alternating.
-    let latency = |addr: &str, path: &str, headers: &[&str]| -> anyhow::Result<Value> {
-        let rounds = ROUNDS.to_string();
-        let mut args = vec!["/mp-client", "latency", addr, path, &rounds];
-        args.extend_from_slice(headers);
-        let v = c.exec(&args)?;
-        anyhow::ensure!(v["ok"] == true, "{addr}{path}: {v}");
-        Ok(v)
-    };
+    // Latency. Each round is one request to every target in turn, so all of them
+    // meet the same moment of a shared machine.
+    let targets = [
+        ("nginx", format!("{nginx_addr}|/creds")),
+        (
+            "metaproxy, IMDSv2 token",
+            format!("{IMDS}|{creds_path}|{auth}"),
+        ),
+        ("metaproxy, tokenless", format!("{IMDS}|{creds_path}")),
+        (
+            "hyper (ours)",
+            format!("{hyper_addr}|/latest/meta-data/instance-id"),
+        ),
+    ];
     let cpu_before = cpu_ticks(&bed)?;
     let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for _ in 0..ALTERNATIONS {
-        runs.entry("nginx")
-            .or_default()
-            .push(latency(&nginx_addr, "/creds", &[])?);
-        runs.entry("metaproxy, IMDSv2 token")
-            .or_default()
-            .push(latency(IMDS, &creds_path, &[&auth])?);
-        runs.entry("metaproxy, tokenless")
-            .or_default()
-            .push(latency(IMDS, &creds_path, &[])?);
-        runs.entry("hyper (ours)").or_default().push(latency(
-            &hyper_addr,
-            "/latest/meta-data/instance-id",
-            &[],
-        )?);
+        let rounds = ROUNDS.to_string();
+        let mut args = vec!["/mp-client", "interleave", &rounds];
+        args.extend(targets.iter().map(|(_, t)| t.as_str()));
+        let v = c.exec(&args)?;
+        anyhow::ensure!(v["ok"] == true, "latency: {v}");
+        for ((name, _), run) in targets
+            .iter()
+            .zip(v["targets"].as_array().into_iter().flatten())
+        {
+            runs.entry(name).or_default().push(run.clone());
+        }
     }
     let cpu_after = cpu_ticks(&bed)?;
     let mp_requests = 2 * ALTERNATIONS * ROUNDS;
@@ -257,47 +262,25 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         rss_with_containers.saturating_sub(rss_before_containers) as f64 / LIVE_CONTAINERS as f64;
     drop(live);
 
-    // Memory with connections that send nothing, then with a flood of
-    // slow and keep-alive ones, all from one container.
-    let rss_before_idle = rss_kib(&bed)?;
-    c.exec_detached(&["/mp-client", "idle", IMDS, &FLOOD.to_string(), "40"])?;
-    let (mut idle_open, mut rss_idle_conns) = (0.0f64, rss_before_idle);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < until && idle_open < FLOOD as f64 {
-        std::thread::sleep(Duration::from_secs(1));
-        let n = bed.daemon.metric("metaproxy_open_connections");
-        if n >= idle_open {
-            idle_open = n;
-            rss_idle_conns = rss_kib(&bed)?;
-        }
-    }
-    let per_idle_connection_kib =
-        rss_idle_conns.saturating_sub(rss_before_idle) as f64 / idle_open.max(1.0);
-    wait_for(
-        "the idle connections to go",
-        Duration::from_secs(60),
-        || (bed.daemon.metric("metaproxy_open_connections") < 10.0).then_some(()),
+    // Memory with connections that send nothing, connections kept alive
+    // after one request, then a flood of slow and keep-alive ones, all
+    // from one container.
+    let flood = FLOOD.to_string();
+    let idle = held_connections(&mut bed, &c, &["idle", IMDS, &flood, "40"])?;
+    let kept = held_connections(
+        &mut bed,
+        &c,
+        &["keepalive", IMDS, &creds_path, &flood, "40"],
     )?;
-    let rss_before_flood = rss_kib(&bed)?;
-    c.exec_detached(&["/mp-client", "flood", IMDS, &FLOOD.to_string(), "90"])?;
-    // The most connections seen open, and the RSS then.
-    let (mut open, mut rss_flood) = (0.0f64, rss_before_flood);
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < until && open < FLOOD as f64 {
-        std::thread::sleep(Duration::from_secs(1));
-        let n = bed.daemon.metric("metaproxy_open_connections");
-        if n >= open {
-            open = n;
-            rss_flood = rss_kib(&bed)?;
-        }
-    }
-    let per_connection_kib = rss_flood.saturating_sub(rss_before_flood) as f64 / open.max(1.0);
+    let slow = held_connections(&mut bed, &c, &["flood", IMDS, &flood, "40"])?;
 
     // The connect-only loop again, with the probe detached.
     bed.daemon.terminate();
     let detached_ok = Command::new(&metaproxy_bin)
         .args(["detach", "--pin-dir"])
         .arg(bed.daemon.pin_dir())
+        // Its report goes to stderr: stdout is for ours.
+        .stdout(std::io::stderr())
         .status()?
         .success();
     anyhow::ensure!(detached_ok, "metaproxy detach failed");
@@ -335,12 +318,15 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             "per_live_container": per_container_kib,
             "with_100_containers_extrapolated": rss_before_containers as f64 + 100.0 * per_container_kib,
             "with_1000_containers_extrapolated": rss_before_containers as f64 + 1000.0 * per_container_kib,
-            "idle_connections": idle_open,
-            "with_idle_connections": rss_idle_conns,
-            "per_idle_connection": per_idle_connection_kib,
-            "flood_connections": open,
-            "under_flood": rss_flood,
-            "per_flood_connection": per_connection_kib,
+            "idle_connections": idle.open,
+            "with_idle_connections": idle.rss_kib,
+            "per_idle_connection": idle.per_connection_kib(),
+            "keep_alive_connections": kept.open,
+            "with_keep_alive_connections": kept.rss_kib,
+            "per_keep_alive_connection": kept.per_connection_kib(),
+            "flood_connections": slow.open,
+            "under_flood": slow.rss_kib,
+            "per_flood_connection": slow.per_connection_kib(),
         },
         "probe": {
             "ordinary_connect_ns": direct_probe_ns,
@@ -370,7 +356,7 @@ fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!("\n{}", r["machine"].as_str().unwrap_or_default());
     println!(
-        "\ncredential GET from a job container: connect + GET + close, {ROUNDS} rounds x {ALTERNATIONS} alternating runs (median of runs, microseconds)"
+        "\ncredential GET from a job container: connect + GET + close; {ALTERNATIONS} runs of {ROUNDS} rounds, each round one request to every row in turn (medians of the runs' percentiles, microseconds)"
     );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
@@ -414,9 +400,11 @@ fn print_table(r: &Value) {
         f(&m["with_1000_containers_extrapolated"]) / 1024.0,
     );
     println!(
-        "  {:.1} KiB per connection that sends nothing ({:.0} open); {:.1} KiB per connection of a slow/keep-alive flood ({:.0} open, {:.0} KiB)",
+        "  per open connection: {:.1} KiB if it sends nothing ({:.0} open), {:.1} KiB kept alive after a request ({:.0} open), {:.1} KiB in a flood of half slow headers, half kept alive ({:.0} open, {:.0} KiB)",
         f(&m["per_idle_connection"]),
         f(&m["idle_connections"]),
+        f(&m["per_keep_alive_connection"]),
+        f(&m["keep_alive_connections"]),
         f(&m["per_flood_connection"]),
         f(&m["flood_connections"]),
         f(&m["under_flood"]),
@@ -439,6 +427,61 @@ fn print_table(r: &Value) {
         "AssumeRole calls for the role under all of the above: {}",
         r["assume_role_calls_for_the_role_under_load"]
     );
+}
+
+/// The daemon's RSS with many connections open from one container.
+struct Held {
+    /// The most connections seen open at once.
+    open: f64,
+    /// RSS then, and before they were opened.
+    rss_kib: u64,
+    rss_before_kib: u64,
+}
+
+impl Held {
+    fn per_connection_kib(&self) -> f64 {
+        self.rss_kib.saturating_sub(self.rss_before_kib) as f64 / self.open.max(1.0)
+    }
+}
+
+/// Runs `mp-client ARGS` in `c` in the background and samples the daemon
+/// while its connections open; then waits for the daemon to close them
+/// (its idle timeout).
+fn held_connections(bed: &mut E2eBed, c: &Container, args: &[&str]) -> anyhow::Result<Held> {
+    // A fresh daemon for each figure, warmed by one request: memory freed
+    // by the previous figure's connections would otherwise be reused and
+    // hide what these cost.
+    bed.daemon.restart()?;
+    let warm = c.imds(
+        "GET",
+        &format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}"),
+        &[],
+    );
+    anyhow::ensure!(warm["status"] == 200, "warm-up request: {warm}");
+    let rss_before_kib = rss_kib(bed)?;
+    let mut cmd = vec!["/mp-client"];
+    cmd.extend_from_slice(args);
+    c.exec_detached(&cmd)?;
+    let mut held = Held {
+        open: 0.0,
+        rss_kib: rss_before_kib,
+        rss_before_kib,
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until && held.open < FLOOD as f64 {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = bed.daemon.metric("metaproxy_open_connections");
+        if n >= held.open {
+            held.open = n;
+            held.rss_kib = rss_kib(bed)?;
+        }
+    }
+    wait_for(
+        "the held connections to go",
+        Duration::from_secs(60),
+        || (bed.daemon.metric("metaproxy_open_connections") < 10.0).then_some(()),
+    )?;
+    Ok(held)
 }
 
 /// (run time in ns, runs) of our programs, by name.

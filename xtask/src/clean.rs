@@ -64,7 +64,8 @@ pub fn run_with(metaproxy: &Path) -> anyhow::Result<()> {
         removed.push(format!("scratch {}", dir.display()));
     }
     for r in &removed {
-        println!("clean: removed {r}");
+        // stderr: `cargo xtask bench --json` keeps stdout for its report.
+        eprintln!("clean: removed {r}");
     }
     Ok(())
 }

@@ -13,10 +13,17 @@
 //!                               (slowloris), half idle after one request
 //! mp-client latency ADDR PATH N [HEADER]...
 //!                               N sequential connect+GET+close; percentiles
+//! mp-client interleave N TARGET...
+//!                               N rounds of one connect+GET+close to each
+//!                               TARGET in turn ("ADDR|PATH[|HEADER]"), so
+//!                               all see the same moment; percentiles each
 //! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
 //!                               CLIENTS threads of connect+GET+close; requests/s
 //! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
 //! mp-client idle ADDR N SECS    open N connections, send nothing, hold them
+//! mp-client keepalive ADDR PATH N SECS
+//!                               open N connections, one GET PATH (kept
+//!                               alive) on each, hold them
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
 //! ```
@@ -31,6 +38,13 @@ use serde_json::json;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("interleave") && args.len() >= 3 {
+        match args[1].parse() {
+            Ok(n) => println!("{}", interleave(n, &args[2..])),
+            Err(_) => std::process::exit(2),
+        }
+        return;
+    }
     let usage = || -> ! {
         eprintln!("usage: mp-client get ADDR [PATH] | v2 ADDR PATH | hold ADDR N | churn ADDR N");
         std::process::exit(2)
@@ -75,6 +89,12 @@ fn main() {
         Some("idle") if args.len() == 4 => {
             idle(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
         }
+        Some("keepalive") if args.len() == 5 => keepalive(
+            addr,
+            &args[2],
+            args[3].parse().unwrap_or_else(|_| usage()),
+            args[4].parse().unwrap_or_else(|_| usage()),
+        ),
         _ => usage(),
     };
     println!("{out}");
@@ -143,10 +163,12 @@ fn exchange_full(
     path: &str,
     headers: &str,
 ) -> std::io::Result<(u16, Headers, String)> {
-    write!(
-        stream,
+    // One write, as HTTP clients send a request head (`write!` on the
+    // socket would send each piece of the format as a segment of its own).
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
@@ -316,6 +338,48 @@ fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json:
     out
 }
 
+/// Sequential connect + GET + close to each target in turn, `n` rounds:
+/// every target is measured under the same conditions, which on a small
+/// shared machine drift more from one second to the next than the
+/// difference being measured.
+fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
+    let targets: Vec<(SocketAddr, &str, String)> = targets
+        .iter()
+        .map(|t| {
+            let mut parts = t.splitn(3, '|');
+            let addr = parts.next().and_then(|a| a.parse().ok());
+            let path = parts.next().unwrap_or("/");
+            let header = parts.next().map(|h| format!("{h}\r\n")).unwrap_or_default();
+            (
+                addr.unwrap_or_else(|| panic!("bad target {t}")),
+                path,
+                header,
+            )
+        })
+        .collect();
+    let mut micros = vec![Vec::with_capacity(n); targets.len()];
+    let mut failed = vec![0usize; targets.len()];
+    for _ in 0..n {
+        for (i, (addr, path, header)) in targets.iter().enumerate() {
+            let started = std::time::Instant::now();
+            match connect(*addr).and_then(|mut s| exchange(&mut s, "GET", path, header)) {
+                Ok((200, _)) => micros[i].push(started.elapsed().as_secs_f64() * 1e6),
+                _ => failed[i] += 1,
+            }
+        }
+    }
+    let per_target: Vec<_> = micros
+        .into_iter()
+        .zip(&failed)
+        .map(|(m, f)| {
+            let mut out = percentiles(m);
+            out["failed"] = json!(f);
+            out
+        })
+        .collect();
+    json!({ "ok": failed.iter().all(|f| *f == 0), "n": n, "targets": per_target })
+}
+
 /// `clients` threads doing connect + GET + close for `secs` seconds.
 fn throughput(
     addr: SocketAddr,
@@ -356,6 +420,25 @@ fn idle(addr: SocketAddr, n: usize, secs: u64) -> serde_json::Value {
         .collect();
     std::thread::sleep(Duration::from_secs(secs));
     json!({ "ok": true, "opened": conns.len() })
+}
+
+fn keepalive(addr: SocketAddr, path: &str, n: usize, secs: u64) -> serde_json::Value {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let mut conns = Vec::with_capacity(n);
+    let mut answered = 0;
+    for _ in 0..n {
+        let Ok(mut s) = connect(addr) else { continue };
+        let mut buf = [0u8; 4096];
+        if s.write_all(request.as_bytes()).is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 200"))
+        {
+            answered += 1;
+        }
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(secs));
+    json!({ "ok": answered == n, "opened": conns.len(), "answered": answered })
 }
 
 /// connect() alone, then close with a reset (no TIME_WAIT): its latency.
