@@ -116,15 +116,17 @@ impl ConnLog {
     }
 
     pub fn push(&self, conn: Connection) {
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.len() == self.capacity {
-                recent.pop_front();
-            }
-            recent.push_back(conn.clone());
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == self.capacity {
+            recent.pop_front();
         }
-        // No subscribers is fine.
-        let _ = self.feed.send(conn);
+        // A copy only for watchers, when there are any (every request
+        // passes here). Under the lock, like subscribing, so a new watcher
+        // finds each connection in its snapshot or its feed, never both.
+        if self.feed.receiver_count() > 0 {
+            let _ = self.feed.send(conn.clone());
+        }
+        recent.push_back(conn);
     }
 
     /// The recent connections, and a receiver for those after them.

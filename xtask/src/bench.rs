@@ -8,7 +8,8 @@
 //!
 //! * nginx (Debian's nginx-light, one worker) serving a static JSON answer
 //!   of the credentials document's size, reached directly: the floor;
-//! * a minimal hyper server (release build), reached directly;
+//! * a minimal hyper server (release build, one thread as metaproxy by
+//!   default) answering the same number of bytes, reached directly;
 //! * the role's credentials through metaproxy, with an IMDSv2 token (PUT
 //!   once) and without one (the tokenless path).
 //!
@@ -100,7 +101,9 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         .arg(&dir);
     let _nginx = spawn_in(nginx, &bed.ns.path(), &bed.cg.child("services/nginx")?)?;
     let mut hello = Command::new(release.join("mp-hello"));
-    hello.arg(format!("{GATEWAY}:{HYPER_PORT}"));
+    hello
+        .arg(format!("{GATEWAY}:{HYPER_PORT}"))
+        .arg(doc_len.to_string());
     let _hello = spawn_in(hello, &bed.ns.path(), &bed.cg.child("services/hello")?)?;
     for port in [NGINX_PORT, HYPER_PORT] {
         wait_for("the floor's servers", Duration::from_secs(10), || {

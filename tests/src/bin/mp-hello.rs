@@ -1,6 +1,7 @@
-//! The benchmark's baseline: a minimal HTTP server (hyper, multi-threaded
-//! tokio, as metaproxy is) that answers every request with 200 and a short
-//! body. `mp-hello ADDR`
+//! The benchmark's baseline: a minimal HTTP server (hyper on a
+//! single-threaded tokio runtime, as metaproxy runs by default) that
+//! answers every request with 200 and a body of BODY_BYTES bytes (default
+//! 19). `mp-hello ADDR [BODY_BYTES]`
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -8,20 +9,21 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
+    let size = args.next().and_then(|n| n.parse().ok()).unwrap_or(19);
+    let body = Bytes::from(vec![b'x'; size]);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     loop {
         let (stream, _) = listener.accept().await?;
+        let body = body.clone();
         tokio::spawn(async move {
             let service =
-                hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"i-0123456789abcdef0",
-                    ))))
+                hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
