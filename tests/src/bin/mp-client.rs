@@ -16,7 +16,8 @@
 //! mp-client interleave N TARGET...
 //!                               N rounds of one connect+GET+close to each
 //!                               TARGET in turn ("ADDR|PATH[|HEADER]"), so
-//!                               all see the same moment; percentiles each
+//!                               all see the same moment, each round
+//!                               starting one further on; percentiles each
 //! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
 //!                               CLIENTS threads of connect+GET+close; requests/s
 //! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
@@ -359,8 +360,13 @@ fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
         .collect();
     let mut micros = vec![Vec::with_capacity(n); targets.len()];
     let mut failed = vec![0usize; targets.len()];
-    for _ in 0..n {
-        for (i, (addr, path, header)) in targets.iter().enumerate() {
+    for round in 0..n {
+        // Each round starts one target further on, so every target takes
+        // every place in the order (what ran just before a request, and is
+        // still finishing, costs the one after it).
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let (addr, path, header) = &targets[i];
             let started = std::time::Instant::now();
             match connect(*addr).and_then(|mut s| exchange(&mut s, "GET", path, header)) {
                 Ok((200, _)) => micros[i].push(started.elapsed().as_secs_f64() * 1e6),
