@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 
 /// Rounds per latency run (a round is one request to each target), and runs.
 const ROUNDS: usize = 1000;
-const ALTERNATIONS: usize = 5;
+const RUNS: usize = 5;
 const IMDS: &str = "169.254.169.254:80";
 const NGINX_PORT: u16 = 8081;
 const HYPER_PORT: u16 = 8080;
@@ -133,7 +133,7 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     ];
     let cpu_before = cpu_ticks(&bed)?;
     let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for _ in 0..ALTERNATIONS {
+    for _ in 0..RUNS {
         let rounds = ROUNDS.to_string();
         let mut args = vec!["/mp-client", "interleave", &rounds];
         args.extend(targets.iter().map(|(_, t)| t.as_str()));
@@ -147,7 +147,7 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         }
     }
     let cpu_after = cpu_ticks(&bed)?;
-    let mp_requests = 2 * ALTERNATIONS * ROUNDS;
+    let mp_requests = 2 * RUNS * ROUNDS;
     let cpu_us_per_request = (cpu_after - cpu_before) as f64 * 1e6 / clk_tck() / mp_requests as f64;
     let median = |name: &str, key: &str| -> f64 {
         let mut v: Vec<f64> = runs[name].iter().filter_map(|r| r[key].as_f64()).collect();
@@ -292,24 +292,19 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
 
     let floor_p50 = median("nginx", "p50_us");
     let floor_p99 = median("nginx", "p99_us");
-    let rows: Vec<Value> = [
-        "nginx",
-        "metaproxy, IMDSv2 token",
-        "metaproxy, tokenless",
-        "hyper (ours)",
-    ]
-    .iter()
-    .map(|name| {
-        json!({
-            "name": name,
-            "p50_us": median(name, "p50_us"),
-            "p90_us": median(name, "p90_us"),
-            "p99_us": median(name, "p99_us"),
-            "p50_ratio": median(name, "p50_us") / floor_p50,
-            "p99_ratio": median(name, "p99_us") / floor_p99,
+    let rows: Vec<Value> = targets
+        .iter()
+        .map(|(name, _)| {
+            json!({
+                "name": name,
+                "p50_us": median(name, "p50_us"),
+                "p90_us": median(name, "p90_us"),
+                "p99_us": median(name, "p99_us"),
+                "p50_ratio": median(name, "p50_us") / floor_p50,
+                "p99_ratio": median(name, "p99_us") / floor_p99,
+            })
         })
-    })
-    .collect();
+        .collect();
     let report = json!({
         "machine": machine(),
         "latency": rows,
@@ -359,7 +354,7 @@ fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!("\n{}", r["machine"].as_str().unwrap_or_default());
     println!(
-        "\ncredential GET from a job container: connect + GET + close; {ALTERNATIONS} runs of {ROUNDS} rounds, each round one request to every row in turn (medians of the runs' percentiles, microseconds)"
+        "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in turn (medians of the runs' percentiles, microseconds)"
     );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",

@@ -323,15 +323,8 @@ fn percentiles(mut micros: Vec<f64>) -> serde_json::Value {
 
 /// Sequential connect + GET + close, as SDKs fetch credentials.
 fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json::Value {
-    let mut micros = Vec::with_capacity(n);
-    let mut failed = 0;
-    for _ in 0..n {
-        let started = std::time::Instant::now();
-        match connect(addr).and_then(|mut s| exchange(&mut s, "GET", path, headers)) {
-            Ok((200, _)) => micros.push(started.elapsed().as_secs_f64() * 1e6),
-            _ => failed += 1,
-        }
-    }
+    let mut timed = timed_rounds(n, &[(addr, path, headers.to_string())]);
+    let (micros, failed) = timed.pop().unwrap_or_default();
     let mut out = percentiles(micros);
     out["ok"] = json!(failed == 0);
     out["n"] = json!(n);
@@ -344,7 +337,7 @@ fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json:
 /// shared machine drift more from one second to the next than the
 /// difference being measured.
 fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
-    let targets: Vec<(SocketAddr, &str, String)> = targets
+    let targets: Vec<Target> = targets
         .iter()
         .map(|t| {
             let mut parts = t.splitn(3, '|');
@@ -358,32 +351,41 @@ fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
             )
         })
         .collect();
-    let mut micros = vec![Vec::with_capacity(n); targets.len()];
-    let mut failed = vec![0usize; targets.len()];
+    let timed = timed_rounds(n, &targets);
+    let ok = timed.iter().all(|(_, failed)| *failed == 0);
+    let per_target: Vec<_> = timed
+        .into_iter()
+        .map(|(micros, failed)| {
+            let mut out = percentiles(micros);
+            out["failed"] = json!(failed);
+            out
+        })
+        .collect();
+    json!({ "ok": ok, "n": n, "targets": per_target })
+}
+
+/// Where a timed request goes: address, path, header lines.
+type Target<'a> = (SocketAddr, &'a str, String);
+
+/// `n` rounds of one connect + GET + close to each target in turn; per
+/// target, the microseconds of each 200 answer and the count of failures.
+/// Each round starts one target further on, so every target takes every
+/// place in the order (what ran just before a request, and is still
+/// finishing, costs the one after it).
+fn timed_rounds(n: usize, targets: &[Target]) -> Vec<(Vec<f64>, usize)> {
+    let mut timed = vec![(Vec::with_capacity(n), 0); targets.len()];
     for round in 0..n {
-        // Each round starts one target further on, so every target takes
-        // every place in the order (what ran just before a request, and is
-        // still finishing, costs the one after it).
         for k in 0..targets.len() {
             let i = (round + k) % targets.len();
             let (addr, path, header) = &targets[i];
             let started = std::time::Instant::now();
             match connect(*addr).and_then(|mut s| exchange(&mut s, "GET", path, header)) {
-                Ok((200, _)) => micros[i].push(started.elapsed().as_secs_f64() * 1e6),
-                _ => failed[i] += 1,
+                Ok((200, _)) => timed[i].0.push(started.elapsed().as_secs_f64() * 1e6),
+                _ => timed[i].1 += 1,
             }
         }
     }
-    let per_target: Vec<_> = micros
-        .into_iter()
-        .zip(&failed)
-        .map(|(m, f)| {
-            let mut out = percentiles(m);
-            out["failed"] = json!(f);
-            out
-        })
-        .collect();
-    json!({ "ok": failed.iter().all(|f| *f == 0), "n": n, "targets": per_target })
+    timed
 }
 
 /// `clients` threads doing connect + GET + close for `secs` seconds.
