@@ -367,16 +367,22 @@ fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
 /// Where a timed request goes: address, path, header lines.
 type Target<'a> = (SocketAddr, &'a str, String);
 
-/// `n` rounds of one connect + GET + close to each target in turn; per
-/// target, the microseconds of each 200 answer and the count of failures.
-/// Each round starts one target further on, so every target takes every
-/// place in the order (what ran just before a request, and is still
-/// finishing, costs the one after it).
+/// `n` rounds of one connect + GET + close to each target; per target, the
+/// microseconds of each 200 answer and the count of failures.
+///
+/// Each round visits the targets in a fresh random order (fixed seed, so
+/// runs are repeatable). What ran just before a request, and is still
+/// finishing (a server's close, its lingering reads), costs the request
+/// after it: a fixed or rotated order would always bill the same target
+/// for the same neighbour, while a shuffled one gives every target the
+/// same mix of neighbours.
 fn timed_rounds(n: usize, targets: &[Target]) -> Vec<(Vec<f64>, usize)> {
     let mut timed = vec![(Vec::with_capacity(n), 0); targets.len()];
-    for round in 0..n {
-        for k in 0..targets.len() {
-            let i = (round + k) % targets.len();
+    let mut rng = fastrand::Rng::with_seed(0x6d65_7461);
+    let mut order: Vec<usize> = (0..targets.len()).collect();
+    for _ in 0..n {
+        rng.shuffle(&mut order);
+        for &i in &order {
             let (addr, path, header) = &targets[i];
             let started = std::time::Instant::now();
             match connect(*addr).and_then(|mut s| exchange(&mut s, "GET", path, header)) {
