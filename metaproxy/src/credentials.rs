@@ -562,15 +562,19 @@ impl CredentialCache {
 
     fn slot(&self, key: &CredKey) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Found without copying the key: every request after the first.
+        if let Some(slot) = slots.get(key) {
+            return slot.clone();
+        }
         slots.entry(key.clone()).or_default().clone()
     }
 
     fn own(&self, owner: &ContainerId, key: &CredKey) {
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        let keys = owners.entry(owner.clone()).or_default();
-        if !keys.contains(key) {
-            keys.insert(key.clone());
+        if owners.get(owner).is_some_and(|keys| keys.contains(key)) {
+            return;
         }
+        owners.entry(owner.clone()).or_default().insert(key.clone());
     }
 
     /// Credentials for `key` with at least [`SERVE_MIN_REMAINING`] left,

@@ -6,14 +6,20 @@
 //! value read here was written by someone a job may control (env, labels):
 //! it is checked, never trusted.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, RwLock, Weak,
+    },
+};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::{
     attribution::Caller,
     identity::{Container, GITLAB_JOB_LABEL},
-    ids::{AccountId, RoleArn, RoleArnError},
+    ids::{AccountId, ContainerId, RoleArn, RoleArnError},
     policy_file::{Facts, PolicyFile},
     session::{Session, SessionOptions},
 };
@@ -119,7 +125,34 @@ pub struct Policy {
     container_types: Vec<String>,
     /// The policy file in force, if any; swapped whole on reload.
     file: RwLock<Option<Arc<PolicyFile>>>,
+    /// Bumped whenever the file in force changes.
+    generation: AtomicU64,
+    /// Decisions made, per container (see [`Policy::decision`]).
+    decided: Mutex<Decided>,
 }
+
+/// Decisions already made, per container. Each holds while its container
+/// is the one the identity cache holds (a container's config does not
+/// change while it exists), the file in force is the same and the account
+/// is as known as it was. Entries of containers the identity cache has
+/// let go are pruned as the map grows, so it stays sized by live ones.
+#[derive(Debug, Default)]
+struct Decided {
+    by_container: HashMap<ContainerId, Memo>,
+    /// Prune dead entries when the map reaches this size.
+    prune_at: usize,
+}
+
+#[derive(Debug)]
+struct Memo {
+    container: Weak<Container>,
+    generation: u64,
+    account_known: bool,
+    decision: Arc<RoleDecision>,
+}
+
+/// The fewest entries before the first prune.
+const DECIDED_PRUNE_MIN: usize = 64;
 
 impl Policy {
     pub fn new(
@@ -134,6 +167,8 @@ impl Policy {
             session: SessionOptions::default(),
             container_types: DEFAULT_CONTAINER_TYPES.map(String::from).to_vec(),
             file: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            decided: Mutex::new(Decided::default()),
         })
     }
 
@@ -146,6 +181,9 @@ impl Policy {
     /// Puts `file` in force (whole: the previous one until this call).
     pub fn set_file(&self, file: Option<PolicyFile>) {
         *self.file.write().unwrap_or_else(|e| e.into_inner()) = file.map(Arc::new);
+        // After the swap: a decision made from the old file carries the
+        // old generation, and is made again.
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The policy file in force.
@@ -165,6 +203,52 @@ impl Policy {
     pub fn with_session(mut self, session: SessionOptions) -> Self {
         self.session = session;
         self
+    }
+
+    /// [`Policy::decide`] for `c`, made once per container and policy: every
+    /// request of a job asks, and the answer only changes when the policy
+    /// does.
+    pub fn decision(&self, c: &Arc<Container>) -> Arc<RoleDecision> {
+        // Read before deciding: a file swapped meanwhile makes the entry
+        // stale at once rather than wrongly fresh.
+        let generation = self.generation.load(Ordering::Acquire);
+        let account_known = self.account.get().is_some();
+        let fresh = |m: &Memo| {
+            m.container.as_ptr() == Arc::as_ptr(c)
+                && m.generation == generation
+                && m.account_known == account_known
+        };
+        if let Some(m) = self.decided().by_container.get(&c.id).filter(|m| fresh(m)) {
+            return m.decision.clone();
+        }
+        let decision = Arc::new(self.decide(c));
+        let mut decided = self.decided();
+        if decided.by_container.len() >= decided.prune_at {
+            decided
+                .by_container
+                .retain(|_, m| m.container.strong_count() > 0);
+            decided.prune_at = (2 * decided.by_container.len()).max(DECIDED_PRUNE_MIN);
+        }
+        decided.by_container.insert(
+            c.id.clone(),
+            Memo {
+                container: Arc::downgrade(c),
+                generation,
+                account_known,
+                decision: decision.clone(),
+            },
+        );
+        decision
+    }
+
+    fn decided(&self) -> std::sync::MutexGuard<'_, Decided> {
+        self.decided.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decisions held (live containers, and dead ones not yet pruned).
+    #[cfg(test)]
+    fn decisions_held(&self) -> usize {
+        self.decided().by_container.len()
     }
 
     /// Decides from the container's environment (`Config.Env`, which
@@ -505,6 +589,79 @@ mod tests {
             session_name: "gitlab-job-7".into(),
             session: Default::default(),
         })
+    }
+
+    #[test]
+    fn a_decision_is_made_once_per_container_and_again_when_the_policy_changes() {
+        let p = policy(&["arn:aws:iam::123456789012:role/*"]);
+        let c = Arc::new(container(&["IAM_ROLE=ci-deploy"], &[]));
+        let first = p.decision(&c);
+        assert_eq!(*first, role("arn:aws:iam::123456789012:role/ci-deploy"));
+        assert!(
+            Arc::ptr_eq(&first, &p.decision(&c)),
+            "asked again: the same answer"
+        );
+
+        // A file that admits nothing: the very next request is refused.
+        let file =
+            "[[rule]]\nroles = [\"arn:aws:iam::123456789012:role/other\"]\nprojects = [\"**\"]\n";
+        p.set_file(Some(PolicyFile::parse("p.toml", file).unwrap()));
+        assert!(
+            matches!(
+                *p.decision(&c),
+                RoleDecision::Refused(RoleRefusal::PolicyFile { .. })
+            ),
+            "{:?}",
+            p.decision(&c)
+        );
+        p.set_file(None);
+        assert_eq!(*p.decision(&c), *first);
+
+        // The same id with other facts (the cache let the container go and
+        // inspected it anew) is decided anew, never served the old answer.
+        let other = Arc::new(container(&["IAM_ROLE=ci-other"], &[]));
+        assert_eq!(
+            *p.decision(&other),
+            role("arn:aws:iam::123456789012:role/ci-other")
+        );
+    }
+
+    #[test]
+    fn a_decision_made_before_the_account_was_known_is_made_again() {
+        let account = Arc::new(OnceLock::new());
+        let p = Policy::new(&[], &[], account.clone()).unwrap();
+        let c = Arc::new(container(&["IAM_ROLE=ci-deploy"], &[]));
+        assert_eq!(
+            *p.decision(&c),
+            RoleDecision::Refused(RoleRefusal::AccountUnknown)
+        );
+        account
+            .set(AccountId::parse("123456789012").unwrap())
+            .unwrap();
+        assert_eq!(
+            *p.decision(&c),
+            role("arn:aws:iam::123456789012:role/ci-deploy")
+        );
+    }
+
+    #[test]
+    fn decisions_of_gone_containers_are_let_go() {
+        let p = policy(&[]);
+        let live = Arc::new(container(&["IAM_ROLE=ci-deploy"], &[]));
+        p.decision(&live);
+        for n in 0..1000 {
+            let mut gone = container(&["IAM_ROLE=ci-deploy"], &[]);
+            gone.id = ContainerId::parse(&format!("{n:064x}")).unwrap();
+            p.decision(&Arc::new(gone));
+        }
+        // Pruned as it grows: bounded by the live containers, not by every
+        // container ever seen.
+        assert!(
+            p.decisions_held() <= 2 * DECIDED_PRUNE_MIN,
+            "{}",
+            p.decisions_held()
+        );
+        assert!(Arc::ptr_eq(&p.decision(&live), &p.decision(&live)));
     }
 
     fn refused(d: RoleDecision) -> String {

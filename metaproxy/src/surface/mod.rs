@@ -105,12 +105,12 @@ impl Endpoint {
 }
 
 /// The role a decision grants, or the refusal it comes to.
-fn granted(decision: RoleDecision, c: &Container) -> Result<Role, Denial> {
+fn granted<'d>(decision: &'d RoleDecision, c: &Container) -> Result<&'d Role, Denial> {
     match decision {
         RoleDecision::Role(role) => Ok(role),
         RoleDecision::NoRole if Policy::native_steps(c) => Err(Denial::NoRoleNativeSteps),
         RoleDecision::NoRole => Err(Denial::NoRole),
-        RoleDecision::Refused(reason) => Err(Denial::RoleRefused(reason)),
+        RoleDecision::Refused(reason) => Err(Denial::RoleRefused(reason.clone())),
     }
 }
 
@@ -258,22 +258,22 @@ impl Surface {
                 self.host(req, caller).await,
             ),
             Ok(Identity::Container(c)) => {
-                let decision = self.policy.decide(&c);
-                let role = match &decision {
+                let decision = self.policy.decision(&c);
+                let role = match &*decision {
                     RoleDecision::Role(role) => Some(role.arn.clone()),
                     _ => None,
                 };
-                if let RoleDecision::Refused(reason) = &decision {
+                if let RoleDecision::Refused(reason) = &*decision {
                     if let Some(suppressed) = ROLE_REFUSAL_LOG.allow() {
                         tracing::warn!(container_id = %c.id, container = %Clean(&c.name), reason = %Clean(&reason.to_string()), suppressed, "role refused");
                     }
                 }
                 if endpoint == Endpoint::ContainerCredentials {
-                    let result = self.container_credentials(&req, &c, decision).await;
+                    let result = self.container_credentials(&req, &c, &decision).await;
                     return Handled::new(endpoint, "container-credentials", Some(c), role, result);
                 }
                 let route = Route::of(req.method(), req.uri().path(), req.uri().query());
-                let result = self.container(&req, route, &c, decision).await;
+                let result = self.container(&req, route, &c, &decision).await;
                 Handled::new(endpoint, route.label(), Some(c), role, result)
             }
         }
@@ -311,7 +311,7 @@ impl Surface {
         req: &Request<B>,
         route: Route<'_>,
         c: &Container,
-        decision: RoleDecision,
+        decision: &RoleDecision,
     ) -> Result<Reply, Denial> {
         if req.headers().contains_key("x-forwarded-for") {
             return Err(Denial::ForwardedFor);
@@ -343,7 +343,7 @@ impl Surface {
             Route::Credentials {
                 role: asked,
                 extended,
-            } if asked == role.arn.name() => self.serve_credentials(c, &role, extended).await,
+            } if asked == role.arn.name() => self.serve_credentials(c, role, extended).await,
             Route::IamInfo => Ok(Reply::text(document::iam_info(
                 &role.arn,
                 SystemTime::now(),
@@ -371,7 +371,7 @@ impl Surface {
         &self,
         req: &Request<B>,
         c: &Container,
-        decision: RoleDecision,
+        decision: &RoleDecision,
     ) -> Result<Reply, Denial> {
         let options = &self.options.container_credentials;
         if req.headers().contains_key("x-forwarded-for") {
@@ -406,7 +406,7 @@ impl Surface {
             }
         }
         let role = granted(decision, c)?;
-        let creds = self.issue(c, &role, "container-credentials").await?;
+        let creds = self.issue(c, role, "container-credentials").await?;
         let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
             let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);
             Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
