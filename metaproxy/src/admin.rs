@@ -160,7 +160,8 @@ fn follow_connections(state: &AdminState) -> Response<Body> {
     let backlog = tokio_stream::iter(recent.into_iter().map(Ok));
     // A follower too slow to keep up misses entries rather than slowing the
     // daemon; it is told how many.
-    let live = BroadcastStream::new(rx).map(|r| r.map_err(|e| e.to_string()));
+    let live =
+        BroadcastStream::new(rx).map(|r| r.map(|e| e.connection()).map_err(|e| e.to_string()));
     let lines = backlog.chain(live).map(|item| {
         let line = match item {
             Ok(conn) => serde_json::to_string(&conn).unwrap_or_default(),

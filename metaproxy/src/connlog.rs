@@ -1,10 +1,28 @@
 //! The record of intercepted connections that `metaproxy connections` shows:
 //! a bounded ring of recent ones plus a live feed for `--follow`.
+//!
+//! Every request passes here, so an [`Entry`] keeps what it is made of
+//! (the caller's record, shared with the connection; ids that are cheap to
+//! copy) and is spelled out as a [`Connection`] only when someone reads it.
 
-use std::{collections::VecDeque, net::SocketAddr, sync::Mutex, time::SystemTime};
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+
+use crate::{
+    attribution::Caller,
+    ids::{ContainerId, RoleArn},
+};
+
+/// Longest request path kept: a caller must not fill our memory with its
+/// paths.
+const LOGGED_PATH: usize = 200;
 
 /// One request on an intercepted connection (or one connection refused
 /// before any request), as an admin sees it.
@@ -36,28 +54,6 @@ pub struct Connection {
     /// Why it was refused, for refusals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-}
-
-impl Connection {
-    /// A connection refused before any request: the probe had no record
-    /// of it, so nothing is known but the client's address.
-    pub fn refused(client: SocketAddr, reason: Option<String>) -> Self {
-        Self {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            client: client.to_string(),
-            cgroup_id: None,
-            cgroup: None,
-            pid: None,
-            comm: None,
-            original_dst: None,
-            container_id: None,
-            container: None,
-            role: None,
-            request: None,
-            outcome: Outcome::Refused,
-            reason,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,12 +93,92 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// One entry of the log, as recorded on the request path.
+#[derive(Debug)]
+pub struct Entry {
+    at: SystemTime,
+    client: SocketAddr,
+    /// The probe's record, for an attributed connection.
+    caller: Option<Arc<Caller>>,
+    container: Option<(ContainerId, String)>,
+    role: Option<RoleArn>,
+    /// Method and path (cut to [`LOGGED_PATH`] characters, and whether it was).
+    request: Option<(hyper::Method, Box<str>, bool)>,
+    outcome: Outcome,
+    reason: Option<String>,
+}
+
+impl Entry {
+    /// A connection refused before any request: the probe had no record
+    /// of it, so nothing is known but the client's address.
+    pub fn refused(client: SocketAddr, reason: Option<String>) -> Self {
+        Self {
+            at: SystemTime::now(),
+            client,
+            caller: None,
+            container: None,
+            role: None,
+            request: None,
+            outcome: Outcome::Refused,
+            reason,
+        }
+    }
+
+    /// A request `caller` sent: `method path`, answered with `outcome`.
+    pub fn answered(
+        caller: &Arc<Caller>,
+        method: &hyper::Method,
+        path: &str,
+        container: Option<(&ContainerId, &str)>,
+        role: Option<&RoleArn>,
+        outcome: Outcome,
+        reason: Option<String>,
+    ) -> Self {
+        let (path, cut) = match path.char_indices().nth(LOGGED_PATH) {
+            Some((at, _)) => (&path[..at], true),
+            None => (path, false),
+        };
+        Self {
+            at: caller.connected_at(),
+            client: caller.peer.0,
+            caller: Some(caller.clone()),
+            container: container.map(|(id, name)| (id.clone(), name.to_owned())),
+            role: role.cloned(),
+            request: Some((method.clone(), path.into(), cut)),
+            outcome,
+            reason,
+        }
+    }
+
+    /// The entry as `metaproxy connections` shows it.
+    pub fn connection(&self) -> Connection {
+        let caller = self.caller.as_deref();
+        Connection {
+            time: humantime::format_rfc3339_millis(self.at).to_string(),
+            client: self.client.to_string(),
+            cgroup_id: caller.map(|c| c.cgroup.0),
+            cgroup: caller.and_then(|c| c.cgroup_path.as_deref().map(str::to_owned)),
+            pid: caller.map(|c| c.pid),
+            comm: caller.map(|c| c.comm.clone()),
+            original_dst: caller.map(|c| c.original_dst.to_string()),
+            container_id: self.container.as_ref().map(|(id, _)| id.to_string()),
+            container: self.container.as_ref().map(|(_, name)| name.clone()),
+            role: self.role.as_ref().map(RoleArn::to_string),
+            request: self.request.as_ref().map(|(method, path, cut)| {
+                format!("{method} {path}{}", if *cut { "..." } else { "" })
+            }),
+            outcome: self.outcome,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 /// Recent connections (oldest first) and a feed of new ones.
 #[derive(Debug)]
 pub struct ConnLog {
-    recent: Mutex<VecDeque<Connection>>,
+    recent: Mutex<VecDeque<Arc<Entry>>>,
     capacity: usize,
-    feed: broadcast::Sender<Connection>,
+    feed: broadcast::Sender<Arc<Entry>>,
 }
 
 impl ConnLog {
@@ -115,25 +191,31 @@ impl ConnLog {
         }
     }
 
-    pub fn push(&self, conn: Connection) {
+    pub fn push(&self, entry: Entry) {
+        let entry = Arc::new(entry);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == self.capacity {
             recent.pop_front();
         }
-        // A copy only for watchers, when there are any (every request
-        // passes here). Under the lock, like subscribing, so a new watcher
-        // finds each connection in its snapshot or its feed, never both.
+        // Fed only when someone watches. Under the lock, like subscribing,
+        // so a new watcher finds each connection in its snapshot or its
+        // feed, never both.
         if self.feed.receiver_count() > 0 {
-            let _ = self.feed.send(conn.clone());
+            let _ = self.feed.send(entry.clone());
         }
-        recent.push_back(conn);
+        recent.push_back(entry);
     }
 
     /// The recent connections, and a receiver for those after them.
-    pub fn snapshot_and_subscribe(&self) -> (Vec<Connection>, broadcast::Receiver<Connection>) {
-        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        // Subscribing under the lock means nothing falls between the two.
-        (recent.iter().cloned().collect(), self.feed.subscribe())
+    pub fn snapshot_and_subscribe(&self) -> (Vec<Connection>, broadcast::Receiver<Arc<Entry>>) {
+        let (recent, rx) = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            // Subscribing under the lock means nothing falls between the two.
+            let recent: Vec<Arc<Entry>> = recent.iter().cloned().collect();
+            (recent, self.feed.subscribe())
+        };
+        // Spelled out after the lock: the request path waits on it.
+        (recent.iter().map(|e| e.connection()).collect(), rx)
     }
 }
 
@@ -141,22 +223,8 @@ impl ConnLog {
 mod tests {
     use super::*;
 
-    fn conn(n: u32) -> Connection {
-        Connection {
-            time: String::new(),
-            client: format!("10.0.0.1:{n}"),
-            cgroup_id: None,
-            cgroup: None,
-            pid: Some(n),
-            comm: None,
-            original_dst: None,
-            container_id: None,
-            container: None,
-            role: None,
-            request: None,
-            outcome: Outcome::Served,
-            reason: None,
-        }
+    fn conn(n: u16) -> Entry {
+        Entry::refused(SocketAddr::from(([10, 0, 0, 1], n)), None)
     }
 
     #[test]
@@ -167,10 +235,10 @@ mod tests {
         }
         let (recent, mut rx) = log.snapshot_and_subscribe();
         assert_eq!(
-            recent.iter().map(|c| c.pid).collect::<Vec<_>>(),
-            [Some(1), Some(2)]
+            recent.iter().map(|c| c.client.as_str()).collect::<Vec<_>>(),
+            ["10.0.0.1:1", "10.0.0.1:2"]
         );
         log.push(conn(3));
-        assert_eq!(rx.try_recv().unwrap().pid, Some(3));
+        assert_eq!(rx.try_recv().unwrap().connection().client, "10.0.0.1:3");
     }
 }

@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     addrs::{AddrPair, ClientAddr, ServerAddr},
     attribution::{Attribution, Caller},
-    connlog::{ConnLog, Connection},
+    connlog::{ConnLog, Entry},
     ids::CgroupId,
     logging::Clean,
     metrics::RequestMetrics,
@@ -51,8 +51,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 8 * 1024;
 /// Unrecorded connections served (with their 403) at once; more are closed.
 const UNATTRIBUTED: usize = 64;
-/// Longest request path kept in the connection log.
-const LOGGED_PATH: usize = 200;
 
 /// Caps on open connections.
 #[derive(Debug, Clone, Copy)]
@@ -218,7 +216,7 @@ async fn serve_connection(
             }
             pipeline
                 .connections
-                .push(Connection::refused(peer, denial.reason()));
+                .push(Entry::refused(peer, denial.reason()));
             let for_requests = pipeline.clone();
             serve_http(stream, move |_req| {
                 let (denial, pipeline) = (denial.clone(), for_requests.clone());
@@ -253,7 +251,8 @@ async fn serve_connection(
     serve_http(stream, move |req| {
         let (caller, pipeline) = (caller.clone(), pipeline.clone());
         async move {
-            let request = logged_request(req.method(), req.uri().path());
+            // Kept for the log: the request itself goes to the surface.
+            let (method, uri) = (req.method().clone(), req.uri().clone());
             let handled = pipeline.surface.handle(req, &caller).await;
             let metrics = &pipeline.metrics;
             metrics.request(handled.route, handled.outcome().as_str(), handled.refusal());
@@ -262,7 +261,7 @@ async fn serve_connection(
             }
             pipeline
                 .connections
-                .push(answered(&caller, request, &handled));
+                .push(answered(&caller, &method, uri.path(), &handled));
             handled.into_response()
         }
     })
@@ -273,8 +272,9 @@ async fn serve_connection(
 /// buffers only while a request is being read or answered.
 ///
 /// A connection costs a task and a socket until its first bytes arrive
-/// (`peek`, not `readable`: readiness can be reported before any data).
-/// Then hyper serves it until a response has been flushed and nothing more
+/// (`peek`, not `readable`: readiness can be reported before any data,
+/// and the bench's silent connections then hold hyper's buffers, about
+/// 13 KiB each). Then hyper serves it until a response has been flushed and nothing more
 /// is waiting ([`HandBack`]); the connection goes back to waiting, and the
 /// next request gets a fresh hyper connection. Silent connections, and
 /// keep-alive ones between requests, wait at most [`HEADER_TIMEOUT`].
@@ -465,32 +465,19 @@ impl tokio::io::AsyncWrite for HandBack {
     }
 }
 
-/// `METHOD /path` for the connection log, the path cut to [`LOGGED_PATH`]
-/// characters: a caller must not fill our memory with its paths.
-fn logged_request(method: &hyper::Method, path: &str) -> String {
-    match path.char_indices().nth(LOGGED_PATH) {
-        Some((cut, _)) => format!("{method} {}...", &path[..cut]),
-        None => format!("{method} {path}"),
-    }
-}
-
-fn answered(caller: &Caller, request: String, handled: &Handled) -> Connection {
-    let container = handled.container.as_deref();
-    Connection {
-        time: humantime::format_rfc3339_millis(caller.connected_at()).to_string(),
-        client: caller.peer.0.to_string(),
-        cgroup_id: Some(caller.cgroup.0),
-        cgroup: caller.cgroup_path.as_deref().map(str::to_owned),
-        pid: Some(caller.pid),
-        comm: Some(caller.comm.clone()),
-        original_dst: Some(caller.original_dst.to_string()),
-        container_id: container.map(|c| c.id.to_string()),
-        container: container.map(|c| c.name.clone()),
-        role: handled.role.as_ref().map(|r| r.to_string()),
-        request: Some(request),
-        outcome: handled.outcome(),
-        reason: handled.reason(),
-    }
+fn answered(caller: &Arc<Caller>, method: &hyper::Method, path: &str, handled: &Handled) -> Entry {
+    Entry::answered(
+        caller,
+        method,
+        path,
+        handled
+            .container
+            .as_deref()
+            .map(|c| (&c.id, c.name.as_str())),
+        handled.role.as_ref(),
+        handled.outcome(),
+        handled.reason(),
+    )
 }
 
 #[cfg(test)]
