@@ -312,10 +312,19 @@ where
         match Box::pin(conn).await {
             Ok(parts) if parts.read_buf.is_empty() => {
                 match parts.io.into_inner().waiting_again() {
-                    Some(again) => stream = again,
+                    Ok(again) => stream = again,
                     // The client closed, or asked us to (`Connection:
                     // close`, HTTP/1.0): hyper has answered and is done.
-                    None => return,
+                    // The FIN goes out first, as hyper and nginx send it:
+                    // a bare close sends it too, but on this VM it took
+                    // more than twice as long (perf trace, per connection:
+                    // 74 us for close against 17 us for shutdown and 12 us
+                    // for the close after it), and the client waits for
+                    // that FIN.
+                    Err(mut done) => {
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut done).await;
+                        return;
+                    }
                 }
             }
             Ok(_) => return,
@@ -373,10 +382,14 @@ impl HandBack {
         self.flushed && &self.tail == b"\r\n\r\n" && self.in_flight.load(Ordering::Acquire) == 0
     }
 
-    /// The socket, if hyper ended because we handed it back (and not
-    /// because the client closed or the connection was not to be kept).
-    fn waiting_again(self) -> Option<TcpStream> {
-        self.handed_back.then_some(self.stream)
+    /// The socket: `Ok` if hyper ended because we handed it back, `Err` if
+    /// the client closed or the connection was not to be kept.
+    fn waiting_again(self) -> Result<TcpStream, TcpStream> {
+        if self.handed_back {
+            Ok(self.stream)
+        } else {
+            Err(self.stream)
+        }
     }
 }
 
@@ -554,6 +567,6 @@ mod tests {
         // A client that closes is end-of-stream of its own.
         client.shutdown().await.unwrap();
         assert_eq!(read_now(&mut io).await, Some(0));
-        assert!(io.waiting_again().is_none());
+        assert!(io.waiting_again().is_err());
     }
 }
