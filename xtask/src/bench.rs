@@ -3,8 +3,9 @@
 //!
 //! In the end-to-end bed, a job container times sequential connect + GET +
 //! close round trips (the way SDKs fetch credentials), each round one
-//! request to every one of these in turn (so all meet the same moment of a
-//! shared machine), in five runs whose percentiles' medians are reported:
+//! request to every one of these in a shuffled order (so all meet the same
+//! moment of a shared machine and the same mix of neighbours), in five
+//! runs whose percentiles' medians are reported:
 //!
 //! * nginx (Debian's nginx-light, one worker) serving a static JSON answer
 //!   of the credentials document's size, reached directly: the floor;
@@ -14,13 +15,14 @@
 //!   once) and without one (the tokenless path).
 //!
 //! Then: throughput with 1, 4 and 16 concurrent clients against nginx and
-//! metaproxy; the daemon's CPU time per request; its RSS idle, with more
-//! live containers (real ones, the rest extrapolated and said so), and per
-//! connection with 4000 open from one container: silent ones, ones kept
-//! alive after a request, and a flood of slow and kept-alive ones (each
-//! from a fresh daemon); the probe's cost per connect from the kernel's
-//! own BPF statistics and a connect-only loop with the probe attached and
-//! detached; and AssumeRole calls for the role under all that load.
+//! metaproxy, in alternating turns; the daemon's CPU time per request; its
+//! RSS idle, with more live containers (real ones, the rest extrapolated
+//! and said so), and per connection with 4000 open from one container:
+//! silent ones, ones kept alive after a request, and a flood of slow and
+//! kept-alive ones (each from a fresh daemon); the probe's cost per connect
+//! from the kernel's own BPF statistics and a connect-only loop with the
+//! probe attached and detached, in turns; and AssumeRole calls for the
+//! role under all that load.
 //!
 //! A table for people, `--json` for machines. Figures, not pass/fail.
 
@@ -40,12 +42,18 @@ const RUNS: usize = 5;
 const IMDS: &str = "169.254.169.254:80";
 const NGINX_PORT: u16 = 8081;
 const HYPER_PORT: u16 = 8080;
-/// Seconds per throughput run.
-const THROUGHPUT_SECS: u64 = 4;
+/// Seconds per throughput run, and alternating runs of nginx and metaproxy
+/// per client count (the medians are reported).
+const THROUGHPUT_SECS: u64 = 2;
+const THROUGHPUT_TURNS: usize = 3;
 /// Live containers started for the memory figure (1000 would take many
 /// minutes on 2 cores; that figure is extrapolated from these).
 const LIVE_CONTAINERS: usize = 100;
 const FLOOD: usize = 4000;
+/// Turns of the connect-only loop with the probe attached, then detached.
+const CONNECT_TURNS: usize = 3;
+/// The pause before each of those loops.
+const SETTLE: Duration = Duration::from_secs(2);
 
 pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
@@ -117,8 +125,9 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     let nginx_addr = format!("{GATEWAY}:{NGINX_PORT}");
     let hyper_addr = format!("{GATEWAY}:{HYPER_PORT}");
 
-    // Latency. Each round is one request to every target in turn, so all of them
-    // meet the same moment of a shared machine.
+    // Latency. Each round is one request to every target, in an order
+    // shuffled per round, so all of them meet the same moment of a shared
+    // machine and the same neighbours.
     let targets = [
         ("nginx", format!("{nginx_addr}|/creds")),
         (
@@ -133,9 +142,10 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     ];
     let cpu_before = cpu_ticks(&bed)?;
     let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for _ in 0..RUNS {
-        let rounds = ROUNDS.to_string();
-        let mut args = vec!["/mp-client", "interleave", &rounds];
+    for run in 0..RUNS {
+        // A seed per run: five orders, repeatable.
+        let (rounds, seed) = (ROUNDS.to_string(), run.to_string());
+        let mut args = vec!["/mp-client", "interleave", &rounds, &seed];
         args.extend(targets.iter().map(|(_, t)| t.as_str()));
         let v = c.exec(&args)?;
         anyhow::ensure!(v["ok"] == true, "latency: {v}");
@@ -150,9 +160,7 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     let mp_requests = 2 * RUNS * ROUNDS;
     let cpu_us_per_request = (cpu_after - cpu_before) as f64 * 1e6 / clk_tck() / mp_requests as f64;
     let median = |name: &str, key: &str| -> f64 {
-        let mut v: Vec<f64> = runs[name].iter().filter_map(|r| r[key].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        median_of(runs[name].iter().filter_map(|r| r[key].as_f64()).collect())
     };
 
     // Throughput (profiled with perf, when asked, at 16 clients).
@@ -166,8 +174,13 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             anyhow::ensure!(v["failed"] == 0, "throughput {addr}: {v}");
             Ok(v["per_second"].as_f64().unwrap_or(0.0))
         };
-        let floor = rate(&nginx_addr, "/creds", &[])?;
-        let ours = rate(IMDS, &creds_path, &[&auth])?;
+        // Alternating turns, so drift of the shared machine meets both.
+        let (mut floor, mut ours) = (Vec::new(), Vec::new());
+        for _ in 0..THROUGHPUT_TURNS {
+            floor.push(rate(&nginx_addr, "/creds", &[])?);
+            ours.push(rate(IMDS, &creds_path, &[&auth])?);
+        }
+        let (floor, ours) = (median_of(floor), median_of(ours));
         throughput.push(json!({ "clients": clients, "nginx_per_s": floor, "metaproxy_per_s": ours, "ratio": ours / floor }));
         // An extra run under perf, never a measured one (perf slows it).
         let profiler = (perf && clients == 16)
@@ -243,8 +256,6 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         loop_stats(&nginx_addr)?;
     let (redirected, redirected_probe_ns, connect4_ns, sock_ops_per_conn) = loop_stats(IMDS)?;
     let direct_connect_us = direct["p50_us"].as_f64().unwrap_or(f64::NAN);
-    // The same loop, probe attached (here) and detached (at the end).
-    let attached = c.exec(&["/mp-client", "connects", &nginx_addr, "2000"])?;
 
     // Memory: more live containers, each having fetched its credentials.
     let rss_before_containers = rss_kib(&bed)?;
@@ -277,18 +288,29 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     )?;
     let slow = held_connections(&mut bed, &c, &["flood", IMDS, &flood, "40"])?;
 
-    // The connect-only loop again, with the probe detached.
-    bed.daemon.terminate();
-    let detached_ok = Command::new(&metaproxy_bin)
-        .args(["detach", "--pin-dir"])
-        .arg(bed.daemon.pin_dir())
-        // Its report goes to stderr: stdout is for ours.
-        .stdout(std::io::stderr())
-        .status()?
-        .success();
-    anyhow::ensure!(detached_ok, "metaproxy detach failed");
-    let detached = c.exec(&["/mp-client", "connects", &nginx_addr, "2000"])?;
-    bed.daemon.restart()?;
+    // The connect-only loop with the probe attached and detached, in turns
+    // (detaching needs the daemon stopped, so they cannot interleave
+    // finer), each after a moment for the machine to settle: a daemon
+    // stopping or starting, and maps being freed, leave work behind that
+    // would land on whichever loop came next.
+    let (mut attached, mut detached) = (Vec::new(), Vec::new());
+    for _ in 0..CONNECT_TURNS {
+        std::thread::sleep(SETTLE);
+        attached.push(connect_p50(&c, &nginx_addr)?);
+        bed.daemon.terminate();
+        let detached_ok = Command::new(&metaproxy_bin)
+            .args(["detach", "--pin-dir"])
+            .arg(bed.daemon.pin_dir())
+            // Its report goes to stderr: stdout is for ours.
+            .stdout(std::io::stderr())
+            .status()?
+            .success();
+        anyhow::ensure!(detached_ok, "metaproxy detach failed");
+        std::thread::sleep(SETTLE);
+        detached.push(connect_p50(&c, &nginx_addr)?);
+        bed.daemon.restart()?;
+    }
+    let (attached, detached) = (median_of(attached), median_of(detached));
 
     let floor_p50 = median("nginx", "p50_us");
     let floor_p99 = median("nginx", "p99_us");
@@ -337,8 +359,8 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             "redirected_share_of_a_direct_connect": redirected_probe_ns / (direct_connect_us * 1000.0),
             "direct_connect_p50_us": direct_connect_us,
             "redirected_connect_p50_us": redirected["p50_us"],
-            "connect_p50_us_attached": attached["p50_us"],
-            "connect_p50_us_detached": detached["p50_us"],
+            "connect_p50_us_attached": attached,
+            "connect_p50_us_detached": detached,
         },
         "assume_role_calls_for_the_role_under_load": assume_role_under_load,
     });
@@ -354,7 +376,7 @@ fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!("\n{}", r["machine"].as_str().unwrap_or_default());
     println!(
-        "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in turn (medians of the runs' percentiles, microseconds)"
+        "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in a shuffled order (medians of the runs' percentiles, microseconds)"
     );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
@@ -417,7 +439,7 @@ fn print_table(r: &Value) {
         100.0 * f(&p["redirected_share_of_a_direct_connect"]),
     );
     println!(
-        "connect-only loop to nginx, p50: {:.1} us with the probe attached, {:.1} us detached",
+        "connect-only loop to nginx, p50 (median of {CONNECT_TURNS} turns, attached then detached): {:.1} us with the probe attached, {:.1} us detached",
         f(&p["connect_p50_us_attached"]),
         f(&p["connect_p50_us_detached"]),
     );
@@ -508,6 +530,19 @@ fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
 }
 
 /// The daemon's user + system time, in clock ticks.
+/// The p50 of a connect-only loop of 2000 connects from `c` to `addr`.
+fn connect_p50(c: &Container, addr: &str) -> anyhow::Result<f64> {
+    let v = c.exec(&["/mp-client", "connects", addr, "2000"])?;
+    v["p50_us"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("connect loop: {v}"))
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn cpu_ticks(bed: &E2eBed) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", bed.daemon.pid()))?;
     // Fields after the parenthesised comm: utime is the 14th field overall.

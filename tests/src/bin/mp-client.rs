@@ -13,11 +13,11 @@
 //!                               (slowloris), half idle after one request
 //! mp-client latency ADDR PATH N [HEADER]...
 //!                               N sequential connect+GET+close; percentiles
-//! mp-client interleave N TARGET...
+//! mp-client interleave N SEED TARGET...
 //!                               N rounds of one connect+GET+close to each
-//!                               TARGET in turn ("ADDR|PATH[|HEADER]"), so
-//!                               all see the same moment, each round
-//!                               starting one further on; percentiles each
+//!                               TARGET ("ADDR|PATH[|HEADER]"), so all see
+//!                               the same moment, each round in an order
+//!                               shuffled from SEED; percentiles each
 //! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
 //!                               CLIENTS threads of connect+GET+close; requests/s
 //! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
@@ -39,10 +39,10 @@ use serde_json::json;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("interleave") && args.len() >= 3 {
-        match args[1].parse() {
-            Ok(n) => println!("{}", interleave(n, &args[2..])),
-            Err(_) => std::process::exit(2),
+    if args.first().map(String::as_str) == Some("interleave") && args.len() >= 4 {
+        match (args[1].parse(), args[2].parse()) {
+            (Ok(n), Ok(seed)) => println!("{}", interleave(n, seed, &args[3..])),
+            _ => std::process::exit(2),
         }
         return;
     }
@@ -323,7 +323,8 @@ fn percentiles(mut micros: Vec<f64>) -> serde_json::Value {
 
 /// Sequential connect + GET + close, as SDKs fetch credentials.
 fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json::Value {
-    let mut timed = timed_rounds(n, &[(addr, path, headers.to_string())]);
+    // One target: the order is moot, and so is the seed.
+    let mut timed = timed_rounds(n, 0, &[(addr, path, headers.to_string())]);
     let (micros, failed) = timed.pop().unwrap_or_default();
     let mut out = percentiles(micros);
     out["ok"] = json!(failed == 0);
@@ -336,7 +337,7 @@ fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json:
 /// every target is measured under the same conditions, which on a small
 /// shared machine drift more from one second to the next than the
 /// difference being measured.
-fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
+fn interleave(n: usize, seed: u64, targets: &[String]) -> serde_json::Value {
     let targets: Vec<Target> = targets
         .iter()
         .map(|t| {
@@ -351,7 +352,7 @@ fn interleave(n: usize, targets: &[String]) -> serde_json::Value {
             )
         })
         .collect();
-    let timed = timed_rounds(n, &targets);
+    let timed = timed_rounds(n, seed, &targets);
     let ok = timed.iter().all(|(_, failed)| *failed == 0);
     let per_target: Vec<_> = timed
         .into_iter()
@@ -370,15 +371,15 @@ type Target<'a> = (SocketAddr, &'a str, String);
 /// `n` rounds of one connect + GET + close to each target; per target, the
 /// microseconds of each 200 answer and the count of failures.
 ///
-/// Each round visits the targets in a fresh random order (fixed seed, so
-/// runs are repeatable). What ran just before a request, and is still
+/// Each round visits the targets in a fresh random order (from `seed`, so
+/// a run can be repeated). What ran just before a request, and is still
 /// finishing (a server's close, its lingering reads), costs the request
 /// after it: a fixed or rotated order would always bill the same target
 /// for the same neighbour, while a shuffled one gives every target the
 /// same mix of neighbours.
-fn timed_rounds(n: usize, targets: &[Target]) -> Vec<(Vec<f64>, usize)> {
+fn timed_rounds(n: usize, seed: u64, targets: &[Target]) -> Vec<(Vec<f64>, usize)> {
     let mut timed = vec![(Vec::with_capacity(n), 0); targets.len()];
-    let mut rng = fastrand::Rng::with_seed(0x6d65_7461);
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut order: Vec<usize> = (0..targets.len()).collect();
     for _ in 0..n {
         rng.shuffle(&mut order);
