@@ -93,13 +93,21 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// Who an entry is about.
+#[derive(Debug)]
+enum Source {
+    /// The probe's record of an attributed connection (its address and
+    /// when it connected included).
+    Caller(Arc<Caller>),
+    /// A connection the probe did not record: its address, and when it was
+    /// refused.
+    Unattributed { client: SocketAddr, at: SystemTime },
+}
+
 /// One entry of the log, as recorded on the request path.
 #[derive(Debug)]
 pub struct Entry {
-    at: SystemTime,
-    client: SocketAddr,
-    /// The probe's record, for an attributed connection.
-    caller: Option<Arc<Caller>>,
+    source: Source,
     container: Option<(ContainerId, String)>,
     role: Option<RoleArn>,
     /// Method and path (cut to [`LOGGED_PATH`] characters, and whether it was).
@@ -113,9 +121,10 @@ impl Entry {
     /// of it, so nothing is known but the client's address.
     pub fn refused(client: SocketAddr, reason: Option<String>) -> Self {
         Self {
-            at: SystemTime::now(),
-            client,
-            caller: None,
+            source: Source::Unattributed {
+                client,
+                at: SystemTime::now(),
+            },
             container: None,
             role: None,
             request: None,
@@ -139,9 +148,7 @@ impl Entry {
             None => (path, false),
         };
         Self {
-            at: caller.connected_at(),
-            client: caller.peer.0,
-            caller: Some(caller.clone()),
+            source: Source::Caller(caller.clone()),
             container: container.map(|(id, name)| (id.clone(), name.to_owned())),
             role: role.cloned(),
             request: Some((method.clone(), path.into(), cut)),
@@ -152,10 +159,13 @@ impl Entry {
 
     /// The entry as `metaproxy connections` shows it.
     pub fn connection(&self) -> Connection {
-        let caller = self.caller.as_deref();
+        let (at, client, caller) = match &self.source {
+            Source::Caller(c) => (c.connected_at(), c.peer.0, Some(&**c)),
+            Source::Unattributed { client, at } => (*at, *client, None),
+        };
         Connection {
-            time: humantime::format_rfc3339_millis(self.at).to_string(),
-            client: self.client.to_string(),
+            time: humantime::format_rfc3339_millis(at).to_string(),
+            client: client.to_string(),
             cgroup_id: caller.map(|c| c.cgroup.0),
             cgroup: caller.and_then(|c| c.cgroup_path.as_deref().map(str::to_owned)),
             pid: caller.map(|c| c.pid),
