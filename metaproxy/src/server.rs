@@ -274,9 +274,9 @@ async fn serve_connection(
 /// A connection costs a task and a socket until its first bytes arrive
 /// (`peek`, not `readable`: readiness can be reported before any data,
 /// and the bench's silent connections then hold hyper's buffers, about
-/// 13 KiB each). Then hyper serves it until a response has been flushed and nothing more
-/// is waiting ([`HandBack`]); the connection goes back to waiting, and the
-/// next request gets a fresh hyper connection. Silent connections, and
+/// 13 KiB each). Then hyper serves it until a response has been flushed
+/// and nothing more is waiting ([`HandBack`]); the connection goes back to
+/// waiting, and the next request gets a fresh hyper connection. Silent connections, and
 /// keep-alive ones between requests, wait at most [`HEADER_TIMEOUT`].
 async fn serve_http<F, Fut>(mut stream: TcpStream, handler: F)
 where

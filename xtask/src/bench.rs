@@ -235,7 +235,7 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     // against a direct connect.
     let loop_stats = |addr: &str| -> anyhow::Result<(Value, f64, f64, f64)> {
         let before = prog_stats();
-        let v = c.exec(&["/mp-client", "connects", addr, "2000"])?;
+        let v = connects(&c, addr)?;
         let after = prog_stats();
         let per_run = |name: &str| {
             let (t0, n0) = before.get(name).copied().unwrap_or_default();
@@ -529,10 +529,14 @@ fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for the daemon"))
 }
 
-/// The daemon's user + system time, in clock ticks.
-/// The p50 of a connect-only loop of 2000 connects from `c` to `addr`.
+/// A connect-only loop of 2000 connects from `c` to `addr`: its percentiles.
+fn connects(c: &Container, addr: &str) -> anyhow::Result<Value> {
+    c.exec(&["/mp-client", "connects", addr, "2000"])
+}
+
+/// The p50 of [`connects`].
 fn connect_p50(c: &Container, addr: &str) -> anyhow::Result<f64> {
-    let v = c.exec(&["/mp-client", "connects", addr, "2000"])?;
+    let v = connects(c, addr)?;
     v["p50_us"]
         .as_f64()
         .ok_or_else(|| anyhow::anyhow!("connect loop: {v}"))
@@ -543,6 +547,7 @@ fn median_of(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The daemon's user + system time, in clock ticks.
 fn cpu_ticks(bed: &E2eBed) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", bed.daemon.pid()))?;
     // Fields after the parenthesised comm: utime is the 14th field overall.

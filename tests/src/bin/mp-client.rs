@@ -333,8 +333,8 @@ fn latency(addr: SocketAddr, path: &str, n: usize, headers: &str) -> serde_json:
     out
 }
 
-/// Sequential connect + GET + close to each target in turn, `n` rounds:
-/// every target is measured under the same conditions, which on a small
+/// Sequential connect + GET + close to each target, `n` rounds (see
+/// [`timed_rounds`]): every target is measured under the same conditions, which on a small
 /// shared machine drift more from one second to the next than the
 /// difference being measured.
 fn interleave(n: usize, seed: u64, targets: &[String]) -> serde_json::Value {
