@@ -48,6 +48,66 @@ pub const PROG_CONNECT6: &str = "mp_connect6";
 pub const PROG_SOCK_OPS: &str = "mp_sock_ops";
 pub const PROG_BIND4: &str = "mp_bind4";
 pub const PROG_BIND6: &str = "mp_bind6";
+/// The packet guard's two layers (see [`GuardDrop`]): `cgroup_skb/egress`
+/// on the attached cgroup, and a tc egress classifier on each interface
+/// that routes to a guarded address.
+pub const PROG_GUARD_SKB: &str = "mp_guard_skb";
+pub const PROG_GUARD_TC: &str = "mp_guard_tc";
+
+/// Per-CPU array of drop counters, one slot per [`GuardDrop`]. Pinned with
+/// the other maps, so counts survive a restart and both generations of an
+/// upgrade add to the same counters.
+pub const MAP_GUARD_DROPS: &str = "MP_GUARD_DROPS";
+
+/// Why the packet guard dropped a packet to a guarded address (IMDS, or a
+/// container-credentials address the probe redirects). The value is the
+/// slot in [`MAP_GUARD_DROPS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardDrop {
+    /// At the uplink, with no local socket: routed for another namespace
+    /// (every container's packets, AF_PACKET frames, spoofed or not, and
+    /// anything from a namespace nested inside a container).
+    Forwarded = 0,
+    /// Sent by a socket in the attached subtree other than the daemon's,
+    /// caught as it leaves the socket (`cgroup_skb`): raw IP sockets, UDP,
+    /// TCP to another port or NATed onto IMDS inside a namespace.
+    SubtreeSocket = 1,
+    /// At the uplink, from a local socket in the attached subtree: a packet
+    /// socket (AF_PACKET) of a `--network host` process, which bypasses IP
+    /// output and so the socket layer.
+    SubtreePacketSocket = 2,
+    /// At the uplink, from a socket that is no longer a full socket
+    /// (time-wait, request socket) and the packet carries data or is not
+    /// TCP. Their bare ACKs, FINs and RSTs pass.
+    NotFullSocket = 3,
+    /// At the uplink, from a full socket with no cgroup to check.
+    Unattributed = 4,
+}
+
+/// Slots in [`MAP_GUARD_DROPS`].
+pub const GUARD_DROP_KINDS: u32 = 5;
+
+impl GuardDrop {
+    pub const ALL: [GuardDrop; GUARD_DROP_KINDS as usize] = [
+        GuardDrop::Forwarded,
+        GuardDrop::SubtreeSocket,
+        GuardDrop::SubtreePacketSocket,
+        GuardDrop::NotFullSocket,
+        GuardDrop::Unattributed,
+    ];
+
+    /// The metric label and the name `metaproxy status` shows.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuardDrop::Forwarded => "forwarded",
+            GuardDrop::SubtreeSocket => "subtree_socket",
+            GuardDrop::SubtreePacketSocket => "subtree_packet_socket",
+            GuardDrop::NotFullSocket => "not_full_socket",
+            GuardDrop::Unattributed => "unattributed",
+        }
+    }
+}
 
 /// Load-time globals the loader overrides (see `EbpfLoader::override_global`).
 pub const GLOBAL_CONFIG: &str = "MP_CONFIG";
@@ -74,6 +134,13 @@ pub struct ProbeConfig {
     /// IPv6 address of the container-credentials endpoint (fd00:ec2::23),
     /// network order; all zero is unused.
     pub creds_ip6: [u32; 4],
+    /// The attached cgroup's id: the packet guard drops what sockets below
+    /// it send to a guarded address (the daemon's excepted).
+    pub attached_cgroup_id: u64,
+    /// The attached cgroup's level (0 for the cgroup2 root), for
+    /// `bpf_skb_ancestor_cgroup_id`.
+    pub attached_level: u32,
+    pub _pad: u32,
 }
 
 /// The container-credentials endpoint's addresses (ECS task roles, EKS Pod
@@ -98,6 +165,20 @@ impl ProbeConfig {
     #[inline(always)]
     pub fn redirects_ip6(&self, dst: [u32; 4]) -> bool {
         dst == IMDS_IP6 || (dst != [0; 4] && dst == self.creds_ip6)
+    }
+
+    /// Whether the packet guard keeps packets to IPv4 `dst` (any port, any
+    /// protocol) from everyone but the daemon: the addresses the redirect
+    /// covers.
+    #[inline(always)]
+    pub fn guards_ip4(&self, dst: u32) -> bool {
+        self.redirects_ip4(dst)
+    }
+
+    /// As [`ProbeConfig::guards_ip4`], for IPv6.
+    #[inline(always)]
+    pub fn guards_ip6(&self, dst: [u32; 4]) -> bool {
+        self.redirects_ip6(dst) || v4_mapped(dst).is_some_and(|v4| self.guards_ip4(v4))
     }
 }
 
@@ -228,7 +309,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<ProbeConfig>(),
-            8 + 4 + 2 + 2 + 16 + 8 + 16
+            8 + 4 + 2 + 2 + 16 + 8 + 16 + 8 + 4 + 4
         );
         assert_eq!(
             core::mem::size_of::<ConnRecord>(),

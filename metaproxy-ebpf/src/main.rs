@@ -1,4 +1,5 @@
-//! metaproxy's kernel programs: see [`probe`] for what each one does.
+//! metaproxy's kernel programs: see [`probe`] for the redirect and
+//! attribution, [`guard`] for the packet guard.
 //!
 //! This crate is built for `bpfel-unknown-none` by `metaproxy`'s build.rs;
 //! on the host it compiles to an empty binary so workspace-wide commands
@@ -6,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod guard;
 #[cfg(target_arch = "bpf")]
 mod probe;
 

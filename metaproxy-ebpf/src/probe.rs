@@ -3,8 +3,10 @@
 //! * `mp_connect4` / `mp_connect6` (cgroup/connect4, cgroup/connect6): a TCP
 //!   connect to the instance metadata service is rewritten to the daemon's
 //!   listen address, and what we know about the caller (cgroup, pid, comm)
-//!   is remembered under the socket's cookie. Everything else passes
-//!   untouched. Anything we cannot redirect is refused, never passed on.
+//!   is remembered under the socket's cookie. Anything we cannot redirect
+//!   is refused, never passed on, and so is a connect to another port of a
+//!   guarded address (see [`crate::guard`]). Other destinations pass
+//!   untouched.
 //! * `mp_bind4` / `mp_bind6` (cgroup/bind4, cgroup/bind6): only the daemon
 //!   may bind its listen address (or the wildcard address on its port).
 //!   Pinned like the rest, this holds while the daemon is down: whoever bound
@@ -42,7 +44,7 @@ const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 
 #[unsafe(no_mangle)]
-static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
+pub(crate) static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
     self_cgroup_id: 0,
     listen_ip4: 0,
     listen_port4: 0,
@@ -50,6 +52,9 @@ static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
     listen_ip6: [0; 4],
     creds_ip4: [0; 2],
     creds_ip6: [0; 4],
+    attached_cgroup_id: 0,
+    attached_level: 0,
+    _pad: 0,
 });
 
 /// Socket cookie -> record, between `connect()` and the SYN. Pinned so a
@@ -66,13 +71,13 @@ pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/connect4 program a valid
     // bpf_sock_addr for the duration of the call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if port_of(sa) != IMDS_PORT {
-        return ALLOW;
-    }
     let cfg = MP_CONFIG.load();
     let dst = sa.user_ip4;
     if !cfg.redirects_ip4(dst) {
         return ALLOW;
+    }
+    if port_of(sa) != IMDS_PORT {
+        return other_port(&cfg);
     }
     redirect(&ctx, sa, &cfg, AF_INET, to_v4_mapped(dst), |sa| {
         sa.user_ip4 = cfg.listen_ip4;
@@ -84,11 +89,14 @@ pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
 pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in mp_connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if port_of(sa) != IMDS_PORT {
-        return ALLOW;
-    }
     let dst = read_ip6(&sa.user_ip6);
     let cfg = MP_CONFIG.load();
+    if !cfg.guards_ip6(dst) {
+        return ALLOW;
+    }
+    if port_of(sa) != IMDS_PORT {
+        return other_port(&cfg);
+    }
     if v4_mapped(dst).is_some_and(|v4| cfg.redirects_ip4(v4)) {
         // A dual-stack socket reaching IPv4 IMDS as ::ffff:169.254.169.254
         // never runs connect4, so it is caught here and sent to the IPv4
@@ -140,6 +148,18 @@ pub fn mp_bind6(ctx: SockAddrContext) -> i32 {
     let takes_listen6 =
         cfg.listen_port6 != 0 && port == cfg.listen_port6 && (any || addr == cfg.listen_ip6);
     bind_verdict(takes_listen4 || takes_listen6, &cfg)
+}
+
+/// A connect to a guarded address on a port other than 80: nothing there is
+/// for a job, and the packet guard would drop its packets anyway, so it
+/// fails at once (EPERM) instead of timing out. The daemon's own pass.
+#[inline(always)]
+fn other_port(cfg: &ProbeConfig) -> i32 {
+    if current_cgroup_id() == cfg.self_cgroup_id {
+        ALLOW
+    } else {
+        REFUSE
+    }
 }
 
 /// Refuses a bind that would take the daemon's listen address, unless the

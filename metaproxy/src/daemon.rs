@@ -28,13 +28,14 @@ use crate::{
     config::RunConfig,
     connlog::ConnLog,
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
+    guard::{self, GuardState, RouteTable},
     identity::{docker::DockerRuntime, Identities},
     ids::AccountId,
     metrics::{self, Live, LiveSource, Metrics, Readiness, RequestMetrics},
     netaddr,
     policy::Policy,
     policy_file::PolicyFile,
-    probe::{Probe, ProbeOptions},
+    probe::{Probe, ProbeOptions, TcMode},
     server::{self, ConnectionCount, Pipeline},
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
     upstream::{HttpUpstream, Upstream},
@@ -178,8 +179,42 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None => true,
         });
     let mut tasks = Tasks::default();
-    let probe = attach_probe(&config, &target, self_cgroup_id, &mut tasks)?;
+    // The packet guard goes on the interfaces that route to IMDS now, in
+    // the same step as the redirect; the follower keeps it there.
+    let routes_table = RouteTable::open().context("reading the routes to IMDS")?;
+    let guarded = guard::guarded_addresses(&config.container_credentials);
+    let routes = routes_table.lookup(&guarded).await;
+    let attached = Attached {
+        cgroup_id: cgroup::id_of(&target)?,
+        level: target
+            .strip_prefix(&mount)
+            .map_or(0, |rel| rel.components().count() as u32),
+    };
+    let probe = attach_probe(
+        &config,
+        &target,
+        self_cgroup_id,
+        attached,
+        routes.interfaces(),
+        &mut tasks,
+    )?;
     readiness.probe_attached();
+    let guard_state = Arc::new(GuardState::new(routes));
+    {
+        let (probe, state) = (probe.clone(), guard_state.clone());
+        readiness.guard(Arc::new(move || {
+            state.covered_by(&probe.guarded_interfaces().0)
+        }));
+    }
+    tracing::info!(
+        interfaces = %guard_state.routes().interfaces().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(","),
+        mode = probe.guarded_interfaces().1.name(),
+        "packet guard attached"
+    );
+    tasks.spawn(
+        "packet guard routes",
+        guard::follow(probe.clone(), routes_table, guarded, guard_state.clone()),
+    );
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
@@ -231,6 +266,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let requests = RequestMetrics::default();
     let state = Arc::new(DaemonState {
         probe: probe.clone(),
+        guard: guard_state.clone(),
         count: count.clone(),
         identities: identities.clone(),
         credentials: credentials.clone(),
@@ -462,10 +498,19 @@ fn list_or(items: &[String], empty: &str) -> String {
     }
 }
 
+/// The cgroup the probe is attached to, as the packet guard checks it.
+#[derive(Debug, Clone, Copy)]
+struct Attached {
+    cgroup_id: u64,
+    level: u32,
+}
+
 fn attach_probe(
     config: &RunConfig,
     target: &std::path::Path,
     self_cgroup_id: u64,
+    attached: Attached,
+    guard_interfaces: Vec<crate::probe::Interface>,
     tasks: &mut Tasks,
 ) -> anyhow::Result<Arc<Probe>> {
     let (listen_ip6, listen_port6) = match config.listen6 {
@@ -500,8 +545,13 @@ fn attach_probe(
             listen_ip6,
             creds_ip4,
             creds_ip6,
+            attached_cgroup_id: attached.cgroup_id,
+            attached_level: attached.level,
+            _pad: 0,
         },
         kernel_log_level: kernel_log_level(),
+        guard_interfaces,
+        tc_mode: TcMode::detect(),
     };
     let (probe, kernel_log) = Probe::attach(&opts).map_err(|e| {
         let hint = if lacks_privilege(&e) {
@@ -564,6 +614,7 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 /// The daemon's parts that `GET /v1/status` and the metrics read.
 struct DaemonState {
     probe: Arc<Probe>,
+    guard: Arc<GuardState>,
     count: Arc<ConnectionCount>,
     identities: Arc<Identities>,
     credentials: Arc<CredentialCache>,
@@ -573,9 +624,28 @@ struct DaemonState {
 impl StatusSource for DaemonState {
     fn status(&self) -> serde_json::Value {
         let (pending, conns) = self.probe.map_sizes();
+        let (interfaces, mode) = self.probe.guarded_interfaces();
+        let routes = self.guard.routes();
+        let dropped: serde_json::Map<String, serde_json::Value> = self
+            .probe
+            .guard_drops()
+            .into_iter()
+            .map(|(kind, n)| (kind.name().to_string(), n.into()))
+            .collect();
         serde_json::json!({
             "pid": std::process::id(),
             "generation": self.probe.generation(),
+            "guard": {
+                "mode": mode.name(),
+                "interfaces": interfaces,
+                "routes": routes.routed.iter().map(|(addr, iface)| serde_json::json!({
+                    "address": addr.to_string(),
+                    "interface": iface.name,
+                    "guarded": interfaces.iter().any(|i| i.index == iface.index),
+                })).collect::<Vec<_>>(),
+                "unrouted": routes.unrouted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "dropped": dropped,
+            },
             "maps": { "pending": pending, "conns": conns },
             "connections": {
                 "open": self.count.open(),
@@ -590,7 +660,13 @@ impl LiveSource for DaemonState {
     fn live(&self) -> Live {
         let (pending, conns) = self.probe.map_sizes();
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let mut guard_drops = [0; metaproxy_common::GUARD_DROP_KINDS as usize];
+        for (kind, count) in self.probe.guard_drops() {
+            guard_drops[kind as usize] = count;
+        }
         Live {
+            guard_drops,
+            guard_interfaces: n(self.probe.guarded_interfaces().0.len()),
             open_connections: n(self.count.open()),
             largest_per_container: n(self.count.largest_per_cgroup()),
             identity_cache: n(self.identities.cached()),

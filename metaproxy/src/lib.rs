@@ -10,6 +10,10 @@
 //!   -> credentials (STS, cache) -> surface (the IMDS answer, or a Denial)
 //! ```
 //!
+//! Beside it, `guard` keeps the packet guard (which `probe` attaches) on
+//! the interfaces that route to IMDS, so nothing but the daemon reaches the
+//! real IMDS whatever a job sends.
+//!
 //! `server` runs that path for each accepted connection; `daemon` wires it
 //! from a validated `config`. The outside world sits behind traits
 //! ([`attribution::RecordSource`], [`identity::ContainerRuntime`],
@@ -28,6 +32,7 @@ pub mod config;
 pub mod connlog;
 pub mod credentials;
 pub mod daemon;
+pub mod guard;
 pub mod identity;
 pub mod ids;
 pub mod logging;

@@ -300,6 +300,10 @@ pub struct Live {
     pub probe_generation: u64,
     pub log_lines_dropped: u64,
     pub docker_reachable: bool,
+    /// Packets the packet guard dropped, by [`metaproxy_common::GuardDrop`].
+    pub guard_drops: [u64; metaproxy_common::GUARD_DROP_KINDS as usize],
+    /// Interfaces the tc guard is attached to.
+    pub guard_interfaces: u64,
 }
 
 /// Where [`Live`] comes from (the daemon's parts; a fixed value in tests).
@@ -395,6 +399,24 @@ impl Collector for LiveCollector {
             "1 while the Docker API answers (its event stream is connected)",
             &[(None, u64::from(live.docker_reachable))],
         )?;
+        gauge(
+            &mut encoder,
+            "metaproxy_guard_interfaces",
+            "Interfaces the packet guard is attached to (those that route to IMDS)",
+            &[(None, live.guard_interfaces)],
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "metaproxy_guard_dropped_packets",
+                "Packets to IMDS or the container-credentials addresses that the packet guard dropped, by kind",
+                None,
+                MetricType::Counter,
+            )?;
+            for kind in metaproxy_common::GuardDrop::ALL {
+                ConstCounter::new(live.guard_drops[kind as usize])
+                    .encode(family.encode_family(&[("kind", kind.name())])?)?;
+            }
+        }
         let dropped = ConstCounter::new(live.log_lines_dropped);
         let family = encoder.encode_descriptor(
             "metaproxy_log_lines_dropped",
@@ -455,6 +477,7 @@ impl Metrics {
 #[derive(Default)]
 pub struct Readiness {
     attached: AtomicBool,
+    guarded: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     listening: AtomicBool,
     docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     account: OnceLock<Arc<OnceLock<AccountId>>>,
@@ -477,6 +500,12 @@ impl Readiness {
         self.listening.store(true, Ordering::Relaxed);
     }
 
+    /// How to tell whether the packet guard is on every interface that
+    /// routes to a guarded address.
+    pub fn guard(&self, in_place: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.guarded.set(in_place);
+    }
+
     /// How to tell whether the Docker API is reachable.
     pub fn docker(&self, reachable: Arc<dyn Fn() -> bool + Send + Sync>) {
         let _ = self.docker.set(reachable);
@@ -491,6 +520,9 @@ impl Readiness {
     pub fn check(&self) -> Result<(), &'static str> {
         if !self.attached.load(Ordering::Relaxed) {
             return Err("the probe is not attached yet");
+        }
+        if !self.guarded.get().is_some_and(|on| on()) {
+            return Err("the packet guard is not on the interface that routes to IMDS");
         }
         if !self.listening.load(Ordering::Relaxed) {
             return Err("the IMDS listener is not bound yet");
@@ -666,6 +698,7 @@ mod tests {
             Arc::new(Fixed(Live {
                 open_connections: 3,
                 map_conns: 7,
+                guard_drops: [4, 0, 1, 0, 0],
                 ..Live::default()
             })),
         );
@@ -678,6 +711,9 @@ mod tests {
             "metaproxy_probe_map_entries{map=\"conns\"} 7",
             "metaproxy_probe_map_capacity{map=\"conns\"} 65536",
             "metaproxy_log_lines_dropped_total 0",
+            "metaproxy_guard_dropped_packets_total{kind=\"forwarded\"} 4",
+            "metaproxy_guard_dropped_packets_total{kind=\"subtree_packet_socket\"} 1",
+            "metaproxy_guard_dropped_packets_total{kind=\"subtree_socket\"} 0",
             "metaproxy_build_info{version=\"",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
@@ -696,6 +732,11 @@ mod tests {
         let r = Readiness::default();
         assert_eq!(r.check(), Err("the probe is not attached yet"));
         r.probe_attached();
+        let guarded = Arc::new(AtomicBool::new(false));
+        let on = guarded.clone();
+        r.guard(Arc::new(move || on.load(Ordering::Relaxed)));
+        assert!(r.check().unwrap_err().contains("packet guard"));
+        guarded.store(true, Ordering::Relaxed);
         assert_eq!(r.check(), Err("the IMDS listener is not bound yet"));
         r.listening();
         let up = Arc::new(AtomicBool::new(false));
@@ -712,6 +753,10 @@ mod tests {
         assert_eq!(r.check(), Ok(()));
         up.store(false, Ordering::Relaxed);
         assert_eq!(r.check(), Err("the Docker API is not reachable"));
+        // A route that moves to an unguarded interface makes it unready.
+        up.store(true, Ordering::Relaxed);
+        guarded.store(false, Ordering::Relaxed);
+        assert!(r.check().unwrap_err().contains("packet guard"));
     }
 
     #[test]

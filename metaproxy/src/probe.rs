@@ -10,8 +10,16 @@
 //! ```text
 //! maps-v1/MP_PENDING   socket cookie -> record   (shared across restarts)
 //! maps-v1/MP_CONNS     4-tuple -> record         (shared across restarts)
-//! links/<prog>-<gen>   one bpf_link per program and generation
+//! maps-v1/MP_GUARD_DROPS  the packet guard's drop counters
+//! links/<prog>-<gen>   one bpf_link per cgroup program and generation
 //!                      (bpffs refuses dots in names)
+//! links/mp_guard_tc_if<ifindex>-<gen>
+//!                      the tc guard's tcx link on one interface
+//! links/mp_guard_nl_if<ifindex>_p<prio>_h<handle>-<gen>
+//!                      on kernels without tcx (before 6.6): the tc guard's
+//!                      program, pinned as the record of the clsact filter
+//!                      that holds it (the kernel keeps such filters by
+//!                      themselves)
 //! ```
 //!
 //! A link pinned in bpffs stays attached when the process that made it dies,
@@ -22,7 +30,8 @@
 //! the old ones, and only then unpins the older generations. Both
 //! generations do the same thing, so there is no moment in which a connect
 //! is not redirected; a crash half way leaves extra links, which the next
-//! start removes.
+//! start removes. The packet guard's links follow the same generations:
+//! the old guard drops until the new one is in place.
 
 use std::{
     fs, io,
@@ -30,16 +39,19 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError},
+    maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+        SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
 use metaproxy_common::{
-    ConnKey, ConnRecord, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_PENDING, PROG_BIND4,
-    PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
+    ConnKey, ConnRecord, GuardDrop, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_GUARD_DROPS,
+    MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
+    PROG_GUARD_TC, PROG_SOCK_OPS,
 };
 
 use crate::addrs::AddrPair;
@@ -52,15 +64,20 @@ static PROBE_OBJECT: &[u8] =
 /// beside the old ones instead of reusing incompatible pins.
 const MAPS_DIR: &str = "maps-v1";
 const LINKS_DIR: &str = "links";
-/// Attach order: the bind guards first, so the listen address is guarded
-/// before anything is redirected to it.
-const PROGRAMS: [&str; 5] = [
+/// The cgroup programs, in attach order: the bind guards first, so the
+/// listen address is guarded before anything is redirected to it, and the
+/// packet guard before the redirect.
+const PROGRAMS: [&str; 6] = [
     PROG_BIND4,
     PROG_BIND6,
+    PROG_GUARD_SKB,
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SOCK_OPS,
 ];
+/// Pin name stems of the tc guard (see the module docs).
+const TCX_PIN: &str = "mp_guard_tc_if";
+const NETLINK_PIN: &str = "mp_guard_nl_if";
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -101,6 +118,12 @@ pub enum ProbeError {
     },
     #[error("the kernel programs have no {0}")]
     Missing(&'static str),
+    #[error("guarding interface {name} (index {index})")]
+    Guard {
+        name: String,
+        index: u32,
+        source: aya::programs::ProgramError,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ProbeError + 'a {
@@ -121,6 +144,72 @@ pub struct ProbeOptions {
     pub config: ProbeConfig,
     /// Most verbose kernel log level to emit (aya-log's numbering).
     pub kernel_log_level: u8,
+    /// Interfaces that route to a guarded address: the tc guard goes on
+    /// each before an older generation's is removed.
+    pub guard_interfaces: Vec<Interface>,
+    /// How the tc guard attaches.
+    pub tc_mode: TcMode,
+}
+
+/// A network interface, by index (what the kernel attaches to) and the
+/// name it had when we looked.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+}
+
+/// How the tc guard is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcMode {
+    /// A tcx bpf_link (kernel 6.6 and newer), pinned like the cgroup links.
+    Tcx,
+    /// A classic filter on the clsact qdisc (kernels 5.10 to 6.5). The
+    /// qdisc holds it whether or not anyone has the program open.
+    Netlink,
+}
+
+impl TcMode {
+    /// tcx where the kernel has it; `METAPROXY_GUARD_TC=netlink` forces the
+    /// classic filter (the tests run both).
+    pub fn detect() -> Self {
+        if std::env::var("METAPROXY_GUARD_TC").is_ok_and(|v| v == "netlink") {
+            return Self::Netlink;
+        }
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) >= (6, 6) {
+            Self::Tcx
+        } else {
+            Self::Netlink
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "clsact",
+        }
+    }
+}
+
+/// What a pin under `links/` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pin {
+    /// A cgroup link of one of [`PROGRAMS`].
+    Cgroup,
+    /// The tc guard's tcx link on an interface.
+    Tcx { ifindex: u32 },
+    /// The tc guard's program, attached as a clsact filter.
+    Netlink {
+        ifindex: u32,
+        priority: u16,
+        handle: u32,
+    },
 }
 
 /// The attached probe. Dropping it leaves the programs attached (that is
@@ -128,9 +217,13 @@ pub struct ProbeOptions {
 pub struct Probe {
     conns: HashMap<MapData, ConnKey, ConnRecord>,
     pending: HashMap<MapData, u64, ConnRecord>,
+    drops: PerCpuArray<MapData, u64>,
     generation: u64,
-    // Keeps the programs' fds (and aya-log's ring buffer) open.
-    _ebpf: Ebpf,
+    links_dir: PathBuf,
+    tc_mode: TcMode,
+    /// Interfaces this generation's tc guard is on. Also keeps the
+    /// programs' fds (and aya-log's ring buffer) open.
+    guard: std::sync::Mutex<(Ebpf, Vec<Interface>)>,
 }
 
 impl std::fmt::Debug for Probe {
@@ -186,7 +279,7 @@ impl Probe {
         };
 
         let old = pinned_links(&links_dir)?;
-        let generation = old.iter().map(|(_, g)| *g).max().map_or(1, |g| g + 1);
+        let generation = old.iter().map(|(_, g, _)| *g).max().map_or(1, |g| g + 1);
         let cgroup =
             fs::File::open(&opts.cgroup).map_err(io_err("opening cgroup", &opts.cgroup))?;
         for name in PROGRAMS {
@@ -195,22 +288,114 @@ impl Probe {
             link.pin(&path)
                 .map_err(|source| ProbeError::Pin { path, source })?;
         }
+        {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(PROG_GUARD_TC)
+                .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
+                .try_into()
+                .map_err(|source| ProbeError::Program {
+                    name: PROG_GUARD_TC,
+                    source,
+                })?;
+            tc.load().map_err(|source| ProbeError::Program {
+                name: PROG_GUARD_TC,
+                source,
+            })?;
+            for iface in &opts.guard_interfaces {
+                attach_tc(tc, iface, opts.tc_mode, &links_dir, generation)?;
+            }
+        }
         // The new generation is live: the old ones can go without a gap.
-        for (path, _) in old {
-            fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+        for (path, _, pin) in old {
+            unpin(&path, &pin)?;
         }
 
         let conns = take_map(&mut ebpf, MAP_CONNS)?;
         let pending = take_map(&mut ebpf, MAP_PENDING)?;
+        let drops = {
+            let map = ebpf
+                .take_map(MAP_GUARD_DROPS)
+                .ok_or(ProbeError::Missing(MAP_GUARD_DROPS))?;
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+                name: MAP_GUARD_DROPS,
+                source,
+            })?
+        };
         Ok((
             Self {
                 conns,
                 pending,
+                drops,
                 generation,
-                _ebpf: ebpf,
+                links_dir,
+                tc_mode: opts.tc_mode,
+                guard: std::sync::Mutex::new((ebpf, opts.guard_interfaces.clone())),
             },
             kernel_log,
         ))
+    }
+
+    /// Puts the tc guard on `iface` too (a route to a guarded address now
+    /// leaves through it). Nothing happens if it is already there.
+    pub fn guard_interface(&self, iface: &Interface) -> Result<bool, ProbeError> {
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let (ebpf, on) = &mut *guard;
+        if on.iter().any(|i| i.index == iface.index) {
+            return Ok(false);
+        }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROG_GUARD_TC)
+            .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
+            .try_into()
+            .map_err(|source| ProbeError::Program {
+                name: PROG_GUARD_TC,
+                source,
+            })?;
+        attach_tc(tc, iface, self.tc_mode, &self.links_dir, self.generation)?;
+        on.push(iface.clone());
+        on.sort();
+        Ok(true)
+    }
+
+    /// Forgets interfaces that no longer exist (a deleted interface takes
+    /// its filters and links with it): their pins go, so a new interface
+    /// that reuses the index is guarded afresh.
+    pub fn forget_interfaces(&self, exists: impl Fn(u32) -> bool) -> Result<(), ProbeError> {
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, on) = &mut *guard;
+        on.retain(|i| exists(i.index));
+        for (path, _, pin) in pinned_links(&self.links_dir)? {
+            let ifindex = match pin {
+                Pin::Tcx { ifindex } | Pin::Netlink { ifindex, .. } => ifindex,
+                Pin::Cgroup => continue,
+            };
+            if !exists(ifindex) {
+                fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces the tc guard is on, and how it is attached.
+    pub fn guarded_interfaces(&self) -> (Vec<Interface>, TcMode) {
+        let guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        (guard.1.clone(), self.tc_mode)
+    }
+
+    /// Packets the guard dropped, by kind, summed over CPUs (and over every
+    /// generation since the maps were created).
+    pub fn guard_drops(&self) -> Vec<(GuardDrop, u64)> {
+        GuardDrop::ALL
+            .iter()
+            .map(|kind| {
+                let n = self
+                    .drops
+                    .get(&(*kind as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*kind, n)
+            })
+            .collect()
     }
 
     /// This daemon's link generation (1 for a fresh attach).
@@ -250,7 +435,19 @@ fn attach_program(
     let err = |source| ProbeError::Program { name, source };
     // Cgroup bpf_links always coexist with other programs on the cgroup (the
     // kernel attaches links as multi), so "Single" only means "no flags".
-    if name == PROG_SOCK_OPS {
+    if name == PROG_GUARD_SKB {
+        let prog: &mut CgroupSkb = program.try_into().map_err(err)?;
+        prog.load().map_err(err)?;
+        let id = prog
+            .attach(
+                cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(err)?;
+        let link = prog.take_link(id).map_err(err)?;
+        FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
+    } else if name == PROG_SOCK_OPS {
         let prog: &mut SockOps = program.try_into().map_err(err)?;
         prog.load().map_err(err)?;
         let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
@@ -263,6 +460,103 @@ fn attach_program(
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
     }
+}
+
+/// Attaches the tc guard at egress of `iface` and pins what records it.
+fn attach_tc(
+    tc: &mut SchedClassifier,
+    iface: &Interface,
+    mode: TcMode,
+    links_dir: &Path,
+    generation: u64,
+) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Guard {
+        name: iface.name.clone(),
+        index: iface.index,
+        source,
+    };
+    match mode {
+        TcMode::Tcx => {
+            // Last in line: programs already there (a CNI's, say) keep their
+            // place, and whatever they pass we still see.
+            let id = tc
+                .attach_with_options(
+                    &iface.name,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::last()),
+                )
+                .map_err(err)?;
+            let link = tc.take_link(id).map_err(err)?;
+            let link = FdLink::try_from(link).map_err(|source| ProbeError::Link {
+                name: PROG_GUARD_TC,
+                source,
+            })?;
+            let path = links_dir.join(format!("{TCX_PIN}{}-{generation}", iface.index));
+            link.pin(&path)
+                .map_err(|source| ProbeError::Pin { path, source })?;
+        }
+        TcMode::Netlink => {
+            // EEXIST when the qdisc is there already, which is fine.
+            let _ = aya::programs::tc::qdisc_add_clsact(&iface.name);
+            let id = tc
+                .attach_with_options(
+                    &iface.name,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .map_err(err)?;
+            let link = tc.take_link(id).map_err(err)?;
+            let (priority, handle) = (
+                link.priority().map_err(err)?,
+                u32::from(link.handle().map_err(err)?),
+            );
+            // The filter stays with the qdisc; dropping the link would
+            // delete it.
+            std::mem::forget(link);
+            let path = links_dir.join(format!(
+                "{NETLINK_PIN}{}_p{priority}_h{handle}-{generation}",
+                iface.index
+            ));
+            tc.pin(&path)
+                .map_err(|source| ProbeError::Pin { path, source })?;
+        }
+    }
+    tracing::debug!(interface = %iface.name, ifindex = iface.index, mode = mode.name(), generation, "packet guard attached");
+    Ok(())
+}
+
+/// Removes one pin: for a clsact filter, the filter first.
+fn unpin(path: &Path, pin: &Pin) -> Result<(), ProbeError> {
+    if let Pin::Netlink {
+        ifindex,
+        priority,
+        handle,
+    } = pin
+    {
+        if let Some(name) = interface_name(*ifindex) {
+            // Dropping the link deletes the filter.
+            match SchedClassifierLink::attached(
+                &name,
+                TcAttachType::Egress,
+                *priority,
+                (*handle).into(),
+                None,
+            ) {
+                Ok(link) => drop(link),
+                Err(e) => {
+                    tracing::warn!(interface = %name, error = %e, "cannot remove an old packet guard filter")
+                }
+            }
+        }
+    }
+    fs::remove_file(path).map_err(io_err("unpinning", path))
+}
+
+/// The name of interface `index`, if it exists.
+pub fn interface_name(index: u32) -> Option<String> {
+    nix::net::if_::if_indextoname(index)
+        .ok()
+        .and_then(|n| n.into_string().ok())
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(
@@ -283,30 +577,76 @@ pub fn redirect_in_place(pin_dir: &Path) -> Result<Option<u64>, ProbeError> {
     let links = pinned_links(&links_dir)?;
     let complete = |g: u64| {
         PROGRAMS.iter().all(|prog| {
-            links.iter().any(|(p, lg)| {
+            links.iter().any(|(p, lg, _)| {
                 *lg == g && p.file_name().and_then(|n| n.to_str()) == Some(&format!("{prog}-{g}"))
             })
         })
     };
-    Ok(links.iter().map(|(_, g)| *g).filter(|g| complete(*g)).max())
+    Ok(links
+        .iter()
+        .map(|(_, g, _)| *g)
+        .filter(|g| complete(*g))
+        .max())
+}
+
+/// The interfaces the pinned tc guard of generation `generation` is on, by
+/// index, and how: what `metaproxy status` and doctor report without the
+/// daemon.
+pub fn guard_in_place(pin_dir: &Path, generation: u64) -> Result<Vec<u32>, ProbeError> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    if !links_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<u32> = pinned_links(&links_dir)?
+        .into_iter()
+        .filter(|(_, g, _)| *g == generation)
+        .filter_map(|(_, _, pin)| match pin {
+            Pin::Tcx { ifindex } | Pin::Netlink { ifindex, .. } => Some(ifindex),
+            Pin::Cgroup => None,
+        })
+        .collect();
+    found.sort_unstable();
+    Ok(found)
 }
 
 /// The link pins in `dir` with their generation, e.g. `mp_connect4-3`.
-fn pinned_links(dir: &Path) -> Result<Vec<(PathBuf, u64)>, ProbeError> {
+fn pinned_links(dir: &Path) -> Result<Vec<(PathBuf, u64, Pin)>, ProbeError> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
         let entry = entry.map_err(io_err("listing", dir))?;
-        let name = entry.file_name();
-        let generation = name
-            .to_str()
-            .and_then(|n| n.rsplit_once('-'))
-            .filter(|(prog, _)| PROGRAMS.contains(prog))
-            .and_then(|(_, g)| g.parse().ok());
-        if let Some(g) = generation {
-            found.push((entry.path(), g));
+        if let Some((generation, pin)) = entry.file_name().to_str().and_then(parse_pin) {
+            found.push((entry.path(), generation, pin));
         }
     }
     Ok(found)
+}
+
+/// A pin's generation and what it holds, from its name.
+fn parse_pin(name: &str) -> Option<(u64, Pin)> {
+    let (stem, generation) = name.rsplit_once('-')?;
+    let generation = generation.parse().ok()?;
+    if PROGRAMS.contains(&stem) {
+        return Some((generation, Pin::Cgroup));
+    }
+    if let Some(ifindex) = stem.strip_prefix(TCX_PIN) {
+        return Some((
+            generation,
+            Pin::Tcx {
+                ifindex: ifindex.parse().ok()?,
+            },
+        ));
+    }
+    let rest = stem.strip_prefix(NETLINK_PIN)?;
+    let (ifindex, rest) = rest.split_once("_p")?;
+    let (priority, handle) = rest.split_once("_h")?;
+    Some((
+        generation,
+        Pin::Netlink {
+            ifindex: ifindex.parse().ok()?,
+            priority: priority.parse().ok()?,
+            handle: handle.parse().ok()?,
+        },
+    ))
 }
 
 /// Removes the redirect for good: unpins every link (the kernel detaches a
@@ -319,8 +659,8 @@ pub fn detach(pin_dir: &Path) -> Result<usize, ProbeError> {
     let links_dir = pin_dir.join(LINKS_DIR);
     let mut removed = 0;
     if links_dir.exists() {
-        for (path, _) in pinned_links(&links_dir)? {
-            fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+        for (path, _, pin) in pinned_links(&links_dir)? {
+            unpin(&path, &pin)?;
             removed += 1;
         }
     }
@@ -384,16 +724,45 @@ mod tests {
     fn only_our_programs_count_as_link_pins() {
         let dir = std::env::temp_dir().join(format!("mp-links-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        for n in ["mp_connect4-1", "mp_sock_ops-7", "mp_connect6-x", "other-3"] {
+        for n in [
+            "mp_connect4-1",
+            "mp_sock_ops-7",
+            "mp_connect6-x",
+            "other-3",
+            "mp_guard_tc_if4-2",
+            "mp_guard_tc_ifx-2",
+        ] {
             fs::write(dir.join(n), b"").unwrap();
         }
         let mut gens: Vec<u64> = pinned_links(&dir)
             .unwrap()
             .into_iter()
-            .map(|(_, g)| g)
+            .map(|(_, g, _)| g)
             .collect();
         gens.sort();
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(gens, vec![1, 7]);
+        assert_eq!(gens, vec![1, 2, 7]);
+    }
+
+    #[test]
+    fn guard_pins_name_their_interface_and_filter() {
+        assert_eq!(parse_pin("mp_guard_skb-3"), Some((3, Pin::Cgroup)));
+        assert_eq!(
+            parse_pin("mp_guard_tc_if12-3"),
+            Some((3, Pin::Tcx { ifindex: 12 }))
+        );
+        assert_eq!(
+            parse_pin("mp_guard_nl_if2_p49152_h1-4"),
+            Some((
+                4,
+                Pin::Netlink {
+                    ifindex: 2,
+                    priority: 49152,
+                    handle: 1
+                }
+            ))
+        );
+        assert_eq!(parse_pin("mp_guard_nl_if2_p49152-4"), None);
+        assert_eq!(parse_pin("mp_guard_tc_if-4"), None);
     }
 }
