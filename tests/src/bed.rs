@@ -18,6 +18,7 @@ use crate::{
     daemon::{Daemon, DaemonSpec},
     docker::{Dockerd, BASE_IMAGE, GATEWAY},
     fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
+    imds_net::ImdsNet,
     moto::{Moto, PORT},
     netns::NetNs,
     process::output_in,
@@ -43,13 +44,15 @@ pub fn role_arn(role: &str) -> String {
 }
 
 /// Fields drop top to bottom: daemon, containers and dockerd, moto, the
-/// fake IMDS, cgroups, the namespace, then the scratch directory.
+/// fake IMDS and its namespace, cgroups, the namespace, then the scratch
+/// directory.
 #[derive(Debug)]
 pub struct E2eBed {
     pub daemon: Daemon,
     pub dockerd: Dockerd,
     pub moto: Moto,
     pub imds: FakeImds,
+    pub imds_net: ImdsNet,
     pub cg: TestCgroup,
     pub ns: NetNs,
     dir: ScratchDir,
@@ -67,30 +70,34 @@ impl Drop for ScratchDir {
 }
 
 /// What every bed stands on: a scratch directory, a network namespace with
-/// no route out (holding `addrs` on its `lo`), and a cgroup subtree with
-/// `attached` (where the probe goes) and, inside it, the daemon's own cgroup:
-/// as on a host where the probe is at the cgroup root, the daemon's own
-/// connects must still reach the real IMDS.
+/// no route out (it plays the EC2 host), the IMDS namespace one routed hop
+/// from it, and a cgroup subtree with `attached` (where the probe goes)
+/// and, inside it, the daemon's own cgroup: as on a host where the probe is
+/// at the cgroup root, the daemon's own connects must still reach the real
+/// IMDS.
 struct Foundation {
     dir: ScratchDir,
     ns: NetNs,
+    imds_net: ImdsNet,
     cg: TestCgroup,
     attached: PathBuf,
     own: PathBuf,
 }
 
 impl Foundation {
-    fn new(addrs: &[&str]) -> anyhow::Result<Self> {
+    fn new() -> anyhow::Result<Self> {
         crate::require_root();
         let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
         fs::create_dir_all(&dir.0)?;
-        let ns = NetNs::new("mpt", addrs)?;
+        let ns = NetNs::new("mpt", &[])?;
+        let imds_net = ImdsNet::new(&ns)?;
         let cg = TestCgroup::new("mpt")?;
         let attached = cg.child("attached")?;
         let own = cg.child("attached/metaproxy")?;
         Ok(Self {
             dir,
             ns,
+            imds_net,
             cg,
             attached,
             own,
@@ -126,10 +133,11 @@ impl E2eBed {
         let Foundation {
             dir,
             ns,
+            imds_net,
             cg,
             attached,
             own,
-        } = Foundation::new(&["169.254.169.254/32"])?;
+        } = Foundation::new()?;
 
         let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
         let instance = moto.seed(
@@ -138,7 +146,7 @@ impl E2eBed {
             &[ROLE_DEPLOY, ROLE_BUILD, ROLE_OTHER],
         )?;
         let imds = FakeImds::start(
-            &ns,
+            &imds_net.ns,
             FakeImdsConfig {
                 credentials: Some(instance),
                 allow_v1: !instance_requires_tokens,
@@ -176,6 +184,7 @@ impl E2eBed {
             dockerd,
             moto,
             imds,
+            imds_net,
             cg,
             ns,
             dir,
@@ -422,6 +431,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct KernelBed {
     pub daemon: Daemon,
     pub fakes: Vec<FakeImds>,
+    pub imds_net: ImdsNet,
     pub cg: TestCgroup,
     pub ns: NetNs,
     _dir: ScratchDir,
@@ -459,20 +469,29 @@ impl KernelBed {
         let Foundation {
             dir,
             ns,
+            imds_net,
             cg,
             attached,
             own,
-        } = Foundation::new(&["169.254.169.254/32", "fd00:ec2::254/128"]).expect("bed");
+        } = Foundation::new().expect("bed");
         let allow_v1 = FakeImdsConfig {
             allow_v1: true,
             ..Default::default()
         };
         let fakes = vec![
-            FakeImds::start(&ns, allow_v1.clone()).expect("fake imds"),
-            FakeImds::start_at(&ns, "169.254.169.254:81".parse().unwrap(), allow_v1.clone())
-                .expect("fake :81"),
-            FakeImds::start_at(&ns, "[fd00:ec2::254]:80".parse().unwrap(), allow_v1)
-                .expect("fake v6"),
+            FakeImds::start(&imds_net.ns, allow_v1.clone()).expect("fake imds"),
+            FakeImds::start_at(
+                &imds_net.ns,
+                "169.254.169.254:81".parse().unwrap(),
+                allow_v1.clone(),
+            )
+            .expect("fake :81"),
+            FakeImds::start_at(
+                &imds_net.ns,
+                "[fd00:ec2::254]:80".parse().unwrap(),
+                allow_v1,
+            )
+            .expect("fake v6"),
         ];
         // No Docker and no STS here: these tests are about the kernel half.
         // The daemon must not call the fake IMDS for its own credentials
@@ -505,6 +524,7 @@ impl KernelBed {
         Self {
             daemon,
             fakes,
+            imds_net,
             cg,
             ns,
             _dir: dir,

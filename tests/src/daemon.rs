@@ -214,7 +214,11 @@ impl Drop for Daemon {
                 self.log()
             );
         }
-        let detached = Command::new(metaproxy_bin())
+        // In the bed's namespace: a clsact guard filter is found by the
+        // index of its interface, which means something only there.
+        let detached = Command::new("nsenter")
+            .arg(format!("--net={}", self.spec.netns.display()))
+            .arg(metaproxy_bin())
             .arg("detach")
             .arg("--pin-dir")
             .arg(&self.pin_dir)

@@ -7,11 +7,21 @@
 //! `X-aws-ec2-metadata-token-ttl-seconds` (1-21600, echoed back), 400
 //! without it, 403 with `X-Forwarded-For`, 401 for a GET with an unknown
 //! token. IMDSv1 (no token) is refused with 401 unless allowed.
+//!
+//! Like the real IMDS, it answers a token PUT with the IP TTL (hop limit)
+//! set to the instance's `HttpPutResponseHopLimit` (2 unless a test sets
+//! another), so a token reaches a container one forward away and no
+//! further. The bed puts it one routed hop from the containers' host
+//! ([`crate::imds_net`]) for that to mean what it means on EC2.
 
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    os::fd::{AsRawFd as _, RawFd},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
     thread::JoinHandle,
 };
 
@@ -66,10 +76,25 @@ pub struct Call {
     pub requests: Vec<(String, String, u16)>,
 }
 
-#[derive(Default)]
+/// The hop limit of token answers unless a test sets another: AWS's
+/// default for AMIs that require IMDSv2 (AL2023), and what it recommends
+/// for containers.
+pub const DEFAULT_PUT_HOP_LIMIT: u8 = 2;
+
 struct Shared {
     calls: Mutex<Vec<Call>>,
     tokens: Mutex<HashSet<String>>,
+    put_hop_limit: AtomicU8,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            calls: Mutex::default(),
+            tokens: Mutex::default(),
+            put_hop_limit: AtomicU8::new(DEFAULT_PUT_HOP_LIMIT),
+        }
+    }
 }
 
 /// The running fake; stops on drop.
@@ -147,6 +172,12 @@ impl FakeImds {
         self.shared.calls.lock().unwrap().clone()
     }
 
+    /// Sets the IP TTL of token answers from now on
+    /// (`HttpPutResponseHopLimit`).
+    pub fn set_put_hop_limit(&self, hops: u8) {
+        self.shared.put_hop_limit.store(hops, Ordering::Relaxed);
+    }
+
     /// Every session token it has handed out.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.tokens.lock().unwrap().iter().cloned().collect()
@@ -182,9 +213,14 @@ async fn serve(
                     calls.len() - 1
                 };
                 let (shared, config) = (shared.clone(), config.clone());
+                let fd = stream.as_raw_fd();
+                let v6 = peer.is_ipv6();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let resp = respond(&req, &shared, &config);
+                        if req.method() == Method::PUT && resp.status() == StatusCode::OK {
+                            set_hop_limit(fd, v6, shared.put_hop_limit.load(Ordering::Relaxed));
+                        }
                         shared.calls.lock().unwrap()[index].requests.push((
                             req.method().to_string(),
                             req.uri().path().to_string(),
@@ -198,6 +234,28 @@ async fn serve(
                 });
             }
         }
+    }
+}
+
+/// Sets the TTL of what `fd` sends next. The service runs only while its
+/// connection (and so `fd`) is open.
+fn set_hop_limit(fd: RawFd, v6: bool, hops: u8) {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_TTL)
+    };
+    let value = libc::c_int::from(hops);
+    // SAFETY: value is a valid c_int of the size given; fd is the open
+    // connection this service answers on.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
     }
 }
 

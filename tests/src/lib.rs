@@ -8,7 +8,10 @@
 //! * [`process`] - start processes inside a namespace and a cgroup.
 //! * [`daemon::Daemon`] - the real `metaproxy` binary, run in the bed.
 //! * [`fake_imds::FakeImds`] - plays the EC2 metadata service on
-//!   169.254.169.254:80 inside the namespace and records every caller.
+//!   169.254.169.254:80 and records every caller.
+//! * [`imds_net::ImdsNet`] - the fake's own namespace, one routed hop from
+//!   the test namespace as IMDS is from an instance, and a log of every
+//!   packet that reaches it.
 //! * [`moto::Moto`] - STS and IAM (moto, auth on), counting AssumeRole.
 //! * [`docker::Dockerd`] - a private dockerd whose containers live under
 //!   the probe's cgroup.
@@ -22,6 +25,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod docker;
 pub mod fake_imds;
+pub mod imds_net;
 pub mod moto;
 pub mod netns;
 pub mod process;

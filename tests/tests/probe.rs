@@ -59,15 +59,25 @@ fn redirected_connect_reaches_the_daemon_with_its_cgroup_and_pid() {
 }
 
 #[test]
-fn other_ports_addresses_and_cgroups_are_untouched() {
+fn other_addresses_and_cgroups_are_untouched_and_other_imds_ports_refused() {
     let bed = Bed::new(&[]);
-    // Another port on the IMDS address: straight to whatever listens there.
+    // Another port on the IMDS address: nothing there is for a job, and
+    // the packet guard would drop its packets, so the connect fails at once.
     let other_port = bed.client(
         "attached/a",
         &["get", "169.254.169.254:81", "/latest/meta-data/instance-id"],
     );
-    assert_eq!(other_port["status"], 200, "{other_port}");
-    assert_eq!(bed.fakes[1].calls().len(), 1);
+    assert_eq!(other_port["errno"], libc::EPERM, "{other_port}");
+    assert!(bed.fakes[1].calls().is_empty());
+    // The daemon's own cgroup and processes outside the subtree reach it.
+    for cgroup in ["attached/metaproxy", "outside"] {
+        let got = bed.client(
+            cgroup,
+            &["get", "169.254.169.254:81", "/latest/meta-data/instance-id"],
+        );
+        assert_eq!(got["status"], 200, "{cgroup}: {got}");
+    }
+    assert_eq!(bed.fakes[1].calls().len(), 2);
     // Another address: connection refused by the namespace, not by us.
     let other_addr = bed.client("attached/a", &["get", "127.0.0.1:80"]);
     assert_eq!(other_addr["errno"], libc::ECONNREFUSED, "{other_addr}");
@@ -213,7 +223,10 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
     let links = std::fs::read_dir(bed.daemon.pin_dir().join("links"))
         .unwrap()
         .count();
-    assert_eq!(links, 5, "one link per program");
+    assert_eq!(
+        links, 7,
+        "one link per cgroup program, and the packet guard's on the uplink"
+    );
 
     // A clean stop keeps the redirect too.
     assert!(bed.daemon.terminate(), "daemon did not stop on SIGTERM");
@@ -321,10 +334,12 @@ fn host_processes_are_passed_through_unchanged_token_put_included() {
 #[test]
 fn udp_to_imds_is_refused() {
     let bed = Bed::new(&[]);
-    let got = bed.client("attached/a", &["udp", IMDS]);
-    assert_eq!(got["errno"], libc::EPERM, "{got}");
+    for imds in [IMDS, "169.254.169.254:81"] {
+        let got = bed.client("attached/a", &["udp", imds]);
+        assert_eq!(got["errno"], libc::EPERM, "{imds}: {got}");
+    }
     // Other UDP destinations are untouched.
-    let other = bed.client("attached/a", &["udp", "169.254.169.254:81"]);
+    let other = bed.client("attached/a", &["udp", "169.254.200.2:81"]);
     assert_eq!(other["ok"], true, "{other}");
 }
 
