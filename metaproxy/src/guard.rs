@@ -200,6 +200,7 @@ pub async fn follow(
             () = tokio::time::sleep(RESYNC) => {}
         }
         let routes = table.lookup(&addrs).await;
+        tracing::debug!(?routes, "routes to the guarded addresses");
         if let Err(e) = apply(&probe, &routes) {
             tracing::error!(error = %e, "cannot put the packet guard on a new route's interface");
         }

@@ -554,9 +554,12 @@ fn unpin(path: &Path, pin: &Pin) -> Result<(), ProbeError> {
 
 /// The name of interface `index`, if it exists.
 pub fn interface_name(index: u32) -> Option<String> {
+    // nix takes -1, not NULL, for libc's failure here, and hands back the
+    // untouched (empty) buffer for an index that does not exist.
     nix::net::if_::if_indextoname(index)
         .ok()
         .and_then(|n| n.into_string().ok())
+        .filter(|n| !n.is_empty())
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(

@@ -235,6 +235,7 @@ impl E2eBed {
         args.extend(Dockerd::host_binary_mounts(&[
             &bin("mp-sdk-client"),
             &bin("mp-client"),
+            &bin("mp-attack"),
         ]));
         args
     }

@@ -153,6 +153,19 @@ impl Daemon {
             .is_none_or(|mut c| c.terminate(Duration::from_secs(10)))
     }
 
+    /// `metaproxy detach` on this daemon's pins, in the bed's namespace (a
+    /// clsact guard filter is found by the index of its interface, which
+    /// means something only there). The daemon must be stopped first.
+    pub fn detach(&self) -> std::io::Result<std::process::Output> {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.spec.netns.display()))
+            .arg(metaproxy_bin())
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+    }
+
     /// Starts the daemon again with the same pins, socket and cgroups.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
@@ -214,15 +227,7 @@ impl Drop for Daemon {
                 self.log()
             );
         }
-        // In the bed's namespace: a clsact guard filter is found by the
-        // index of its interface, which means something only there.
-        let detached = Command::new("nsenter")
-            .arg(format!("--net={}", self.spec.netns.display()))
-            .arg(metaproxy_bin())
-            .arg("detach")
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .output();
+        let detached = self.detach();
         let pins_left = !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists();
         let bpffs = self.dir.join("bpffs");
         let unmounted = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);

@@ -66,6 +66,20 @@ impl ImdsNet {
     pub fn new(host: &NetNs) -> anyhow::Result<Self> {
         let ns = NetNs::new("mpimds", &SERVED)?;
         let net = Self { ns };
+        net.link(host)?;
+        sysctl(host, "net.ipv4.ip_forward=1")?;
+        sysctl(host, "net.ipv6.conf.all.forwarding=1")?;
+        Ok(net)
+    }
+
+    /// Deletes the link and makes it anew, with its routes: the interface
+    /// the guard was on is gone and another takes its place.
+    pub fn recreate_link(&self, host: &NetNs) -> anyhow::Result<()> {
+        host.ip(&["link", "del", UPLINK])?;
+        self.link(host)
+    }
+
+    fn link(&self, host: &NetNs) -> anyhow::Result<()> {
         host.ip(&[
             "link",
             "add",
@@ -76,7 +90,7 @@ impl ImdsNet {
             "name",
             IMDS_IFACE,
             "netns",
-            net.ns.name(),
+            self.ns.name(),
         ])?;
         host.ip(&["addr", "add", &format!("{HOST_ADDR4}/30"), "dev", UPLINK])?;
         host.ip(&[
@@ -89,14 +103,14 @@ impl ImdsNet {
             "nodad",
         ])?;
         host.ip(&["link", "set", UPLINK, "up"])?;
-        net.ns.ip(&[
+        self.ns.ip(&[
             "addr",
             "add",
             &format!("{IMDS_ADDR4}/30"),
             "dev",
             IMDS_IFACE,
         ])?;
-        net.ns.ip(&[
+        self.ns.ip(&[
             "-6",
             "addr",
             "add",
@@ -105,9 +119,10 @@ impl ImdsNet {
             IMDS_IFACE,
             "nodad",
         ])?;
-        net.ns.ip(&["link", "set", IMDS_IFACE, "up"])?;
-        net.ns.ip(&["route", "add", "default", "via", HOST_ADDR4])?;
-        net.ns
+        self.ns.ip(&["link", "set", IMDS_IFACE, "up"])?;
+        self.ns
+            .ip(&["route", "add", "default", "via", HOST_ADDR4])?;
+        self.ns
             .ip(&["-6", "route", "add", "default", "via", HOST_ADDR6])?;
         for served in SERVED {
             let (family, via) = if served.contains(':') {
@@ -117,9 +132,7 @@ impl ImdsNet {
             };
             host.ip(&[family, "route", "add", served, "via", via])?;
         }
-        sysctl(host, "net.ipv4.ip_forward=1")?;
-        sysctl(host, "net.ipv6.conf.all.forwarding=1")?;
-        Ok(net)
+        Ok(())
     }
 
     /// The MAC address of the IMDS end of the link (where a raw frame from
@@ -301,7 +314,7 @@ fn capture(fd: &OwnedFd, seen: &Mutex<Vec<SeenPacket>>, stop: &AtomicBool) {
                 &mut len,
             )
         };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         if let Some(packet) = parse(&buf[..n as usize]) {

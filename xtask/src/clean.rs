@@ -7,7 +7,7 @@
 use std::{fs, path::Path, process::Command};
 
 /// Name prefixes the test bed uses (see metaproxy_tests::unique_name).
-const PREFIXES: &[&str] = &["mpt-", "mpd-", "mpdemo-"];
+const PREFIXES: &[&str] = &["mpt-", "mpd-", "mpdemo-", "mpimds-"];
 
 /// `cargo xtask clean`: finds the daemon binary (for `detach`) through cargo.
 pub fn run() -> anyhow::Result<()> {

@@ -27,6 +27,9 @@
 //!                               alive) on each, hold them
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
+//! mp-client closefirst ADDR PATH N
+//!                               N keep-alive GETs, each on a connection the
+//!                               client then closes first (FIN, TIME_WAIT here)
 //! ```
 
 use std::{
@@ -73,6 +76,9 @@ fn main() {
         }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
+        Some("closefirst") if args.len() == 4 => {
+            close_first(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
+        }
         Some("latency") if args.len() >= 4 => latency(
             addr,
             &args[2],
@@ -474,6 +480,36 @@ fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
     out["ok"] = json!(failed == 0);
     out["n"] = json!(n);
     out
+}
+
+fn close_first(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
+    let mut failed = 0usize;
+    let mut last_error = None;
+    for _ in 0..n {
+        let result = connect(addr).and_then(|mut s| {
+            // No `Connection: close`: the server keeps the connection, so
+            // the client's FIN comes first and its side ends in TIME_WAIT.
+            let request = format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+            s.write_all(request.as_bytes())?;
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf)?;
+            if !buf[..n].starts_with(b"HTTP/1.1 200") {
+                return Err(std::io::Error::other(format!(
+                    "{:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                )));
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            // Until the server's FIN.
+            while s.read(&mut buf)? > 0 {}
+            Ok(())
+        });
+        if let Err(e) = result {
+            failed += 1;
+            last_error = Some(e.to_string());
+        }
+    }
+    json!({ "ok": failed == 0, "n": n, "failed": failed, "last_error": last_error })
 }
 
 fn churn(addr: SocketAddr, n: usize) -> serde_json::Value {

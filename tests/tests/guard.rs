@@ -1,0 +1,405 @@
+//! The packet guard, attacked as a job would attack it: raw frames, raw IP
+//! sockets, UDP, NAT inside a namespace the job controls, a nested
+//! namespace, a `--network host` job. The fake IMDS sits one routed hop
+//! from the containers' host and answers token PUTs with a hop limit of 2,
+//! as an AL2023 instance does, so every attack here works against a bed
+//! without the guard (checked at the end of the first test), and the
+//! packet log in the IMDS namespace says whether anything arrived.
+//!
+//! Each attack runs with the daemon up and with it killed: the pinned
+//! guard must hold either way. Needs root, Docker and BPF; run through
+//! `cargo xtask test`.
+
+use std::net::IpAddr;
+
+use metaproxy_tests::{
+    bed::{Container, E2eBed, KernelBed, ROLE_DEPLOY},
+    daemon::Daemon,
+    imds_net::{PacketLog, UPLINK},
+};
+use serde_json::Value;
+
+const IMDS: &str = "169.254.169.254:80";
+
+/// The guard's drop counter of `kind`, read from the running daemon.
+fn dropped(daemon: &Daemon, kind: &str) -> u64 {
+    daemon.metric(&format!(
+        "metaproxy_guard_dropped_packets_total{{kind=\"{kind}\"}}"
+    )) as u64
+}
+
+fn attack(job: &Container, args: &[&str]) -> Value {
+    let mut all = vec!["/mp-attack"];
+    all.extend_from_slice(args);
+    job.exec(&all).expect("mp-attack")
+}
+
+/// The AF_PACKET attack: user-space TCP from `spoof`, the IMDSv2 sequence.
+fn packet_tcp(job: &Container, spoof: &str) -> Value {
+    attack(
+        job,
+        &[
+            "packet-tcp",
+            "--iface",
+            "eth0",
+            "--spoof",
+            spoof,
+            "--dst",
+            IMDS,
+        ],
+    )
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// What reached the IMDS namespace from `src`, for the failure message.
+fn arrived(log: &PacketLog, src: &str) -> Vec<String> {
+    log.from(ip(src))
+        .into_iter()
+        .map(|p| format!("{p:?}"))
+        .collect()
+}
+
+fn job_ip(bed: &E2eBed, job: &Container) -> String {
+    bed.dockerd
+        .docker(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &job.name])
+        .expect("inspect")
+}
+
+fn assert_got_nothing(got: &Value) {
+    assert!(got["put_status"].is_null(), "{got}");
+    assert_eq!(got["token"], false, "{got}");
+    assert_eq!(got["credentials"], false, "{got}");
+}
+
+#[test]
+fn a_job_speaking_tcp_over_af_packet_gets_nothing_with_the_daemon_up_or_down() {
+    let mut bed = E2eBed::start(&[]).expect("bed");
+    let log = bed.imds_net.record().expect("packet log");
+    let job = bed
+        .container(
+            "raw-job",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .expect("container");
+
+    let before = dropped(&bed.daemon, "forwarded");
+    let up = packet_tcp(&job, "172.31.213.200");
+    assert_got_nothing(&up);
+    assert!(
+        log.from(ip("172.31.213.200")).is_empty(),
+        "reached IMDS: {:?}",
+        arrived(&log, "172.31.213.200")
+    );
+    let sent = up["frames_sent_to_dst"].as_u64().unwrap();
+    assert!(sent >= 1, "{up}");
+    assert_eq!(dropped(&bed.daemon, "forwarded") - before, sent, "{up}");
+
+    // Where the guard is and what it did, as an admin sees it.
+    let status = bed.daemon.status().unwrap();
+    let guard = &status["guard"];
+    assert_eq!(guard["interfaces"][0]["name"], UPLINK, "{status}");
+    assert!(
+        guard["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["address"] == "169.254.169.254" && r["guarded"] == true),
+        "{status}"
+    );
+    assert_eq!(guard["dropped"]["forwarded"], before + sent, "{status}");
+    assert_eq!(bed.daemon.metric("metaproxy_guard_interfaces"), 1.0);
+    let (code, ready) = bed.daemon.metrics_get("/readyz").unwrap();
+    assert_eq!(code, 200, "{ready}");
+    assert!(
+        bed.daemon
+            .log()
+            .contains("guard dropped a packet to imds: kind forwarded source 172.31.213.200"),
+        "the first drop from a source is logged"
+    );
+
+    // The daemon killed: the pinned guard holds.
+    bed.daemon.kill9();
+    let down = packet_tcp(&job, "172.31.213.201");
+    assert_got_nothing(&down);
+    assert!(
+        log.from(ip("172.31.213.201")).is_empty(),
+        "reached IMDS with the daemon down: {:?}",
+        arrived(&log, "172.31.213.201")
+    );
+    bed.daemon.restart().unwrap();
+    let counted = down["frames_sent_to_dst"].as_u64().unwrap();
+    assert_eq!(
+        dropped(&bed.daemon, "forwarded") - before,
+        sent + counted,
+        "the kernel counted while the daemon was down: {down}"
+    );
+
+    // The bed models the attack: without the guard the same frames get
+    // the instance's credentials, and with a hop limit of 1 the token
+    // answer dies at the host.
+    assert!(bed.daemon.terminate());
+    let out = bed.daemon.detach().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let open = packet_tcp(&job, "172.31.213.202");
+    assert_eq!(open["credentials"], true, "no guard, hop limit 2: {open}");
+    assert!(!log.from(ip("172.31.213.202")).is_empty());
+    bed.imds.set_put_hop_limit(1);
+    let limited = packet_tcp(&job, "172.31.213.203");
+    assert_eq!(limited["connected"], true, "{limited}");
+    assert!(limited["put_status"].is_null(), "hop limit 1: {limited}");
+}
+
+#[test]
+fn raw_ip_sockets_udp_and_nat_inside_a_job_never_reach_imds() {
+    let mut bed = E2eBed::start(&[]).expect("bed");
+    let log = bed.imds_net.record().expect("packet log");
+    // NET_ADMIN too, as some runners add: it is root in the job's own
+    // network namespace, not on the host.
+    let job = bed
+        .container(
+            "nat-job",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &["--cap-add", "NET_ADMIN"],
+        )
+        .expect("container");
+    let own = job_ip(&bed, &job);
+    // A harmless-looking address the connect4 hook lets pass, rewritten
+    // onto IMDS after it.
+    let mut nat = vec!["exec", job.name.as_str()];
+    nat.extend([
+        // /usr/sbin/iptables is a link into the host's /etc/alternatives,
+        // which the job's image lacks.
+        "/usr/sbin/iptables-nft",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.255.0.1",
+        "--dport",
+        "81",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        IMDS,
+    ]);
+    bed.dockerd.docker(&nat).expect("iptables in the job");
+
+    for daemon_up in [true, false] {
+        if !daemon_up {
+            bed.daemon.kill9();
+        }
+        let before = if daemon_up {
+            dropped(&bed.daemon, "subtree_socket")
+        } else {
+            0
+        };
+        let raw = attack(
+            &job,
+            &["hdrincl", "--src", &own, "--dst", IMDS, "--count", "3"],
+        );
+        assert_eq!(raw["sent"], 0, "{raw}");
+        assert_eq!(
+            raw["errnos"],
+            serde_json::json!(vec![libc::EPERM; 3]),
+            "{raw}"
+        );
+        let udp = attack(&job, &["udp", "--dst", IMDS, "--count", "2"]);
+        assert_eq!(udp["sent"], 0, "{udp}");
+        assert_eq!(
+            udp["errnos"],
+            serde_json::json!(vec![libc::EPERM; 2]),
+            "{udp}"
+        );
+        let natted = attack(
+            &job,
+            &[
+                "tcp-connect",
+                "--dst",
+                "10.255.0.1:81",
+                "--timeout-ms",
+                "1500",
+            ],
+        );
+        assert_eq!(natted["connected"], false, "{natted}");
+        assert!(
+            log.from(ip(&own)).is_empty(),
+            "reached IMDS (daemon up: {daemon_up}): {:?}",
+            arrived(&log, &own)
+        );
+        if daemon_up {
+            // 3 + 2 datagrams, and at least the NATed SYN.
+            assert!(dropped(&bed.daemon, "subtree_socket") - before >= 6);
+        }
+    }
+    bed.daemon.restart().unwrap();
+    assert!(dropped(&bed.daemon, "subtree_socket") >= 12);
+}
+
+#[test]
+fn a_nested_namespace_inside_a_job_and_a_host_network_job_are_dropped() {
+    let mut bed = E2eBed::start(&[]).expect("bed");
+    let log = bed.imds_net.record().expect("packet log");
+    // What an inner dockerd does for its containers: a namespace of its
+    // own behind a veth, forwarded by the job's namespace, then the host's.
+    let dind = bed
+        .container(
+            "dind-job",
+            bed.base_image(),
+            &[("PATH", "/usr/sbin:/usr/bin:/bin")],
+            &[
+                "--cap-add",
+                "NET_ADMIN",
+                "--cap-add",
+                "SYS_ADMIN",
+                "--sysctl",
+                "net.ipv4.ip_forward=1",
+            ],
+        )
+        .expect("container");
+    let nested = r#"
+        unshare -n sleep 60 & pid=$!; sleep 0.3
+        ip link add inner0 type veth peer name inner1 netns $pid
+        ip addr add 10.98.0.1/29 dev inner0; ip link set inner0 up
+        nsenter -t $pid -n sh -c '
+            ip link set lo up; ip addr add 10.98.0.2/29 dev inner1; ip link set inner1 up
+            ip route add default via 10.98.0.1
+            /mp-attack packet-tcp --iface inner1 --spoof 10.98.0.5 --dst 169.254.169.254:80 --timeout-ms 2500'
+        kill $pid
+    "#;
+    let host_net = bed
+        .container(
+            "host-net-job",
+            bed.base_image(),
+            &[],
+            &["--network", "host"],
+        )
+        .expect("container");
+
+    for daemon_up in [true, false] {
+        if !daemon_up {
+            bed.daemon.kill9();
+        }
+        let forwarded = daemon_up.then(|| dropped(&bed.daemon, "forwarded"));
+        let got = dind.exec(&["sh", "-c", nested]).expect("nested attack");
+        assert_got_nothing(&got);
+        assert!(got["frames_sent_to_dst"].as_u64() >= Some(1), "{got}");
+        assert!(
+            log.from(ip("10.98.0.5")).is_empty(),
+            "reached IMDS (daemon up: {daemon_up}): {:?}",
+            arrived(&log, "10.98.0.5")
+        );
+        if let Some(before) = forwarded {
+            assert_eq!(
+                dropped(&bed.daemon, "forwarded") - before,
+                got["frames_sent_to_dst"].as_u64().unwrap(),
+                "{got}"
+            );
+        }
+
+        // A --network host job shares the host's namespace, but its
+        // sockets are still in the attached subtree. (The host's own
+        // address is the daemon's too: the raw packets claim another.)
+        let raw = attack(
+            &host_net,
+            &["hdrincl", "--src", "169.254.200.3", "--dst", IMDS],
+        );
+        assert_eq!(raw["errnos"], serde_json::json!([libc::EPERM]), "{raw}");
+        let udp = attack(&host_net, &["udp", "--dst", IMDS]);
+        assert_eq!(udp["errnos"], serde_json::json!([libc::EPERM]), "{udp}");
+        assert!(log.from(ip("169.254.200.3")).is_empty());
+        let udp_arrived = log.seen().into_iter().filter(|p| p.protocol == 17).count();
+        assert_eq!(udp_arrived, 0, "a datagram reached IMDS");
+    }
+}
+
+#[test]
+fn the_daemons_own_connections_open_and_close_through_the_guard() {
+    let bed = KernelBed::new(&[]);
+    // Many connections from the daemon's own cgroup: closed by the server
+    // first (CLOSE_WAIT, LAST_ACK here), then by the client first
+    // (FIN_WAIT, then TIME_WAIT, whose segments carry no cgroup).
+    let got = bed.client(
+        "attached/metaproxy",
+        &["latency", IMDS, "/latest/meta-data/instance-id", "200"],
+    );
+    assert_eq!(got["ok"], true, "{got}");
+    let got = bed.client(
+        "attached/metaproxy",
+        &["closefirst", IMDS, "/latest/meta-data/instance-id", "200"],
+    );
+    assert_eq!(got["ok"], true, "{got}");
+    assert_eq!(bed.imds_calls(), 400);
+    // Nothing stuck half closed (a dropped FIN or ACK would leave
+    // FIN-WAIT, CLOSING or LAST-ACK behind).
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let ss = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", bed.ns.path().display()))
+        .args(["ss", "-Htan", "dst", "169.254.169.254"])
+        .output()
+        .unwrap();
+    let states = String::from_utf8_lossy(&ss.stdout);
+    for stuck in ["FIN-WAIT", "CLOSING", "LAST-ACK", "SYN-SENT"] {
+        assert!(!states.contains(stuck), "{states}");
+    }
+    let status = bed.daemon.status().unwrap();
+    for kind in ["not_full_socket", "subtree_socket", "subtree_packet_socket"] {
+        assert_eq!(status["guard"]["dropped"][kind], 0, "{status}");
+    }
+}
+
+#[test]
+fn a_recreated_uplink_is_guarded_again() {
+    let bed = KernelBed::new(&[]);
+    let first = bed.daemon.status().unwrap()["guard"]["interfaces"][0]["index"].clone();
+    bed.imds_net.recreate_link(&bed.ns).expect("recreate");
+    let guarded_again = metaproxy_tests::wait_for(
+        "the guard on the new interface",
+        std::time::Duration::from_secs(15),
+        || {
+            let status = bed.daemon.status().ok()?;
+            let guard = &status["guard"];
+            let routes = guard["routes"].as_array()?;
+            let on_new = routes
+                .iter()
+                .any(|r| r["address"] == "169.254.169.254" && r["guarded"] == true)
+                && guard["interfaces"]
+                    .as_array()?
+                    .iter()
+                    .all(|i| i["index"] != first);
+            on_new.then_some(status)
+        },
+    );
+    let status = guarded_again.unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            bed.daemon.status().unwrap_or_default(),
+            bed.daemon.log()
+        )
+    });
+    assert_eq!(status["guard"]["interfaces"][0]["name"], UPLINK, "{status}");
+    let pins: Vec<String> = std::fs::read_dir(bed.daemon.pin_dir().join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("mp_guard_tc"))
+        .collect();
+    assert_eq!(pins.len(), 1, "the dead interface's pin is gone: {pins:?}");
+    // (This bed has no Docker, so /readyz names that, not the guard.)
+    let (_, body) = bed.daemon.metrics_get("/readyz").unwrap();
+    assert!(!body.contains("packet guard"), "{body}");
+    // The daemon still reaches IMDS through the new link.
+    let own = bed.client(
+        "attached/metaproxy",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(own["status"], 200, "{own}");
+}
