@@ -134,7 +134,18 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         } else {
             "not running (connects are refused until it is)"
         };
-        println!("redirect in place: generation {generation}; daemon {daemon}");
+        let on: Vec<String> = probe::guard_in_place(pins, generation)?
+            .into_iter()
+            .map(|index| probe::interface_name(index).unwrap_or_else(|| format!("#{index}")))
+            .collect();
+        let guard = if on.is_empty() {
+            "no interface routes to IMDS yet".to_string()
+        } else {
+            on.join(", ")
+        };
+        println!(
+            "redirect in place: generation {generation}; packet guard on {guard}; daemon {daemon}"
+        );
         return Ok(());
     }
     let mut out = std::io::stdout().lock();

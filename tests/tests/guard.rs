@@ -403,3 +403,133 @@ fn a_recreated_uplink_is_guarded_again() {
     );
     assert_eq!(own["status"], 200, "{own}");
 }
+
+/// A namespace behind a veth from the bed's, as a container's is: what a
+/// process there sends to IMDS is forwarded by the bed's namespace.
+struct Neighbour {
+    ns: metaproxy_tests::netns::NetNs,
+}
+
+impl Neighbour {
+    fn new(bed: &KernelBed) -> Self {
+        let ns = metaproxy_tests::netns::NetNs::new("mpt", &[]).unwrap();
+        bed.ns
+            .ip(&[
+                "link",
+                "add",
+                "mpnb0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])
+            .unwrap();
+        bed.ns
+            .ip(&["addr", "add", "10.97.0.1/30", "dev", "mpnb0"])
+            .unwrap();
+        bed.ns.ip(&["link", "set", "mpnb0", "up"]).unwrap();
+        ns.ip(&["addr", "add", "10.97.0.2/30", "dev", "eth0"])
+            .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        ns.ip(&["route", "add", "default", "via", "10.97.0.1"])
+            .unwrap();
+        Self { ns }
+    }
+
+    /// `mp-attack udp` from the neighbour (its socket in a cgroup outside
+    /// the subtree: at the uplink a forwarded packet has no socket at all).
+    fn udp(&self, bed: &KernelBed, count: u32) -> Value {
+        let mut cmd = std::process::Command::new(metaproxy_tests::bed::bin("mp-attack"));
+        cmd.args(["udp", "--dst", IMDS, "--count", &count.to_string()]);
+        let out = metaproxy_tests::process::output_in(cmd, &self.ns.path(), &bed.cgroup("outside"))
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// The guard's classic tc filters on the uplink (`tc filter show`).
+fn tc_filters(bed: &KernelBed) -> Vec<String> {
+    let out = std::process::Command::new("tc")
+        .args([
+            "-n",
+            bed.ns.name(),
+            "filter",
+            "show",
+            "dev",
+            UPLINK,
+            "egress",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("mp_guard_tc"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn forwarded_drops(bed: &KernelBed) -> Value {
+    bed.daemon.status().unwrap()["guard"]["dropped"]["forwarded"].clone()
+}
+
+fn guard_holds_through_restart_kill_and_detach(mode: &str) {
+    let env: &[(&str, &str)] = if mode == "clsact" {
+        &[("METAPROXY_GUARD_TC", "netlink")]
+    } else {
+        &[]
+    };
+    let mut bed = KernelBed::with_env(&[], env);
+    let neighbour = Neighbour::new(&bed);
+    let log = bed.imds_net.record().unwrap();
+    let status = bed.daemon.status().unwrap();
+    assert_eq!(status["guard"]["mode"], mode, "{status}");
+    if mode == "clsact" {
+        assert_eq!(tc_filters(&bed).len(), 1, "{:?}", tc_filters(&bed));
+    }
+
+    let sent = neighbour.udp(&bed, 3);
+    assert_eq!(
+        sent["sent"], 3,
+        "the neighbour's own kernel sends them: {sent}"
+    );
+    assert_eq!(forwarded_drops(&bed), 3);
+
+    // A restart replaces the guard without a gap or a second copy.
+    bed.daemon.restart().unwrap();
+    assert_eq!(bed.daemon.status().unwrap()["generation"], 2);
+    if mode == "clsact" {
+        assert_eq!(tc_filters(&bed).len(), 1, "{:?}", tc_filters(&bed));
+    }
+    bed.daemon.kill9();
+    neighbour.udp(&bed, 2);
+    bed.daemon.restart().unwrap();
+    assert_eq!(forwarded_drops(&bed), 5);
+    assert!(
+        log.from(ip("10.97.0.2")).is_empty(),
+        "reached IMDS: {:?}",
+        arrived(&log, "10.97.0.2")
+    );
+
+    // Only detach removes it.
+    assert!(bed.daemon.terminate());
+    assert!(bed.daemon.detach().unwrap().status.success());
+    assert_eq!(tc_filters(&bed).len(), 0, "{:?}", tc_filters(&bed));
+    neighbour.udp(&bed, 1);
+    metaproxy_tests::wait_for("the datagram", std::time::Duration::from_secs(5), || {
+        (!log.from(ip("10.97.0.2")).is_empty()).then_some(())
+    })
+    .expect("without the guard the bed forwards the datagram to IMDS");
+}
+
+#[test]
+fn the_tcx_guard_holds_through_restart_and_kill_until_detach() {
+    guard_holds_through_restart_kill_and_detach("tcx");
+}
+
+#[test]
+fn the_clsact_guard_of_older_kernels_holds_through_restart_and_kill_until_detach() {
+    guard_holds_through_restart_kill_and_detach("clsact");
+}

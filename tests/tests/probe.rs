@@ -247,12 +247,7 @@ fn detach_removes_the_redirect() {
     );
     assert!(bed.daemon.pin_dir().join("links").exists());
     assert!(bed.daemon.terminate());
-    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .output()
-        .unwrap();
+    let out = bed.daemon.detach().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -503,9 +498,18 @@ fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
     assert_eq!(bed.imds_calls(), 0);
 }
 
+/// `metaproxy` run in the bed's network namespace, where the interface
+/// indexes in its pins mean what they say.
+fn in_bed(bed: &Bed) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", bed.ns.path().display()))
+        .arg(metaproxy_tests::daemon::metaproxy_bin());
+    cmd
+}
+
 /// `metaproxy detach` for this bed's pins and admin socket.
 fn detach(bed: &Bed) -> std::process::Output {
-    Command::new(metaproxy_tests::daemon::metaproxy_bin())
+    in_bed(bed)
         .arg("detach")
         .arg("--pin-dir")
         .arg(bed.daemon.pin_dir())
@@ -517,7 +521,7 @@ fn detach(bed: &Bed) -> std::process::Output {
 
 /// `metaproxy status --redirect` for this bed: exit status and output.
 fn redirect_status(bed: &Bed) -> (bool, String) {
-    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
+    let out = in_bed(bed)
         .args(["status", "--redirect", "--pin-dir"])
         .arg(bed.daemon.pin_dir())
         .arg("--admin-socket")
@@ -546,7 +550,7 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let (ok, text) = redirect_status(&bed);
     assert!(ok, "{text}");
     assert!(
-        text.contains("redirect in place: generation 1; daemon running"),
+        text.contains("redirect in place: generation 1; packet guard on mpimds; daemon running"),
         "{text}"
     );
 
