@@ -48,6 +48,7 @@ pub const PROG_CONNECT6: &str = "mp_connect6";
 pub const PROG_SOCK_OPS: &str = "mp_sock_ops";
 pub const PROG_BIND4: &str = "mp_bind4";
 pub const PROG_BIND6: &str = "mp_bind6";
+pub const PROG_SOCK_RELEASE: &str = "mp_sock_release";
 /// The packet guard's two layers (see [`GuardDrop`]): `cgroup_skb/egress`
 /// on the attached cgroup, and a tc egress classifier on each interface
 /// that routes to a guarded address.

@@ -14,7 +14,11 @@
 //! * `mp_sock_ops` (sock_ops): when a redirected socket sends its SYN it has
 //!   its local port, so the record moves to a map keyed by the connection's
 //!   4-tuple, which the daemon looks up from `accept()`'s peer address. The
-//!   entry is removed when the connection closes.
+//!   entry is removed when the connection closes (and the daemon consumes
+//!   it at accept: a record serves one connection).
+//! * `mp_sock_release` (cgroup/sock_release): a socket whose redirected
+//!   connect never sent a SYN (it failed after the hook) leaves its pending
+//!   record behind; it goes when the socket does.
 
 use aya_ebpf::{
     bindings::{
@@ -25,9 +29,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::LruHashMap,
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::{debug, warn};
@@ -268,6 +272,18 @@ fn write_ip6(words: &mut [u32; 4], addr: [u32; 4]) {
         core::ptr::write_volatile(&mut words[2], addr[2]);
         core::ptr::write_volatile(&mut words[3], addr[3]);
     }
+}
+
+#[cgroup_sock(sock_release)]
+pub fn mp_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup/sock program a valid bpf_sock.
+    let sock = unsafe { &*ctx.sock };
+    if sock.type_ == SOCK_STREAM {
+        // SAFETY: ctx is the program's own context pointer.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = MP_PENDING.remove(cookie);
+    }
+    ALLOW
 }
 
 #[sock_ops]

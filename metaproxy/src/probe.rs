@@ -36,6 +36,8 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
 };
 
 use aya::{
@@ -43,7 +45,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkError},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LinkOrder,
         SchedClassifier, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -51,7 +53,7 @@ use aya::{
 use metaproxy_common::{
     ConnKey, ConnRecord, GuardDrop, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_GUARD_DROPS,
     MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
-    PROG_GUARD_TC, PROG_SOCK_OPS,
+    PROG_GUARD_TC, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
 };
 
 use crate::addrs::AddrPair;
@@ -67,14 +69,18 @@ const LINKS_DIR: &str = "links";
 /// The cgroup programs, in attach order: the bind guards first, so the
 /// listen address is guarded before anything is redirected to it, and the
 /// packet guard before the redirect.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 7] = [
     PROG_BIND4,
     PROG_BIND6,
     PROG_GUARD_SKB,
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SOCK_OPS,
+    PROG_SOCK_RELEASE,
 ];
+/// A record older than this at accept is refused: no SDK waits this long
+/// for IMDS, and an old record is one a spoofed SYN could claim.
+pub const MAX_RECORD_AGE: Duration = Duration::from_secs(5);
 /// Pin name stems of the tc guard (see the module docs).
 const TCX_PIN: &str = "mp_guard_tc_if";
 const NETLINK_PIN: &str = "mp_guard_nl_if";
@@ -118,6 +124,8 @@ pub enum ProbeError {
     },
     #[error("the kernel programs have no {0}")]
     Missing(&'static str),
+    #[error("the probe's record of this connection is {age:?} old, more than {MAX_RECORD_AGE:?}: refused (a stale record could be claimed by a spoofed SYN)")]
+    Stale { age: Duration },
     #[error("guarding interface {name} (index {index})")]
     Guard {
         name: String,
@@ -215,7 +223,8 @@ enum Pin {
 /// The attached probe. Dropping it leaves the programs attached (that is
 /// the point of pinning); only [`detach`] removes them.
 pub struct Probe {
-    conns: HashMap<MapData, ConnKey, ConnRecord>,
+    /// Behind a lock: taking a record is a lookup and a delete.
+    conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
     pending: HashMap<MapData, u64, ConnRecord>,
     drops: PerCpuArray<MapData, u64>,
     generation: u64,
@@ -323,7 +332,7 @@ impl Probe {
         };
         Ok((
             Self {
-                conns,
+                conns: Mutex::new(conns),
                 pending,
                 drops,
                 generation,
@@ -404,26 +413,59 @@ impl Probe {
     }
 
     /// What the kernel recorded for the accepted connection `pair`, if
-    /// anything.
+    /// anything. The record is consumed: it serves this accept and no other
+    /// (a client that keeps its socket open after the daemon closed would
+    /// otherwise leave a live record, which a spoofed SYN from the same
+    /// address and port could claim). A record older than
+    /// [`MAX_RECORD_AGE`] is refused.
     pub fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, ProbeError> {
         let Some(key) = pair.conn_key() else {
             return Ok(None);
         };
-        match self.conns.get(&key, 0) {
-            Ok(record) => Ok(Some(record)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(ProbeError::Map {
-                name: MAP_CONNS,
-                source,
-            }),
-        }
+        let map_err = |source| ProbeError::Map {
+            name: MAP_CONNS,
+            source,
+        };
+        let record = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let record = match conns.get(&key, 0) {
+                Ok(record) => record,
+                Err(MapError::KeyNotFound) => return Ok(None),
+                Err(source) => return Err(map_err(source)),
+            };
+            match conns.remove(&key) {
+                // Gone meanwhile: the connection closed under us.
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(source)),
+            }
+            record
+        };
+        check_age(record.boot_ns, boot_ns_now())?;
+        Ok(Some(record))
     }
 
     /// Entries in the two maps: (pending connects, open connections).
     /// Walks both maps, so it is for status pages, not the request path.
     pub fn map_sizes(&self) -> (usize, usize) {
-        (self.pending.keys().count(), self.conns.keys().count())
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        (self.pending.keys().count(), conns.keys().count())
     }
+}
+
+/// `CLOCK_BOOTTIME` now, as the kernel stamps records.
+fn boot_ns_now() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| Duration::from(ts).as_nanos() as u64)
+        .unwrap_or(u64::MAX)
+}
+
+/// Refuses a record made more than [`MAX_RECORD_AGE`] before `now_ns`.
+fn check_age(record_ns: u64, now_ns: u64) -> Result<(), ProbeError> {
+    let age = Duration::from_nanos(now_ns.saturating_sub(record_ns));
+    if age > MAX_RECORD_AGE {
+        return Err(ProbeError::Stale { age });
+    }
+    Ok(())
 }
 
 fn attach_program(
@@ -435,7 +477,13 @@ fn attach_program(
     let err = |source| ProbeError::Program { name, source };
     // Cgroup bpf_links always coexist with other programs on the cgroup (the
     // kernel attaches links as multi), so "Single" only means "no flags".
-    if name == PROG_GUARD_SKB {
+    if name == PROG_SOCK_RELEASE {
+        let prog: &mut CgroupSock = program.try_into().map_err(err)?;
+        prog.load().map_err(err)?;
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+        let link = prog.take_link(id).map_err(err)?;
+        FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
+    } else if name == PROG_GUARD_SKB {
         let prog: &mut CgroupSkb = program.try_into().map_err(err)?;
         prog.load().map_err(err)?;
         let id = prog
@@ -745,6 +793,17 @@ mod tests {
         gens.sort();
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(gens, vec![1, 2, 7]);
+    }
+
+    #[test]
+    fn records_older_than_the_limit_are_refused() {
+        let s = 1_000_000_000;
+        assert!(check_age(100 * s, 100 * s).is_ok());
+        assert!(check_age(100 * s, 105 * s).is_ok());
+        let err = check_age(100 * s, 106 * s).unwrap_err();
+        assert!(err.to_string().contains("6s old"), "{err}");
+        // A clock that went backwards is not an old record.
+        assert!(check_age(100 * s, 99 * s).is_ok());
     }
 
     #[test]

@@ -224,7 +224,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
         .unwrap()
         .count();
     assert_eq!(
-        links, 7,
+        links, 8,
         "one link per cgroup program, and the packet guard's on the uplink"
     );
 
@@ -682,4 +682,72 @@ fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once(
         1,
         "{last}"
     );
+}
+
+#[test]
+fn a_record_serves_one_connection_and_a_late_accept_is_refused() {
+    let bed = Bed::new(&[]);
+    // Connections kept open after their answer: each record was consumed
+    // by its accept, so none is left for a spoofed SYN from the same
+    // address and port to claim, though the client sockets live on.
+    let mut cmd = Command::new(CLIENT);
+    cmd.args([
+        "keepalive",
+        IMDS,
+        "/latest/meta-data/instance-id",
+        "5",
+        "20",
+    ])
+    .stdout(Stdio::null());
+    let _holder = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
+    metaproxy_tests::wait_for(
+        "five answered connections",
+        std::time::Duration::from_secs(10),
+        || (bed.daemon.connections().ok()?.len() >= 5).then_some(()),
+    )
+    .unwrap();
+    let status = bed.daemon.status().unwrap();
+    assert_eq!(status["connections"]["open"], 5, "{status}");
+    assert_eq!(status["maps"]["conns"], 0, "{status}");
+
+    // A record more than a few seconds old at accept is refused: the
+    // daemon is stopped while the kernel completes the handshake.
+    let pid = nix::unistd::Pid::from_raw(bed.daemon.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut cmd = Command::new(CLIENT);
+    cmd.args(["get", IMDS, "/latest/meta-data/instance-id"])
+        .stdout(Stdio::piped());
+    let mut late = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/b")).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut late.child().stdout.take().unwrap(), &mut out).unwrap();
+    let got: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(got["status"], 403, "{got}");
+    let port = got["local_port"].as_u64().unwrap();
+    let conns = bed.connection_by_port(port);
+    assert!(
+        conns[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("old")),
+        "{conns:?}"
+    );
+}
+
+#[test]
+fn a_redirected_connect_that_never_sent_a_syn_leaves_no_record() {
+    let bed = Bed::new(&[]);
+    let got = bed.client("attached/a", &["collide", IMDS]);
+    assert_eq!(got["second_errno"], libc::EADDRNOTAVAIL, "{got}");
+    // The second socket's pending record went with the socket; the first
+    // one's connection record went with its accept.
+    metaproxy_tests::wait_for(
+        "the maps to empty",
+        std::time::Duration::from_secs(5),
+        || {
+            let status = bed.daemon.status().ok()?;
+            (status["maps"]["pending"] == 0 && status["maps"]["conns"] == 0).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", bed.daemon.status().unwrap()));
 }

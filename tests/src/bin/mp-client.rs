@@ -27,6 +27,9 @@
 //!                               alive) on each, hold them
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
+//! mp-client collide ADDR       two sockets on one local port connect to ADDR:
+//!                               the second fails after the connect hook
+//!                               ran, before any SYN (EADDRNOTAVAIL)
 //! mp-client closefirst ADDR PATH N
 //!                               N keep-alive GETs, each on a connection the
 //!                               client then closes first (FIN, TIME_WAIT here)
@@ -76,6 +79,7 @@ fn main() {
         }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
+        Some("collide") => collide(addr),
         Some("closefirst") if args.len() == 4 => {
             close_first(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -480,6 +484,32 @@ fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
     out["ok"] = json!(failed == 0);
     out["n"] = json!(n);
     out
+}
+
+fn collide(addr: SocketAddr) -> serde_json::Value {
+    use socket2::{Domain, Socket, Type};
+    let socket = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        Ok(s)
+    };
+    let result = (|| -> std::io::Result<(Socket, Option<i32>)> {
+        let first = socket()?;
+        first.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+        first.connect(&addr.into())?;
+        let local = first.local_addr()?;
+        let second = socket()?;
+        second.bind(&local)?;
+        let errno = second
+            .connect(&addr.into())
+            .err()
+            .and_then(|e| e.raw_os_error());
+        Ok((first, errno))
+    })();
+    match result {
+        Ok((_first, errno)) => json!({ "ok": true, "second_errno": errno }),
+        Err(e) => error_json(&e),
+    }
 }
 
 fn close_first(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
