@@ -124,6 +124,8 @@ pub enum ProbeError {
     },
     #[error("the kernel programs have no {0}")]
     Missing(&'static str),
+    #[error("refusing the pin directory {path}: {why}; a local user who can write there can unlink the pins and detach the redirect (remove it and let metaproxy create it, as root, mode 0700)")]
+    UnsafePinDir { path: PathBuf, why: String },
     #[error("the probe's record of this connection is {age:?} old, more than {MAX_RECORD_AGE:?}: refused (a stale record could be claimed by a spoofed SYN)")]
     Stale { age: Duration },
     #[error("guarding interface {name} (index {index})")]
@@ -273,6 +275,11 @@ impl Probe {
         let links_dir = opts.pin_dir.join(LINKS_DIR);
         ensure_bpffs_dir(&maps_dir)?;
         ensure_bpffs_dir(&links_dir)?;
+        check_pin_dir(
+            &opts.pin_dir,
+            &[&maps_dir, &links_dir],
+            nix::unistd::geteuid().as_raw(),
+        )?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -750,9 +757,81 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), ProbeError> {
         )
         .map_err(ProbeError::Mount)?;
     }
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    // Ours alone from the start: a directory others can write is one from
+    // which they can unlink the pins, and so detach the redirect.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("creating", dir))?;
+    }
     if !is_bpffs(dir)? {
         return Err(ProbeError::NotBpffs(dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// Refuses a pin directory (or a directory in it) that is not ours (and
+/// closes one that is ours but open to others), and one whose parents let
+/// others rename it away: a local user who can
+/// unlink the pins detaches the redirect and the guard. bpffs mounted by
+/// hand is world-writable (1777): its sticky bit keeps others from
+/// renaming our directory, but a directory they made first is theirs.
+fn check_pin_dir(pin_dir: &Path, dirs: &[&Path], owner: u32) -> Result<(), ProbeError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let unsafe_dir = |path: &Path, why: String| ProbeError::UnsafePinDir {
+        path: path.to_owned(),
+        why,
+    };
+    for dir in std::iter::once(pin_dir).chain(dirs.iter().copied()) {
+        let meta = fs::symlink_metadata(dir).map_err(io_err("reading", dir))?;
+        if !meta.is_dir() {
+            return Err(unsafe_dir(dir, "it is not a directory".into()));
+        }
+        if meta.uid() != owner {
+            return Err(unsafe_dir(
+                dir,
+                format!("it is owned by uid {}", meta.uid()),
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            // Ours, only too open (an older metaproxy made it 0755): no one
+            // else could have written in it without the bits it has, which
+            // only an owner can grant, so closing it is enough.
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("restricting", dir))?;
+            tracing::warn!(path = %dir.display(), mode = format!("{:o}", meta.mode() & 0o7777), "pin directory was open to others; now 0700");
+        }
+    }
+    let mut parent = pin_dir.parent();
+    while let Some(dir) = parent {
+        let Ok(meta) = fs::metadata(dir) else { break };
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.uid() != owner && meta.uid() != 0 {
+            return Err(unsafe_dir(
+                dir,
+                format!(
+                    "a parent, {}, is owned by uid {}",
+                    dir.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if others_write && !sticky {
+            return Err(unsafe_dir(
+                dir,
+                format!(
+                    "a parent, {}, is writable by others (mode {:o})",
+                    dir.display(),
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+        parent = dir.parent();
     }
     Ok(())
 }
@@ -793,6 +872,38 @@ mod tests {
         gens.sort();
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(gens, vec![1, 2, 7]);
+    }
+
+    #[test]
+    fn pin_directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let me = nix::unistd::geteuid().as_raw();
+        let base = std::env::temp_dir().join(format!("mp-pins-{}", std::process::id()));
+        let pins = base.join("pins");
+        let links = pins.join("links");
+        fs::create_dir_all(&links).unwrap();
+        let mode =
+            |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        mode(&base, 0o755);
+        mode(&pins, 0o700);
+        mode(&links, 0o700);
+        assert!(check_pin_dir(&pins, &[&links], me).is_ok());
+        // Ours but too open (as an older version made it): closed.
+        mode(&links, 0o755);
+        assert!(check_pin_dir(&pins, &[&links], me).is_ok());
+        assert_eq!(
+            fs::metadata(&links).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // Another owner: a local user made it first.
+        assert!(check_pin_dir(&pins, &[&links], me + 1).is_err());
+        // A world-writable parent: only with the sticky bit.
+        mode(&base, 0o777);
+        assert!(check_pin_dir(&pins, &[&links], me).is_err());
+        mode(&base, 0o1777);
+        assert!(check_pin_dir(&pins, &[&links], me).is_ok());
+        mode(&base, 0o755);
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
