@@ -5,9 +5,17 @@
 //! `run(listener, pipeline, shutdown)` serves any listener, so tests drive
 //! the whole path in-process on `127.0.0.1:0`.
 //!
-//! Bounded: a global and a per-cgroup cap on open connections (the excess
-//! is closed at once and counted), small buffers, and timeouts on headers
-//! and idle keep-alive connections, so one job cannot starve the others.
+//! Bounded, so one job (or one local user) cannot starve the others:
+//! * a global cap on open connections, and a share per job (gitlab-runner's
+//!   job label, else the outermost container), with all host callers
+//!   sharing one; the last eighth of the global cap is kept for shares
+//!   that hold only a few connections, so a new job is always served. The
+//!   excess is closed at once and counted;
+//! * a connection serves at most [`MAX_REQUESTS`] requests and lives at
+//!   most [`MAX_LIFETIME`] (a request every few seconds would otherwise
+//!   keep its place forever);
+//! * small buffers, and timeouts on headers and idle keep-alive
+//!   connections.
 
 use std::{
     collections::HashMap,
@@ -31,7 +39,8 @@ use crate::{
     addrs::{AddrPair, ClientAddr, ServerAddr},
     attribution::{Attribution, Caller},
     connlog::{ConnLog, Entry},
-    ids::CgroupId,
+    identity::Identity,
+    ids::ContainerId,
     logging::Clean,
     metrics::RequestMetrics,
     ratelimit::RateLimit,
@@ -51,12 +60,49 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 8 * 1024;
 /// Unrecorded connections served (with their 403) at once; more are closed.
 const UNATTRIBUTED: usize = 64;
+/// Requests one connection may carry before it is closed.
+pub const MAX_REQUESTS: usize = 100;
+/// How long one connection may live; it is closed after the request it is
+/// serving then.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
+/// Connections any share may hold even when only the reserve is left.
+const FLOOR: usize = 8;
 
 /// Caps on open connections.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Per [`Share`]: per job, per container outside a job, and for all
+    /// host callers together (`--max-connections-per-container`).
     pub max_connections_per_cgroup: usize,
+}
+
+/// Whose budget a connection counts against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// A gitlab-runner job: its build container, its services and
+    /// whatever else carries its job label.
+    Job(Arc<str>),
+    /// A container outside any job, by its outermost container.
+    Container(ContainerId),
+    /// Every process in no container, together: a host user can make
+    /// cgroups (`systemd-run --user --scope`) but not jobs.
+    Host,
+    /// Callers whose identity could not be settled (they are refused).
+    Unidentified,
+}
+
+impl Share {
+    fn of(identity: &Result<Identity, crate::identity::IdentityError>) -> Self {
+        match identity {
+            Ok(Identity::Container(c)) => match c.job_id() {
+                Some(job) => Share::Job(job.into()),
+                None => Share::Container(c.id.clone()),
+            },
+            Ok(Identity::Host) => Share::Host,
+            Err(_) => Share::Unidentified,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -68,7 +114,7 @@ impl Default for Limits {
     }
 }
 
-/// Open connections, overall and per cgroup.
+/// Open connections, overall and per [`Share`].
 #[derive(Debug)]
 pub struct ConnectionCount {
     limits: Limits,
@@ -77,7 +123,7 @@ pub struct ConnectionCount {
     /// address) get their 403 from a small pool of their own, so they
     /// cannot take the permits of attributed connections.
     unattributed: tokio::sync::Semaphore,
-    per_cgroup: Mutex<HashMap<CgroupId, usize>>,
+    per_share: Mutex<HashMap<Share, usize>>,
 }
 
 impl ConnectionCount {
@@ -86,23 +132,26 @@ impl ConnectionCount {
             limits,
             total: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             unattributed: tokio::sync::Semaphore::new(UNATTRIBUTED.min(limits.max_connections)),
-            per_cgroup: Mutex::new(HashMap::new()),
+            per_share: Mutex::new(HashMap::new()),
         }
     }
 
-    fn enter(self: &Arc<Self>, cgroup: CgroupId) -> Option<CgroupSlot> {
-        let mut map = self.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(cgroup).or_insert(0);
-        if *n >= self.limits.max_connections_per_cgroup {
+    /// A place for one more connection of `share` (this connection already
+    /// holds a global permit), if its share and the reserve allow.
+    fn enter(self: &Arc<Self>, share: Share) -> Option<ShareSlot> {
+        let open = self.open();
+        let mut map = self.per_share.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.get(&share).copied().unwrap_or(0);
+        if !admits(self.limits, open, n) {
             return None;
         }
-        *n += 1;
-        Some(CgroupSlot(self.clone(), cgroup))
+        map.insert(share.clone(), n + 1);
+        Some(ShareSlot(self.clone(), share))
     }
 
-    /// The most connections any one cgroup has open.
+    /// The most connections any one share has open.
     pub fn largest_per_cgroup(&self) -> usize {
-        let map = self.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.per_share.lock().unwrap_or_else(|e| e.into_inner());
         map.values().copied().max().unwrap_or(0)
     }
 
@@ -112,12 +161,24 @@ impl ConnectionCount {
     }
 }
 
-/// One open connection of a cgroup; released on drop.
-struct CgroupSlot(Arc<ConnectionCount>, CgroupId);
+/// Whether a share holding `held` connections may open one more, with
+/// `open` connections open in all (this one included): within its share,
+/// and, once only the reserve (the last eighth) is left, only while it
+/// holds fewer than [`FLOOR`].
+fn admits(limits: Limits, open: usize, held: usize) -> bool {
+    if held >= limits.max_connections_per_cgroup {
+        return false;
+    }
+    let reserve = limits.max_connections / 8;
+    open <= limits.max_connections - reserve || held < FLOOR
+}
 
-impl Drop for CgroupSlot {
+/// One open connection of a share; released on drop.
+struct ShareSlot(Arc<ConnectionCount>, Share);
+
+impl Drop for ShareSlot {
     fn drop(&mut self) {
-        let mut map = self.0.per_cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.per_share.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
@@ -233,10 +294,13 @@ async fn serve_connection(
             return;
         }
     };
-    let Some(_slot) = pipeline.count.enter(caller.cgroup) else {
+    // Identified now to find its share (cached: the surface asks again
+    // per request at no cost).
+    let share = Share::of(&pipeline.surface.identities.identify(&caller).await);
+    let Some(_slot) = pipeline.count.enter(share.clone()) else {
         pipeline.metrics.shed.inc();
         if let Some(suppressed) = REFUSAL_LOG.allow() {
-            tracing::warn!(client = %peer, cgroup_id = %caller.cgroup, suppressed, "too many open connections from one cgroup; closing");
+            tracing::warn!(client = %peer, cgroup_id = %caller.cgroup, share = ?share, suppressed, "too many open connections from one job or share; closing");
         }
         return;
     };
@@ -283,7 +347,13 @@ where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
 {
+    let born = tokio::time::Instant::now();
+    let served = Arc::new(AtomicUsize::new(0));
     loop {
+        if served.load(Ordering::Relaxed) >= MAX_REQUESTS || born.elapsed() >= MAX_LIFETIME {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            return;
+        }
         let mut first = [0u8; 1];
         match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(n)) if n > 0 => {}
@@ -291,7 +361,9 @@ where
         }
         let io = HandBack::new(stream);
         let (handler, in_flight) = (handler.clone(), io.in_flight.clone());
+        let counted = served.clone();
         let service = hyper::service::service_fn(move |req| {
+            counted.fetch_add(1, Ordering::Relaxed);
             let answering = InFlight::enter(&in_flight);
             let fut = handler(req);
             async move {
@@ -496,6 +568,24 @@ fn answered(caller: &Arc<Caller>, method: &hyper::Method, path: &str, handled: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_is_capped_and_the_reserve_keeps_room_for_new_jobs() {
+        let limits = Limits {
+            max_connections: 4096,
+            max_connections_per_cgroup: 256,
+        };
+        // Within its share, while the pool has room.
+        assert!(admits(limits, 100, 255));
+        assert!(!admits(limits, 100, 256));
+        // 16 greedy jobs have taken the pool down to its reserve (512):
+        // they get no more, but a new job, or a job holding a few, does.
+        assert!(!admits(limits, 3585, 200));
+        assert!(admits(limits, 3585, 0));
+        assert!(admits(limits, 4096, 7));
+        assert!(!admits(limits, 4096, 8));
+    }
+
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     async fn pair() -> (HandBack, TcpStream) {

@@ -27,6 +27,10 @@
 //!                               alive) on each, hold them
 //! mp-client hold ADDR N         open N connections at once, then request on each
 //! mp-client churn ADDR N        N short request/close cycles (RST on close)
+//! mp-client occupy ADDR PATH N SECS
+//!                               open N connections and send a GET on each
+//!                               every 3 s for SECS: keeps places that only
+//!                               idle timeouts would free
 //! mp-client collide ADDR       two sockets on one local port connect to ADDR:
 //!                               the second fails after the connect hook
 //!                               ran, before any SYN (EADDRNOTAVAIL)
@@ -80,6 +84,12 @@ fn main() {
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
         Some("collide") => collide(addr),
+        Some("occupy") if args.len() == 5 => occupy(
+            addr,
+            &args[2],
+            args[3].parse().unwrap_or_else(|_| usage()),
+            args[4].parse().unwrap_or_else(|_| usage()),
+        ),
         Some("closefirst") if args.len() == 4 => {
             close_first(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -484,6 +494,26 @@ fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
     out["ok"] = json!(failed == 0);
     out["n"] = json!(n);
     out
+}
+
+fn occupy(addr: SocketAddr, path: &str, n: usize, secs: u64) -> serde_json::Value {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let ask = |s: &mut TcpStream| {
+        let mut buf = [0u8; 4096];
+        s.write_all(request.as_bytes()).is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 200"))
+    };
+    let mut conns: Vec<TcpStream> = (0..n).filter_map(|_| connect(addr).ok()).collect();
+    let opened = conns.len();
+    conns.retain_mut(|s| ask(s));
+    let served_at_first = conns.len();
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(3));
+        conns.retain_mut(|s| ask(s));
+    }
+    json!({ "opened": opened, "served_at_first": served_at_first, "kept": conns.len() })
 }
 
 fn collide(addr: SocketAddr) -> serde_json::Value {
