@@ -78,8 +78,8 @@ pub struct RunArgs {
     pub listen6: Option<SocketAddr>,
 
     /// Roles containers may assume: a glob on the role ARN, e.g.
-    /// `arn:aws:iam::123456789012:role/ci-*` (repeatable). Without any, only
-    /// roles in the instance profile's own account.
+    /// `arn:aws:iam::123456789012:role/ci-*` (repeatable). Required unless
+    /// `--policy-file` is given: `run` refuses to start without either.
     #[arg(long, env = "METAPROXY_ALLOW_ROLE", value_delimiter = ',')]
     pub allow_role: Vec<String>,
 
@@ -196,6 +196,13 @@ pub struct RunArgs {
     /// loopback or a private address.
     #[arg(long, env = "METAPROXY_METRICS", default_value = crate::metrics::DEFAULT_ADDR)]
     pub metrics: String,
+
+    /// Start even when other processes share the daemon's cgroup. Every
+    /// process in that cgroup bypasses the redirect and reaches the real
+    /// IMDS (a daemon run by hand from a login shell shares the session's
+    /// cgroup); without this flag `run` refuses to start then.
+    #[arg(long, env = "METAPROXY_ALLOW_SHARED_CGROUP")]
+    pub allow_shared_cgroup: bool,
 
     /// Threads serving requests. 1 (the default) runs everything on one
     /// thread, as nginx's single worker does: no hand-offs between threads

@@ -4,7 +4,9 @@
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    path::PathBuf,
+    ops::RangeInclusive,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
 };
 
 use crate::{
@@ -40,6 +42,30 @@ pub enum ConfigError {
     Metrics(String),
     #[error("--metrics {0}: containers reach that address; give loopback or a private address of the host's own")]
     MetricsOnListen(SocketAddr),
+    #[error(
+        "no role allow-list: without one, a job on a runner that forgot IAM_ROLE in its environment could choose any role of the instance's account; \
+         say which roles jobs may have at all with --allow-role 'arn:aws:iam::123456789012:role/ci-*' \
+         (METAPROXY_ALLOW_ROLE in /etc/default/metaproxy), or with --policy-file FILE (METAPROXY_POLICY_FILE)"
+    )]
+    NoRoleAllowList,
+    #[error(
+        "{flag} port {port} is in the kernel's ephemeral port range {first}-{last} (net.ipv4.ip_local_port_range): \
+         any local process can be given it by connect() or listen() on an unbound socket, which the bind guard cannot see; \
+         pick a port outside that range (the default is 8169), or reserve it (sysctl net.ipv4.ip_local_reserved_ports={port})"
+    )]
+    EphemeralPort {
+        flag: &'static str,
+        port: u16,
+        first: u16,
+        last: u16,
+    },
+    #[error("cannot read the kernel's ephemeral port range ({0}) to check --listen against it")]
+    PortRange(String),
+    #[error(
+        "--policy-file {path}: {why}; whoever can write it chooses the roles jobs get: \
+         make the file and its directories root's and not writable by group or others (chown root: FILE; chmod go-w FILE)"
+    )]
+    PolicyFileUnsafe { path: PathBuf, why: String },
 }
 
 /// Everything `metaproxy run` needs, checked.
@@ -64,6 +90,9 @@ pub struct RunConfig {
     pub session: SessionOptions,
     pub policy_file: Option<PathBuf>,
     pub role_container_types: Vec<String>,
+    /// Start even though other processes share the daemon's cgroup (and so
+    /// bypass the redirect).
+    pub allow_shared_cgroup: bool,
 }
 
 /// The addresses SDKs accept for the container-credentials endpoint.
@@ -73,8 +102,84 @@ pub const CONTAINER_CREDENTIALS_ADDRS: [IpAddr; 3] = [
     IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
 ];
 
+/// What the configuration is checked against on this host, behind a trait
+/// so that tests feed their own.
+pub trait Host {
+    /// The kernel's ephemeral ports, as `/proc/sys/net/ipv4/` has them.
+    fn ephemeral_ports(&self) -> std::io::Result<EphemeralPorts>;
+}
+
+/// The host the daemon runs on (its own network namespace's sysctls).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThisHost;
+
+impl Host for ThisHost {
+    fn ephemeral_ports(&self) -> std::io::Result<EphemeralPorts> {
+        let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
+        let range = read("ip_local_port_range")?;
+        // Missing on kernels without reserved ports: nothing is reserved.
+        let reserved = read("ip_local_reserved_ports").unwrap_or_default();
+        EphemeralPorts::parse(&range, &reserved).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("ip_local_port_range {:?}", range.trim()),
+            )
+        })
+    }
+}
+
+/// The ports the kernel hands out to unbound sockets (connect, listen):
+/// `net.ipv4.ip_local_port_range` less `net.ipv4.ip_local_reserved_ports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EphemeralPorts {
+    pub range: RangeInclusive<u16>,
+    pub reserved: Vec<RangeInclusive<u16>>,
+}
+
+impl EphemeralPorts {
+    /// From the two sysctls' text: `"32768\t60999"` and `"8080,9000-9010"`.
+    pub fn parse(range: &str, reserved: &str) -> Option<Self> {
+        let mut ends = range.split_whitespace().map(str::parse::<u16>);
+        let (Some(Ok(first)), Some(Ok(last)), None) = (ends.next(), ends.next(), ends.next())
+        else {
+            return None;
+        };
+        let mut held = Vec::new();
+        for item in reserved.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            held.push(a.trim().parse().ok()?..=b.trim().parse().ok()?);
+        }
+        Some(Self {
+            range: first..=last,
+            reserved: held,
+        })
+    }
+
+    /// Whether an unbound socket may be given `port`.
+    pub fn hands_out(&self, port: u16) -> bool {
+        self.range.contains(&port) && !self.reserved.iter().any(|r| r.contains(&port))
+    }
+}
+
 impl RunConfig {
+    /// Checks `args` against this host.
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        Self::from_args_on(args, &ThisHost)
+    }
+
+    /// Checks `args` against `host`.
+    pub fn from_args_on(args: &RunArgs, host: &dyn Host) -> Result<Self, ConfigError> {
+        // Fail closed: a forgotten `IAM_ROLE` in a runner's environment
+        // must not let its jobs pick any role of the account.
+        let allow_role: Vec<String> = args
+            .allow_role
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if allow_role.is_empty() && args.policy_file.is_none() {
+            return Err(ConfigError::NoRoleAllowList);
+        }
         check_listen(args.listen.ip(), "--listen")?;
         let SocketAddr::V4(listen) = args.listen else {
             return Err(ConfigError::NotIpv4(args.listen));
@@ -89,6 +194,22 @@ impl RunConfig {
                 Some(l6)
             }
         };
+        let ports = host
+            .ephemeral_ports()
+            .map_err(|e| ConfigError::PortRange(e.to_string()))?;
+        let listens = [("--listen", Some(args.listen.port()))]
+            .into_iter()
+            .chain([("--listen6", listen6.map(|l| l.port()))]);
+        for (flag, port) in listens {
+            if let Some(port) = port.filter(|p| ports.hands_out(*p)) {
+                return Err(ConfigError::EphemeralPort {
+                    flag,
+                    port,
+                    first: *ports.range.start(),
+                    last: *ports.range.end(),
+                });
+            }
+        }
         let metrics = match args.metrics.trim() {
             "off" | "" => None,
             addr => {
@@ -163,7 +284,8 @@ impl RunConfig {
             cgroup: args.cgroup.clone(),
             listen,
             listen6,
-            allow_role: args.allow_role.clone(),
+            allow_role,
+            allow_shared_cgroup: args.allow_shared_cgroup,
             imdsv1: match (args.require_imdsv2, args.imdsv1) {
                 (true, _) | (false, cli::Imdsv1::Refuse) => Imdsv1Mode::Refuse,
                 (false, cli::Imdsv1::Mirror) => Imdsv1Mode::Mirror,
@@ -178,6 +300,103 @@ impl RunConfig {
             pin_dir: args.pins.pin_dir.clone(),
             admin_socket: args.admin.admin_socket.clone(),
         })
+    }
+}
+
+/// Refuses a policy file that anyone but root could change: the file, or
+/// any directory on the way to it (as given and with symlinks resolved),
+/// owned by another user, or writable by group or others (a directory with
+/// the sticky bit, such as /tmp, may be: nobody else can replace root's
+/// entries in it).
+pub fn check_policy_file(path: &Path) -> Result<(), ConfigError> {
+    check_policy_file_with(path, &|p| {
+        let m = std::fs::symlink_metadata(p)?;
+        Ok(Owner {
+            uid: m.uid(),
+            mode: m.permissions().mode(),
+            kind: if m.file_type().is_symlink() {
+                Kind::Symlink
+            } else if m.is_dir() {
+                Kind::Dir
+            } else {
+                Kind::File
+            },
+        })
+    })
+}
+
+/// Who owns a path (not following a symlink) and what its mode allows.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: u32,
+    mode: u32,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+fn check_policy_file_with(
+    path: &Path,
+    lookup: &dyn Fn(&Path) -> std::io::Result<Owner>,
+) -> Result<(), ConfigError> {
+    let unsafe_because = |why: String| ConfigError::PolicyFileUnsafe {
+        path: path.to_path_buf(),
+        why,
+    };
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| unsafe_because(format!("cannot resolve it: {e}")))?
+            .join(path)
+    };
+    // The path as given (a symlink on it is judged by its owner), then the
+    // file it resolves to, each with every directory above it.
+    let resolved = std::fs::canonicalize(&absolute).unwrap_or_else(|_| absolute.clone());
+    for p in absolute.ancestors().chain(resolved.ancestors()) {
+        let o = lookup(p)
+            .map_err(|e| unsafe_because(format!("cannot look at {}: {e}", p.display())))?;
+        if let Some(why) = unsafe_owner(o) {
+            return Err(unsafe_because(format!("{} {why}", p.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Why a path so owned lets someone other than root change the policy.
+fn unsafe_owner(o: Owner) -> Option<String> {
+    if o.uid != 0 {
+        return Some(format!("is owned by uid {}, not root", o.uid));
+    }
+    let writable = o.mode & 0o022 != 0;
+    let sticky = o.mode & 0o1000 != 0;
+    match o.kind {
+        // A symlink's own mode means nothing; only its owner may change it.
+        Kind::Symlink => None,
+        Kind::Dir if writable && !sticky => Some(format!(
+            "is a directory writable by {} (mode {:o})",
+            who_writes(o.mode),
+            o.mode & 0o7777
+        )),
+        Kind::File if writable => Some(format!(
+            "is writable by {} (mode {:o})",
+            who_writes(o.mode),
+            o.mode & 0o7777
+        )),
+        _ => None,
+    }
+}
+
+fn who_writes(mode: u32) -> &'static str {
+    match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "its group",
+        _ => "others",
     }
 }
 
@@ -198,12 +417,212 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
 
-    fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
+    /// A host whose ephemeral ports are Linux's defaults.
+    struct FakeHost(&'static str, &'static str);
+
+    impl Host for FakeHost {
+        fn ephemeral_ports(&self) -> std::io::Result<EphemeralPorts> {
+            EphemeralPorts::parse(self.0, self.1)
+                .ok_or_else(|| std::io::Error::other(format!("bad range {:?}", self.0)))
+        }
+    }
+
+    const LINUX: FakeHost = FakeHost("32768\t60999\n", "\n");
+
+    fn run_args(args: &[&str]) -> Box<RunArgs> {
         let cli = Cli::try_parse_from(["metaproxy", "run"].iter().chain(args)).unwrap();
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        RunConfig::from_args(&run)
+        run
+    }
+
+    /// `metaproxy run ARGS` with a role allow-list, as every start needs.
+    fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
+        let mut all = vec!["--allow-role", "arn:aws:iam::123456789012:role/ci-*"];
+        all.extend_from_slice(args);
+        RunConfig::from_args_on(&run_args(&all), &LINUX)
+    }
+
+    #[test]
+    fn run_refuses_to_start_without_a_role_allow_list() {
+        for args in [
+            &[][..],
+            &["--allow-role", ""][..],
+            &["--allow-role", " , "][..],
+        ] {
+            let err = RunConfig::from_args_on(&run_args(args), &LINUX)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("no role allow-list"), "{args:?}: {err}");
+            assert!(
+                err.contains("--allow-role 'arn:aws:iam::123456789012:role/ci-*'")
+                    && err.contains("METAPROXY_ALLOW_ROLE")
+                    && err.contains("--policy-file"),
+                "the error names the fix: {err}"
+            );
+        }
+        let listed = config(&[]).unwrap();
+        assert_eq!(listed.allow_role, ["arn:aws:iam::123456789012:role/ci-*"]);
+        let by_file = RunConfig::from_args_on(
+            &run_args(&["--policy-file", "/etc/metaproxy/policy.toml"]),
+            &LINUX,
+        )
+        .unwrap();
+        assert!(by_file.allow_role.is_empty());
+        assert!(by_file.policy_file.is_some());
+    }
+
+    #[test]
+    fn listen_ports_the_kernel_hands_to_unbound_sockets_are_refused() {
+        assert_eq!(
+            EphemeralPorts::parse("32768\t60999\n", "8080, 40000-40010\n"),
+            Some(EphemeralPorts {
+                range: 32768..=60999,
+                reserved: vec![8080..=8080, 40000..=40010],
+            })
+        );
+        for bad in ["", "32768", "a b", "1 2 3"] {
+            assert_eq!(EphemeralPorts::parse(bad, ""), None, "{bad:?}");
+        }
+        for (args, flag) in [
+            (
+                &["--listen", "169.254.170.254:40000"][..],
+                "--listen port 40000",
+            ),
+            (
+                &["--listen6", "[fd00:ec2::1]:32768"][..],
+                "--listen6 port 32768",
+            ),
+        ] {
+            let err = config(args).unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+            assert!(
+                err.contains("ephemeral port range 32768-60999")
+                    && err.contains("ip_local_reserved_ports"),
+                "{err}"
+            );
+        }
+        assert!(config(&["--listen", "169.254.170.254:32767"]).is_ok());
+        // A reserved port is never handed out.
+        let reserved = FakeHost("32768 60999", "40000");
+        let args = run_args(&[
+            "--allow-role",
+            "arn:aws:iam::123456789012:role/ci-*",
+            "--listen",
+            "169.254.170.254:40000",
+        ]);
+        assert!(RunConfig::from_args_on(&args, &reserved).is_ok());
+        // A range that cannot be read refuses the start.
+        let unreadable = FakeHost("", "");
+        let err = RunConfig::from_args_on(&args, &unreadable)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read the kernel's ephemeral port range"),
+            "{err}"
+        );
+        // This very host's range parses.
+        ThisHost.ephemeral_ports().unwrap();
+    }
+
+    #[test]
+    fn a_policy_file_anyone_but_root_can_change_is_refused() {
+        use std::collections::HashMap;
+        let fs = |entries: &[(&str, u32, u32, Kind)]| {
+            let map: HashMap<PathBuf, Owner> = entries
+                .iter()
+                .map(|&(p, uid, mode, kind)| (PathBuf::from(p), Owner { uid, mode, kind }))
+                .collect();
+            move |p: &Path| {
+                map.get(p)
+                    .copied()
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+            }
+        };
+        let check = |entries: &[(&str, u32, u32, Kind)]| {
+            check_policy_file_with(Path::new("/etc/mp/policy.toml"), &fs(entries))
+                .map_err(|e| e.to_string())
+        };
+        let good = [
+            ("/", 0, 0o755, Kind::Dir),
+            ("/etc", 0, 0o755, Kind::Dir),
+            ("/etc/mp", 0, 0o755, Kind::Dir),
+            ("/etc/mp/policy.toml", 0, 0o644, Kind::File),
+        ];
+        assert_eq!(check(&good), Ok(()));
+        // A sticky world-writable directory (such as /tmp) is fine.
+        let mut sticky = good;
+        sticky[2].2 = 0o1777;
+        assert_eq!(check(&sticky), Ok(()));
+        // A root-owned symlink on the way is judged by its owner only.
+        let mut link = good;
+        link[2] = ("/etc/mp", 0, 0o777, Kind::Symlink);
+        assert_eq!(check(&link), Ok(()));
+        for (i, uid, mode, kind, why) in [
+            (
+                3,
+                0,
+                0o664,
+                Kind::File,
+                "/etc/mp/policy.toml is writable by its group (mode 664)",
+            ),
+            (
+                3,
+                0,
+                0o646,
+                Kind::File,
+                "/etc/mp/policy.toml is writable by others (mode 646)",
+            ),
+            (
+                3,
+                1000,
+                0o600,
+                Kind::File,
+                "/etc/mp/policy.toml is owned by uid 1000, not root",
+            ),
+            (
+                2,
+                0,
+                0o777,
+                Kind::Dir,
+                "/etc/mp is a directory writable by group and others (mode 777)",
+            ),
+            (
+                1,
+                1000,
+                0o755,
+                Kind::Dir,
+                "/etc is owned by uid 1000, not root",
+            ),
+            (
+                2,
+                1000,
+                0o777,
+                Kind::Symlink,
+                "/etc/mp is owned by uid 1000, not root",
+            ),
+        ] {
+            let mut entries = good;
+            entries[i] = (entries[i].0, uid, mode, kind);
+            let err = check(&entries).unwrap_err();
+            assert!(err.contains(why), "{why}: {err}");
+            assert!(
+                err.starts_with("--policy-file /etc/mp/policy.toml: "),
+                "{err}"
+            );
+            assert!(err.contains("chmod go-w"), "the error names the fix: {err}");
+        }
+        // On the real filesystem: a file of ours with group write is
+        // refused, whoever runs the test.
+        let dir = std::env::temp_dir().join(format!("mp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let err = check_policy_file(&file).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("policy.toml"), "{err}");
     }
 
     #[test]

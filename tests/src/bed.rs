@@ -43,6 +43,27 @@ pub fn role_arn(role: &str) -> String {
     format!("arn:aws:iam::{ACCOUNT_ID}:role/{role}")
 }
 
+/// The role allow-list a bed's daemon gets unless the test names its own
+/// (`metaproxy run` refuses to start without one): every role of the test
+/// account.
+pub const DEFAULT_ALLOW_ROLE: &str = "arn:aws:iam::123456789012:role/*";
+
+/// `args` for `metaproxy run`, with [`DEFAULT_ALLOW_ROLE`] unless they (or
+/// `env`) already say which roles jobs may have.
+fn with_role_allow_list(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    let named = args
+        .iter()
+        .any(|a| a.starts_with("--allow-role") || a.starts_with("--policy-file"))
+        || env
+            .iter()
+            .any(|(k, _)| *k == "METAPROXY_ALLOW_ROLE" || *k == "METAPROXY_POLICY_FILE");
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if !named {
+        all.extend(["--allow-role".to_string(), DEFAULT_ALLOW_ROLE.to_string()]);
+    }
+    all
+}
+
 /// Fields drop top to bottom: daemon, containers and dockerd, moto, the
 /// fake IMDS and its namespace, cgroups, the namespace, then the scratch
 /// directory.
@@ -162,7 +183,7 @@ impl E2eBed {
             netns: ns.path(),
             attach_cgroup: attached,
             own_cgroup: own,
-            args: daemon_args.iter().map(|s| s.to_string()).collect(),
+            args: with_role_allow_list(daemon_args, daemon_env),
             env: [
                 ("DOCKER_HOST".into(), dockerd.host()),
                 (
@@ -501,7 +522,7 @@ impl KernelBed {
             netns: ns.path(),
             attach_cgroup: attached,
             own_cgroup: own,
-            args: daemon_args.iter().map(|s| s.to_string()).collect(),
+            args: with_role_allow_list(&daemon_args, extra_env),
             env: vec![
                 ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
                 ("AWS_REGION".into(), "us-east-1".into()),
