@@ -25,7 +25,7 @@ use crate::{
     admin::{self, AdminState, StatusSource},
     attribution::Attribution,
     cgroup::{self, CgroupPaths},
-    config::RunConfig,
+    config::{self, RunConfig},
     connlog::ConnLog,
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
     guard::{self, GuardState, RouteTable},
@@ -143,8 +143,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     if let Some(path) = &config.policy_file {
         // Never start on a policy file that does not load: fail with its
-        // line rather than serve without the rules the admin wrote.
+        // line rather than serve without the rules the admin wrote. Nor on
+        // one that someone other than root could rewrite.
         let file = PolicyFile::load(path).context("--policy-file")?;
+        config::check_policy_file(path)?;
         tracing::info!(path = %path.display(), rules = file.rules(), "policy file loaded");
         policy.set_file(Some(file));
     }
@@ -156,6 +158,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     cgroup::check_cgroup2_dir(&mount, &target)?;
     let own = cgroup::own_cgroup(&mount)?;
     let self_cgroup_id = cgroup::id_of(&own)?;
+    // The probe skips the daemon's cgroup, so whatever else runs in it
+    // reaches the real IMDS.
+    let companions = cgroup_companions(&own);
+    check_shared_cgroup(&own, &companions, config.allow_shared_cgroup)?;
     if own == target {
         tracing::warn!(
             cgroup = %own.display(),
@@ -330,6 +336,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 mount,
                 target,
                 own,
+                companions: companions.len(),
                 docker: pipeline.surface.identities.clone(),
             },
             readiness,
@@ -406,6 +413,13 @@ async fn follow_policy_file(policy: Arc<Policy>, path: Option<PathBuf>) {
             continue;
         }
         seen = now;
+        if let Err(e) = config::check_policy_file(path) {
+            tracing::error!(
+                error = %e,
+                "policy file not reloaded: the previous policy stays in force"
+            );
+            continue;
+        }
         match PolicyFile::load(path) {
             Ok(file) => {
                 tracing::info!(path = %path.display(), rules = file.rules(), "policy file reloaded");
@@ -425,6 +439,8 @@ struct Summary {
     mount: PathBuf,
     target: PathBuf,
     own: PathBuf,
+    /// Other processes in the daemon's cgroup at start.
+    companions: usize,
     docker: Arc<Identities>,
 }
 
@@ -457,6 +473,11 @@ async fn summary(s: Summary, readiness: Arc<Readiness>, me: Arc<OnceLock<CallerI
         cgroup2 = %s.mount.display(),
         attach_point = %s.target.display(),
         own_cgroup = %s.own.display(),
+        shared_cgroup = %if s.companions == 0 {
+            "no".to_string()
+        } else {
+            format!("with {} other processes (--allow-shared-cgroup): they bypass the redirect", s.companions)
+        },
         listen = %c.listen,
         listen6 = %c.listen6.map_or_else(|| "off".to_string(), |a| a.to_string()),
         container_credentials = %if c.container_credentials.is_empty() {
@@ -470,7 +491,7 @@ async fn summary(s: Summary, readiness: Arc<Readiness>, me: Arc<OnceLock<CallerI
         },
         metrics = %c.metrics.map_or_else(|| "off".to_string(), |a| a.to_string()),
         admin_socket = %c.admin_socket.display(),
-        allow_role = %list_or(&c.allow_role, "roles of the instance's own account"),
+        allow_role = %list_or(&c.allow_role, "none: roles of the instance's own account that --policy-file allows"),
         allow_host_cgroup = %list_or(&c.allow_host_cgroup, "none (every host process refused)"),
         imdsv1 = ?c.imdsv1,
         policy_file = %c.policy_file.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
@@ -496,6 +517,96 @@ fn list_or(items: &[String], empty: &str) -> String {
     } else {
         items.join(",")
     }
+}
+
+/// How many of the daemon's cgroup companions an error names.
+const COMPANIONS_NAMED: usize = 5;
+
+/// The other processes (pid, comm) in the daemon's own cgroup, kernel
+/// threads aside (they make no connects of their own). Unreadable: none
+/// (the kernel refuses nothing here to the daemon's capabilities).
+fn cgroup_companions(own: &std::path::Path) -> Vec<(u32, String)> {
+    let procs = match std::fs::read_to_string(own.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(e) => {
+            tracing::warn!(cgroup = %own.display(), error = %e, "cannot list the processes in the daemon's own cgroup");
+            return Vec::new();
+        }
+    };
+    others_in(&procs, std::process::id())
+        .into_iter()
+        .filter_map(|pid| {
+            // Gone meanwhile: not a companion.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            (!is_kernel_thread(&stat)).then(|| (pid, comm_of(&stat)))
+        })
+        .collect()
+}
+
+/// The pids in `cgroup.procs` text other than `me`.
+fn others_in(procs: &str, me: u32) -> Vec<u32> {
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| *pid != me)
+        .collect()
+}
+
+/// `/proc/PID/stat`'s comm (between the first `(` and the last `)`).
+fn comm_of(stat: &str) -> String {
+    match (stat.find('('), stat.rfind(')')) {
+        (Some(a), Some(b)) if a < b => stat[a + 1..b].to_string(),
+        _ => "?".into(),
+    }
+}
+
+/// Whether `/proc/PID/stat` is a kernel thread's (`PF_KTHREAD` in flags,
+/// the ninth field).
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat.rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Refuses to start while other processes share the daemon's cgroup, unless
+/// the admin allowed it (then it warns).
+fn check_shared_cgroup(
+    own: &std::path::Path,
+    companions: &[(u32, String)],
+    allowed: bool,
+) -> anyhow::Result<()> {
+    if companions.is_empty() {
+        return Ok(());
+    }
+    let named = companions
+        .iter()
+        .take(COMPANIONS_NAMED)
+        .map(|(pid, comm)| format!("{pid} {}", crate::logging::Clean(comm)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = companions.len().saturating_sub(COMPANIONS_NAMED);
+    let named = if more > 0 {
+        format!("{named} and {more} more")
+    } else {
+        named
+    };
+    if allowed {
+        tracing::warn!(
+            cgroup = %own.display(),
+            processes = %named,
+            "other processes share the daemon's cgroup (--allow-shared-cgroup): they bypass the redirect and reach the real IMDS"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the daemon's cgroup {} holds {} other processes ({named}): every process in it bypasses the redirect and reaches the real IMDS. \
+         Run metaproxy in a cgroup of its own (the systemd unit does; by hand, `systemd-run --scope metaproxy run ...`), \
+         or pass --allow-shared-cgroup (METAPROXY_ALLOW_SHARED_CGROUP=true) to start anyway",
+        own.display(),
+        companions.len()
+    )
 }
 
 /// The cgroup the probe is attached to, as the packet guard checks it.
@@ -743,4 +854,51 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_cgroup_refuses_the_start_unless_allowed() {
+        let procs = "1\n4242\n77\n\n";
+        assert_eq!(others_in(procs, 4242), [1, 77]);
+        let bash = "77 (bash) S 1 77 77 34816 77 4194560 1 2 0 0 0 0";
+        let kworker = "3 (kworker/0:0-events) I 2 0 0 0 -1 69238880 0 0 0 0";
+        let odd = "78 (a) b) (c) S 1 77 77 34816 77 4194560 1 2";
+        assert!(!is_kernel_thread(bash));
+        assert!(is_kernel_thread(kworker));
+        assert!(!is_kernel_thread(odd));
+        assert_eq!(comm_of(bash), "bash");
+        assert_eq!(comm_of(odd), "a) b) (c");
+
+        let own = std::path::Path::new("/sys/fs/cgroup/user.slice/session-3.scope");
+        assert!(check_shared_cgroup(own, &[], false).is_ok());
+        let shell = [(77, "bash".to_string()), (78, "sudo\x1b[2J".to_string())];
+        let err = check_shared_cgroup(own, &shell, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("session-3.scope holds 2 other processes (77 bash, 78 sudo\\u{1b}[2J)"),
+            "{err}"
+        );
+        assert!(err.contains("bypasses the redirect"), "{err}");
+        assert!(err.contains("--allow-shared-cgroup"), "{err}");
+        assert!(err.contains("METAPROXY_ALLOW_SHARED_CGROUP"), "{err}");
+        assert!(check_shared_cgroup(own, &shell, true).is_ok());
+        let many: Vec<_> = (1..=8).map(|p| (p, "sh".to_string())).collect();
+        let err = check_shared_cgroup(own, &many, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5 sh and 3 more"), "{err}");
+        // This test runs with others around (cargo's harness threads are
+        // threads, not processes): the listing itself works.
+        let mount = cgroup::cgroup2_mount();
+        if let Ok(own) = mount.and_then(|m| cgroup::own_cgroup(&m)) {
+            assert!(cgroup_companions(&own)
+                .iter()
+                .all(|(pid, _)| *pid != std::process::id()));
+        }
+    }
 }
