@@ -3,6 +3,10 @@
 //! The client is made on first use and remade after failures, so a Docker
 //! daemon that starts after us (or restarts) is picked up. `DOCKER_HOST` is
 //! honoured.
+//!
+//! Every call has [`DOCKER_TIMEOUT`] (bollard's own is 120 s): a dockerd
+//! that hangs makes a request fail as "Docker unavailable" in seconds, never
+//! holds it (and its connection) for minutes.
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
@@ -14,29 +18,96 @@ use metaproxy_common::mountinfo;
 use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent};
 use crate::ids::ContainerId;
 
-#[derive(Debug, Default)]
-pub struct DockerRuntime(tokio::sync::Mutex<Option<Docker>>);
+/// How long one Docker API call (an inspect with its image, a ping, the
+/// version negotiation) may take.
+pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+pub struct DockerRuntime {
+    client: tokio::sync::Mutex<Option<Docker>>,
+    /// Where dockerd listens: `None` for bollard's defaults (`DOCKER_HOST`).
+    socket: Option<std::path::PathBuf>,
+    timeout: Duration,
+}
+
+impl Default for DockerRuntime {
+    fn default() -> Self {
+        Self {
+            client: tokio::sync::Mutex::new(None),
+            socket: None,
+            timeout: DOCKER_TIMEOUT,
+        }
+    }
+}
 
 fn api(e: bollard::errors::Error) -> RuntimeError {
     RuntimeError::Api(e.to_string())
 }
 
 impl DockerRuntime {
+    /// A runtime talking to the dockerd at Unix socket `socket`, each call
+    /// given `timeout`.
+    pub fn at(socket: impl Into<std::path::PathBuf>, timeout: Duration) -> Self {
+        Self {
+            client: tokio::sync::Mutex::new(None),
+            socket: Some(socket.into()),
+            timeout,
+        }
+    }
+
+    /// `call`, or a clear error once the timeout has passed.
+    async fn timed<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, RuntimeError>>,
+    ) -> Result<T, RuntimeError> {
+        // A statement of its own: the call (which may hold the client's
+        // lock) is dropped before `reset` takes that lock.
+        let result = tokio::time::timeout(self.timeout, call).await;
+        match result {
+            Ok(result) => result,
+            Err(_) => {
+                // The connection may be wedged: make a new one next time.
+                self.reset().await;
+                Err(RuntimeError::Api(format!(
+                    "dockerd did not answer {what} within {} ms",
+                    self.timeout.as_millis()
+                )))
+            }
+        }
+    }
+
     async fn client(&self) -> Result<Docker, RuntimeError> {
-        let mut slot = self.0.lock().await;
+        let mut slot = self.client.lock().await;
         if let Some(docker) = slot.as_ref() {
             return Ok(docker.clone());
         }
-        let docker = Docker::connect_with_defaults().map_err(api)?;
+        // bollard's own timeout (whole seconds, for the response headers
+        // only) backs ours up.
+        let secs = self.timeout.as_secs().max(1);
+        let docker = match &self.socket {
+            None => {
+                Docker::connect_with_defaults().map(|d| d.with_timeout(Duration::from_secs(secs)))
+            }
+            Some(path) => Docker::connect_with_unix(
+                &path.to_string_lossy(),
+                secs,
+                bollard::API_DEFAULT_VERSION,
+            ),
+        }
+        .map_err(api)?;
         // Speak the API version the daemon supports (older dockerd refuse
         // newer versions).
         let docker =
-            match tokio::time::timeout(Duration::from_secs(2), docker.clone().negotiate_version())
-                .await
-            {
+            match tokio::time::timeout(self.timeout, docker.clone().negotiate_version()).await {
                 Ok(Ok(negotiated)) => negotiated,
                 Ok(Err(e)) => return Err(api(e)),
-                Err(_) => docker,
+                Err(_) => {
+                    return Err(RuntimeError::Api(format!(
+                        "dockerd did not answer the version negotiation within {} ms",
+                        self.timeout.as_millis()
+                    )))
+                }
             };
         *slot = Some(docker.clone());
         Ok(docker)
@@ -44,11 +115,16 @@ impl DockerRuntime {
 
     /// Forgets the client after a connection-level failure.
     async fn reset(&self) {
-        *self.0.lock().await = None;
+        *self.client.lock().await = None;
     }
 
-    /// Inspects a container by id or name.
+    /// Inspects a container by id or name, within the timeout.
     async fn inspect_named(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
+        let what = format!("an inspect of {}", crate::logging::Clean(name_or_id));
+        self.timed(&what, self.inspect_untimed(name_or_id)).await
+    }
+
+    async fn inspect_untimed(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
         let fallback = ContainerId::parse(name_or_id);
         let docker = self.client().await?;
         let c = match docker.inspect_container(name_or_id, None).await {
@@ -140,12 +216,13 @@ impl ContainerRuntime for DockerRuntime {
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RuntimeEvent, RuntimeError>>, RuntimeError>>
     {
         async move {
-            let docker = self.client().await?;
+            let docker = self.timed("a ping", self.client()).await?;
             // The stream connects lazily: ask once now, so a Docker that
             // went away since the client was made shows as unreachable.
-            if let Err(e) = docker.ping().await {
+            let ping = async { docker.ping().await.map_err(api) };
+            if let Err(e) = self.timed("a ping", ping).await {
                 self.reset().await;
-                return Err(api(e));
+                return Err(e);
             }
             let options = EventsOptionsBuilder::new()
                 .filters(&HashMap::from([
@@ -192,6 +269,63 @@ fn own_addresses(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dockerd that answers the version negotiation and then nothing.
+    async fn hanging_dockerd(path: &std::path::Path) -> tokio::task::JoinHandle<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                if request.contains("/version ") {
+                    let body = r#"{"ApiVersion":"1.41","Version":"20.10.24"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                } else {
+                    // Read, never answered.
+                    held.push(conn);
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_hanging_dockerd_gives_a_clear_error_within_the_timeout() {
+        assert!(
+            DOCKER_TIMEOUT <= Duration::from_secs(5),
+            "a few seconds, not bollard's 120 s"
+        );
+        let dir = std::env::temp_dir().join(format!("mp-docker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("docker.sock");
+        let server = hanging_dockerd(&socket).await;
+        let runtime = DockerRuntime::at(&socket, Duration::from_millis(300));
+        let id = ContainerId::parse(&"a".repeat(64)).unwrap();
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let err = runtime.inspect(&id).await.unwrap_err().to_string();
+            let took = started.elapsed();
+            assert!(
+                err.contains("dockerd did not answer an inspect of aaaa"),
+                "{err}"
+            );
+            assert!(err.contains("within 300 ms"), "{err}");
+            assert!(took < Duration::from_secs(2), "took {took:?}");
+        }
+        let err = runtime.events().await.err().expect("no events").to_string();
+        assert!(err.contains("did not answer a ping"), "{err}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn connections_must_come_from_the_containers_own_addresses() {
