@@ -540,6 +540,31 @@ impl Readiness {
 /// How long a scraper may take to send its request.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bounds on the metrics listener's clients. It shares the daemon's file
+/// descriptors: unbounded, any local user could open enough connections to
+/// make the IMDS listener's accept() fail with EMFILE.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Connections served at once; more wait in the kernel's listen
+    /// backlog (costing the daemon no descriptor) until one ends.
+    pub max_connections: usize,
+    /// How long one connection may last, however slowly its client reads
+    /// or writes: then it is asked to finish its request and close, and is
+    /// cut `grace` later.
+    pub lifetime: Duration,
+    pub grace: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            lifetime: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
 /// `metrics` is set once the daemon's parts exist; until then `/metrics` is
 /// 503 too.
@@ -549,38 +574,48 @@ pub async fn run(
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve(
+        listener,
+        metrics,
+        readiness,
+        ClientLimits::default(),
+        shutdown,
+    )
+    .await;
+}
+
+/// [`run`] with explicit [`ClientLimits`].
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<OnceLock<Metrics>>,
+    readiness: Arc<Readiness>,
+    limits: ClientLimits,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
+        // A slot first, then accept: over the cap, clients wait in the
+        // backlog rather than hold one of our descriptors.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (metrics, readiness) = (metrics.clone(), readiness.clone());
                     tasks.spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let (metrics, readiness) = (metrics.clone(), readiness.clone());
-                            async move {
-                                // Encoding walks the kernel maps: off the
-                                // thread that serves requests.
-                                let answer = tokio::task::spawn_blocking(move || {
-                                    answer(&req, metrics.get(), &readiness)
-                                })
-                                .await
-                                .unwrap_or_else(|_| {
-                                    text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n".into())
-                                });
-                                Ok::<_, Infallible>(answer)
-                            }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        serve_client(stream, metrics, readiness, limits).await;
+                        drop(permit);
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
+                    if let Some(suppressed) = ACCEPT_FAILURE_LOG.allow() {
+                        tracing::warn!(error = %e, suppressed, "metrics: accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -588,6 +623,43 @@ pub async fn run(
             () = &mut shutdown => break,
         }
     }
+}
+
+/// Accept failures (EMFILE and friends) are logged at most this often.
+static ACCEPT_FAILURE_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new(1);
+
+/// One metrics client, for at most its lifetime and grace.
+async fn serve_client(
+    stream: tokio::net::TcpStream,
+    metrics: Arc<OnceLock<Metrics>>,
+    readiness: Arc<Readiness>,
+    limits: ClientLimits,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        async move {
+            // Encoding walks the kernel maps: off the thread that serves
+            // requests.
+            let answer =
+                tokio::task::spawn_blocking(move || answer(&req, metrics.get(), &readiness))
+                    .await
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n".into()));
+            Ok::<_, Infallible>(answer)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(HEADER_TIMEOUT)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = tokio::time::sleep(limits.lifetime) => {}
+    }
+    // Past its lifetime: finish the request under way, then close; a
+    // client that will not read its answer is cut.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.grace, conn).await;
 }
 
 fn answer<B>(
@@ -671,6 +743,72 @@ pub fn sts_error_code(code: Option<&str>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_metrics_listener_caps_its_clients_and_cuts_slow_ones() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let defaults = ClientLimits::default();
+        assert_eq!(defaults.max_connections, 64);
+        assert!(defaults.lifetime <= Duration::from_secs(30));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ClientLimits {
+            max_connections: 2,
+            lifetime: Duration::from_millis(400),
+            grace: Duration::from_millis(300),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(OnceLock::new()),
+            Arc::new(Readiness::default()),
+            limits,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let started = std::time::Instant::now();
+        // Two slow clients: one says nothing, one sends half a request.
+        let mut idle = connect().await.unwrap();
+        let mut loris = connect().await.unwrap();
+        loris.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The third waits in the backlog: no answer while the two hold
+        // their slots.
+        let mut third = connect().await.unwrap();
+        third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let early = tokio::time::timeout(Duration::from_millis(200), third.read(&mut buf)).await;
+        assert!(early.is_err(), "served over the cap: {early:?}");
+        // Both slow clients are cut by lifetime and grace, and the third is
+        // served then.
+        for slow in [&mut idle, &mut loris] {
+            let n = tokio::time::timeout(Duration::from_secs(3), slow.read(&mut buf))
+                .await
+                .expect("a slow client is cut")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let n = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf))
+            .await
+            .expect("served once a slot is free")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 
     struct Fixed(Live);
     impl LiveSource for Fixed {
