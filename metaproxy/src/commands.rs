@@ -7,7 +7,7 @@ use crate::{
     admin_client,
     cli::{ConnectionsArgs, DetachArgs, PolicyCommand, StatusArgs},
     connlog::Connection,
-    probe,
+    logging, probe,
 };
 
 pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
@@ -24,7 +24,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 if args.json {
-                    out.write_all(&line)?;
+                    out.write_all(json_printable(&String::from_utf8_lossy(&line)).as_bytes())?;
                 } else if let Ok(conn) = serde_json::from_slice::<Connection>(&line) {
                     writeln!(out, "{}", table_row(&conn))?;
                 }
@@ -42,7 +42,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     .await?;
     for conn in admin_client::parse_connections(&body)? {
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(&conn)?)?;
+            writeln!(out, "{}", json_printable(&serde_json::to_string(&conn)?))?;
         } else {
             writeln!(out, "{}", table_row(&conn))?;
         }
@@ -105,11 +105,32 @@ const HEADER: [&str; 10] = [
     "OUTCOME",
 ];
 
-/// Shown as-is, a container's name or comm could carry terminal escapes.
+/// Shown as-is, a container's name or comm could carry terminal escapes,
+/// or bidi controls that make it read as another (see
+/// [`logging::is_hidden`]).
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if logging::is_hidden(c) { '?' } else { c })
         .collect()
+}
+
+/// A JSON line with the characters [`logging::is_hidden`] names written
+/// as `\uXXXX` escapes: the same JSON value, and nothing a terminal
+/// interprets. (serde_json escapes only the C0 controls.)
+fn json_printable(line: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if logging::is_hidden(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn row(cols: [&str; 10]) -> String {
@@ -184,6 +205,11 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Check { file } => {
             let policy = crate::policy_file::PolicyFile::load(&file)?;
             println!("{}: ok, {} rules", file.display(), policy.rules());
+            // A draft may live anywhere; `run` refuses it where others
+            // could change it.
+            if let Err(e) = crate::config::check_policy_file(&file) {
+                eprintln!("note: metaproxy run would refuse this file where it is: {e}");
+            }
             Ok(())
         }
         PolicyCommand::Explain { container, admin } => {
@@ -202,5 +228,32 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
             )
             .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_table_and_json_show_no_bidi_or_control_characters() {
+        assert_eq!(
+            printable("job-\u{202e}txt.exe\x1b[2J\u{2066}x\u{200b}"),
+            "job-?txt.exe?[2J?x?"
+        );
+        assert_eq!(printable("名前-ok"), "名前-ok");
+        let value = serde_json::json!({
+            "container": "a\u{202e}b\u{1b}c\u{feff}\u{e0041}",
+            "comm": "名前",
+        });
+        let line = json_printable(&value.to_string());
+        assert!(line.chars().all(|c| !logging::is_hidden(c)), "{line:?}");
+        assert!(
+            line.contains(r"a\u202eb\u001bc\ufeff\udb40\udc41"),
+            "{line}"
+        );
+        // The same JSON value, readable by any parser.
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, value);
     }
 }

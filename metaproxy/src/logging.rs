@@ -69,16 +69,53 @@ pub fn init(format: LogFormat) -> WorkerGuard {
 }
 
 /// A value for a log line that someone else wrote (a container's name, a
-/// comm, a cgroup path, a reason quoting them): control characters are
-/// escaped, so nobody can forge log lines or terminal escapes through it.
+/// comm, a cgroup path, a reason quoting them): control and format
+/// characters are escaped (see [`is_hidden`]), so nobody can forge log
+/// lines or terminal escapes through it, nor make it read otherwise than
+/// it is stored.
 #[derive(Debug, Clone, Copy)]
 pub struct Clean<'a>(pub &'a str);
+
+/// Whether `c` changes how text around it shows rather than showing
+/// itself: control characters (C0, DEL, C1), and Unicode's format
+/// characters (general category Cf: bidi embeddings, overrides and
+/// isolates such as U+202E and U+2066-U+2069, zero-width U+200B-U+200F,
+/// U+FEFF, tags) and line and paragraph separators (U+2028, U+2029).
+/// Reordered by a terminal or an editor, `job-\u{202e}txt.exe` reads as
+/// `job-exe.txt`.
+pub fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{600}'..='\u{605}'
+                | '\u{61c}'
+                | '\u{6dd}'
+                | '\u{70f}'
+                | '\u{890}'..='\u{891}'
+                | '\u{8e2}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{110bd}'
+                | '\u{110cd}'
+                | '\u{13430}'..='\u{1343f}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0001}'
+                | '\u{e0020}'..='\u{e007f}'
+        )
+}
 
 impl std::fmt::Display for Clean<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::fmt::Write as _;
         for c in self.0.chars() {
-            if c.is_control() {
+            if is_hidden(c) {
                 for e in c.escape_default() {
                     f.write_char(e)?;
                 }
@@ -124,6 +161,45 @@ mod tests {
             "job\\n2026-11-26T00:00:00Z INFO forged\\u{1b}[31m"
         );
         assert_eq!(Clean("plain-name_1").to_string(), "plain-name_1");
+    }
+
+    #[test]
+    fn bidi_and_other_format_characters_are_escaped() {
+        assert_eq!(
+            Clean("job-\u{202e}txt.exe").to_string(),
+            "job-\\u{202e}txt.exe"
+        );
+        for c in [
+            '\u{202a}',
+            '\u{202b}',
+            '\u{202c}',
+            '\u{202d}',
+            '\u{202e}',
+            '\u{2066}',
+            '\u{2067}',
+            '\u{2068}',
+            '\u{2069}',
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{200e}',
+            '\u{200f}',
+            '\u{feff}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{61c}',
+            '\u{ad}',
+            '\u{e0041}',
+            '\u{85}',
+        ] {
+            assert!(is_hidden(c), "{:x}", c as u32);
+            let cleaned = Clean(&format!("a{c}b")).to_string();
+            assert_eq!(cleaned, format!("a\\u{{{:x}}}b", c as u32));
+        }
+        // What shows as itself stays: letters of any script, emoji, marks.
+        for s in ["ci-déploiement", "名前", "Ωmega", "job 🚀", "e\u{301}"] {
+            assert_eq!(Clean(s).to_string(), s);
+        }
     }
 
     #[test]
