@@ -20,7 +20,7 @@ use crate::{
     attribution::Caller,
     identity::{Container, GITLAB_JOB_LABEL},
     ids::{AccountId, ContainerId, RoleArn, RoleArnError},
-    policy_file::{Facts, PolicyFile},
+    policy_file::{Facts, FileRefusal, PolicyFile},
     session::{Session, SessionOptions},
 };
 
@@ -73,13 +73,15 @@ pub enum RoleRefusal {
     BadExternalId,
     #[error("{arn} is not allowed by {rule}")]
     NotAllowed { arn: RoleArn, rule: &'static str },
-    /// The policy file has no rule for this role, project and ref.
-    #[error("no rule in {path} allows {arn} for {facts}")]
-    PolicyFile {
-        arn: RoleArn,
-        facts: String,
-        path: String,
-    },
+    /// The policy file does not allow this role for this runner, project
+    /// and ref.
+    #[error(transparent)]
+    PolicyFile(#[from] FileRefusal),
+    /// A label only gitlab-runner may set came with the image: a
+    /// container inherits its image's labels, so it proves nothing, and
+    /// for the type label it would switch the type check off.
+    #[error("the image carries gitlab-runner's {0} label; only the runner may set it")]
+    ImageLabel(&'static str),
     /// gitlab-runner's helper (`predefined`) and other container types get
     /// no role unless `--role-container-types` lists them.
     #[error("a gitlab-runner {0:?} container (com.gitlab.gitlab-runner.type); roles go to the types in --role-container-types")]
@@ -191,7 +193,8 @@ impl Policy {
         self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The runner's container type label, unless the image brought it.
+    /// The runner's container type label, unless the image brought it
+    /// (which [`Policy::decide`] refuses outright).
     fn container_type(c: &Container) -> Option<&str> {
         c.labels
             .get(GITLAB_TYPE_LABEL)
@@ -266,6 +269,11 @@ impl Policy {
         if !runner_labelled {
             return RoleDecision::Refused(RoleRefusal::NotAJob);
         }
+        // Without the runner's own type label the type check cannot run:
+        // an image must not be able to take the label away.
+        if c.image_labels.contains_key(GITLAB_TYPE_LABEL) {
+            return RoleDecision::Refused(RoleRefusal::ImageLabel(GITLAB_TYPE_LABEL));
+        }
         if let Some(kind) = Self::container_type(c) {
             if !self.container_types.iter().any(|t| t == kind) {
                 return RoleDecision::Refused(RoleRefusal::ContainerType(kind.to_string()));
@@ -315,13 +323,8 @@ impl Policy {
             return RoleDecision::Refused(RoleRefusal::NotAllowed { arn, rule });
         }
         if let Some(file) = self.file() {
-            let facts = Facts::of(c);
-            if file.allows(&arn, &facts).is_none() {
-                return RoleDecision::Refused(RoleRefusal::PolicyFile {
-                    arn,
-                    facts: facts.to_string(),
-                    path: file.path().to_string(),
-                });
+            if let Err(refusal) = file.check(&arn, &Facts::of(c)) {
+                return RoleDecision::Refused(refusal.into());
             }
         }
         RoleDecision::Role(Role {
@@ -358,7 +361,7 @@ impl Policy {
                     crate::logging::Clean(&why.to_string())
                 );
                 match why {
-                    RoleRefusal::PolicyFile { arn, .. } => Some(arn.clone()),
+                    RoleRefusal::PolicyFile(refusal) => Some(refusal.arn().clone()),
                     _ => None,
                 }
             }
@@ -373,9 +376,21 @@ impl Policy {
                 );
             }
             (Some(file), arn) => {
-                let _ = writeln!(out, "policy file: {} ({} rules)", file.path(), file.rules());
+                let _ = writeln!(
+                    out,
+                    "policy file: {} ({} rules, {} runners)",
+                    file.path(),
+                    file.rules(),
+                    file.runners()
+                );
                 match arn {
-                    Some(arn) => out.push_str(&file.explain(&arn, &facts)),
+                    // Line by line: the verdicts quote the container's
+                    // facts, which its job wrote.
+                    Some(arn) => {
+                        for line in file.explain(&arn, &facts).lines() {
+                            let _ = writeln!(out, "{}", crate::logging::Clean(line));
+                        }
+                    }
                     None => out.push_str("  (no role to check against its rules)\n"),
                 }
             }
@@ -808,6 +823,109 @@ mod tests {
         let mut plain = container(&[], &[]);
         plain.labels.clear();
         assert_eq!(p.decide(&plain), RoleDecision::NoRole);
+    }
+
+    #[test]
+    fn an_image_carrying_the_runners_type_label_is_refused() {
+        // The type check reads the runner's label only; before, an image
+        // bringing the label made it absent, and the check was skipped:
+        // a helper-like container with IAM_ROLE got the role.
+        let p = policy(&[]);
+        let mut c = container(&["IAM_ROLE=ci-deploy"], &[]);
+        c.labels
+            .insert(GITLAB_TYPE_LABEL.into(), "predefined".into());
+        c.image_labels
+            .insert(GITLAB_TYPE_LABEL.into(), "predefined".into());
+        assert_eq!(
+            p.decide(&c),
+            RoleDecision::Refused(RoleRefusal::ImageLabel(GITLAB_TYPE_LABEL))
+        );
+        assert!(refused(p.decide(&c)).contains("the image carries"));
+        // Whatever value either one has.
+        c.labels.insert(GITLAB_TYPE_LABEL.into(), "build".into());
+        assert!(matches!(p.decide(&c), RoleDecision::Refused(_)));
+        c.image_labels.clear();
+        assert!(matches!(p.decide(&c), RoleDecision::Role(_)));
+    }
+
+    #[test]
+    fn with_runners_listed_only_their_jobs_get_their_roles() {
+        let p = policy(&[]);
+        let file = r#"
+[[runner]]
+id = "abc123xy"
+name = "deploy runner"
+roles = ["arn:aws:iam::123456789012:role/deploy-*"]
+"#;
+        p.set_file(Some(PolicyFile::parse("runners.toml", file).unwrap()));
+        let job = |runner: Option<&str>, role: &str| {
+            let env = format!("IAM_ROLE={role}");
+            let mut c = container(&[&env], &[]);
+            if let Some(id) = runner {
+                c.labels
+                    .insert("com.gitlab.gitlab-runner.runner.id".into(), id.into());
+            }
+            c
+        };
+        assert!(matches!(
+            p.decide(&job(Some("abc123xy"), "deploy-prod")),
+            RoleDecision::Role(_)
+        ));
+        assert_eq!(
+            refused(p.decide(&job(Some("other999"), "deploy-prod"))),
+            "runner other999 is not listed in runners.toml"
+        );
+        assert!(refused(p.decide(&job(None, "deploy-prod")))
+            .contains("no com.gitlab.gitlab-runner.runner.id label of the runner's own"));
+        assert_eq!(
+            refused(p.decide(&job(Some("abc123xy"), "admin"))),
+            "arn:aws:iam::123456789012:role/admin is not in the roles of runner abc123xy (\"deploy runner\") in runners.toml"
+        );
+        // The image's label of that name is not the runner's.
+        let mut forged = job(Some("abc123xy"), "deploy-prod");
+        forged.image_labels.insert(
+            "com.gitlab.gitlab-runner.runner.id".into(),
+            "abc123xy".into(),
+        );
+        assert!(refused(p.decide(&forged)).contains("of the runner's own"));
+        // `policy explain` says which runner and why.
+        let text = p.explain(&job(Some("other999"), "deploy-prod"));
+        assert!(
+            text.contains("decision: refused: runner other999 is not listed in runners.toml"),
+            "{text}"
+        );
+        assert!(text.contains("runner other999"), "{text}");
+        assert!(
+            text.contains("runners: no: runner other999 is not listed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rules_apply_on_top_of_the_runners() {
+        let p = policy(&[]);
+        let file = r#"
+[[runner]]
+id = "abc123xy"
+roles = ["arn:aws:iam::123456789012:role/*"]
+
+[[rule]]
+roles = ["arn:aws:iam::123456789012:role/deploy-*"]
+projects = ["42"]
+"#;
+        p.set_file(Some(PolicyFile::parse("p.toml", file).unwrap()));
+        let job = |project: &str| {
+            let mut c = container(&["IAM_ROLE=deploy-prod"], &[]);
+            c.labels.insert(
+                "com.gitlab.gitlab-runner.runner.id".into(),
+                "abc123xy".into(),
+            );
+            c.labels
+                .insert("com.gitlab.gitlab-runner.project.id".into(), project.into());
+            c
+        };
+        assert!(matches!(p.decide(&job("42")), RoleDecision::Role(_)));
+        assert!(refused(p.decide(&job("43"))).starts_with("no rule in p.toml allows"));
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! The role policy by project and ref: a small TOML file whose rules say
-//! which roles which projects may get on which refs. Default deny: with a
-//! file in force, a role no rule allows is refused. The runner-set
-//! `IAM_ROLE` still chooses the role; the file only narrows who may have it.
+//! The role policy by runner, project and ref: a small TOML file whose
+//! entries say which roles which runners' jobs, and which projects on which
+//! refs, may get. Default deny: with a file in force, a role the file does
+//! not allow is refused. The runner-set `IAM_ROLE` still chooses the role;
+//! the file only narrows who may have it.
 //!
 //! ```toml
+//! [[runner]]
+//! id = "abc123xy"                     # gitlab-runner's runner.id label
+//! name = "deploy runner"              # for humans; optional
+//! roles = ["arn:aws:iam::123456789012:role/deploy-*"]
+//!
 //! [[rule]]
 //! roles = ["arn:aws:iam::123456789012:role/deploy-*"]
 //! projects = ["group/app", "42"]      # a path glob, or a project id
@@ -11,9 +17,15 @@
 //! protected = true                    # only protected refs; any if absent
 //! ```
 //!
-//! The facts come from what gitlab-runner wrote: its labels (project id,
-//! ref) and the first occurrence of its predefined variables
-//! (`CI_PROJECT_PATH`, `CI_COMMIT_REF_PROTECTED`), never what only the
+//! With any `[[runner]]` entry, a container of a runner not listed (or with
+//! no runner label of the runner's own) gets nothing, and a listed runner's
+//! jobs get only its `roles`. With any `[[rule]]`, a rule must allow the
+//! role too. A file with neither allows nothing.
+//!
+//! The facts come from what gitlab-runner wrote: its labels (runner id,
+//! project id, ref) and its predefined variables (`CI_PROJECT_PATH`,
+//! `CI_COMMIT_REF_PROTECTED`) where they are unambiguous and belong to the
+//! labelled project ([`crate::session`] says when), never what only the
 //! image set. A file that does not parse is never half-applied: loading it
 //! fails with the line, and a reload keeps the policy in force.
 
@@ -47,6 +59,17 @@ pub enum PolicyFileError {
 struct FileToml {
     #[serde(default)]
     rule: Vec<toml::Spanned<RuleToml>>,
+    #[serde(default)]
+    runner: Vec<toml::Spanned<RunnerToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunnerToml {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    roles: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -76,16 +99,78 @@ struct Rule {
     protected: Option<bool>,
 }
 
+/// A `[[runner]]` entry: the roles one runner's jobs may get.
+#[derive(Debug)]
+struct Runner {
+    line: usize,
+    id: String,
+    name: Option<String>,
+    roles: GlobSet,
+    role_patterns: Vec<String>,
+}
+
+impl std::fmt::Display for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "runner {} ({name:?})", self.id),
+            None => write!(f, "runner {}", self.id),
+        }
+    }
+}
+
 /// A loaded, validated policy file.
 #[derive(Debug)]
 pub struct PolicyFile {
     path: String,
     rules: Vec<Rule>,
+    runners: Vec<Runner>,
+}
+
+/// Why the file in force refuses a role.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileRefusal {
+    /// The file lists runners, and the container has no runner label of
+    /// the runner's own (none, or one its image brought).
+    #[error("the container has no com.gitlab.gitlab-runner.runner.id label of the runner's own, and {path} lists runners: only their jobs get roles")]
+    NoRunner { arn: RoleArn, path: String },
+    #[error("runner {runner} is not listed in {path}")]
+    RunnerNotListed {
+        arn: RoleArn,
+        runner: String,
+        path: String,
+    },
+    #[error("{arn} is not in the roles of {runner} in {path}")]
+    NotTheRunnersRole {
+        arn: RoleArn,
+        /// The entry as people read it: id and name.
+        runner: String,
+        path: String,
+    },
+    #[error("no rule in {path} allows {arn} for {facts}")]
+    NoRule {
+        arn: RoleArn,
+        facts: String,
+        path: String,
+    },
+}
+
+impl FileRefusal {
+    /// The role refused.
+    pub fn arn(&self) -> &RoleArn {
+        match self {
+            Self::NoRunner { arn, .. }
+            | Self::RunnerNotListed { arn, .. }
+            | Self::NotTheRunnersRole { arn, .. }
+            | Self::NoRule { arn, .. } => arn,
+        }
+    }
 }
 
 /// What the policy file decides on, read from the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {
+    /// gitlab-runner's `runner.id` label (its short token).
+    pub runner_id: Option<String>,
     pub project_id: Option<String>,
     pub project_path: Option<String>,
     pub git_ref: Option<String>,
@@ -95,6 +180,7 @@ pub struct Facts {
 impl Facts {
     pub fn of(c: &Container) -> Self {
         Self {
+            runner_id: session::TagSource::RunnerId.value(c),
             project_id: session::TagSource::ProjectId.value(c),
             project_path: session::TagSource::ProjectPath.value(c),
             git_ref: session::TagSource::Ref.value(c),
@@ -107,7 +193,7 @@ impl std::fmt::Display for Facts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "project {} (id {}) on ref {} ({})",
+            "project {} (id {}) on ref {} ({}), runner {}",
             self.project_path.as_deref().unwrap_or("?"),
             self.project_id.as_deref().unwrap_or("?"),
             self.git_ref.as_deref().unwrap_or("?"),
@@ -115,9 +201,37 @@ impl std::fmt::Display for Facts {
                 "protected"
             } else {
                 "not protected"
-            }
+            },
+            self.runner_id.as_deref().unwrap_or("?"),
         )
     }
+}
+
+/// Where a TOML table starts, as a line number.
+fn line_of(text: &str, offset: usize) -> usize {
+    1 + text[..offset.min(text.len())].matches('\n').count()
+}
+
+/// A list of role ARN globs, checked.
+fn role_globs(roles: &[String]) -> Result<GlobSet, String> {
+    if roles.is_empty() {
+        return Err("roles: list at least one role ARN glob".into());
+    }
+    if let Some(bad) = roles.iter().find(|p| !p.starts_with("arn:")) {
+        return Err(format!(
+            "roles: {bad:?} is not a role ARN glob (arn:aws:iam::ACCOUNT:role/NAME)"
+        ));
+    }
+    glob_set(roles).map_err(|e| format!("roles: {e}"))
+}
+
+/// gitlab-runner's short token, as its `runner.id` label has it; never a
+/// glob.
+fn valid_runner_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 fn glob(pattern: &str) -> Result<Glob, globset::Error> {
@@ -146,31 +260,51 @@ impl PolicyFile {
             path: path.to_string(),
             message: e.to_string().trim_end().replace('\n', " | "),
         })?;
-        let mut rules = Vec::new();
-        for spanned in file.rule {
-            let line = 1 + text[..spanned.span().start.min(text.len())]
-                .matches('\n')
-                .count();
+        let mut runners: Vec<Runner> = Vec::new();
+        for spanned in file.runner {
+            let line = line_of(text, spanned.span().start);
             let err = |message: String| PolicyFileError::Rule {
                 path: path.to_string(),
                 line,
                 message,
             };
             let r = spanned.into_inner();
-            if r.roles.is_empty() {
-                return Err(err("roles: list at least one role ARN glob".into()));
+            if !valid_runner_id(&r.id) {
+                return Err(err(format!(
+                    "id: {:?} is not a runner id (the runner's com.gitlab.gitlab-runner.runner.id label: 1-64 letters, digits and _.-, no globs)",
+                    r.id
+                )));
             }
+            if let Some(first) = runners.iter().find(|o| o.id == r.id) {
+                return Err(err(format!(
+                    "id: runner {} is listed already, at line {}",
+                    r.id, first.line
+                )));
+            }
+            let roles = role_globs(&r.roles).map_err(err)?;
+            runners.push(Runner {
+                line,
+                id: r.id,
+                name: r.name.filter(|n| !n.is_empty()),
+                roles,
+                role_patterns: r.roles,
+            });
+        }
+        let mut rules = Vec::new();
+        for spanned in file.rule {
+            let line = line_of(text, spanned.span().start);
+            let err = |message: String| PolicyFileError::Rule {
+                path: path.to_string(),
+                line,
+                message,
+            };
+            let r = spanned.into_inner();
+            let roles = role_globs(&r.roles).map_err(err)?;
             if r.projects.is_empty() {
                 return Err(err(
                     "projects: list at least one project path glob or id (\"**\" for any)".into(),
                 ));
             }
-            if let Some(bad) = r.roles.iter().find(|p| !p.starts_with("arn:")) {
-                return Err(err(format!(
-                    "roles: {bad:?} is not a role ARN glob (arn:aws:iam::ACCOUNT:role/NAME)"
-                )));
-            }
-            let roles = glob_set(&r.roles).map_err(|e| err(format!("roles: {e}")))?;
             let mut projects = Vec::new();
             for p in &r.projects {
                 let matcher = if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
@@ -208,15 +342,66 @@ impl PolicyFile {
         Ok(Self {
             path: path.to_string(),
             rules,
+            runners,
         })
     }
 
+    /// How many `[[rule]]` entries the file has.
     pub fn rules(&self) -> usize {
         self.rules.len()
     }
 
+    /// How many `[[runner]]` entries the file has.
+    pub fn runners(&self) -> usize {
+        self.runners.len()
+    }
+
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Whether the file lets a container with `facts` have `role`: its
+    /// runner must be listed and have the role (when the file lists
+    /// runners), and a rule must allow it (when the file has rules, or
+    /// lists no runners either).
+    pub fn check(&self, role: &RoleArn, facts: &Facts) -> Result<(), FileRefusal> {
+        if !self.runners.is_empty() {
+            let runner = self.runner_of(role, facts)?;
+            if !runner.roles.is_match(role.as_str()) {
+                return Err(FileRefusal::NotTheRunnersRole {
+                    arn: role.clone(),
+                    runner: runner.to_string(),
+                    path: self.path.clone(),
+                });
+            }
+        }
+        if (!self.rules.is_empty() || self.runners.is_empty()) && self.allows(role, facts).is_none()
+        {
+            return Err(FileRefusal::NoRule {
+                arn: role.clone(),
+                facts: facts.to_string(),
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The `[[runner]]` entry of the container's runner.
+    fn runner_of(&self, role: &RoleArn, facts: &Facts) -> Result<&Runner, FileRefusal> {
+        let Some(id) = &facts.runner_id else {
+            return Err(FileRefusal::NoRunner {
+                arn: role.clone(),
+                path: self.path.clone(),
+            });
+        };
+        self.runners
+            .iter()
+            .find(|r| r.id == *id)
+            .ok_or_else(|| FileRefusal::RunnerNotListed {
+                arn: role.clone(),
+                runner: id.clone(),
+                path: self.path.clone(),
+            })
     }
 
     /// The first rule that allows `role` for `facts`, by line.
@@ -227,10 +412,26 @@ impl PolicyFile {
             .map(|r| r.line)
     }
 
-    /// Rule by rule, why each does or does not allow `role` for `facts`.
+    /// Entry by entry, why each does or does not allow `role` for `facts`.
     pub fn explain(&self, role: &RoleArn, facts: &Facts) -> String {
         let mut out = String::new();
-        if self.rules.is_empty() {
+        if !self.runners.is_empty() {
+            let _ = match self.runner_of(role, facts) {
+                Err(why) => writeln!(out, "  runners: no: {why}"),
+                Ok(r) if r.roles.is_match(role.as_str()) => {
+                    writeln!(out, "  {r} at line {}: allows {role}", r.line)
+                }
+                Ok(r) => writeln!(
+                    out,
+                    "  {r} at line {}: no: {role} is not in roles {:?}",
+                    r.line, r.role_patterns
+                ),
+            };
+            if self.rules.is_empty() {
+                let _ = writeln!(out, "  no rules: the runner's roles alone decide");
+            }
+        }
+        if self.rules.is_empty() && self.runners.is_empty() {
             let _ = writeln!(out, "  {} has no rules: every role is refused", self.path);
         }
         for r in &self.rules {
@@ -297,6 +498,7 @@ projects = ["group/**"]
 
     fn facts(path: &str, id: &str, r: &str, protected: bool) -> Facts {
         Facts {
+            runner_id: None,
             project_id: Some(id.into()),
             project_path: Some(path.into()),
             git_ref: Some(r.into()),
@@ -358,6 +560,131 @@ projects = ["group/**"]
             ),
             "{why}"
         );
+    }
+
+    fn runner(id: &str) -> Facts {
+        Facts {
+            runner_id: Some(id.into()),
+            ..facts("group/app", "1", "main", true)
+        }
+    }
+
+    #[test]
+    fn runner_entries_admit_their_runners_roles_and_rules_apply_on_top() {
+        let only_runners = r#"
+[[runner]]
+id = "abc123xy"
+name = "deploy"
+roles = ["arn:aws:iam::123456789012:role/deploy-*"]
+
+[[runner]]
+id = "zz9"
+roles = ["arn:aws:iam::123456789012:role/read-only"]
+"#;
+        let p = PolicyFile::parse("r.toml", only_runners).unwrap();
+        assert_eq!((p.runners(), p.rules()), (2, 0));
+        assert_eq!(p.check(&arn("deploy-prod"), &runner("abc123xy")), Ok(()));
+        assert_eq!(p.check(&arn("read-only"), &runner("zz9")), Ok(()));
+        assert!(matches!(
+            p.check(&arn("read-only"), &runner("abc123xy")),
+            Err(FileRefusal::NotTheRunnersRole { .. })
+        ));
+        assert_eq!(
+            p.check(&arn("deploy-prod"), &runner("nope"))
+                .unwrap_err()
+                .to_string(),
+            "runner nope is not listed in r.toml"
+        );
+        let unlabelled = Facts {
+            runner_id: None,
+            ..runner("x")
+        };
+        assert!(matches!(
+            p.check(&arn("deploy-prod"), &unlabelled),
+            Err(FileRefusal::NoRunner { .. })
+        ));
+        // Ids are literal: no glob matches a runner.
+        let p = PolicyFile::parse(
+            "r.toml",
+            "[[runner]]\nid = \"abc\"\nroles = [\"arn:aws:iam::1:role/x\"]\n",
+        )
+        .unwrap();
+        assert!(p.check(&arn("x"), &runner("abcd")).is_err());
+
+        // With rules too, both must allow.
+        let both = format!("{only_runners}{FILE}");
+        let p = PolicyFile::parse("b.toml", &both).unwrap();
+        assert_eq!(p.check(&arn("deploy-prod"), &runner("abc123xy")), Ok(()));
+        let unprotected = Facts {
+            protected: false,
+            ..runner("abc123xy")
+        };
+        assert!(matches!(
+            p.check(&arn("deploy-prod"), &unprotected),
+            Err(FileRefusal::NoRule { .. })
+        ));
+        assert!(matches!(
+            p.check(&arn("deploy-prod"), &runner("zz9")),
+            Err(FileRefusal::NotTheRunnersRole { .. })
+        ));
+        let why = p.explain(&arn("deploy-prod"), &runner("abc123xy"));
+        assert!(
+            why.contains("runner abc123xy (\"deploy\") at line 2: allows"),
+            "{why}"
+        );
+        // Neither: nothing is allowed.
+        let empty = PolicyFile::parse("e.toml", "").unwrap();
+        assert!(empty.check(&arn("x"), &runner("abc123xy")).is_err());
+    }
+
+    #[test]
+    fn runner_entries_are_checked_like_rules() {
+        let role = "roles = [\"arn:aws:iam::1:role/x\"]";
+        for (text, want) in [
+            (
+                "[[runner]]\nid = \"a\"\nroles = []\n".to_string(),
+                "line 1: roles: list at least one",
+            ),
+            (
+                "[[runner]]\nroles = [\"arn:aws:iam::1:role/x\"]\n".to_string(),
+                "missing field `id`",
+            ),
+            (
+                format!("[[runner]]\nid = \"\"\n{role}\n"),
+                "line 1: id: \"\" is not a runner id",
+            ),
+            (
+                format!("[[runner]]\nid = \"ab*\"\n{role}\n"),
+                "is not a runner id",
+            ),
+            (
+                format!("[[runner]]\nid = \"a b\"\n{role}\n"),
+                "is not a runner id",
+            ),
+            (
+                "[[runner]]\nid = \"a\"\nroles = [\"deploy\"]\n".to_string(),
+                "roles: \"deploy\" is not a role ARN glob",
+            ),
+            (
+                "[[runner]]\nid = \"a\"\nroles = [\"arn:[\"]\n".to_string(),
+                "line 1: roles",
+            ),
+            (
+                format!("[[runner]]\nid = \"a\"\n{role}\nrole = [\"x\"]\n"),
+                "unknown field `role`",
+            ),
+            (
+                format!("[[runner]]\nid = \"a\"\n{role}\n\n[[runner]]\nid = \"a\"\n{role}\n"),
+                "line 5: id: runner a is listed already, at line 1",
+            ),
+            (
+                format!("[[runners]]\nid = \"a\"\n{role}\n"),
+                "unknown field `runners`",
+            ),
+        ] {
+            let e = PolicyFile::parse("p.toml", &text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -3,12 +3,22 @@
 //! CloudTrail shows the job on every call made with the credentials and
 //! IAM policies can test `aws:PrincipalTag/...`.
 //!
-//! Only what the runner wrote counts: a label the image also carries, or a
-//! variable that only the image's `ENV` set, is left out (a job's own
-//! variables come after the runner's predefined ones, so the first
-//! occurrence is the runner's). A job with the Docker socket can start a
-//! container with any labels and variables it likes: that job is outside
-//! the model, as the README says.
+//! Only what the runner wrote counts, and only where it is unambiguous:
+//!
+//! * a label the image also carries is left out;
+//! * a variable that only the image's `ENV` set is left out;
+//! * a variable set more than once with different values is left out (a
+//!   job's own variables come after the runner's predefined ones, but a
+//!   fact that depends on that order is a guess, not a fact);
+//! * `CI_PROJECT_PATH` and `CI_COMMIT_REF_PROTECTED` count only where
+//!   `CI_PROJECT_ID` is the runner's `project.id` label: variables that do
+//!   not belong to the labelled project say nothing about it;
+//! * a tag value STS would not take as it is is left out, never altered:
+//!   `deploy%prod` cleaned to `deploy_prod` would pass a condition written
+//!   for the real `deploy_prod`.
+//!
+//! A job with the Docker socket can start a container with any labels and
+//! variables it likes: that job is outside the model, as the README says.
 
 use crate::identity::Container;
 
@@ -67,33 +77,55 @@ impl TagSource {
 
     /// The value the runner set for this container, if any.
     pub(crate) fn value(self, c: &Container) -> Option<String> {
-        let label = |key: &str| {
-            let key = format!("com.gitlab.gitlab-runner.{key}");
-            // The runner's label, not one the image brought.
-            c.labels
-                .get(&key)
-                .filter(|_| !c.image_labels.contains_key(&key))
-                .cloned()
-        };
         match self {
-            Self::ProjectId => label("project.id"),
-            Self::PipelineId => label("pipeline.id"),
-            Self::JobId => label("job.id"),
-            Self::Ref => label("job.ref"),
-            Self::RunnerId => label("runner.id"),
-            Self::ProjectPath => runner_variable(c, "CI_PROJECT_PATH"),
-            Self::Protected => runner_variable(c, "CI_COMMIT_REF_PROTECTED"),
+            Self::ProjectId => runner_label(c, "project.id"),
+            Self::PipelineId => runner_label(c, "pipeline.id"),
+            Self::JobId => runner_label(c, "job.id"),
+            Self::Ref => runner_label(c, "job.ref"),
+            Self::RunnerId => runner_label(c, "runner.id"),
+            Self::ProjectPath => project_variable(c, "CI_PROJECT_PATH"),
+            Self::Protected => project_variable(c, "CI_COMMIT_REF_PROTECTED"),
         }
     }
 }
 
-/// The first occurrence of `key` in the container's environment (the
-/// runner's predefined variables come before the job's own), unless only
-/// the image's `ENV` set it.
-fn runner_variable(c: &Container, key: &str) -> Option<String> {
+/// gitlab-runner's label `com.gitlab.gitlab-runner.<key>`, unless the image
+/// brought one of that name (a container inherits its image's labels).
+pub(crate) fn runner_label(c: &Container, key: &str) -> Option<String> {
+    let key = format!("com.gitlab.gitlab-runner.{key}");
+    c.labels
+        .get(&key)
+        .filter(|_| !c.image_labels.contains_key(&key))
+        .cloned()
+}
+
+/// A predefined variable about the project, only where the container's
+/// `CI_PROJECT_ID` is the project of the runner's label: a container whose
+/// variables name another project, or none, says nothing about its path or
+/// whether its ref is protected.
+fn project_variable(c: &Container, key: &str) -> Option<String> {
+    let labelled = runner_label(c, "project.id")?;
+    if runner_variable(c, "CI_PROJECT_ID").as_deref() != Some(labelled.as_str()) {
+        return None;
+    }
+    runner_variable(c, key)
+}
+
+/// The value of `key` in the container's environment, where every
+/// occurrence agrees, unless only the image's `ENV` set it. Occurrences
+/// that disagree make it unknown: taking the first would trust the order
+/// of the runner's variables and the job's, which this daemon cannot see.
+pub(crate) fn runner_variable(c: &Container, key: &str) -> Option<String> {
     let prefix = format!("{key}=");
-    let first = c.env.iter().find_map(|e| e.strip_prefix(&prefix))?;
-    let occurrences = c.env.iter().filter(|e| e.starts_with(&prefix)).count();
+    let mut values = c.env.iter().filter_map(|e| e.strip_prefix(&prefix));
+    let first = values.next()?;
+    let mut occurrences = 1;
+    for other in values {
+        if other != first {
+            return None;
+        }
+        occurrences += 1;
+    }
     let from_image = c
         .image_env
         .iter()
@@ -165,23 +197,50 @@ impl Session {
         let tags = options
             .tags
             .iter()
-            .filter_map(|(source, key)| Some((key.clone(), clean_tag(&source.value(c)?, 256))))
+            .filter_map(|(source, key)| {
+                let value = source.value(c)?;
+                if !is_sts_tag_value(&value) {
+                    // Never the value: it is the job's to choose, and may
+                    // be anything.
+                    tracing::warn!(
+                        container_id = %c.id,
+                        tag = %key,
+                        "session tag left out: its value is not one STS takes as it is (characters outside letters, digits, spaces and _.:/=+-@, or over 256 characters)"
+                    );
+                    return None;
+                }
+                Some((key.clone(), value))
+            })
             .filter(|(_, v)| !v.is_empty())
             .collect();
+        let source_identity = options
+            .source_identity
+            .then(|| TagSource::JobId.value(c))
+            .flatten()
+            .map(|job| format!("gitlab-job-{job}"))
+            .filter(|id| {
+                let as_is = crate::policy::clean_session_name(id) == *id;
+                if !as_is {
+                    tracing::warn!(container_id = %c.id, "source identity left out: the job id is not one STS takes as it is");
+                }
+                as_is
+            });
         Self {
             tags,
             transitive: options.transitive,
-            source_identity: options
-                .source_identity
-                .then(|| TagSource::JobId.value(c))
-                .flatten()
-                .map(|job| crate::policy::clean_session_name(&format!("gitlab-job-{job}"))),
+            source_identity,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.tags.is_empty() && self.source_identity.is_none()
     }
+}
+
+/// Whether STS takes `value` as a session tag value unchanged: at most 256
+/// letters, digits, spaces and `_.:/=+-@`.
+fn is_sts_tag_value(value: &str) -> bool {
+    clean_tag(value, 256) == value
 }
 
 /// A tag key or value cleaned to STS's rules: letters, digits, spaces and
@@ -222,8 +281,46 @@ mod tests {
         }
     }
 
+    fn all_tags() -> SessionOptions {
+        SessionOptions {
+            tags: SessionOptions::all_tags(&[]).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    fn tags_of(c: &Container) -> HashMap<String, String> {
+        Session::for_container(c, &all_tags())
+            .tags
+            .into_iter()
+            .collect()
+    }
+
+    /// What `f` logs, as the daemon would print it.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
-    fn tags_come_from_the_runners_labels_and_first_variables() {
+    fn tags_come_from_the_runners_labels_and_variables() {
         let c = job(
             &[
                 ("project.id", "42"),
@@ -233,11 +330,11 @@ mod tests {
                 ("runner.id", "3"),
             ],
             &[
+                "CI_PROJECT_ID=42",
                 "CI_PROJECT_PATH=group/app",
                 "CI_COMMIT_REF_PROTECTED=true",
-                // The job's own variables come after the runner's.
-                "CI_PROJECT_PATH=group/other",
-                "CI_COMMIT_REF_PROTECTED=false",
+                // A job repeating the runner's values changes nothing.
+                "CI_PROJECT_PATH=group/app",
             ],
             &[],
         );
@@ -253,33 +350,123 @@ mod tests {
         assert_eq!(tags["gitlab-ref-protected"], "true");
         assert_eq!(tags["Branch"], "main");
         assert_eq!(tags["gitlab-job-id"], "7");
+        assert_eq!(tags["gitlab-runner-id"], "3");
         assert_eq!(s.source_identity.as_deref(), Some("gitlab-job-7"));
         assert!(s.transitive);
     }
 
     #[test]
-    fn what_only_the_image_set_is_left_out_and_values_are_cleaned() {
+    fn a_project_variable_set_twice_differently_is_unknown_not_the_first() {
+        // The old rule took the first occurrence, trusting an order this
+        // daemon cannot check.
+        let c = job(
+            &[("project.id", "42")],
+            &[
+                "CI_PROJECT_ID=42",
+                "CI_PROJECT_PATH=group/app",
+                "CI_COMMIT_REF_PROTECTED=true",
+                "CI_PROJECT_PATH=group/other",
+                "CI_COMMIT_REF_PROTECTED=false",
+            ],
+            &[],
+        );
+        let tags = tags_of(&c);
+        assert!(!tags.contains_key("gitlab-project-path"), "{tags:?}");
+        assert!(!tags.contains_key("gitlab-ref-protected"), "{tags:?}");
+        assert_eq!(TagSource::Protected.value(&c), None);
+        assert_eq!(tags["gitlab-project-id"], "42");
+    }
+
+    #[test]
+    fn the_path_counts_only_where_ci_project_id_is_the_labelled_project() {
+        let env = |id: &'static str| {
+            vec![
+                id,
+                "CI_PROJECT_PATH=group/app",
+                "CI_COMMIT_REF_PROTECTED=true",
+            ]
+        };
+        for (labels, id, known) in [
+            (&[("project.id", "42")][..], "CI_PROJECT_ID=42", true),
+            // Another project's variables, or none, say nothing.
+            (&[("project.id", "42")][..], "CI_PROJECT_ID=43", false),
+            (&[("project.id", "42")][..], "OTHER=1", false),
+            (&[][..], "CI_PROJECT_ID=42", false),
+        ] {
+            let c = job(labels, &env(id), &[]);
+            let path = TagSource::ProjectPath.value(&c);
+            let protected = TagSource::Protected.value(&c);
+            assert_eq!(path.is_some(), known, "{labels:?} {id}: {path:?}");
+            assert_eq!(protected.is_some(), known, "{labels:?} {id}");
+        }
+        // Two different CI_PROJECT_IDs: unknown, so the path is too.
+        let c = job(
+            &[("project.id", "42")],
+            &[
+                "CI_PROJECT_ID=42",
+                "CI_PROJECT_ID=43",
+                "CI_PROJECT_PATH=group/app",
+            ],
+            &[],
+        );
+        assert_eq!(TagSource::ProjectPath.value(&c), None);
+        // An image's CI_PROJECT_ID is not the runner's.
+        let c = job(
+            &[("project.id", "42")],
+            &["CI_PROJECT_ID=42", "CI_PROJECT_PATH=group/app"],
+            &["CI_PROJECT_ID=42"],
+        );
+        assert_eq!(TagSource::ProjectPath.value(&c), None);
+    }
+
+    #[test]
+    fn what_only_the_image_set_is_left_out() {
         let mut c = job(
-            &[("job.ref", "feature/<script>\u{7}")],
-            &["CI_PROJECT_PATH=evil/path"],
+            &[],
+            &["CI_PROJECT_ID=1", "CI_PROJECT_PATH=evil/path"],
             &["CI_PROJECT_PATH=evil/path"],
         );
         c.image_labels
             .insert("com.gitlab.gitlab-runner.project.id".into(), "1".into());
         c.labels
             .insert("com.gitlab.gitlab-runner.project.id".into(), "1".into());
-        let options = SessionOptions {
-            tags: SessionOptions::all_tags(&[]).unwrap(),
-            ..Default::default()
-        };
-        let tags: HashMap<_, _> = Session::for_container(&c, &options)
-            .tags
-            .into_iter()
-            .collect();
+        let tags = tags_of(&c);
         assert!(!tags.contains_key("gitlab-project-path"), "{tags:?}");
         assert!(!tags.contains_key("gitlab-project-id"), "{tags:?}");
-        assert_eq!(tags["gitlab-ref"], "feature/_script__");
+    }
+
+    #[test]
+    fn a_value_sts_would_not_take_as_it_is_is_left_out_never_altered() {
+        // Cleaned, `deploy%prod` would be `deploy_prod` and pass a
+        // condition written for the real `deploy_prod`.
+        let c = job(
+            &[
+                ("job.ref", "deploy%prod"),
+                ("pipeline.id", "9"),
+                ("runner.id", &"r".repeat(257)),
+            ],
+            &[],
+            &[],
+        );
+        let mut tags = HashMap::new();
+        let log = logged(|| tags = tags_of(&c));
+        assert!(!tags.contains_key("gitlab-ref"), "{tags:?}");
+        assert!(!tags.contains_key("gitlab-runner-id"), "too long: {tags:?}");
+        assert_eq!(tags["gitlab-pipeline-id"], "9");
+        assert!(log.contains("session tag left out"), "{log}");
+        assert!(log.contains("tag=gitlab-ref"), "the tag is named: {log}");
+        assert!(!log.contains("deploy%prod"), "never the value: {log}");
+        // What STS takes as it is goes through unchanged.
+        let fine = job(&[("job.ref", "release/1.0 rc+2@x:y=z")], &[], &[]);
+        assert_eq!(tags_of(&fine)["gitlab-ref"], "release/1.0 rc+2@x:y=z");
         assert_eq!(clean_tag(&"x".repeat(300), 256).len(), 256);
+        // SourceIdentity likewise.
+        let odd = job(&[("job.id", "7 8")], &[], &[]);
+        let options = SessionOptions {
+            source_identity: true,
+            ..Default::default()
+        };
+        assert_eq!(Session::for_container(&odd, &options).source_identity, None);
     }
 
     #[test]

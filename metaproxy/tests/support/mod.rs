@@ -258,6 +258,9 @@ pub struct Spec<'a> {
     pub env: &'a [&'a str],
     pub image_env: &'a [&'a str],
     pub labels: &'a [(&'a str, &'a str)],
+    /// Labels the image carries (a container inherits them: they show in
+    /// `labels` too).
+    pub image_labels: &'a [(&'a str, &'a str)],
 }
 
 /// A job container whose runner set `IAM_ROLE=ci-deploy`.
@@ -444,7 +447,11 @@ impl Bed {
                 .collect(),
                 env: spec.env.iter().map(|s| s.to_string()).collect(),
                 image_env: spec.image_env.iter().map(|s| s.to_string()).collect(),
-                image_labels: HashMap::new(),
+                image_labels: spec
+                    .image_labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
                 cgroup: Some(format!("/docker/{id}")),
             },
