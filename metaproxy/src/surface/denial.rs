@@ -15,7 +15,10 @@ use crate::{
     upstream::UpstreamError,
 };
 
-use super::token::TokenError;
+use super::{
+    container_credentials::{AuthFailure, NotEnabled},
+    token::TokenError,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Denial {
@@ -58,11 +61,13 @@ pub enum Denial {
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
     /// The container-credentials endpoint requires the container's own
-    /// authorization token (`--container-credentials-require-auth`).
-    #[error(
-        "Authorization header missing, or not the container's AWS_CONTAINER_AUTHORIZATION_TOKEN"
-    )]
-    ContainerAuthorization,
+    /// authorization token here, and the request lacks it.
+    #[error(transparent)]
+    ContainerAuthorization(#[from] AuthFailure),
+    /// The runner did not turn the container-credentials endpoint on for
+    /// this container.
+    #[error(transparent)]
+    NotEnabled(#[from] NotEnabled),
 }
 
 impl Denial {
@@ -73,11 +78,13 @@ impl Denial {
             }
             Self::HostBody | Self::TokenTtl => StatusCode::BAD_REQUEST,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Self::NotFound | Self::NoRole | Self::NoRoleNativeSteps | Self::RoleRefused(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NotFound
+            | Self::NoRole
+            | Self::NoRoleNativeSteps
+            | Self::RoleRefused(_)
+            | Self::NotEnabled(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
+            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization(_) => {
                 StatusCode::UNAUTHORIZED
             }
             Self::Credentials(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +95,7 @@ impl Denial {
         match self {
             Self::NotFound | Self::MethodNotAllowed => Outcome::NotFound,
             Self::NoRole | Self::NoRoleNativeSteps => Outcome::NoRole,
-            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization => {
+            Self::Token(_) | Self::Imdsv1Refused(_) | Self::ContainerAuthorization(_) => {
                 Outcome::Unauthorized
             }
             _ => Outcome::Refused,
@@ -121,7 +128,8 @@ impl Denial {
             Self::NoRole | Self::NoRoleNativeSteps => "no-role",
             Self::RoleRefused(_) => "role-refused",
             Self::Credentials(_) => "sts-unavailable",
-            Self::ContainerAuthorization => "bad-authorization",
+            Self::ContainerAuthorization(_) => "bad-authorization",
+            Self::NotEnabled(_) => "not-enabled",
         }
     }
 
@@ -150,9 +158,13 @@ impl Denial {
             ),
             Self::NotFound => ("NotFound", "no such path"),
             Self::MethodNotAllowed => ("MethodNotAllowed", "use GET"),
-            Self::ContainerAuthorization => (
+            Self::ContainerAuthorization(_) => (
                 "Unauthorized",
                 "Authorization must be the container's AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            ),
+            Self::NotEnabled(_) => (
+                "NotEnabled",
+                "the container-credentials endpoint is not turned on for this container; the host's `metaproxy connections` says why",
             ),
             _ => ("AccessDenied", "this caller gets no credentials here"),
         };
@@ -237,6 +249,18 @@ mod tests {
                 Some("IMDSv1 refused (the instance requires IMDSv2)"),
             ),
             (Denial::NoRole, 404, Outcome::NoRole, None),
+            (
+                NotEnabled::NotAsked.into(),
+                404,
+                Outcome::Refused,
+                Some("the runner did not turn the container-credentials endpoint on for this container (no AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or AWS_CONTAINER_CREDENTIALS_FULL_URI of its own)"),
+            ),
+            (
+                AuthFailure::NoToken("the instance requires IMDSv2").into(),
+                401,
+                Outcome::Unauthorized,
+                Some("the runner set no AWS_CONTAINER_AUTHORIZATION_TOKEN for this container, which the endpoint requires here (the instance requires IMDSv2)"),
+            ),
             (
                 RoleRefusal::AccountUnknown.into(),
                 404,

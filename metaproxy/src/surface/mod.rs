@@ -12,6 +12,7 @@
 //!
 //! Every refusal is a [`Denial`], which alone decides its status code.
 
+mod container_credentials;
 mod denial;
 mod document;
 mod imdsv1;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Body, header, Request, Response};
 
+pub use container_credentials::{AuthFailure, ContainerCredentialsOptions, NotEnabled};
 pub use denial::Denial;
 pub use document::imds_time;
 use document::CredentialsDocument;
@@ -60,26 +62,6 @@ pub struct SurfaceOptions {
     /// Whether containers may send requests without a token (IMDSv1).
     pub imdsv1: Arc<Imdsv1Gate>,
     pub container_credentials: ContainerCredentialsOptions,
-}
-
-/// The container-credentials endpoint (what SDKs read through
-/// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `_FULL_URI`).
-#[derive(Debug, Clone)]
-pub struct ContainerCredentialsOptions {
-    /// The one path served, `/v1/credentials` by default.
-    pub path: String,
-    /// Require `Authorization` to be the container's own
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN` (as the runner set it).
-    pub require_auth: bool,
-}
-
-impl Default for ContainerCredentialsOptions {
-    fn default() -> Self {
-        Self {
-            path: "/v1/credentials".into(),
-            require_auth: false,
-        }
-    }
 }
 
 /// Which service the caller meant to reach, from its original destination.
@@ -362,61 +344,6 @@ impl Surface {
             .ok_or(Denial::TokenTtl)?;
         let mut reply = Reply::text(self.tokens.mint(c.id.as_str(), ttl, unix_now()));
         reply.response.headers_mut().insert(TTL_HEADER, ttl.into());
-        Ok(reply)
-    }
-
-    /// The container-credentials endpoint: one path, no token (the caller
-    /// is known by its cgroup, as for IMDS), one request for credentials.
-    async fn container_credentials<B>(
-        &self,
-        req: &Request<B>,
-        c: &Container,
-        decision: &RoleDecision,
-    ) -> Result<Reply, Denial> {
-        let options = &self.options.container_credentials;
-        if req.headers().contains_key("x-forwarded-for") {
-            return Err(Denial::ForwardedFor);
-        }
-        if req.uri().path() != options.path || req.uri().query().is_some() {
-            return Err(Denial::NotFound);
-        }
-        if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-            return Err(Denial::MethodNotAllowed);
-        }
-        if options.require_auth {
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(hyper::header::HeaderValue::as_bytes);
-            // As for IAM_ROLE: set once, by the runner, not by the image.
-            let expected = crate::policy::single_value(
-                &c.env,
-                &c.image_env,
-                "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-            )
-            .ok()
-            .flatten()
-            .filter(|t| !t.is_empty());
-            let matches = match (presented, expected) {
-                (Some(p), Some(e)) => bool::from(subtle::ConstantTimeEq::ct_eq(p, e.as_bytes())),
-                _ => false,
-            };
-            if !matches {
-                return Err(Denial::ContainerAuthorization);
-            }
-        }
-        let role = granted(decision, c)?;
-        let creds = self.issue(c, role, "container-credentials").await?;
-        let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
-            let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);
-            Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
-        });
-        let mut reply = Reply::text(body);
-        reply.response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        reply.remaining = Some(creds.remaining());
         Ok(reply)
     }
 
