@@ -1095,10 +1095,101 @@ fn the_sdk_gets_its_role_from_the_container_credentials_endpoint_one_request_per
     );
     let refused = refusals_and_unauthorized(&bed, "ecs-bare");
     assert!(!refused.is_empty());
+    // A role, but the runner did not turn the endpoint on: nothing here
+    // (IMDS still serves it), and the admin is told why.
+    let not_asked = bed
+        .container(
+            "ecs-not-asked",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let got = not_asked
+        .exec(&[
+            "/mp-client",
+            "raw",
+            "169.254.170.2:80",
+            "GET",
+            "/v1/credentials",
+        ])
+        .unwrap();
+    assert_eq!(got["status"], 404, "{got}");
+    assert!(
+        got["body"].as_str().unwrap().contains("\"NotEnabled\""),
+        "{got}"
+    );
+    assert!(
+        refusals(&bed, "ecs-not-asked")
+            .iter()
+            .any(|r| r.contains("the runner did not turn the container-credentials endpoint on")),
+        "{:?}",
+        refusals(&bed, "ecs-not-asked")
+    );
+    let token = not_asked.token_header(60);
+    assert_eq!(
+        not_asked.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[&token])["status"],
+        200
+    );
     assert_eq!(
         bed.daemon
             .metric("metaproxy_requests_total{route=\"container-credentials\",outcome=\"served\"}"),
         4.0
+    );
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn where_the_instance_requires_imdsv2_the_endpoint_takes_only_the_runners_token() {
+    let bed = E2eBed::start_requiring_tokens(&[]).expect("bed");
+    let opt_in = ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v1/credentials");
+    // The SDK sends the runner's AWS_CONTAINER_AUTHORIZATION_TOKEN itself.
+    let with_token = bed
+        .sdk_client(
+            "ecs-token",
+            bed.base_image(),
+            &[
+                ("IAM_ROLE", ROLE_DEPLOY),
+                opt_in,
+                ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "runner-set-s3cret"),
+            ],
+            &[],
+            1,
+        )
+        .unwrap();
+    assert_eq!(with_token["ok"], true, "{with_token}");
+    // Without one, the endpoint gives nothing (a request forged through a
+    // job's service could reach it as easily).
+    let c = bed
+        .container(
+            "ecs-no-token",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY), opt_in],
+            &[],
+        )
+        .unwrap();
+    let got = c
+        .exec(&[
+            "/mp-client",
+            "raw",
+            "169.254.170.2:80",
+            "GET",
+            "/v1/credentials",
+        ])
+        .unwrap();
+    assert_eq!(got["status"], 401, "{got}");
+    assert!(!got.to_string().contains("ASIA"), "{got}");
+    let reasons = refusals_and_unauthorized(&bed, "ecs-no-token");
+    assert!(
+        reasons.iter().any(|r| r.contains(
+            "the runner set no AWS_CONTAINER_AUTHORIZATION_TOKEN for this container, which the endpoint requires here (the instance requires IMDSv2)"
+        )),
+        "{reasons:?}"
+    );
+    let log = bed.daemon.log();
+    assert!(
+        !log.contains("runner-set-s3cret"),
+        "the token reached a log"
     );
     assert_real_imds_untouched(&bed);
 }
@@ -1129,6 +1220,7 @@ fn session_tags_and_source_identity_from_the_job_reach_sts() {
             bed.base_image(),
             &[
                 ("IAM_ROLE", ROLE_DEPLOY),
+                ("CI_PROJECT_ID", "42"),
                 ("CI_PROJECT_PATH", "group/app"),
                 ("CI_COMMIT_REF_PROTECTED", "true"),
             ],
@@ -1225,23 +1317,34 @@ fn a_policy_file_admits_one_project_on_a_protected_ref_and_a_broken_reload_keeps
     assert!(String::from_utf8_lossy(&ok.stdout).contains("ok, 1 rules"));
 
     let bed = E2eBed::start(&["--policy-file", path_str]).expect("bed");
-    let labels = ["--label", "com.gitlab.gitlab-runner.job.ref=main"];
-    let project = |name: &str, path: &str| {
+    // As gitlab-runner sets them: the project id label and CI_PROJECT_ID
+    // agree, or the path counts for nothing.
+    let project = |name: &str, path: &str, id: &str, runner: &str| {
+        let project_label = format!("com.gitlab.gitlab-runner.project.id={id}");
+        let runner_label = format!("com.gitlab.gitlab-runner.runner.id={runner}");
         bed.container(
             name,
             bed.base_image(),
             &[
                 ("CI_JOB_ID", "1"),
+                ("CI_PROJECT_ID", id),
                 ("CI_PROJECT_PATH", path),
                 ("CI_COMMIT_REF_PROTECTED", "true"),
                 ("IAM_ROLE", ROLE_DEPLOY),
             ],
-            &labels,
+            &[
+                "--label",
+                "com.gitlab.gitlab-runner.job.ref=main",
+                "--label",
+                &project_label,
+                "--label",
+                &runner_label,
+            ],
         )
         .unwrap()
     };
-    let a = project("proj-a", "group/a");
-    let b = project("proj-b", "group/b");
+    let a = project("proj-a", "group/a", "10", "runner-a");
+    let b = project("proj-b", "group/b", "20", "runner-b");
     let creds = format!("{CREDS}{ROLE_DEPLOY}");
     let get = |c: &metaproxy_tests::bed::Container| {
         let auth = c.token_header(60);
@@ -1269,7 +1372,7 @@ fn a_policy_file_admits_one_project_on_a_protected_ref_and_a_broken_reload_keeps
     assert!(text.contains("decision: refused: no rule"), "{text}");
     assert!(
         text.contains(
-            "rule at line 1: no: project group/b (id ?) is not in projects [\"group/a\"]"
+            "rule at line 1: no: project group/b (id 20) is not in projects [\"group/a\"]"
         ),
         "{text}"
     );
@@ -1314,5 +1417,38 @@ fn a_policy_file_admits_one_project_on_a_protected_ref_and_a_broken_reload_keeps
         (reloads() > before).then_some(())
     })
     .unwrap();
+
+    // Runner entries: once any is in force, only listed runners' jobs get
+    // roles, and only theirs.
+    let runners = format!(
+        "[[runner]]\nid = \"runner-a\"\nname = \"deploys\"\nroles = [\"{}\"]\n\n{}",
+        role_arn(ROLE_DEPLOY),
+        rule("\"group/a\", \"group/b\"")
+    );
+    std::fs::write(&path, &runners).unwrap();
+    let checked = policy_cli(&["check", path_str]);
+    assert!(checked.status.success(), "{checked:?}");
+    let before = reloads();
+    wait_for("the runners reload", Duration::from_secs(10), || {
+        (reloads() > before).then_some(())
+    })
+    .unwrap();
+    assert_eq!(get(&a), 200);
+    assert_eq!(get(&b), 404);
+    let reasons = refusals(&bed, "proj-b");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == &format!("runner runner-b is not listed in {path_str}")),
+        "{reasons:?}"
+    );
+    // A typo in the table is caught before it is applied.
+    std::fs::write(&path, runners.replace("roles", "role")).unwrap();
+    let typo = policy_cli(&["check", path_str]);
+    assert!(!typo.status.success());
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("unknown field `role`"),
+        "{typo:?}"
+    );
     assert_real_imds_untouched(&bed);
 }
