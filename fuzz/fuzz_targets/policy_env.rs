@@ -1,10 +1,14 @@
 //! `Policy::decide`: the role a container gets from its environment.
 //!
 //! Input: the container's `Config.Env`, one `KEY=VALUE` per line, then
-//! optionally a 0x00 byte and the image's own `ENV` lines. The policy
-//! allows `arn:aws:iam::123456789012:role/ci-*` only, so whatever the
-//! environment says, a granted role is a `ci-*` role at the root path of
-//! that account, with an external id STS would take.
+//! optionally a 0x00 byte and the image's own `ENV` lines, then optionally
+//! another 0x00 and the container's extra labels (`KEY=VALUE` lines; a
+//! line starting with `!` is an image label too). The policy allows
+//! `arn:aws:iam::123456789012:role/ci-*` only, and its file lists one
+//! runner, so whatever the environment and labels say, a granted role is a
+//! `ci-*` role at the root path of that account, with an external id STS
+//! would take, for a container whose runner label is that runner's and not
+//! its image's, and whose image carries no type label.
 #![no_main]
 
 use std::{
@@ -17,9 +21,13 @@ use metaproxy::{
     identity::Container,
     ids::{AccountId, ContainerId},
     policy::{Policy, RoleDecision},
+    policy_file::PolicyFile,
 };
 
 const ACCOUNT: &str = "123456789012";
+const RUNNER: &str = "r1";
+const RUNNER_LABEL: &str = "com.gitlab.gitlab-runner.runner.id";
+const TYPE_LABEL: &str = "com.gitlab.gitlab-runner.type";
 
 fn lines(bytes: &[u8]) -> Vec<String> {
     if bytes.is_empty() {
@@ -38,25 +46,46 @@ fn policy() -> &'static Policy {
         let account = Arc::new(OnceLock::new());
         account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
         let allow = vec![format!("arn:aws:iam::{ACCOUNT}:role/ci-*")];
-        Policy::new(&allow, &[], account).unwrap()
+        let policy = Policy::new(&allow, &[], account).unwrap();
+        let file = format!(
+            "[[runner]]\nid = \"{RUNNER}\"\nroles = [\"arn:aws:iam::{ACCOUNT}:role/**\"]\n"
+        );
+        policy.set_file(Some(PolicyFile::parse("fuzz.toml", &file).unwrap()));
+        policy
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (env, image_env) = match data.iter().position(|&b| b == 0) {
-        Some(nul) => (&data[..nul], &data[nul + 1..]),
-        None => (data, &[][..]),
-    };
+    let mut parts = data.splitn(3, |&b| b == 0);
+    let env = parts.next().unwrap_or_default();
+    let image_env = parts.next().unwrap_or_default();
+    let label_lines = lines(parts.next().unwrap_or_default());
+    let mut labels = HashMap::from([(
+        "com.gitlab.gitlab-runner.job.id".to_string(),
+        "1".to_string(),
+    )]);
+    let mut image_labels = HashMap::new();
+    for line in &label_lines {
+        let (image, kv) = match line.strip_prefix('!') {
+            Some(kv) => (true, kv),
+            None => (false, line.as_str()),
+        };
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
+        // A container inherits its image's labels.
+        if image {
+            image_labels.insert(k.to_string(), v.to_string());
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
     let container = Container {
         id: ContainerId::parse(&"ab".repeat(32)).unwrap(),
         name: "job".into(),
-        labels: HashMap::from([(
-            "com.gitlab.gitlab-runner.job.id".to_string(),
-            "1".to_string(),
-        )]),
+        labels,
         env: lines(env),
         image_env: lines(image_env),
-        image_labels: HashMap::new(),
+        image_labels,
         addresses: None,
         cgroup: None,
     };
@@ -66,6 +95,13 @@ fuzz_target!(|data: &[u8]| {
     let RoleDecision::Role(role) = decision else {
         return;
     };
+    assert_eq!(
+        container.labels.get(RUNNER_LABEL).map(String::as_str),
+        Some(RUNNER),
+        "a runner the file does not list"
+    );
+    assert!(!container.image_labels.contains_key(RUNNER_LABEL));
+    assert!(!container.image_labels.contains_key(TYPE_LABEL));
     let arn = &role.arn;
     assert_eq!(arn.account().as_str(), ACCOUNT, "{arn}");
     assert!(arn.name().starts_with("ci-"), "{arn}");
