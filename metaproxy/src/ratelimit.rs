@@ -10,7 +10,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Mutex, time::SystemTime};
 
-use crate::ids::CgroupId;
+use crate::ids::{CgroupId, ContainerId};
 
 /// Lets `per_second` events a second through and counts the others.
 #[derive(Debug)]
@@ -57,10 +57,12 @@ impl RateLimit {
 }
 
 /// Who a log line is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {
     /// A caller the probe recorded: its cgroup (one per container).
     Cgroup(CgroupId),
+    /// A container the caller was identified as.
+    Container(ContainerId),
     /// A client nobody recorded, by address.
     Client(IpAddr),
 }
@@ -68,6 +70,12 @@ pub enum Source {
 impl From<CgroupId> for Source {
     fn from(id: CgroupId) -> Self {
         Self::Cgroup(id)
+    }
+}
+
+impl From<&ContainerId> for Source {
+    fn from(id: &ContainerId) -> Self {
+        Self::Container(id.clone())
     }
 }
 
@@ -122,12 +130,12 @@ impl PerSource {
     /// `Some(this source's lines held back since its last one)` if this
     /// line about `source` may be logged.
     pub fn allow(&self, source: impl Into<Source>) -> Option<u64> {
-        self.allow_at(source.into(), unix_second())
+        self.allow_at(&source.into(), unix_second())
     }
 
-    fn allow_at(&self, source: Source, now: u64) -> Option<u64> {
+    fn allow_at(&self, source: &Source, now: u64) -> Option<u64> {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if !t.sources.contains_key(&source) && t.sources.len() >= MAX_SOURCES {
+        if !t.sources.contains_key(source) && t.sources.len() >= MAX_SOURCES {
             // Once a second at most: forget the sources that have not
             // logged in this second.
             if t.pruned != now {
@@ -138,7 +146,7 @@ impl PerSource {
                 return None;
             }
         }
-        let w = t.sources.entry(source).or_insert(Window {
+        let w = t.sources.entry(source.clone()).or_insert(Window {
             second: now,
             let_through: 0,
             held: 0,
@@ -190,22 +198,22 @@ mod tests {
         let stranger = Source::Client("127.0.0.9".parse().unwrap());
         let limit = PerSource::new(2, 5);
         // The noisy container's flood: two lines, then it is held back...
-        assert_eq!(limit.allow_at(noisy, 100), Some(0));
-        assert_eq!(limit.allow_at(noisy, 100), Some(0));
+        assert_eq!(limit.allow_at(&noisy, 100), Some(0));
+        assert_eq!(limit.allow_at(&noisy, 100), Some(0));
         for _ in 0..1000 {
-            assert_eq!(limit.allow_at(noisy, 100), None);
+            assert_eq!(limit.allow_at(&noisy, 100), None);
         }
         // ...while the others still get theirs in the same second.
-        assert_eq!(limit.allow_at(quiet, 100), Some(0));
-        assert_eq!(limit.allow_at(stranger, 100), Some(0));
-        assert_eq!(limit.allow_at(stranger, 100), Some(0));
+        assert_eq!(limit.allow_at(&quiet, 100), Some(0));
+        assert_eq!(limit.allow_at(&stranger, 100), Some(0));
+        assert_eq!(limit.allow_at(&stranger, 100), Some(0));
         // All together: `total` a second (two noisy, one quiet, two
         // stranger so far).
-        assert_eq!(limit.allow_at(quiet, 100), None);
+        assert_eq!(limit.allow_at(&quiet, 100), None);
         // Each source's next line counts what it held back.
-        assert_eq!(limit.allow_at(noisy, 101), Some(1000));
-        assert_eq!(limit.allow_at(quiet, 101), Some(1));
-        assert_eq!(limit.allow_at(stranger, 101), Some(0));
+        assert_eq!(limit.allow_at(&noisy, 101), Some(1000));
+        assert_eq!(limit.allow_at(&quiet, 101), Some(1));
+        assert_eq!(limit.allow_at(&stranger, 101), Some(0));
     }
 
     #[test]
@@ -213,14 +221,14 @@ mod tests {
         let limit = PerSource::new(1, u32::MAX);
         let source = |i: u32| Source::Client(IpAddr::from(i.to_be_bytes()));
         for i in 0..MAX_SOURCES as u32 {
-            assert_eq!(limit.allow_at(source(i), 100), Some(0));
+            assert_eq!(limit.allow_at(&source(i), 100), Some(0));
         }
         // Full with sources of this very second: a new one is held back.
-        assert_eq!(limit.allow_at(source(u32::MAX), 100), None);
+        assert_eq!(limit.allow_at(&source(u32::MAX), 100), None);
         assert_eq!(limit.sources(), MAX_SOURCES);
         // A second later the quiet ones make room.
-        assert_eq!(limit.allow_at(source(u32::MAX), 101), Some(0));
+        assert_eq!(limit.allow_at(&source(u32::MAX), 101), Some(0));
         assert_eq!(limit.sources(), 1);
-        assert_eq!(limit.allow_at(CgroupId(7).into(), 101), Some(0));
+        assert_eq!(limit.allow_at(&CgroupId(7).into(), 101), Some(0));
     }
 }

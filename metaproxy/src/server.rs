@@ -43,14 +43,14 @@ use crate::{
     ids::ContainerId,
     logging::Clean,
     metrics::RequestMetrics,
-    ratelimit::RateLimit,
+    ratelimit::PerSource,
     surface::{Denial, Handled, Surface},
 };
 
 /// Refusals are logged at most this often per second: anything on the
 /// host can open connections to the listen address, and must not be able
 /// to fill the disk with our log.
-static REFUSAL_LOG: RateLimit = RateLimit::new(10);
+static REFUSAL_LOG: PerSource = PerSource::new(5, 50);
 
 /// How long a client may take to send a request's headers, and how long an
 /// idle keep-alive connection stays open.
@@ -222,7 +222,7 @@ pub async fn run(
                     // Over the global cap: closed at once (dropping it).
                     let Ok(permit) = pipeline.count.total.clone().try_acquire_owned() else {
                         pipeline.metrics.shed.inc();
-                        if let Some(suppressed) = REFUSAL_LOG.allow() {
+                        if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
                             tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
                         }
                         continue;
@@ -272,7 +272,7 @@ async fn serve_connection(
                 return;
             };
             let denial = Denial::from(e);
-            if let Some(suppressed) = REFUSAL_LOG.allow() {
+            if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
                 tracing::warn!(client = %peer, reason = %denial, suppressed, "refusing connection");
             }
             pipeline
@@ -299,7 +299,7 @@ async fn serve_connection(
     let share = Share::of(&pipeline.surface.identities.identify(&caller).await);
     let Some(_slot) = pipeline.count.enter(share.clone()) else {
         pipeline.metrics.shed.inc();
-        if let Some(suppressed) = REFUSAL_LOG.allow() {
+        if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {
             tracing::warn!(client = %peer, cgroup_id = %caller.cgroup, share = ?share, suppressed, "too many open connections from one job or share; closing");
         }
         return;

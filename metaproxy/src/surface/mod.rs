@@ -44,7 +44,7 @@ use crate::{
     ids::RoleArn,
     logging::Clean,
     policy::{Policy, Role, RoleDecision},
-    ratelimit::RateLimit,
+    ratelimit::PerSource,
     upstream::{Upstream, MAX_BODY},
 };
 
@@ -54,8 +54,10 @@ const CREDENTIALS_WAIT: Duration = Duration::from_millis(800);
 /// How long a host process may take to send its request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Role refusals are logged at most this often per second.
-static ROLE_REFUSAL_LOG: RateLimit = RateLimit::new(10);
+/// Refusals are logged a few times a second per cgroup or container, and
+/// a bounded number for all: a job must not drown another's lines, nor
+/// fill the disk.
+static REFUSAL_LOG: PerSource = PerSource::new(5, 50);
 
 #[derive(Debug, Clone)]
 pub struct SurfaceOptions {
@@ -220,7 +222,9 @@ impl Surface {
         let endpoint = Endpoint::of(caller.original_dst);
         match self.identities.identify(caller).await {
             Err(e) => {
-                tracing::warn!(cgroup_id = %caller.cgroup, error = %Clean(&e.to_string()), "cannot identify caller");
+                if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {
+                    tracing::warn!(cgroup_id = %caller.cgroup, error = %Clean(&e.to_string()), suppressed, "cannot identify caller");
+                }
                 Handled::new(endpoint, "unidentified", None, None, Err(e.into()))
             }
             // Host processes have no role, and nothing behind the
@@ -246,7 +250,7 @@ impl Surface {
                     _ => None,
                 };
                 if let RoleDecision::Refused(reason) = &*decision {
-                    if let Some(suppressed) = ROLE_REFUSAL_LOG.allow() {
+                    if let Some(suppressed) = REFUSAL_LOG.allow(&c.id) {
                         tracing::warn!(container_id = %c.id, container = %Clean(&c.name), reason = %Clean(&reason.to_string()), suppressed, "role refused");
                     }
                 }
@@ -383,7 +387,9 @@ impl Surface {
             .get(&key, &c.id, CREDENTIALS_WAIT)
             .await
             .inspect_err(|e| {
-                tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %Clean(&e.to_string()), "no credentials to serve");
+                if let Some(suppressed) = REFUSAL_LOG.allow(&c.id) {
+                    tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %Clean(&e.to_string()), suppressed, "no credentials to serve");
+                }
             })?;
         if !creds.first_for(&c.id) {
             // Already recorded for this container; `connections` and the
