@@ -209,11 +209,19 @@ async fn session_tags_and_source_identity_come_from_the_runners_labels_and_varia
     })
     .await;
     let spec = |project: &'static str| Spec {
-        env: &[
-            "IAM_ROLE=ci-deploy",
-            "CI_PROJECT_PATH=group/app",
-            "CI_PROJECT_PATH=evil/app",
-        ],
+        env: if project == "42" {
+            &[
+                "IAM_ROLE=ci-deploy",
+                "CI_PROJECT_ID=42",
+                "CI_PROJECT_PATH=group/app",
+            ]
+        } else {
+            &[
+                "IAM_ROLE=ci-deploy",
+                "CI_PROJECT_ID=43",
+                "CI_PROJECT_PATH=group/app",
+            ]
+        },
         labels: if project == "42" {
             &[
                 ("com.gitlab.gitlab-runner.project.id", "42"),
@@ -237,7 +245,7 @@ async fn session_tags_and_source_identity_come_from_the_runners_labels_and_varia
     assert_eq!(tags["gitlab-project-id"], "42");
     assert_eq!(
         tags["gitlab-project-path"], "group/app",
-        "the runner's, not the job's"
+        "the path of the runner's project, whose CI_PROJECT_ID matches its label"
     );
     assert_eq!(tags["Branch"], "main");
     assert_eq!(tags["gitlab-job-id"], "1");

@@ -657,6 +657,7 @@ fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once(
     let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
     let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
         .args(["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"])
+        .args(["--allow-role", "arn:aws:iam::123456789012:role/*"])
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--admin-socket")
