@@ -24,7 +24,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 if args.json {
-                    out.write_all(json_printable(&String::from_utf8_lossy(&line)).as_bytes())?;
+                    out.write_all(json_line(&line).as_bytes())?;
                 } else if let Ok(conn) = serde_json::from_slice::<Connection>(&line) {
                     writeln!(out, "{}", table_row(&conn))?;
                 }
@@ -131,6 +131,13 @@ fn json_printable(line: &str) -> String {
         }
     }
     out
+}
+
+/// One line of the followed JSON stream, printable, still one line: its
+/// own newline ends it as is (escaped, it would join every line into one).
+fn json_line(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line));
+    format!("{}\n", json_printable(&text))
 }
 
 fn row(cols: [&str; 10]) -> String {
@@ -255,5 +262,13 @@ mod tests {
         // The same JSON value, readable by any parser.
         let back: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(back, value);
+        // Followed, line by line: each still ends its line.
+        let followed = json_line(format!("{}\n", value).as_bytes());
+        assert_eq!(followed.lines().count(), 1, "{followed:?}");
+        assert!(followed.ends_with("}\n"), "{followed:?}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&followed).unwrap(),
+            value
+        );
     }
 }

@@ -506,8 +506,8 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
     let out = std::thread::scope(|s| {
         let burst = s.spawn(|| bed.dockerd.run(&args));
         let open = wait_for("200 open connections", Duration::from_secs(30), || {
-            let conns = bed.daemon.status().ok()?["maps"]["conns"].as_u64()?;
-            (conns >= 200).then_some(())
+            let open = bed.daemon.status().ok()?["connections"]["open"].as_u64()?;
+            (open >= 200).then_some(())
         });
         // Let the requests reach the daemon, well within their wait budget.
         std::thread::sleep(Duration::from_millis(150));
