@@ -19,9 +19,9 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 use metaproxy::{
     identity::Container,
-    ids::{AccountId, ContainerId},
+    model::ids::{AccountId, ContainerId},
     policy::{Policy, RoleDecision},
-    policy_file::PolicyFile,
+    policy::file::PolicyFile,
 };
 
 const ACCOUNT: &str = "123456789012";

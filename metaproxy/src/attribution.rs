@@ -16,10 +16,10 @@ use std::{
 use metaproxy_common::{ConnRecord, AF_INET};
 
 use crate::{
-    addrs::{AddrPair, ClientAddr},
-    cgroup::CgroupPaths,
-    ids::CgroupId,
-    probe::Probe,
+    kernel::addrs::{AddrPair, ClientAddr},
+    kernel::cgroup::CgroupPaths,
+    kernel::probe::Probe,
+    model::ids::CgroupId,
 };
 
 /// Where the kernel's connection records come from: the probe's pinned

@@ -21,28 +21,14 @@
 //! in-process in tests.
 #![forbid(unsafe_code)]
 
-pub mod addrs;
-pub mod admin;
-pub mod admin_client;
 pub mod attribution;
-pub mod cgroup;
 pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod connlog;
 pub mod credentials;
 pub mod daemon;
-pub mod guard;
 pub mod identity;
-pub mod ids;
-pub mod logging;
-pub mod metrics;
-pub mod netaddr;
+pub mod kernel;
+pub mod model;
+pub mod ops;
 pub mod policy;
-pub mod policy_file;
-pub mod probe;
-pub mod ratelimit;
 pub mod server;
-pub mod session;
 pub mod surface;
-pub mod upstream;

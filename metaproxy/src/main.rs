@@ -3,10 +3,11 @@
 
 use clap::Parser as _;
 use metaproxy::{
+    cli::commands,
+    cli::config::RunConfig,
     cli::{Cli, Command, LogFormat},
-    commands,
-    config::RunConfig,
-    daemon, logging,
+    daemon,
+    ops::logging,
 };
 
 fn main() -> std::process::ExitCode {

@@ -6,7 +6,7 @@
 
 mod support;
 
-use metaproxy::{connlog::Outcome, surface::ContainerCredentialsOptions};
+use metaproxy::{ops::connlog::Outcome, surface::ContainerCredentialsOptions};
 use support::{bed, bed_with, with_role, Options, Spec, StsMode};
 
 const ECS: [u8; 4] = [169, 254, 170, 2];

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use metaproxy::{credentials::CredKey, identity::RuntimeEvent, ids::RoleArn};
+use metaproxy::{credentials::CredKey, identity::RuntimeEvent, model::ids::RoleArn};
 use support::{bed, Spec, StsMode};
 
 const ROLE: &str = "ci-deploy";
@@ -198,7 +198,7 @@ async fn refresh_ahead_renews_and_the_last_good_survives_an_outage() {
 
 #[tokio::test]
 async fn session_tags_and_source_identity_come_from_the_runners_labels_and_variables() {
-    use metaproxy::session::SessionOptions;
+    use metaproxy::model::session::SessionOptions;
     let bed = support::bed_with(support::Options {
         session: SessionOptions {
             tags: SessionOptions::all_tags(&["ref=Branch".into()]).unwrap(),

@@ -4,7 +4,7 @@
 
 mod support;
 
-use metaproxy::{connlog::Outcome, policy_file::PolicyFile};
+use metaproxy::{ops::connlog::Outcome, policy::file::PolicyFile};
 use support::{bed, Spec};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/ci-deploy";

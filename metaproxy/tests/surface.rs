@@ -3,7 +3,7 @@
 
 mod support;
 
-use metaproxy::{connlog::Outcome, surface::Imdsv1Mode};
+use metaproxy::{ops::connlog::Outcome, surface::Imdsv1Mode};
 use support::{bed, bed_with, with_role, Options, Spec};
 
 const ROLE: &str = "ci-deploy";

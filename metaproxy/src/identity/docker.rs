@@ -16,7 +16,7 @@ use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamE
 use metaproxy_common::mountinfo;
 
 use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent};
-use crate::ids::ContainerId;
+use crate::model::ids::ContainerId;
 
 /// How long one Docker API call (an inspect with its image, a ping, the
 /// version negotiation) may take.
@@ -120,7 +120,7 @@ impl DockerRuntime {
 
     /// Inspects a container by id or name, within the timeout.
     async fn inspect_named(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
-        let what = format!("an inspect of {}", crate::logging::Clean(name_or_id));
+        let what = format!("an inspect of {}", crate::ops::logging::Clean(name_or_id));
         self.timed(&what, self.inspect_untimed(name_or_id)).await
     }
 

@@ -41,8 +41,8 @@ use tokio::sync::broadcast;
 
 use crate::{
     attribution::Caller,
-    ids::{CgroupId, ContainerId},
-    metrics::DockerMetrics,
+    model::ids::{CgroupId, ContainerId},
+    ops::metrics::DockerMetrics,
 };
 
 /// Bound on cached cgroups (host cgroups, such as one per BuildKit step, are

@@ -182,7 +182,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::ids::ContainerId;
+    use crate::model::ids::ContainerId;
 
     fn container(env: &[&str], image_env: &[&str]) -> Container {
         Container {

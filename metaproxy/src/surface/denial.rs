@@ -8,11 +8,11 @@ use hyper::{header, Response, StatusCode};
 
 use crate::{
     attribution::AttributionError,
-    connlog::Outcome,
     credentials::CredentialsError,
     identity::IdentityError,
+    ops::connlog::Outcome,
     policy::{HostRefusal, RoleRefusal},
-    upstream::UpstreamError,
+    surface::upstream::UpstreamError,
 };
 
 use super::{

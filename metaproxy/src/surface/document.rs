@@ -51,7 +51,7 @@ pub(crate) struct ContainerCredentialsDocument<'a> {
 }
 
 impl<'a> ContainerCredentialsDocument<'a> {
-    pub fn new(c: &'a Credentials, role: &crate::ids::RoleArn) -> Self {
+    pub fn new(c: &'a Credentials, role: &crate::model::ids::RoleArn) -> Self {
         Self {
             access_key_id: &c.access_key_id,
             secret_access_key: c.secret_access_key.expose(),
@@ -64,7 +64,7 @@ impl<'a> ContainerCredentialsDocument<'a> {
 }
 
 /// `/latest/meta-data/iam/info` for a container whose role is `role`.
-pub fn iam_info(role: &crate::ids::RoleArn, now: SystemTime) -> String {
+pub fn iam_info(role: &crate::model::ids::RoleArn, now: SystemTime) -> String {
     let body = serde_json::json!({
         "Code": "Success",
         "LastUpdated": imds_time(now),

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use crate::upstream::Upstream;
+use crate::surface::upstream::Upstream;
 
 /// How often the instance's setting is checked again.
 pub const RECHECK: Duration = Duration::from_secs(300);

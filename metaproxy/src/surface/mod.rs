@@ -12,6 +12,8 @@
 //!
 //! Every refusal is a [`Denial`], which alone decides its status code.
 
+pub mod upstream;
+
 mod container_credentials;
 mod denial;
 mod document;
@@ -38,14 +40,14 @@ pub use token::{TokenError, TokenKey};
 
 use crate::{
     attribution::Caller,
-    connlog::Outcome,
     credentials::{CredKey, CredentialCache, Issued, Rendering},
     identity::{Container, Identities, Identity},
-    ids::RoleArn,
-    logging::Clean,
+    model::ids::RoleArn,
+    ops::connlog::Outcome,
+    ops::logging::Clean,
+    ops::ratelimit::PerSource,
     policy::{Policy, Role, RoleDecision},
-    ratelimit::PerSource,
-    upstream::{Upstream, MAX_BODY},
+    surface::upstream::{Upstream, MAX_BODY},
 };
 
 /// How long a request waits for credentials that are not cached: under the

@@ -18,22 +18,22 @@ use bytes::Bytes;
 use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamExt as _};
 use hyper::{Method, Response};
 use metaproxy::{
-    addrs::AddrPair,
     attribution::{Attribution, CgroupDirectory, RecordSource},
-    connlog::{ConnLog, Connection},
     credentials::{
         CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, InstrumentedSts,
         Secret, Sts,
     },
     identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
-    ids::{AccountId, CgroupId, ContainerId},
-    metrics::{RequestMetrics, StsMetrics},
+    kernel::addrs::AddrPair,
+    model::ids::{AccountId, CgroupId, ContainerId},
+    ops::connlog::{ConnLog, Connection},
+    ops::metrics::{RequestMetrics, StsMetrics},
     policy::Policy,
     server::{self, ConnectionCount, Limits, Pipeline},
+    surface::upstream::{Upstream, UpstreamError},
     surface::{
         ContainerCredentialsOptions, Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey,
     },
-    upstream::{Upstream, UpstreamError},
 };
 use metaproxy_common::{ConnRecord, AF_INET};
 use tokio::{
@@ -302,7 +302,7 @@ pub struct Options {
     pub allow_host_cgroup: Vec<String>,
     pub allow_role: Vec<String>,
     pub container_credentials: Option<ContainerCredentialsOptions>,
-    pub session: metaproxy::session::SessionOptions,
+    pub session: metaproxy::model::session::SessionOptions,
 }
 
 /// The whole pipeline on 127.0.0.1:0 against fakes.

@@ -1,4 +1,4 @@
-//! The CLI's side of the admin socket (see [`crate::admin`]): GET a path
+//! The CLI's side of the admin socket (see [`crate::ops::admin`]): GET a path
 //! and stream the body.
 
 use std::{io, path::Path};
@@ -9,7 +9,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::connlog::Connection;
+use crate::ops::connlog::Connection;
 
 /// GET `path` on the admin socket and hand each
 /// chunk of the body to `on_chunk` as it arrives.

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     attribution::Caller,
-    ids::{ContainerId, RoleArn},
+    model::ids::{ContainerId, RoleArn},
 };
 
 /// Longest request path kept: a caller must not fill our memory with its

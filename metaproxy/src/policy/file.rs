@@ -25,7 +25,7 @@
 //! The facts come from what gitlab-runner wrote: its labels (runner id,
 //! project id, ref) and its predefined variables (`CI_PROJECT_PATH`,
 //! `CI_COMMIT_REF_PROTECTED`) where they are unambiguous and belong to the
-//! labelled project ([`crate::session`] says when), never what only the
+//! labelled project ([`crate::model::session`] says when), never what only the
 //! image set. A file that does not parse is never half-applied: loading it
 //! fails with the line, and a reload keeps the policy in force.
 
@@ -34,7 +34,7 @@ use std::{fmt::Write as _, path::Path};
 use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
-use crate::{identity::Container, ids::RoleArn, session};
+use crate::{identity::Container, model::ids::RoleArn, model::session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {

@@ -36,14 +36,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    addrs::{AddrPair, ClientAddr, ServerAddr},
     attribution::{Attribution, Caller},
-    connlog::{ConnLog, Entry},
     identity::Identity,
-    ids::ContainerId,
-    logging::Clean,
-    metrics::RequestMetrics,
-    ratelimit::PerSource,
+    kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
+    model::ids::ContainerId,
+    ops::connlog::{ConnLog, Entry},
+    ops::logging::Clean,
+    ops::metrics::RequestMetrics,
+    ops::ratelimit::PerSource,
     surface::{Denial, Handled, Surface},
 };
 

@@ -263,7 +263,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::ids::ContainerId;
+    use crate::model::ids::ContainerId;
 
     fn job(labels: &[(&str, &str)], env: &[&str], image_env: &[&str]) -> Container {
         Container {

@@ -56,7 +56,7 @@ use metaproxy_common::{
     PROG_GUARD_TC, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
 };
 
-use crate::addrs::AddrPair;
+use crate::kernel::addrs::AddrPair;
 
 /// The compiled kernel programs, built by build.rs.
 static PROBE_OBJECT: &[u8] =

@@ -1,6 +1,9 @@
 //! Command-line interface (clap derive types only). Every flag can also be
 //! set through a `METAPROXY_*` environment variable.
 
+pub mod commands;
+pub mod config;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -194,7 +197,7 @@ pub struct RunArgs {
     /// Address of the metrics and health listener (`/metrics`, `/healthz`,
     /// `/readyz`), or `off`. It never serves credentials; keep it on
     /// loopback or a private address.
-    #[arg(long, env = "METAPROXY_METRICS", default_value = crate::metrics::DEFAULT_ADDR)]
+    #[arg(long, env = "METAPROXY_METRICS", default_value = crate::ops::metrics::DEFAULT_ADDR)]
     pub metrics: String,
 
     /// Start even when other processes share the daemon's cgroup. Every
@@ -299,6 +302,6 @@ mod tests {
         assert_eq!(run.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(run.pins.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(run.listen6.is_none());
-        assert_eq!(run.metrics, crate::metrics::DEFAULT_ADDR);
+        assert_eq!(run.metrics, crate::ops::metrics::DEFAULT_ADDR);
     }
 }

@@ -6,6 +6,8 @@
 //! value read here was written by someone a job may control (env, labels):
 //! it is checked, never trusted.
 
+pub mod file;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -19,9 +21,9 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use crate::{
     attribution::Caller,
     identity::{Container, GITLAB_JOB_LABEL},
-    ids::{AccountId, ContainerId, RoleArn, RoleArnError},
-    policy_file::{Facts, FileRefusal, PolicyFile},
-    session::{Session, SessionOptions},
+    model::ids::{AccountId, ContainerId, RoleArn, RoleArnError},
+    model::session::{Session, SessionOptions},
+    policy::file::{Facts, FileRefusal, PolicyFile},
 };
 
 /// gitlab-runner's label for the kind of container: `build`, `service`,
@@ -340,7 +342,11 @@ impl Policy {
     pub fn explain(&self, c: &Container) -> String {
         use std::fmt::Write as _;
         let decision = self.decide(c);
-        let mut out = format!("container {} ({})\n", crate::logging::Clean(&c.name), c.id);
+        let mut out = format!(
+            "container {} ({})\n",
+            crate::ops::logging::Clean(&c.name),
+            c.id
+        );
         let arn = match &decision {
             RoleDecision::Role(r) => {
                 let _ = writeln!(out, "decision: role {} (session {})", r.arn, r.session_name);
@@ -358,7 +364,7 @@ impl Policy {
                 let _ = writeln!(
                     out,
                     "decision: refused: {}",
-                    crate::logging::Clean(&why.to_string())
+                    crate::ops::logging::Clean(&why.to_string())
                 );
                 match why {
                     RoleRefusal::PolicyFile(refusal) => Some(refusal.arn().clone()),
@@ -367,7 +373,11 @@ impl Policy {
             }
         };
         let facts = Facts::of(c);
-        let _ = writeln!(out, "facts: {}", crate::logging::Clean(&facts.to_string()));
+        let _ = writeln!(
+            out,
+            "facts: {}",
+            crate::ops::logging::Clean(&facts.to_string())
+        );
         match (self.file(), arn) {
             (None, _) => {
                 let _ = writeln!(
@@ -388,7 +398,7 @@ impl Policy {
                     // facts, which its job wrote.
                     Some(arn) => {
                         for line in file.explain(&arn, &facts).lines() {
-                            let _ = writeln!(out, "{}", crate::logging::Clean(line));
+                            let _ = writeln!(out, "{}", crate::ops::logging::Clean(line));
                         }
                     }
                     None => out.push_str("  (no role to check against its rules)\n"),
@@ -567,7 +577,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::ids::ContainerId;
+    use crate::model::ids::ContainerId;
 
     fn account() -> Arc<OnceLock<AccountId>> {
         let a = Arc::new(OnceLock::new());
@@ -957,8 +967,8 @@ projects = ["42"]
 
     fn caller(path: Option<&str>, comm: &str) -> Caller {
         Caller {
-            peer: crate::addrs::ClientAddr("127.0.0.1:1".parse().unwrap()),
-            cgroup: crate::ids::CgroupId(1),
+            peer: crate::kernel::addrs::ClientAddr("127.0.0.1:1".parse().unwrap()),
+            cgroup: crate::model::ids::CgroupId(1),
             cgroup_path: path.map(Into::into),
             pid: 1,
             comm: comm.into(),

@@ -10,7 +10,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Mutex, time::SystemTime};
 
-use crate::ids::{CgroupId, ContainerId};
+use crate::model::ids::{CgroupId, ContainerId};
 
 /// Lets `per_second` events a second through and counts the others.
 #[derive(Debug)]

@@ -21,10 +21,10 @@ use tokio::{sync::broadcast, task::JoinSet};
 
 use crate::{
     identity::ContainerEvent,
-    ids::{AccountId, ContainerId, RoleArn},
-    metrics::{self, CacheMetrics, ErrorLabels, OperationLabels, StsMetrics},
+    model::ids::{AccountId, ContainerId, RoleArn},
+    model::session::Session,
+    ops::metrics::{self, CacheMetrics, ErrorLabels, OperationLabels, StsMetrics},
     policy::{Policy, Role, RoleDecision},
-    session::Session,
 };
 
 /// Never hand out credentials with less than this left: SDKs refresh 10-15
@@ -704,7 +704,7 @@ impl CredentialCache {
                     };
                     let key = CredKey::from(&role);
                     self.own(&c.id, &key);
-                    tracing::info!(container_id = %c.id, container = %crate::logging::Clean(&c.name), role_arn = %key.role_arn, "prefetching credentials");
+                    tracing::info!(container_id = %c.id, container = %crate::ops::logging::Clean(&c.name), role_arn = %key.role_arn, "prefetching credentials");
                     let this = self.clone();
                     self.spawn(async move {
                         if let Err(e) = this.fetch(&key).await {

@@ -11,8 +11,8 @@ use std::{
 
 use crate::{
     cli::{self, RunArgs},
+    model::session::SessionOptions,
     server::Limits,
-    session::SessionOptions,
     surface::{ContainerCredentialsOptions, Imdsv1Mode},
 };
 

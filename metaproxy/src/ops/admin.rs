@@ -1,7 +1,7 @@
 //! The admin socket's server side: a Unix socket only root can use, speaking
 //! HTTP, through which `metaproxy connections` (and scripts, with `curl
 //! --unix-socket`) read the daemon's state. The CLI's side is
-//! [`crate::admin_client`].
+//! [`crate::ops::admin_client`].
 //!
 //! * `GET /v1/connections` - recent connections, a JSON array, oldest first
 //! * `GET /v1/connections?follow=true` - the same, then new ones as they
@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
-use crate::connlog::ConnLog;
+use crate::ops::connlog::ConnLog;
 
 /// The daemon's status, as `GET /v1/status` shows it.
 pub trait StatusSource: Send + Sync + 'static {

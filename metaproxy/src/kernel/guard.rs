@@ -5,7 +5,7 @@
 //! routed interface is guarded again.
 //!
 //! The kernel programs are in `metaproxy-ebpf/src/guard.rs`; attaching them
-//! is the probe's ([`crate::probe`]). This module only decides where.
+//! is the probe's ([`crate::kernel::probe`]). This module only decides where.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -17,7 +17,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::route::RouteAttribute;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
-use crate::probe::{interface_name, Interface, Probe};
+use crate::kernel::probe::{interface_name, Interface, Probe};
 
 /// IMDS over IPv4 and IPv6.
 pub const IMDS4: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
@@ -35,7 +35,7 @@ pub enum GuardError {
     #[error("rtnetlink: {0}")]
     Netlink(#[from] std::io::Error),
     #[error(transparent)]
-    Probe(#[from] crate::probe::ProbeError),
+    Probe(#[from] crate::kernel::probe::ProbeError),
 }
 
 /// Where each guarded address leaves the host, as last looked up.

@@ -39,7 +39,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::ids::AccountId;
+use crate::model::ids::AccountId;
 
 /// Where metrics are served unless `--metrics` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9169";
@@ -626,7 +626,8 @@ pub async fn serve(
 }
 
 /// Accept failures (EMFILE and friends) are logged at most this often.
-static ACCEPT_FAILURE_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new(1);
+static ACCEPT_FAILURE_LOG: crate::ops::ratelimit::RateLimit =
+    crate::ops::ratelimit::RateLimit::new(1);
 
 /// One metrics client, for at most its lifetime and grace.
 async fn serve_client(

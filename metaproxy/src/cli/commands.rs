@@ -4,10 +4,11 @@
 use std::io::Write as _;
 
 use crate::{
-    admin_client,
     cli::{ConnectionsArgs, DetachArgs, PolicyCommand, StatusArgs},
-    connlog::Connection,
-    logging, probe,
+    kernel::probe,
+    ops::admin_client,
+    ops::connlog::Connection,
+    ops::logging,
 };
 
 pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
@@ -210,11 +211,11 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
 pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Check { file } => {
-            let policy = crate::policy_file::PolicyFile::load(&file)?;
+            let policy = crate::policy::file::PolicyFile::load(&file)?;
             println!("{}: ok, {} rules", file.display(), policy.rules());
             // A draft may live anywhere; `run` refuses it where others
             // could change it.
-            if let Err(e) = crate::config::check_policy_file(&file) {
+            if let Err(e) = crate::cli::config::check_policy_file(&file) {
                 eprintln!("note: metaproxy run would refuse this file where it is: {e}");
             }
             Ok(())

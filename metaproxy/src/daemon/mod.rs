@@ -21,24 +21,24 @@ use metaproxy_common::ProbeConfig;
 use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
-    addrs::ip6_words,
-    admin::{self, AdminState, StatusSource},
     attribution::Attribution,
-    cgroup::{self, CgroupPaths},
-    config::{self, RunConfig},
-    connlog::ConnLog,
+    cli::config::{self, RunConfig},
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
-    guard::{self, GuardState, RouteTable},
     identity::{docker::DockerRuntime, Identities},
-    ids::AccountId,
-    metrics::{self, Live, LiveSource, Metrics, Readiness, RequestMetrics},
-    netaddr,
+    kernel::addrs::ip6_words,
+    kernel::cgroup::{self, CgroupPaths},
+    kernel::guard::{self, GuardState, RouteTable},
+    kernel::netaddr,
+    kernel::probe::{Probe, ProbeOptions, TcMode},
+    model::ids::AccountId,
+    ops::admin::{self, AdminState, StatusSource},
+    ops::connlog::ConnLog,
+    ops::metrics::{self, Live, LiveSource, Metrics, Readiness, RequestMetrics},
+    policy::file::PolicyFile,
     policy::Policy,
-    policy_file::PolicyFile,
-    probe::{Probe, ProbeOptions, TcMode},
     server::{self, ConnectionCount, Pipeline},
+    surface::upstream::{HttpUpstream, Upstream},
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
-    upstream::{HttpUpstream, Upstream},
 };
 
 /// How many recent connections the admin API keeps.
@@ -583,7 +583,7 @@ fn check_shared_cgroup(
     let named = companions
         .iter()
         .take(COMPANIONS_NAMED)
-        .map(|(pid, comm)| format!("{pid} {}", crate::logging::Clean(comm)))
+        .map(|(pid, comm)| format!("{pid} {}", crate::ops::logging::Clean(comm)))
         .collect::<Vec<_>>()
         .join(", ");
     let more = companions.len().saturating_sub(COMPANIONS_NAMED);
@@ -621,7 +621,7 @@ fn attach_probe(
     target: &std::path::Path,
     self_cgroup_id: u64,
     attached: Attached,
-    guard_interfaces: Vec<crate::probe::Interface>,
+    guard_interfaces: Vec<crate::kernel::probe::Interface>,
     tasks: &mut Tasks,
 ) -> anyhow::Result<Arc<Probe>> {
     let (listen_ip6, listen_port6) = match config.listen6 {
@@ -785,7 +785,7 @@ impl LiveSource for DaemonState {
             map_pending: n(pending),
             map_conns: n(conns),
             probe_generation: self.probe.generation(),
-            log_lines_dropped: crate::logging::dropped_lines(),
+            log_lines_dropped: crate::ops::logging::dropped_lines(),
             docker_reachable: self.identities.reachable(),
         }
     }

@@ -1,0 +1,10 @@
+//! The kernel side: the eBPF programs' loader and maps (`probe`), the
+//! packet guard's placement (`guard`), and what both need to name kernel
+//! objects: cgroup paths, the address pair and its one key codec, the
+//! listen address.
+
+pub mod addrs;
+pub mod cgroup;
+pub mod guard;
+pub mod netaddr;
+pub mod probe;

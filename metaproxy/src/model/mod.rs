@@ -1,0 +1,7 @@
+//! The facts every stage shares, and nothing else: ids, the container as
+//! the runtime reports it, what gitlab-runner writes into it, and the
+//! session a role is assumed as. A leaf: it imports no other module of the
+//! crate.
+
+pub mod ids;
+pub mod session;
