@@ -18,7 +18,7 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use metaproxy::{
-    identity::Container,
+    model::container::Container,
     model::ids::{AccountId, ContainerId},
     policy::{Policy, RoleDecision},
     policy::file::PolicyFile,

@@ -20,7 +20,7 @@ use futures_util::{future::BoxFuture, FutureExt as _};
 use tokio::{sync::broadcast, task::JoinSet};
 
 use crate::{
-    identity::ContainerEvent,
+    model::container::ContainerEvent,
     model::ids::{AccountId, ContainerId, RoleArn},
     model::session::Session,
     ops::metrics::{self, CacheMetrics, ErrorLabels, OperationLabels, StsMetrics},

@@ -41,7 +41,10 @@ use tokio::sync::broadcast;
 
 use crate::{
     attribution::Caller,
-    model::ids::{CgroupId, ContainerId},
+    model::{
+        container::{Container, ContainerEvent},
+        ids::{CgroupId, ContainerId},
+    },
     ops::metrics::DockerMetrics,
 };
 
@@ -49,74 +52,12 @@ use crate::{
 /// cached too); past it the cache starts afresh.
 const MAX_CACHED: usize = 16_384;
 
-/// gitlab-runner labels its job containers with the job id.
-pub const GITLAB_JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
-
 /// What a cgroup turned out to be.
 #[derive(Debug, Clone)]
 pub enum Identity {
     Container(Arc<Container>),
     /// In no container: a host service.
     Host,
-}
-
-/// One container of our runtime, as the runtime describes it. Everything
-/// here except the id and addresses was written by someone: the runner, the
-/// image author, the job. Treat it as input, not as truth.
-#[derive(Clone)]
-pub struct Container {
-    pub id: ContainerId,
-    pub name: String,
-    pub labels: HashMap<String, String>,
-    /// `Config.Env`: the runner's, the image's and the job's variables.
-    pub env: Vec<String>,
-    /// The image's own `ENV`.
-    pub image_env: Vec<String>,
-    /// The image's own labels: a container inherits them, so a label the
-    /// image carries says nothing about who started the container.
-    pub image_labels: HashMap<String, String>,
-    /// The container's own addresses, which its connections must come
-    /// from; `None` when it shares another network namespace (`host`,
-    /// `container:<id>`) and has none of its own.
-    pub addresses: Option<Vec<IpAddr>>,
-    /// The cgroup (below the cgroup2 mount) its init process is in, as the
-    /// kernel reports it; `None` when it is not running.
-    pub cgroup: Option<String>,
-}
-
-impl std::fmt::Debug for Container {
-    // By hand: the environment holds job variables, which may be secrets.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Container")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("env", &format_args!("<{} variables>", self.env.len()))
-            .field("addresses", &self.addresses)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Container {
-    /// Whether a connection from `peer` can be this container's. Catches a
-    /// 4-tuple that another network namespace reused (overlapping subnets).
-    pub fn owns_address(&self, peer: IpAddr) -> bool {
-        let peer = peer.to_canonical();
-        self.addresses
-            .as_ref()
-            .is_none_or(|own| own.contains(&peer))
-    }
-
-    /// The gitlab-runner job this container runs, from its label.
-    pub fn job_id(&self) -> Option<&str> {
-        self.labels.get(GITLAB_JOB_LABEL).map(String::as_str)
-    }
-}
-
-/// A container came or went.
-#[derive(Debug, Clone)]
-pub enum ContainerEvent {
-    Started(Arc<Container>),
-    Gone(ContainerId),
 }
 
 /// What the runtime reports.

@@ -3,5 +3,7 @@
 //! session a role is assumed as. A leaf: it imports no other module of the
 //! crate.
 
+pub mod container;
+pub mod gitlab;
 pub mod ids;
 pub mod session;

@@ -20,48 +20,12 @@
 //! A job with the Docker socket can start a container with any labels and
 //! variables it likes: that job is outside the model, as the README says.
 
-use crate::identity::Container;
+use super::{
+    container::Container,
+    gitlab::{self, Fact},
+};
 
-/// Where a tag's value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TagSource {
-    ProjectId,
-    ProjectPath,
-    PipelineId,
-    JobId,
-    Ref,
-    Protected,
-    RunnerId,
-}
-
-impl TagSource {
-    pub const ALL: [TagSource; 7] = [
-        Self::ProjectId,
-        Self::ProjectPath,
-        Self::PipelineId,
-        Self::JobId,
-        Self::Ref,
-        Self::Protected,
-        Self::RunnerId,
-    ];
-
-    /// The name used on the command line (`--session-tag-name SOURCE=NAME`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ProjectId => "project-id",
-            Self::ProjectPath => "project-path",
-            Self::PipelineId => "pipeline-id",
-            Self::JobId => "job-id",
-            Self::Ref => "ref",
-            Self::Protected => "protected",
-            Self::RunnerId => "runner-id",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
-    }
-
+impl Fact {
     /// The tag key unless renamed.
     pub fn default_key(self) -> &'static str {
         match self {
@@ -74,73 +38,13 @@ impl TagSource {
             Self::RunnerId => "gitlab-runner-id",
         }
     }
-
-    /// The value the runner set for this container, if any.
-    pub(crate) fn value(self, c: &Container) -> Option<String> {
-        match self {
-            Self::ProjectId => runner_label(c, "project.id"),
-            Self::PipelineId => runner_label(c, "pipeline.id"),
-            Self::JobId => runner_label(c, "job.id"),
-            Self::Ref => runner_label(c, "job.ref"),
-            Self::RunnerId => runner_label(c, "runner.id"),
-            Self::ProjectPath => project_variable(c, "CI_PROJECT_PATH"),
-            Self::Protected => project_variable(c, "CI_COMMIT_REF_PROTECTED"),
-        }
-    }
-}
-
-/// gitlab-runner's label `com.gitlab.gitlab-runner.<key>`, unless the image
-/// brought one of that name (a container inherits its image's labels).
-pub(crate) fn runner_label(c: &Container, key: &str) -> Option<String> {
-    let key = format!("com.gitlab.gitlab-runner.{key}");
-    c.labels
-        .get(&key)
-        .filter(|_| !c.image_labels.contains_key(&key))
-        .cloned()
-}
-
-/// A predefined variable about the project, only where the container's
-/// `CI_PROJECT_ID` is the project of the runner's label: a container whose
-/// variables name another project, or none, says nothing about its path or
-/// whether its ref is protected.
-fn project_variable(c: &Container, key: &str) -> Option<String> {
-    let labelled = runner_label(c, "project.id")?;
-    if runner_variable(c, "CI_PROJECT_ID").as_deref() != Some(labelled.as_str()) {
-        return None;
-    }
-    runner_variable(c, key)
-}
-
-/// The value of `key` in the container's environment, where every
-/// occurrence agrees, unless only the image's `ENV` set it. Occurrences
-/// that disagree make it unknown: taking the first would trust the order
-/// of the runner's variables and the job's, which this daemon cannot see.
-pub(crate) fn runner_variable(c: &Container, key: &str) -> Option<String> {
-    let prefix = format!("{key}=");
-    let mut values = c.env.iter().filter_map(|e| e.strip_prefix(&prefix));
-    let first = values.next()?;
-    let mut occurrences = 1;
-    for other in values {
-        if other != first {
-            return None;
-        }
-        occurrences += 1;
-    }
-    let from_image = c
-        .image_env
-        .iter()
-        .any(|e| e.strip_prefix(&prefix) == Some(first));
-    if from_image && occurrences == 1 {
-        return None;
-    }
-    Some(first.to_string())
 }
 
 /// What to send with AssumeRole besides the role.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionOptions {
     /// Tags to set: source and key. Empty: no tags.
-    pub tags: Vec<(TagSource, String)>,
+    pub tags: Vec<(Fact, String)>,
     /// Mark the tags transitive (they follow role chaining).
     pub transitive: bool,
     /// Set SourceIdentity to the job (`gitlab-job-<id>`).
@@ -150,8 +54,8 @@ pub struct SessionOptions {
 impl SessionOptions {
     /// Every source under its default key, or renamed by `renames`
     /// (`SOURCE=NAME`).
-    pub fn all_tags(renames: &[String]) -> Result<Vec<(TagSource, String)>, String> {
-        let mut tags: Vec<(TagSource, String)> = TagSource::ALL
+    pub fn all_tags(renames: &[String]) -> Result<Vec<(Fact, String)>, String> {
+        let mut tags: Vec<(Fact, String)> = Fact::ALL
             .into_iter()
             .map(|s| (s, s.default_key().to_string()))
             .collect();
@@ -159,10 +63,10 @@ impl SessionOptions {
             let (source, name) = rename
                 .split_once('=')
                 .ok_or_else(|| format!("{rename:?}: expected SOURCE=NAME"))?;
-            let source = TagSource::parse(source.trim()).ok_or_else(|| {
+            let source = Fact::parse(source.trim()).ok_or_else(|| {
                 format!(
                     "{source:?}: not a tag source (one of {})",
-                    TagSource::ALL.map(TagSource::name).join(", ")
+                    Fact::ALL.map(Fact::name).join(", ")
                 )
             })?;
             let name = name.trim();
@@ -215,11 +119,11 @@ impl Session {
             .collect();
         let source_identity = options
             .source_identity
-            .then(|| TagSource::JobId.value(c))
+            .then(|| Fact::JobId.value(c))
             .flatten()
-            .map(|job| format!("gitlab-job-{job}"))
+            .map(|job| gitlab::job_session_name(&job))
             .filter(|id| {
-                let as_is = crate::policy::clean_session_name(id) == *id;
+                let as_is = gitlab::clean_session_name(id) == *id;
                 if !as_is {
                     tracing::warn!(container_id = %c.id, "source identity left out: the job id is not one STS takes as it is");
                 }
@@ -373,7 +277,7 @@ mod tests {
         let tags = tags_of(&c);
         assert!(!tags.contains_key("gitlab-project-path"), "{tags:?}");
         assert!(!tags.contains_key("gitlab-ref-protected"), "{tags:?}");
-        assert_eq!(TagSource::Protected.value(&c), None);
+        assert_eq!(Fact::Protected.value(&c), None);
         assert_eq!(tags["gitlab-project-id"], "42");
     }
 
@@ -394,8 +298,8 @@ mod tests {
             (&[][..], "CI_PROJECT_ID=42", false),
         ] {
             let c = job(labels, &env(id), &[]);
-            let path = TagSource::ProjectPath.value(&c);
-            let protected = TagSource::Protected.value(&c);
+            let path = Fact::ProjectPath.value(&c);
+            let protected = Fact::Protected.value(&c);
             assert_eq!(path.is_some(), known, "{labels:?} {id}: {path:?}");
             assert_eq!(protected.is_some(), known, "{labels:?} {id}");
         }
@@ -409,14 +313,14 @@ mod tests {
             ],
             &[],
         );
-        assert_eq!(TagSource::ProjectPath.value(&c), None);
+        assert_eq!(Fact::ProjectPath.value(&c), None);
         // An image's CI_PROJECT_ID is not the runner's.
         let c = job(
             &[("project.id", "42")],
             &["CI_PROJECT_ID=42", "CI_PROJECT_PATH=group/app"],
             &["CI_PROJECT_ID=42"],
         );
-        assert_eq!(TagSource::ProjectPath.value(&c), None);
+        assert_eq!(Fact::ProjectPath.value(&c), None);
     }
 
     #[test]

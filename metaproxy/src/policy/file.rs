@@ -34,7 +34,7 @@ use std::{fmt::Write as _, path::Path};
 use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
-use crate::{identity::Container, model::ids::RoleArn, model::session};
+use crate::model::{container::Container, gitlab::Fact, ids::RoleArn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {
@@ -180,11 +180,11 @@ pub struct Facts {
 impl Facts {
     pub fn of(c: &Container) -> Self {
         Self {
-            runner_id: session::TagSource::RunnerId.value(c),
-            project_id: session::TagSource::ProjectId.value(c),
-            project_path: session::TagSource::ProjectPath.value(c),
-            git_ref: session::TagSource::Ref.value(c),
-            protected: session::TagSource::Protected.value(c).as_deref() == Some("true"),
+            runner_id: Fact::RunnerId.value(c),
+            project_id: Fact::ProjectId.value(c),
+            project_path: Fact::ProjectPath.value(c),
+            git_ref: Fact::Ref.value(c),
+            protected: Fact::Protected.value(c).as_deref() == Some("true"),
         }
     }
 }

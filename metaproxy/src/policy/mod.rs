@@ -20,15 +20,15 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::{
     attribution::Caller,
-    identity::{Container, GITLAB_JOB_LABEL},
     model::ids::{AccountId, ContainerId, RoleArn, RoleArnError},
     model::session::{Session, SessionOptions},
+    model::{
+        container::Container,
+        gitlab::{self, single_value, Unclear},
+    },
     policy::file::{Facts, FileRefusal, PolicyFile},
 };
 
-/// gitlab-runner's label for the kind of container: `build`, `service`,
-/// or `predefined` for its helper.
-pub const GITLAB_TYPE_LABEL: &str = "com.gitlab.gitlab-runner.type";
 /// The container types that get roles unless configured otherwise.
 pub const DEFAULT_CONTAINER_TYPES: [&str; 2] = ["build", "service"];
 
@@ -88,6 +88,15 @@ pub enum RoleRefusal {
     /// no role unless `--role-container-types` lists them.
     #[error("a gitlab-runner {0:?} container (com.gitlab.gitlab-runner.type); roles go to the types in --role-container-types")]
     ContainerType(String),
+}
+
+impl From<Unclear> for RoleRefusal {
+    fn from(u: Unclear) -> Self {
+        match u {
+            Unclear::Conflicting(key) => Self::Conflicting(key),
+            Unclear::FromImage(key) => Self::FromImage(key),
+        }
+    }
 }
 
 /// Why a host process gets no pass-through.
@@ -199,8 +208,8 @@ impl Policy {
     /// (which [`Policy::decide`] refuses outright).
     fn container_type(c: &Container) -> Option<&str> {
         c.labels
-            .get(GITLAB_TYPE_LABEL)
-            .filter(|_| !c.image_labels.contains_key(GITLAB_TYPE_LABEL))
+            .get(gitlab::TYPE_LABEL)
+            .filter(|_| !c.image_labels.contains_key(gitlab::TYPE_LABEL))
             .map(String::as_str)
     }
 
@@ -264,17 +273,15 @@ impl Policy {
         let role = match single_value(&c.env, &c.image_env, "IAM_ROLE") {
             Ok(None) => return RoleDecision::NoRole,
             Ok(Some(v)) => v,
-            Err(refusal) => return RoleDecision::Refused(refusal),
+            Err(refusal) => return RoleDecision::Refused(refusal.into()),
         };
-        let runner_labelled = c.labels.contains_key(GITLAB_JOB_LABEL)
-            && !c.image_labels.contains_key(GITLAB_JOB_LABEL);
-        if !runner_labelled {
+        if !gitlab::runner_set(c, gitlab::JOB_LABEL) {
             return RoleDecision::Refused(RoleRefusal::NotAJob);
         }
         // Without the runner's own type label the type check cannot run:
         // an image must not be able to take the label away.
-        if c.image_labels.contains_key(GITLAB_TYPE_LABEL) {
-            return RoleDecision::Refused(RoleRefusal::ImageLabel(GITLAB_TYPE_LABEL));
+        if c.image_labels.contains_key(gitlab::TYPE_LABEL) {
+            return RoleDecision::Refused(RoleRefusal::ImageLabel(gitlab::TYPE_LABEL));
         }
         if let Some(kind) = Self::container_type(c) {
             if !self.container_types.iter().any(|t| t == kind) {
@@ -286,7 +293,7 @@ impl Policy {
                 return RoleDecision::Refused(RoleRefusal::BadExternalId)
             }
             Ok(v) => v.map(str::to_owned),
-            Err(refusal) => return RoleDecision::Refused(refusal),
+            Err(refusal) => return RoleDecision::Refused(refusal.into()),
         };
         let arn = if role.starts_with("arn:") {
             RoleArn::parse(role).map_err(|_| RoleRefusal::NotRoleArn {
@@ -332,7 +339,7 @@ impl Policy {
         RoleDecision::Role(Role {
             arn,
             external_id,
-            session_name: session_name(c),
+            session_name: gitlab::session_name(c),
             session: Session::for_container(c, &self.session),
         })
     }
@@ -463,35 +470,6 @@ fn glob_set(flag: &'static str, patterns: &[String]) -> Result<Option<GlobSet>, 
     set.build().map(Some).map_err(err(&patterns.join(",")))
 }
 
-/// RoleSessionName for a container's AssumeRole: `gitlab-job-<id>` from
-/// gitlab-runner's label, else `container-<short id>`, cleaned to STS's
-/// rules.
-pub fn session_name(c: &Container) -> String {
-    clean_session_name(&match c.job_id() {
-        Some(job) => format!("gitlab-job-{job}"),
-        None => format!("container-{}", c.id.short()),
-    })
-}
-
-/// Cleans a session name to STS's rules: 2-64 characters of `[\w+=,.@-]`.
-pub fn clean_session_name(raw: &str) -> String {
-    let mut name: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect();
-    while name.len() < 2 {
-        name.push('-');
-    }
-    name
-}
-
 /// BuildKit's RUN steps: `<parent>/buildkit/<id>` (cgroupfs driver),
 /// `buildkit-<id>.scope`-style units, and, with the systemd driver,
 /// `docker-<25-char id>.scope`: any container runtime's scope whose id is
@@ -522,37 +500,6 @@ fn is_container_runtime(comm: &str) -> bool {
         "dockerd" | "containerd" | "buildkitd" | "docker-proxy" | "runc" | "docker-init"
     ) || comm.starts_with("containerd-shim")
         || comm.starts_with("buildkit-runc")
-}
-
-/// The one non-empty value of `key` the runner set, if any. Refuses a value
-/// set twice differently, and one that only the image's ENV could have set.
-pub fn single_value<'a>(
-    container_env: &'a [String],
-    image_env: &[String],
-    key: &'static str,
-) -> Result<Option<&'a str>, RoleRefusal> {
-    let mut values = values_of(container_env, key);
-    let Some(first) = values.next() else {
-        return Ok(None);
-    };
-    if values.any(|v| v != first) {
-        return Err(RoleRefusal::Conflicting(key));
-    }
-    if first.is_empty() {
-        return Ok(None);
-    }
-    if values_of(image_env, key).any(|v| v == first) {
-        return Err(RoleRefusal::FromImage(key));
-    }
-    Ok(Some(first))
-}
-
-fn values_of<'a>(env: &'a [String], key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    env.iter().filter_map(move |kv| {
-        kv.split_once('=')
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-    })
 }
 
 /// STS's rule for ExternalId: 2-1224 characters of `[\w+=,.@:/-]`.
@@ -594,7 +541,7 @@ mod tests {
         Container {
             id: ContainerId::parse(&"ab".repeat(32)).unwrap(),
             name: "job".into(),
-            labels: HashMap::from([(GITLAB_JOB_LABEL.to_string(), "7".to_string())]),
+            labels: HashMap::from([(gitlab::JOB_LABEL.to_string(), "7".to_string())]),
             env: env.iter().map(|s| s.to_string()).collect(),
             image_env: image_env.iter().map(|s| s.to_string()).collect(),
             image_labels: HashMap::new(),
@@ -826,8 +773,8 @@ mod tests {
         assert_eq!(p.decide(&step), RoleDecision::Refused(RoleRefusal::NotAJob));
         // ... nor may an image carry the runner's label into one.
         step.image_labels
-            .insert(GITLAB_JOB_LABEL.into(), "7".into());
-        step.labels.insert(GITLAB_JOB_LABEL.into(), "7".into());
+            .insert(gitlab::JOB_LABEL.into(), "7".into());
+        step.labels.insert(gitlab::JOB_LABEL.into(), "7".into());
         assert_eq!(p.decide(&step), RoleDecision::Refused(RoleRefusal::NotAJob));
         // Without IAM_ROLE, nothing to refuse.
         let mut plain = container(&[], &[]);
@@ -843,16 +790,16 @@ mod tests {
         let p = policy(&[]);
         let mut c = container(&["IAM_ROLE=ci-deploy"], &[]);
         c.labels
-            .insert(GITLAB_TYPE_LABEL.into(), "predefined".into());
+            .insert(gitlab::TYPE_LABEL.into(), "predefined".into());
         c.image_labels
-            .insert(GITLAB_TYPE_LABEL.into(), "predefined".into());
+            .insert(gitlab::TYPE_LABEL.into(), "predefined".into());
         assert_eq!(
             p.decide(&c),
-            RoleDecision::Refused(RoleRefusal::ImageLabel(GITLAB_TYPE_LABEL))
+            RoleDecision::Refused(RoleRefusal::ImageLabel(gitlab::TYPE_LABEL))
         );
         assert!(refused(p.decide(&c)).contains("the image carries"));
         // Whatever value either one has.
-        c.labels.insert(GITLAB_TYPE_LABEL.into(), "build".into());
+        c.labels.insert(gitlab::TYPE_LABEL.into(), "build".into());
         assert!(matches!(p.decide(&c), RoleDecision::Refused(_)));
         c.image_labels.clear();
         assert!(matches!(p.decide(&c), RoleDecision::Role(_)));
@@ -1034,17 +981,23 @@ projects = ["42"]
 
     #[test]
     fn session_names_follow_sts_rules() {
-        assert_eq!(clean_session_name("gitlab-job-12345"), "gitlab-job-12345");
-        assert_eq!(clean_session_name("job 7/deploy:prod"), "job-7-deploy-prod");
-        assert_eq!(clean_session_name("a"), "a-");
-        assert_eq!(clean_session_name(""), "--");
-        assert_eq!(clean_session_name("ü"), "--");
-        assert_eq!(clean_session_name(&"x".repeat(100)).len(), 64);
-        assert_eq!(clean_session_name("a+b=c,d.e@f_g"), "a+b=c,d.e@f_g");
+        assert_eq!(
+            gitlab::clean_session_name("gitlab-job-12345"),
+            "gitlab-job-12345"
+        );
+        assert_eq!(
+            gitlab::clean_session_name("job 7/deploy:prod"),
+            "job-7-deploy-prod"
+        );
+        assert_eq!(gitlab::clean_session_name("a"), "a-");
+        assert_eq!(gitlab::clean_session_name(""), "--");
+        assert_eq!(gitlab::clean_session_name("ü"), "--");
+        assert_eq!(gitlab::clean_session_name(&"x".repeat(100)).len(), 64);
+        assert_eq!(gitlab::clean_session_name("a+b=c,d.e@f_g"), "a+b=c,d.e@f_g");
         let mut c = container(&[], &[]);
-        c.labels.insert(GITLAB_JOB_LABEL.into(), "42".into());
-        assert_eq!(session_name(&c), "gitlab-job-42");
+        c.labels.insert(gitlab::JOB_LABEL.into(), "42".into());
+        assert_eq!(gitlab::session_name(&c), "gitlab-job-42");
         c.labels.clear();
-        assert_eq!(session_name(&c), "container-abababababab");
+        assert_eq!(gitlab::session_name(&c), "container-abababababab");
     }
 }

@@ -21,8 +21,11 @@ use hyper::{header, Request};
 use super::{document, granted, Denial, Reply, Surface};
 use crate::{
     credentials::Rendering,
-    identity::Container,
-    policy::{single_value, RoleDecision, RoleRefusal},
+    model::{
+        container::Container,
+        gitlab::{single_value, Unclear},
+    },
+    policy::RoleDecision,
 };
 
 /// The variables by which the runner turns the endpoint on for a container.
@@ -60,7 +63,7 @@ pub enum NotEnabled {
     NotAsked,
     /// One of the variables is set twice differently, or only by the image.
     #[error("the container-credentials endpoint is off for this container: {0}")]
-    Refused(RoleRefusal),
+    Refused(Unclear),
 }
 
 /// Why a request lacks the authorization the endpoint requires here.
@@ -70,7 +73,7 @@ pub enum AuthFailure {
     NoToken(&'static str),
     #[error("AWS_CONTAINER_AUTHORIZATION_TOKEN is not usable ({reason}), and the endpoint requires it here ({required_by})")]
     TokenRefused {
-        reason: RoleRefusal,
+        reason: Unclear,
         required_by: &'static str,
     },
     #[error("Authorization header missing, or not the container's AWS_CONTAINER_AUTHORIZATION_TOKEN ({0})")]
@@ -86,9 +89,7 @@ pub fn opted_in(c: &Container) -> Result<(), NotEnabled> {
             Ok(Some(_)) => asked = true,
             Ok(None) => {}
             // Two values: which one is the runner's is a guess.
-            Err(conflict @ RoleRefusal::Conflicting(_)) => {
-                return Err(NotEnabled::Refused(conflict))
-            }
+            Err(conflict @ Unclear::Conflicting(_)) => return Err(NotEnabled::Refused(conflict)),
             Err(other) => {
                 refused.get_or_insert(other);
             }
@@ -210,13 +211,13 @@ mod tests {
         // Only the image's ENV: the image author does not decide.
         assert_eq!(
             opted_in(&container(&[rel], &[rel])),
-            Err(NotEnabled::Refused(RoleRefusal::FromImage(OPT_IN[0])))
+            Err(NotEnabled::Refused(Unclear::FromImage(OPT_IN[0])))
         );
         // Two different values: refused, whichever the other variable says.
         let other = "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:1/x";
         assert_eq!(
             opted_in(&container(&[rel, full, other], &[])),
-            Err(NotEnabled::Refused(RoleRefusal::Conflicting(OPT_IN[1])))
+            Err(NotEnabled::Refused(Unclear::Conflicting(OPT_IN[1])))
         );
         // The runner clearing the image's value turns it off.
         let cleared = "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=";

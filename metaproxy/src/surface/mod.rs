@@ -41,7 +41,8 @@ pub use token::{TokenError, TokenKey};
 use crate::{
     attribution::Caller,
     credentials::{CredKey, CredentialCache, Issued, Rendering},
-    identity::{Container, Identities, Identity},
+    identity::{Identities, Identity},
+    model::container::Container,
     model::ids::RoleArn,
     ops::connlog::Outcome,
     ops::logging::Clean,

@@ -23,8 +23,9 @@ use metaproxy::{
         CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, InstrumentedSts,
         Secret, Sts,
     },
-    identity::{Container, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
+    identity::{ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
     kernel::addrs::AddrPair,
+    model::container::Container,
     model::ids::{AccountId, CgroupId, ContainerId},
     ops::connlog::{ConnLog, Connection},
     ops::metrics::{RequestMetrics, StsMetrics},
@@ -436,7 +437,7 @@ impl Bed {
                 name: format!("job-{n}"),
                 // As gitlab-runner labels its job containers.
                 labels: std::iter::once((
-                    metaproxy::identity::GITLAB_JOB_LABEL.to_string(),
+                    metaproxy::model::gitlab::JOB_LABEL.to_string(),
                     n.to_string(),
                 ))
                 .chain(
