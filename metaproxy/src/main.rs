@@ -5,9 +5,10 @@ use clap::Parser as _;
 use metaproxy::{
     cli::commands,
     cli::config::RunConfig,
-    cli::{Cli, Command, LogFormat},
+    cli::{Cli, Command},
     daemon,
     ops::logging,
+    ops::logging::LogFormat,
 };
 
 fn main() -> std::process::ExitCode {

@@ -8,6 +8,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::ops::logging::LogFormat;
+
 /// The default listen address: link-local, so containers on any Docker
 /// bridge reach it through their default route while it is never routed off
 /// the host. The daemon adds it to `lo` if no interface has it.
@@ -279,12 +281,6 @@ pub enum Imdsv1 {
     Allow,
     /// Refuse tokenless requests (401).
     Refuse,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[cfg(test)]

@@ -18,8 +18,6 @@ use std::sync::OnceLock;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
-
 /// Lines the writer had to drop.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
@@ -38,6 +36,13 @@ const OTHERS: &str = "warn";
 /// Sets up logging. Keep the guard until exit: dropping it flushes the
 /// lines still queued.
 #[must_use = "dropping the guard stops the log writer"]
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 pub fn init(format: LogFormat) -> WorkerGuard {
     let given = std::env::var("METAPROXY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))

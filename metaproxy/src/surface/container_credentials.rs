@@ -20,12 +20,12 @@ use hyper::{header, Request};
 
 use super::{document, granted, Denial, Reply, Surface};
 use crate::{
-    credentials::Rendering,
     model::{
         container::Container,
         gitlab::{single_value, Unclear},
     },
     policy::RoleDecision,
+    surface::render::{Rendering, Served as _},
 };
 
 /// The variables by which the runner turns the endpoint on for a container.

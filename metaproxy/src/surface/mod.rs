@@ -12,6 +12,7 @@
 //!
 //! Every refusal is a [`Denial`], which alone decides its status code.
 
+pub mod render;
 pub mod upstream;
 
 mod container_credentials;
@@ -40,7 +41,7 @@ pub use token::{TokenError, TokenKey};
 
 use crate::{
     attribution::Caller,
-    credentials::{CredKey, CredentialCache, Issued, Rendering},
+    credentials::{CredKey, CredentialCache, Issued},
     identity::{Identities, Identity},
     model::container::Container,
     model::ids::RoleArn,
@@ -48,6 +49,7 @@ use crate::{
     ops::logging::Clean,
     ops::ratelimit::PerSource,
     policy::{Policy, Role, RoleDecision},
+    surface::render::{Rendering, Served as _},
     surface::upstream::{Upstream, MAX_BODY},
 };
 
@@ -412,6 +414,19 @@ impl Surface {
             "credentials issued"
         );
         Ok(creds)
+    }
+}
+
+/// A granted role is assumed as this key: credentials know keys, not
+/// decisions.
+impl From<&Role> for CredKey {
+    fn from(role: &Role) -> Self {
+        Self {
+            role_arn: role.arn.clone(),
+            external_id: role.external_id.clone(),
+            session_name: role.session_name.clone(),
+            session: role.session.clone(),
+        }
     }
 }
 

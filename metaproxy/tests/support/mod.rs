@@ -361,11 +361,11 @@ pub async fn bed_with(options: Options) -> Bed {
     ));
     imdsv1.check(upstream.as_ref()).await;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(
-        credentials
-            .clone()
-            .follow(identities.subscribe(), policy.clone()),
-    );
+    tasks.spawn(metaproxy::daemon::prefetch_credentials(
+        credentials.clone(),
+        identities.subscribe(),
+        policy.clone(),
+    ));
     tasks.spawn(identities.clone().follow_events());
     let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));
     let metrics = RequestMetrics::default();

@@ -1,0 +1,202 @@
+//! STS behind a trait: aws-sdk-sts for the daemon, fakes in tests; and a
+//! wrapper that counts and times every call.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures_util::{future::BoxFuture, FutureExt as _};
+
+use super::{CredKey, Credentials, CredentialsError, Secret, DURATION_SECONDS};
+use crate::{
+    model::ids::AccountId,
+    ops::metrics::{ErrorLabels, OperationLabels, StsMetrics},
+};
+
+/// Who the daemon itself is, according to STS.
+#[derive(Debug, Clone)]
+pub struct CallerIdentity {
+    pub account: AccountId,
+    pub arn: String,
+}
+
+/// STS, as the daemon uses it (aws-sdk-sts; a fake in tests).
+pub trait Sts: Send + Sync + 'static {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>>;
+
+    /// GetCallerIdentity with the daemon's own credentials.
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>>;
+}
+
+/// STS through the AWS SDK, with the daemon's own credentials.
+#[derive(Debug, Clone)]
+pub struct AwsSts(pub aws_sdk_sts::Client);
+
+impl AwsSts {
+    /// A client from aws-config's standard chain (on EC2: the instance
+    /// profile, from the real IMDS), so the usual variables
+    /// (AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_ENDPOINT_URL_STS, AWS_REGION)
+    /// work. STS down or hanging must not hold requests (or the single
+    /// flight) forever, hence the timeouts.
+    pub async fn from_env() -> Self {
+        let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .operation_attempt_timeout(Duration::from_secs(5))
+            .operation_timeout(Duration::from_secs(15))
+            .build();
+        Self(aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::config::Builder::from(&aws)
+                .timeout_config(timeouts)
+                .build(),
+        ))
+    }
+}
+
+impl Sts for AwsSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        async move {
+            let tags = key
+                .session
+                .tags
+                .iter()
+                .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CredentialsError::Task(format!("session tags: {e}")))?;
+            let transitive = (key.session.transitive && !tags.is_empty())
+                .then(|| key.session.tags.iter().map(|(k, _)| k.clone()).collect());
+            let out = self
+                .0
+                .assume_role()
+                .role_arn(key.role_arn.as_str())
+                .role_session_name(&key.session_name)
+                .duration_seconds(DURATION_SECONDS)
+                .set_external_id(key.external_id.clone())
+                .set_tags((!tags.is_empty()).then_some(tags))
+                .set_transitive_tag_keys(transitive)
+                .set_source_identity(key.session.source_identity.clone())
+                .send()
+                .await
+                .map_err(|e| {
+                    use aws_sdk_sts::error::ProvideErrorMetadata as _;
+                    CredentialsError::AssumeRole {
+                        role_arn: key.role_arn.clone(),
+                        code: e.code().map(str::to_owned),
+                        message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+                    }
+                })?;
+            let creds = out
+                .credentials
+                .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
+            let expiration = SystemTime::try_from(creds.expiration)
+                .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
+            Ok(Credentials {
+                access_key_id: creds.access_key_id,
+                secret_access_key: Secret::new(creds.secret_access_key),
+                session_token: Secret::new(creds.session_token),
+                expiration,
+                last_updated: SystemTime::now(),
+                assumed_role_arn: out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
+            })
+        }
+        .boxed()
+    }
+
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
+        async move {
+            let out = self.0.get_caller_identity().send().await.map_err(|e| {
+                CredentialsError::CallerIdentity(
+                    aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+                )
+            })?;
+            let account = out
+                .account
+                .as_deref()
+                .and_then(AccountId::parse)
+                .ok_or_else(|| {
+                    CredentialsError::CallerIdentity("no account in the answer".into())
+                })?;
+            Ok(CallerIdentity {
+                account,
+                arn: out.arn.unwrap_or_default(),
+            })
+        }
+        .boxed()
+    }
+}
+
+/// An [`Sts`] that counts and times the calls it passes on.
+pub struct InstrumentedSts {
+    inner: Arc<dyn Sts>,
+    metrics: StsMetrics,
+}
+
+impl std::fmt::Debug for InstrumentedSts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstrumentedSts").finish_non_exhaustive()
+    }
+}
+
+impl InstrumentedSts {
+    pub fn new(inner: Arc<dyn Sts>) -> Self {
+        Self {
+            inner,
+            metrics: StsMetrics::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &StsMetrics {
+        &self.metrics
+    }
+
+    async fn measure<T>(
+        &self,
+        operation: &'static str,
+        call: BoxFuture<'_, Result<T, CredentialsError>>,
+    ) -> Result<T, CredentialsError> {
+        let labels = OperationLabels { operation };
+        self.metrics.calls.get_or_create(&labels).inc();
+        self.metrics.in_flight.inc();
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabels {
+                    operation,
+                    code: e.code_label(),
+                })
+                .inc();
+        }
+        result
+    }
+}
+
+impl Sts for InstrumentedSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        self.measure("AssumeRole", self.inner.assume_role(key))
+            .boxed()
+    }
+
+    fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
+        self.measure("GetCallerIdentity", self.inner.caller_identity())
+            .boxed()
+    }
+}

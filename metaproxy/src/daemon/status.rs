@@ -1,0 +1,182 @@
+//! What the daemon reports: the admin socket's status and live figures,
+//! `policy explain`, and the startup summary.
+
+use super::*;
+
+/// `metaproxy policy explain`: the daemon's own policy, applied to a
+/// container Docker names.
+pub(super) struct PolicyExplainer {
+    pub(super) identities: Arc<Identities>,
+    pub(super) policy: Arc<Policy>,
+}
+
+impl admin::Explainer for PolicyExplainer {
+    fn explain<'a>(&'a self, container: &'a str) -> futures_util::future::BoxFuture<'a, String> {
+        Box::pin(async move {
+            match self.identities.find(container).await {
+                Ok(Some(c)) => self.policy.explain(&c),
+                Ok(None) => format!("no container {container} is known to Docker\n"),
+                Err(e) => format!("cannot ask Docker about {container}: {e}\n"),
+            }
+        })
+    }
+}
+
+/// What the startup summary reports besides the live checks.
+pub(super) struct Summary {
+    pub(super) config: RunConfig,
+    pub(super) mount: PathBuf,
+    pub(super) target: PathBuf,
+    pub(super) own: PathBuf,
+    /// Other processes in the daemon's cgroup at start.
+    pub(super) companions: usize,
+    pub(super) docker: Arc<Identities>,
+}
+
+/// How long the summary waits for Docker and STS before it reports them
+/// missing.
+pub(super) const SUMMARY_WAIT: Duration = Duration::from_secs(10);
+
+/// One line, once, with everything an admin checks after a start: what is
+/// intercepted, where it listens, the policy, who the daemon is to AWS and
+/// whether Docker answers. Waits for readiness (at most [`SUMMARY_WAIT`]).
+pub(super) async fn summary(
+    s: Summary,
+    readiness: Arc<Readiness>,
+    me: Arc<OnceLock<CallerIdentity>>,
+) {
+    let _ = tokio::time::timeout(SUMMARY_WAIT, async {
+        while readiness.check().is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let c = &s.config;
+    let aws = me.get().map_or_else(
+        || "unknown: GetCallerIdentity has not succeeded yet".to_string(),
+        |me| format!("account {} as {}", me.account, me.arn),
+    );
+    let ready = readiness.check();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        kernel = %kernel,
+        cgroup2 = %s.mount.display(),
+        attach_point = %s.target.display(),
+        own_cgroup = %s.own.display(),
+        shared_cgroup = %if s.companions == 0 {
+            "no".to_string()
+        } else {
+            format!("with {} other processes (--allow-shared-cgroup): they bypass the redirect", s.companions)
+        },
+        listen = %c.listen,
+        listen6 = %c.listen6.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        container_credentials = %if c.container_credentials.is_empty() {
+            "off".to_string()
+        } else {
+            format!(
+                "{} {}",
+                c.container_credentials.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                c.container_credentials_options.path
+            )
+        },
+        metrics = %c.metrics.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        admin_socket = %c.admin_socket.display(),
+        allow_role = %list_or(&c.allow_role, "none: roles of the instance's own account that --policy-file allows"),
+        allow_host_cgroup = %list_or(&c.allow_host_cgroup, "none (every host process refused)"),
+        imdsv1 = ?c.imdsv1,
+        policy_file = %c.policy_file.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
+        role_container_types = %c.role_container_types.join(","),
+        session_tags = %if c.session.tags.is_empty() {
+            "off".to_string()
+        } else {
+            c.session.tags.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>().join(",")
+        },
+        source_identity = c.session.source_identity,
+        max_connections = c.limits.max_connections,
+        max_connections_per_container = c.limits.max_connections_per_cgroup,
+        aws_identity = %aws,
+        docker = %if s.docker.reachable() { "reachable" } else { "unreachable" },
+        ready = %ready.err().unwrap_or("yes"),
+        "started"
+    );
+}
+
+pub(super) fn list_or(items: &[String], empty: &str) -> String {
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+/// The daemon's parts that `GET /v1/status` and the metrics read.
+pub(super) struct DaemonState {
+    pub(super) probe: Arc<Probe>,
+    pub(super) guard: Arc<GuardState>,
+    pub(super) count: Arc<ConnectionCount>,
+    pub(super) identities: Arc<Identities>,
+    pub(super) credentials: Arc<CredentialCache>,
+    pub(super) requests: RequestMetrics,
+}
+
+impl StatusSource for DaemonState {
+    fn status(&self) -> serde_json::Value {
+        let (pending, conns) = self.probe.map_sizes();
+        let (interfaces, mode) = self.probe.guarded_interfaces();
+        let routes = self.guard.routes();
+        let dropped: serde_json::Map<String, serde_json::Value> = self
+            .probe
+            .guard_drops()
+            .into_iter()
+            .map(|(kind, n)| (kind.name().to_string(), n.into()))
+            .collect();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "generation": self.probe.generation(),
+            "guard": {
+                "mode": mode.name(),
+                "interfaces": interfaces,
+                "routes": routes.routed.iter().map(|(addr, iface)| serde_json::json!({
+                    "address": addr.to_string(),
+                    "interface": iface.name,
+                    "guarded": interfaces.iter().any(|i| i.index == iface.index),
+                })).collect::<Vec<_>>(),
+                "unrouted": routes.unrouted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "dropped": dropped,
+            },
+            "maps": { "pending": pending, "conns": conns },
+            "connections": {
+                "open": self.count.open(),
+                "largest_per_container": self.count.largest_per_cgroup(),
+                "shed": self.requests.shed.get(),
+            },
+        })
+    }
+}
+
+impl LiveSource for DaemonState {
+    fn live(&self) -> Live {
+        let (pending, conns) = self.probe.map_sizes();
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let mut guard_drops = [0; metaproxy_common::GUARD_DROP_KINDS as usize];
+        for (kind, count) in self.probe.guard_drops() {
+            guard_drops[kind as usize] = count;
+        }
+        Live {
+            guard_drops,
+            guard_interfaces: n(self.probe.guarded_interfaces().0.len()),
+            open_connections: n(self.count.open()),
+            largest_per_container: n(self.count.largest_per_cgroup()),
+            identity_cache: n(self.identities.cached()),
+            credential_cache: n(self.credentials.len()),
+            map_pending: n(pending),
+            map_conns: n(conns),
+            probe_generation: self.probe.generation(),
+            log_lines_dropped: crate::ops::logging::dropped_lines(),
+            docker_reachable: self.identities.reachable(),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The answers made from issued credentials, kept with them: credentials
+//! never change once issued, so each document is serialised once per
+//! refresh, not once per request. And the containers they went to, so the
+//! audit line is written once per container.
+
+use std::{
+    collections::HashSet,
+    sync::{Mutex, OnceLock},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    credentials::{Credentials, Issued},
+    model::ids::ContainerId,
+};
+
+/// The answers kept.
+#[derive(Debug, Clone, Copy)]
+pub enum Rendering {
+    Imds = 0,
+    ImdsExtended = 1,
+    ContainerCredentials = 2,
+}
+
+/// What the surface keeps with one issue of credentials.
+#[derive(Default)]
+struct Kept {
+    bodies: [OnceLock<Bytes>; 3],
+    /// Containers these credentials have been handed to.
+    handed_to: Mutex<HashSet<ContainerId>>,
+}
+
+/// The surface's use of issued credentials.
+pub trait Served {
+    /// The `which` rendering, made by `render` the first time.
+    fn rendered(&self, which: Rendering, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes;
+
+    /// Whether this is the first time these credentials go to `container`
+    /// (what the audit line records; repeats are only counted).
+    fn first_for(&self, container: &ContainerId) -> bool;
+}
+
+impl Served for Issued {
+    fn rendered(&self, which: Rendering, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes {
+        match self.served(Kept::default) {
+            Some(kept) => kept.bodies[which as usize]
+                .get_or_init(|| render(self))
+                .clone(),
+            None => render(self),
+        }
+    }
+
+    fn first_for(&self, container: &ContainerId) -> bool {
+        let Some(kept) = self.served(Kept::default) else {
+            return true;
+        };
+        let mut seen = kept.handed_to.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(container) {
+            return false;
+        }
+        seen.insert(container.clone());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::credentials::Secret;
+
+    #[test]
+    fn a_rendering_is_made_once_and_never_printed() {
+        let issued = Issued::new(Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: Secret::new("very-secret".into()),
+            session_token: Secret::new("token-secret".into()),
+            expiration: SystemTime::now(),
+            last_updated: SystemTime::now(),
+            assumed_role_arn: String::new(),
+        });
+        let body = issued.rendered(Rendering::Imds, |c| {
+            Bytes::from(c.secret_access_key.expose().to_string())
+        });
+        assert_eq!(body, "very-secret");
+        let again = issued.rendered(Rendering::Imds, |_| unreachable!("made once"));
+        assert_eq!(again, "very-secret");
+        let printed = format!("{issued:?}");
+        assert!(printed.contains("ASIAEXAMPLE"));
+        assert!(!printed.contains("very-secret"), "{printed}");
+        let id = ContainerId::parse(&"a".repeat(64)).unwrap();
+        assert!(issued.first_for(&id));
+        assert!(!issued.first_for(&id));
+    }
+}
