@@ -1,0 +1,280 @@
+use clap::Parser as _;
+
+use super::*;
+use crate::cli::{Cli, Command};
+
+/// A host whose ephemeral ports are Linux's defaults.
+struct FakeHost(&'static str, &'static str);
+
+impl Host for FakeHost {
+    fn ephemeral_ports(&self) -> std::io::Result<EphemeralPorts> {
+        EphemeralPorts::parse(self.0, self.1)
+            .ok_or_else(|| std::io::Error::other(format!("bad range {:?}", self.0)))
+    }
+}
+
+const LINUX: FakeHost = FakeHost("32768\t60999\n", "\n");
+
+fn run_args(args: &[&str]) -> Box<RunArgs> {
+    let cli = Cli::try_parse_from(["metaproxy", "run"].iter().chain(args)).unwrap();
+    let Command::Run(run) = cli.command else {
+        panic!("not run")
+    };
+    run
+}
+
+/// `metaproxy run ARGS` with a role allow-list, as every start needs.
+fn config(args: &[&str]) -> Result<RunConfig, ConfigError> {
+    let mut all = vec!["--allow-role", "arn:aws:iam::123456789012:role/ci-*"];
+    all.extend_from_slice(args);
+    RunConfig::from_args_on(&run_args(&all), &LINUX)
+}
+
+#[test]
+fn run_refuses_to_start_without_a_role_allow_list() {
+    for args in [
+        &[][..],
+        &["--allow-role", ""][..],
+        &["--allow-role", " , "][..],
+    ] {
+        let err = RunConfig::from_args_on(&run_args(args), &LINUX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no role allow-list"), "{args:?}: {err}");
+        assert!(
+            err.contains("--allow-role 'arn:aws:iam::123456789012:role/ci-*'")
+                && err.contains("METAPROXY_ALLOW_ROLE")
+                && err.contains("--policy-file"),
+            "the error names the fix: {err}"
+        );
+    }
+    let listed = config(&[]).unwrap();
+    assert_eq!(listed.allow_role, ["arn:aws:iam::123456789012:role/ci-*"]);
+    let by_file = RunConfig::from_args_on(
+        &run_args(&["--policy-file", "/etc/metaproxy/policy.toml"]),
+        &LINUX,
+    )
+    .unwrap();
+    assert!(by_file.allow_role.is_empty());
+    assert!(by_file.policy_file.is_some());
+}
+
+#[test]
+fn listen_ports_the_kernel_hands_to_unbound_sockets_are_refused() {
+    assert_eq!(
+        EphemeralPorts::parse("32768\t60999\n", "8080, 40000-40010\n"),
+        Some(EphemeralPorts {
+            range: 32768..=60999,
+            reserved: vec![8080..=8080, 40000..=40010],
+        })
+    );
+    for bad in ["", "32768", "a b", "1 2 3"] {
+        assert_eq!(EphemeralPorts::parse(bad, ""), None, "{bad:?}");
+    }
+    for (args, flag) in [
+        (
+            &["--listen", "169.254.170.254:40000"][..],
+            "--listen port 40000",
+        ),
+        (
+            &["--listen6", "[fd00:ec2::1]:32768"][..],
+            "--listen6 port 32768",
+        ),
+    ] {
+        let err = config(args).unwrap_err().to_string();
+        assert!(err.contains(flag), "{err}");
+        assert!(
+            err.contains("ephemeral port range 32768-60999")
+                && err.contains("ip_local_reserved_ports"),
+            "{err}"
+        );
+    }
+    assert!(config(&["--listen", "169.254.170.254:32767"]).is_ok());
+    // A reserved port is never handed out.
+    let reserved = FakeHost("32768 60999", "40000");
+    let args = run_args(&[
+        "--allow-role",
+        "arn:aws:iam::123456789012:role/ci-*",
+        "--listen",
+        "169.254.170.254:40000",
+    ]);
+    assert!(RunConfig::from_args_on(&args, &reserved).is_ok());
+    // A range that cannot be read refuses the start.
+    let unreadable = FakeHost("", "");
+    let err = RunConfig::from_args_on(&args, &unreadable)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot read the kernel's ephemeral port range"),
+        "{err}"
+    );
+    // This very host's range parses.
+    ThisHost.ephemeral_ports().unwrap();
+}
+
+#[test]
+fn a_policy_file_anyone_but_root_can_change_is_refused() {
+    use std::collections::HashMap;
+    let fs = |entries: &[(&str, u32, u32, Kind)]| {
+        let map: HashMap<PathBuf, Owner> = entries
+            .iter()
+            .map(|&(p, uid, mode, kind)| (PathBuf::from(p), Owner { uid, mode, kind }))
+            .collect();
+        move |p: &Path| {
+            map.get(p)
+                .copied()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    };
+    let check = |entries: &[(&str, u32, u32, Kind)]| {
+        check_policy_file_with(Path::new("/etc/mp/policy.toml"), &fs(entries))
+            .map_err(|e| e.to_string())
+    };
+    let good = [
+        ("/", 0, 0o755, Kind::Dir),
+        ("/etc", 0, 0o755, Kind::Dir),
+        ("/etc/mp", 0, 0o755, Kind::Dir),
+        ("/etc/mp/policy.toml", 0, 0o644, Kind::File),
+    ];
+    assert_eq!(check(&good), Ok(()));
+    // A sticky world-writable directory (such as /tmp) is fine.
+    let mut sticky = good;
+    sticky[2].2 = 0o1777;
+    assert_eq!(check(&sticky), Ok(()));
+    // A root-owned symlink on the way is judged by its owner only.
+    let mut link = good;
+    link[2] = ("/etc/mp", 0, 0o777, Kind::Symlink);
+    assert_eq!(check(&link), Ok(()));
+    for (i, uid, mode, kind, why) in [
+        (
+            3,
+            0,
+            0o664,
+            Kind::File,
+            "/etc/mp/policy.toml is writable by its group (mode 664)",
+        ),
+        (
+            3,
+            0,
+            0o646,
+            Kind::File,
+            "/etc/mp/policy.toml is writable by others (mode 646)",
+        ),
+        (
+            3,
+            1000,
+            0o600,
+            Kind::File,
+            "/etc/mp/policy.toml is owned by uid 1000, not root",
+        ),
+        (
+            2,
+            0,
+            0o777,
+            Kind::Dir,
+            "/etc/mp is a directory writable by group and others (mode 777)",
+        ),
+        (
+            1,
+            1000,
+            0o755,
+            Kind::Dir,
+            "/etc is owned by uid 1000, not root",
+        ),
+        (
+            2,
+            1000,
+            0o777,
+            Kind::Symlink,
+            "/etc/mp is owned by uid 1000, not root",
+        ),
+    ] {
+        let mut entries = good;
+        entries[i] = (entries[i].0, uid, mode, kind);
+        let err = check(&entries).unwrap_err();
+        assert!(err.contains(why), "{why}: {err}");
+        assert!(
+            err.starts_with("--policy-file /etc/mp/policy.toml: "),
+            "{err}"
+        );
+        assert!(err.contains("chmod go-w"), "the error names the fix: {err}");
+    }
+    // On the real filesystem: a file of ours with group write is
+    // refused, whoever runs the test.
+    let dir = std::env::temp_dir().join(format!("mp-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, "").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let err = check_policy_file(&file).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(err.contains("policy.toml"), "{err}");
+}
+
+#[test]
+fn imdsv1_mirrors_the_instance_unless_told_otherwise() {
+    assert_eq!(config(&[]).unwrap().imdsv1, Imdsv1Mode::Mirror);
+    assert_eq!(
+        config(&["--imdsv1", "allow"]).unwrap().imdsv1,
+        Imdsv1Mode::Allow
+    );
+    assert_eq!(
+        config(&["--require-imdsv2"]).unwrap().imdsv1,
+        Imdsv1Mode::Refuse
+    );
+    assert_eq!(
+        config(&["--imdsv1", "allow", "--require-imdsv2"])
+            .unwrap()
+            .imdsv1,
+        Imdsv1Mode::Refuse
+    );
+}
+
+#[test]
+fn listen_addresses_are_checked_once() {
+    let ok = config(&["--listen6", "[fd00:ec2::1]:8169"]).unwrap();
+    assert_eq!(ok.listen.to_string(), cli::DEFAULT_LISTEN);
+    assert!(ok.listen6.is_some());
+    assert_eq!(ok.metrics, Some("127.0.0.1:9169".parse().unwrap()));
+    assert_eq!(config(&["--metrics", "off"]).unwrap().metrics, None);
+    assert_eq!(
+        ok.container_credentials,
+        &CONTAINER_CREDENTIALS_ADDRS[..2],
+        "169.254.170.2 and .23 by default"
+    );
+    assert!(config(&["--container-credentials", "off"])
+        .unwrap()
+        .container_credentials
+        .is_empty());
+    for (args, msg) in [
+        (&["--listen", "127.0.0.1:1"][..], "loopback"),
+        (&["--listen", "0.0.0.0:1"][..], "unspecified"),
+        (
+            &["--listen", "169.254.169.254:80"][..],
+            "metadata service itself",
+        ),
+        (&["--listen", "[fd00::1]:1"][..], "must be an IPv4"),
+        (&["--listen6", "169.254.170.1:1"][..], "must be an IPv6"),
+        (&["--metrics", "9169"][..], "expected ADDRESS:PORT"),
+        (
+            &["--container-credentials", "169.254.170.3"][..],
+            "expected a comma-separated list",
+        ),
+        (
+            &["--container-credentials", "fd00:ec2::23"][..],
+            "needs an IPv6 listener",
+        ),
+        (
+            &["--container-credentials-path", "/v1/../creds"][..],
+            "plain absolute path",
+        ),
+        (&["--metrics", "0.0.0.0:9169"][..], "containers reach"),
+        (
+            &["--listen", "10.9.9.9:80", "--metrics", "10.9.9.9:9169"][..],
+            "containers reach",
+        ),
+    ] {
+        let err = config(args).unwrap_err().to_string();
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+}
