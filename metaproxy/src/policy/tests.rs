@@ -169,9 +169,7 @@ fn conflicting_or_malformed_values_are_refused() {
         decide(&p, &["IAM_ROLE=a", "IAM_ROLE=a"], &[]),
         role("arn:aws:iam::123456789012:role/a")
     );
-    assert!(
-        refused(decide(&p, &["IAM_ROLE=arn:aws:s3:::bucket"], &[])).contains("not a role ARN")
-    );
+    assert!(refused(decide(&p, &["IAM_ROLE=arn:aws:s3:::bucket"], &[])).contains("not a role ARN"));
     assert!(refused(decide(&p, &["IAM_ROLE=bad name"], &[])).contains("not a valid role name"));
     assert!(refused(decide(
         &p,
@@ -202,8 +200,7 @@ fn allow_list_and_default_account_rule() {
         role("arn:aws:iam::999999999999:role/ci-build")
     );
     assert!(refused(decide(&p, &["IAM_ROLE=admin"], &[])).contains("--allow-role"));
-    let RoleDecision::Role(with_ext) =
-        decide(&p, &["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"], &[])
+    let RoleDecision::Role(with_ext) = decide(&p, &["IAM_ROLE=ci-x", "IAM_EXTERNAL_ID=abc"], &[])
     else {
         panic!()
     };
@@ -219,8 +216,7 @@ fn allow_list_and_default_account_rule() {
 #[test]
 fn external_ids_follow_sts_rules_and_are_never_echoed() {
     let p = policy(&[]);
-    let RoleDecision::Role(r) = decide(&p, &["IAM_ROLE=x", "IAM_EXTERNAL_ID=ab:c/d-1"], &[])
-    else {
+    let RoleDecision::Role(r) = decide(&p, &["IAM_ROLE=x", "IAM_EXTERNAL_ID=ab:c/d-1"], &[]) else {
         panic!()
     };
     assert_eq!(r.external_id.as_deref(), Some("ab:c/d-1"));

@@ -32,8 +32,7 @@ fn pin_directories_others_can_write_are_refused() {
     let pins = base.join("pins");
     let links = pins.join("links");
     fs::create_dir_all(&links).unwrap();
-    let mode =
-        |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
     mode(&base, 0o755);
     mode(&pins, 0o700);
     mode(&links, 0o700);

@@ -1,0 +1,68 @@
+//! `/readyz`: what the daemon needs before it can serve, each checked
+//! when asked.
+
+use super::*;
+
+/// Whether the whole request path works; each step is set as it comes up.
+#[derive(Default)]
+pub struct Readiness {
+    attached: AtomicBool,
+    guarded: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
+    listening: AtomicBool,
+    docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
+    account: OnceLock<Arc<OnceLock<AccountId>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.check())
+            .finish()
+    }
+}
+
+impl Readiness {
+    pub fn probe_attached(&self) {
+        self.attached.store(true, Ordering::Relaxed);
+    }
+
+    pub fn listening(&self) {
+        self.listening.store(true, Ordering::Relaxed);
+    }
+
+    /// How to tell whether the packet guard is on every interface that
+    /// routes to a guarded address.
+    pub fn guard(&self, in_place: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.guarded.set(in_place);
+    }
+
+    /// How to tell whether the Docker API is reachable.
+    pub fn docker(&self, reachable: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.docker.set(reachable);
+    }
+
+    /// The daemon's own account, set once its credentials have worked.
+    pub fn own_credentials(&self, account: Arc<OnceLock<AccountId>>) {
+        let _ = self.account.set(account);
+    }
+
+    /// `Ok` when ready; otherwise the first thing missing, in start order.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.attached.load(Ordering::Relaxed) {
+            return Err("the probe is not attached yet");
+        }
+        if !self.guarded.get().is_some_and(|on| on()) {
+            return Err("the packet guard is not on the interface that routes to IMDS");
+        }
+        if !self.listening.load(Ordering::Relaxed) {
+            return Err("the IMDS listener is not bound yet");
+        }
+        if !self.docker.get().is_some_and(|up| up()) {
+            return Err("the Docker API is not reachable");
+        }
+        if self.account.get().is_none_or(|a| a.get().is_none()) {
+            return Err("the daemon's own AWS credentials have not worked yet (GetCallerIdentity)");
+        }
+        Ok(())
+    }
+}
