@@ -71,18 +71,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(OnceLock::new());
     if let Some(addr) = config.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!(
-                "metrics listener {addr}: {e}{}",
-                if e.kind() == std::io::ErrorKind::AddrInUse {
-                    " (another process has it: set --metrics to another address, or off)"
-                } else {
-                    ""
-                }
-            )
-        })?;
         servers.spawn(metrics::run(
-            listener,
+            bind_metrics(addr).await?,
             metrics.clone(),
             readiness.clone(),
             stopped(),
@@ -91,42 +81,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let account = Arc::new(OnceLock::new());
     readiness.own_credentials(account.clone());
-    let policy = Arc::new(
-        Policy::new(
-            &config.allow_role,
-            &config.allow_host_cgroup,
-            account.clone(),
-        )?
-        .with_session(config.session.clone())
-        .with_container_types(config.role_container_types.clone()),
-    );
-    if let Some(path) = &config.policy_file {
-        // Never start on a policy file that does not load: fail with its
-        // line rather than serve without the rules the admin wrote. Nor on
-        // one that someone other than root could rewrite.
-        let file = PolicyFile::load(path).context("--policy-file")?;
-        config::check_policy_file(path)?;
-        tracing::info!(path = %path.display(), rules = file.rules(), "policy file loaded");
-        policy.set_file(Some(file));
-    }
+    let policy = load_policy(&config, account.clone())?;
     let tokens = TokenKey::load_or_create(&config.state_dir)
         .with_context(|| format!("token key in --state-dir {}", config.state_dir.display()))?;
 
-    let mount = cgroup::cgroup2_mount()?;
-    let target = config.cgroup.clone().unwrap_or_else(|| mount.clone());
-    cgroup::check_cgroup2_dir(&mount, &target)?;
-    let own = cgroup::own_cgroup(&mount)?;
-    let self_cgroup_id = cgroup::id_of(&own)?;
-    // The probe skips the daemon's cgroup, so whatever else runs in it
-    // reaches the real IMDS.
-    let companions = cgroup_companions(&own);
-    check_shared_cgroup(&own, &companions, config.allow_shared_cgroup)?;
-    if own == target {
-        tracing::warn!(
-            cgroup = %own.display(),
-            "the daemon runs in the very cgroup it intercepts: other processes in it reach the real IMDS too; run it in a cgroup of its own"
-        );
-    }
+    let cgroups = Cgroups::find(&config)?;
 
     // Attach before binding: the previous generation's bind guard admits
     // only the previous daemon's cgroup, and under systemd a restarted unit
@@ -134,52 +93,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // ours, so our bind is allowed. Connects redirected meanwhile (a few
     // milliseconds) are refused: fail closed.
     let mut config = config;
-    config
-        .container_credentials
-        .retain(|ip| match served_elsewhere(*ip) {
-            Some(why) => {
-                tracing::warn!(address = %ip, "not serving the container-credentials endpoint at {ip}: {why}; remove it from --container-credentials to silence this");
-                false
-            }
-            None => true,
-        });
+    config.container_credentials.retain(|ip| servable(*ip));
     let mut tasks = Tasks::default();
-    // The packet guard goes on the interfaces that route to IMDS now, in
-    // the same step as the redirect; the follower keeps it there.
-    let routes_table = RouteTable::open().context("reading the routes to IMDS")?;
-    let guarded = guard::guarded_addresses(&config.container_credentials);
-    let routes = routes_table.lookup(&guarded).await;
-    let attached = Attached {
-        cgroup_id: cgroup::id_of(&target)?,
-        level: target
-            .strip_prefix(&mount)
-            .map_or(0, |rel| rel.components().count() as u32),
-    };
-    let probe = attach_probe(
-        &config,
-        &target,
-        self_cgroup_id,
-        attached,
-        routes.interfaces(),
-        &mut tasks,
-    )?;
-    readiness.probe_attached();
-    let guard_state = Arc::new(GuardState::new(routes));
-    {
-        let (probe, state) = (probe.clone(), guard_state.clone());
-        readiness.guard(Arc::new(move || {
-            state.covered_by(&probe.guarded_interfaces().0)
-        }));
-    }
-    tracing::info!(
-        interfaces = %guard_state.routes().interfaces().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(","),
-        mode = probe.guarded_interfaces().1.name(),
-        "packet guard attached"
-    );
-    tasks.spawn(
-        "packet guard routes",
-        guard::follow(probe.clone(), routes_table, guarded, guard_state.clone()),
-    );
+    let (probe, guard_state) = attach(&config, &cgroups, &mut tasks, &readiness).await?;
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
@@ -187,78 +103,30 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     readiness.listening();
     tracing::debug!(
-        cgroup = %target.display(),
+        cgroup = %cgroups.target.display(),
         generation = probe.generation(),
-        self_cgroup = %own.display(),
+        self_cgroup = %cgroups.own.display(),
         "probe attached"
     );
 
-    let sts = Arc::new(InstrumentedSts::new(Arc::new(AwsSts::from_env().await)));
-    let me = Arc::new(OnceLock::new());
-    tasks.spawn_finite(
-        "account discovery",
-        discover_account(sts.clone(), account, me.clone()),
-    );
-    let credentials = Arc::new(CredentialCache::new(sts.clone()));
-    tasks.spawn(
-        "credential refresh",
-        credentials.clone().refresh_ahead(Duration::from_secs(60)),
-    );
-
-    let identities = Arc::new(Identities::new(Arc::new(DockerRuntime::default())));
-    let docker = identities.clone();
-    readiness.docker(Arc::new(move || docker.reachable()));
-    // Subscribe before the events follower starts, so no start is missed.
-    tasks.spawn(
-        "credential prefetch",
-        prefetch_credentials(credentials.clone(), identities.subscribe(), policy.clone()),
-    );
-    tasks.spawn("docker events", identities.clone().follow_events());
-    tasks.spawn(
-        "policy reload",
-        follow_policy_file(policy.clone(), config.policy_file.clone()),
-    );
-
-    let upstream: Arc<dyn Upstream> = Arc::new(HttpUpstream::from_env());
-    let imdsv1 = Arc::new(Imdsv1Gate::new(config.imdsv1));
-    imdsv1.check(upstream.as_ref()).await;
-    tasks.spawn("imdsv1 mirror", imdsv1.clone().follow(upstream.clone()));
-
-    let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
-    let count = Arc::new(ConnectionCount::new(config.limits));
-    let requests = RequestMetrics::default();
-    let state = Arc::new(DaemonState {
-        probe: probe.clone(),
-        guard: guard_state.clone(),
-        count: count.clone(),
-        identities: identities.clone(),
-        credentials: credentials.clone(),
-        requests: requests.clone(),
-    });
-    let _ = metrics.set(Metrics::new(
-        &requests,
-        credentials.metrics(),
-        sts.metrics(),
-        identities.metrics(),
-        state.clone(),
-    ));
-    let pipeline = Arc::new(Pipeline {
-        count,
-        attribution: Attribution::new(probe, Arc::new(CgroupPaths::new(mount.clone()))),
-        surface: Surface {
-            identities,
-            policy,
-            credentials,
-            tokens,
-            upstream,
-            options: SurfaceOptions {
-                imdsv1,
-                container_credentials: config.container_credentials_options.clone(),
-            },
-        },
-        connections: connections.clone(),
-        metrics: requests,
-    });
+    let Wired {
+        pipeline,
+        state,
+        connections,
+        me,
+    } = wire(Parts {
+        config: &config,
+        tasks: &mut tasks,
+        readiness: &readiness,
+        account,
+        policy,
+        tokens,
+        probe,
+        guard_state,
+        mount: cgroups.mount.clone(),
+        metrics: &metrics,
+    })
+    .await;
     let admin_listener = admin::bind(&config.admin_socket)
         .await
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
@@ -290,10 +158,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         summary(
             Summary {
                 config: config.clone(),
-                mount,
-                target,
-                own,
-                companions: companions.len(),
+                companions: cgroups.companions.len(),
+                mount: cgroups.mount,
+                target: cgroups.target,
+                own: cgroups.own,
                 docker: pipeline.surface.identities.clone(),
             },
             readiness,
@@ -301,20 +169,269 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ),
     );
 
-    let result = tokio::select! {
-        signal = wait_for_signal() => signal,
-        failure = tasks.next_failure() => Err(failure),
-        Some(done) = servers.join_next() => Err(match done {
-            Ok(()) => anyhow::anyhow!("a listener stopped unexpectedly"),
-            Err(e) => anyhow::anyhow!("a listener failed: {e}"),
-        }),
-    };
+    let result = until_stopped(&mut tasks, &mut servers).await;
     notify(sd_notify::NotifyState::Stopping);
     tracing::info!("stopping; the probe stays attached, so IMDS connects are refused until metaproxy runs again");
     let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
     tasks.set.shutdown().await;
     result
+}
+
+/// Runs until a signal, a task that must not end ends, or a listener stops.
+async fn until_stopped(tasks: &mut Tasks, servers: &mut JoinSet<()>) -> anyhow::Result<()> {
+    tokio::select! {
+        signal = wait_for_signal() => signal,
+        failure = tasks.next_failure() => Err(failure),
+        Some(done) = servers.join_next() => Err(match done {
+            Ok(()) => anyhow::anyhow!("a listener stopped unexpectedly"),
+            Err(e) => anyhow::anyhow!("a listener failed: {e}"),
+        }),
+    }
+}
+
+/// What the request path is built from.
+struct Parts<'a> {
+    config: &'a RunConfig,
+    tasks: &'a mut Tasks,
+    readiness: &'a Readiness,
+    account: Arc<OnceLock<AccountId>>,
+    policy: Arc<Policy>,
+    tokens: TokenKey,
+    probe: Arc<Probe>,
+    guard_state: Arc<GuardState>,
+    mount: PathBuf,
+    metrics: &'a OnceLock<Metrics>,
+}
+
+/// The request path, and what the admin socket and the summary read.
+struct Wired {
+    pipeline: Arc<Pipeline>,
+    state: Arc<DaemonState>,
+    connections: Arc<ConnLog>,
+    me: Arc<OnceLock<CallerIdentity>>,
+}
+
+/// Builds the request path (STS, the credential cache, Docker, the real
+/// IMDS, the connection log) and starts the tasks that keep it current.
+async fn wire(parts: Parts<'_>) -> Wired {
+    let sts = Arc::new(InstrumentedSts::new(Arc::new(AwsSts::from_env().await)));
+    let me = Arc::new(OnceLock::new());
+    parts.tasks.spawn_finite(
+        "account discovery",
+        discover_account(sts.clone(), parts.account, me.clone()),
+    );
+    let credentials = Arc::new(CredentialCache::new(sts.clone()));
+    parts.tasks.spawn(
+        "credential refresh",
+        credentials.clone().refresh_ahead(Duration::from_secs(60)),
+    );
+
+    let identities = Arc::new(Identities::new(Arc::new(DockerRuntime::default())));
+    let docker = identities.clone();
+    parts.readiness.docker(Arc::new(move || docker.reachable()));
+    // Subscribe before the events follower starts, so no start is missed.
+    parts.tasks.spawn(
+        "credential prefetch",
+        prefetch_credentials(
+            credentials.clone(),
+            identities.subscribe(),
+            parts.policy.clone(),
+        ),
+    );
+    parts
+        .tasks
+        .spawn("docker events", identities.clone().follow_events());
+    parts.tasks.spawn(
+        "policy reload",
+        follow_policy_file(parts.policy.clone(), parts.config.policy_file.clone()),
+    );
+
+    let upstream: Arc<dyn Upstream> = Arc::new(HttpUpstream::from_env());
+    let imdsv1 = Arc::new(Imdsv1Gate::new(parts.config.imdsv1));
+    imdsv1.check(upstream.as_ref()).await;
+    parts
+        .tasks
+        .spawn("imdsv1 mirror", imdsv1.clone().follow(upstream.clone()));
+
+    let connections = Arc::new(ConnLog::new(RECENT_CONNECTIONS));
+    let count = Arc::new(ConnectionCount::new(parts.config.limits));
+    let requests = RequestMetrics::default();
+    let state = Arc::new(DaemonState {
+        probe: parts.probe.clone(),
+        guard: parts.guard_state,
+        count: count.clone(),
+        identities: identities.clone(),
+        credentials: credentials.clone(),
+        requests: requests.clone(),
+    });
+    let _ = parts.metrics.set(Metrics::new(
+        &requests,
+        credentials.metrics(),
+        sts.metrics(),
+        identities.metrics(),
+        state.clone(),
+    ));
+    let pipeline = Arc::new(Pipeline {
+        count,
+        attribution: Attribution::new(parts.probe, Arc::new(CgroupPaths::new(parts.mount))),
+        surface: Surface {
+            identities,
+            policy: parts.policy,
+            credentials,
+            tokens: parts.tokens,
+            upstream,
+            options: SurfaceOptions {
+                imdsv1,
+                container_credentials: parts.config.container_credentials_options.clone(),
+            },
+        },
+        connections: connections.clone(),
+        metrics: requests,
+    });
+    Wired {
+        pipeline,
+        state,
+        connections,
+        me,
+    }
+}
+
+/// The metrics listener's socket, with the fix when the address is taken.
+async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "metrics listener {addr}: {e}{}",
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process has it: set --metrics to another address, or off)"
+            } else {
+                ""
+            }
+        )
+    })
+}
+
+/// The role policy from the flags and, if given, the policy file: never
+/// started on a file that does not load (fail with its line rather than
+/// serve without the rules the admin wrote), nor on one that someone other
+/// than root could rewrite.
+fn load_policy(
+    config: &RunConfig,
+    account: Arc<OnceLock<AccountId>>,
+) -> anyhow::Result<Arc<Policy>> {
+    let policy = Arc::new(
+        Policy::new(&config.allow_role, &config.allow_host_cgroup, account)?
+            .with_session(config.session.clone())
+            .with_container_types(config.role_container_types.clone()),
+    );
+    if let Some(path) = &config.policy_file {
+        let file = PolicyFile::load(path).context("--policy-file")?;
+        config::check_policy_file(path)?;
+        tracing::info!(path = %path.display(), rules = file.rules(), "policy file loaded");
+        policy.set_file(Some(file));
+    }
+    Ok(policy)
+}
+
+/// The cgroups the daemon works with, checked.
+struct Cgroups {
+    /// The cgroup2 mount.
+    mount: PathBuf,
+    /// Where the probe attaches.
+    target: PathBuf,
+    /// The daemon's own cgroup, which the probe skips.
+    own: PathBuf,
+    self_cgroup_id: u64,
+    /// Other processes in the daemon's cgroup.
+    companions: Vec<(u32, String)>,
+}
+
+impl Cgroups {
+    fn find(config: &RunConfig) -> anyhow::Result<Self> {
+        let mount = cgroup::cgroup2_mount()?;
+        let target = config.cgroup.clone().unwrap_or_else(|| mount.clone());
+        cgroup::check_cgroup2_dir(&mount, &target)?;
+        let own = cgroup::own_cgroup(&mount)?;
+        let self_cgroup_id = cgroup::id_of(&own)?;
+        // The probe skips the daemon's cgroup, so whatever else runs in it
+        // reaches the real IMDS.
+        let companions = cgroup_companions(&own);
+        check_shared_cgroup(&own, &companions, config.allow_shared_cgroup)?;
+        if own == target {
+            tracing::warn!(
+                cgroup = %own.display(),
+                "the daemon runs in the very cgroup it intercepts: other processes in it reach the real IMDS too; run it in a cgroup of its own"
+            );
+        }
+        Ok(Self {
+            mount,
+            target,
+            own,
+            self_cgroup_id,
+            companions,
+        })
+    }
+}
+
+/// Whether the container-credentials endpoint can be served at `ip`: not
+/// where something else already answers.
+fn servable(ip: std::net::IpAddr) -> bool {
+    match served_elsewhere(ip) {
+        Some(why) => {
+            tracing::warn!(address = %ip, "not serving the container-credentials endpoint at {ip}: {why}; remove it from --container-credentials to silence this");
+            false
+        }
+        None => true,
+    }
+}
+
+/// Attaches the probe to the target cgroup and the packet guard to the
+/// interfaces that route to IMDS, in one step, and keeps the guard there
+/// as routes and links change.
+async fn attach(
+    config: &RunConfig,
+    cgroups: &Cgroups,
+    tasks: &mut Tasks,
+    readiness: &Readiness,
+) -> anyhow::Result<(Arc<Probe>, Arc<GuardState>)> {
+    // The packet guard goes on the interfaces that route to IMDS now, in
+    // the same step as the redirect; the follower keeps it there.
+    let routes_table = RouteTable::open().context("reading the routes to IMDS")?;
+    let guarded = guard::guarded_addresses(&config.container_credentials);
+    let routes = routes_table.lookup(&guarded).await;
+    let attached = Attached {
+        cgroup_id: cgroup::id_of(&cgroups.target)?,
+        level: cgroups
+            .target
+            .strip_prefix(&cgroups.mount)
+            .map_or(0, |rel| rel.components().count() as u32),
+    };
+    let probe = attach_probe(
+        config,
+        &cgroups.target,
+        cgroups.self_cgroup_id,
+        attached,
+        routes.interfaces(),
+        tasks,
+    )?;
+    readiness.probe_attached();
+    let guard_state = Arc::new(GuardState::new(routes));
+    {
+        let (probe, state) = (probe.clone(), guard_state.clone());
+        readiness.guard(Arc::new(move || {
+            state.covered_by(&probe.guarded_interfaces().0)
+        }));
+    }
+    tracing::info!(
+        interfaces = %guard_state.routes().interfaces().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(","),
+        mode = probe.guarded_interfaces().1.name(),
+        "packet guard attached"
+    );
+    tasks.spawn(
+        "packet guard routes",
+        guard::follow(probe.clone(), routes_table, guarded, guard_state.clone()),
+    );
+    Ok((probe, guard_state))
 }
 
 /// The cgroup the probe is attached to, as the packet guard checks it.
