@@ -59,7 +59,8 @@ async fn one_request_without_a_token_gets_the_containers_role() {
     assert_eq!(got.status, 200);
     assert_eq!(bed.sts.calls(), 1, "one session, cached");
     assert_eq!(
-        bed.metrics.requests_of("container-credentials", "served"),
+        bed.metrics
+            .requests_of("container-credentials", Outcome::Served),
         3
     );
 }
@@ -278,7 +279,8 @@ async fn the_endpoint_answers_only_containers_whose_runner_turned_it_on() {
         .await;
     assert_eq!(imds.status, 200, "{imds:?}");
     assert_eq!(
-        bed.metrics.requests_of("container-credentials", "refused"),
+        bed.metrics
+            .requests_of("container-credentials", Outcome::Refused),
         3
     );
 }

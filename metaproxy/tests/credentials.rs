@@ -6,7 +6,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use metaproxy::{credentials::CredKey, identity::RuntimeEvent, model::ids::RoleArn};
+use metaproxy::{
+    credentials::CredKey, identity::RuntimeEvent, model::ids::RoleArn, ops::connlog::Outcome,
+};
 use support::{bed, Spec, StsMode};
 
 const ROLE: &str = "ci-deploy";
@@ -116,7 +118,7 @@ async fn a_failing_sts_is_asked_once_for_many_waiters_and_not_again_at_once() {
     assert_eq!(sts.errors_of("AssumeRole", "AccessDenied"), 1);
     assert_eq!(sts.in_flight.get(), 0);
     assert_eq!(bed.metrics.refusals_of("sts-unavailable"), 21);
-    assert_eq!(bed.metrics.requests_of("credentials", "served"), 1);
+    assert_eq!(bed.metrics.requests_of("credentials", Outcome::Served), 1);
 }
 
 #[tokio::test]

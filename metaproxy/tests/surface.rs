@@ -3,7 +3,10 @@
 
 mod support;
 
-use metaproxy::{ops::connlog::Outcome, surface::Imdsv1Mode};
+use metaproxy::{
+    ops::{connlog::Outcome, metrics::Lookup},
+    surface::Imdsv1Mode,
+};
 use support::{bed, bed_with, with_role, Options, Spec};
 
 const ROLE: &str = "ci-deploy";
@@ -718,11 +721,11 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
     assert_eq!(get(&job, &creds, &bare_token).await, 401);
 
     let m = &bed.metrics;
-    assert_eq!(m.requests_of("token", "served"), 2);
-    assert_eq!(m.requests_of("credentials", "served"), 2);
-    assert_eq!(m.requests_of("role-listing", "no-role"), 1);
-    assert_eq!(m.requests_of("other", "not-found"), 1);
-    assert_eq!(m.requests_of("credentials", "unauthorized"), 1);
+    assert_eq!(m.requests_of("token", Outcome::Served), 2);
+    assert_eq!(m.requests_of("credentials", Outcome::Served), 2);
+    assert_eq!(m.requests_of("role-listing", Outcome::NoRole), 1);
+    assert_eq!(m.requests_of("other", Outcome::NotFound), 1);
+    assert_eq!(m.requests_of("credentials", Outcome::Unauthorized), 1);
     assert_eq!(m.refusals_of("no-role"), 1);
     assert_eq!(m.refusals_of("not-found"), 1);
     assert_eq!(m.refusals_of("bad-token"), 1);
@@ -735,7 +738,13 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
         "two answers carried credentials: {text}"
     );
     let cache = bed.credentials.metrics();
-    assert_eq!((cache.lookups_of("miss"), cache.lookups_of("hit")), (1, 1));
+    assert_eq!(
+        (
+            cache.lookups_of(Lookup::Miss),
+            cache.lookups_of(Lookup::Hit)
+        ),
+        (1, 1)
+    );
     assert_eq!(bed.sts_metrics.calls_of("AssumeRole"), 1);
     // Each container was inspected once, then served from the cache.
     assert_eq!(bed.identities.metrics().calls_of("inspect"), 2);

@@ -14,7 +14,10 @@ use super::{
     CredKey, Credentials, CredentialsError, Issued, Sts, FAILURE_BACKOFF, FAILURE_BACKOFF_MAX,
     IDLE_EVICT, REFRESH_AHEAD, SERVE_MIN_REMAINING, STALE_MIN_REMAINING,
 };
-use crate::{model::ids::ContainerId, ops::metrics::CacheMetrics};
+use crate::{
+    model::ids::ContainerId,
+    ops::metrics::{CacheMetrics, Lookup},
+};
 
 #[derive(Debug)]
 struct Failure {
@@ -187,14 +190,14 @@ impl CredentialCache {
         let slot = self.slot(key);
         slot.touch();
         if let Some(c) = slot.fresh(SERVE_MIN_REMAINING) {
-            self.metrics.lookup("hit");
+            self.metrics.lookup(Lookup::Hit);
             return Ok(c);
         }
         if let Some(e) = slot.recent_failure() {
-            self.metrics.lookup("failing");
+            self.metrics.lookup(Lookup::Failing);
             return Err(e);
         }
-        self.metrics.lookup("miss");
+        self.metrics.lookup(Lookup::Miss);
         let (this, key) = (self.clone(), key.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.spawn(async move {

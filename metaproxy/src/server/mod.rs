@@ -282,11 +282,9 @@ async fn serve_connection(
             serve_http(stream, move |_req| {
                 let (denial, pipeline) = (denial.clone(), for_requests.clone());
                 async move {
-                    pipeline.metrics.request(
-                        "unattributed",
-                        denial.outcome().as_str(),
-                        Some(denial.kind()),
-                    );
+                    pipeline
+                        .metrics
+                        .request("unattributed", denial.outcome(), Some(denial.kind()));
                     denial.response()
                 }
             })
@@ -319,7 +317,7 @@ async fn serve_connection(
             let (method, uri) = (req.method().clone(), req.uri().clone());
             let handled = pipeline.surface.handle(req, &caller).await;
             let metrics = &pipeline.metrics;
-            metrics.request(handled.route, handled.outcome().as_str(), handled.refusal());
+            metrics.request(handled.route, handled.outcome(), handled.refusal());
             if let Some(remaining) = handled.served_remaining() {
                 metrics.served_remaining.observe(remaining.as_secs_f64());
             }

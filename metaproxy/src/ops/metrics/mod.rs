@@ -39,7 +39,11 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::model::ids::AccountId;
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+
+use crate::{model::ids::AccountId, ops::connlog::Outcome};
 
 /// Where metrics are served unless `--metrics` says otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9169";
@@ -47,7 +51,39 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9169";
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: &'static str,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// What a credential cache lookup found.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Lookup {
+    /// Fresh credentials.
+    Hit,
+    /// None: STS is asked.
+    Miss,
+    /// A recent STS failure, answered again.
+    Failing,
+}
+
+impl EncodeLabelValue for Lookup {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Failing => "failing",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    pub result: Lookup,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,12 +152,7 @@ impl Default for RequestMetrics {
 
 impl RequestMetrics {
     /// One answered request.
-    pub fn request(
-        &self,
-        route: &'static str,
-        outcome: &'static str,
-        refusal: Option<&'static str>,
-    ) {
+    pub fn request(&self, route: &'static str, outcome: Outcome, refusal: Option<&'static str>) {
         self.requests
             .get_or_create(&RequestLabels { route, outcome })
             .inc();
@@ -131,7 +162,7 @@ impl RequestMetrics {
     }
 
     /// How many requests were answered on `route` with `outcome`.
-    pub fn requests_of(&self, route: &'static str, outcome: &'static str) -> u64 {
+    pub fn requests_of(&self, route: &'static str, outcome: Outcome) -> u64 {
         count(&self.requests, &RequestLabels { route, outcome })
     }
 
@@ -172,17 +203,16 @@ impl RequestMetrics {
 /// The credential cache's lookups.
 #[derive(Debug, Clone, Default)]
 pub struct CacheMetrics {
-    /// `hit`, `miss` (STS asked), `failing` (a recent STS failure answered).
-    pub lookups: Family<ResultLabels, Counter>,
+    pub lookups: Family<LookupLabels, Counter>,
 }
 
 impl CacheMetrics {
-    pub fn lookup(&self, result: &'static str) {
-        self.lookups.get_or_create(&ResultLabels { result }).inc();
+    pub fn lookup(&self, result: Lookup) {
+        self.lookups.get_or_create(&LookupLabels { result }).inc();
     }
 
-    pub fn lookups_of(&self, result: &'static str) -> u64 {
-        count(&self.lookups, &ResultLabels { result })
+    pub fn lookups_of(&self, result: Lookup) -> u64 {
+        count(&self.lookups, &LookupLabels { result })
     }
 
     fn register(&self, r: &mut Registry) {
