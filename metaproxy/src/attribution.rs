@@ -8,15 +8,15 @@
 //! from off the host) has no caller and is refused.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use metaproxy_common::{ConnRecord, AF_INET};
+use metaproxy_common::ConnRecord;
 
 use crate::{
-    kernel::addrs::{AddrPair, ClientAddr},
+    kernel::addrs::{ip_from_words, AddrPair, ClientAddr},
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
     model::ids::CgroupId,
@@ -151,16 +151,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The destination the caller asked for before the probe rewrote it.
 pub fn original_dst(r: &ConnRecord) -> SocketAddr {
-    let ip = if r.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::from(r.orig_addr[0].to_ne_bytes()))
-    } else {
-        let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_mut(4).zip(r.orig_addr) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(octets))
-    };
-    SocketAddr::new(ip, r.orig_port)
+    SocketAddr::new(ip_from_words(r.family, r.orig_addr), r.orig_port)
 }
 
 /// The kernel's NUL-padded `comm`.
@@ -184,6 +175,7 @@ fn boot_ns_to_wall(boot_ns: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metaproxy_common::AF_INET;
 
     #[test]
     fn original_destination_and_comm_render() {

@@ -25,7 +25,7 @@ use crate::{
     cli::config::{self, RunConfig},
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
     identity::{docker::DockerRuntime, Identities},
-    kernel::addrs::ip6_words,
+    kernel::addrs::{ip4_word, ip6_words},
     kernel::cgroup::{self, CgroupPaths},
     kernel::guard::{self, GuardState, RouteTable},
     kernel::netaddr,
@@ -450,7 +450,7 @@ fn attach_probe(
     tasks: &mut Tasks,
 ) -> anyhow::Result<Arc<Probe>> {
     let (listen_ip6, listen_port6) = match config.listen6 {
-        Some(l6) => (ip6_words(l6.ip().octets()), l6.port()),
+        Some(l6) => (ip6_words(*l6.ip()), l6.port()),
         None => ([0; 4], 0),
     };
     let mut creds_ip4 = [0u32; 2];
@@ -459,7 +459,7 @@ fn attach_probe(
         .container_credentials
         .iter()
         .filter_map(|ip| match ip {
-            std::net::IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+            std::net::IpAddr::V4(v4) => Some(ip4_word(*v4)),
             std::net::IpAddr::V6(_) => None,
         });
     for (slot, ip) in creds_ip4.iter_mut().zip(v4) {
@@ -468,14 +468,14 @@ fn attach_probe(
     if let Some(std::net::IpAddr::V6(v6)) =
         config.container_credentials.iter().find(|ip| ip.is_ipv6())
     {
-        creds_ip6 = ip6_words(v6.octets());
+        creds_ip6 = ip6_words(*v6);
     }
     let opts = ProbeOptions {
         cgroup: target.to_path_buf(),
         pin_dir: config.pin_dir.clone(),
         config: ProbeConfig {
             self_cgroup_id,
-            listen_ip4: u32::from_ne_bytes(config.listen.ip().octets()),
+            listen_ip4: ip4_word(*config.listen.ip()),
             listen_port4: config.listen.port(),
             listen_port6,
             listen_ip6,
