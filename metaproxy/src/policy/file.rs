@@ -31,9 +31,10 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
+use super::globs::glob;
 use crate::model::{container::Container, gitlab::Fact, ids::RoleArn};
 
 #[derive(Debug, thiserror::Error)]
@@ -232,10 +233,6 @@ fn valid_runner_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
-
-fn glob(pattern: &str) -> Result<Glob, globset::Error> {
-    GlobBuilder::new(pattern).literal_separator(true).build()
 }
 
 fn glob_set(patterns: &[String]) -> Result<GlobSet, String> {

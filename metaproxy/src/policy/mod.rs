@@ -7,6 +7,7 @@
 //! it is checked, never trusted.
 
 pub mod file;
+mod globs;
 
 use std::{
     collections::HashMap,
@@ -16,7 +17,7 @@ use std::{
     },
 };
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::{GlobSet, GlobSetBuilder};
 
 use crate::{
     attribution::Caller,
@@ -460,12 +461,7 @@ fn glob_set(flag: &'static str, patterns: &[String]) -> Result<Option<GlobSet>, 
     };
     let mut set = GlobSetBuilder::new();
     for p in patterns {
-        set.add(
-            GlobBuilder::new(p)
-                .literal_separator(true)
-                .build()
-                .map_err(err(p))?,
-        );
+        set.add(globs::glob(p).map_err(err(p))?);
     }
     set.build().map(Some).map_err(err(&patterns.join(",")))
 }
