@@ -1,24 +1,25 @@
 //! metaproxy: per-container AWS credentials for CI jobs, attributed by
 //! cgroup in the kernel.
 //!
-//! The request path runs one way, one module per step:
+//! The request path runs one way, one folder per stage:
 //!
 //! ```text
-//! probe (kernel record) -> attribution (address pair -> Caller)
+//! kernel (probe record) -> attribution (address pair -> Caller)
 //!   -> identity (Caller -> container or host process)
 //!   -> policy (-> role decision; host-process rules)
-//!   -> credentials (STS, cache) -> surface (the IMDS answer, or a Denial)
+//!   -> credentials (STS, a cache by key) -> surface (the IMDS answer, or a Denial)
+//!   -> server (accept, fair shares)
 //! ```
 //!
-//! Beside it, `guard` keeps the packet guard (which `probe` attaches) on
-//! the interfaces that route to IMDS, so nothing but the daemon reaches the
-//! real IMDS whatever a job sends.
-//!
-//! `server` runs that path for each accepted connection; `daemon` wires it
-//! from a validated `config`. The outside world sits behind traits
+//! `model` holds what the stages share and imports nothing of the crate;
+//! `ops` (metrics, admin socket, connection log, logging) is read by all.
+//! Beside the path, `kernel::guard` keeps the packet guard on the
+//! interfaces that route to IMDS, so nothing but the daemon reaches the
+//! real IMDS whatever a job sends. `daemon` wires the path from a validated
+//! `cli::config`. The outside world sits behind traits
 //! ([`attribution::RecordSource`], [`identity::ContainerRuntime`],
-//! [`credentials::Sts`], [`upstream::Upstream`]) so the whole path runs
-//! in-process in tests.
+//! [`credentials::Sts`], [`surface::upstream::Upstream`]) so the whole path
+//! runs in-process in tests.
 #![forbid(unsafe_code)]
 
 pub mod attribution;
