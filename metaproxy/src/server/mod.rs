@@ -335,8 +335,7 @@ async fn serve_connection(
 ///
 /// A connection costs a task and a socket until its first bytes arrive
 /// (`peek`, not `readable`: readiness can be reported before any data,
-/// and the bench's silent connections then hold hyper's buffers, about
-/// 13 KiB each). Then hyper serves it until a response has been flushed
+/// and a silent connection would then hold hyper's buffers). Then hyper serves it until a response has been flushed
 /// and nothing more is waiting ([`HandBack`]); the connection goes back to
 /// waiting, and the next request gets a fresh hyper connection. Silent connections, and
 /// keep-alive ones between requests, wait at most [`HEADER_TIMEOUT`].
@@ -385,12 +384,9 @@ where
                     Ok(again) => stream = again,
                     // The client closed, or asked us to (`Connection:
                     // close`, HTTP/1.0): hyper has answered and is done.
-                    // The FIN goes out first, as hyper and nginx send it:
-                    // a bare close sends it too, but on this VM it took
-                    // more than twice as long (perf trace, per connection:
-                    // 74 us for close against 17 us for shutdown and 12 us
-                    // for the close after it), and the client waits for
-                    // that FIN.
+                    // Shut down before closing, as hyper and nginx do: the
+                    // client waits for the FIN, and a bare close sends it
+                    // later.
                     Err(mut done) => {
                         let _ = tokio::io::AsyncWriteExt::shutdown(&mut done).await;
                         return;
