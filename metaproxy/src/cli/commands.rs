@@ -222,10 +222,7 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Explain { container, admin } => {
             anyhow::ensure!(
-                !container.is_empty()
-                    && container
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+                crate::model::ids::is_container_ref(&container),
                 "{container:?} is not a container name or id"
             );
             let mut out = std::io::stdout().lock();

@@ -15,6 +15,14 @@ impl fmt::Display for CgroupId {
     }
 }
 
+/// Whether `s` can name a container: a Docker name or an id (full or
+/// short), `[A-Za-z0-9_.-]+`. Anything else never reaches Docker.
+pub fn is_container_ref(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// A full (64 hex digit) Docker container id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContainerId(Arc<str>);

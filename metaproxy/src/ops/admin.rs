@@ -131,11 +131,7 @@ async fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Respo
             let container = req.uri().query().and_then(|q| {
                 q.split('&')
                     .find_map(|kv| kv.strip_prefix("container="))
-                    .filter(|c| {
-                        !c.is_empty()
-                            && c.bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-                    })
+                    .filter(|c| crate::model::ids::is_container_ref(c))
             });
             match container {
                 Some(c) => {

@@ -208,10 +208,9 @@ impl Policy {
     /// The runner's container type label, unless the image brought it
     /// (which [`Policy::decide`] refuses outright).
     fn container_type(c: &Container) -> Option<&str> {
-        c.labels
-            .get(gitlab::TYPE_LABEL)
-            .filter(|_| !c.image_labels.contains_key(gitlab::TYPE_LABEL))
-            .map(String::as_str)
+        gitlab::runner_set(c, gitlab::TYPE_LABEL)
+            .then(|| c.labels.get(gitlab::TYPE_LABEL).map(String::as_str))
+            .flatten()
     }
 
     /// Sends session tags and SourceIdentity with each AssumeRole.

@@ -145,9 +145,7 @@ impl Surface {
         decision: &RoleDecision,
     ) -> Result<Reply, Denial> {
         let options = &self.options.container_credentials;
-        if req.headers().contains_key("x-forwarded-for") {
-            return Err(Denial::ForwardedFor);
-        }
+        super::not_forwarded(req)?;
         opted_in(c)?;
         if req.uri().path() != options.path || req.uri().query().is_some() {
             return Err(Denial::NotFound);
