@@ -177,12 +177,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut out = std::io::stdout().lock();
-    admin_client::get(&args.admin.admin_socket, "/v1/status", |chunk| {
-        Ok(out.write_all(chunk)?)
-    })
-    .await?;
-    writeln!(out)?;
+    let status = admin_client::status(&args.admin.admin_socket).await?;
+    println!("{}", serde_json::to_string(&status)?);
     Ok(())
 }
 

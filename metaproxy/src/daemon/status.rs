@@ -2,6 +2,7 @@
 //! `policy explain`, and the startup summary.
 
 use super::*;
+use crate::ops::admin::{ConnectionStatus, GuardRoute, GuardStatus, MapStatus, Status};
 
 /// `metaproxy policy explain`: the daemon's own policy, applied to a
 /// container Docker names.
@@ -123,37 +124,40 @@ pub(super) struct DaemonState {
 }
 
 impl StatusSource for DaemonState {
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         let (pending, conns) = self.probe.map_sizes();
         let (interfaces, mode) = self.probe.guarded_interfaces();
         let routes = self.guard.routes();
-        let dropped: serde_json::Map<String, serde_json::Value> = self
-            .probe
-            .guard_drops()
-            .into_iter()
-            .map(|(kind, n)| (kind.name().to_string(), n.into()))
-            .collect();
-        serde_json::json!({
-            "pid": std::process::id(),
-            "generation": self.probe.generation(),
-            "guard": {
-                "mode": mode.name(),
-                "interfaces": interfaces,
-                "routes": routes.routed.iter().map(|(addr, iface)| serde_json::json!({
-                    "address": addr.to_string(),
-                    "interface": iface.name,
-                    "guarded": interfaces.iter().any(|i| i.index == iface.index),
-                })).collect::<Vec<_>>(),
-                "unrouted": routes.unrouted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "dropped": dropped,
+        Status {
+            pid: std::process::id(),
+            generation: self.probe.generation(),
+            guard: GuardStatus {
+                mode: mode.name().to_string(),
+                routes: routes
+                    .routed
+                    .iter()
+                    .map(|(addr, iface)| GuardRoute {
+                        address: addr.to_string(),
+                        interface: iface.name.clone(),
+                        guarded: interfaces.iter().any(|i| i.index == iface.index),
+                    })
+                    .collect(),
+                interfaces,
+                unrouted: routes.unrouted.iter().map(ToString::to_string).collect(),
+                dropped: self
+                    .probe
+                    .guard_drops()
+                    .into_iter()
+                    .map(|(kind, n)| (kind.name().to_string(), n))
+                    .collect(),
             },
-            "maps": { "pending": pending, "conns": conns },
-            "connections": {
-                "open": self.count.open(),
-                "largest_per_container": self.count.largest_per_cgroup(),
-                "shed": self.requests.shed.get(),
+            maps: MapStatus { pending, conns },
+            connections: ConnectionStatus {
+                open: self.count.open(),
+                largest_per_container: self.count.largest_per_cgroup(),
+                shed: self.requests.shed.get(),
             },
-        })
+        }
     }
 }
 

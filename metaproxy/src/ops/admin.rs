@@ -11,6 +11,7 @@
 //!   rule by rule
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     fs,
     future::Future,
@@ -27,11 +28,61 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
-use crate::ops::connlog::ConnLog;
+use crate::{kernel::probe::Interface, ops::connlog::ConnLog};
 
 /// The daemon's status, as `GET /v1/status` shows it.
 pub trait StatusSource: Send + Sync + 'static {
-    fn status(&self) -> serde_json::Value;
+    fn status(&self) -> Status;
+}
+
+/// What `GET /v1/status` answers and `metaproxy status` prints: one type
+/// for the daemon that writes it and the client that reads it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    /// The probe generation in force.
+    pub generation: u64,
+    pub guard: GuardStatus,
+    pub maps: MapStatus,
+    pub connections: ConnectionStatus,
+}
+
+/// Where the packet guard is and what it dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuardStatus {
+    /// `tcx` or `netlink` (clsact).
+    pub mode: String,
+    /// The interfaces it is attached to.
+    pub interfaces: Vec<Interface>,
+    /// Each guarded address and the interface that routes to it.
+    pub routes: Vec<GuardRoute>,
+    /// Guarded addresses no route leads to.
+    pub unrouted: Vec<String>,
+    /// Packets dropped, by kind.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuardRoute {
+    pub address: String,
+    pub interface: String,
+    /// Whether the guard is on that interface.
+    pub guarded: bool,
+}
+
+/// Entries in the probe's maps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapStatus {
+    pub pending: usize,
+    pub conns: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionStatus {
+    pub open: usize,
+    pub largest_per_container: usize,
+    /// Connections closed at once for being over a cap.
+    pub shed: u64,
 }
 
 /// `GET /v1/explain?container=NAME`: the role decision for a running
@@ -187,4 +238,47 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn the_status_reads_back_as_written_under_the_keys_the_tools_use() {
+        let status = Status {
+            pid: 7,
+            generation: 3,
+            guard: GuardStatus {
+                mode: "tcx".into(),
+                interfaces: vec![Interface {
+                    index: 2,
+                    name: "eth0".into(),
+                }],
+                routes: vec![GuardRoute {
+                    address: "169.254.169.254".into(),
+                    interface: "eth0".into(),
+                    guarded: true,
+                }],
+                unrouted: vec!["fd00:ec2::254".into()],
+                dropped: BTreeMap::from([("forwarded".to_string(), 4)]),
+            },
+            maps: MapStatus {
+                pending: 0,
+                conns: 1,
+            },
+            connections: ConnectionStatus {
+                open: 5,
+                largest_per_container: 2,
+                shed: 0,
+            },
+        };
+        let text = serde_json::to_string(&status).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["connections"]["open"], 5);
+        assert_eq!(value["maps"]["conns"], 1);
+        assert_eq!(value["guard"]["dropped"]["forwarded"], 4);
+        assert_eq!(value["guard"]["interfaces"][0]["name"], "eth0");
+        assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), status);
+    }
 }

@@ -49,6 +49,17 @@ pub async fn get(
 }
 
 /// Parses the NDJSON / JSON array the connections endpoint returns.
+/// The daemon's status, as its type says it is.
+pub async fn status(socket: &Path) -> anyhow::Result<crate::ops::admin::Status> {
+    let mut body = Vec::new();
+    get(socket, "/v1/status", |chunk| {
+        body.extend_from_slice(chunk);
+        Ok(())
+    })
+    .await?;
+    serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("the daemon's status: {e}"))
+}
+
 pub fn parse_connections(body: &[u8]) -> anyhow::Result<Vec<Connection>> {
     Ok(serde_json::from_slice(body)?)
 }
