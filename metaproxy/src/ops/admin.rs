@@ -235,9 +235,7 @@ fn json<T: serde::Serialize>(value: &T) -> Response<Body> {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
-    *resp.status_mut() = status;
-    resp
+    crate::ops::http::text(status, body).map(http_body_util::BodyExt::boxed)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod connlog;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod ratelimit;

@@ -2,6 +2,7 @@
 //! on clients and on how long each may take.
 
 use super::*;
+use crate::ops::http::text;
 
 /// How long a scraper may take to send its request.
 pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,7 +111,7 @@ pub(super) async fn serve_client(
             let answer =
                 tokio::task::spawn_blocking(move || answer(&req, metrics.get(), &readiness))
                     .await
-                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n".into()));
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"));
             Ok::<_, Infallible>(answer)
         }
     });
@@ -135,15 +136,12 @@ pub(super) fn answer<B>(
     readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match readiness.check() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
@@ -160,18 +158,8 @@ pub(super) fn answer<B>(
                 );
                 resp
             }
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
         },
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-pub(super) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
