@@ -161,7 +161,9 @@ impl Surface {
             authorize(presented, c, required_by)?;
         }
         let role = granted(decision, c)?;
-        let creds = self.issue(c, role, "container-credentials").await?;
+        let creds = self
+            .issue(c, role, super::Endpoint::ContainerCredentials)
+            .await?;
         let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
             let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);
             Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())

@@ -91,6 +91,14 @@ impl Endpoint {
             _ => Self::ContainerCredentials,
         }
     }
+
+    /// Its name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Imds => "imds",
+            Self::ContainerCredentials => "container-credentials",
+        }
+    }
 }
 
 /// The role a decision grants, or the refusal it comes to.
@@ -360,7 +368,7 @@ impl Surface {
         role: &Role,
         extended: bool,
     ) -> Result<Reply, Denial> {
-        let creds = self.issue(c, role, "imds").await?;
+        let creds = self.issue(c, role, Endpoint::Imds).await?;
         let which = if extended {
             Rendering::ImdsExtended
         } else {
@@ -382,7 +390,7 @@ impl Surface {
         &self,
         c: &Container,
         role: &Role,
-        endpoint: &'static str,
+        endpoint: Endpoint,
     ) -> Result<Arc<Issued>, Denial> {
         let key = CredKey::from(role);
         let creds = self
@@ -408,7 +416,7 @@ impl Surface {
             session = %key.session_name,
             access_key_id = %creds.access_key_id,
             expiration = %imds_time(creds.expiration),
-            endpoint,
+            endpoint = endpoint.name(),
             "credentials issued"
         );
         Ok(creds)
