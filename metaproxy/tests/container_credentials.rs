@@ -6,7 +6,10 @@
 
 mod support;
 
-use metaproxy::{ops::connlog::Outcome, surface::ContainerCredentialsOptions};
+use metaproxy::{
+    ops::{connlog::Outcome, metrics::RouteLabel},
+    surface::ContainerCredentialsOptions,
+};
 use support::{bed, bed_with, with_role, Options, Spec, StsMode};
 
 const ECS: [u8; 4] = [169, 254, 170, 2];
@@ -60,7 +63,7 @@ async fn one_request_without_a_token_gets_the_containers_role() {
     assert_eq!(bed.sts.calls(), 1, "one session, cached");
     assert_eq!(
         bed.metrics
-            .requests_of("container-credentials", Outcome::Served),
+            .requests_of(RouteLabel::ContainerCredentials, Outcome::Served),
         3
     );
 }
@@ -280,7 +283,7 @@ async fn the_endpoint_answers_only_containers_whose_runner_turned_it_on() {
     assert_eq!(imds.status, 200, "{imds:?}");
     assert_eq!(
         bed.metrics
-            .requests_of("container-credentials", Outcome::Refused),
+            .requests_of(RouteLabel::ContainerCredentials, Outcome::Refused),
         3
     );
 }

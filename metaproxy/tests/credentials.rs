@@ -7,7 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use metaproxy::{
-    credentials::CredKey, identity::RuntimeEvent, model::ids::RoleArn, ops::connlog::Outcome,
+    credentials::CredKey,
+    identity::RuntimeEvent,
+    model::ids::RoleArn,
+    ops::{connlog::Outcome, metrics::RouteLabel},
 };
 use support::{bed, Spec, StsMode};
 
@@ -118,7 +121,11 @@ async fn a_failing_sts_is_asked_once_for_many_waiters_and_not_again_at_once() {
     assert_eq!(sts.errors_of("AssumeRole", "AccessDenied"), 1);
     assert_eq!(sts.in_flight.get(), 0);
     assert_eq!(bed.metrics.refusals_of("sts-unavailable"), 21);
-    assert_eq!(bed.metrics.requests_of("credentials", Outcome::Served), 1);
+    assert_eq!(
+        bed.metrics
+            .requests_of(RouteLabel::Credentials, Outcome::Served),
+        1
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,10 @@
 mod support;
 
 use metaproxy::{
-    ops::{connlog::Outcome, metrics::Lookup},
+    ops::{
+        connlog::Outcome,
+        metrics::{Lookup, RouteLabel},
+    },
     surface::Imdsv1Mode,
 };
 use support::{bed, bed_with, with_role, Options, Spec};
@@ -721,11 +724,14 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
     assert_eq!(get(&job, &creds, &bare_token).await, 401);
 
     let m = &bed.metrics;
-    assert_eq!(m.requests_of("token", Outcome::Served), 2);
-    assert_eq!(m.requests_of("credentials", Outcome::Served), 2);
-    assert_eq!(m.requests_of("role-listing", Outcome::NoRole), 1);
-    assert_eq!(m.requests_of("other", Outcome::NotFound), 1);
-    assert_eq!(m.requests_of("credentials", Outcome::Unauthorized), 1);
+    assert_eq!(m.requests_of(RouteLabel::Token, Outcome::Served), 2);
+    assert_eq!(m.requests_of(RouteLabel::Credentials, Outcome::Served), 2);
+    assert_eq!(m.requests_of(RouteLabel::RoleListing, Outcome::NoRole), 1);
+    assert_eq!(m.requests_of(RouteLabel::Other, Outcome::NotFound), 1);
+    assert_eq!(
+        m.requests_of(RouteLabel::Credentials, Outcome::Unauthorized),
+        1
+    );
     assert_eq!(m.refusals_of("no-role"), 1);
     assert_eq!(m.refusals_of("not-found"), 1);
     assert_eq!(m.refusals_of("bad-token"), 1);

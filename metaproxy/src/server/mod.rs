@@ -43,6 +43,7 @@ use crate::{
     ops::connlog::{ConnLog, Entry},
     ops::logging::Clean,
     ops::metrics::RequestMetrics,
+    ops::metrics::RouteLabel,
     ops::ratelimit::PerSource,
     surface::{Denial, Handled, Surface},
 };
@@ -282,9 +283,11 @@ async fn serve_connection(
             serve_http(stream, move |_req| {
                 let (denial, pipeline) = (denial.clone(), for_requests.clone());
                 async move {
-                    pipeline
-                        .metrics
-                        .request("unattributed", denial.outcome(), Some(denial.kind()));
+                    pipeline.metrics.request(
+                        RouteLabel::Unattributed,
+                        denial.outcome(),
+                        Some(denial.kind()),
+                    );
                     denial.response()
                 }
             })

@@ -47,6 +47,7 @@ use crate::{
     model::ids::RoleArn,
     ops::connlog::Outcome,
     ops::logging::Clean,
+    ops::metrics::RouteLabel,
     ops::ratelimit::PerSource,
     policy::{Policy, Role, RoleDecision},
     surface::render::{Rendering, Served as _},
@@ -151,7 +152,7 @@ pub struct Handled {
     pub endpoint: Endpoint,
     /// What was asked for (a bounded label: `credentials`, `token`,
     /// `passthrough`, ...).
-    pub route: &'static str,
+    pub route: RouteLabel,
     pub container: Option<Arc<Container>>,
     /// The role the container may assume, if it has one.
     pub role: Option<RoleArn>,
@@ -161,7 +162,7 @@ pub struct Handled {
 impl Handled {
     fn new(
         endpoint: Endpoint,
-        route: &'static str,
+        route: RouteLabel,
         container: Option<Arc<Container>>,
         role: Option<RoleArn>,
         result: Result<Reply, Denial>,
@@ -238,20 +239,26 @@ impl Surface {
                 if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {
                     tracing::warn!(cgroup_id = %caller.cgroup, error = %Clean(&e.to_string()), suppressed, "cannot identify caller");
                 }
-                Handled::new(endpoint, "unidentified", None, None, Err(e.into()))
+                Handled::new(
+                    endpoint,
+                    RouteLabel::Unidentified,
+                    None,
+                    None,
+                    Err(e.into()),
+                )
             }
             // Host processes have no role, and nothing behind the
             // container-credentials endpoint to pass through to.
             Ok(Identity::Host) if endpoint == Endpoint::ContainerCredentials => Handled::new(
                 endpoint,
-                "container-credentials",
+                RouteLabel::ContainerCredentials,
                 None,
                 None,
                 Err(Denial::NotFound),
             ),
             Ok(Identity::Host) => Handled::new(
                 endpoint,
-                "passthrough",
+                RouteLabel::Passthrough,
                 None,
                 None,
                 self.host(req, caller).await,
@@ -269,7 +276,13 @@ impl Surface {
                 }
                 if endpoint == Endpoint::ContainerCredentials {
                     let result = self.container_credentials(&req, &c, &decision).await;
-                    return Handled::new(endpoint, "container-credentials", Some(c), role, result);
+                    return Handled::new(
+                        endpoint,
+                        RouteLabel::ContainerCredentials,
+                        Some(c),
+                        role,
+                        result,
+                    );
                 }
                 let route = Route::of(req.method(), req.uri().path(), req.uri().query());
                 let result = self.container(&req, route, &c, &decision).await;

@@ -1,6 +1,7 @@
 //! The IMDS routes a container may use, decided from method and path alone.
 //! Deliberately short: anything not listed here is 404 and never forwarded.
 
+use crate::ops::metrics::RouteLabel;
 use hyper::Method;
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
@@ -47,14 +48,14 @@ pub enum Route<'a> {
 
 impl<'a> Route<'a> {
     /// The route's name, a bounded label for metrics.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> RouteLabel {
         match self {
-            Self::Token => "token",
-            Self::RoleListing => "role-listing",
-            Self::Credentials { .. } => "credentials",
-            Self::IamInfo => "iam-info",
-            Self::Metadata(_) => "metadata",
-            Self::MethodNotAllowed | Self::NotFound => "other",
+            Self::Token => RouteLabel::Token,
+            Self::RoleListing => RouteLabel::RoleListing,
+            Self::Credentials { .. } => RouteLabel::Credentials,
+            Self::IamInfo => RouteLabel::IamInfo,
+            Self::Metadata(_) => RouteLabel::Metadata,
+            Self::MethodNotAllowed | Self::NotFound => RouteLabel::Other,
         }
     }
 

@@ -50,8 +50,51 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9169";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: &'static str,
+    pub route: RouteLabel,
     pub outcome: Outcome,
+}
+
+/// What a request was for, as the request counters name it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RouteLabel {
+    Token,
+    RoleListing,
+    Credentials,
+    IamInfo,
+    Metadata,
+    /// Any other path or method on IMDS (refused).
+    Other,
+    /// The container-credentials endpoint.
+    ContainerCredentials,
+    /// A host process's request passed to the real IMDS.
+    Passthrough,
+    /// A caller whose identity could not be settled.
+    Unidentified,
+    /// A connection the probe had no record of.
+    Unattributed,
+}
+
+impl RouteLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::RoleListing => "role-listing",
+            Self::Credentials => "credentials",
+            Self::IamInfo => "iam-info",
+            Self::Metadata => "metadata",
+            Self::Other => "other",
+            Self::ContainerCredentials => "container-credentials",
+            Self::Passthrough => "passthrough",
+            Self::Unidentified => "unidentified",
+            Self::Unattributed => "unattributed",
+        }
+    }
+}
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
 }
 
 impl EncodeLabelValue for Outcome {
@@ -152,7 +195,7 @@ impl Default for RequestMetrics {
 
 impl RequestMetrics {
     /// One answered request.
-    pub fn request(&self, route: &'static str, outcome: Outcome, refusal: Option<&'static str>) {
+    pub fn request(&self, route: RouteLabel, outcome: Outcome, refusal: Option<&'static str>) {
         self.requests
             .get_or_create(&RequestLabels { route, outcome })
             .inc();
@@ -162,7 +205,7 @@ impl RequestMetrics {
     }
 
     /// How many requests were answered on `route` with `outcome`.
-    pub fn requests_of(&self, route: &'static str, outcome: Outcome) -> u64 {
+    pub fn requests_of(&self, route: RouteLabel, outcome: Outcome) -> u64 {
         count(&self.requests, &RequestLabels { route, outcome })
     }
 

@@ -76,8 +76,12 @@ impl LiveSource for Fixed {
 #[test]
 fn names_follow_prometheus_conventions() {
     let requests = RequestMetrics::default();
-    requests.request("credentials", Outcome::Served, None);
-    requests.request("credentials", Outcome::Refused, Some("sts-unavailable"));
+    requests.request(RouteLabel::Credentials, Outcome::Served, None);
+    requests.request(
+        RouteLabel::Credentials,
+        Outcome::Refused,
+        Some("sts-unavailable"),
+    );
     let sts = StsMetrics::default();
     sts.calls
         .get_or_create(&OperationLabels {
