@@ -1,0 +1,76 @@
+//! Limits under a connection flood: another job's latency, the daemon's
+//! memory.
+
+use std::time::Duration;
+
+use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
+
+use crate::{CREDS, IMDS};
+
+fn daemon_rss_kib(bed: &E2eBed) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.daemon.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let steady = bed
+        .container(
+            "steady",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let path = format!("{CREDS}{ROLE_DEPLOY}");
+    assert_eq!(steady.imds("GET", &path, &[])["status"], 200);
+    let rss_before = daemon_rss_kib(&bed);
+
+    // 4000 connections from one job: half slowloris, half idle keep-alive.
+    let mut args = bed.container_args("flood", &[]);
+    args.extend(["--ulimit".into(), "nofile=10000:10000".into()]);
+    args.push(bed.base_image().into());
+    args.extend(["/mp-client", "flood", IMDS, "4000", "25"].map(String::from));
+    let (latency, rss_during, status) = std::thread::scope(|s| {
+        let flood = s.spawn(|| bed.dockerd.run(&args));
+        std::thread::sleep(Duration::from_secs(6));
+        let latency = steady
+            .exec(&["/mp-client", "latency", IMDS, &path, "300"])
+            .unwrap();
+        let rss = daemon_rss_kib(&bed);
+        let status = bed.daemon.status().unwrap();
+        let out = flood.join().unwrap().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (latency, rss, status)
+    });
+    assert_eq!(latency["ok"], true, "{latency}");
+    let p99 = latency["p99_us"].as_f64().unwrap();
+    assert!(
+        p99 < 50_000.0,
+        "the other job's p99 was {p99} us under the flood"
+    );
+    let grown = rss_during.saturating_sub(rss_before);
+    assert!(
+        grown < 32 * 1024,
+        "the daemon grew by {grown} KiB under the flood ({rss_before} -> {rss_during})"
+    );
+    let conns = &status["connections"];
+    assert!(
+        conns["largest_per_container"].as_u64().unwrap() <= 256,
+        "{status}"
+    );
+    assert!(
+        conns["shed"].as_u64().unwrap() > 0,
+        "the excess was closed: {status}"
+    );
+    println!(
+        "flood: other job p50 {} us p99 {p99} us; daemon RSS {rss_before} -> {rss_during} KiB; {status}",
+        latency["p50_us"]
+    );
+}
