@@ -26,12 +26,17 @@
 //!
 //! A table for people, `--json` for machines. Figures, not pass/fail.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use metaproxy_tests::{
     bed::{Container, E2eBed, ROLE_DEPLOY},
     docker::GATEWAY,
-    process::spawn_in,
+    process::{spawn_in, ChildGuard},
     wait_for,
 };
 use serde_json::{json, Value};
@@ -56,18 +61,7 @@ const CONNECT_TURNS: usize = 3;
 const SETTLE: Duration = Duration::from_secs(2);
 
 pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
-    crate::setup::run()?;
-    crate::setup::apt_without_starting(&["nginx-light"])?;
-    anyhow::ensure!(
-        crate::test::is_root(),
-        "the benchmark needs root (namespaces, cgroups, BPF, dockerd)"
-    );
-    let bins = crate::build::bed_binaries(true)?;
-    let release = bins.dir.clone();
-    let metaproxy_bin = bins.metaproxy.clone();
-    crate::clean::run_with(&bins.metaproxy)?;
-    metaproxy_tests::use_binaries(bins);
-
+    let (release, metaproxy_bin) = prepare()?;
     // The kernel counts run time and runs of every BPF program while this
     // is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -79,57 +73,144 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         "8192",
     ])?;
     let rss_idle = rss_kib(&bed)?;
-    let c = bed.container("bench", bed.base_image(), &[("IAM_ROLE", ROLE_DEPLOY)], &[])?;
-    let auth = c.token_header(21600);
-    let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}");
-    let doc = c.imds("GET", &creds_path, &[&auth]);
-    anyhow::ensure!(doc["status"] == 200, "credentials: {doc}");
-    let doc_len = doc["body"].as_str().unwrap_or_default().len();
+    let job = Job::start(&bed)?;
+    let floor = Floor::start(&bed, &release, job.doc_len)?;
 
-    // The floor: nginx, one worker, the same number of bytes.
-    let dir = bed.scratch().join("nginx");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("creds.json"), "x".repeat(doc_len))?;
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 16384; }}\n\
-             http {{ access_log off; keepalive_timeout 5;\n\
-               server {{ listen {GATEWAY}:{NGINX_PORT};\n\
-                 location = /creds {{ default_type application/json; alias {d}/creds.json; }} }} }}\n",
-            d = dir.display()
-        ),
-    )?;
-    let mut nginx = Command::new("/usr/sbin/nginx");
-    nginx
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .arg("-p")
-        .arg(&dir);
-    let _nginx = spawn_in(nginx, &bed.ns.path(), &bed.cg.child("services/nginx")?)?;
-    let mut hello = Command::new(release.join("mp-hello"));
-    hello
-        .arg(format!("{GATEWAY}:{HYPER_PORT}"))
-        .arg(doc_len.to_string());
-    let _hello = spawn_in(hello, &bed.ns.path(), &bed.cg.child("services/hello")?)?;
-    for port in [NGINX_PORT, HYPER_PORT] {
-        wait_for("the floor's servers", Duration::from_secs(10), || {
-            let addr: std::net::SocketAddr = format!("{GATEWAY}:{port}").parse().ok()?;
-            bed.ns
-                .run(move || std::net::TcpStream::connect(addr).ok())
-                .ok()
-                .flatten()
-        })?;
+    let targets = targets(&floor, &job);
+    let latency = latency(&bed, &job, &targets)?;
+    let throughput = throughput(&bed, &job, &floor, perf)?;
+    let assume_role_under_load = assume_role_calls(&bed);
+    let probe = probe_cost(&job, &floor)?;
+    let live = live_containers(&bed, &job)?;
+    let held = held_figures(&mut bed, &job)?;
+    let connect_loop = connect_loop(&mut bed, &job, &floor, &metaproxy_bin)?;
+
+    let report = report(&Figures {
+        targets: &targets,
+        latency: &latency,
+        throughput,
+        rss_idle,
+        live: &live,
+        held: &held,
+        probe: &probe,
+        connect_loop,
+        assume_role_under_load,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
     }
-    let nginx_addr = format!("{GATEWAY}:{NGINX_PORT}");
-    let hyper_addr = format!("{GATEWAY}:{HYPER_PORT}");
+    print_table(&report);
+    Ok(())
+}
 
-    // Latency. Each round is one request to every target, in an order
-    // shuffled per round, so all of them meet the same moment of a shared
-    // machine and the same neighbours.
-    let targets = [
-        ("nginx", format!("{nginx_addr}|/creds")),
+/// The test bed's prerequisites, root, and release binaries for it: the
+/// directory they are in, and the daemon's.
+fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
+    crate::setup::run()?;
+    crate::setup::apt_without_starting(&["nginx-light"])?;
+    anyhow::ensure!(
+        crate::test::is_root(),
+        "the benchmark needs root (namespaces, cgroups, BPF, dockerd)"
+    );
+    let bins = crate::build::bed_binaries(true)?;
+    let release = bins.dir.clone();
+    let metaproxy_bin = bins.metaproxy.clone();
+    crate::clean::run_with(&bins.metaproxy)?;
+    metaproxy_tests::use_binaries(bins);
+    Ok((release, metaproxy_bin))
+}
+
+/// The job container every figure is measured from, with the role's
+/// credentials fetched once.
+struct Job {
+    c: Container,
+    /// An IMDSv2 token header for it.
+    auth: String,
+    creds_path: String,
+    /// The size of the credentials document, which the floor serves too.
+    doc_len: usize,
+}
+
+impl Job {
+    fn start(bed: &E2eBed) -> anyhow::Result<Self> {
+        let c = bed.container("bench", bed.base_image(), &[("IAM_ROLE", ROLE_DEPLOY)], &[])?;
+        let auth = c.token_header(21600);
+        let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}");
+        let doc = c.imds("GET", &creds_path, &[&auth]);
+        anyhow::ensure!(doc["status"] == 200, "credentials: {doc}");
+        let doc_len = doc["body"].as_str().unwrap_or_default().len();
+        Ok(Self {
+            c,
+            auth,
+            creds_path,
+            doc_len,
+        })
+    }
+}
+
+/// The floor: nginx, one worker, and a minimal hyper server, both serving
+/// the same number of bytes as the credentials document.
+struct Floor {
+    // Stopped in this order, the reverse of their start.
+    _hello: ChildGuard,
+    _nginx: ChildGuard,
+    nginx_addr: String,
+    hyper_addr: String,
+}
+
+impl Floor {
+    fn start(bed: &E2eBed, release: &Path, doc_len: usize) -> anyhow::Result<Self> {
+        let dir = bed.scratch().join("nginx");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("creds.json"), "x".repeat(doc_len))?;
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 16384; }}\n\
+                 http {{ access_log off; keepalive_timeout 5;\n\
+                   server {{ listen {GATEWAY}:{NGINX_PORT};\n\
+                     location = /creds {{ default_type application/json; alias {d}/creds.json; }} }} }}\n",
+                d = dir.display()
+            ),
+        )?;
+        let mut nginx = Command::new("/usr/sbin/nginx");
+        nginx
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir);
+        let nginx = spawn_in(nginx, &bed.ns.path(), &bed.cg.child("services/nginx")?)?;
+        let mut hello = Command::new(release.join("mp-hello"));
+        hello
+            .arg(format!("{GATEWAY}:{HYPER_PORT}"))
+            .arg(doc_len.to_string());
+        let hello = spawn_in(hello, &bed.ns.path(), &bed.cg.child("services/hello")?)?;
+        for port in [NGINX_PORT, HYPER_PORT] {
+            wait_for("the floor's servers", Duration::from_secs(10), || {
+                let addr: std::net::SocketAddr = format!("{GATEWAY}:{port}").parse().ok()?;
+                bed.ns
+                    .run(move || std::net::TcpStream::connect(addr).ok())
+                    .ok()
+                    .flatten()
+            })?;
+        }
+        Ok(Self {
+            _hello: hello,
+            _nginx: nginx,
+            nginx_addr: format!("{GATEWAY}:{NGINX_PORT}"),
+            hyper_addr: format!("{GATEWAY}:{HYPER_PORT}"),
+        })
+    }
+}
+
+/// The latency rows: a name, and the `mp-client interleave` target
+/// (`addr|path[|header]`).
+fn targets(floor: &Floor, job: &Job) -> [(&'static str, String); 4] {
+    let (auth, creds_path) = (&job.auth, &job.creds_path);
+    [
+        ("nginx", format!("{}|/creds", floor.nginx_addr)),
         (
             "metaproxy, IMDSv2 token",
             format!("{IMDS}|{creds_path}|{auth}"),
@@ -137,17 +218,42 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         ("metaproxy, tokenless", format!("{IMDS}|{creds_path}")),
         (
             "hyper (ours)",
-            format!("{hyper_addr}|/latest/meta-data/instance-id"),
+            format!("{}|/latest/meta-data/instance-id", floor.hyper_addr),
         ),
-    ];
-    let cpu_before = cpu_ticks(&bed)?;
+    ]
+}
+
+/// Every latency run's percentiles, by target; and the daemon's CPU time
+/// per request over them.
+struct Latency {
+    runs: BTreeMap<&'static str, Vec<Value>>,
+    cpu_us_per_request: f64,
+}
+
+impl Latency {
+    /// The median over the runs of one target's percentile `key`.
+    fn median(&self, name: &str, key: &str) -> f64 {
+        median_of(
+            self.runs[name]
+                .iter()
+                .filter_map(|r| r[key].as_f64())
+                .collect(),
+        )
+    }
+}
+
+/// Latency. Each round is one request to every target, in an order
+/// shuffled per round, so all of them meet the same moment of a shared
+/// machine and the same neighbours.
+fn latency(bed: &E2eBed, job: &Job, targets: &[(&'static str, String)]) -> anyhow::Result<Latency> {
+    let cpu_before = cpu_ticks(bed)?;
     let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for run in 0..RUNS {
         // A seed per run: five orders, repeatable.
         let (rounds, seed) = (ROUNDS.to_string(), run.to_string());
         let mut args = vec!["/mp-client", "interleave", &rounds, &seed];
         args.extend(targets.iter().map(|(_, t)| t.as_str()));
-        let v = c.exec(&args)?;
+        let v = job.c.exec(&args)?;
         anyhow::ensure!(v["ok"] == true, "latency: {v}");
         for ((name, _), run) in targets
             .iter()
@@ -156,109 +262,164 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             runs.entry(name).or_default().push(run.clone());
         }
     }
-    let cpu_after = cpu_ticks(&bed)?;
+    let cpu_after = cpu_ticks(bed)?;
     let mp_requests = 2 * RUNS * ROUNDS;
     let cpu_us_per_request = (cpu_after - cpu_before) as f64 * 1e6 / clk_tck() / mp_requests as f64;
-    let median = |name: &str, key: &str| -> f64 {
-        median_of(runs[name].iter().filter_map(|r| r[key].as_f64()).collect())
-    };
+    Ok(Latency {
+        runs,
+        cpu_us_per_request,
+    })
+}
 
-    // Throughput (profiled with perf, when asked, at 16 clients).
+/// Throughput with 1, 4 and 16 clients, nginx and metaproxy in alternating
+/// turns (profiled with perf, when asked, at 16 clients).
+fn throughput(bed: &E2eBed, job: &Job, floor: &Floor, perf: bool) -> anyhow::Result<Vec<Value>> {
+    let (c, auth, creds_path) = (&job.c, job.auth.as_str(), job.creds_path.as_str());
     let mut throughput = Vec::new();
     for clients in [1usize, 4, 16] {
-        let rate = |addr: &str, path: &str, headers: &[&str]| -> anyhow::Result<f64> {
-            let (n, secs) = (clients.to_string(), THROUGHPUT_SECS.to_string());
-            let mut args = vec!["/mp-client", "throughput", addr, path, &n, &secs];
-            args.extend_from_slice(headers);
-            let v = c.exec(&args)?;
-            anyhow::ensure!(v["failed"] == 0, "throughput {addr}: {v}");
-            Ok(v["per_second"].as_f64().unwrap_or(0.0))
-        };
         // Alternating turns, so drift of the shared machine meets both.
-        let (mut floor, mut ours) = (Vec::new(), Vec::new());
+        let (mut floor_rates, mut ours) = (Vec::new(), Vec::new());
         for _ in 0..THROUGHPUT_TURNS {
-            floor.push(rate(&nginx_addr, "/creds", &[])?);
-            ours.push(rate(IMDS, &creds_path, &[&auth])?);
+            floor_rates.push(rate(c, clients, &floor.nginx_addr, "/creds", &[])?);
+            ours.push(rate(c, clients, IMDS, creds_path, &[auth])?);
         }
-        let (floor, ours) = (median_of(floor), median_of(ours));
-        throughput.push(json!({ "clients": clients, "nginx_per_s": floor, "metaproxy_per_s": ours, "ratio": ours / floor }));
-        // An extra run under perf, never a measured one (perf slows it).
-        let profiler = (perf && clients == 16)
-            .then(|| {
-                Command::new("perf")
-                    .args(["record", "-F", "999", "-g", "-o"])
-                    .arg(crate::workspace_root().join("target/bench-perf.data"))
-                    .arg("-p")
-                    .arg(bed.daemon.pid().to_string())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-            })
-            .transpose()?;
-        if let Some(mut p) = profiler {
-            rate(IMDS, &creds_path, &[&auth])?;
-            // SIGINT: perf writes its data and exits.
-            let _ = Command::new("kill")
-                .args(["-INT", &p.id().to_string()])
-                .status();
-            let _ = p.wait();
-            let report = Command::new("perf")
-                .args([
-                    "report",
-                    "--stdio",
-                    "--no-children",
-                    "--percent-limit",
-                    "1",
-                    "-i",
-                ])
-                .arg(crate::workspace_root().join("target/bench-perf.data"))
-                .output()?;
-            let out = crate::workspace_root().join("target/bench-perf.txt");
-            std::fs::write(&out, &report.stdout)?;
-            eprintln!(
-                "perf profile of the daemon at 16 clients: {}",
-                out.display()
-            );
+        let (floor_rate, ours) = (median_of(floor_rates), median_of(ours));
+        throughput.push(json!({ "clients": clients, "nginx_per_s": floor_rate, "metaproxy_per_s": ours, "ratio": ours / floor_rate }));
+        if perf && clients == 16 {
+            profile(bed, || rate(c, clients, IMDS, creds_path, &[auth]))?;
         }
     }
+    Ok(throughput)
+}
+
+/// Requests per second from `clients` concurrent clients in `c`, over
+/// [`THROUGHPUT_SECS`].
+fn rate(
+    c: &Container,
+    clients: usize,
+    addr: &str,
+    path: &str,
+    headers: &[&str],
+) -> anyhow::Result<f64> {
+    let (n, secs) = (clients.to_string(), THROUGHPUT_SECS.to_string());
+    let mut args = vec!["/mp-client", "throughput", addr, path, &n, &secs];
+    args.extend_from_slice(headers);
+    let v = c.exec(&args)?;
+    anyhow::ensure!(v["failed"] == 0, "throughput {addr}: {v}");
+    Ok(v["per_second"].as_f64().unwrap_or(0.0))
+}
+
+/// An extra throughput run under perf, never a measured one (perf slows
+/// it): the daemon's profile goes to target/bench-perf.txt.
+fn profile(bed: &E2eBed, run: impl FnOnce() -> anyhow::Result<f64>) -> anyhow::Result<()> {
+    let mut p = Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(crate::workspace_root().join("target/bench-perf.data"))
+        .arg("-p")
+        .arg(bed.daemon.pid().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    run()?;
+    // SIGINT: perf writes its data and exits.
+    let _ = Command::new("kill")
+        .args(["-INT", &p.id().to_string()])
+        .status();
+    let _ = p.wait();
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "1",
+            "-i",
+        ])
+        .arg(crate::workspace_root().join("target/bench-perf.data"))
+        .output()?;
+    let out = crate::workspace_root().join("target/bench-perf.txt");
+    std::fs::write(&out, &report.stdout)?;
+    eprintln!(
+        "perf profile of the daemon at 16 clients: {}",
+        out.display()
+    );
+    Ok(())
+}
+
+/// AssumeRole calls for the job's role so far.
+fn assume_role_calls(bed: &E2eBed) -> usize {
     let role = metaproxy_tests::bed::role_arn(ROLE_DEPLOY);
-    let assume_role_under_load = bed
-        .moto
+    bed.moto
         .assume_role_calls()
         .iter()
         .filter(|(arn, _)| *arn == role)
-        .count();
+        .count()
+}
 
-    // The probe's cost per connect, from the kernel's own statistics: over
-    // a connect-only loop to another address (what every connect of a job
-    // pays) and one through the redirect (what an IMDS connect pays),
-    // against a direct connect.
-    let loop_stats = |addr: &str| -> anyhow::Result<(Value, f64, f64, f64)> {
-        let before = prog_stats();
-        let v = connects(&c, addr)?;
-        let after = prog_stats();
-        let per_run = |name: &str| {
-            let (t0, n0) = before.get(name).copied().unwrap_or_default();
-            let (t1, n1) = after.get(name).copied().unwrap_or_default();
-            let runs = n1.saturating_sub(n0);
-            let ns = if runs == 0 {
-                0.0
-            } else {
-                (t1 - t0) as f64 / runs as f64
-            };
-            (ns, runs as f64 / 2000.0)
+/// The probe's cost over one connect-only loop, from the kernel's own
+/// statistics.
+struct LoopStats {
+    /// The loop's percentiles.
+    connects: Value,
+    /// What the probe's programs took per connect, in ns.
+    probe_ns: f64,
+    /// ns per run of `mp_connect4`.
+    connect4_ns: f64,
+    /// Runs of `mp_sock_ops` per connect.
+    sock_ops_runs: f64,
+}
+
+/// The probe's cost per connect, from the kernel's own statistics: over a
+/// connect-only loop to another address (what every connect of a job
+/// pays) and one through the redirect (what an IMDS connect pays), against
+/// a direct connect.
+struct ProbeCost {
+    direct: LoopStats,
+    redirected: LoopStats,
+}
+
+fn probe_cost(job: &Job, floor: &Floor) -> anyhow::Result<ProbeCost> {
+    Ok(ProbeCost {
+        direct: loop_stats(&job.c, &floor.nginx_addr)?,
+        redirected: loop_stats(&job.c, IMDS)?,
+    })
+}
+
+fn loop_stats(c: &Container, addr: &str) -> anyhow::Result<LoopStats> {
+    let before = prog_stats();
+    let v = connects(c, addr)?;
+    let after = prog_stats();
+    let per_run = |name: &str| {
+        let (t0, n0) = before.get(name).copied().unwrap_or_default();
+        let (t1, n1) = after.get(name).copied().unwrap_or_default();
+        let runs = n1.saturating_sub(n0);
+        let ns = if runs == 0 {
+            0.0
+        } else {
+            (t1 - t0) as f64 / runs as f64
         };
-        let (c4, c4_per) = per_run("mp_connect4");
-        let (so, so_per) = per_run("mp_sock_ops");
-        Ok((v, c4 * c4_per + so * so_per, c4, so_per))
+        (ns, runs as f64 / 2000.0)
     };
-    let (direct, direct_probe_ns, direct_connect4_ns, direct_sock_ops_runs) =
-        loop_stats(&nginx_addr)?;
-    let (redirected, redirected_probe_ns, connect4_ns, sock_ops_per_conn) = loop_stats(IMDS)?;
-    let direct_connect_us = direct["p50_us"].as_f64().unwrap_or(f64::NAN);
+    let (c4, c4_per) = per_run("mp_connect4");
+    let (so, so_per) = per_run("mp_sock_ops");
+    Ok(LoopStats {
+        connects: v,
+        probe_ns: c4 * c4_per + so * so_per,
+        connect4_ns: c4,
+        sock_ops_runs: so_per,
+    })
+}
 
-    // Memory: more live containers, each having fetched its credentials.
-    let rss_before_containers = rss_kib(&bed)?;
+/// The daemon's RSS before [`LIVE_CONTAINERS`] more live containers, and
+/// what each added.
+struct Live {
+    rss_before_kib: u64,
+    per_container_kib: f64,
+}
+
+/// Memory: more live containers, each having fetched its credentials.
+fn live_containers(bed: &E2eBed, job: &Job) -> anyhow::Result<Live> {
+    let rss_before_kib = rss_kib(bed)?;
     let mut live: Vec<Container> = Vec::new();
     for i in 0..LIVE_CONTAINERS {
         let extra = bed.container(
@@ -268,37 +429,63 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             &[],
         )?;
         let a = extra.token_header(60);
-        let _ = extra.imds("GET", &creds_path, &[&a]);
+        let _ = extra.imds("GET", &job.creds_path, &[&a]);
         live.push(extra);
     }
-    let rss_with_containers = rss_kib(&bed)?;
+    let rss_with_containers = rss_kib(bed)?;
     let per_container_kib =
-        rss_with_containers.saturating_sub(rss_before_containers) as f64 / LIVE_CONTAINERS as f64;
+        rss_with_containers.saturating_sub(rss_before_kib) as f64 / LIVE_CONTAINERS as f64;
     drop(live);
+    Ok(Live {
+        rss_before_kib,
+        per_container_kib,
+    })
+}
 
-    // Memory with connections that send nothing, connections kept alive
-    // after one request, then a flood of slow and keep-alive ones, all
-    // from one container.
+/// The daemon's memory with [`FLOOD`] connections from one container.
+struct HeldFigures {
+    /// Connections that send nothing.
+    idle: Held,
+    /// Connections kept alive after one request.
+    kept: Held,
+    /// A flood of slow and keep-alive ones.
+    slow: Held,
+}
+
+fn held_figures(bed: &mut E2eBed, job: &Job) -> anyhow::Result<HeldFigures> {
+    let (c, creds_path) = (&job.c, job.creds_path.as_str());
     let flood = FLOOD.to_string();
-    let idle = held_connections(&mut bed, &c, &["idle", IMDS, &flood, "40"])?;
-    let kept = held_connections(
-        &mut bed,
-        &c,
-        &["keepalive", IMDS, &creds_path, &flood, "40"],
-    )?;
-    let slow = held_connections(&mut bed, &c, &["flood", IMDS, &flood, "40"])?;
+    let idle = held_connections(bed, c, &["idle", IMDS, &flood, "40"])?;
+    let kept = held_connections(bed, c, &["keepalive", IMDS, creds_path, &flood, "40"])?;
+    let slow = held_connections(bed, c, &["flood", IMDS, &flood, "40"])?;
+    Ok(HeldFigures { idle, kept, slow })
+}
 
-    // The connect-only loop with the probe attached and detached, in turns
-    // (detaching needs the daemon stopped, so they cannot interleave
-    // finer), each after a moment for the machine to settle: a daemon
-    // stopping or starting, and maps being freed, leave work behind that
-    // would land on whichever loop came next.
+/// The connect-only loop's p50 with the probe attached and detached: the
+/// medians over [`CONNECT_TURNS`] turns.
+struct ConnectLoop {
+    attached: f64,
+    detached: f64,
+}
+
+/// The connect-only loop with the probe attached and detached, in turns
+/// (detaching needs the daemon stopped, so they cannot interleave finer),
+/// each after a moment for the machine to settle: a daemon stopping or
+/// starting, and maps being freed, leave work behind that would land on
+/// whichever loop came next.
+fn connect_loop(
+    bed: &mut E2eBed,
+    job: &Job,
+    floor: &Floor,
+    metaproxy_bin: &Path,
+) -> anyhow::Result<ConnectLoop> {
+    let (c, nginx_addr) = (&job.c, floor.nginx_addr.as_str());
     let (mut attached, mut detached) = (Vec::new(), Vec::new());
     for _ in 0..CONNECT_TURNS {
         std::thread::sleep(SETTLE);
-        attached.push(connect_p50(&c, &nginx_addr)?);
+        attached.push(connect_p50(c, nginx_addr)?);
         bed.daemon.terminate();
-        let detached_ok = Command::new(&metaproxy_bin)
+        let detached_ok = Command::new(metaproxy_bin)
             .args(["detach", "--pin-dir"])
             .arg(bed.daemon.pin_dir())
             // Its report goes to stderr: stdout is for ours.
@@ -307,14 +494,36 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             .success();
         anyhow::ensure!(detached_ok, "metaproxy detach failed");
         std::thread::sleep(SETTLE);
-        detached.push(connect_p50(&c, &nginx_addr)?);
+        detached.push(connect_p50(c, nginx_addr)?);
         bed.daemon.restart()?;
     }
-    let (attached, detached) = (median_of(attached), median_of(detached));
+    Ok(ConnectLoop {
+        attached: median_of(attached),
+        detached: median_of(detached),
+    })
+}
 
+/// Everything measured, for [`report`].
+struct Figures<'a> {
+    targets: &'a [(&'static str, String)],
+    latency: &'a Latency,
+    throughput: Vec<Value>,
+    rss_idle: u64,
+    live: &'a Live,
+    held: &'a HeldFigures,
+    probe: &'a ProbeCost,
+    connect_loop: ConnectLoop,
+    assume_role_under_load: usize,
+}
+
+/// The report, as `--json` prints it and [`print_table`] reads it.
+fn report(f: &Figures<'_>) -> Value {
+    let latency = f.latency;
+    let median = |name: &str, key: &str| latency.median(name, key);
     let floor_p50 = median("nginx", "p50_us");
     let floor_p99 = median("nginx", "p99_us");
-    let rows: Vec<Value> = targets
+    let rows: Vec<Value> = f
+        .targets
         .iter()
         .map(|(name, _)| {
             json!({
@@ -327,49 +536,46 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let report = json!({
+    let (live, held, probe) = (f.live, f.held, f.probe);
+    let (direct, redirected) = (&probe.direct, &probe.redirected);
+    let direct_connect_us = direct.connects["p50_us"].as_f64().unwrap_or(f64::NAN);
+    json!({
         "machine": machine(),
         "latency": rows,
-        "latency_runs": runs,
-        "throughput": throughput,
-        "cpu_us_per_request": cpu_us_per_request,
+        "latency_runs": latency.runs,
+        "throughput": f.throughput,
+        "cpu_us_per_request": latency.cpu_us_per_request,
         "rss_kib": {
-            "idle": rss_idle,
-            "per_live_container": per_container_kib,
-            "with_100_containers_extrapolated": rss_before_containers as f64 + 100.0 * per_container_kib,
-            "with_1000_containers_extrapolated": rss_before_containers as f64 + 1000.0 * per_container_kib,
-            "idle_connections": idle.open,
-            "with_idle_connections": idle.rss_kib,
-            "per_idle_connection": idle.per_connection_kib(),
-            "keep_alive_connections": kept.open,
-            "with_keep_alive_connections": kept.rss_kib,
-            "per_keep_alive_connection": kept.per_connection_kib(),
-            "flood_connections": slow.open,
-            "under_flood": slow.rss_kib,
-            "per_flood_connection": slow.per_connection_kib(),
+            "idle": f.rss_idle,
+            "per_live_container": live.per_container_kib,
+            "with_100_containers_extrapolated": live.rss_before_kib as f64 + 100.0 * live.per_container_kib,
+            "with_1000_containers_extrapolated": live.rss_before_kib as f64 + 1000.0 * live.per_container_kib,
+            "idle_connections": held.idle.open,
+            "with_idle_connections": held.idle.rss_kib,
+            "per_idle_connection": held.idle.per_connection_kib(),
+            "keep_alive_connections": held.kept.open,
+            "with_keep_alive_connections": held.kept.rss_kib,
+            "per_keep_alive_connection": held.kept.per_connection_kib(),
+            "flood_connections": held.slow.open,
+            "under_flood": held.slow.rss_kib,
+            "per_flood_connection": held.slow.per_connection_kib(),
         },
         "probe": {
-            "ordinary_connect_ns": direct_probe_ns,
-            "ordinary_connect4_ns_per_run": direct_connect4_ns,
-            "ordinary_sock_ops_runs_per_connection": direct_sock_ops_runs,
-            "ordinary_share_of_a_direct_connect": direct_probe_ns / (direct_connect_us * 1000.0),
-            "redirected_connect_ns": redirected_probe_ns,
-            "redirected_connect4_ns_per_run": connect4_ns,
-            "redirected_sock_ops_runs_per_connection": sock_ops_per_conn,
-            "redirected_share_of_a_direct_connect": redirected_probe_ns / (direct_connect_us * 1000.0),
+            "ordinary_connect_ns": direct.probe_ns,
+            "ordinary_connect4_ns_per_run": direct.connect4_ns,
+            "ordinary_sock_ops_runs_per_connection": direct.sock_ops_runs,
+            "ordinary_share_of_a_direct_connect": direct.probe_ns / (direct_connect_us * 1000.0),
+            "redirected_connect_ns": redirected.probe_ns,
+            "redirected_connect4_ns_per_run": redirected.connect4_ns,
+            "redirected_sock_ops_runs_per_connection": redirected.sock_ops_runs,
+            "redirected_share_of_a_direct_connect": redirected.probe_ns / (direct_connect_us * 1000.0),
             "direct_connect_p50_us": direct_connect_us,
-            "redirected_connect_p50_us": redirected["p50_us"],
-            "connect_p50_us_attached": attached,
-            "connect_p50_us_detached": detached,
+            "redirected_connect_p50_us": redirected.connects["p50_us"],
+            "connect_p50_us_attached": f.connect_loop.attached,
+            "connect_p50_us_detached": f.connect_loop.detached,
         },
-        "assume_role_calls_for_the_role_under_load": assume_role_under_load,
-    });
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    print_table(&report);
-    Ok(())
+        "assume_role_calls_for_the_role_under_load": f.assume_role_under_load,
+    })
 }
 
 fn print_table(r: &Value) {
