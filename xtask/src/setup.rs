@@ -6,7 +6,8 @@ use std::process::Command;
 
 use crate::{run_cmd, succeeds};
 
-/// The nightly toolchain aya-build compiles the kernel programs with.
+/// The nightly toolchain metaproxy's build script compiles the kernel
+/// programs with.
 pub const EBPF_TOOLCHAIN: &str = "nightly";
 /// Debian packages the tests and the demo need: iproute2 for namespaces,
 /// dockerd (docker.io, with the 20.10 CLI for `docker build`) for the job
