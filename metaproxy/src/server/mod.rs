@@ -44,14 +44,23 @@ use crate::{
     ops::logging::Clean,
     ops::metrics::RequestMetrics,
     ops::metrics::RouteLabel,
-    ops::ratelimit::PerSource,
+    ops::ratelimit::{PerSource, RateLimit},
     surface::{Denial, Handled, Surface},
 };
+
+mod handback;
+mod limits;
+
+use handback::*;
+pub use limits::*;
 
 /// Refusals are logged at most this often per second: anything on the
 /// host can open connections to the listen address, and must not be able
 /// to fill the disk with our log.
 static REFUSAL_LOG: PerSource = PerSource::new(5, 50);
+/// Accept failures (out of file descriptors, say) repeat every 50 ms
+/// while they last: one line a second says so.
+static ACCEPT_FAILURE_LOG: RateLimit = RateLimit::new(1);
 
 /// How long a client may take to send a request's headers, and how long an
 /// idle keep-alive connection stays open.
@@ -66,128 +75,7 @@ pub const MAX_REQUESTS: usize = 100;
 /// How long one connection may live; it is closed after the request it is
 /// serving then.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
-/// Connections any share may hold even when only the reserve is left.
-const FLOOR: usize = 8;
 
-/// Caps on open connections.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_connections: usize,
-    /// Per [`Share`]: per job, per container outside a job, and for all
-    /// host callers together (`--max-connections-per-container`).
-    pub max_connections_per_cgroup: usize,
-}
-
-/// Whose budget a connection counts against.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Share {
-    /// A gitlab-runner job: its build container, its services and
-    /// whatever else carries its job label.
-    Job(Arc<str>),
-    /// A container outside any job, by its outermost container.
-    Container(ContainerId),
-    /// Every process in no container, together: a host user can make
-    /// cgroups (`systemd-run --user --scope`) but not jobs.
-    Host,
-    /// Callers whose identity could not be settled (they are refused).
-    Unidentified,
-}
-
-impl Share {
-    fn of(identity: &Result<Identity, crate::identity::IdentityError>) -> Self {
-        match identity {
-            Ok(Identity::Container(c)) => match c.job_id() {
-                Some(job) => Share::Job(job.into()),
-                None => Share::Container(c.id.clone()),
-            },
-            Ok(Identity::Host) => Share::Host,
-            Err(_) => Share::Unidentified,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 4096,
-            max_connections_per_cgroup: 256,
-        }
-    }
-}
-
-/// Open connections, overall and per [`Share`].
-#[derive(Debug)]
-pub struct ConnectionCount {
-    limits: Limits,
-    total: Arc<tokio::sync::Semaphore>,
-    /// Connections the probe did not record (direct connects to the listen
-    /// address) get their 403 from a small pool of their own, so they
-    /// cannot take the permits of attributed connections.
-    unattributed: tokio::sync::Semaphore,
-    per_share: Mutex<HashMap<Share, usize>>,
-}
-
-impl ConnectionCount {
-    pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            total: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
-            unattributed: tokio::sync::Semaphore::new(UNATTRIBUTED.min(limits.max_connections)),
-            per_share: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A place for one more connection of `share` (this connection already
-    /// holds a global permit), if its share and the reserve allow.
-    fn enter(self: &Arc<Self>, share: Share) -> Option<ShareSlot> {
-        let open = self.open();
-        let mut map = self.per_share.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.get(&share).copied().unwrap_or(0);
-        if !admits(self.limits, open, n) {
-            return None;
-        }
-        map.insert(share.clone(), n + 1);
-        Some(ShareSlot(self.clone(), share))
-    }
-
-    /// The most connections any one share has open.
-    pub fn largest_per_cgroup(&self) -> usize {
-        let map = self.per_share.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().copied().max().unwrap_or(0)
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.limits.max_connections - self.total.available_permits()
-    }
-}
-
-/// Whether a share holding `held` connections may open one more, with
-/// `open` connections open in all (this one included): within its share,
-/// and, once only the reserve (the last eighth) is left, only while it
-/// holds fewer than [`FLOOR`].
-fn admits(limits: Limits, open: usize, held: usize) -> bool {
-    if held >= limits.max_connections_per_cgroup {
-        return false;
-    }
-    let reserve = limits.max_connections / 8;
-    open <= limits.max_connections - reserve || held < FLOOR
-}
-
-/// One open connection of a share; released on drop.
-struct ShareSlot(Arc<ConnectionCount>, Share);
-
-impl Drop for ShareSlot {
-    fn drop(&mut self) {
-        let mut map = self.0.per_share.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
 /// How long open connections get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -236,7 +124,9 @@ pub async fn run(
                 }
                 Err(e) => {
                     // EMFILE and friends: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = ACCEPT_FAILURE_LOG.allow() {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -403,163 +293,6 @@ where
             }
         }
     }
-}
-
-/// The socket under hyper, taken back from it between requests.
-///
-/// hyper holds a read and a write buffer (8 KiB each) for as long as it
-/// serves a connection, so a keep-alive connection waiting for its next
-/// request would keep them. When hyper asks for more bytes and the socket
-/// has none, and everything it was given has been answered, this reports
-/// end-of-stream: to hyper that is a client closing an idle connection,
-/// which ends it cleanly (under `without_shutdown`, the socket untouched).
-/// Bytes that arrive later wait in the socket for the next round.
-///
-/// "Everything answered" is: no request in the service, a response flushed
-/// since the last bytes were read, and those bytes ending a request head
-/// (`\r\n\r\n`). So a request arriving in pieces, a body still to come,
-/// or a pipelined request hyper holds in its buffer all pass through
-/// unchanged; at worst a connection keeps hyper's buffers, as it would
-/// without this.
-struct HandBack {
-    stream: TcpStream,
-    /// Requests handed to the service and not yet answered.
-    in_flight: Arc<AtomicUsize>,
-    /// The last bytes read.
-    tail: [u8; 4],
-    /// Bytes were written since the last flush.
-    wrote: bool,
-    /// A response was flushed and nothing has been read since.
-    flushed: bool,
-    /// End-of-stream was reported by us, not by the client.
-    handed_back: bool,
-}
-
-impl HandBack {
-    fn new(stream: TcpStream) -> Self {
-        Self {
-            stream,
-            in_flight: Arc::default(),
-            tail: [0; 4],
-            wrote: false,
-            flushed: false,
-            handed_back: false,
-        }
-    }
-
-    fn answered_all(&self) -> bool {
-        self.flushed && &self.tail == b"\r\n\r\n" && self.in_flight.load(Ordering::Acquire) == 0
-    }
-
-    /// The socket: `Ok` if hyper ended because we handed it back, `Err` if
-    /// the client closed or the connection was not to be kept.
-    fn waiting_again(self) -> Result<TcpStream, TcpStream> {
-        if self.handed_back {
-            Ok(self.stream)
-        } else {
-            Err(self.stream)
-        }
-    }
-}
-
-/// One request in the service, counted until its response is ready.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn enter(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl tokio::io::AsyncRead for HandBack {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Pending if this.answered_all() => {
-                this.handed_back = true;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                let read = &buf.filled()[before..];
-                for &b in &read[read.len().saturating_sub(4)..] {
-                    this.tail.rotate_left(1);
-                    this.tail[3] = b;
-                }
-                this.flushed = false;
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for HandBack {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.wrote |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
-        written
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.wrote |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
-        written
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
-        if matches!(flushed, Poll::Ready(Ok(()))) && this.wrote {
-            this.wrote = false;
-            this.flushed = true;
-        }
-        flushed
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-fn answered(caller: &Arc<Caller>, method: &hyper::Method, path: &str, handled: &Handled) -> Entry {
-    Entry::answered(
-        caller,
-        method,
-        path,
-        handled
-            .container
-            .as_deref()
-            .map(|c| (&c.id, c.name.as_str())),
-        handled.role.as_ref(),
-        handled.outcome(),
-        handled.reason(),
-    )
 }
 
 #[cfg(test)]
