@@ -6,8 +6,14 @@
 //! value read here was written by someone a job may control (env, labels):
 //! it is checked, never trusted.
 
+mod explain;
 pub mod file;
 mod globs;
+
+use globs::glob_set;
+mod host;
+
+pub use host::HostRefusal;
 
 use std::{
     collections::HashMap,
@@ -17,7 +23,7 @@ use std::{
     },
 };
 
-use globset::{GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 
 use crate::{
     attribution::Caller,
@@ -98,23 +104,6 @@ impl From<Unclear> for RoleRefusal {
             Unclear::FromImage(key) => Self::FromImage(key),
         }
     }
-}
-
-/// Why a host process gets no pass-through.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HostRefusal {
-    /// dockerd fetches URLs for its API clients (`docker build` with `ADD
-    /// http://169.254.169.254/...`), and jobs are API clients.
-    #[error("{0} acts for containers; it gets no pass-through")]
-    ContainerRuntime(String),
-    /// BuildKit runs `docker build` RUN steps in cgroups of its own, with no
-    /// container behind them: job code, with the host's identity.
-    #[error("BuildKit build step in {0}: no pass-through")]
-    BuildStep(String),
-    #[error("cgroup {0} is not in --allow-host-cgroup")]
-    NotAllowListed(String),
-    #[error("cgroup of the caller is unknown (gone before it could be read)")]
-    UnknownCgroup,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,77 +333,6 @@ impl Policy {
         })
     }
 
-    /// The decision for `c` and, with a policy file in force, each rule's
-    /// verdict: what `metaproxy policy explain` prints.
-    pub fn explain(&self, c: &Container) -> String {
-        use std::fmt::Write as _;
-        let decision = self.decide(c);
-        let mut out = format!(
-            "container {} ({})\n",
-            crate::ops::logging::Clean(&c.name),
-            c.id
-        );
-        let arn = match &decision {
-            RoleDecision::Role(r) => {
-                let _ = writeln!(out, "decision: role {} (session {})", r.arn, r.session_name);
-                Some(r.arn.clone())
-            }
-            RoleDecision::NoRole if Self::native_steps(c) => {
-                let _ = writeln!(out, "decision: no role (a build container without CI_ variables: gitlab-runner's native steps mode keeps IAM_ROLE out)");
-                None
-            }
-            RoleDecision::NoRole => {
-                let _ = writeln!(out, "decision: no role (no IAM_ROLE from the runner)");
-                None
-            }
-            RoleDecision::Refused(why) => {
-                let _ = writeln!(
-                    out,
-                    "decision: refused: {}",
-                    crate::ops::logging::Clean(&why.to_string())
-                );
-                match why {
-                    RoleRefusal::PolicyFile(refusal) => Some(refusal.arn().clone()),
-                    _ => None,
-                }
-            }
-        };
-        let facts = Facts::of(c);
-        let _ = writeln!(
-            out,
-            "facts: {}",
-            crate::ops::logging::Clean(&facts.to_string())
-        );
-        match (self.file(), arn) {
-            (None, _) => {
-                let _ = writeln!(
-                    out,
-                    "policy file: none (--allow-role, or the instance's account, decides)"
-                );
-            }
-            (Some(file), arn) => {
-                let _ = writeln!(
-                    out,
-                    "policy file: {} ({} rules, {} runners)",
-                    file.path(),
-                    file.rules(),
-                    file.runners()
-                );
-                match arn {
-                    // Line by line: the verdicts quote the container's
-                    // facts, which its job wrote.
-                    Some(arn) => {
-                        for line in file.explain(&arn, &facts).lines() {
-                            let _ = writeln!(out, "{}", crate::ops::logging::Clean(line));
-                        }
-                    }
-                    None => out.push_str("  (no role to check against its rules)\n"),
-                }
-            }
-        }
-        out
-    }
-
     /// Whether a container with no role looks like a build container of
     /// gitlab-runner's native steps mode, which keeps the runner's
     /// `environment` (and so IAM_ROLE) out of the container.
@@ -422,79 +340,6 @@ impl Policy {
         Self::container_type(c) == Some("build")
             && !c.env.iter().any(|e| e.starts_with("CI_JOB_ID="))
     }
-
-    /// Whether a host process (in no container) may reach the real IMDS:
-    /// only from an allow-listed cgroup, and never a container runtime or
-    /// a build step. Being in no container proves nothing.
-    pub fn host_access(&self, caller: &Caller) -> Result<(), HostRefusal> {
-        let path = caller
-            .cgroup_path
-            .as_deref()
-            .ok_or(HostRefusal::UnknownCgroup)?;
-        if is_container_runtime(&caller.comm) {
-            return Err(HostRefusal::ContainerRuntime(caller.comm.clone()));
-        }
-        if is_build_step(path) {
-            return Err(HostRefusal::BuildStep(path.to_string()));
-        }
-        match &self.host_allow {
-            Some(set) if set.is_match(path) => Ok(()),
-            _ => Err(HostRefusal::NotAllowListed(path.to_string())),
-        }
-    }
-}
-
-/// Globs in which `*` and `?` never match `/` (`**` spans path segments):
-/// `role/ci-*` must not admit `role/ci-x/admin`.
-fn glob_set(flag: &'static str, patterns: &[String]) -> Result<Option<GlobSet>, PatternError> {
-    if patterns.is_empty() {
-        return Ok(None);
-    }
-    let err = |pattern: &str| {
-        let pattern = pattern.to_string();
-        move |source| PatternError {
-            flag,
-            pattern,
-            source,
-        }
-    };
-    let mut set = GlobSetBuilder::new();
-    for p in patterns {
-        set.add(globs::glob(p).map_err(err(p))?);
-    }
-    set.build().map(Some).map_err(err(&patterns.join(",")))
-}
-
-/// BuildKit's RUN steps: `<parent>/buildkit/<id>` (cgroupfs driver),
-/// `buildkit-<id>.scope`-style units, and, with the systemd driver,
-/// `docker-<25-char id>.scope`: any container runtime's scope whose id is
-/// not a container's (a real container's 64-hex id makes it a container,
-/// decided before host rules are asked).
-fn is_build_step(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        seg == "buildkit"
-            || seg.starts_with("buildkit-")
-            || seg.starts_with("buildkit.")
-            || (seg.ends_with(".scope")
-                && [
-                    "docker-",
-                    "libpod-",
-                    "cri-containerd-",
-                    "crio-",
-                    "containerd-",
-                ]
-                .iter()
-                .any(|p| seg.starts_with(p)))
-    })
-}
-
-/// Host processes that act on behalf of containers or Docker API clients.
-fn is_container_runtime(comm: &str) -> bool {
-    matches!(
-        comm,
-        "dockerd" | "containerd" | "buildkitd" | "docker-proxy" | "runc" | "docker-init"
-    ) || comm.starts_with("containerd-shim")
-        || comm.starts_with("buildkit-runc")
 }
 
 /// STS's rule for ExternalId: 2-1224 characters of `[\w+=,.@:/-]`.
