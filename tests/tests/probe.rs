@@ -765,3 +765,77 @@ fn a_redirected_connect_that_never_sent_a_syn_leaves_no_record() {
     )
     .unwrap_or_else(|e| panic!("{e}: {}", bed.daemon.status().unwrap()));
 }
+
+/// `metaproxy doctor --json` for this bed with `runner_config`: exit status
+/// and the checks.
+fn doctor(bed: &Bed, runner_config: &str) -> (bool, Vec<Value>) {
+    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(&config, runner_config).unwrap();
+    let out = in_bed(bed)
+        .args(["doctor", "--json", "--runner-config"])
+        .arg(&config)
+        .arg("--pin-dir")
+        .arg(bed.daemon.pin_dir())
+        .arg("--admin-socket")
+        .arg(bed.daemon.admin_socket())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.success(), checks)
+}
+
+#[test]
+fn doctor_passes_a_safe_runner_host_and_names_what_is_wrong_with_a_careless_runner() {
+    let mut bed = Bed::new(&[]);
+    let safe = r#"
+[[runners]]
+  name = "deploy"
+  executor = "docker"
+  environment = ["IAM_ROLE=ci-deploy"]
+  [runners.docker]
+    cap_drop = ["NET_RAW"]
+"#;
+    let (ok, checks) = doctor(&bed, safe);
+    let level = |checks: &[Value], area: &str, check: &str| {
+        checks
+            .iter()
+            .find(|c| c["area"] == area && c["check"] == check)
+            .map(|c| c["level"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no {area} {check} in {checks:#?}"))
+    };
+    assert!(ok, "{checks:#?}");
+    assert_eq!(level(&checks, "host", "redirect"), "ok");
+    assert_eq!(level(&checks, "host", "daemon"), "ok");
+    assert_eq!(level(&checks, "host", "packet guard"), "ok");
+    let guard = checks
+        .iter()
+        .find(|c| c["check"] == "packet guard")
+        .unwrap();
+    assert!(
+        guard["found"].as_str().unwrap().contains("mpimds"),
+        "{guard}"
+    );
+
+    let careless = r#"
+[[runners]]
+  name = "careless"
+  executor = "docker"
+  [runners.docker]
+    privileged = true
+"#;
+    let (ok, checks) = doctor(&bed, careless);
+    assert!(!ok, "a failed check fails the exit status: {checks:#?}");
+    assert_eq!(level(&checks, "runner careless", "IAM_ROLE"), "fail");
+    assert_eq!(level(&checks, "runner careless", "privileged"), "fail");
+
+    // With the daemon gone, the redirect stays and the doctor says the
+    // daemon is not running.
+    bed.daemon.kill9();
+    let (ok, checks) = doctor(&bed, safe);
+    assert!(!ok);
+    assert_eq!(level(&checks, "host", "daemon"), "fail");
+}

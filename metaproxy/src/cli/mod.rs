@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod doctor;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -46,6 +47,27 @@ pub enum Command {
     /// decision rule by rule.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Check this runner host and its gitlab-runner configuration against
+    /// what keeps metaproxy safe: one line per check with the fix; exit 1
+    /// if any check fails.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// gitlab-runner's configuration.
+    #[arg(long, default_value = "/etc/gitlab-runner/config.toml")]
+    pub runner_config: PathBuf,
+
+    /// Print the checks as JSON objects.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Subcommand)]
