@@ -164,7 +164,7 @@ fn kernel_check(release: &str) -> Check {
         .collect();
     let check = |level, found: String| Check::new("host", "kernel", level, found);
     match numbers[..] {
-        [5, 10, patch] | [5, 10, patch, ..] if patch <= 161 => check(
+        [5, 10, patch, ..] if patch <= 161 => check(
             Level::Fail,
             format!("{release}: io_uring in 5.10.0-5.10.161 can connect without the hook"),
         )
@@ -248,13 +248,21 @@ const DOCKER_EXECUTORS: [&str; 3] = ["docker", "docker-autoscaler", "docker+mach
 
 /// Checks each `[[runners]]` entry of gitlab-runner's `config.toml`.
 pub fn runner_checks(text: &str) -> Vec<Check> {
-    let config: toml::Table = match text.parse() {
+    let config: toml::Table = match text.parse::<toml::Table>() {
         Ok(c) => c,
+        // The message and line only: the error's own rendering quotes the
+        // offending line, which may be a runner's token.
         Err(e) => {
-            return vec![
-                Check::new("runner config", "parses", Level::Fail, e.to_string())
-                    .fix("fix the TOML error at the line shown"),
-            ]
+            let line = e
+                .span()
+                .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+            return vec![Check::new(
+                "runner config",
+                "parses",
+                Level::Fail,
+                format!("line {line}: {}", e.message().trim_end()),
+            )
+            .fix("fix the TOML error at that line")];
         }
     };
     let Some(runners) = config.get("runners").and_then(toml::Value::as_array) else {

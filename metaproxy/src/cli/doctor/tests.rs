@@ -99,6 +99,11 @@ fn a_broken_or_empty_config_is_a_finding_not_a_crash() {
     let broken = runner_checks("[[runners]\nname = 1");
     assert_eq!(broken.len(), 1);
     assert_eq!(broken[0].level, Level::Fail);
+    // A broken line is named, never quoted: it may hold the runner's token.
+    let leaky = runner_checks("[[runners]]\n  name = \"a\"\n  token = \"glrt-secret\n");
+    assert_eq!(leaky[0].level, Level::Fail);
+    assert!(leaky[0].found.starts_with("line 3: "), "{leaky:?}");
+    assert!(!format!("{leaky:?}").contains("glrt-secret"), "{leaky:?}");
     let empty = runner_checks("concurrent = 1\n");
     assert_eq!(empty[0].level, Level::Warn);
     // Wrong types are read as absent, and so fail safe.
