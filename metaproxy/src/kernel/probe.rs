@@ -305,14 +305,7 @@ impl Probe {
                 .map_err(|source| ProbeError::Pin { path, source })?;
         }
         {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(PROG_GUARD_TC)
-                .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
-                .try_into()
-                .map_err(|source| ProbeError::Program {
-                    name: PROG_GUARD_TC,
-                    source,
-                })?;
+            let tc = guard_tc(&mut ebpf)?;
             tc.load().map_err(|source| ProbeError::Program {
                 name: PROG_GUARD_TC,
                 source,
@@ -359,14 +352,7 @@ impl Probe {
         if on.iter().any(|i| i.index == iface.index) {
             return Ok(false);
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(PROG_GUARD_TC)
-            .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
-            .try_into()
-            .map_err(|source| ProbeError::Program {
-                name: PROG_GUARD_TC,
-                source,
-            })?;
+        let tc = guard_tc(ebpf)?;
         attach_tc(tc, iface, self.tc_mode, &self.links_dir, self.generation)?;
         on.push(iface.clone());
         on.sort();
@@ -460,6 +446,17 @@ impl Probe {
 }
 
 /// `CLOCK_BOOTTIME` now, as the kernel stamps records.
+/// The packet guard's tc classifier in `ebpf`.
+fn guard_tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, ProbeError> {
+    ebpf.program_mut(PROG_GUARD_TC)
+        .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
+        .try_into()
+        .map_err(|source| ProbeError::Program {
+            name: PROG_GUARD_TC,
+            source,
+        })
+}
+
 fn boot_ns_now() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|ts| Duration::from(ts).as_nanos() as u64)
