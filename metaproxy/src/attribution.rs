@@ -20,6 +20,7 @@ use crate::{
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
     model::ids::CgroupId,
+    ops::logging::error_chain,
 };
 
 /// Where the kernel's connection records come from: the probe's pinned
@@ -135,18 +136,6 @@ impl Attribution {
         };
         Ok(Caller::from_record(pair.client, &record, path))
     }
-}
-
-/// An error and its causes on one line, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }
 
 /// The destination the caller asked for before the probe rewrote it.

@@ -21,6 +21,7 @@ mod sts;
 pub use cache::CredentialCache;
 pub use sts::{AwsSts, CallerIdentity, InstrumentedSts, Sts};
 
+pub use crate::model::secret::Secret;
 use crate::{
     model::{ids::RoleArn, session::Session},
     ops::metrics,
@@ -53,26 +54,6 @@ pub struct CredKey {
     pub session_name: String,
     /// Tags and SourceIdentity: two jobs never share a tagged session.
     pub session: Session,
-}
-
-/// A secret string: never printed, by `Debug` or anything else.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 /// Short-lived credentials for one role session.

@@ -25,6 +25,7 @@
 //! [`crate::policy`]'s decision.
 
 pub mod docker;
+pub mod job_token;
 
 use std::{
     collections::HashMap,
