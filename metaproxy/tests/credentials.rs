@@ -31,6 +31,7 @@ fn key() -> CredKey {
         external_id: None,
         session_name: "gitlab-job-777".into(),
         session: Default::default(),
+        web_identity: None,
     }
 }
 

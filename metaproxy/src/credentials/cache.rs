@@ -243,7 +243,7 @@ impl CredentialCache {
             .sts
             .assume_role(key)
             .await
-            .map_err(|e| e.with_session_hint(&key.session));
+            .map_err(|e| e.with_hint(key));
         match slot.record(result) {
             Ok(c) => {
                 tracing::info!(
@@ -320,7 +320,9 @@ impl CredentialCache {
     pub async fn refresh_due(&self) {
         let due: Vec<(CredKey, Arc<Slot>)> = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots.retain(|_, slot| slot.idle() < IDLE_EVICT);
+            // A job's token that has expired buys nothing more from STS:
+            // its entry goes rather than fail on every pass.
+            slots.retain(|key, slot| slot.idle() < IDLE_EVICT && key.renewable());
             // Owners whose keys are gone (a missed stop event, say) go too.
             let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
             owners.retain(|_, keys| {

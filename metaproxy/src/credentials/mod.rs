@@ -1,5 +1,8 @@
 //! Role credentials from STS: AssumeRole with the instance profile's own
-//! short-lived credentials, cached per (role ARN, external id, session name).
+//! short-lived credentials, or AssumeRoleWithWebIdentity with the job's own
+//! GitLab ID token (an unsigned call: the daemon's credentials play no
+//! part), cached per key (role ARN, external id, session name, session,
+//! token).
 //!
 //! * prefetched when a container with a role starts (the cache subscribes
 //!   to identity's container events) and dropped when the last container
@@ -54,6 +57,36 @@ pub struct CredKey {
     pub session_name: String,
     /// Tags and SourceIdentity: two jobs never share a tagged session.
     pub session: Session,
+    /// Assume with this job's ID token (AssumeRoleWithWebIdentity, no
+    /// credentials of the daemon's own), not with the instance profile.
+    pub web_identity: Option<WebIdentity>,
+}
+
+/// A job's ID token, as the key to its role's credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WebIdentity {
+    pub token: Secret,
+    /// The token's `exp`: past it, STS takes it no more, so the entry is
+    /// neither refreshed nor served.
+    pub expires: SystemTime,
+}
+
+impl CredKey {
+    /// The STS operation that makes these credentials.
+    pub fn operation(&self) -> &'static str {
+        match self.web_identity {
+            Some(_) => "AssumeRoleWithWebIdentity",
+            None => "AssumeRole",
+        }
+    }
+
+    /// Whether STS could still make these credentials: not for a token
+    /// that has expired.
+    pub fn renewable(&self) -> bool {
+        self.web_identity
+            .as_ref()
+            .is_none_or(|w| w.expires > SystemTime::now())
+    }
 }
 
 /// Short-lived credentials for one role session.
@@ -122,14 +155,16 @@ impl Credentials {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("AssumeRole {role_arn} failed: {message}")]
+    #[error("{operation} {role_arn} failed: {message}")]
     AssumeRole {
+        /// `AssumeRole` or `AssumeRoleWithWebIdentity`.
+        operation: &'static str,
         role_arn: RoleArn,
         /// STS's error code (`AccessDenied`, ...), when it sent one.
         code: Option<String>,
         message: String,
     },
-    #[error("AssumeRole {0} returned no credentials")]
+    #[error("STS returned no credentials for {0}")]
     Empty(RoleArn),
     #[error("STS has not answered within {0:?}; still trying")]
     Timeout(Duration),
@@ -140,10 +175,13 @@ pub enum CredentialsError {
 }
 
 impl CredentialsError {
-    /// An AccessDenied for a session with tags or SourceIdentity names what
-    /// the role's trust policy is missing.
-    fn with_session_hint(self, session: &Session) -> Self {
+    /// An AccessDenied names what the role's trust policy is missing: for
+    /// a job's ID token, the GitLab provider and conditions its claims
+    /// meet; for a session with tags or SourceIdentity, those actions.
+    fn with_hint(self, key: &CredKey) -> Self {
+        let session = &key.session;
         let Self::AssumeRole {
+            operation,
             role_arn,
             code,
             message,
@@ -151,7 +189,11 @@ impl CredentialsError {
         else {
             return self;
         };
-        let hint = if code.as_deref() != Some("AccessDenied") || session.is_empty() {
+        let hint = if code.as_deref() != Some("AccessDenied") {
+            None
+        } else if key.web_identity.is_some() {
+            Some("the role's trust policy does not let this token assume it: it needs a statement for sts:AssumeRoleWithWebIdentity with the GitLab instance's OIDC provider as Federated principal, and conditions on aud and sub that this job's claims meet")
+        } else if session.is_empty() {
             None
         } else if message.contains("sts:TagSession") {
             Some("the role's trust policy does not allow sts:TagSession for the instance role: allow it, or turn --session-tags off")
@@ -161,6 +203,7 @@ impl CredentialsError {
             Some("session tags or SourceIdentity are on: the role's trust policy must allow sts:TagSession and sts:SetSourceIdentity as well as sts:AssumeRole")
         };
         Self::AssumeRole {
+            operation,
             role_arn,
             message: match hint {
                 Some(hint) => format!("{message} ({hint})"),

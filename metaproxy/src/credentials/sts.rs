@@ -32,9 +32,16 @@ pub trait Sts: Send + Sync + 'static {
     fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>>;
 }
 
-/// STS through the AWS SDK, with the daemon's own credentials.
+/// STS through the AWS SDK: AssumeRole and GetCallerIdentity with the
+/// daemon's own credentials; AssumeRoleWithWebIdentity through a client
+/// that has none at all (the call is unsigned: the job's token is the
+/// only proof), so it works on a host whose instance profile has no rights,
+/// or no instance profile.
 #[derive(Debug, Clone)]
-pub struct AwsSts(pub aws_sdk_sts::Client);
+pub struct AwsSts {
+    signed: aws_sdk_sts::Client,
+    anonymous: aws_sdk_sts::Client,
+}
 
 impl AwsSts {
     /// A client from aws-config's standard chain (on EC2: the instance
@@ -43,19 +50,54 @@ impl AwsSts {
     /// work. STS down or hanging must not hold requests (or the single
     /// flight) forever, hence the timeouts.
     pub async fn from_env() -> Self {
-        let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .load()
-            .await;
         let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(2))
             .operation_attempt_timeout(Duration::from_secs(5))
             .operation_timeout(Duration::from_secs(15))
             .build();
-        Self(aws_sdk_sts::Client::from_conf(
-            aws_sdk_sts::config::Builder::from(&aws)
-                .timeout_config(timeouts)
-                .build(),
-        ))
+        let client = |aws: &aws_config::SdkConfig| {
+            aws_sdk_sts::Client::from_conf(
+                aws_sdk_sts::config::Builder::from(aws)
+                    .timeout_config(timeouts.clone())
+                    .build(),
+            )
+        };
+        let signed = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        let anonymous = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .no_credentials()
+            .load()
+            .await;
+        Self {
+            signed: client(&signed),
+            anonymous: client(&anonymous),
+        }
+    }
+
+    async fn assume_role_with_web_identity(
+        &self,
+        key: &CredKey,
+        token: &str,
+    ) -> Result<Credentials, CredentialsError> {
+        let out = self
+            .anonymous
+            .assume_role_with_web_identity()
+            .role_arn(key.role_arn.as_str())
+            .role_session_name(&key.session_name)
+            .web_identity_token(token)
+            .duration_seconds(DURATION_SECONDS)
+            .send()
+            .await
+            .map_err(|e| sdk_error(key, e))?;
+        let creds = out
+            .credentials
+            .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
+        credentials(
+            key,
+            creds,
+            out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
+        )
     }
 }
 
@@ -65,6 +107,11 @@ impl Sts for AwsSts {
         key: &'a CredKey,
     ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
         async move {
+            if let Some(web) = &key.web_identity {
+                return self
+                    .assume_role_with_web_identity(key, web.token.expose())
+                    .await;
+            }
             let tags = key
                 .session
                 .tags
@@ -75,7 +122,7 @@ impl Sts for AwsSts {
             let transitive = (key.session.transitive && !tags.is_empty())
                 .then(|| key.session.tags.iter().map(|(k, _)| k.clone()).collect());
             let out = self
-                .0
+                .signed
                 .assume_role()
                 .role_arn(key.role_arn.as_str())
                 .role_session_name(&key.session_name)
@@ -86,38 +133,31 @@ impl Sts for AwsSts {
                 .set_source_identity(key.session.source_identity.clone())
                 .send()
                 .await
-                .map_err(|e| {
-                    use aws_sdk_sts::error::ProvideErrorMetadata as _;
-                    CredentialsError::AssumeRole {
-                        role_arn: key.role_arn.clone(),
-                        code: e.code().map(str::to_owned),
-                        message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
-                    }
-                })?;
+                .map_err(|e| sdk_error(key, e))?;
             let creds = out
                 .credentials
                 .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
-            let expiration = SystemTime::try_from(creds.expiration)
-                .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
-            Ok(Credentials {
-                access_key_id: creds.access_key_id,
-                secret_access_key: Secret::new(creds.secret_access_key),
-                session_token: Secret::new(creds.session_token),
-                expiration,
-                last_updated: SystemTime::now(),
-                assumed_role_arn: out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
-            })
+            credentials(
+                key,
+                creds,
+                out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
+            )
         }
         .boxed()
     }
 
     fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
         async move {
-            let out = self.0.get_caller_identity().send().await.map_err(|e| {
-                CredentialsError::CallerIdentity(
-                    aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
-                )
-            })?;
+            let out = self
+                .signed
+                .get_caller_identity()
+                .send()
+                .await
+                .map_err(|e| {
+                    CredentialsError::CallerIdentity(
+                        aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+                    )
+                })?;
             let account = out
                 .account
                 .as_deref()
@@ -132,6 +172,39 @@ impl Sts for AwsSts {
         }
         .boxed()
     }
+}
+
+/// STS's error for `key`: its code and the whole context, never the token
+/// (the SDK's errors hold no request parameters).
+fn sdk_error<E, R>(key: &CredKey, e: aws_sdk_sts::error::SdkError<E, R>) -> CredentialsError
+where
+    E: aws_sdk_sts::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_sts::error::ProvideErrorMetadata as _;
+    CredentialsError::AssumeRole {
+        operation: key.operation(),
+        role_arn: key.role_arn.clone(),
+        code: e.code().map(str::to_owned),
+        message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
+    }
+}
+
+fn credentials(
+    key: &CredKey,
+    creds: aws_sdk_sts::types::Credentials,
+    assumed_role_arn: String,
+) -> Result<Credentials, CredentialsError> {
+    let expiration = SystemTime::try_from(creds.expiration)
+        .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
+    Ok(Credentials {
+        access_key_id: creds.access_key_id,
+        secret_access_key: Secret::new(creds.secret_access_key),
+        session_token: Secret::new(creds.session_token),
+        expiration,
+        last_updated: SystemTime::now(),
+        assumed_role_arn,
+    })
 }
 
 /// An [`Sts`] that counts and times the calls it passes on.
@@ -191,7 +264,7 @@ impl Sts for InstrumentedSts {
         &'a self,
         key: &'a CredKey,
     ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
-        self.measure("AssumeRole", self.inner.assume_role(key))
+        self.measure(key.operation(), self.inner.assume_role(key))
             .boxed()
     }
 

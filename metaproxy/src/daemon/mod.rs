@@ -237,6 +237,7 @@ async fn wire(parts: Parts<'_>) -> Wired {
             credentials.clone(),
             identities.subscribe(),
             parts.policy.clone(),
+            identities.clone(),
         ),
     );
     parts

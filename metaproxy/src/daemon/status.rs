@@ -15,7 +15,10 @@ impl admin::Explainer for PolicyExplainer {
     fn explain<'a>(&'a self, container: &'a str) -> futures_util::future::BoxFuture<'a, String> {
         Box::pin(async move {
             match self.identities.find(container).await {
-                Ok(Some(c)) => self.policy.explain(&c),
+                Ok(Some(c)) => {
+                    let token = self.identities.job_token(&c).await;
+                    self.policy.explain(&c, &token)
+                }
                 Ok(None) => format!("no container {container} is known to Docker\n"),
                 Err(e) => format!("cannot ask Docker about {container}: {e}\n"),
             }

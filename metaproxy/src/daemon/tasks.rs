@@ -161,11 +161,13 @@ pub async fn prefetch_credentials(
     credentials: Arc<CredentialCache>,
     mut events: broadcast::Receiver<ContainerEvent>,
     policy: Arc<Policy>,
+    identities: Arc<Identities>,
 ) {
     loop {
         match events.recv().await {
             Ok(ContainerEvent::Started(c)) => {
-                let RoleDecision::Role(role) = policy.decide(&c) else {
+                let token = identities.job_token(&c).await;
+                let RoleDecision::Role(role) = policy.decide_for(&c, &token) else {
                     continue;
                 };
                 let key = CredKey::from(&role);

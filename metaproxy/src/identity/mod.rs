@@ -45,6 +45,7 @@ use crate::{
     model::{
         container::{Container, ContainerEvent},
         ids::{CgroupId, ContainerId},
+        job_token::TokenState,
     },
     ops::metrics::DockerMetrics,
 };
@@ -121,6 +122,8 @@ pub struct Identities {
     metrics: DockerMetrics,
     /// Whether the runtime's event stream is connected.
     reachable: AtomicBool,
+    /// Verifies jobs' GitLab ID tokens (`--oidc-issuer`).
+    job_tokens: Option<Arc<job_token::JobTokens>>,
 }
 
 impl std::fmt::Debug for Identities {
@@ -140,6 +143,26 @@ impl Identities {
             events,
             metrics: DockerMetrics::default(),
             reachable: AtomicBool::new(false),
+            job_tokens: None,
+        }
+    }
+
+    /// Verify jobs' ID tokens with `tokens`.
+    pub fn with_job_tokens(mut self, tokens: Arc<job_token::JobTokens>) -> Self {
+        self.job_tokens = Some(tokens);
+        self
+    }
+
+    pub fn job_tokens(&self) -> Option<&Arc<job_token::JobTokens>> {
+        self.job_tokens.as_ref()
+    }
+
+    /// What container `c`'s ID token comes to now: absent unless
+    /// `--oidc-issuer` is set and the container carries one.
+    pub async fn job_token(&self, c: &Container) -> TokenState {
+        match &self.job_tokens {
+            Some(tokens) => tokens.check(c).await,
+            None => TokenState::Absent,
         }
     }
 

@@ -5,9 +5,9 @@ use super::*;
 impl Policy {
     /// The decision for `c` and, with a policy file in force, each rule's
     /// verdict: what `metaproxy policy explain` prints.
-    pub fn explain(&self, c: &Container) -> String {
+    pub fn explain(&self, c: &Container, token: &TokenState) -> String {
         use std::fmt::Write as _;
-        let decision = self.decide(c);
+        let decision = self.decide_for(c, token);
         let mut out = format!(
             "container {} ({})\n",
             crate::ops::logging::Clean(&c.name),
@@ -15,7 +15,16 @@ impl Policy {
         );
         let arn = match &decision {
             RoleDecision::Role(r) => {
-                let _ = writeln!(out, "decision: role {} (session {})", r.arn, r.session_name);
+                let _ = writeln!(
+                    out,
+                    "decision: role {} (session {}, {})",
+                    r.arn,
+                    r.session_name,
+                    match r.web_identity {
+                        Some(_) => "AssumeRoleWithWebIdentity with the job's ID token",
+                        None => "AssumeRole with the instance profile",
+                    }
+                );
                 Some(r.arn.clone())
             }
             RoleDecision::NoRole if Self::native_steps(c) => {
@@ -38,10 +47,19 @@ impl Policy {
                 }
             }
         };
-        let facts = Facts::of(c);
+        let verified = match token {
+            TokenState::Verified(t) => Some(&**t),
+            _ => None,
+        };
+        let facts = Facts::for_container(c, verified);
         let _ = writeln!(
             out,
-            "facts: {}",
+            "facts ({}): {}",
+            match facts.source {
+                FactSource::IdToken =>
+                    "from the job's verified ID token; its labels and variables are ignored",
+                FactSource::Runner => "from gitlab-runner's labels and variables",
+            },
             crate::ops::logging::Clean(&facts.to_string())
         );
         match (self.file(), arn) {

@@ -15,6 +15,9 @@
 //! projects = ["group/app", "42"]      # a path glob, or a project id
 //! refs = ["main", "release/*"]        # ref name globs; any if absent
 //! protected = true                    # only protected refs; any if absent
+//! ref_type = "branch"                 # "branch" or "tag"; ID tokens only
+//! environments = ["production"]       # environment globs; ID tokens only
+//! environment_protected = true        # ID tokens only
 //! ```
 //!
 //! With any `[[runner]]` entry, a container of a runner not listed (or with
@@ -26,7 +29,12 @@
 //! project id, ref) and its predefined variables (`CI_PROJECT_PATH`,
 //! `CI_COMMIT_REF_PROTECTED`) where they are unambiguous and belong to the
 //! labelled project ([`crate::model::session`] says when), never what only the
-//! image set. A file that does not parse is never half-applied: loading it
+//! image set. For a job with a verified GitLab ID token they come from its
+//! claims instead, and the labels and variables are ignored (the runner id
+//! still comes from the runner's label: the claim's `runner_id` is GitLab's
+//! numeric id, not the short token the label and `[[runner]]` use). The
+//! keys only claims carry (`ref_type`, `environments`,
+//! `environment_protected`) match no job without a token. A file that does not parse is never half-applied: loading it
 //! fails with the line, and a reload keeps the policy in force.
 
 use std::{fmt::Write as _, path::Path};
@@ -35,7 +43,7 @@ use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
 use super::globs::glob;
-use crate::model::{container::Container, gitlab::Fact, ids::RoleArn};
+use crate::model::{container::Container, gitlab::Fact, ids::RoleArn, job_token::JobToken};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {
@@ -82,6 +90,28 @@ struct RuleToml {
     refs: Option<Vec<String>>,
     #[serde(default)]
     protected: Option<bool>,
+    #[serde(default)]
+    ref_type: Option<RefType>,
+    #[serde(default)]
+    environments: Option<Vec<String>>,
+    #[serde(default)]
+    environment_protected: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RefType {
+    Branch,
+    Tag,
+}
+
+impl RefType {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Branch => "branch",
+            Self::Tag => "tag",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -98,6 +128,9 @@ struct Rule {
     projects: Vec<(Project, String)>,
     refs: Option<(GlobSet, Vec<String>)>,
     protected: Option<bool>,
+    ref_type: Option<RefType>,
+    environments: Option<(GlobSet, Vec<String>)>,
+    environment_protected: Option<bool>,
 }
 
 /// A `[[runner]]` entry: the roles one runner's jobs may get.
@@ -167,8 +200,18 @@ impl FileRefusal {
     }
 }
 
+/// Where a container's facts came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FactSource {
+    /// gitlab-runner's labels and predefined variables.
+    #[default]
+    Runner,
+    /// The claims of the job's verified GitLab ID token.
+    IdToken,
+}
+
 /// What the policy file decides on, read from the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Facts {
     /// gitlab-runner's `runner.id` label (its short token).
     pub runner_id: Option<String>,
@@ -176,9 +219,17 @@ pub struct Facts {
     pub project_path: Option<String>,
     pub git_ref: Option<String>,
     pub protected: bool,
+    /// `branch` or `tag`: ID tokens only.
+    pub ref_type: Option<String>,
+    /// ID tokens only.
+    pub environment: Option<String>,
+    /// ID tokens only.
+    pub environment_protected: Option<bool>,
+    pub source: FactSource,
 }
 
 impl Facts {
+    /// From the runner's labels and variables.
     pub fn of(c: &Container) -> Self {
         Self {
             runner_id: Fact::RunnerId.value(c),
@@ -186,6 +237,27 @@ impl Facts {
             project_path: Fact::ProjectPath.value(c),
             git_ref: Fact::Ref.value(c),
             protected: Fact::Protected.value(c).as_deref() == Some("true"),
+            ..Self::default()
+        }
+    }
+
+    /// From the claims of `token` where the job has a verified one (the
+    /// runner id still from the runner's label), else as [`Facts::of`].
+    pub fn for_container(c: &Container, token: Option<&JobToken>) -> Self {
+        let Some(token) = token else {
+            return Self::of(c);
+        };
+        let claims = &token.claims;
+        Self {
+            runner_id: Fact::RunnerId.value(c),
+            project_id: Some(claims.project_id.clone()),
+            project_path: Some(claims.project_path.clone()),
+            git_ref: Some(claims.git_ref.clone()),
+            protected: claims.ref_protected,
+            ref_type: claims.ref_type.clone(),
+            environment: claims.environment.clone(),
+            environment_protected: claims.environment_protected,
+            source: FactSource::IdToken,
         }
     }
 }
@@ -204,7 +276,19 @@ impl std::fmt::Display for Facts {
                 "not protected"
             },
             self.runner_id.as_deref().unwrap_or("?"),
-        )
+        )?;
+        if let Some(kind) = &self.ref_type {
+            write!(f, ", ref type {kind}")?;
+        }
+        if let Some(env) = &self.environment {
+            let protected = match self.environment_protected {
+                Some(true) => " (protected)",
+                Some(false) => " (not protected)",
+                None => "",
+            };
+            write!(f, ", environment {env}{protected}")?;
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +411,17 @@ impl PolicyFile {
                     refs,
                 )),
             };
+            let environments = match r.environments {
+                None => None,
+                Some(envs) if envs.is_empty() => return Err(err(
+                    "environments: an empty list allows no environment; leave it out to allow any"
+                        .into(),
+                )),
+                Some(envs) => Some((
+                    glob_set(&envs).map_err(|e| err(format!("environments: {e}")))?,
+                    envs,
+                )),
+            };
             rules.push(Rule {
                 line,
                 roles,
@@ -334,6 +429,9 @@ impl PolicyFile {
                 projects,
                 refs,
                 protected: r.protected,
+                ref_type: r.ref_type,
+                environments,
+                environment_protected: r.environment_protected,
             });
         }
         Ok(Self {
@@ -471,6 +569,36 @@ impl Rule {
         }
         if self.protected == Some(false) && facts.protected {
             return Err("the rule is for unprotected refs only".into());
+        }
+        if let Some(kind) = self.ref_type {
+            if facts.ref_type.as_deref() != Some(kind.name()) {
+                return Err(format!(
+                    "ref type {} is not {} (only an ID token tells)",
+                    facts.ref_type.as_deref().unwrap_or("?"),
+                    kind.name()
+                ));
+            }
+        }
+        if let Some((envs, patterns)) = &self.environments {
+            if !facts
+                .environment
+                .as_deref()
+                .is_some_and(|e| envs.is_match(e))
+            {
+                return Err(format!(
+                    "environment {} is not in environments {patterns:?} (only an ID token tells)",
+                    facts.environment.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        if let Some(wanted) = self.environment_protected {
+            if facts.environment_protected != Some(wanted) {
+                return Err(if wanted {
+                    "the environment is not protected (only an ID token tells)".into()
+                } else {
+                    "the rule is for unprotected environments only (only an ID token tells)".into()
+                });
+            }
         }
         Ok(())
     }

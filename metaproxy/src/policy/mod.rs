@@ -32,8 +32,9 @@ use crate::{
     model::{
         container::Container,
         gitlab::{self, single_value, Unclear},
+        job_token::{JobToken, TokenRefusal, TokenState},
     },
-    policy::file::{Facts, FileRefusal, PolicyFile},
+    policy::file::{FactSource, Facts, FileRefusal, PolicyFile},
 };
 
 /// The container types that get roles unless configured otherwise.
@@ -48,6 +49,19 @@ pub struct Role {
     pub session_name: String,
     /// Session tags and SourceIdentity from the job (when turned on).
     pub session: Session,
+    /// The job's verified ID token: assumed with AssumeRoleWithWebIdentity,
+    /// never with the instance profile.
+    pub web_identity: Option<Arc<JobToken>>,
+}
+
+impl Role {
+    /// Where the credentials come from, as the audit line names it.
+    pub fn source(&self) -> &'static str {
+        match self.web_identity {
+            Some(_) => "web-identity",
+            None => "assume-role",
+        }
+    }
 }
 
 /// The verdict for one container.
@@ -95,6 +109,10 @@ pub enum RoleRefusal {
     /// no role unless `--role-container-types` lists them.
     #[error("a gitlab-runner {0:?} container (com.gitlab.gitlab-runner.type); roles go to the types in --role-container-types")]
     ContainerType(String),
+    /// The job's ID token failed a check, or `--oidc-required` and it has
+    /// none: no credentials, and no AssumeRole in its place.
+    #[error(transparent)]
+    JobToken(#[from] TokenRefusal),
 }
 
 impl From<Unclear> for RoleRefusal {
@@ -132,6 +150,9 @@ pub struct Policy {
     generation: AtomicU64,
     /// Decisions made, per container (see [`Policy::decision`]).
     decided: Mutex<Decided>,
+    /// `--oidc-required`: the token variable a job container must carry a
+    /// valid token in to get any role.
+    token_required: Option<&'static str>,
 }
 
 /// Decisions already made, per container. Each holds while its container
@@ -151,6 +172,9 @@ struct Memo {
     container: Weak<Container>,
     generation: u64,
     account_known: bool,
+    /// The verified token decided on, if any (a decision about a token
+    /// is made again for another token).
+    token: Option<Arc<JobToken>>,
     decision: Arc<RoleDecision>,
 }
 
@@ -172,7 +196,15 @@ impl Policy {
             file: RwLock::new(None),
             generation: AtomicU64::new(0),
             decided: Mutex::new(Decided::default()),
+            token_required: None,
         })
+    }
+
+    /// `--oidc-required`: job containers without a valid ID token in
+    /// `variable` get no role at all.
+    pub fn with_token_required(mut self, variable: &'static str) -> Self {
+        self.token_required = Some(variable);
+        self
     }
 
     /// Which gitlab-runner container types may get roles.
@@ -208,10 +240,16 @@ impl Policy {
         self
     }
 
-    /// [`Policy::decide`] for `c`, made once per container and policy: every
-    /// request of a job asks, and the answer only changes when the policy
-    /// does.
-    pub fn decision(&self, c: &Arc<Container>) -> Arc<RoleDecision> {
+    /// [`Policy::decide_for`] for `c` and its token, made once per
+    /// container, token and policy: every request of a job asks, and the
+    /// answer only changes when the policy does. A refused token is
+    /// decided each time (it may be an expired one).
+    pub fn decision(&self, c: &Arc<Container>, token: &TokenState) -> Arc<RoleDecision> {
+        let verified = match token {
+            TokenState::Absent => None,
+            TokenState::Verified(t) => Some(t),
+            TokenState::Refused(_) => return Arc::new(self.decide_for(c, token)),
+        };
         // Read before deciding: a file swapped meanwhile makes the entry
         // stale at once rather than wrongly fresh.
         let generation = self.generation.load(Ordering::Acquire);
@@ -220,11 +258,16 @@ impl Policy {
             m.container.as_ptr() == Arc::as_ptr(c)
                 && m.generation == generation
                 && m.account_known == account_known
+                && match (&m.token, verified) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
         };
         if let Some(m) = self.decided().by_container.get(&c.id).filter(|m| fresh(m)) {
             return m.decision.clone();
         }
-        let decision = Arc::new(self.decide(c));
+        let decision = Arc::new(self.decide_for(c, token));
         let mut decided = self.decided();
         if decided.by_container.len() >= decided.prune_at {
             decided
@@ -238,6 +281,7 @@ impl Policy {
                 container: Arc::downgrade(c),
                 generation,
                 account_known,
+                token: verified.cloned(),
                 decision: decision.clone(),
             },
         );
@@ -254,10 +298,18 @@ impl Policy {
         self.decided().by_container.len()
     }
 
-    /// Decides from the container's environment (`Config.Env`, which
-    /// already includes the image's), the image's own environment, and the
-    /// instance profile's account (if known yet).
+    /// [`Policy::decide_for`] a container that has no ID token.
+    #[cfg(test)]
     pub fn decide(&self, c: &Container) -> RoleDecision {
+        self.decide_for(c, &TokenState::Absent)
+    }
+
+    /// Decides from the container's environment (`Config.Env`, which
+    /// already includes the image's), the image's own environment, the
+    /// instance profile's account (if known yet) and the job's ID token.
+    /// With a verified token the role is assumed with it, and the policy
+    /// file's facts are its claims; a refused token refuses the role.
+    pub fn decide_for(&self, c: &Container, token: &TokenState) -> RoleDecision {
         let account = self.account.get();
         let role = match single_value(&c.env, &c.image_env, "IAM_ROLE") {
             Ok(None) => return RoleDecision::NoRole,
@@ -277,6 +329,18 @@ impl Policy {
                 return RoleDecision::Refused(RoleRefusal::ContainerType(kind.to_string()));
             }
         }
+        let token = match token {
+            TokenState::Refused(refusal) => {
+                return RoleDecision::Refused(RoleRefusal::JobToken(refusal.clone()))
+            }
+            TokenState::Absent => match self.token_required {
+                Some(variable) => {
+                    return RoleDecision::Refused(TokenRefusal::Required(variable).into())
+                }
+                None => None,
+            },
+            TokenState::Verified(token) => Some(token),
+        };
         let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
             Ok(Some(v)) if !valid_external_id(v) => {
                 return RoleDecision::Refused(RoleRefusal::BadExternalId)
@@ -321,16 +385,31 @@ impl Policy {
             return RoleDecision::Refused(RoleRefusal::NotAllowed { arn, rule });
         }
         if let Some(file) = self.file() {
-            if let Err(refusal) = file.check(&arn, &Facts::of(c)) {
+            if let Err(refusal) = file.check(&arn, &Facts::for_container(c, token.map(|t| &**t))) {
                 return RoleDecision::Refused(refusal.into());
             }
         }
-        RoleDecision::Role(Role {
-            arn,
-            external_id,
-            session_name: gitlab::session_name(c),
-            session: Session::for_container(c, &self.session),
-        })
+        match token {
+            // AssumeRoleWithWebIdentity takes no external id, tags or
+            // SourceIdentity: the trust policy's conditions on the claims
+            // stand in for them.
+            Some(token) => RoleDecision::Role(Role {
+                arn,
+                external_id: None,
+                session_name: gitlab::clean_session_name(&gitlab::job_session_name(
+                    &token.claims.job_id,
+                )),
+                session: Session::default(),
+                web_identity: Some(token.clone()),
+            }),
+            None => RoleDecision::Role(Role {
+                arn,
+                external_id,
+                session_name: gitlab::session_name(c),
+                session: Session::for_container(c, &self.session),
+                web_identity: None,
+            }),
+        }
     }
 
     /// Whether a container with no role looks like a build container of

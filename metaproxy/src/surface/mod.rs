@@ -41,7 +41,7 @@ pub use token::{TokenError, TokenKey};
 
 use crate::{
     attribution::Caller,
-    credentials::{CredKey, CredentialCache, Issued},
+    credentials::{CredKey, CredentialCache, Issued, WebIdentity},
     identity::{Identities, Identity},
     model::container::Container,
     model::ids::RoleArn,
@@ -264,7 +264,8 @@ impl Surface {
                 self.host(req, caller).await,
             ),
             Ok(Identity::Container(c)) => {
-                let decision = self.policy.decision(&c);
+                let token = self.identities.job_token(&c).await;
+                let decision = self.policy.decision(&c, &token);
                 let role = match &*decision {
                     RoleDecision::Role(role) => Some(role.arn.clone()),
                     _ => None,
@@ -445,6 +446,10 @@ impl From<&Role> for CredKey {
             external_id: role.external_id.clone(),
             session_name: role.session_name.clone(),
             session: role.session.clone(),
+            web_identity: role.web_identity.as_ref().map(|t| WebIdentity {
+                token: t.raw.clone(),
+                expires: t.expires(),
+            }),
         }
     }
 }

@@ -181,6 +181,7 @@ impl Sts for FakeSts {
             match mode {
                 StsMode::Ok(valid) => Ok(self.creds(key, valid)),
                 StsMode::Fail => Err(CredentialsError::AssumeRole {
+                    operation: key.operation(),
                     role_arn: key.role_arn.clone(),
                     code: Some("AccessDenied".into()),
                     message: "AccessDenied: not authorized to perform sts:AssumeRole".into(),
@@ -365,6 +366,7 @@ pub async fn bed_with(options: Options) -> Bed {
         credentials.clone(),
         identities.subscribe(),
         policy.clone(),
+        identities.clone(),
     ));
     tasks.spawn(identities.clone().follow_events());
     let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));

@@ -20,6 +20,7 @@ fn facts(path: &str, id: &str, r: &str, protected: bool) -> Facts {
         project_path: Some(path.into()),
         git_ref: Some(r.into()),
         protected,
+        ..Facts::default()
     }
 }
 
