@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     cli::{self, RunArgs},
+    identity::job_token::{discovery::issuer_url, IssuerUrlError, TokenRules},
     model::session::SessionOptions,
     server::Limits,
     surface::{ContainerCredentialsOptions, Imdsv1Mode},
@@ -66,6 +67,22 @@ pub enum ConfigError {
          make the file and its directories root's and not writable by group or others (chown root: FILE; chmod go-w FILE)"
     )]
     PolicyFileUnsafe { path: PathBuf, why: String },
+    #[error("--oidc-issuer {0}")]
+    OidcIssuer(IssuerUrlError),
+    #[error("--oidc-audience: give the audience the jobs' id_tokens name (aud:), such as sts.amazonaws.com")]
+    OidcAudience,
+    #[error("--oidc-token-variable {0:?}: expected a variable name (letters, digits and _, not starting with a digit)")]
+    OidcTokenVariable(String),
+    #[error("--oidc-required needs --oidc-issuer: the GitLab instance whose ID tokens jobs carry")]
+    OidcRequiredWithoutIssuer,
+}
+
+/// GitLab ID tokens, when `--oidc-issuer` is set.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub rules: TokenRules,
+    /// `--oidc-required`.
+    pub required: bool,
 }
 
 /// Everything `metaproxy run` needs, checked.
@@ -93,6 +110,7 @@ pub struct RunConfig {
     /// Start even though other processes share the daemon's cgroup (and so
     /// bypass the redirect).
     pub allow_shared_cgroup: bool,
+    pub oidc: Option<OidcConfig>,
 }
 
 /// The addresses SDKs accept for the container-credentials endpoint.
@@ -159,6 +177,46 @@ impl EphemeralPorts {
     pub fn hands_out(&self, port: u16) -> bool {
         self.range.contains(&port) && !self.reserved.iter().any(|r| r.contains(&port))
     }
+}
+
+/// The ID-token flags, checked.
+fn oidc(args: &RunArgs) -> Result<Option<OidcConfig>, ConfigError> {
+    let Some(issuer) = args
+        .oidc_issuer
+        .as_deref()
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    else {
+        if args.oidc_required {
+            return Err(ConfigError::OidcRequiredWithoutIssuer);
+        }
+        return Ok(None);
+    };
+    let issuer = issuer_url(issuer).map_err(ConfigError::OidcIssuer)?;
+    let audience = args.oidc_audience.trim();
+    if audience.is_empty() {
+        return Err(ConfigError::OidcAudience);
+    }
+    let variable = args.oidc_token_variable.trim();
+    let name_like = variable
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && variable
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !name_like {
+        return Err(ConfigError::OidcTokenVariable(variable.to_string()));
+    }
+    Ok(Some(OidcConfig {
+        rules: TokenRules {
+            issuer,
+            audience: audience.to_string(),
+            // Named once for the daemon's life; refusals quote it.
+            variable: Box::leak(variable.to_string().into_boxed_str()),
+        },
+        required: args.oidc_required,
+    }))
 }
 
 impl RunConfig {
@@ -267,6 +325,7 @@ impl RunConfig {
             source_identity: args.source_identity,
         };
         Ok(Self {
+            oidc: oidc(args)?,
             policy_file: args.policy_file.clone(),
             role_container_types: args
                 .role_container_types

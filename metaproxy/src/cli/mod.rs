@@ -218,6 +218,37 @@ pub struct RunArgs {
     #[arg(long, env = "METAPROXY_SOURCE_IDENTITY")]
     pub source_identity: bool,
 
+    /// The GitLab instance whose ID tokens jobs carry (`id_tokens:` in
+    /// .gitlab-ci.yml), e.g. https://gitlab.example.com. A job container
+    /// with a valid token gets its role with AssumeRoleWithWebIdentity and
+    /// the token, never with the instance profile; one whose token fails a
+    /// check gets nothing. https only (plain http for a loopback issuer).
+    #[arg(long, env = "METAPROXY_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+
+    /// The audience (`aud`) the ID tokens must be for.
+    #[arg(
+        long,
+        env = "METAPROXY_OIDC_AUDIENCE",
+        default_value = "sts.amazonaws.com"
+    )]
+    pub oidc_audience: String,
+
+    /// The job variable that holds the ID token (the name under
+    /// `id_tokens:`).
+    #[arg(
+        long,
+        env = "METAPROXY_OIDC_TOKEN_VARIABLE",
+        default_value = "AWS_ID_TOKEN"
+    )]
+    pub oidc_token_variable: String,
+
+    /// Job containers without a valid ID token get no credentials at all:
+    /// the instance profile is never used for jobs, so it needs no right to
+    /// assume any job role.
+    #[arg(long, env = "METAPROXY_OIDC_REQUIRED")]
+    pub oidc_required: bool,
+
     /// Address of the metrics and health listener (`/metrics`, `/healthz`,
     /// `/readyz`), or `off`. It never serves credentials; keep it on
     /// loopback or a private address.

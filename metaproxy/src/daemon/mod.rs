@@ -24,7 +24,11 @@ use crate::{
     attribution::Attribution,
     cli::config::{self, RunConfig},
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
-    identity::{docker::DockerRuntime, Identities},
+    identity::{
+        docker::DockerRuntime,
+        job_token::{Discovery, JobTokens},
+        Identities,
+    },
     kernel::addrs::{ip4_word, ip6_words},
     kernel::cgroup::{self, CgroupPaths},
     kernel::guard::{self, GuardState, RouteTable},
@@ -80,7 +84,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let account = Arc::new(OnceLock::new());
-    readiness.own_credentials(account.clone());
+    // With --oidc-required the daemon needs no AWS credentials of its own:
+    // jobs' tokens are all that buys roles.
+    if !config.oidc.as_ref().is_some_and(|o| o.required) {
+        readiness.own_credentials(account.clone());
+    }
     let policy = load_policy(&config, account.clone())?;
     let tokens = TokenKey::load_or_create(&config.state_dir)
         .with_context(|| format!("token key in --state-dir {}", config.state_dir.display()))?;
@@ -126,7 +134,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         mount: cgroups.mount.clone(),
         metrics: &metrics,
     })
-    .await;
+    .await?;
     let admin_listener = admin::bind(&config.admin_socket)
         .await
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
@@ -214,7 +222,7 @@ struct Wired {
 
 /// Builds the request path (STS, the credential cache, Docker, the real
 /// IMDS, the connection log) and starts the tasks that keep it current.
-async fn wire(parts: Parts<'_>) -> Wired {
+async fn wire(parts: Parts<'_>) -> anyhow::Result<Wired> {
     let sts = Arc::new(InstrumentedSts::new(Arc::new(AwsSts::from_env().await)));
     let me = Arc::new(OnceLock::new());
     parts.tasks.spawn_finite(
@@ -227,7 +235,21 @@ async fn wire(parts: Parts<'_>) -> Wired {
         credentials.clone().refresh_ahead(Duration::from_secs(60)),
     );
 
-    let identities = Arc::new(Identities::new(Arc::new(DockerRuntime::default())));
+    let mut identities = Identities::new(Arc::new(DockerRuntime::default()));
+    if let Some(oidc) = &parts.config.oidc {
+        let keys =
+            Discovery::new(oidc.rules.issuer.clone()).context("--oidc-issuer: the HTTPS client")?;
+        let tokens = Arc::new(JobTokens::new(oidc.rules.clone(), Arc::new(keys)));
+        let fetched = tokens.clone();
+        parts
+            .readiness
+            .job_tokens(Arc::new(move || fetched.ready()));
+        parts
+            .tasks
+            .spawn("issuer keys", tokens.clone().follow_keys());
+        identities = identities.with_job_tokens(tokens);
+    }
+    let identities = Arc::new(identities);
     let docker = identities.clone();
     parts.readiness.docker(Arc::new(move || docker.reachable()));
     // Subscribe before the events follower starts, so no start is missed.
@@ -290,12 +312,12 @@ async fn wire(parts: Parts<'_>) -> Wired {
         connections: connections.clone(),
         metrics: requests,
     });
-    Wired {
+    Ok(Wired {
         pipeline,
         state,
         connections,
         me,
-    }
+    })
 }
 
 /// The metrics listener's socket, with the fix when the address is taken.
@@ -321,9 +343,15 @@ fn load_policy(
     account: Arc<OnceLock<AccountId>>,
 ) -> anyhow::Result<Arc<Policy>> {
     let policy = Arc::new(
-        Policy::new(&config.allow_role, &config.allow_host_cgroup, account)?
-            .with_session(config.session.clone())
-            .with_container_types(config.role_container_types.clone()),
+        match &config.oidc {
+            Some(oidc) if oidc.required => {
+                Policy::new(&config.allow_role, &config.allow_host_cgroup, account)?
+                    .with_token_required(oidc.rules.variable)
+            }
+            _ => Policy::new(&config.allow_role, &config.allow_host_cgroup, account)?,
+        }
+        .with_session(config.session.clone())
+        .with_container_types(config.role_container_types.clone()),
     );
     if let Some(path) = &config.policy_file {
         let file = PolicyFile::load(path).context("--policy-file")?;

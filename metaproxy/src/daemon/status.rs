@@ -99,6 +99,20 @@ pub(super) async fn summary(
             c.session.tags.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>().join(",")
         },
         source_identity = c.session.source_identity,
+        id_tokens = %c.oidc.as_ref().map_or_else(
+            || "off".to_string(),
+            |o| format!(
+                "issuer {} (aud {}, variable {}): {}",
+                o.rules.issuer,
+                o.rules.audience,
+                o.rules.variable,
+                if o.required {
+                    "required: jobs without a valid token get nothing, the instance profile assumes no job role"
+                } else {
+                    "jobs with a valid token get web-identity credentials, jobs without one AssumeRole"
+                }
+            )
+        ),
         max_connections = c.limits.max_connections,
         max_connections_per_container = c.limits.max_connections_per_cgroup,
         aws_identity = %aws,

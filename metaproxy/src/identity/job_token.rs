@@ -46,7 +46,7 @@ use crate::model::{
     secret::Secret,
 };
 
-mod discovery;
+pub mod discovery;
 
 pub use discovery::{Discovery, IssuerUrlError};
 

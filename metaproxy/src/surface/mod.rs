@@ -428,6 +428,7 @@ impl Surface {
             job = %Clean(c.job_id().unwrap_or("-")),
             role_arn = %key.role_arn,
             session = %key.session_name,
+            source = role.source(),
             access_key_id = %creds.access_key_id,
             expiration = %imds_time(creds.expiration),
             endpoint = endpoint.name(),

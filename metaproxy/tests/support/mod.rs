@@ -125,6 +125,8 @@ pub enum StsMode {
     Fail,
     /// Holds every call until `release` is notified, then answers Ok(1 h).
     Hold,
+    /// An error with this STS code.
+    Error(&'static str),
 }
 
 pub struct FakeSts {
@@ -185,6 +187,12 @@ impl Sts for FakeSts {
                     role_arn: key.role_arn.clone(),
                     code: Some("AccessDenied".into()),
                     message: "AccessDenied: not authorized to perform sts:AssumeRole".into(),
+                }),
+                StsMode::Error(code) => Err(CredentialsError::AssumeRole {
+                    operation: key.operation(),
+                    role_arn: key.role_arn.clone(),
+                    code: Some(code.into()),
+                    message: format!("{code}: refused by the fake"),
                 }),
                 StsMode::Hold => {
                     self.release.notified().await;
@@ -305,6 +313,10 @@ pub struct Options {
     pub allow_role: Vec<String>,
     pub container_credentials: Option<ContainerCredentialsOptions>,
     pub session: metaproxy::model::session::SessionOptions,
+    /// Verify jobs' ID tokens with these.
+    pub job_tokens: Option<Arc<metaproxy::identity::job_token::JobTokens>>,
+    /// `--oidc-required`, with this token variable.
+    pub token_required: Option<&'static str>,
 }
 
 /// The whole pipeline on 127.0.0.1:0 against fakes.
@@ -347,15 +359,21 @@ pub async fn bed_with(options: Options) -> Bed {
     let upstream = Arc::new(FakeUpstream::default());
     let account = Arc::new(OnceLock::new());
     account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
-    let policy = Arc::new(
-        Policy::new(&options.allow_role, &options.allow_host_cgroup, account)
-            .unwrap()
-            .with_session(options.session.clone()),
-    );
+    let mut policy = Policy::new(&options.allow_role, &options.allow_host_cgroup, account)
+        .unwrap()
+        .with_session(options.session.clone());
+    if let Some(variable) = options.token_required {
+        policy = policy.with_token_required(variable);
+    }
+    let policy = Arc::new(policy);
     let instrumented = Arc::new(InstrumentedSts::new(sts.clone()));
     let sts_metrics = instrumented.metrics().clone();
     let credentials = Arc::new(CredentialCache::new(instrumented));
-    let identities = Arc::new(Identities::new(runtime.clone()));
+    let mut identities = Identities::new(runtime.clone());
+    if let Some(tokens) = options.job_tokens.clone() {
+        identities = identities.with_job_tokens(tokens);
+    }
+    let identities = Arc::new(identities);
     let connections = Arc::new(ConnLog::new(1024));
     let imdsv1 = Arc::new(Imdsv1Gate::new(
         options.imdsv1.unwrap_or(Imdsv1Mode::Mirror),

@@ -278,3 +278,51 @@ fn listen_addresses_are_checked_once() {
         assert!(err.contains(msg), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn id_tokens_are_off_unless_an_issuer_is_named_and_the_issuer_must_be_https() {
+    assert!(config(&[]).unwrap().oidc.is_none());
+    let err = config(&["--oidc-required"]).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::OidcRequiredWithoutIssuer),
+        "{err}"
+    );
+    let on = config(&[
+        "--oidc-issuer",
+        "https://gitlab.example.com/",
+        "--oidc-required",
+    ])
+    .unwrap()
+    .oidc
+    .unwrap();
+    assert_eq!(on.rules.issuer, "https://gitlab.example.com");
+    assert_eq!(on.rules.audience, "sts.amazonaws.com");
+    assert_eq!(on.rules.variable, "AWS_ID_TOKEN");
+    assert!(on.required);
+    // Plain http only to loopback: a token's keys fetched in the clear
+    // could be anyone's.
+    let err = config(&["--oidc-issuer", "http://gitlab.example.com"]).unwrap_err();
+    assert!(err.to_string().contains("use https"), "{err}");
+    assert!(config(&["--oidc-issuer", "http://127.0.0.1:8080"]).is_ok());
+    for bad in ["1TOKEN", "AWS-ID", ""] {
+        let err = config(&[
+            "--oidc-issuer",
+            "https://gitlab.example.com",
+            "--oidc-token-variable",
+            bad,
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::OidcTokenVariable(_)),
+            "{bad}: {err}"
+        );
+    }
+    let err = config(&[
+        "--oidc-issuer",
+        "https://gitlab.example.com",
+        "--oidc-audience",
+        " ",
+    ])
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::OidcAudience), "{err}");
+}

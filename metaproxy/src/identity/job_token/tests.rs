@@ -130,12 +130,15 @@ async fn a_valid_token_of_the_containers_own_job_verifies() {
     assert_eq!(v.check(&c).await, TokenState::Absent);
 }
 
+/// What a refusal must be.
+type Expect = fn(&TokenRefusal) -> bool;
+
 #[tokio::test]
 async fn each_failed_check_is_a_refusal_that_says_which() {
     let (v, _) = verifier("a");
     let c = claims("302");
     let past = now() - 7200;
-    let cases: Vec<(&str, String, fn(&TokenRefusal) -> bool)> = vec![
+    let cases: Vec<(&str, String, Expect)> = vec![
         (
             "expired",
             sign(

@@ -299,7 +299,7 @@ impl StsMetrics {
     fn register(&self, r: &mut Registry) {
         r.register(
             "metaproxy_sts_calls",
-            "STS calls made with the instance's credentials, by operation",
+            "STS calls, by operation (AssumeRole and GetCallerIdentity with the daemon's credentials, AssumeRoleWithWebIdentity with a job's ID token)",
             self.calls.clone(),
         );
         r.register(

@@ -11,6 +11,7 @@ pub struct Readiness {
     listening: AtomicBool,
     docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     account: OnceLock<Arc<OnceLock<AccountId>>>,
+    issuer_keys: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -41,6 +42,12 @@ impl Readiness {
         let _ = self.docker.set(reachable);
     }
 
+    /// How to tell whether the GitLab issuer's keys have been fetched
+    /// (`--oidc-issuer`).
+    pub fn job_tokens(&self, fetched: Arc<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.issuer_keys.set(fetched);
+    }
+
     /// The daemon's own account, set once its credentials have worked.
     pub fn own_credentials(&self, account: Arc<OnceLock<AccountId>>) {
         let _ = self.account.set(account);
@@ -60,7 +67,12 @@ impl Readiness {
         if !self.docker.get().is_some_and(|up| up()) {
             return Err("the Docker API is not reachable");
         }
-        if self.account.get().is_none_or(|a| a.get().is_none()) {
+        if self.issuer_keys.get().is_some_and(|fetched| !fetched()) {
+            return Err(
+                "the GitLab issuer's keys (JWKS) have not been fetched yet (--oidc-issuer)",
+            );
+        }
+        if self.account.get().is_some_and(|a| a.get().is_none()) {
             return Err("the daemon's own AWS credentials have not worked yet (GetCallerIdentity)");
         }
         Ok(())
