@@ -5,7 +5,14 @@ role the way EC2 does (session name = instance id) and prints the resulting
 credentials as JSON: the fake IMDS serves them to the daemon. Job roles trust
 that exact session ARN, because moto matches trust policies literally.
 
-Usage: python moto_seed.py ENDPOINT ROLE [ROLE ...]
+With --oidc ISSUER it also registers the GitLab instance ISSUER as an IAM
+OIDC provider and lets the job roles be assumed with its ID tokens, by the
+trust policy statement the README shows (moto does not check tokens or
+these conditions: the daemon's verification is what the tests put on
+trial). moto cannot serve an unsigned request (AssumeRoleWithWebIdentity)
+with auth on, so --oidc also leaves auth off.
+
+Usage: python moto_seed.py ENDPOINT [--oidc ISSUER] ROLE [ROLE ...]
 """
 import json
 import sys
@@ -20,6 +27,9 @@ INSTANCE_SESSION = "i-0123456789abcdef0"
 
 def main():
     endpoint, job_roles = sys.argv[1], sys.argv[2:]
+    oidc = None
+    if job_roles[:1] == ["--oidc"]:
+        oidc, job_roles = job_roles[1], job_roles[2:]
     session = boto3.Session(aws_access_key_id="seed", aws_secret_access_key="seed", region_name="us-east-1")
     iam = session.client("iam", endpoint_url=endpoint)
     sts = session.client("sts", endpoint_url=endpoint)
@@ -37,13 +47,25 @@ def main():
     )
     iam.put_role_policy(RoleName=INSTANCE_ROLE, PolicyName="assume-job-roles", PolicyDocument=allow_all)
     instance_arn = f"arn:aws:sts::{ACCOUNT}:assumed-role/{INSTANCE_ROLE}/{INSTANCE_SESSION}"
+    trust = [{"Effect": "Allow", "Principal": {"AWS": instance_arn}, "Action": "sts:AssumeRole"}]
+    if oidc:
+        host = oidc.split("://", 1)[1]
+        provider = iam.create_open_id_connect_provider(
+            Url=oidc, ClientIDList=["sts.amazonaws.com"], ThumbprintList=["0" * 40],
+        )["OpenIDConnectProviderArn"]
+        trust.append({
+            "Effect": "Allow",
+            "Principal": {"Federated": provider},
+            "Action": "sts:AssumeRoleWithWebIdentity",
+            "Condition": {
+                "StringEquals": {f"{host}:aud": "sts.amazonaws.com"},
+                "StringLike": {f"{host}:sub": "project_path:group/app:ref_type:branch:ref:main"},
+            },
+        })
     for role in job_roles:
         iam.create_role(
             RoleName=role,
-            AssumeRolePolicyDocument=json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Principal": {"AWS": instance_arn}, "Action": "sts:AssumeRole"}],
-            }),
+            AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": trust}),
         )
         iam.put_role_policy(RoleName=role, PolicyName="whoami", PolicyDocument=json.dumps({
             "Version": "2012-10-17",
@@ -57,9 +79,13 @@ def main():
     )["Credentials"]
 
     # From here on moto checks signatures and policies.
-    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+    if oidc:
+        req = None
+    else:
+        req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                  headers={"Content-Type": "text/plain"})
-    urllib.request.urlopen(req).read()
+    if req:
+        urllib.request.urlopen(req).read()
 
     print(json.dumps({
         "AccessKeyId": creds["AccessKeyId"],

@@ -18,6 +18,7 @@ use crate::{
     daemon::{Daemon, DaemonSpec},
     docker::{Dockerd, BASE_IMAGE, GATEWAY},
     fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
+    gitlab::{FakeGitlab, ISSUER},
     imds_net::ImdsNet,
     moto::{Moto, PORT},
     netns::NetNs,
@@ -64,6 +65,13 @@ fn with_role_allow_list(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
     all
 }
 
+/// A bed whose jobs may carry GitLab ID tokens.
+#[derive(Debug, Clone, Copy)]
+struct IdTokens {
+    /// Whether the instance has a role (credentials at the fake IMDS).
+    instance_credentials: bool,
+}
+
 /// Fields drop top to bottom: daemon, containers and dockerd, moto, the
 /// fake IMDS and its namespace, cgroups, the namespace, then the scratch
 /// directory.
@@ -72,6 +80,9 @@ pub struct E2eBed {
     pub daemon: Daemon,
     pub dockerd: Dockerd,
     pub moto: Moto,
+    /// The GitLab instance whose ID tokens jobs carry, in beds that have
+    /// one.
+    pub gitlab: Option<FakeGitlab>,
     pub imds: FakeImds,
     pub imds_net: ImdsNet,
     pub cg: TestCgroup,
@@ -137,19 +148,39 @@ impl E2eBed {
         daemon_args: &[&str],
         daemon_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        Self::start_full(daemon_args, daemon_env, false)
+        Self::start_full(daemon_args, daemon_env, false, None)
+    }
+
+    /// Builds a bed with a GitLab instance whose ID tokens the daemon takes
+    /// (`--oidc-issuer`), moto seeded to trust them. Without
+    /// `instance_credentials` the instance has no role at all: the daemon
+    /// has no AWS credentials of its own.
+    pub fn start_with_id_tokens(
+        daemon_args: &[&str],
+        daemon_env: &[(&str, &str)],
+        instance_credentials: bool,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(
+            daemon_args,
+            daemon_env,
+            false,
+            Some(IdTokens {
+                instance_credentials,
+            }),
+        )
     }
 
     /// Builds a bed whose (fake) instance requires IMDSv2
     /// (`HttpTokens=required`).
     pub fn start_requiring_tokens(daemon_args: &[&str]) -> anyhow::Result<Self> {
-        Self::start_full(daemon_args, &[], true)
+        Self::start_full(daemon_args, &[], true, None)
     }
 
     fn start_full(
         daemon_args: &[&str],
         daemon_env: &[(&str, &str)],
         instance_requires_tokens: bool,
+        id_tokens: Option<IdTokens>,
     ) -> anyhow::Result<Self> {
         let Foundation {
             dir,
@@ -161,15 +192,33 @@ impl E2eBed {
         } = Foundation::new()?;
 
         let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
-        let instance = moto.seed(
+        let instance = moto.seed_with(
             &ns,
             &cg.child("services/seed")?,
             &[ROLE_DEPLOY, ROLE_BUILD, ROLE_OTHER],
+            id_tokens.as_ref().map(|_| ISSUER),
         )?;
+        let gitlab = match &id_tokens {
+            Some(_) => Some(FakeGitlab::start(
+                &ns,
+                &cg.child("services/gitlab")?,
+                dir.0.join("gitlab"),
+            )?),
+            None => None,
+        };
+        let mut daemon_args: Vec<&str> = daemon_args.to_vec();
+        if id_tokens.is_some() {
+            daemon_args.extend(["--oidc-issuer", ISSUER]);
+        }
         let imds = FakeImds::start(
             &imds_net.ns,
             FakeImdsConfig {
-                credentials: Some(instance),
+                credentials: match &id_tokens {
+                    Some(IdTokens {
+                        instance_credentials: false,
+                    }) => None,
+                    _ => Some(instance),
+                },
                 allow_v1: !instance_requires_tokens,
             },
         )?;
@@ -183,7 +232,7 @@ impl E2eBed {
             netns: ns.path(),
             attach_cgroup: attached,
             own_cgroup: own,
-            args: with_role_allow_list(daemon_args, daemon_env),
+            args: with_role_allow_list(&daemon_args, daemon_env),
             env: [
                 ("DOCKER_HOST".into(), dockerd.host()),
                 (
@@ -204,23 +253,30 @@ impl E2eBed {
             daemon,
             dockerd,
             moto,
+            gitlab,
             imds,
             imds_net,
             cg,
             ns,
             dir,
         };
-        // The daemon is ready for containers once it knows its account.
-        crate::wait_for(
-            "the daemon to reach STS",
-            std::time::Duration::from_secs(30),
-            || {
-                bed.daemon
-                    .log()
-                    .contains("instance credentials work")
-                    .then_some(())
-            },
-        )
+        // The daemon is ready for containers once it knows its account
+        // and, with ID tokens, the issuer's keys; without credentials of
+        // its own, once it has the keys.
+        let (what, line) = match id_tokens {
+            Some(IdTokens {
+                instance_credentials: false,
+            }) => (
+                "the daemon to fetch the issuer's keys",
+                "issuer keys fetched",
+            ),
+            _ => ("the daemon to reach STS", "instance credentials work"),
+        };
+        crate::wait_for(what, std::time::Duration::from_secs(30), || {
+            let log = bed.daemon.log();
+            let keys = bed.gitlab.is_none() || log.contains("issuer keys fetched");
+            (log.contains(line) && keys).then_some(())
+        })
         .with_context(|| bed.daemon.log())?;
         Ok(bed)
     }

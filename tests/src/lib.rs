@@ -25,6 +25,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod docker;
 pub mod fake_imds;
+pub mod gitlab;
 pub mod imds_net;
 pub mod moto;
 pub mod netns;

@@ -78,10 +78,26 @@ impl Moto {
         cgroup: &Path,
         job_roles: &[&str],
     ) -> anyhow::Result<InstanceCredentials> {
+        self.seed_with(ns, cgroup, job_roles, None)
+    }
+
+    /// As [`Moto::seed`]; with `oidc`, also registers that GitLab issuer
+    /// and lets the job roles trust its tokens, and leaves auth off (moto
+    /// cannot serve unsigned calls with it on).
+    pub fn seed_with(
+        &self,
+        ns: &NetNs,
+        cgroup: &Path,
+        job_roles: &[&str],
+        oidc: Option<&str>,
+    ) -> anyhow::Result<InstanceCredentials> {
         let mut cmd = Command::new(venv().join("bin/python"));
         cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("moto_seed.py"))
-            .arg(format!("http://127.0.0.1:{PORT}"))
-            .args(job_roles);
+            .arg(format!("http://127.0.0.1:{PORT}"));
+        if let Some(issuer) = oidc {
+            cmd.args(["--oidc", issuer]);
+        }
+        cmd.args(job_roles);
         let out = process::output_in(cmd, &ns.path(), cgroup)?;
         if !out.status.success() {
             bail!("seeding moto: {}", String::from_utf8_lossy(&out.stderr));
@@ -116,6 +132,15 @@ impl Moto {
     /// Every AssumeRole moto has served, as its form parameters (Tags,
     /// SourceIdentity and the rest: moto accepts them but keeps nothing).
     pub fn assume_role_requests(&self) -> Vec<Vec<(String, String)>> {
+        self.requests("AssumeRole")
+            .into_iter()
+            .map(|(form, _)| form)
+            .collect()
+    }
+
+    /// Every request for `action` moto has served: its form parameters and
+    /// its headers.
+    pub fn requests(&self, action: &str) -> Vec<(Vec<(String, String)>, serde_json::Value)> {
         let text = fs::read_to_string(&self.recording).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -133,8 +158,8 @@ impl Moto {
                 };
                 let form: Vec<(String, String)> = url_form(&body);
                 form.iter()
-                    .any(|(k, v)| k == "Action" && v == "AssumeRole")
-                    .then_some(form)
+                    .any(|(k, v)| k == "Action" && v == action)
+                    .then(|| (form, entry["headers"].clone()))
             })
             .collect()
     }

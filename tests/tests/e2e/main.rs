@@ -15,6 +15,7 @@ mod roles;
 mod sts;
 mod surface;
 mod tokens;
+mod web_identity;
 
 use metaproxy_tests::bed::E2eBed;
 
