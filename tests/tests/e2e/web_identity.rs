@@ -124,6 +124,10 @@ fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces
     assert_real_imds_untouched(&bed);
 }
 
+/// A refused token: container name, job id, the token, more variables, and
+/// what the reason must say.
+type Case<'a> = (&'a str, &'a str, String, Vec<(&'a str, &'a str)>, &'a str);
+
 #[test]
 fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_meet_the_policy() {
     let scratch = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt-policy"));
@@ -156,7 +160,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let cases: Vec<(&str, &str, String, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "wi-expired",
             "4201",
