@@ -75,6 +75,8 @@ pub enum ConfigError {
     OidcTokenVariable(String),
     #[error("--oidc-required needs --oidc-issuer: the GitLab instance whose ID tokens jobs carry")]
     OidcRequiredWithoutIssuer,
+    #[error("--oidc-required needs --allow-role: without it only roles of the instance profile's account are allowed, and a daemon that needs no credentials of its own may never learn that account")]
+    OidcRequiredWithoutAllowRole,
 }
 
 /// GitLab ID tokens, when `--oidc-issuer` is set.
@@ -207,6 +209,9 @@ fn oidc(args: &RunArgs) -> Result<Option<OidcConfig>, ConfigError> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !name_like {
         return Err(ConfigError::OidcTokenVariable(variable.to_string()));
+    }
+    if args.oidc_required && !args.allow_role.iter().any(|r| !r.trim().is_empty()) {
+        return Err(ConfigError::OidcRequiredWithoutAllowRole);
     }
     Ok(Some(OidcConfig {
         rules: TokenRules {

@@ -166,13 +166,22 @@ pub async fn prefetch_credentials(
     loop {
         match events.recv().await {
             Ok(ContainerEvent::Started(c)) => {
-                let token = identities.job_token(&c).await;
-                let RoleDecision::Role(role) = policy.decide_for(&c, &token) else {
+                if !Policy::asks_for_role(&c) {
                     continue;
-                };
-                let key = CredKey::from(&role);
-                tracing::info!(container_id = %c.id, container = %Clean(&c.name), role_arn = %key.role_arn, "prefetching credentials");
-                credentials.prefetch(key, &c.id);
+                }
+                // Verifying a token may wait on the issuer: never in the
+                // loop that reads the events.
+                let (credentials, policy, identities) =
+                    (credentials.clone(), policy.clone(), identities.clone());
+                tokio::spawn(async move {
+                    let token = identities.job_token(&c).await;
+                    let RoleDecision::Role(role) = policy.decide_for(&c, &token) else {
+                        return;
+                    };
+                    let key = CredKey::from(&role);
+                    tracing::info!(container_id = %c.id, container = %Clean(&c.name), role_arn = %key.role_arn, source = role.source(), "prefetching credentials");
+                    credentials.prefetch(key, &c.id);
+                });
             }
             Ok(ContainerEvent::Gone(id)) => credentials.release(&id),
             Err(broadcast::error::RecvError::Lagged(n)) => {

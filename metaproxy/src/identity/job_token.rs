@@ -5,7 +5,9 @@
 //!
 //! Nothing reads a claim before all of that holds, and a token that fails
 //! any check is a refusal, never "no token": a container that presents a
-//! bad token gets nothing, not the instance profile's AssumeRole.
+//! bad token gets nothing, not the instance profile's AssumeRole. (An empty
+//! variable is no token, as an empty `IAM_ROLE` is no role: it gains a job
+//! nothing it would not have without `id_tokens:`.)
 //!
 //! The issuer's keys come from its discovery document
 //! (`/.well-known/openid-configuration` -> `jwks_uri`). They are fetched
@@ -25,7 +27,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
     time::{Duration, Instant, SystemTime},
@@ -105,6 +107,9 @@ pub struct JobTokens {
     /// Tokens whose signature and claims verified, by digest: each request
     /// of a job presents the same token. Cleared whenever the keys change.
     verified: Mutex<HashMap<[u8; 32], Arc<JobToken>>>,
+    /// Bumped whenever the keys change: a token verified against older
+    /// keys is not remembered.
+    generation: AtomicU64,
     fetched: AtomicBool,
 }
 
@@ -125,6 +130,7 @@ impl JobTokens {
             keys: RwLock::new(None),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             fetched: AtomicBool::new(false),
         }
     }
@@ -164,12 +170,17 @@ impl JobTokens {
         let token = match known {
             Some(token) => token,
             None => {
+                let generation = self.generation.load(Ordering::Acquire);
                 let token = Arc::new(self.verify_signed(raw, now).await?);
                 let mut memo = self.memo();
-                if memo.len() >= MAX_VERIFIED {
-                    memo.clear();
+                // Keys that changed meanwhile may have dropped the one it
+                // verified with: verify again next time.
+                if self.generation.load(Ordering::Acquire) == generation {
+                    if memo.len() >= MAX_VERIFIED {
+                        memo.clear();
+                    }
+                    memo.insert(digest, token.clone());
                 }
-                memo.insert(digest, token.clone());
                 token
             }
         };
@@ -212,6 +223,7 @@ impl JobTokens {
             };
             match e.kind() {
                 ErrorKind::InvalidSignature
+                | ErrorKind::InvalidAlgorithm
                 | ErrorKind::InvalidRsaKey(_)
                 | ErrorKind::InvalidEcdsaKey
                 | ErrorKind::InvalidKeyFormat => TokenRefusal::Signature { kid: kid_short },
@@ -321,7 +333,9 @@ impl JobTokens {
             *keys = Some(Arc::new(Keys { set }));
             drop(keys);
             // A token verified with a key that is gone must verify again.
-            self.memo().clear();
+            let mut memo = self.memo();
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            memo.clear();
         }
         self.fetched.store(true, Ordering::Relaxed);
     }

@@ -371,18 +371,8 @@ impl Policy {
             Ok(arn) => arn,
             Err(refusal) => return RoleDecision::Refused(refusal),
         };
-        let allowed = match (&self.allow, account) {
-            (Some(set), _) => set.is_match(arn.as_str()),
-            (None, Some(account)) => arn.account() == account,
-            (None, None) => false,
-        };
-        if !allowed {
-            let rule = if self.allow.is_some() {
-                "--allow-role"
-            } else {
-                "the instance profile's account"
-            };
-            return RoleDecision::Refused(RoleRefusal::NotAllowed { arn, rule });
+        if let Err(refusal) = self.admits(&arn) {
+            return RoleDecision::Refused(refusal);
         }
         if let Some(file) = self.file() {
             if let Err(refusal) = file.check(&arn, &Facts::for_container(c, token.map(|t| &**t))) {
@@ -410,6 +400,35 @@ impl Policy {
                 web_identity: None,
             }),
         }
+    }
+
+    /// Whether the runner asked for a role for `c` (one `IAM_ROLE`, not
+    /// empty): only then does the job's ID token matter, and only then is
+    /// it verified.
+    pub fn asks_for_role(c: &Container) -> bool {
+        matches!(single_value(&c.env, &c.image_env, "IAM_ROLE"), Ok(Some(_)))
+    }
+
+    /// Whether `--allow-role` (or, without it, the instance profile's
+    /// account) admits `arn` at all.
+    pub fn admits(&self, arn: &RoleArn) -> Result<(), RoleRefusal> {
+        let allowed = match (&self.allow, self.account.get()) {
+            (Some(set), _) => set.is_match(arn.as_str()),
+            (None, Some(account)) => arn.account() == account,
+            (None, None) => false,
+        };
+        if allowed {
+            return Ok(());
+        }
+        let rule = if self.allow.is_some() {
+            "--allow-role"
+        } else {
+            "the instance profile's account"
+        };
+        Err(RoleRefusal::NotAllowed {
+            arn: arn.clone(),
+            rule,
+        })
     }
 
     /// Whether a container with no role looks like a build container of

@@ -287,6 +287,23 @@ fn id_tokens_are_off_unless_an_issuer_is_named_and_the_issuer_must_be_https() {
         matches!(err, ConfigError::OidcRequiredWithoutIssuer),
         "{err}"
     );
+    // Required tokens need an explicit allow-list: the instance's account
+    // may never be known.
+    let err = RunConfig::from_args_on(
+        &run_args(&[
+            "--policy-file",
+            "/etc/metaproxy/policy.toml",
+            "--oidc-issuer",
+            "https://gitlab.example.com",
+            "--oidc-required",
+        ]),
+        &LINUX,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ConfigError::OidcRequiredWithoutAllowRole),
+        "{err}"
+    );
     let on = config(&[
         "--oidc-issuer",
         "https://gitlab.example.com/",

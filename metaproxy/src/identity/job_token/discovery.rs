@@ -57,6 +57,18 @@ fn is_loopback(host: &str) -> bool {
         .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Whether `url` has the scheme, host and port of `issuer`: GitLab serves
+/// its keys itself, and a document pointing elsewhere (another host, plain
+/// http) is not to be followed.
+fn same_origin(url: &str, issuer: &str) -> bool {
+    let origin = |u: &str| {
+        u.parse::<Uri>()
+            .ok()
+            .and_then(|u| Some((u.scheme_str()?.to_string(), u.authority()?.to_string())))
+    };
+    origin(url).is_some() && origin(url) == origin(issuer)
+}
+
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The issuer's keys, from its discovery document.
@@ -126,6 +138,12 @@ impl Discovery {
                 doc.issuer, self.issuer
             ));
         }
+        if !same_origin(&doc.jwks_uri, &self.issuer) {
+            return Err(format!(
+                "{url}: jwks_uri {:?} is not on the issuer's own scheme and host ({})",
+                doc.jwks_uri, self.issuer
+            ));
+        }
         let set: JwkSet = serde_json::from_slice(&self.get(&doc.jwks_uri).await?)
             .map_err(|e| format!("{}: not a JWKS: {e}", doc.jwks_uri))?;
         if set.keys.is_empty() {
@@ -165,5 +183,23 @@ mod tests {
         assert!(issuer_url("ftp://gitlab.example.com").is_err());
         assert!(issuer_url("gitlab.example.com").is_err());
         assert!(issuer_url("https://gitlab.example.com/?x=1").is_err());
+    }
+
+    #[test]
+    fn the_keys_must_come_from_the_issuers_own_origin() {
+        let issuer = "https://gitlab.example.com";
+        assert!(same_origin(
+            "https://gitlab.example.com/oauth/discovery/keys",
+            issuer
+        ));
+        for other in [
+            "http://gitlab.example.com/oauth/discovery/keys",
+            "https://keys.example.net/jwks",
+            "http://127.0.0.1:8080/jwks",
+            "https://gitlab.example.com:8443/oauth/discovery/keys",
+            "/oauth/discovery/keys",
+        ] {
+            assert!(!same_origin(other, issuer), "{other}");
+        }
     }
 }
