@@ -8,15 +8,27 @@
 //! parsed with a real TOML parser, and a value it does not understand is a
 //! finding, never a crash.
 
-use std::{fmt, path::Path};
+use std::fmt;
 
 use serde::Serialize;
 
 use crate::{
-    cli::DoctorArgs,
-    kernel::{cgroup, probe},
-    ops::admin_client,
+    cli::{config, DoctorArgs},
+    model::ids::{AccountId, RoleArn},
+    ops::{admin::Trial, admin_client},
 };
+
+mod aws;
+mod docker;
+mod host;
+mod runner;
+mod settings;
+mod systemd;
+
+#[cfg(test)]
+use host::kernel_check;
+use host::{daemon_checks, host_checks};
+pub use runner::runner_checks;
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -72,18 +84,7 @@ impl Check {
 }
 
 pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
-    let mut checks = host_checks(&args.pins.pin_dir).await;
-    checks.extend(daemon_checks(&args.admin.admin_socket).await);
-    checks.extend(match std::fs::read_to_string(&args.runner_config) {
-        Ok(text) => runner_checks(&text),
-        Err(e) => vec![Check::new(
-            "runner config",
-            "readable",
-            Level::Fail,
-            format!("{}: {e}", args.runner_config.display()),
-        )
-        .fix("pass the runner's config with --runner-config FILE")],
-    });
+    let checks = gather(&args).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
@@ -94,6 +95,122 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     let failed = checks.iter().filter(|c| c.level == Level::Fail).count();
     anyhow::ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
+}
+
+/// Every check, in the order the README lists them.
+async fn gather(args: &DoctorArgs) -> Vec<Check> {
+    let mut checks = host_checks(&args.pins.pin_dir).await;
+    let (daemon, status) = daemon_checks(&args.admin.admin_socket).await;
+    checks.extend(daemon);
+    if args.offline {
+        // At AMI build time nothing runs yet: what only a running daemon
+        // has is not a failure.
+        for c in checks
+            .iter_mut()
+            .filter(|c| c.check == "redirect" || c.check == "daemon")
+        {
+            if c.level == Level::Fail {
+                c.level = Level::Skip;
+                c.found = format!("--offline: {}", c.found);
+            }
+        }
+    }
+    checks.extend(systemd::systemd_checks());
+    let defaults = std::fs::read_to_string(&args.defaults).ok();
+    let (config, settings) =
+        settings::settings_checks(&args.defaults, defaults.as_deref(), &config::ThisHost);
+    checks.extend(settings);
+    checks.extend(docker::docker_checks(args.offline).await);
+    let text = match std::fs::read_to_string(&args.runner_config) {
+        Ok(text) => text,
+        Err(e) => {
+            checks.push(
+                Check::new(
+                    "runner config",
+                    "readable",
+                    Level::Fail,
+                    format!("{}: {e}", args.runner_config.display()),
+                )
+                .fix("pass the runner's config with --runner-config FILE"),
+            );
+            return checks;
+        }
+    };
+    let context = runner::Context {
+        container_credentials: config.as_ref().map(|c| {
+            (
+                c.container_credentials.clone(),
+                c.container_credentials_options.path.clone(),
+            )
+        }),
+        attached: config.as_ref().and_then(attached_below_mount),
+    };
+    checks.extend(runner::runner_checks_in(&text, &context));
+    let roles = runner::runner_roles(&text);
+    if args.offline {
+        checks.push(Check::new(
+            "aws",
+            "trust policies",
+            Level::Skip,
+            "--offline: identity and trust policies are not checked",
+        ));
+        if let Some(config) = &config {
+            checks.extend(aws::role_checks(&roles, config, None).0);
+        }
+        return checks;
+    }
+    let Some(status) = status else {
+        checks.push(Check::new(
+            "aws",
+            "trust policies",
+            Level::Skip,
+            "metaproxy is not running: its identity and the roles' trust policies are checked through it",
+        ));
+        return checks;
+    };
+    checks.extend(aws::daemon_aws_checks(&status.aws));
+    let Some(config) = &config else {
+        return checks;
+    };
+    let account = status.aws.account.as_deref().and_then(AccountId::parse);
+    let (role_checks, to_try) = aws::role_checks(&roles, config, account.as_ref());
+    checks.extend(role_checks);
+    let mut tried: Vec<(RoleArn, Trial)> = Vec::new();
+    for (area, arn) in to_try {
+        let trial = match tried.iter().find(|(a, _)| *a == arn) {
+            Some((_, t)) => t.clone(),
+            None => {
+                let t = admin_client::try_role(&args.admin.admin_socket, arn.as_str())
+                    .await
+                    .unwrap_or_else(|e| Trial {
+                        ok: false,
+                        code: None,
+                        message: Some(format!("{e:#}")),
+                    });
+                tried.push((arn.clone(), t.clone()));
+                t
+            }
+        };
+        checks.push(aws::trust_check(
+            &area,
+            &arn,
+            &trial,
+            status.aws.identity.as_deref(),
+            !config.session.tags.is_empty(),
+            config.session.source_identity,
+        ));
+    }
+    checks
+}
+
+/// `--cgroup` below the cgroup2 mount (`/` when unset: the mount's root).
+fn attached_below_mount(config: &config::RunConfig) -> Option<String> {
+    let Some(cgroup) = &config.cgroup else {
+        return Some("/".into());
+    };
+    let mount = crate::kernel::cgroup::cgroup2_mount().ok()?;
+    let rel = cgroup.strip_prefix(&mount).ok()?;
+    Some(format!("/{}", rel.display()).replace("//", "/"))
 }
 
 /// `level  area: check: found (fix: ...)`, with nothing a terminal would
@@ -121,302 +238,6 @@ fn line(c: &Check) -> String {
         out.push_str(&format!(" (fix: {})", clean(fix)));
     }
     out
-}
-
-async fn host_checks(pin_dir: &Path) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    checks.push(kernel_check(release.trim()));
-    checks.push(match cgroup::cgroup2_mount() {
-        Ok(mount) => Check::new("host", "cgroup v2", Level::Ok, mount.display().to_string()),
-        Err(e) => Check::new("host", "cgroup v2", Level::Fail, e.to_string())
-            .fix("boot with the unified cgroup hierarchy (systemd.unified_cgroup_hierarchy=1)"),
-    });
-    checks.push(match probe::redirect_in_place(pin_dir) {
-        Ok(Some(generation)) => Check::new(
-            "host",
-            "redirect",
-            Level::Ok,
-            format!("pinned in {} (generation {generation})", pin_dir.display()),
-        ),
-        Ok(None) => Check::new(
-            "host",
-            "redirect",
-            Level::Fail,
-            format!(
-                "nothing pinned in {}: containers reach the real IMDS",
-                pin_dir.display()
-            ),
-        )
-        .fix("systemctl enable --now metaproxy"),
-        Err(e) => Check::new("host", "redirect", Level::Fail, e.to_string())
-            .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
-    });
-    checks
-}
-
-/// The io_uring releases whose bugs let a process bypass cgroup hooks.
-fn kernel_check(release: &str) -> Check {
-    let numbers: Vec<u32> = release
-        .split(|c: char| !c.is_ascii_digit())
-        .take(3)
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    let check = |level, found: String| Check::new("host", "kernel", level, found);
-    match numbers[..] {
-        [5, 10, patch, ..] if patch <= 161 => check(
-            Level::Fail,
-            format!("{release}: io_uring in 5.10.0-5.10.161 can connect without the hook"),
-        )
-        .fix("upgrade to 5.10.162 or later, or disable io_uring (sysctl kernel.io_uring_disabled=2 where supported)"),
-        [5, 11, ..] => check(
-            Level::Fail,
-            format!("{release}: io_uring in 5.11 can connect without the hook"),
-        )
-        .fix("upgrade the kernel"),
-        [major, minor, ..] if (major, minor) < (5, 10) => check(
-            Level::Fail,
-            format!("{release}: older than 5.10, which the probe needs"),
-        )
-        .fix("upgrade the kernel to 5.10.162 or later"),
-        [_, _, ..] => check(Level::Ok, release.to_string()),
-        _ => check(Level::Warn, format!("{release:?}: not a version this check reads")),
-    }
-}
-
-async fn daemon_checks(socket: &Path) -> Vec<Check> {
-    let status = match admin_client::status(socket).await {
-        Ok(status) => status,
-        Err(e) => {
-            return vec![Check::new("host", "daemon", Level::Fail, format!("{e:#}"))
-                .fix("systemctl enable --now metaproxy")]
-        }
-    };
-    let mut checks = vec![Check::new(
-        "host",
-        "daemon",
-        Level::Ok,
-        format!(
-            "running (pid {}, generation {})",
-            status.pid, status.generation
-        ),
-    )];
-    let unguarded: Vec<&str> = status
-        .guard
-        .routes
-        .iter()
-        .filter(|r| !r.guarded)
-        .map(|r| r.address.as_str())
-        .collect();
-    checks.push(if status.guard.interfaces.is_empty() {
-        Check::new(
-            "host",
-            "packet guard",
-            Level::Fail,
-            "on no interface: raw packets from jobs can reach IMDS",
-        )
-        .fix("check `metaproxy status` and the daemon's log for the route to 169.254.169.254")
-    } else if !unguarded.is_empty() {
-        Check::new(
-            "host",
-            "packet guard",
-            Level::Fail,
-            format!("routes to {} are not guarded", unguarded.join(", ")),
-        )
-        .fix(
-            "restart metaproxy; if it persists, report the routes (`ip route get 169.254.169.254`)",
-        )
-    } else {
-        let names: Vec<&str> = status
-            .guard
-            .interfaces
-            .iter()
-            .map(|i| i.name.as_str())
-            .collect();
-        Check::new(
-            "host",
-            "packet guard",
-            Level::Ok,
-            format!("{} on {}", status.guard.mode, names.join(", ")),
-        )
-    });
-    checks
-}
-
-/// Executors whose jobs run in Docker containers on this host.
-const DOCKER_EXECUTORS: [&str; 3] = ["docker", "docker-autoscaler", "docker+machine"];
-
-/// Checks each `[[runners]]` entry of gitlab-runner's `config.toml`.
-pub fn runner_checks(text: &str) -> Vec<Check> {
-    let config: toml::Table = match text.parse::<toml::Table>() {
-        Ok(c) => c,
-        // The message and line only: the error's own rendering quotes the
-        // offending line, which may be a runner's token.
-        Err(e) => {
-            let line = e
-                .span()
-                .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
-            return vec![Check::new(
-                "runner config",
-                "parses",
-                Level::Fail,
-                format!("line {line}: {}", e.message().trim_end()),
-            )
-            .fix("fix the TOML error at that line")];
-        }
-    };
-    let Some(runners) = config.get("runners").and_then(toml::Value::as_array) else {
-        return vec![Check::new(
-            "runner config",
-            "runners",
-            Level::Warn,
-            "no [[runners]] entries",
-        )];
-    };
-    runners
-        .iter()
-        .enumerate()
-        .flat_map(|(i, r)| runner(i, r))
-        .collect()
-}
-
-fn strings(v: Option<&toml::Value>) -> Vec<&str> {
-    v.and_then(toml::Value::as_array)
-        .map(|a| a.iter().filter_map(toml::Value::as_str).collect())
-        .unwrap_or_default()
-}
-
-fn runner(index: usize, r: &toml::Value) -> Vec<Check> {
-    let name = r
-        .get("name")
-        .and_then(toml::Value::as_str)
-        .map_or_else(|| format!("#{}", index + 1), str::to_string);
-    let area = format!("runner {name}");
-    let executor = r
-        .get("executor")
-        .and_then(toml::Value::as_str)
-        .unwrap_or("");
-    if !DOCKER_EXECUTORS.contains(&executor) {
-        return vec![Check::new(
-            &area,
-            "executor",
-            Level::Skip,
-            format!("executor {executor:?}: its jobs are not Docker containers on this host"),
-        )];
-    }
-    let docker = r.get("docker");
-    let mut checks = Vec::new();
-    let role_in = |env: Vec<&str>| env.into_iter().any(|e| e.starts_with("IAM_ROLE="));
-    let in_runner = role_in(strings(r.get("environment")));
-    let in_docker = role_in(strings(docker.and_then(|d| d.get("environment"))));
-    checks.push(match (in_runner, in_docker) {
-        (true, _) => Check::new(&area, "IAM_ROLE", Level::Ok, "set in the runner's environment"),
-        (false, true) => Check::new(
-            &area,
-            "IAM_ROLE",
-            Level::Fail,
-            "only in [runners.docker], where gitlab-runner ignores it: a job's own IAM_ROLE variable would choose its role",
-        )
-        .fix("move it to the [[runners]] entry: environment = [\"IAM_ROLE=...\"]"),
-        (false, false) => Check::new(
-            &area,
-            "IAM_ROLE",
-            Level::Fail,
-            "not set: a job's own IAM_ROLE variable cannot be told from the runner's",
-        )
-        .fix("add environment = [\"IAM_ROLE=\"] (empty: no role) or the role to the [[runners]] entry"),
-    });
-    let flag = |key: &str| {
-        docker
-            .and_then(|d| d.get(key))
-            .and_then(toml::Value::as_bool)
-            .unwrap_or(false)
-    };
-    checks.push(if flag("privileged") {
-        Check::new(
-            &area,
-            "privileged",
-            Level::Fail,
-            "privileged = true: a job can detach the probe",
-        )
-        .fix("privileged = false in [runners.docker]")
-    } else {
-        Check::new(&area, "privileged", Level::Ok, "not privileged")
-    });
-    let sockets: Vec<&str> = strings(docker.and_then(|d| d.get("volumes")))
-        .into_iter()
-        .filter(|v| v.contains("docker.sock") || v.contains("containerd.sock"))
-        .collect();
-    checks.push(if sockets.is_empty() {
-        Check::new(&area, "docker socket", Level::Ok, "not mounted")
-    } else {
-        Check::new(
-            &area,
-            "docker socket",
-            Level::Fail,
-            format!(
-                "volumes {}: a job can start containers with any labels, environment or privileges",
-                sockets.join(", ")
-            ),
-        )
-        .fix("remove it from volumes; use a rootless or remote builder")
-    });
-    let network = docker
-        .and_then(|d| d.get("network_mode"))
-        .and_then(toml::Value::as_str)
-        .unwrap_or("");
-    checks.push(if network == "host" {
-        Check::new(
-            &area,
-            "network_mode",
-            Level::Warn,
-            "host: jobs share the host's network namespace (the packet guard's cgroup layer covers it)",
-        )
-        .fix("drop network_mode = \"host\" unless the jobs need it")
-    } else {
-        Check::new(&area, "network_mode", Level::Ok, "a network of its own")
-    });
-    let upper = |v: Vec<&str>| -> Vec<String> {
-        v.into_iter()
-            .map(|c| c.trim().trim_start_matches("CAP_").to_ascii_uppercase())
-            .collect()
-    };
-    let dropped = upper(strings(docker.and_then(|d| d.get("cap_drop"))));
-    checks.push(if dropped.iter().any(|c| c == "NET_RAW" || c == "ALL") {
-        Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped")
-    } else {
-        Check::new(
-            &area,
-            "cap_drop",
-            Level::Warn,
-            "NET_RAW kept (Docker's default): jobs can ARP-spoof one another on the bridge; the packet guard still keeps them from IMDS",
-        )
-        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]")
-    });
-    let added: Vec<String> = upper(strings(docker.and_then(|d| d.get("cap_add"))))
-        .into_iter()
-        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
-        .collect();
-    checks.push(if added.is_empty() {
-        Check::new(
-            &area,
-            "cap_add",
-            Level::Ok,
-            "no capability that reaches the host's network or BPF",
-        )
-    } else {
-        Check::new(
-            &area,
-            "cap_add",
-            Level::Fail,
-            format!(
-                "cap_add {}: a job can change its own network or BPF programs",
-                added.join(", ")
-            ),
-        )
-        .fix("remove them from cap_add")
-    });
-    checks
 }
 
 #[cfg(test)]

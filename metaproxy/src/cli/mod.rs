@@ -63,6 +63,16 @@ pub struct DoctorArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// metaproxy's settings, as its unit reads them (EnvironmentFile).
+    #[arg(long, default_value = "/etc/default/metaproxy")]
+    pub defaults: PathBuf,
+
+    /// Skip what needs the network or the running daemon's AWS access
+    /// (identity, trust policies); for AMI builds. A Docker that does not
+    /// answer is then a warning.
+    #[arg(long)]
+    pub offline: bool,
+
     #[command(flatten)]
     pub pins: PinArgs,
 

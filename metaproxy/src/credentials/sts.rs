@@ -30,7 +30,20 @@ pub trait Sts: Send + Sync + 'static {
 
     /// GetCallerIdentity with the daemon's own credentials.
     fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>>;
+
+    /// `key` assumed for the shortest time STS allows, to learn whether the
+    /// role's trust policy lets us (`metaproxy doctor`); the credentials
+    /// are dropped at once.
+    fn try_assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<(), CredentialsError>> {
+        async move { self.assume_role(key).await.map(|_| ()) }.boxed()
+    }
 }
+
+/// The shortest DurationSeconds STS takes.
+pub const SHORTEST_DURATION_SECONDS: i32 = 900;
 
 /// STS through the AWS SDK: AssumeRole and GetCallerIdentity with the
 /// daemon's own credentials; AssumeRoleWithWebIdentity through a client
@@ -75,10 +88,55 @@ impl AwsSts {
         }
     }
 
+    /// `key` assumed for `duration` seconds: AssumeRole with the daemon's
+    /// credentials, or AssumeRoleWithWebIdentity with the job's token.
+    async fn assume_role_for(
+        &self,
+        key: &CredKey,
+        duration: i32,
+    ) -> Result<Credentials, CredentialsError> {
+        if let Some(web) = &key.web_identity {
+            return self
+                .assume_role_with_web_identity(key, web.token.expose(), duration)
+                .await;
+        }
+        let tags = key
+            .session
+            .tags
+            .iter()
+            .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialsError::Task(format!("session tags: {e}")))?;
+        let transitive = (key.session.transitive && !tags.is_empty())
+            .then(|| key.session.tags.iter().map(|(k, _)| k.clone()).collect());
+        let out = self
+            .signed
+            .assume_role()
+            .role_arn(key.role_arn.as_str())
+            .role_session_name(&key.session_name)
+            .duration_seconds(duration)
+            .set_external_id(key.external_id.clone())
+            .set_tags((!tags.is_empty()).then_some(tags))
+            .set_transitive_tag_keys(transitive)
+            .set_source_identity(key.session.source_identity.clone())
+            .send()
+            .await
+            .map_err(|e| sdk_error(key, e))?;
+        let creds = out
+            .credentials
+            .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
+        credentials(
+            key,
+            creds,
+            out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
+        )
+    }
+
     async fn assume_role_with_web_identity(
         &self,
         key: &CredKey,
         token: &str,
+        duration: i32,
     ) -> Result<Credentials, CredentialsError> {
         let out = self
             .anonymous
@@ -86,7 +144,7 @@ impl AwsSts {
             .role_arn(key.role_arn.as_str())
             .role_session_name(&key.session_name)
             .web_identity_token(token)
-            .duration_seconds(DURATION_SECONDS)
+            .duration_seconds(duration)
             .send()
             .await
             .map_err(|e| sdk_error(key, e))?;
@@ -106,42 +164,17 @@ impl Sts for AwsSts {
         &'a self,
         key: &'a CredKey,
     ) -> BoxFuture<'a, Result<Credentials, CredentialsError>> {
+        self.assume_role_for(key, DURATION_SECONDS).boxed()
+    }
+
+    fn try_assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<(), CredentialsError>> {
         async move {
-            if let Some(web) = &key.web_identity {
-                return self
-                    .assume_role_with_web_identity(key, web.token.expose())
-                    .await;
-            }
-            let tags = key
-                .session
-                .tags
-                .iter()
-                .map(|(k, v)| aws_sdk_sts::types::Tag::builder().key(k).value(v).build())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| CredentialsError::Task(format!("session tags: {e}")))?;
-            let transitive = (key.session.transitive && !tags.is_empty())
-                .then(|| key.session.tags.iter().map(|(k, _)| k.clone()).collect());
-            let out = self
-                .signed
-                .assume_role()
-                .role_arn(key.role_arn.as_str())
-                .role_session_name(&key.session_name)
-                .duration_seconds(DURATION_SECONDS)
-                .set_external_id(key.external_id.clone())
-                .set_tags((!tags.is_empty()).then_some(tags))
-                .set_transitive_tag_keys(transitive)
-                .set_source_identity(key.session.source_identity.clone())
-                .send()
+            self.assume_role_for(key, SHORTEST_DURATION_SECONDS)
                 .await
-                .map_err(|e| sdk_error(key, e))?;
-            let creds = out
-                .credentials
-                .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
-            credentials(
-                key,
-                creds,
-                out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
-            )
+                .map(|_| ())
         }
         .boxed()
     }
@@ -270,6 +303,14 @@ impl Sts for InstrumentedSts {
 
     fn caller_identity(&self) -> BoxFuture<'_, Result<CallerIdentity, CredentialsError>> {
         self.measure("GetCallerIdentity", self.inner.caller_identity())
+            .boxed()
+    }
+
+    fn try_assume_role<'a>(
+        &'a self,
+        key: &'a CredKey,
+    ) -> BoxFuture<'a, Result<(), CredentialsError>> {
+        self.measure(key.operation(), self.inner.try_assume_role(key))
             .boxed()
     }
 }

@@ -122,6 +122,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         state,
         connections,
         me,
+        roles,
     } = wire(Parts {
         config: &config,
         tasks: &mut tasks,
@@ -153,6 +154,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 identities: pipeline.surface.identities.clone(),
                 policy: pipeline.surface.policy.clone(),
             }),
+            roles,
         }),
         stopped(),
     ));
@@ -218,6 +220,7 @@ struct Wired {
     state: Arc<DaemonState>,
     connections: Arc<ConnLog>,
     me: Arc<OnceLock<CallerIdentity>>,
+    roles: Arc<RoleTrier>,
 }
 
 /// Builds the request path (STS, the credential cache, Docker, the real
@@ -287,6 +290,12 @@ async fn wire(parts: Parts<'_>) -> anyhow::Result<Wired> {
         identities: identities.clone(),
         credentials: credentials.clone(),
         requests: requests.clone(),
+        me: me.clone(),
+        imdsv1: imdsv1.clone(),
+    });
+    let roles = Arc::new(RoleTrier {
+        sts: sts.clone(),
+        session: parts.config.session.clone(),
     });
     let _ = parts.metrics.set(Metrics::new(
         &requests,
@@ -317,6 +326,7 @@ async fn wire(parts: Parts<'_>) -> anyhow::Result<Wired> {
         state,
         connections,
         me,
+        roles,
     })
 }
 

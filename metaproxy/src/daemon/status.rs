@@ -2,7 +2,14 @@
 //! `policy explain`, and the startup summary.
 
 use super::*;
-use crate::ops::admin::{ConnectionStatus, GuardRoute, GuardStatus, MapStatus, Status};
+use crate::{
+    credentials::CredKey,
+    model::ids::RoleArn,
+    model::session::{Session, SessionOptions},
+    ops::admin::{
+        AwsStatus, ConnectionStatus, GuardRoute, GuardStatus, MapStatus, RoleTrial, Status, Trial,
+    },
+};
 
 /// `metaproxy policy explain`: the daemon's own policy, applied to a
 /// container Docker names.
@@ -16,11 +23,66 @@ impl admin::Explainer for PolicyExplainer {
         Box::pin(async move {
             match self.identities.find(container).await {
                 Ok(Some(c)) => {
-                    let token = self.identities.job_token(&c).await;
+                    let token = if Policy::asks_for_role(&c) {
+                        self.identities.job_token(&c).await
+                    } else {
+                        crate::model::job_token::TokenState::Absent
+                    };
                     self.policy.explain(&c, &token)
                 }
                 Ok(None) => format!("no container {container} is known to Docker\n"),
                 Err(e) => format!("cannot ask Docker about {container}: {e}\n"),
+            }
+        })
+    }
+}
+
+/// `metaproxy doctor`'s dry AssumeRole: session `metaproxy-doctor`, the
+/// shortest duration, a tag and SourceIdentity when those options are on
+/// (so the trust policy's sts:TagSession and sts:SetSourceIdentity are
+/// tried too); the credentials are dropped at once.
+pub(super) struct RoleTrier {
+    pub(super) sts: Arc<dyn Sts>,
+    pub(super) session: SessionOptions,
+}
+
+impl RoleTrial for RoleTrier {
+    fn try_role<'a>(&'a self, arn: &'a RoleArn) -> futures_util::future::BoxFuture<'a, Trial> {
+        Box::pin(async move {
+            let key = CredKey {
+                role_arn: arn.clone(),
+                external_id: None,
+                session_name: "metaproxy-doctor".into(),
+                session: Session {
+                    tags: if self.session.tags.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![("metaproxy-doctor".into(), "true".into())]
+                    },
+                    transitive: false,
+                    source_identity: self
+                        .session
+                        .source_identity
+                        .then(|| "metaproxy-doctor".into()),
+                },
+                web_identity: None,
+            };
+            match self.sts.try_assume_role(&key).await {
+                Ok(()) => Trial {
+                    ok: true,
+                    code: None,
+                    message: None,
+                },
+                Err(e) => Trial {
+                    ok: false,
+                    code: match &e {
+                        crate::credentials::CredentialsError::AssumeRole { code, .. } => {
+                            code.clone()
+                        }
+                        _ => None,
+                    },
+                    message: Some(e.to_string()),
+                },
             }
         })
     }
@@ -138,6 +200,8 @@ pub(super) struct DaemonState {
     pub(super) identities: Arc<Identities>,
     pub(super) credentials: Arc<CredentialCache>,
     pub(super) requests: RequestMetrics,
+    pub(super) me: Arc<OnceLock<CallerIdentity>>,
+    pub(super) imdsv1: Arc<Imdsv1Gate>,
 }
 
 impl StatusSource for DaemonState {
@@ -173,6 +237,11 @@ impl StatusSource for DaemonState {
                 open: self.count.open(),
                 largest_per_container: self.count.largest_per_cgroup(),
                 shed: self.requests.shed.get(),
+            },
+            aws: AwsStatus {
+                identity: self.me.get().map(|me| me.arn.clone()),
+                account: self.me.get().map(|me| me.account.to_string()),
+                instance_requires_tokens: self.imdsv1.instance_requires_tokens(),
             },
         }
     }

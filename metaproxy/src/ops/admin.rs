@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
-use crate::{kernel::probe::Interface, ops::connlog::ConnLog};
+use crate::{kernel::probe::Interface, model::ids::RoleArn, ops::connlog::ConnLog};
 
 /// The daemon's status, as `GET /v1/status` shows it.
 pub trait StatusSource: Send + Sync + 'static {
@@ -45,6 +45,34 @@ pub struct Status {
     pub guard: GuardStatus,
     pub maps: MapStatus,
     pub connections: ConnectionStatus,
+    /// What the daemon knows of AWS (for `metaproxy doctor`).
+    #[serde(default)]
+    pub aws: AwsStatus,
+}
+
+/// The daemon's own identity and the instance's IMDS mode, as measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AwsStatus {
+    /// Its own ARN (GetCallerIdentity), once its credentials have worked.
+    pub identity: Option<String>,
+    pub account: Option<String>,
+    /// Whether the instance requires IMDSv2 tokens, once it has answered.
+    pub instance_requires_tokens: Option<bool>,
+}
+
+/// A dry AssumeRole's outcome (`GET /v1/try-role?arn=ARN`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Trial {
+    pub ok: bool,
+    /// STS's error code, when it refused.
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Assumes a role for the shortest time and drops the credentials: does
+/// its trust policy let the daemon in?
+pub trait RoleTrial: Send + Sync + 'static {
+    fn try_role<'a>(&'a self, arn: &'a RoleArn) -> futures_util::future::BoxFuture<'a, Trial>;
 }
 
 /// Where the packet guard is and what it dropped.
@@ -96,6 +124,7 @@ pub struct AdminState {
     pub connections: Arc<ConnLog>,
     pub status: Arc<dyn StatusSource>,
     pub explain: Arc<dyn Explainer>,
+    pub roles: Arc<dyn RoleTrial>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -178,6 +207,17 @@ async fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Respo
             json(&recent)
         }
         "/v1/status" => json(&state.status.status()),
+        "/v1/try-role" => {
+            let arn = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("arn="))
+                    .and_then(|a| RoleArn::parse(a).ok())
+            });
+            match arn {
+                Some(arn) => json(&state.roles.try_role(&arn).await),
+                None => text(StatusCode::BAD_REQUEST, "arn=ROLE_ARN required\n"),
+            }
+        }
         "/v1/explain" => {
             let container = req.uri().query().and_then(|q| {
                 q.split('&')
@@ -270,6 +310,11 @@ mod status_tests {
                 largest_per_container: 2,
                 shed: 0,
             },
+            aws: AwsStatus {
+                identity: Some("arn:aws:sts::123456789012:assumed-role/runner/i-0".into()),
+                account: Some("123456789012".into()),
+                instance_requires_tokens: Some(true),
+            },
         };
         let text = serde_json::to_string(&status).unwrap();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -277,6 +322,14 @@ mod status_tests {
         assert_eq!(value["maps"]["conns"], 1);
         assert_eq!(value["guard"]["dropped"]["forwarded"], 4);
         assert_eq!(value["guard"]["interfaces"][0]["name"], "eth0");
+        assert_eq!(value["aws"]["instance_requires_tokens"], true);
+        // A daemon from before the aws section still reads.
+        let mut old = value.clone();
+        old.as_object_mut().unwrap().remove("aws");
+        assert_eq!(
+            serde_json::from_value::<Status>(old).unwrap().aws,
+            AwsStatus::default()
+        );
         assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), status);
     }
 }

@@ -60,6 +60,17 @@ pub async fn status(socket: &Path) -> anyhow::Result<crate::ops::admin::Status> 
     serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("the daemon's status: {e}"))
 }
 
+/// A dry AssumeRole of `arn` by the daemon, with its own credentials.
+pub async fn try_role(socket: &Path, arn: &str) -> anyhow::Result<crate::ops::admin::Trial> {
+    let mut body = Vec::new();
+    get(socket, &format!("/v1/try-role?arn={arn}"), |chunk| {
+        body.extend_from_slice(chunk);
+        Ok(())
+    })
+    .await?;
+    serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("the daemon's trial: {e}"))
+}
+
 pub fn parse_connections(body: &[u8]) -> anyhow::Result<Vec<Connection>> {
     Ok(serde_json::from_slice(body)?)
 }

@@ -441,6 +441,17 @@ impl PolicyFile {
         })
     }
 
+    /// Whether any entry could allow `role` to some job: a rule or a
+    /// runner entry names it (`metaproxy doctor` asks, for the roles of the
+    /// runner configs).
+    pub fn names(&self, role: &RoleArn) -> bool {
+        let by_runner =
+            self.runners.is_empty() || self.runners.iter().any(|r| r.roles.is_match(role.as_str()));
+        let by_rule = (self.rules.is_empty() && !self.runners.is_empty())
+            || self.rules.iter().any(|r| r.roles.is_match(role.as_str()));
+        by_runner && by_rule
+    }
+
     /// How many `[[rule]]` entries the file has.
     pub fn rules(&self) -> usize {
         self.rules.len()

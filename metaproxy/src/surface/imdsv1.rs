@@ -31,8 +31,10 @@ pub enum Imdsv1Mode {
 #[derive(Debug)]
 pub struct Imdsv1Gate {
     mode: Imdsv1Mode,
-    /// The instance's last answer (mirror mode); refused until known.
+    /// The instance's last answer; refused until known.
     instance_requires_tokens: AtomicBool,
+    /// Whether the instance has answered at all.
+    measured: AtomicBool,
 }
 
 impl Imdsv1Gate {
@@ -40,7 +42,15 @@ impl Imdsv1Gate {
         Self {
             mode,
             instance_requires_tokens: AtomicBool::new(true),
+            measured: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the instance requires IMDSv2 tokens, as last measured.
+    pub fn instance_requires_tokens(&self) -> Option<bool> {
+        self.measured
+            .load(Ordering::Relaxed)
+            .then(|| self.instance_requires_tokens.load(Ordering::Relaxed))
     }
 
     /// `None` if a tokenless request may be served, else why not.
@@ -55,17 +65,16 @@ impl Imdsv1Gate {
         }
     }
 
-    /// Asks the instance once (mirror mode only).
+    /// Asks the instance once. Only mirror mode follows the answer; every
+    /// mode keeps it for `metaproxy doctor`.
     pub async fn check(&self, upstream: &dyn Upstream) {
-        if self.mode != Imdsv1Mode::Mirror {
-            return;
-        }
         match upstream.requires_tokens().await {
             Ok(required) => {
                 let was = self
                     .instance_requires_tokens
                     .swap(required, Ordering::Relaxed);
-                if was != required {
+                let first = !self.measured.swap(true, Ordering::Relaxed);
+                if self.mode == Imdsv1Mode::Mirror && (was != required || first) {
                     tracing::info!(
                         instance_requires_imdsv2 = required,
                         "containers' IMDSv1 now mirrors the instance"

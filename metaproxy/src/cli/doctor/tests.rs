@@ -125,3 +125,276 @@ fn lines_show_no_escape_codes_and_json_names_every_field() {
     assert_eq!(v["check"], "privileged");
     assert_eq!(v["fix"], "privileged = false");
 }
+
+fn fixture(name: &str) -> &'static str {
+    match name {
+        "docker" => include_str!("testdata/docker.toml"),
+        "autoscaler" => include_str!("testdata/autoscaler.toml"),
+        "machine" => include_str!("testdata/machine.toml"),
+        "kubernetes-and-shell" => include_str!("testdata/kubernetes-and-shell.toml"),
+        "careless" => include_str!("testdata/careless.toml"),
+        _ => panic!("no fixture {name}"),
+    }
+}
+
+/// What metaproxy serves by default: both IPv4 endpoint addresses at
+/// /v1/credentials, the probe at the cgroup root.
+fn served() -> runner::Context {
+    runner::Context {
+        container_credentials: Some((
+            vec![
+                "169.254.170.2".parse().unwrap(),
+                "169.254.170.23".parse().unwrap(),
+            ],
+            "/v1/credentials".into(),
+        )),
+        attached: Some("/".into()),
+    }
+}
+
+fn failed(checks: &[Check]) -> Vec<(String, &'static str)> {
+    checks
+        .iter()
+        .filter(|c| c.level == Level::Fail)
+        .map(|c| (c.area.clone(), c.check))
+        .collect()
+}
+
+#[test]
+fn the_documented_configs_give_exactly_their_findings() {
+    // A safe Docker runner: nothing to fix.
+    let docker = runner::runner_checks_in(fixture("docker"), &served());
+    assert!(failed(&docker).is_empty(), "{docker:#?}");
+    assert!(docker.iter().any(|c| c.check == "container credentials"
+        && c.found.contains("http://169.254.170.2/v1/credentials")));
+    // docker-autoscaler with slot cgroups inside the probe's cgroup.
+    let autoscaler = runner::runner_checks_in(fixture("autoscaler"), &served());
+    assert!(failed(&autoscaler).is_empty(), "{autoscaler:#?}");
+    assert!(autoscaler
+        .iter()
+        .any(|c| c.check == "slot cgroups" && c.found.contains("/gitlab-runner/slot-0")));
+    let elsewhere = runner::Context {
+        attached: Some("/system.slice/docker.service".into()),
+        ..served()
+    };
+    let outside = runner::runner_checks_in(fixture("autoscaler"), &elsewhere);
+    assert_eq!(
+        failed(&outside),
+        [("runner autoscaler".to_string(), "slot cgroups")]
+    );
+    // docker+machine: IAM_ROLE and privileged only where gitlab-runner
+    // ignores or jobs abuse them.
+    let machine = runner_checks(fixture("machine"));
+    assert_eq!(
+        failed(&machine),
+        [
+            ("runner docker-machine".to_string(), "IAM_ROLE"),
+            ("runner docker-machine".to_string(), "privileged"),
+        ]
+    );
+    // Kubernetes and shell runners are listed and skipped.
+    let others = runner_checks(fixture("kubernetes-and-shell"));
+    assert_eq!(others.len(), 2);
+    assert!(others.iter().all(|c| c.level == Level::Skip), "{others:#?}");
+    // Several careless runners, each named with its own failures.
+    let careless = runner::runner_checks_in(fixture("careless"), &served());
+    assert_eq!(
+        failed(&careless),
+        [
+            ("runner wrong-env".to_string(), "IAM_ROLE"),
+            ("runner wrong-env".to_string(), "container credentials"),
+            ("runner socket".to_string(), "docker socket"),
+            ("runner socket".to_string(), "cap_add"),
+            ("runner socket".to_string(), "container credentials"),
+        ],
+        "{careless:#?}"
+    );
+    let path = careless
+        .iter()
+        .find(|c| c.area == "runner socket" && c.check == "container credentials")
+        .unwrap();
+    assert!(path.found.contains("\"/v2/credentials\""), "{path:?}");
+    // The systemd slice nests by its dashes, outside a probe under docker.
+    assert_eq!(
+        runner::slot_path("runner-slot-${slot}.slice"),
+        "/runner.slice/runner-slot.slice/runner-slot-0.slice"
+    );
+    let slices = runner::runner_checks_in(fixture("careless"), &elsewhere);
+    assert!(failed(&slices).contains(&("runner slots-outside".to_string(), "slot cgroups")));
+    // The roles doctor checks with AWS: the runners' own IAM_ROLE only.
+    assert_eq!(
+        runner::runner_roles(fixture("careless")),
+        [
+            ("runner socket".to_string(), "ci-build".to_string()),
+            ("runner slots-outside".to_string(), String::new()),
+        ]
+    );
+}
+
+#[test]
+fn units_that_start_containers_must_come_after_metaproxy() {
+    let ordered = systemd::ordering_checks(include_str!("testdata/systemctl-show-ordered.txt"));
+    assert_eq!(
+        ordered.iter().map(|c| c.level).collect::<Vec<_>>(),
+        [Level::Ok, Level::Ok, Level::Skip]
+    );
+    assert!(
+        ordered[0].found.contains("waits for the redirect"),
+        "{ordered:?}"
+    );
+    let unordered = systemd::ordering_checks(include_str!("testdata/systemctl-show-unordered.txt"));
+    assert_eq!(
+        unordered
+            .iter()
+            .map(|c| (c.level, c.found.split(' ').next().unwrap()))
+            .collect::<Vec<_>>(),
+        [
+            (Level::Fail, "docker.service"),
+            (Level::Ok, "containerd.service"),
+            (Level::Fail, "gitlab-runner.service"),
+        ]
+    );
+    assert!(unordered[0]
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("docker.service.d/metaproxy.conf"));
+    assert_eq!(systemd::enabled_check("enabled").level, Level::Ok);
+    assert_eq!(systemd::enabled_check("disabled").level, Level::Fail);
+    assert_eq!(systemd::enabled_check("").level, Level::Fail);
+}
+
+#[test]
+fn live_containers_that_undo_the_promise_are_named() {
+    let careless: bollard::models::ContainerInspectResponse =
+        serde_json::from_str(include_str!("testdata/inspect-careless.json")).unwrap();
+    // The image set IAM_ROLE, and the container has nothing else.
+    let image_env = ["IAM_ROLE=ci-deploy".to_string()];
+    let found = docker::container_checks(&careless, &image_env);
+    assert_eq!(
+        found
+            .iter()
+            .map(|c| (c.area.as_str(), c.check))
+            .collect::<Vec<_>>(),
+        [
+            (
+                "container runner-abc123-project-42-concurrent-0-build",
+                "privileged"
+            ),
+            (
+                "container runner-abc123-project-42-concurrent-0-build",
+                "docker socket"
+            ),
+            (
+                "container runner-abc123-project-42-concurrent-0-build",
+                "IAM_ROLE"
+            ),
+        ]
+    );
+    let clean: bollard::models::ContainerInspectResponse =
+        serde_json::from_str(include_str!("testdata/inspect-clean.json")).unwrap();
+    assert!(docker::container_checks(&clean, &[]).is_empty());
+    let info: bollard::models::SystemInfo =
+        serde_json::from_str(include_str!("testdata/info.json")).unwrap();
+    let checks = docker::info_checks(&info);
+    assert!(
+        checks[0].found.contains("cgroup driver systemd, cgroup v2"),
+        "{checks:?}"
+    );
+    assert_eq!(levels(&checks, "userns-remap"), [Level::Warn]);
+}
+
+#[test]
+fn the_units_settings_become_the_flags_run_would_check() {
+    let text = "# metaproxy\nMETAPROXY_ALLOW_ROLE=\"arn:aws:iam::123456789012:role/ci-*\"\n\nMETAPROXY_SESSION_TAGS=true\nMETAPROXY_SOURCE_IDENTITY=false\nMETAPROXY_TYPO=1\n; comment\n";
+    let vars = settings::environment_file(text);
+    assert_eq!(vars[0].1, "arn:aws:iam::123456789012:role/ci-*");
+    let (flags, unknown) = settings::run_flags(&vars);
+    assert_eq!(
+        flags,
+        [
+            "--allow-role=arn:aws:iam::123456789012:role/ci-*",
+            "--session-tags"
+        ]
+    );
+    assert_eq!(unknown, ["METAPROXY_TYPO"]);
+    struct Linux;
+    impl config::Host for Linux {
+        fn ephemeral_ports(&self) -> std::io::Result<config::EphemeralPorts> {
+            Ok(config::EphemeralPorts::parse("32768 60999", "").unwrap())
+        }
+    }
+    let path = std::path::Path::new("/etc/default/metaproxy");
+    let (config, checks) = settings::settings_checks(path, Some(text), &Linux);
+    assert!(config.is_some());
+    assert_eq!(levels(&checks, "settings"), [Level::Warn]);
+    assert_eq!(levels(&checks, "flags"), [Level::Ok]);
+    // No allow-list at all: run would refuse, and doctor says so.
+    let (config, checks) = settings::settings_checks(path, None, &Linux);
+    assert!(config.is_none());
+    let flags = checks.iter().find(|c| c.check == "flags").unwrap();
+    assert_eq!(flags.level, Level::Fail);
+    assert!(flags.found.contains("no role allow-list"), "{flags:?}");
+    // A listen port the kernel hands out: refused as run would.
+    let (_, checks) = settings::settings_checks(
+        path,
+        Some("METAPROXY_ALLOW_ROLE=arn:aws:iam::123456789012:role/ci-*\nMETAPROXY_LISTEN=169.254.170.254:40000\n"),
+        &Linux,
+    );
+    assert!(checks
+        .iter()
+        .any(|c| c.check == "flags" && c.found.contains("ephemeral")));
+}
+
+#[test]
+fn an_allow_list_wider_than_the_account_fails() {
+    let check = |p: &[&str]| {
+        settings::allow_role_check(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).level
+    };
+    assert_eq!(check(&["arn:aws:iam::123456789012:role/ci-*"]), Level::Ok);
+    assert_eq!(check(&[]), Level::Ok);
+    assert_eq!(check(&["arn:aws:iam::*:role/ci-*"]), Level::Fail);
+    assert_eq!(check(&["*"]), Level::Fail);
+    assert_eq!(check(&["arn:aws:iam::1234*:role/ci"]), Level::Fail);
+    assert_eq!(check(&["arn:aws:iam::123456789012:role/*"]), Level::Warn);
+    assert_eq!(
+        settings::metrics_check(Some("127.0.0.1:9169".parse().unwrap())).level,
+        Level::Ok
+    );
+    assert_eq!(
+        settings::metrics_check(Some("10.0.0.5:9169".parse().unwrap())).level,
+        Level::Warn
+    );
+}
+
+#[test]
+fn a_trust_policy_that_refuses_the_instance_role_names_the_statement_to_add() {
+    let arn = RoleArn::parse("arn:aws:iam::123456789012:role/ci-deploy").unwrap();
+    let denied = Trial {
+        ok: false,
+        code: Some("AccessDenied".into()),
+        message: Some("AccessDenied: not authorized to perform sts:AssumeRole".into()),
+    };
+    let me = "arn:aws:sts::123456789012:assumed-role/runner-instance/i-0abc";
+    let c = aws::trust_check("runner deploy", &arn, &denied, Some(me), true, true);
+    assert_eq!(c.level, Level::Fail);
+    let fix = c.fix.unwrap();
+    assert!(
+        fix.contains("\"AWS\": \"arn:aws:iam::123456789012:role/runner-instance\""),
+        "{fix}"
+    );
+    assert!(
+        fix.contains("\"sts:AssumeRole\", \"sts:TagSession\", \"sts:SetSourceIdentity\""),
+        "{fix}"
+    );
+    let ok = Trial {
+        ok: true,
+        code: None,
+        message: None,
+    };
+    assert_eq!(
+        aws::trust_check("runner deploy", &arn, &ok, Some(me), false, false).level,
+        Level::Ok
+    );
+    assert_eq!(aws::instance_role_arn("arn:aws:iam::1:user/x"), None);
+}

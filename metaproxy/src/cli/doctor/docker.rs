@@ -1,0 +1,197 @@
+//! Docker as it runs now: reachable, its cgroup driver and version,
+//! `userns-remap`, and the live containers that undo metaproxy's promise
+//! (privileged, or with the Docker socket) or whose `IAM_ROLE` only their
+//! image set, each named.
+
+use std::time::Duration;
+
+use bollard::{
+    models::{ContainerInspectResponse, SystemInfo},
+    query_parameters::ListContainersOptionsBuilder,
+    Docker,
+};
+
+use super::{Check, Level};
+use crate::model::gitlab::{single_value, Unclear};
+
+const AREA: &str = "docker";
+/// Each Docker call; a stuck dockerd is a finding, not a hang.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sockets that give a container the host's container runtime.
+const SOCKETS: [&str; 3] = ["docker.sock", "containerd.sock", "buildkitd.sock"];
+
+pub async fn docker_checks(offline: bool) -> Vec<Check> {
+    let unreachable = |e: String| {
+        vec![Check::new(
+            AREA,
+            "reachable",
+            if offline { Level::Warn } else { Level::Fail },
+            format!("the Docker API does not answer: {e}"),
+        )
+        .fix("systemctl start docker (metaproxy identifies jobs through it)")]
+    };
+    let docker = match Docker::connect_with_defaults() {
+        Ok(d) => d.with_timeout(TIMEOUT),
+        Err(e) => return unreachable(e.to_string()),
+    };
+    let info = match tokio::time::timeout(TIMEOUT, docker.info()).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable(format!("no answer within {TIMEOUT:?}")),
+    };
+    let mut checks = info_checks(&info);
+    let options = ListContainersOptionsBuilder::default().all(false).build();
+    let listed = match tokio::time::timeout(TIMEOUT, docker.list_containers(Some(options))).await {
+        Ok(Ok(listed)) => listed,
+        _ => {
+            checks.push(Check::new(
+                AREA,
+                "containers",
+                Level::Warn,
+                "cannot list the running containers",
+            ));
+            return checks;
+        }
+    };
+    let mut clean = 0;
+    for summary in listed {
+        let Some(id) = summary.id else { continue };
+        let Ok(Ok(c)) = tokio::time::timeout(TIMEOUT, docker.inspect_container(&id, None)).await
+        else {
+            continue;
+        };
+        let image_env = match c.image.as_deref() {
+            Some(image) => tokio::time::timeout(TIMEOUT, docker.inspect_image(image))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|i| i.config)
+                .and_then(|c| c.env)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let found = container_checks(&c, &image_env);
+        if found.is_empty() {
+            clean += 1;
+        }
+        checks.extend(found);
+    }
+    checks.push(Check::new(
+        AREA,
+        "containers",
+        Level::Ok,
+        format!("{clean} running containers with nothing to report"),
+    ));
+    checks
+}
+
+/// The daemon-wide findings.
+pub fn info_checks(info: &SystemInfo) -> Vec<Check> {
+    let driver = info
+        .cgroup_driver
+        .as_ref()
+        .map_or_else(|| "unknown".to_string(), |d| d.to_string());
+    let version = info
+        .cgroup_version
+        .as_ref()
+        .map_or_else(|| "unknown".to_string(), |v| v.to_string());
+    let mut checks = vec![Check::new(
+        AREA,
+        "reachable",
+        Level::Ok,
+        format!(
+            "Docker {} (cgroup driver {driver}, cgroup v{version})",
+            info.server_version.as_deref().unwrap_or("?")
+        ),
+    )];
+    let userns = info
+        .security_options
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+    checks.push(if userns {
+        Check::new(
+            AREA,
+            "userns-remap",
+            Level::Ok,
+            "on: root in a job is not root on the host",
+        )
+    } else {
+        Check::new(
+            AREA,
+            "userns-remap",
+            Level::Warn,
+            "off: root in a job container is the host's uid 0, a kernel escape away from the host",
+        )
+        .fix("set \"userns-remap\": \"default\" in /etc/docker/daemon.json where jobs allow it")
+    });
+    checks
+}
+
+/// What a running container does to metaproxy's promise, if anything.
+pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> Vec<Check> {
+    let name = c
+        .name
+        .as_deref()
+        .unwrap_or("?")
+        .trim_start_matches('/')
+        .to_string();
+    let area = format!("container {name}");
+    let mut checks = Vec::new();
+    let host = c.host_config.as_ref();
+    if host.and_then(|h| h.privileged).unwrap_or(false) {
+        checks.push(
+            Check::new(
+                &area,
+                "privileged",
+                Level::Fail,
+                "privileged: it can detach the probe and read every job's credentials",
+            )
+            .fix(format!(
+                "docker rm -f {name}, and find what started it privileged"
+            )),
+        );
+    }
+    let mounted: Vec<String> = c
+        .mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|m| [m.source.clone(), m.destination.clone()])
+        .flatten()
+        .filter(|p| SOCKETS.iter().any(|s| p.ends_with(s)))
+        .collect();
+    if !mounted.is_empty() {
+        checks.push(
+            Check::new(
+                &area,
+                "docker socket",
+                Level::Fail,
+                format!(
+                    "mounts {}: it can start containers with any labels and environment, the runner's included",
+                    mounted.join(", ")
+                ),
+            )
+            .fix(format!("docker rm -f {name}, and remove the socket from the runner's volumes")),
+        );
+    }
+    let env = c
+        .config
+        .as_ref()
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default();
+    if let Err(Unclear::FromImage(_)) = single_value(&env, image_env, "IAM_ROLE") {
+        checks.push(
+            Check::new(
+                &area,
+                "IAM_ROLE",
+                Level::Fail,
+                "IAM_ROLE comes only from its image's ENV: metaproxy refuses it, and on a runner without its own IAM_ROLE the image chooses",
+            )
+            .fix("set IAM_ROLE in the runner's [[runners]] environment (empty for none)"),
+        );
+    }
+    checks
+}

@@ -1,0 +1,135 @@
+//! The host: the kernel, cgroup v2, the pinned redirect, and what the
+//! running daemon reports (its generation, the packet guard).
+
+use std::path::Path;
+
+use super::{Check, Level};
+use crate::{
+    kernel::{cgroup, probe},
+    ops::{admin::Status, admin_client},
+};
+
+pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    checks.push(kernel_check(release.trim()));
+    checks.push(match cgroup::cgroup2_mount() {
+        Ok(mount) => Check::new("host", "cgroup v2", Level::Ok, mount.display().to_string()),
+        Err(e) => Check::new("host", "cgroup v2", Level::Fail, e.to_string())
+            .fix("boot with the unified cgroup hierarchy (systemd.unified_cgroup_hierarchy=1)"),
+    });
+    checks.push(match probe::redirect_in_place(pin_dir) {
+        Ok(Some(generation)) => Check::new(
+            "host",
+            "redirect",
+            Level::Ok,
+            format!("pinned in {} (generation {generation})", pin_dir.display()),
+        ),
+        Ok(None) => Check::new(
+            "host",
+            "redirect",
+            Level::Fail,
+            format!(
+                "nothing pinned in {}: containers reach the real IMDS",
+                pin_dir.display()
+            ),
+        )
+        .fix("systemctl enable --now metaproxy"),
+        Err(e) => Check::new("host", "redirect", Level::Fail, e.to_string())
+            .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
+    });
+    checks
+}
+
+/// The io_uring releases whose bugs let a process bypass cgroup hooks.
+pub(super) fn kernel_check(release: &str) -> Check {
+    let numbers: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let check = |level, found: String| Check::new("host", "kernel", level, found);
+    match numbers[..] {
+        [5, 10, patch, ..] if patch <= 161 => check(
+            Level::Fail,
+            format!("{release}: io_uring in 5.10.0-5.10.161 can connect without the hook"),
+        )
+        .fix("upgrade to 5.10.162 or later, or disable io_uring (sysctl kernel.io_uring_disabled=2 where supported)"),
+        [5, 11, ..] => check(
+            Level::Fail,
+            format!("{release}: io_uring in 5.11 can connect without the hook"),
+        )
+        .fix("upgrade the kernel"),
+        [major, minor, ..] if (major, minor) < (5, 10) => check(
+            Level::Fail,
+            format!("{release}: older than 5.10, which the probe needs"),
+        )
+        .fix("upgrade the kernel to 5.10.162 or later"),
+        [_, _, ..] => check(Level::Ok, release.to_string()),
+        _ => check(Level::Warn, format!("{release:?}: not a version this check reads")),
+    }
+}
+
+/// The running daemon's checks, and its status for the checks that ask
+/// it more.
+pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>) {
+    let status = match admin_client::status(socket).await {
+        Ok(status) => status,
+        Err(e) => {
+            return (
+                vec![Check::new("host", "daemon", Level::Fail, format!("{e:#}"))
+                    .fix("systemctl enable --now metaproxy")],
+                None,
+            )
+        }
+    };
+    let mut checks = vec![Check::new(
+        "host",
+        "daemon",
+        Level::Ok,
+        format!(
+            "running (pid {}, generation {})",
+            status.pid, status.generation
+        ),
+    )];
+    let unguarded: Vec<&str> = status
+        .guard
+        .routes
+        .iter()
+        .filter(|r| !r.guarded)
+        .map(|r| r.address.as_str())
+        .collect();
+    checks.push(if status.guard.interfaces.is_empty() {
+        Check::new(
+            "host",
+            "packet guard",
+            Level::Fail,
+            "on no interface: raw packets from jobs can reach IMDS",
+        )
+        .fix("check `metaproxy status` and the daemon's log for the route to 169.254.169.254")
+    } else if !unguarded.is_empty() {
+        Check::new(
+            "host",
+            "packet guard",
+            Level::Fail,
+            format!("routes to {} are not guarded", unguarded.join(", ")),
+        )
+        .fix(
+            "restart metaproxy; if it persists, report the routes (`ip route get 169.254.169.254`)",
+        )
+    } else {
+        let names: Vec<&str> = status
+            .guard
+            .interfaces
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        Check::new(
+            "host",
+            "packet guard",
+            Level::Ok,
+            format!("{} on {}", status.guard.mode, names.join(", ")),
+        )
+    });
+    (checks, Some(status))
+}

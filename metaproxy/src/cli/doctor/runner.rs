@@ -1,0 +1,365 @@
+//! gitlab-runner's `config.toml`, entry by entry: what each Docker-based
+//! runner gives its jobs.
+
+use std::net::IpAddr;
+
+use super::{Check, Level};
+
+/// What the runner checks compare against: metaproxy's own configuration,
+/// where doctor could read it.
+#[derive(Debug, Default, Clone)]
+pub struct Context {
+    /// `--container-credentials` addresses and path.
+    pub container_credentials: Option<(Vec<IpAddr>, String)>,
+    /// The cgroup the probe is attached to, below the cgroup2 mount
+    /// (`/` for its root).
+    pub attached: Option<String>,
+}
+
+/// Executors whose jobs run in Docker containers on this host.
+const DOCKER_EXECUTORS: [&str; 3] = ["docker", "docker-autoscaler", "docker+machine"];
+
+/// Checks each `[[runners]]` entry of gitlab-runner's `config.toml`.
+pub fn runner_checks(text: &str) -> Vec<Check> {
+    runner_checks_in(text, &Context::default())
+}
+
+/// `IAM_ROLE` of each Docker-based runner (its area and the value), as
+/// the runner sets it in its own `environment`.
+pub fn runner_roles(text: &str) -> Vec<(String, String)> {
+    let Ok(config) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let runners = config
+        .get("runners")
+        .and_then(toml::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    runners
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| DOCKER_EXECUTORS.contains(&executor(r)))
+        .filter_map(|(i, r)| {
+            let role = strings(r.get("environment"))
+                .into_iter()
+                .find_map(|e| e.strip_prefix("IAM_ROLE="))?;
+            Some((area(i, r), role.to_string()))
+        })
+        .collect()
+}
+
+fn executor(r: &toml::Value) -> &str {
+    r.get("executor")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("")
+}
+
+fn area(index: usize, r: &toml::Value) -> String {
+    let name = r
+        .get("name")
+        .and_then(toml::Value::as_str)
+        .map_or_else(|| format!("#{}", index + 1), str::to_string);
+    format!("runner {name}")
+}
+
+/// [`runner_checks`], and the checks that need metaproxy's configuration.
+pub fn runner_checks_in(text: &str, context: &Context) -> Vec<Check> {
+    let config: toml::Table = match text.parse::<toml::Table>() {
+        Ok(c) => c,
+        // The message and line only: the error's own rendering quotes the
+        // offending line, which may be a runner's token.
+        Err(e) => {
+            let line = e
+                .span()
+                .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+            return vec![Check::new(
+                "runner config",
+                "parses",
+                Level::Fail,
+                format!("line {line}: {}", e.message().trim_end()),
+            )
+            .fix("fix the TOML error at that line")];
+        }
+    };
+    let Some(runners) = config.get("runners").and_then(toml::Value::as_array) else {
+        return vec![Check::new(
+            "runner config",
+            "runners",
+            Level::Warn,
+            "no [[runners]] entries",
+        )];
+    };
+    runners
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| runner(i, r, context))
+        .collect()
+}
+
+fn strings(v: Option<&toml::Value>) -> Vec<&str> {
+    v.and_then(toml::Value::as_array)
+        .map(|a| a.iter().filter_map(toml::Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
+    let area = area(index, r);
+    let executor = executor(r);
+    if !DOCKER_EXECUTORS.contains(&executor) {
+        return vec![Check::new(
+            &area,
+            "executor",
+            Level::Skip,
+            format!("executor {executor:?}: its jobs are not Docker containers on this host"),
+        )];
+    }
+    let docker = r.get("docker");
+    let mut checks = Vec::new();
+    let role_in = |env: Vec<&str>| env.into_iter().any(|e| e.starts_with("IAM_ROLE="));
+    let in_runner = role_in(strings(r.get("environment")));
+    let in_docker = role_in(strings(docker.and_then(|d| d.get("environment"))));
+    checks.push(match (in_runner, in_docker) {
+        (true, _) => Check::new(&area, "IAM_ROLE", Level::Ok, "set in the runner's environment"),
+        (false, true) => Check::new(
+            &area,
+            "IAM_ROLE",
+            Level::Fail,
+            "only in [runners.docker], where gitlab-runner ignores it: a job's own IAM_ROLE variable would choose its role",
+        )
+        .fix("move it to the [[runners]] entry: environment = [\"IAM_ROLE=...\"]"),
+        (false, false) => Check::new(
+            &area,
+            "IAM_ROLE",
+            Level::Fail,
+            "not set: a job's own IAM_ROLE variable cannot be told from the runner's",
+        )
+        .fix("add environment = [\"IAM_ROLE=\"] (empty: no role) or the role to the [[runners]] entry"),
+    });
+    let flag = |key: &str| {
+        docker
+            .and_then(|d| d.get(key))
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false)
+    };
+    checks.push(if flag("privileged") {
+        Check::new(
+            &area,
+            "privileged",
+            Level::Fail,
+            "privileged = true: a job can detach the probe",
+        )
+        .fix("privileged = false in [runners.docker]")
+    } else {
+        Check::new(&area, "privileged", Level::Ok, "not privileged")
+    });
+    let sockets: Vec<&str> = strings(docker.and_then(|d| d.get("volumes")))
+        .into_iter()
+        .filter(|v| v.contains("docker.sock") || v.contains("containerd.sock"))
+        .collect();
+    checks.push(if sockets.is_empty() {
+        Check::new(&area, "docker socket", Level::Ok, "not mounted")
+    } else {
+        Check::new(
+            &area,
+            "docker socket",
+            Level::Fail,
+            format!(
+                "volumes {}: a job can start containers with any labels, environment or privileges",
+                sockets.join(", ")
+            ),
+        )
+        .fix("remove it from volumes; use a rootless or remote builder")
+    });
+    let network = docker
+        .and_then(|d| d.get("network_mode"))
+        .and_then(toml::Value::as_str)
+        .unwrap_or("");
+    checks.push(if network == "host" {
+        Check::new(
+            &area,
+            "network_mode",
+            Level::Warn,
+            "host: jobs share the host's network namespace (the packet guard's cgroup layer covers it)",
+        )
+        .fix("drop network_mode = \"host\" unless the jobs need it")
+    } else {
+        Check::new(&area, "network_mode", Level::Ok, "a network of its own")
+    });
+    let upper = |v: Vec<&str>| -> Vec<String> {
+        v.into_iter()
+            .map(|c| c.trim().trim_start_matches("CAP_").to_ascii_uppercase())
+            .collect()
+    };
+    let dropped = upper(strings(docker.and_then(|d| d.get("cap_drop"))));
+    checks.push(if dropped.iter().any(|c| c == "NET_RAW" || c == "ALL") {
+        Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped")
+    } else {
+        Check::new(
+            &area,
+            "cap_drop",
+            Level::Warn,
+            "NET_RAW kept (Docker's default): jobs can ARP-spoof one another on the bridge; the packet guard still keeps them from IMDS",
+        )
+        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]")
+    });
+    let added: Vec<String> = upper(strings(docker.and_then(|d| d.get("cap_add"))))
+        .into_iter()
+        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
+        .collect();
+    checks.push(if added.is_empty() {
+        Check::new(
+            &area,
+            "cap_add",
+            Level::Ok,
+            "no capability that reaches the host's network or BPF",
+        )
+    } else {
+        Check::new(
+            &area,
+            "cap_add",
+            Level::Fail,
+            format!(
+                "cap_add {}: a job can change its own network or BPF programs",
+                added.join(", ")
+            ),
+        )
+        .fix("remove them from cap_add")
+    });
+    if let Some((addrs, path)) = &context.container_credentials {
+        checks.push(container_credentials_check(&area, r, addrs, path));
+    }
+    if executor == "docker-autoscaler" {
+        checks.push(slot_cgroups_check(&area, r, context.attached.as_deref()));
+    }
+    checks
+}
+
+/// `AWS_CONTAINER_CREDENTIALS_*` in the runner's environment must point at
+/// an endpoint metaproxy serves, at its path: SDKs try that endpoint before
+/// IMDS and stop at its error.
+fn container_credentials_check(area: &str, r: &toml::Value, addrs: &[IpAddr], path: &str) -> Check {
+    let env = strings(r.get("environment"));
+    let value = |key: &str| {
+        env.iter()
+            .find_map(|e| e.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    let docker_env = strings(r.get("docker").and_then(|d| d.get("environment")));
+    let only_in_docker = value("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_none()
+        && value("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_none()
+        && docker_env
+            .iter()
+            .any(|e| e.starts_with("AWS_CONTAINER_CREDENTIALS_"));
+    let check = |level, found: String| Check::new(area, "container credentials", level, found);
+    if only_in_docker {
+        return check(
+            Level::Fail,
+            "AWS_CONTAINER_CREDENTIALS_* only in [runners.docker], where gitlab-runner ignores it"
+                .into(),
+        )
+        .fix("move it to the [[runners]] entry's environment");
+    }
+    let served = |ip: IpAddr| addrs.contains(&ip);
+    let (target, uri_path) = if let Some(relative) = value("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    {
+        (Some(IpAddr::from([169, 254, 170, 2])), relative.to_string())
+    } else if let Some(full) = value("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+        let uri: Option<hyper::Uri> = full.parse().ok();
+        let host = uri
+            .as_ref()
+            .and_then(|u| u.host())
+            .map(|h| h.trim_matches(['[', ']']).to_string());
+        (
+            host.and_then(|h| h.parse().ok()),
+            uri.map(|u| u.path().to_string()).unwrap_or_default(),
+        )
+    } else {
+        return check(
+            Level::Ok,
+            "not set: its jobs use IMDS (the endpoint answers only runners that set it)".into(),
+        );
+    };
+    match target {
+        Some(ip) if served(ip) && uri_path == path => {
+            check(Level::Ok, format!("http://{ip}{path}, which metaproxy serves"))
+        }
+        Some(ip) if served(ip) => check(
+            Level::Fail,
+            format!("path {uri_path:?}, but metaproxy serves {path}: the SDK gets 404 and no credentials"),
+        )
+        .fix(format!("use {path}, or --container-credentials-path {uri_path}")),
+        Some(ip) => check(
+            Level::Fail,
+            format!("{ip} is not an endpoint metaproxy serves (--container-credentials): the SDK tries it first and gets nothing"),
+        )
+        .fix("turn the endpoint on (METAPROXY_CONTAINER_CREDENTIALS=169.254.170.2,169.254.170.23) or remove the variable"),
+        None => check(
+            Level::Fail,
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI does not name an address".into(),
+        )
+        .fix("use http://169.254.170.23/v1/credentials"),
+    }
+}
+
+/// docker-autoscaler's slot cgroups (`use_slot_cgroups`) move job
+/// containers to `slot_cgroup_template`'s cgroup: it must lie inside the
+/// cgroup the probe is attached to, or their connects are not redirected.
+fn slot_cgroups_check(area: &str, r: &toml::Value, attached: Option<&str>) -> Check {
+    let on = r
+        .get("use_slot_cgroups")
+        .and_then(toml::Value::as_bool)
+        .unwrap_or(false);
+    let check = |level, found: String| Check::new(area, "slot cgroups", level, found);
+    if !on {
+        return check(
+            Level::Ok,
+            "off: containers go to Docker's cgroup parent".into(),
+        );
+    }
+    let template = r
+        .get("slot_cgroup_template")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("gitlab-runner/slot-${slot}");
+    let path = slot_path(template);
+    let Some(attached) = attached else {
+        return check(
+            Level::Skip,
+            format!("slot cgroups under {path}; metaproxy's --cgroup is not known here"),
+        );
+    };
+    let inside = attached == "/"
+        || path == attached
+        || path.starts_with(&format!("{}/", attached.trim_end_matches('/')));
+    if inside {
+        check(
+            Level::Ok,
+            format!("{path} is inside the probe's cgroup {attached}"),
+        )
+    } else {
+        check(
+            Level::Fail,
+            format!("{path} is outside the probe's cgroup {attached}: those jobs' connects to IMDS are not redirected (the guard drops them) and they get no credentials"),
+        )
+        .fix(format!("attach metaproxy higher (METAPROXY_CGROUP), or put slot_cgroup_template under {attached}"))
+    }
+}
+
+/// The cgroup a slot template names for slot 0, below the cgroup2 mount: a
+/// systemd slice nests by its dashes (`runner-slot-0.slice` is
+/// `/runner.slice/runner-slot.slice/runner-slot-0.slice`), anything else is
+/// a path.
+pub fn slot_path(template: &str) -> String {
+    let name = template.replace("${slot}", "0");
+    match name.strip_suffix(".slice") {
+        Some(stem) if !stem.contains('/') => {
+            let parts: Vec<&str> = stem.split('-').collect();
+            let mut path = String::new();
+            for i in 1..=parts.len() {
+                path.push('/');
+                path.push_str(&parts[..i].join("-"));
+                path.push_str(".slice");
+            }
+            path
+        }
+        _ => format!("/{}", name.trim_matches('/')),
+    }
+}

@@ -1,0 +1,270 @@
+//! metaproxy's own configuration as its unit runs it: the unit's
+//! `EnvironmentFile` (`/etc/default/metaproxy`) read the way systemd reads
+//! it, turned into the flags of `metaproxy run`, and checked exactly as
+//! `run` checks them at start, plus what `run` cannot refuse but an admin
+//! should hear: an allow-list as wide as the account, metrics on an address
+//! containers reach.
+
+use std::{net::SocketAddr, path::Path};
+
+use clap::{ArgAction, CommandFactory as _, Parser as _};
+
+use super::{Check, Level};
+use crate::{
+    cli::{
+        config::{self, Host, RunConfig},
+        Cli, Command,
+    },
+    policy::file::PolicyFile,
+};
+
+const AREA: &str = "metaproxy";
+
+/// `KEY=VALUE` lines as systemd's `EnvironmentFile=` takes them: blank
+/// lines and `#`/`;` comments skipped, one pair of surrounding quotes
+/// removed.
+pub fn environment_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let unquoted = ['"', '\'']
+                .iter()
+                .find_map(|q| v.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+                .unwrap_or(v);
+            (k.trim().to_string(), unquoted.to_string())
+        })
+        .collect()
+}
+
+/// The `metaproxy run` flags `vars` stand for (each flag's `METAPROXY_*`
+/// variable), and the `METAPROXY_*` variables that are no flag's.
+pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+    let cli = Cli::command();
+    let Some(run) = cli.find_subcommand("run") else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut flags = Vec::new();
+    let mut known = Vec::new();
+    for arg in run.get_arguments() {
+        let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let env = env.to_string_lossy();
+        known.push(env.to_string());
+        let Some((_, value)) = vars.iter().rev().find(|(k, _)| *k == env) else {
+            continue;
+        };
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            if matches!(
+                value.to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            ) {
+                flags.push(format!("--{long}"));
+            }
+        } else {
+            flags.push(format!("--{long}={value}"));
+        }
+    }
+    let unknown = vars
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("METAPROXY_") && !known.contains(k))
+        .cloned()
+        .collect();
+    (flags, unknown)
+}
+
+/// The configuration the unit would start with, and the checks of it.
+pub fn settings_checks(
+    path: &Path,
+    text: Option<&str>,
+    host: &dyn Host,
+) -> (Option<RunConfig>, Vec<Check>) {
+    let mut checks = Vec::new();
+    let vars = text.map(environment_file).unwrap_or_default();
+    let (flags, unknown) = run_flags(&vars);
+    if !unknown.is_empty() {
+        checks.push(
+            Check::new(
+                AREA,
+                "settings",
+                Level::Warn,
+                format!(
+                    "{}: {} set no flag of `metaproxy run` and are ignored",
+                    path.display(),
+                    unknown.join(", ")
+                ),
+            )
+            .fix("check the names against `metaproxy run --help`"),
+        );
+    }
+    let source = match text {
+        Some(_) => path.display().to_string(),
+        None => format!("no {} (the unit's defaults)", path.display()),
+    };
+    let args = std::iter::once("metaproxy".to_string())
+        .chain(std::iter::once("run".to_string()))
+        .chain(flags.iter().cloned());
+    let run = match Cli::try_parse_from(args) {
+        Ok(Cli {
+            command: Command::Run(run),
+        }) => run,
+        Ok(_) => unreachable!("parsed as `metaproxy run`"),
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default().to_string();
+            checks.push(
+                Check::new(AREA, "flags", Level::Fail, format!("{source}: {first}"))
+                    .fix(format!("correct it in {}", path.display())),
+            );
+            return (None, checks);
+        }
+    };
+    let config = match RunConfig::from_args_on(&run, host) {
+        Ok(config) => config,
+        Err(e) => {
+            checks.push(
+                Check::new(
+                    AREA,
+                    "flags",
+                    Level::Fail,
+                    format!("{source}: metaproxy would refuse to start: {e}"),
+                )
+                .fix(format!("correct it in {}", path.display())),
+            );
+            return (None, checks);
+        }
+    };
+    checks.push(Check::new(
+        AREA,
+        "flags",
+        Level::Ok,
+        format!(
+            "{source}: metaproxy run {}",
+            if flags.is_empty() {
+                "(no flags)".to_string()
+            } else {
+                flags.join(" ")
+            }
+        ),
+    ));
+    if let Some(file) = &config.policy_file {
+        checks.push(policy_file_check(file));
+    }
+    checks.push(allow_role_check(&config.allow_role));
+    checks.push(metrics_check(config.metrics));
+    (Some(config), checks)
+}
+
+fn policy_file_check(path: &Path) -> Check {
+    let loaded = PolicyFile::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            config::check_policy_file(path)
+                .map(|()| f)
+                .map_err(|e| e.to_string())
+        });
+    match loaded {
+        Ok(file) => Check::new(
+            AREA,
+            "policy file",
+            Level::Ok,
+            format!(
+                "{} loads ({} rules, {} runners)",
+                path.display(),
+                file.rules(),
+                file.runners()
+            ),
+        ),
+        Err(e) => Check::new(AREA, "policy file", Level::Fail, e).fix(format!(
+            "`metaproxy policy check {}` names the line",
+            path.display()
+        )),
+    }
+}
+
+/// `--allow-role` must name an account: a glob over accounts admits roles of
+/// accounts the admin never meant, and `role/*` every role of one.
+pub fn allow_role_check(patterns: &[String]) -> Check {
+    if patterns.is_empty() {
+        return Check::new(
+            AREA,
+            "allow-role",
+            Level::Ok,
+            "not set: the policy file's roles in the instance's own account",
+        );
+    }
+    let account_of = |p: &str| -> Option<String> {
+        let rest = p.strip_prefix("arn:")?;
+        let mut parts = rest.splitn(5, ':');
+        let (_partition, service, _region, account) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        (service == "iam").then(|| account.to_string())
+    };
+    let wide: Vec<&String> = patterns
+        .iter()
+        .filter(|p| {
+            account_of(p).is_none_or(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    if !wide.is_empty() {
+        return Check::new(
+            AREA,
+            "allow-role",
+            Level::Fail,
+            format!(
+                "{} {} not name one account: roles of any account the pattern matches are allowed",
+                wide.iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if wide.len() == 1 { "does" } else { "do" }
+            ),
+        )
+        .fix("write each as arn:aws:iam::123456789012:role/PREFIX-*");
+    }
+    let whole: Vec<&String> = patterns
+        .iter()
+        .filter(|p| p.ends_with(":role/*") || p.ends_with(":role/**") || p.ends_with(":*"))
+        .collect();
+    if !whole.is_empty() {
+        return Check::new(
+            AREA,
+            "allow-role",
+            Level::Warn,
+            format!(
+                "{} {} every role of the account, admin roles too",
+                whole
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if whole.len() == 1 { "allows" } else { "allow" }
+            ),
+        )
+        .fix("narrow it to the jobs' roles, such as arn:aws:iam::123456789012:role/ci-*");
+    }
+    Check::new(AREA, "allow-role", Level::Ok, patterns.join(", "))
+}
+
+/// Containers reach every address of the host that is not loopback.
+pub fn metrics_check(addr: Option<SocketAddr>) -> Check {
+    match addr {
+        None => Check::new(AREA, "metrics", Level::Ok, "off"),
+        Some(a) if a.ip().is_loopback() => {
+            Check::new(AREA, "metrics", Level::Ok, format!("{a} (loopback)"))
+        }
+        Some(a) => Check::new(
+            AREA,
+            "metrics",
+            Level::Warn,
+            format!(
+                "{a}: containers reach the host's addresses; they would see what every job does"
+            ),
+        )
+        .fix("METAPROXY_METRICS=127.0.0.1:9169, or firewall the port from the Docker bridges"),
+    }
+}
