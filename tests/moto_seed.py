@@ -12,6 +12,9 @@ these conditions: the daemon's verification is what the tests put on
 trial). moto cannot serve an unsigned request (AssumeRoleWithWebIdentity)
 with auth on, so --oidc also leaves auth off.
 
+It also makes ci-untrusting, a role whose trust policy names another
+principal, for `metaproxy doctor` to find.
+
 Usage: python moto_seed.py ENDPOINT [--oidc ISSUER] ROLE [ROLE ...]
 """
 import json
@@ -62,6 +65,13 @@ def main():
                 "StringLike": {f"{host}:sub": "project_path:group/app:ref_type:branch:ref:main"},
             },
         })
+    iam.create_role(
+        RoleName="ci-untrusting",
+        AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:role/someone-else"}, "Action": "sts:AssumeRole"}],
+        }),
+    )
     for role in job_roles:
         iam.create_role(
             RoleName=role,

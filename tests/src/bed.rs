@@ -29,6 +29,8 @@ use crate::{
 pub const ROLE_DEPLOY: &str = "ci-deploy";
 pub const ROLE_BUILD: &str = "ci-build";
 pub const ROLE_OTHER: &str = "ci-other";
+/// A role moto knows whose trust policy does not name the instance role.
+pub const ROLE_UNTRUSTING: &str = "ci-untrusting";
 
 /// gitlab-runner's job label, which metaproxy requires of role containers.
 pub const JOB_ID_LABEL: &str = "com.gitlab.gitlab-runner.job.id";

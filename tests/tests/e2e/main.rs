@@ -7,6 +7,7 @@
 
 mod builds;
 mod container_credentials;
+mod doctor;
 mod limits;
 mod logs;
 mod metrics;

@@ -160,12 +160,19 @@ pub fn trust_check(
         );
     }
     let message = trial.message.clone().unwrap_or_default();
-    if trial.code.as_deref() != Some("AccessDenied") {
+    // STS's code; or, where the SDK could not read it (an error body of
+    // an unexpected content type), the code in the body itself.
+    let denied = trial.code.as_deref() == Some("AccessDenied")
+        || message.contains("<Code>AccessDenied</Code>");
+    if !denied {
         return Check::new(
             area,
             "trust policy",
             Level::Fail,
-            format!("AssumeRole {arn}: {message}"),
+            format!(
+                "AssumeRole {arn}: {}",
+                crate::model::job_token::shorten(&message, 300)
+            ),
         )
         .fix("check the role exists and STS is reachable from the instance");
     }

@@ -1,6 +1,7 @@
 //! Docker as it runs now: reachable, its cgroup driver and version,
 //! `userns-remap`, and the live containers that undo metaproxy's promise
-//! (privileged, or with the Docker socket) or whose `IAM_ROLE` only their
+//! (privileged, with the Docker socket, or with a capability over the
+//! network or BPF) or whose `IAM_ROLE` only their
 //! image set, each named.
 
 use std::time::Duration;
@@ -151,6 +152,29 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
             )
             .fix(format!(
                 "docker rm -f {name}, and find what started it privileged"
+            )),
+        );
+    }
+    let added: Vec<String> = host
+        .and_then(|h| h.cap_add.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase())
+        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
+        .collect();
+    if !added.is_empty() {
+        checks.push(
+            Check::new(
+                &area,
+                "cap_add",
+                Level::Fail,
+                format!(
+                    "cap_add {}: it can change its own network or BPF programs",
+                    added.join(", ")
+                ),
+            )
+            .fix(format!(
+                "docker rm -f {name}, and remove the capability from the runner's cap_add"
             )),
         );
     }

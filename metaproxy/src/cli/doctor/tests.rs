@@ -283,6 +283,10 @@ fn live_containers_that_undo_the_promise_are_named() {
             ),
             (
                 "container runner-abc123-project-42-concurrent-0-build",
+                "cap_add"
+            ),
+            (
+                "container runner-abc123-project-42-concurrent-0-build",
                 "docker socket"
             ),
             (
