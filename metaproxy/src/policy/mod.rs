@@ -7,6 +7,7 @@
 //! it is checked, never trusted.
 
 mod explain;
+mod facts;
 pub mod file;
 mod globs;
 
@@ -459,3 +460,5 @@ fn valid_role_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;
