@@ -11,6 +11,12 @@ pub(super) const COMPANIONS_NAMED: usize = 5;
 /// threads aside (they make no connects of their own). Unreadable: none
 /// (the kernel refuses nothing here to the daemon's capabilities).
 pub(super) fn cgroup_companions(own: &std::path::Path) -> Vec<(u32, String)> {
+    companions(own, std::process::id())
+}
+
+/// The other processes (pid, comm) than `me` in cgroup `own`, kernel
+/// threads aside (`metaproxy doctor` asks about the daemon's).
+pub fn companions(own: &std::path::Path, me: u32) -> Vec<(u32, String)> {
     let procs = match std::fs::read_to_string(own.join("cgroup.procs")) {
         Ok(procs) => procs,
         Err(e) => {
@@ -18,7 +24,7 @@ pub(super) fn cgroup_companions(own: &std::path::Path) -> Vec<(u32, String)> {
             return Vec::new();
         }
     };
-    others_in(&procs, std::process::id())
+    others_in(&procs, me)
         .into_iter()
         .filter_map(|pid| {
             // Gone meanwhile: not a companion.

@@ -45,7 +45,7 @@ use crate::{
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
 };
 
-mod host;
+pub mod host;
 mod status;
 mod tasks;
 

@@ -18,6 +18,8 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
         Err(e) => Check::new("host", "cgroup v2", Level::Fail, e.to_string())
             .fix("boot with the unified cgroup hierarchy (systemd.unified_cgroup_hierarchy=1)"),
     });
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    checks.push(bpffs_check(&mountinfo, pin_dir));
     checks.push(match probe::redirect_in_place(pin_dir) {
         Ok(Some(generation)) => Check::new(
             "host",
@@ -39,6 +41,73 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
             .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
     });
     checks
+}
+
+/// bpffs mounted where the pins go: without it nothing survives the
+/// daemon, and the redirect cannot fail closed.
+pub(super) fn bpffs_check(mountinfo: &str, pin_dir: &Path) -> Check {
+    let mounted = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("bpf") && pin_dir.starts_with(point))
+            .then(|| point.to_string())
+    });
+    match mounted {
+        Some(point) => Check::new("host", "bpffs", Level::Ok, format!("mounted at {point}")),
+        None => Check::new(
+            "host",
+            "bpffs",
+            Level::Fail,
+            format!(
+                "no bpf filesystem holds {}: the redirect cannot outlive the daemon",
+                pin_dir.display()
+            ),
+        )
+        .fix("mount -t bpf bpf /sys/fs/bpf (and add it to /etc/fstab)"),
+    }
+}
+
+/// The daemon's own cgroup must be its own: every process in it bypasses
+/// the redirect.
+pub(super) fn shared_cgroup_check(pid: u32) -> Check {
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+    let own = cgroup
+        .as_deref()
+        .and_then(metaproxy_common::mountinfo::own_cgroup2)
+        .map(str::to_string);
+    let (Some(own), Ok(mount)) = (own, cgroup::cgroup2_mount()) else {
+        return Check::new(
+            "host",
+            "own cgroup",
+            Level::Warn,
+            format!("cannot read pid {pid}'s cgroup"),
+        );
+    };
+    let dir = mount.join(own.trim_start_matches('/'));
+    let others = crate::daemon::host::companions(&dir, pid);
+    if others.is_empty() {
+        return Check::new(
+            "host",
+            "own cgroup",
+            Level::Ok,
+            format!("{own}: the daemon's alone"),
+        );
+    }
+    let named: Vec<String> = others
+        .iter()
+        .take(5)
+        .map(|(pid, comm)| format!("{comm} ({pid})"))
+        .collect();
+    Check::new(
+        "host",
+        "own cgroup",
+        Level::Fail,
+        format!(
+            "{own} also holds {}: they bypass the redirect and reach the real IMDS",
+            named.join(", ")
+        ),
+    )
+    .fix("run metaproxy under its systemd unit (a cgroup of its own)")
 }
 
 /// The io_uring releases whose bugs let a process bypass cgroup hooks.
@@ -83,15 +152,18 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
             )
         }
     };
-    let mut checks = vec![Check::new(
-        "host",
-        "daemon",
-        Level::Ok,
-        format!(
-            "running (pid {}, generation {})",
-            status.pid, status.generation
+    let mut checks = vec![
+        Check::new(
+            "host",
+            "daemon",
+            Level::Ok,
+            format!(
+                "running (pid {}, generation {})",
+                status.pid, status.generation
+            ),
         ),
-    )];
+        shared_cgroup_check(status.pid),
+    ];
     let unguarded: Vec<&str> = status
         .guard
         .routes

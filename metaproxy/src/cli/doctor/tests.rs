@@ -9,6 +9,17 @@ fn levels(checks: &[Check], check: &str) -> Vec<Level> {
 }
 
 #[test]
+fn the_pins_need_a_bpf_filesystem() {
+    let mountinfo = "25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw\n36 25 0:32 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:14 - bpf bpf rw,mode=700\n";
+    let pins = std::path::Path::new("/sys/fs/bpf/metaproxy");
+    assert_eq!(host::bpffs_check(mountinfo, pins).level, Level::Ok);
+    let none = "25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw\n";
+    let c = host::bpffs_check(none, pins);
+    assert_eq!(c.level, Level::Fail);
+    assert!(c.fix.unwrap().contains("mount -t bpf"));
+}
+
+#[test]
 fn io_uring_kernels_fail_and_others_pass() {
     for (release, level) in [
         ("5.10.0-1-amd64", Level::Fail),
