@@ -158,6 +158,22 @@ fn readiness_names_the_first_missing_step() {
 }
 
 #[test]
+fn with_id_tokens_readiness_waits_for_the_issuers_keys_and_required_tokens_need_no_credentials() {
+    let r = Readiness::default();
+    r.probe_attached();
+    r.guard(Arc::new(|| true));
+    r.listening();
+    r.docker(Arc::new(|| true));
+    let fetched = Arc::new(AtomicBool::new(false));
+    let keys = fetched.clone();
+    r.job_tokens(Arc::new(move || keys.load(Ordering::Relaxed)));
+    // --oidc-required: own_credentials is never asked for.
+    assert!(r.check().unwrap_err().contains("JWKS"));
+    fetched.store(true, Ordering::Relaxed);
+    assert_eq!(r.check(), Ok(()));
+}
+
+#[test]
 fn error_codes_are_bounded() {
     assert_eq!(sts_error_code(Some("AccessDenied")), "AccessDenied");
     assert_eq!(sts_error_code(Some("x\ny")), "other");
