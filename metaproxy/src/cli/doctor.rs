@@ -99,8 +99,28 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
 
 /// Every check, in the order the README lists them.
 async fn gather(args: &DoctorArgs) -> Vec<Check> {
-    let mut checks = host_checks(&args.pins.pin_dir).await;
-    let (daemon, status) = daemon_checks(&args.admin.admin_socket).await;
+    // metaproxy's settings first: where it pins and listens, unless the
+    // command line says otherwise.
+    let defaults = std::fs::read_to_string(&args.defaults).ok();
+    let (config, settings) =
+        settings::settings_checks(&args.defaults, defaults.as_deref(), &config::ThisHost);
+    let pin_dir = match &config {
+        Some(c) if args.pins.pin_dir == std::path::Path::new(crate::cli::DEFAULT_PIN_DIR) => {
+            c.pin_dir.clone()
+        }
+        _ => args.pins.pin_dir.clone(),
+    };
+    let admin_socket = match &config {
+        Some(c)
+            if args.admin.admin_socket
+                == std::path::Path::new(crate::cli::DEFAULT_ADMIN_SOCKET) =>
+        {
+            c.admin_socket.clone()
+        }
+        _ => args.admin.admin_socket.clone(),
+    };
+    let mut checks = host_checks(&pin_dir).await;
+    let (daemon, status) = daemon_checks(&admin_socket).await;
     checks.extend(daemon);
     if args.offline {
         // At AMI build time nothing runs yet: what only a running daemon
@@ -116,9 +136,6 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         }
     }
     checks.extend(systemd::systemd_checks());
-    let defaults = std::fs::read_to_string(&args.defaults).ok();
-    let (config, settings) =
-        settings::settings_checks(&args.defaults, defaults.as_deref(), &config::ThisHost);
     checks.extend(settings);
     checks.extend(docker::docker_checks(args.offline).await);
     let text = match std::fs::read_to_string(&args.runner_config) {
@@ -128,7 +145,12 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
                 Check::new(
                     "runner config",
                     "readable",
-                    Level::Fail,
+                    // Runners usually register when the instance boots.
+                    if args.offline {
+                        Level::Warn
+                    } else {
+                        Level::Fail
+                    },
                     format!("{}: {e}", args.runner_config.display()),
                 )
                 .fix("pass the runner's config with --runner-config FILE"),
@@ -147,16 +169,17 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
     };
     checks.extend(runner::runner_checks_in(&text, &context));
     let roles = runner::runner_roles(&text);
+    let Some(config) = &config else {
+        return checks;
+    };
     if args.offline {
+        checks.extend(aws::role_checks(&roles, config, None).0);
         checks.push(Check::new(
             "aws",
             "trust policies",
             Level::Skip,
             "--offline: identity and trust policies are not checked",
         ));
-        if let Some(config) = &config {
-            checks.extend(aws::role_checks(&roles, config, None).0);
-        }
         return checks;
     }
     let Some(status) = status else {
@@ -168,31 +191,45 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         ));
         return checks;
     };
-    checks.extend(aws::daemon_aws_checks(&status.aws));
-    let Some(config) = &config else {
-        return checks;
-    };
     let account = status.aws.account.as_deref().and_then(AccountId::parse);
     let (role_checks, to_try) = aws::role_checks(&roles, config, account.as_ref());
+    if config.oidc.as_ref().is_some_and(|o| o.required) {
+        // Jobs' roles are assumed with their own tokens: the instance role
+        // needs neither credentials nor a place in any trust policy.
+        checks.extend(role_checks);
+        checks.push(Check::new(
+            "aws",
+            "trust policies",
+            Level::Skip,
+            "--oidc-required: the roles must trust the GitLab instance's OIDC provider, which doctor does not try; the instance role needs no rights",
+        ));
+        return checks;
+    }
+    checks.extend(aws::daemon_aws_checks(&status.aws));
     checks.extend(role_checks);
-    let mut tried: Vec<(RoleArn, Trial)> = Vec::new();
-    for (area, arn) in to_try {
-        let trial = match tried.iter().find(|(a, _)| *a == arn) {
-            Some((_, t)) => t.clone(),
+    let mut tried: Vec<(RoleArn, Option<String>, Trial)> = Vec::new();
+    for (runner, arn) in to_try {
+        let external_id = runner.external_id.clone();
+        let known = tried
+            .iter()
+            .find(|(a, e, _)| *a == arn && *e == external_id)
+            .map(|(_, _, t)| t.clone());
+        let trial = match known {
+            Some(t) => t,
             None => {
-                let t = admin_client::try_role(&args.admin.admin_socket, arn.as_str())
+                let t = admin_client::try_role(&admin_socket, arn.as_str(), external_id.as_deref())
                     .await
                     .unwrap_or_else(|e| Trial {
                         ok: false,
                         code: None,
                         message: Some(format!("{e:#}")),
                     });
-                tried.push((arn.clone(), t.clone()));
+                tried.push((arn.clone(), external_id, t.clone()));
                 t
             }
         };
         checks.push(aws::trust_check(
-            &area,
+            &runner.area,
             &arn,
             &trial,
             status.aws.identity.as_deref(),

@@ -47,11 +47,15 @@ pub(super) struct RoleTrier {
 }
 
 impl RoleTrial for RoleTrier {
-    fn try_role<'a>(&'a self, arn: &'a RoleArn) -> futures_util::future::BoxFuture<'a, Trial> {
+    fn try_role<'a>(
+        &'a self,
+        arn: &'a RoleArn,
+        external_id: Option<&'a str>,
+    ) -> futures_util::future::BoxFuture<'a, Trial> {
         Box::pin(async move {
             let key = CredKey {
                 role_arn: arn.clone(),
-                external_id: None,
+                external_id: external_id.map(str::to_owned),
                 session_name: "metaproxy-doctor".into(),
                 session: Session {
                     tags: if self.session.tags.is_empty() {

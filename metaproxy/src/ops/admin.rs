@@ -72,7 +72,11 @@ pub struct Trial {
 /// Assumes a role for the shortest time and drops the credentials: does
 /// its trust policy let the daemon in?
 pub trait RoleTrial: Send + Sync + 'static {
-    fn try_role<'a>(&'a self, arn: &'a RoleArn) -> futures_util::future::BoxFuture<'a, Trial>;
+    fn try_role<'a>(
+        &'a self,
+        arn: &'a RoleArn,
+        external_id: Option<&'a str>,
+    ) -> futures_util::future::BoxFuture<'a, Trial>;
 }
 
 /// Where the packet guard is and what it dropped.
@@ -208,14 +212,26 @@ async fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Respo
         }
         "/v1/status" => json(&state.status.status()),
         "/v1/try-role" => {
-            let arn = req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("arn="))
-                    .and_then(|a| RoleArn::parse(a).ok())
+            let param = |name: &str| {
+                req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                })
+            };
+            let arn = param("arn").and_then(|a| RoleArn::parse(a).ok());
+            // STS's ExternalId characters only: no escaping to undo.
+            let external_id = param("external_id");
+            let valid = external_id.is_none_or(|e| {
+                (2..=1224).contains(&e.len())
+                    && e.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b))
             });
             match arn {
-                Some(arn) => json(&state.roles.try_role(&arn).await),
-                None => text(StatusCode::BAD_REQUEST, "arn=ROLE_ARN required\n"),
+                Some(arn) if valid => json(&state.roles.try_role(&arn, external_id).await),
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "arn=ROLE_ARN required (and external_id=ID, if any, as STS takes it)\n",
+                ),
             }
         }
         "/v1/explain" => {

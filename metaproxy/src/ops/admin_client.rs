@@ -61,9 +61,17 @@ pub async fn status(socket: &Path) -> anyhow::Result<crate::ops::admin::Status> 
 }
 
 /// A dry AssumeRole of `arn` by the daemon, with its own credentials.
-pub async fn try_role(socket: &Path, arn: &str) -> anyhow::Result<crate::ops::admin::Trial> {
+pub async fn try_role(
+    socket: &Path,
+    arn: &str,
+    external_id: Option<&str>,
+) -> anyhow::Result<crate::ops::admin::Trial> {
     let mut body = Vec::new();
-    get(socket, &format!("/v1/try-role?arn={arn}"), |chunk| {
+    let mut path = format!("/v1/try-role?arn={arn}");
+    if let Some(id) = external_id {
+        path.push_str(&format!("&external_id={id}"));
+    }
+    get(socket, &path, |chunk| {
         body.extend_from_slice(chunk);
         Ok(())
     })

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::{Check, Level};
+use super::{runner::RunnerRole, Check, Level};
 use crate::{
     cli::config::RunConfig,
     model::ids::{AccountId, RoleArn},
@@ -76,10 +76,10 @@ fn role_of(area: &str, value: &str, account: Option<&AccountId>) -> Result<Optio
 /// Whether metaproxy's allow-list and policy file admit each runner's role;
 /// the roles worth a dry AssumeRole come back with their runners.
 pub fn role_checks(
-    roles: &[(String, String)],
+    roles: &[RunnerRole],
     config: &RunConfig,
     account: Option<&AccountId>,
-) -> (Vec<Check>, Vec<(String, RoleArn)>) {
+) -> (Vec<Check>, Vec<(RunnerRole, RoleArn)>) {
     let lock = Arc::new(OnceLock::new());
     if let Some(a) = account {
         let _ = lock.set(a.clone());
@@ -91,7 +91,8 @@ pub fn role_checks(
         .and_then(|p| PolicyFile::load(p).ok());
     let mut checks = Vec::new();
     let mut to_try = Vec::new();
-    for (area, value) in roles {
+    for runner in roles {
+        let (area, value) = (&runner.area, &runner.role);
         let arn = match role_of(area, value, account) {
             Ok(Some(arn)) => arn,
             Ok(None) => {
@@ -108,7 +109,12 @@ pub fn role_checks(
                 continue;
             }
         };
-        let admitted = policy.as_ref().map(|p| p.admits(&arn));
+        // Without --allow-role, roles of the instance's account are
+        // allowed: unknown offline, so not judged.
+        let admitted = policy
+            .as_ref()
+            .filter(|_| !config.allow_role.is_empty() || account.is_some())
+            .map(|p| p.admits(&arn));
         let check = match (admitted, &file) {
             (Some(Err(refusal)), _) => Check::new(
                 area,
@@ -132,7 +138,7 @@ pub fn role_checks(
                 "add a [[rule]] (or the runner's [[runner]] roles) for {arn}"
             )),
             _ => {
-                to_try.push((area.clone(), arn.clone()));
+                to_try.push((runner.clone(), arn.clone()));
                 Check::new(area, "role", Level::Ok, format!("{arn} is allowed"))
             }
         };

@@ -21,6 +21,15 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sockets that give a container the host's container runtime.
 const SOCKETS: [&str; 3] = ["docker.sock", "containerd.sock", "buildkitd.sock"];
+/// Host directories that hold one.
+const RUNTIME_DIRS: [&str; 6] = [
+    "/var/run",
+    "/run",
+    "/var/run/docker",
+    "/run/docker",
+    "/var/run/containerd",
+    "/run/containerd",
+];
 
 pub async fn docker_checks(offline: bool) -> Vec<Check> {
     let unreachable = |e: String| {
@@ -159,7 +168,10 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
         .and_then(|h| h.cap_add.clone())
         .unwrap_or_default()
         .into_iter()
-        .map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase())
+        .map(|c| {
+            let c = c.to_ascii_uppercase();
+            c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
+        })
         .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
         .collect();
     if !added.is_empty() {
@@ -178,15 +190,19 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
             )),
         );
     }
-    let mounted: Vec<String> = c
+    let mut mounted: Vec<String> = c
         .mounts
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .flat_map(|m| [m.source.clone(), m.destination.clone()])
-        .flatten()
-        .filter(|p| SOCKETS.iter().any(|s| p.ends_with(s)))
+        .filter_map(|m| m.source.clone())
+        .filter(|p| {
+            SOCKETS.iter().any(|s| p.ends_with(s))
+                || RUNTIME_DIRS.contains(&p.trim_end_matches('/'))
+                || p == "/"
+        })
         .collect();
+    mounted.dedup();
     if !mounted.is_empty() {
         checks.push(
             Check::new(
@@ -200,6 +216,24 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
             )
             .fix(format!("docker rm -f {name}, and remove the socket from the runner's volumes")),
         );
+    }
+    // Only jobs are the adversary: a privileged or socket-holding container
+    // that is no job's (gitlab-runner itself, a host service) is named,
+    // not failed.
+    let job = c
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.as_ref())
+        .is_some_and(|l| l.contains_key(crate::model::gitlab::JOB_LABEL));
+    if !job {
+        for check in &mut checks {
+            check.level = Level::Warn;
+            check.found = format!(
+                "not a job container (no gitlab-runner job label): {}",
+                check.found
+            );
+            check.fix = Some("make sure no job can reach it".into());
+        }
     }
     let env = c
         .config

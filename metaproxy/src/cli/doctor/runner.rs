@@ -24,9 +24,17 @@ pub fn runner_checks(text: &str) -> Vec<Check> {
     runner_checks_in(text, &Context::default())
 }
 
-/// `IAM_ROLE` of each Docker-based runner (its area and the value), as
-/// the runner sets it in its own `environment`.
-pub fn runner_roles(text: &str) -> Vec<(String, String)> {
+/// A runner's role, as it sets it in its own `environment`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRole {
+    pub area: String,
+    /// `IAM_ROLE`: a name, an ARN, or empty for none.
+    pub role: String,
+    pub external_id: Option<String>,
+}
+
+/// `IAM_ROLE` (and `IAM_EXTERNAL_ID`) of each Docker-based runner.
+pub fn runner_roles(text: &str) -> Vec<RunnerRole> {
     let Ok(config) = text.parse::<toml::Table>() else {
         return Vec::new();
     };
@@ -40,10 +48,17 @@ pub fn runner_roles(text: &str) -> Vec<(String, String)> {
         .enumerate()
         .filter(|(_, r)| DOCKER_EXECUTORS.contains(&executor(r)))
         .filter_map(|(i, r)| {
-            let role = strings(r.get("environment"))
-                .into_iter()
-                .find_map(|e| e.strip_prefix("IAM_ROLE="))?;
-            Some((area(i, r), role.to_string()))
+            let env = strings(r.get("environment"));
+            let get = |key: &str| {
+                env.iter()
+                    .find_map(|e| e.strip_prefix(key))
+                    .map(str::to_string)
+            };
+            Some(RunnerRole {
+                area: area(i, r),
+                role: get("IAM_ROLE=")?,
+                external_id: get("IAM_EXTERNAL_ID=").filter(|e| !e.is_empty()),
+            })
         })
         .collect()
 }
@@ -141,20 +156,36 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
             .and_then(toml::Value::as_bool)
             .unwrap_or(false)
     };
-    checks.push(if flag("privileged") {
+    // gitlab-runner honours services_privileged apart from privileged.
+    let privileged: Vec<&str> = ["privileged", "services_privileged"]
+        .into_iter()
+        .filter(|k| flag(k))
+        .collect();
+    checks.push(if privileged.is_empty() {
+        Check::new(&area, "privileged", Level::Ok, "not privileged")
+    } else {
         Check::new(
             &area,
             "privileged",
             Level::Fail,
-            "privileged = true: a job can detach the probe",
+            format!(
+                "{} = true: a job can detach the probe",
+                privileged.join(" and ")
+            ),
         )
-        .fix("privileged = false in [runners.docker]")
-    } else {
-        Check::new(&area, "privileged", Level::Ok, "not privileged")
+        .fix(format!(
+            "{} = false in [runners.docker]",
+            privileged.join(" = false and ")
+        ))
     });
+    let daemon_socket = docker
+        .and_then(|d| d.get("host"))
+        .and_then(toml::Value::as_str)
+        .and_then(|h| h.strip_prefix("unix://"))
+        .map(str::to_string);
     let sockets: Vec<&str> = strings(docker.and_then(|d| d.get("volumes")))
         .into_iter()
-        .filter(|v| v.contains("docker.sock") || v.contains("containerd.sock"))
+        .filter(|v| gives_runtime(v, daemon_socket.as_deref()))
         .collect();
     checks.push(if sockets.is_empty() {
         Check::new(&area, "docker socket", Level::Ok, "not mounted")
@@ -187,7 +218,10 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     });
     let upper = |v: Vec<&str>| -> Vec<String> {
         v.into_iter()
-            .map(|c| c.trim().trim_start_matches("CAP_").to_ascii_uppercase())
+            .map(|c| {
+                let c = c.trim().to_ascii_uppercase();
+                c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
+            })
             .collect()
     };
     let dropped = upper(strings(docker.and_then(|d| d.get("cap_drop"))));
@@ -234,6 +268,33 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     checks
 }
 
+/// Host directories that hold a container runtime's socket.
+const RUNTIME_DIRS: [&str; 7] = [
+    "/",
+    "/var/run",
+    "/run",
+    "/var/run/docker",
+    "/run/docker",
+    "/var/run/containerd",
+    "/run/containerd",
+];
+
+/// Whether a volume (`HOST:CONTAINER[:OPTS]`) hands the job a container
+/// runtime's socket: the socket itself, the directory
+/// that holds it, or the path `[runners.docker] host` names.
+pub fn gives_runtime(volume: &str, daemon_socket: Option<&str>) -> bool {
+    // A bare path is a volume of the container's own, not the host's.
+    let Some((source, _)) = volume.split_once(':') else {
+        return false;
+    };
+    let source = source.trim_end_matches('/');
+    let source = if source.is_empty() { "/" } else { source };
+    let sockets = ["docker.sock", "containerd.sock", "buildkitd.sock"];
+    sockets.iter().any(|s| source.ends_with(s))
+        || RUNTIME_DIRS.contains(&source)
+        || daemon_socket.is_some_and(|d| d == source || d.starts_with(&format!("{source}/")))
+}
+
 /// `AWS_CONTAINER_CREDENTIALS_*` in the runner's environment must point at
 /// an endpoint metaproxy serves, at its path: SDKs try that endpoint before
 /// IMDS and stop at its error.
@@ -264,6 +325,17 @@ fn container_credentials_check(area: &str, r: &toml::Value, addrs: &[IpAddr], pa
         (Some(IpAddr::from([169, 254, 170, 2])), relative.to_string())
     } else if let Some(full) = value("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
         let uri: Option<hyper::Uri> = full.parse().ok();
+        // metaproxy serves plain http on port 80.
+        let plain = uri.as_ref().is_some_and(|u| {
+            u.scheme_str() == Some("http") && u.port_u16().is_none_or(|p| p == 80)
+        });
+        if !plain {
+            return check(
+                Level::Fail,
+                format!("AWS_CONTAINER_CREDENTIALS_FULL_URI {full:?}: metaproxy serves plain http on port 80 only"),
+            )
+            .fix(format!("use http://169.254.170.23{path}"));
+        }
         let host = uri
             .as_ref()
             .and_then(|u| u.host())

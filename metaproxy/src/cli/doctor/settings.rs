@@ -9,13 +9,17 @@ use std::{net::SocketAddr, path::Path};
 
 use clap::{ArgAction, CommandFactory as _, Parser as _};
 
+use std::sync::{Arc, OnceLock};
+
 use super::{Check, Level};
 use crate::{
     cli::{
         config::{self, Host, RunConfig},
         Cli, Command,
     },
+    model::ids::{AccountId, RoleArn},
     policy::file::PolicyFile,
+    policy::Policy,
 };
 
 const AREA: &str = "metaproxy";
@@ -39,15 +43,21 @@ pub fn environment_file(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Variables the daemon reads that are no flag's.
+const NOT_FLAGS: [&str; 2] = ["METAPROXY_LOG", "METAPROXY_GUARD_TC"];
+
 /// The `metaproxy run` flags `vars` stand for (each flag's `METAPROXY_*`
-/// variable), and the `METAPROXY_*` variables that are no flag's.
-pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+/// variable), the `METAPROXY_*` variables that are no flag's, and the
+/// values `run` would not take (a switch is `true` or `false`, exactly as
+/// clap parses it).
+pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>, Vec<String>) {
     let cli = Cli::command();
     let Some(run) = cli.find_subcommand("run") else {
-        return (Vec::new(), Vec::new());
+        return (Vec::new(), Vec::new(), Vec::new());
     };
     let mut flags = Vec::new();
-    let mut known = Vec::new();
+    let mut bad = Vec::new();
+    let mut known: Vec<String> = NOT_FLAGS.iter().map(|v| v.to_string()).collect();
     for arg in run.get_arguments() {
         let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
             continue;
@@ -58,11 +68,12 @@ pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>) {
             continue;
         };
         if matches!(arg.get_action(), ArgAction::SetTrue) {
-            if matches!(
-                value.to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            ) {
-                flags.push(format!("--{long}"));
+            // As clap parses a switch's variable (its BoolValueParser):
+            // exactly `true` or `false`, anything else refused.
+            match value.as_str() {
+                "true" => flags.push(format!("--{long}")),
+                "false" => {}
+                _ => bad.push(format!("{env}={value}")),
             }
         } else {
             flags.push(format!("--{long}={value}"));
@@ -74,7 +85,7 @@ pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>) {
         .filter(|k| k.starts_with("METAPROXY_") && !known.contains(k))
         .cloned()
         .collect();
-    (flags, unknown)
+    (flags, unknown, bad)
 }
 
 /// The configuration the unit would start with, and the checks of it.
@@ -85,7 +96,23 @@ pub fn settings_checks(
 ) -> (Option<RunConfig>, Vec<Check>) {
     let mut checks = Vec::new();
     let vars = text.map(environment_file).unwrap_or_default();
-    let (flags, unknown) = run_flags(&vars);
+    let (flags, unknown, bad) = run_flags(&vars);
+    if !bad.is_empty() {
+        checks.push(
+            Check::new(
+                AREA,
+                "flags",
+                Level::Fail,
+                format!(
+                    "{}: {}: metaproxy would refuse to start (a switch is true or false)",
+                    path.display(),
+                    bad.join(", ")
+                ),
+            )
+            .fix(format!("write true or false in {}", path.display())),
+        );
+        return (None, checks);
+    }
     if !unknown.is_empty() {
         checks.push(
             Check::new(
@@ -226,9 +253,23 @@ pub fn allow_role_check(patterns: &[String]) -> Check {
         )
         .fix("write each as arn:aws:iam::123456789012:role/PREFIX-*");
     }
+    // Whatever the glob's shape: does it admit roles no admin names on
+    // purpose?
     let whole: Vec<&String> = patterns
         .iter()
-        .filter(|p| p.ends_with(":role/*") || p.ends_with(":role/**") || p.ends_with(":*"))
+        .filter(|p| {
+            let Some(account) = account_of(p) else {
+                return false;
+            };
+            let Ok(policy) = Policy::new(&[p.to_string()], &[], Arc::new(OnceLock::new())) else {
+                return false;
+            };
+            ["zz-metaproxy-doctor", "zz/metaproxy/doctor", "admin"]
+                .iter()
+                .filter_map(|name| AccountId::parse(&account).map(|a| (name, a)))
+                .filter_map(|(name, a)| RoleArn::from_name(name, &a).ok())
+                .any(|arn| policy.admits(&arn).is_ok())
+        })
         .collect();
     if !whole.is_empty() {
         return Check::new(

@@ -57,7 +57,7 @@ pub fn systemd_checks() -> Vec<Check> {
 /// `systemctl is-enabled metaproxy.service`'s answer.
 pub fn enabled_check(state: &str) -> Check {
     match state {
-        "enabled" | "enabled-runtime" | "static" | "indirect" | "alias" => {
+        "enabled" | "static" | "indirect" | "alias" => {
             Check::new(AREA, "metaproxy.service", Level::Ok, state.to_string())
         }
         other => Check::new(
@@ -83,18 +83,23 @@ pub fn ordering_checks(show: &str) -> Vec<Check> {
     show.split("\n\n")
         .filter(|b| !b.trim().is_empty())
         .map(|block| {
-            let field = |name: &str| {
+            let fields = |name: &str| -> Vec<&str> {
                 block
                     .lines()
-                    .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-                    .unwrap_or("")
+                    .filter_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                    .collect()
             };
+            let field = |name: &str| fields(name).first().copied().unwrap_or("");
             let unit = field("Id");
             if field("LoadState") == "not-found" {
                 return Check::new(AREA, "ordering", Level::Skip, format!("{unit}: not installed"));
             }
             let after = field("After").split_whitespace().any(|u| u == "metaproxy.service");
-            let waits = field("ExecStartPre").contains("metaproxy status --redirect");
+            // The gate must stop the unit when the redirect is missing: one
+            // whose errors are ignored waits for nothing.
+            let waits = fields("ExecStartPre").iter().any(|cmd| {
+                cmd.contains("metaproxy status --redirect") && !cmd.contains("ignore_errors=yes")
+            });
             match (after, waits) {
                 (true, true) => Check::new(
                     AREA,
@@ -105,9 +110,12 @@ pub fn ordering_checks(show: &str) -> Vec<Check> {
                 (true, false) => Check::new(
                     AREA,
                     "ordering",
-                    Level::Ok,
-                    format!("{unit} starts after metaproxy.service"),
-                ),
+                    Level::Warn,
+                    format!("{unit} starts after metaproxy.service but not only once the redirect exists: if metaproxy fails to start, it starts anyway"),
+                )
+                .fix(format!(
+                    "add ExecStartPre=/usr/bin/metaproxy status --redirect to {unit}.d/metaproxy.conf (the .deb's drop-in has it)"
+                )),
                 (false, _) => Check::new(
                     AREA,
                     "ordering",

@@ -233,8 +233,12 @@ fn the_documented_configs_give_exactly_their_findings() {
     let slices = runner::runner_checks_in(fixture("careless"), &elsewhere);
     assert!(failed(&slices).contains(&("runner slots-outside".to_string(), "slot cgroups")));
     // The roles doctor checks with AWS: the runners' own IAM_ROLE only.
+    let roles: Vec<(String, String)> = runner::runner_roles(fixture("careless"))
+        .into_iter()
+        .map(|r| (r.area, r.role))
+        .collect();
     assert_eq!(
-        runner::runner_roles(fixture("careless")),
+        roles,
         [
             ("runner socket".to_string(), "ci-build".to_string()),
             ("runner slots-outside".to_string(), String::new()),
@@ -261,7 +265,7 @@ fn units_that_start_containers_must_come_after_metaproxy() {
             .collect::<Vec<_>>(),
         [
             (Level::Fail, "docker.service"),
-            (Level::Ok, "containerd.service"),
+            (Level::Warn, "containerd.service"),
             (Level::Fail, "gitlab-runner.service"),
         ]
     );
@@ -272,6 +276,11 @@ fn units_that_start_containers_must_come_after_metaproxy() {
         .contains("docker.service.d/metaproxy.conf"));
     assert_eq!(systemd::enabled_check("enabled").level, Level::Ok);
     assert_eq!(systemd::enabled_check("disabled").level, Level::Fail);
+    // Enabled for this boot only: gone after the AMI's reboot.
+    assert_eq!(systemd::enabled_check("enabled-runtime").level, Level::Fail);
+    // A gate whose failure is ignored waits for nothing.
+    let ignored = "Id=docker.service\nLoadState=loaded\nAfter=metaproxy.service\nExecStartPre={ path=/usr/bin/metaproxy ; argv[]=/usr/bin/metaproxy status --redirect ; ignore_errors=yes ; start_time=[n/a] }\n";
+    assert_eq!(systemd::ordering_checks(ignored)[0].level, Level::Warn);
     assert_eq!(systemd::enabled_check("").level, Level::Fail);
 }
 
@@ -324,7 +333,8 @@ fn the_units_settings_become_the_flags_run_would_check() {
     let text = "# metaproxy\nMETAPROXY_ALLOW_ROLE=\"arn:aws:iam::123456789012:role/ci-*\"\n\nMETAPROXY_SESSION_TAGS=true\nMETAPROXY_SOURCE_IDENTITY=false\nMETAPROXY_TYPO=1\n; comment\n";
     let vars = settings::environment_file(text);
     assert_eq!(vars[0].1, "arn:aws:iam::123456789012:role/ci-*");
-    let (flags, unknown) = settings::run_flags(&vars);
+    let (flags, unknown, bad) = settings::run_flags(&vars);
+    assert!(bad.is_empty());
     assert_eq!(
         flags,
         [
@@ -372,6 +382,11 @@ fn an_allow_list_wider_than_the_account_fails() {
     assert_eq!(check(&["*"]), Level::Fail);
     assert_eq!(check(&["arn:aws:iam::1234*:role/ci"]), Level::Fail);
     assert_eq!(check(&["arn:aws:iam::123456789012:role/*"]), Level::Warn);
+    // Whatever its shape, a glob that admits any role of the account.
+    assert_eq!(check(&["arn:aws:iam::123456789012:role/**"]), Level::Warn);
+    assert_eq!(check(&["arn:aws:iam::123456789012:role/?*"]), Level::Warn);
+    // `*` never crosses a `/`: this one admits no role at all.
+    assert_eq!(check(&["arn:aws:iam::123456789012:role*"]), Level::Ok);
     assert_eq!(
         settings::metrics_check(Some("127.0.0.1:9169".parse().unwrap())).level,
         Level::Ok
@@ -412,4 +427,62 @@ fn a_trust_policy_that_refuses_the_instance_role_names_the_statement_to_add() {
         Level::Ok
     );
     assert_eq!(aws::instance_role_arn("arn:aws:iam::1:user/x"), None);
+}
+
+#[test]
+fn sockets_directories_and_capabilities_are_read_as_docker_reads_them() {
+    for (volume, host, gives) in [
+        ("/var/run/docker.sock:/var/run/docker.sock:ro", None, true),
+        ("/var/run:/host/var/run", None, true),
+        ("/run/:/run", None, true),
+        ("/:/host:ro", None, true),
+        (
+            "/srv/docker/d.sock:/d.sock",
+            Some("/srv/docker/d.sock"),
+            true,
+        ),
+        ("/srv/docker:/srv/docker", Some("/srv/docker/d.sock"), true),
+        ("/cache", None, false),
+        ("/var/run/docker.sock", None, false),
+        ("cache-volume:/cache", None, false),
+        ("/builds:/builds", None, false),
+    ] {
+        assert_eq!(runner::gives_runtime(volume, host), gives, "{volume}");
+    }
+    let checks = runner_checks(
+        r#"
+[[runners]]
+  name = "lower"
+  executor = "docker"
+  environment = ["IAM_ROLE="]
+  [runners.docker]
+    host = "unix:///srv/docker/d.sock"
+    services_privileged = true
+    cap_drop = ["cap_net_raw"]
+    cap_add = ["cap_sys_admin"]
+    volumes = ["/srv/docker:/srv/docker"]
+"#,
+    );
+    assert_eq!(levels(&checks, "cap_drop"), [Level::Ok]);
+    assert_eq!(levels(&checks, "cap_add"), [Level::Fail]);
+    assert_eq!(levels(&checks, "privileged"), [Level::Fail]);
+    assert_eq!(levels(&checks, "docker socket"), [Level::Fail]);
+    // metaproxy serves plain http on port 80 only.
+    let https = runner::runner_checks_in(
+        "[[runners]]\nname = \"tls\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\", \"AWS_CONTAINER_CREDENTIALS_FULL_URI=https://169.254.170.23/v1/credentials\"]\n",
+        &served(),
+    );
+    assert_eq!(levels(&https, "container credentials"), [Level::Fail]);
+}
+
+#[test]
+fn a_container_that_is_no_jobs_is_named_not_failed() {
+    let mut careless: bollard::models::ContainerInspectResponse =
+        serde_json::from_str(include_str!("testdata/inspect-careless.json")).unwrap();
+    if let Some(config) = careless.config.as_mut() {
+        config.labels = None;
+    }
+    let found = docker::container_checks(&careless, &[]);
+    assert!(!found.is_empty());
+    assert!(found.iter().all(|c| c.level == Level::Warn), "{found:#?}");
 }
