@@ -102,8 +102,12 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
     // metaproxy's settings first: where it pins and listens, unless the
     // command line says otherwise.
     let defaults = std::fs::read_to_string(&args.defaults).ok();
-    let (config, settings) =
-        settings::settings_checks(&args.defaults, defaults.as_deref(), &config::ThisHost);
+    let (config, settings) = settings::settings_checks(
+        &args.defaults,
+        defaults.as_deref(),
+        settings::this_unit().as_ref(),
+        &config::ThisHost,
+    );
     let pin_dir = match &config {
         Some(c) if args.pins.pin_dir == std::path::Path::new(crate::cli::DEFAULT_PIN_DIR) => {
             c.pin_dir.clone()

@@ -88,15 +88,73 @@ pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>, Vec<St
     (flags, unknown, bad)
 }
 
+/// What the unit adds to the file: its `Environment=` (which the file
+/// overrides, as systemd applies `EnvironmentFile=` after it) and the
+/// arguments its `ExecStart` gives `metaproxy run` (which override both).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unit {
+    pub environment: Vec<(String, String)>,
+    pub args: Vec<String>,
+}
+
+/// The unit as `systemctl show -p Environment,ExecStart metaproxy.service`
+/// prints it. `None` where it cannot be read (no systemd running).
+pub fn unit(show: &str) -> Option<Unit> {
+    let mut unit = Unit::default();
+    let mut seen = false;
+    for line in show.lines() {
+        if let Some(env) = line.strip_prefix("Environment=") {
+            seen = true;
+            unit.environment = env
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect();
+        } else if let Some(exec) = line.strip_prefix("ExecStart=") {
+            seen = true;
+            let argv = exec
+                .split(" ; ")
+                .find_map(|part| part.trim_start_matches("{ ").strip_prefix("argv[]="))
+                .unwrap_or("");
+            let mut words = argv.split_whitespace().skip(1);
+            if words.next() == Some("run") {
+                unit.args = words.map(str::to_string).collect();
+            }
+        }
+    }
+    seen.then_some(unit)
+}
+
+/// The unit of this host, from systemd.
+pub fn this_unit() -> Option<Unit> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "-p", "Environment,ExecStart", "metaproxy.service"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    unit(&String::from_utf8_lossy(&out.stdout))
+}
+
 /// The configuration the unit would start with, and the checks of it.
 pub fn settings_checks(
     path: &Path,
     text: Option<&str>,
+    unit: Option<&Unit>,
     host: &dyn Host,
 ) -> (Option<RunConfig>, Vec<Check>) {
     let mut checks = Vec::new();
-    let vars = text.map(environment_file).unwrap_or_default();
-    let (flags, unknown, bad) = run_flags(&vars);
+    let mut vars: Vec<(String, String)> = unit.map(|u| u.environment.clone()).unwrap_or_default();
+    vars.extend(text.map(environment_file).unwrap_or_default());
+    let (mut flags, unknown, bad) = run_flags(&vars);
+    // As clap does: a flag on the command line wins over its variable.
+    let unit_args = unit.map(|u| u.args.clone()).unwrap_or_default();
+    let name = |f: &str| {
+        f.strip_prefix("--")
+            .map(|f| f.split('=').next().unwrap_or(f).to_string())
+    };
+    let given: Vec<String> = unit_args.iter().filter_map(|a| name(a)).collect();
+    flags.retain(|f| name(f).is_none_or(|n| !given.contains(&n)));
+    flags.extend(unit_args);
     if !bad.is_empty() {
         checks.push(
             Check::new(

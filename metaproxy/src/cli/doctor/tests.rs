@@ -350,12 +350,12 @@ fn the_units_settings_become_the_flags_run_would_check() {
         }
     }
     let path = std::path::Path::new("/etc/default/metaproxy");
-    let (config, checks) = settings::settings_checks(path, Some(text), &Linux);
+    let (config, checks) = settings::settings_checks(path, Some(text), None, &Linux);
     assert!(config.is_some());
     assert_eq!(levels(&checks, "settings"), [Level::Warn]);
     assert_eq!(levels(&checks, "flags"), [Level::Ok]);
     // No allow-list at all: run would refuse, and doctor says so.
-    let (config, checks) = settings::settings_checks(path, None, &Linux);
+    let (config, checks) = settings::settings_checks(path, None, None, &Linux);
     assert!(config.is_none());
     let flags = checks.iter().find(|c| c.check == "flags").unwrap();
     assert_eq!(flags.level, Level::Fail);
@@ -364,11 +364,60 @@ fn the_units_settings_become_the_flags_run_would_check() {
     let (_, checks) = settings::settings_checks(
         path,
         Some("METAPROXY_ALLOW_ROLE=arn:aws:iam::123456789012:role/ci-*\nMETAPROXY_LISTEN=169.254.170.254:40000\n"),
+        None,
         &Linux,
     );
     assert!(checks
         .iter()
         .any(|c| c.check == "flags" && c.found.contains("ephemeral")));
+    // A switch is `true` or `false`, as clap takes it: `1` stops the unit.
+    let (_, checks) = settings::settings_checks(
+        path,
+        Some(
+            "METAPROXY_ALLOW_ROLE=arn:aws:iam::123456789012:role/ci-*\nMETAPROXY_SESSION_TAGS=1\n",
+        ),
+        None,
+        &Linux,
+    );
+    let flags = checks.iter().find(|c| c.check == "flags").unwrap();
+    assert_eq!(flags.level, Level::Fail);
+    assert!(
+        flags.found.contains("METAPROXY_SESSION_TAGS=1"),
+        "{flags:?}"
+    );
+    // Variables the daemon reads that are no flag's are no typo.
+    let (_, unknown, _) = settings::run_flags(&settings::environment_file(
+        "METAPROXY_LOG=debug\nMETAPROXY_GUARD_TC=netlink\n",
+    ));
+    assert!(unknown.is_empty(), "{unknown:?}");
+}
+
+#[test]
+fn the_units_own_environment_and_arguments_count_too() {
+    let show = "Environment=METAPROXY_METRICS=0.0.0.0:9169 METAPROXY_ALLOW_ROLE=arn:aws:iam::123456789012:role/x\nExecStart={ path=/usr/bin/metaproxy ; argv[]=/usr/bin/metaproxy run --allow-role arn:aws:iam::*:role/ci-* ; ignore_errors=no ; start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }\n";
+    let unit = settings::unit(show).unwrap();
+    assert_eq!(unit.args, ["--allow-role", "arn:aws:iam::*:role/ci-*"]);
+    assert_eq!(unit.environment.len(), 2);
+    struct Linux;
+    impl config::Host for Linux {
+        fn ephemeral_ports(&self) -> std::io::Result<config::EphemeralPorts> {
+            Ok(config::EphemeralPorts::parse("32768 60999", "").unwrap())
+        }
+    }
+    let path = std::path::Path::new("/etc/default/metaproxy");
+    // The file overrides the unit's Environment=; ExecStart's arguments
+    // override both.
+    let (config, checks) = settings::settings_checks(
+        path,
+        Some("METAPROXY_METRICS=127.0.0.1:9169\n"),
+        Some(&unit),
+        &Linux,
+    );
+    let config = config.unwrap();
+    assert_eq!(config.metrics, Some("127.0.0.1:9169".parse().unwrap()));
+    assert_eq!(config.allow_role, ["arn:aws:iam::*:role/ci-*"]);
+    assert_eq!(levels(&checks, "allow-role"), [Level::Fail]);
+    assert_eq!(settings::unit(""), None);
 }
 
 #[test]
