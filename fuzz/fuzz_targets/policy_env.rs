@@ -1,4 +1,4 @@
-//! `Policy::decide`: the role a container gets from its environment.
+//! `Policy::decide_for`: the role a container gets from its environment.
 //!
 //! Input: the container's `Config.Env`, one `KEY=VALUE` per line, then
 //! optionally a 0x00 byte and the image's own `ENV` lines, then optionally
@@ -20,6 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use metaproxy::{
     model::container::Container,
     model::ids::{AccountId, ContainerId},
+    model::job_token::TokenState,
     policy::{Policy, RoleDecision},
     policy::file::PolicyFile,
 };
@@ -90,8 +91,14 @@ fuzz_target!(|data: &[u8]| {
         cgroup: None,
     };
     let policy = policy();
-    let decision = policy.decide(&container);
-    assert_eq!(decision, policy.decide(&container), "not deterministic");
+    // No ID token (the runner's facts decide); the token path has its own
+    // unit tests.
+    let decision = policy.decide_for(&container, &TokenState::Absent);
+    assert_eq!(
+        decision,
+        policy.decide_for(&container, &TokenState::Absent),
+        "not deterministic"
+    );
     let RoleDecision::Role(role) = decision else {
         return;
     };
