@@ -46,7 +46,8 @@ impl Imdsv1Gate {
         }
     }
 
-    /// Whether the instance requires IMDSv2 tokens, as last measured.
+    /// Whether the instance requires IMDSv2 tokens, as last measured
+    /// (mirror mode only).
     pub fn instance_requires_tokens(&self) -> Option<bool> {
         self.measured
             .load(Ordering::Relaxed)
@@ -65,16 +66,19 @@ impl Imdsv1Gate {
         }
     }
 
-    /// Asks the instance once. Only mirror mode follows the answer; every
-    /// mode keeps it for `metaproxy doctor`.
+    /// Asks the instance once (mirror mode only: the other modes never
+    /// contact it).
     pub async fn check(&self, upstream: &dyn Upstream) {
+        if self.mode != Imdsv1Mode::Mirror {
+            return;
+        }
         match upstream.requires_tokens().await {
             Ok(required) => {
                 let was = self
                     .instance_requires_tokens
                     .swap(required, Ordering::Relaxed);
-                let first = !self.measured.swap(true, Ordering::Relaxed);
-                if self.mode == Imdsv1Mode::Mirror && (was != required || first) {
+                self.measured.store(true, Ordering::Relaxed);
+                if was != required {
                     tracing::info!(
                         instance_requires_imdsv2 = required,
                         "containers' IMDSv1 now mirrors the instance"

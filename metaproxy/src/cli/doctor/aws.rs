@@ -41,8 +41,8 @@ pub fn daemon_aws_checks(aws: &AwsStatus) -> Vec<Check> {
         None => Check::new(
             AREA,
             "IMDS mode",
-            Level::Warn,
-            "not measured yet: the daemon has not heard from the instance's IMDS",
+            Level::Skip,
+            "not measured: the daemon asks the instance only with --imdsv1 mirror (the default), and has not heard from it yet if it is",
         ),
     };
     vec![identity, imds]
