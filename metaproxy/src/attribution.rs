@@ -20,7 +20,6 @@ use crate::{
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
     model::ids::CgroupId,
-    ops::logging::error_chain,
 };
 
 /// Where the kernel's connection records come from: the probe's pinned
@@ -31,7 +30,8 @@ pub trait RecordSource: Send + Sync + 'static {
 
 impl RecordSource for Probe {
     fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
-        Probe::lookup(self, pair).map_err(|e| error_chain(&e))
+        // The error and its causes on one line.
+        Probe::lookup(self, pair).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
     }
 }
 

@@ -11,54 +11,7 @@ pub(super) const COMPANIONS_NAMED: usize = 5;
 /// threads aside (they make no connects of their own). Unreadable: none
 /// (the kernel refuses nothing here to the daemon's capabilities).
 pub(super) fn cgroup_companions(own: &std::path::Path) -> Vec<(u32, String)> {
-    companions(own, std::process::id())
-}
-
-/// The other processes (pid, comm) than `me` in cgroup `own`, kernel
-/// threads aside (`metaproxy doctor` asks about the daemon's).
-pub fn companions(own: &std::path::Path, me: u32) -> Vec<(u32, String)> {
-    let procs = match std::fs::read_to_string(own.join("cgroup.procs")) {
-        Ok(procs) => procs,
-        Err(e) => {
-            tracing::warn!(cgroup = %own.display(), error = %e, "cannot list the processes in the daemon's own cgroup");
-            return Vec::new();
-        }
-    };
-    others_in(&procs, me)
-        .into_iter()
-        .filter_map(|pid| {
-            // Gone meanwhile: not a companion.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            (!is_kernel_thread(&stat)).then(|| (pid, comm_of(&stat)))
-        })
-        .collect()
-}
-
-/// The pids in `cgroup.procs` text other than `me`.
-pub(super) fn others_in(procs: &str, me: u32) -> Vec<u32> {
-    procs
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|pid| *pid != me)
-        .collect()
-}
-
-/// `/proc/PID/stat`'s comm (between the first `(` and the last `)`).
-pub(super) fn comm_of(stat: &str) -> String {
-    match (stat.find('('), stat.rfind(')')) {
-        (Some(a), Some(b)) if a < b => stat[a + 1..b].to_string(),
-        _ => "?".into(),
-    }
-}
-
-/// Whether `/proc/PID/stat` is a kernel thread's (`PF_KTHREAD` in flags,
-/// the ninth field).
-pub(super) fn is_kernel_thread(stat: &str) -> bool {
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    stat.rfind(')')
-        .and_then(|end| stat[end + 1..].split_whitespace().nth(6))
-        .and_then(|flags| flags.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+    cgroup::companions(own, std::process::id())
 }
 
 /// Refuses to start while other processes share the daemon's cgroup, unless
@@ -172,17 +125,6 @@ mod tests {
 
     #[test]
     fn a_shared_cgroup_refuses_the_start_unless_allowed() {
-        let procs = "1\n4242\n77\n\n";
-        assert_eq!(others_in(procs, 4242), [1, 77]);
-        let bash = "77 (bash) S 1 77 77 34816 77 4194560 1 2 0 0 0 0";
-        let kworker = "3 (kworker/0:0-events) I 2 0 0 0 -1 69238880 0 0 0 0";
-        let odd = "78 (a) b) (c) S 1 77 77 34816 77 4194560 1 2";
-        assert!(!is_kernel_thread(bash));
-        assert!(is_kernel_thread(kworker));
-        assert!(!is_kernel_thread(odd));
-        assert_eq!(comm_of(bash), "bash");
-        assert_eq!(comm_of(odd), "a) b) (c");
-
         let own = std::path::Path::new("/sys/fs/cgroup/user.slice/session-3.scope");
         assert!(check_shared_cgroup(own, &[], false).is_ok());
         let shell = [(77, "bash".to_string()), (78, "sudo\x1b[2J".to_string())];

@@ -45,7 +45,7 @@ use crate::{
     surface::{Imdsv1Gate, Surface, SurfaceOptions, TokenKey},
 };
 
-pub mod host;
+mod host;
 mod status;
 mod tasks;
 

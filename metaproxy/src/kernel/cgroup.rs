@@ -48,7 +48,14 @@ pub fn id_of(dir: &Path) -> Result<u64, CgroupError> {
 
 /// The calling process's cgroup2 directory, from `/proc/self/cgroup`.
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
-    let path = Path::new("/proc/self/cgroup");
+    cgroup_of(mount, "self")
+}
+
+/// Process `pid`'s cgroup2 directory (`self` for the caller's), from
+/// `/proc/PID/cgroup`.
+pub fn cgroup_of(mount: &Path, pid: &str) -> Result<PathBuf, CgroupError> {
+    let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let path = path.as_path();
     let text = fs::read_to_string(path).map_err(io_err(path))?;
     let rel = mountinfo::own_cgroup2(&text).ok_or(CgroupError::NoCgroup2)?;
     Ok(mount.join(rel.trim_start_matches('/')))
@@ -131,9 +138,71 @@ impl CgroupPaths {
     }
 }
 
+/// The other processes (pid, comm) than `me` in cgroup `own`, kernel
+/// threads aside (they make no connects of their own): every process in the
+/// daemon's cgroup bypasses the redirect. Unreadable: none, with a warning.
+pub fn companions(own: &Path, me: u32) -> Vec<(u32, String)> {
+    let procs = match std::fs::read_to_string(own.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(e) => {
+            tracing::warn!(cgroup = %own.display(), error = %e, "cannot list the processes in a cgroup");
+            return Vec::new();
+        }
+    };
+    others_in(&procs, me)
+        .into_iter()
+        .filter_map(|pid| {
+            // Gone meanwhile: not a companion.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            (!is_kernel_thread(&stat)).then(|| (pid, comm_of(&stat)))
+        })
+        .collect()
+}
+
+/// The pids in `cgroup.procs` text other than `me`.
+fn others_in(procs: &str, me: u32) -> Vec<u32> {
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| *pid != me)
+        .collect()
+}
+
+/// `/proc/PID/stat`'s comm (between the first `(` and the last `)`).
+fn comm_of(stat: &str) -> String {
+    match (stat.find('('), stat.rfind(')')) {
+        (Some(a), Some(b)) if a < b => stat[a + 1..b].to_string(),
+        _ => "?".into(),
+    }
+}
+
+/// Whether `/proc/PID/stat` is a kernel thread's (`PF_KTHREAD` in flags,
+/// the ninth field).
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat.rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn companions_are_other_processes_not_kernel_threads() {
+        let procs = "1\n4242\n77\n\n";
+        assert_eq!(others_in(procs, 4242), [1, 77]);
+        let bash = "77 (bash) S 1 77 77 34816 77 4194560 1 2 0 0 0 0";
+        let kworker = "3 (kworker/0:0-events) I 2 0 0 0 -1 69238880 0 0 0 0";
+        let odd = "78 (a) b) (c) S 1 77 77 34816 77 4194560 1 2";
+        assert!(!is_kernel_thread(bash));
+        assert!(is_kernel_thread(kworker));
+        assert!(!is_kernel_thread(odd));
+        assert_eq!(comm_of(bash), "bash");
+        assert_eq!(comm_of(odd), "a) b) (c");
+    }
 
     #[test]
     fn a_missing_cgroup_says_its_cause_once() {

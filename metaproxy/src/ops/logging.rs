@@ -155,18 +155,6 @@ pub fn scoped(filter: &str) -> String {
     directives.join(",")
 }
 
-/// An error and its causes on one line, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,12 +70,12 @@ pub(super) fn bpffs_check(mountinfo: &str, pin_dir: &Path) -> Check {
 /// The daemon's own cgroup must be its own: every process in it bypasses
 /// the redirect.
 pub(super) fn shared_cgroup_check(pid: u32) -> Check {
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
-    let own = cgroup
-        .as_deref()
-        .and_then(metaproxy_common::mountinfo::own_cgroup2)
-        .map(str::to_string);
-    let (Some(own), Ok(mount)) = (own, cgroup::cgroup2_mount()) else {
+    let dir = cgroup::cgroup2_mount().and_then(|mount| {
+        let dir = cgroup::cgroup_of(&mount, &pid.to_string())?;
+        let own = format!("/{}", dir.strip_prefix(&mount).unwrap_or(&dir).display());
+        Ok((dir, own))
+    });
+    let Ok((dir, own)) = dir else {
         return Check::new(
             "host",
             "own cgroup",
@@ -83,8 +83,7 @@ pub(super) fn shared_cgroup_check(pid: u32) -> Check {
             format!("cannot read pid {pid}'s cgroup"),
         );
     };
-    let dir = mount.join(own.trim_start_matches('/'));
-    let others = crate::daemon::host::companions(&dir, pid);
+    let others = cgroup::companions(&dir, pid);
     if others.is_empty() {
         return Check::new(
             "host",

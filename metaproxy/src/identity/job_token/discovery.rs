@@ -12,7 +12,6 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use jsonwebtoken::jwk::JwkSet;
 
 use super::KeySource;
-use crate::ops::logging::error_chain;
 
 /// A discovery document or JWKS larger than this is refused.
 const MAX_DOCUMENT: usize = 1 << 20;
@@ -113,7 +112,7 @@ impl Discovery {
                 .client
                 .get(uri)
                 .await
-                .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+                .map_err(|e| format!("GET {url}: {:#}", anyhow::Error::new(e)))?;
             if !resp.status().is_success() {
                 return Err(format!("GET {url}: HTTP {}", resp.status()));
             }
