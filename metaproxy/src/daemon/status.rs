@@ -23,11 +23,7 @@ impl admin::Explainer for PolicyExplainer {
         Box::pin(async move {
             match self.identities.find(container).await {
                 Ok(Some(c)) => {
-                    let token = if Policy::asks_for_role(&c) {
-                        self.identities.job_token(&c).await
-                    } else {
-                        crate::model::job_token::TokenState::Absent
-                    };
+                    let token = self.identities.job_token(&c).await;
                     self.policy.explain(&c, &token)
                 }
                 Ok(None) => format!("no container {container} is known to Docker\n"),

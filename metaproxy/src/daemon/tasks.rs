@@ -166,7 +166,7 @@ pub async fn prefetch_credentials(
     loop {
         match events.recv().await {
             Ok(ContainerEvent::Started(c)) => {
-                if !Policy::asks_for_role(&c) {
+                if !crate::model::gitlab::asks_for_role(&c) {
                     continue;
                 }
                 // Verifying a token may wait on the issuer: never in the

@@ -44,6 +44,7 @@ use crate::{
     attribution::Caller,
     model::{
         container::{Container, ContainerEvent},
+        gitlab,
         ids::{CgroupId, ContainerId},
         job_token::TokenState,
     },
@@ -158,11 +159,12 @@ impl Identities {
     }
 
     /// What container `c`'s ID token comes to now: absent unless
-    /// `--oidc-issuer` is set and the container carries one.
+    /// `--oidc-issuer` is set, the runner asked for a role and the
+    /// container carries a token (none is verified for nothing).
     pub async fn job_token(&self, c: &Container) -> TokenState {
         match &self.job_tokens {
-            Some(tokens) => tokens.check(c).await,
-            None => TokenState::Absent,
+            Some(tokens) if gitlab::asks_for_role(c) => tokens.check(c).await,
+            _ => TokenState::Absent,
         }
     }
 

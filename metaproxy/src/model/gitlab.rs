@@ -180,6 +180,13 @@ fn values_of<'a>(env: &'a [String], key: &'a str) -> impl Iterator<Item = &'a st
     })
 }
 
+/// Whether the runner asked for a role for `c`: one `IAM_ROLE`, not empty
+/// and not only the image's. Only then does the job's ID token matter, and
+/// only then is it verified.
+pub fn asks_for_role(c: &Container) -> bool {
+    matches!(single_value(&c.env, &c.image_env, "IAM_ROLE"), Ok(Some(_)))
+}
+
 /// The session name (and SourceIdentity) of a job: `gitlab-job-<id>`.
 pub fn job_session_name(job: &str) -> String {
     format!("gitlab-job-{job}")

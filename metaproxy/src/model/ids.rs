@@ -208,6 +208,14 @@ fn check_path(path: &str) -> Result<(), RoleArnError> {
     }
 }
 
+/// STS's rule for ExternalId: 2-1224 characters of `[\w+=,.@:/-]`.
+pub fn valid_external_id(id: &str) -> bool {
+    (2..=1224).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

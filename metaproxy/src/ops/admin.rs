@@ -221,11 +221,7 @@ async fn route(req: Request<hyper::body::Incoming>, state: &AdminState) -> Respo
             let arn = param("arn").and_then(|a| RoleArn::parse(a).ok());
             // STS's ExternalId characters only: no escaping to undo.
             let external_id = param("external_id");
-            let valid = external_id.is_none_or(|e| {
-                (2..=1224).contains(&e.len())
-                    && e.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b))
-            });
+            let valid = external_id.is_none_or(crate::model::ids::valid_external_id);
             match arn {
                 Some(arn) if valid => json(&state.roles.try_role(&arn, external_id).await),
                 _ => text(

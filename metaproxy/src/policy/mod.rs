@@ -28,7 +28,7 @@ use globset::GlobSet;
 
 use crate::{
     attribution::Caller,
-    model::ids::{AccountId, ContainerId, RoleArn, RoleArnError},
+    model::ids::{self, AccountId, ContainerId, RoleArn, RoleArnError},
     model::session::{Session, SessionOptions},
     model::{
         container::Container,
@@ -343,7 +343,7 @@ impl Policy {
             TokenState::Verified(token) => Some(token),
         };
         let external_id = match single_value(&c.env, &c.image_env, "IAM_EXTERNAL_ID") {
-            Ok(Some(v)) if !valid_external_id(v) => {
+            Ok(Some(v)) if !ids::valid_external_id(v) => {
                 return RoleDecision::Refused(RoleRefusal::BadExternalId)
             }
             Ok(v) => v.map(str::to_owned),
@@ -403,13 +403,6 @@ impl Policy {
         }
     }
 
-    /// Whether the runner asked for a role for `c` (one `IAM_ROLE`, not
-    /// empty): only then does the job's ID token matter, and only then is
-    /// it verified.
-    pub fn asks_for_role(c: &Container) -> bool {
-        matches!(single_value(&c.env, &c.image_env, "IAM_ROLE"), Ok(Some(_)))
-    }
-
     /// Whether `--allow-role` (or, without it, the instance profile's
     /// account) admits `arn` at all.
     pub fn admits(&self, arn: &RoleArn) -> Result<(), RoleRefusal> {
@@ -439,14 +432,6 @@ impl Policy {
         Self::container_type(c) == Some("build")
             && !c.env.iter().any(|e| e.starts_with("CI_JOB_ID="))
     }
-}
-
-/// STS's rule for ExternalId: 2-1224 characters of `[\w+=,.@:/-]`.
-fn valid_external_id(id: &str) -> bool {
-    (2..=1224).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c))
 }
 
 fn valid_role_name(name: &str) -> bool {

@@ -45,7 +45,6 @@ use crate::{
     identity::{Identities, Identity},
     model::container::Container,
     model::ids::RoleArn,
-    model::job_token::TokenState,
     ops::connlog::Outcome,
     ops::logging::Clean,
     ops::metrics::RouteLabel,
@@ -265,11 +264,7 @@ impl Surface {
                 self.host(req, caller).await,
             ),
             Ok(Identity::Container(c)) => {
-                let token = if Policy::asks_for_role(&c) {
-                    self.identities.job_token(&c).await
-                } else {
-                    TokenState::Absent
-                };
+                let token = self.identities.job_token(&c).await;
                 let decision = self.policy.decision(&c, &token);
                 let role = match &*decision {
                     RoleDecision::Role(role) => Some(role.arn.clone()),
