@@ -30,6 +30,43 @@ use host::kernel_check;
 use host::{daemon_checks, host_checks};
 pub use runner::runner_checks;
 
+/// Whether a host path hands a container the host's container runtime:
+/// its socket, a directory that holds one, or the path `daemon_socket`
+/// names (where Docker listens, when not in the usual place).
+fn holds_runtime(host_path: &str, daemon_socket: Option<&str>) -> bool {
+    const SOCKETS: [&str; 3] = ["docker.sock", "containerd.sock", "buildkitd.sock"];
+    const DIRS: [&str; 7] = [
+        "/",
+        "/var/run",
+        "/run",
+        "/var/run/docker",
+        "/run/docker",
+        "/var/run/containerd",
+        "/run/containerd",
+    ];
+    let path = host_path.trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    SOCKETS.iter().any(|s| path.ends_with(s))
+        || DIRS.contains(&path)
+        || daemon_socket.is_some_and(|d| d == path || d.starts_with(&format!("{path}/")))
+}
+
+/// Capability names as Docker reads them (any case, with or without
+/// `CAP_`), and those of them that reach the host's network or BPF.
+fn capability(name: &str) -> String {
+    let name = name.trim().to_ascii_uppercase();
+    name.strip_prefix("CAP_")
+        .map(str::to_string)
+        .unwrap_or(name)
+}
+
+fn host_reaching(caps: impl IntoIterator<Item = String>) -> Vec<String> {
+    caps.into_iter()
+        .map(|c| capability(&c))
+        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
+        .collect()
+}
+
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

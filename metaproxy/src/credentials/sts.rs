@@ -122,14 +122,7 @@ impl AwsSts {
             .send()
             .await
             .map_err(|e| sdk_error(key, e))?;
-        let creds = out
-            .credentials
-            .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
-        credentials(
-            key,
-            creds,
-            out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
-        )
+        credentials(key, out.credentials, out.assumed_role_user)
     }
 
     async fn assume_role_with_web_identity(
@@ -148,14 +141,7 @@ impl AwsSts {
             .send()
             .await
             .map_err(|e| sdk_error(key, e))?;
-        let creds = out
-            .credentials
-            .ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
-        credentials(
-            key,
-            creds,
-            out.assumed_role_user.map(|u| u.arn).unwrap_or_default(),
-        )
+        credentials(key, out.credentials, out.assumed_role_user)
     }
 }
 
@@ -223,11 +209,13 @@ where
     }
 }
 
+/// STS's answer (to either call) as credentials; none is an error.
 fn credentials(
     key: &CredKey,
-    creds: aws_sdk_sts::types::Credentials,
-    assumed_role_arn: String,
+    creds: Option<aws_sdk_sts::types::Credentials>,
+    user: Option<aws_sdk_sts::types::AssumedRoleUser>,
 ) -> Result<Credentials, CredentialsError> {
+    let creds = creds.ok_or_else(|| CredentialsError::Empty(key.role_arn.clone()))?;
     let expiration = SystemTime::try_from(creds.expiration)
         .map_err(|_| CredentialsError::Empty(key.role_arn.clone()))?;
     Ok(Credentials {
@@ -236,7 +224,7 @@ fn credentials(
         session_token: Secret::new(creds.session_token),
         expiration,
         last_updated: SystemTime::now(),
-        assumed_role_arn,
+        assumed_role_arn: user.map(|u| u.arn).unwrap_or_default(),
     })
 }
 

@@ -12,24 +12,12 @@ use bollard::{
     Docker,
 };
 
-use super::{Check, Level};
+use super::{holds_runtime, host_reaching, Check, Level};
 use crate::model::gitlab::{single_value, Unclear};
 
 const AREA: &str = "docker";
 /// Each Docker call; a stuck dockerd is a finding, not a hang.
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Sockets that give a container the host's container runtime.
-const SOCKETS: [&str; 3] = ["docker.sock", "containerd.sock", "buildkitd.sock"];
-/// Host directories that hold one.
-const RUNTIME_DIRS: [&str; 6] = [
-    "/var/run",
-    "/run",
-    "/var/run/docker",
-    "/run/docker",
-    "/var/run/containerd",
-    "/run/containerd",
-];
 
 pub async fn docker_checks(offline: bool) -> Vec<Check> {
     let unreachable = |e: String| {
@@ -164,16 +152,7 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
             )),
         );
     }
-    let added: Vec<String> = host
-        .and_then(|h| h.cap_add.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| {
-            let c = c.to_ascii_uppercase();
-            c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
-        })
-        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
-        .collect();
+    let added = host_reaching(host.and_then(|h| h.cap_add.clone()).unwrap_or_default());
     if !added.is_empty() {
         checks.push(
             Check::new(
@@ -196,11 +175,7 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
         .unwrap_or_default()
         .iter()
         .filter_map(|m| m.source.clone())
-        .filter(|p| {
-            SOCKETS.iter().any(|s| p.ends_with(s))
-                || RUNTIME_DIRS.contains(&p.trim_end_matches('/'))
-                || p == "/"
-        })
+        .filter(|p| holds_runtime(p, None))
         .collect();
     mounted.dedup();
     if !mounted.is_empty() {

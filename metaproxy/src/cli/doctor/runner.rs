@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::{Check, Level};
+use super::{capability, holds_runtime, host_reaching, Check, Level};
 
 /// What the runner checks compare against: metaproxy's own configuration,
 /// where doctor could read it.
@@ -216,15 +216,10 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     } else {
         Check::new(&area, "network_mode", Level::Ok, "a network of its own")
     });
-    let upper = |v: Vec<&str>| -> Vec<String> {
-        v.into_iter()
-            .map(|c| {
-                let c = c.trim().to_ascii_uppercase();
-                c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
-            })
-            .collect()
-    };
-    let dropped = upper(strings(docker.and_then(|d| d.get("cap_drop"))));
+    let dropped: Vec<String> = strings(docker.and_then(|d| d.get("cap_drop")))
+        .into_iter()
+        .map(capability)
+        .collect();
     checks.push(if dropped.iter().any(|c| c == "NET_RAW" || c == "ALL") {
         Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped")
     } else {
@@ -236,10 +231,11 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
         )
         .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]")
     });
-    let added: Vec<String> = upper(strings(docker.and_then(|d| d.get("cap_add"))))
-        .into_iter()
-        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
-        .collect();
+    let added = host_reaching(
+        strings(docker.and_then(|d| d.get("cap_add")))
+            .into_iter()
+            .map(str::to_string),
+    );
     checks.push(if added.is_empty() {
         Check::new(
             &area,
@@ -268,17 +264,6 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     checks
 }
 
-/// Host directories that hold a container runtime's socket.
-const RUNTIME_DIRS: [&str; 7] = [
-    "/",
-    "/var/run",
-    "/run",
-    "/var/run/docker",
-    "/run/docker",
-    "/var/run/containerd",
-    "/run/containerd",
-];
-
 /// Whether a volume (`HOST:CONTAINER[:OPTS]`) hands the job a container
 /// runtime's socket: the socket itself, the directory
 /// that holds it, or the path `[runners.docker] host` names.
@@ -287,12 +272,7 @@ pub fn gives_runtime(volume: &str, daemon_socket: Option<&str>) -> bool {
     let Some((source, _)) = volume.split_once(':') else {
         return false;
     };
-    let source = source.trim_end_matches('/');
-    let source = if source.is_empty() { "/" } else { source };
-    let sockets = ["docker.sock", "containerd.sock", "buildkitd.sock"];
-    sockets.iter().any(|s| source.ends_with(s))
-        || RUNTIME_DIRS.contains(&source)
-        || daemon_socket.is_some_and(|d| d == source || d.starts_with(&format!("{source}/")))
+    holds_runtime(source, daemon_socket)
 }
 
 /// `AWS_CONTAINER_CREDENTIALS_*` in the runner's environment must point at
