@@ -72,6 +72,23 @@ fn token(job: usize, ttl: i64) -> String {
     .unwrap()
 }
 
+/// Job container `n` whose runner set `IAM_ROLE=ci-deploy` and whose job
+/// carries `jwt`.
+fn with_token(bed: &support::Bed, n: usize, jwt: &str) -> support::Who {
+    let env = [
+        format!("AWS_ID_TOKEN={jwt}"),
+        "IAM_ROLE=ci-deploy".to_string(),
+    ];
+    let env: Vec<&str> = env.iter().map(String::as_str).collect();
+    bed.container(
+        n,
+        Spec {
+            env: &env,
+            ..Default::default()
+        },
+    )
+}
+
 fn options(required: bool) -> Options {
     Options {
         allow_role: vec!["arn:aws:iam::123456789012:role/ci-*".into()],
@@ -85,15 +102,7 @@ fn options(required: bool) -> Options {
 async fn a_valid_token_buys_the_role_with_web_identity_and_never_with_the_instance_profile() {
     let bed = bed_with(options(false)).await;
     let jwt = token(1, 3600);
-    let env = [format!("AWS_ID_TOKEN={jwt}"), "IAM_ROLE=ci-deploy".into()];
-    let env: Vec<&str> = env.iter().map(String::as_str).collect();
-    let job = bed.container(
-        1,
-        Spec {
-            env: &env,
-            ..Default::default()
-        },
-    );
+    let job = with_token(&bed, 1, &jwt);
     let answer = bed.request(&job, "GET", CREDS, &[]).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     let calls = bed.sts.calls.lock().unwrap().clone();
@@ -131,15 +140,7 @@ async fn a_bad_token_gets_nothing_and_the_reason_says_why() {
             "the ID token is for job 99, but this container belongs to job 2",
         ),
     ] {
-        let env = [format!("AWS_ID_TOKEN={jwt}"), "IAM_ROLE=ci-deploy".into()];
-        let env: Vec<&str> = env.iter().map(String::as_str).collect();
-        let job = bed.container(
-            n,
-            Spec {
-                env: &env,
-                ..Default::default()
-            },
-        );
+        let job = with_token(&bed, n, &jwt);
         assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 404);
         let logged = bed.last_log();
         assert_eq!(logged.outcome, Outcome::Refused);
@@ -176,15 +177,7 @@ async fn sts_refusing_the_token_lands_in_the_reason_and_the_metrics() {
     let bed = bed_with(options(true)).await;
     bed.sts.set(StsMode::Error("AccessDenied"));
     let jwt = token(1, 3600);
-    let env = [format!("AWS_ID_TOKEN={jwt}"), "IAM_ROLE=ci-deploy".into()];
-    let env: Vec<&str> = env.iter().map(String::as_str).collect();
-    let job = bed.container(
-        1,
-        Spec {
-            env: &env,
-            ..Default::default()
-        },
-    );
+    let job = with_token(&bed, 1, &jwt);
     let answer = bed.request(&job, "GET", CREDS, &[]).await;
     assert_ne!(answer.status, 200);
     let reason = bed.last_log().reason.unwrap();
@@ -205,15 +198,7 @@ async fn sts_refusing_the_token_lands_in_the_reason_and_the_metrics() {
     // Another job, and STS finds its token invalid: its own code.
     bed.sts.set(StsMode::Error("InvalidIdentityToken"));
     let jwt = token(2, 3600);
-    let env = [format!("AWS_ID_TOKEN={jwt}"), "IAM_ROLE=ci-deploy".into()];
-    let env: Vec<&str> = env.iter().map(String::as_str).collect();
-    let other = bed.container(
-        2,
-        Spec {
-            env: &env,
-            ..Default::default()
-        },
-    );
+    let other = with_token(&bed, 2, &jwt);
     assert_ne!(bed.request(&other, "GET", CREDS, &[]).await.status, 200);
     assert!(bed
         .last_log()

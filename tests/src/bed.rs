@@ -486,7 +486,13 @@ impl Container {
 
     /// `mp-client raw 169.254.169.254:80 METHOD PATH HEADERS...` in the container.
     pub fn imds(&self, method: &str, path: &str, headers: &[&str]) -> Value {
-        let mut args = vec!["/mp-client", "raw", "169.254.169.254:80", method, path];
+        self.raw("169.254.169.254:80", method, path, headers)
+    }
+
+    /// `mp-client raw ADDR METHOD PATH HEADERS...` in the container (the
+    /// container-credentials endpoint, say).
+    pub fn raw(&self, addr: &str, method: &str, path: &str, headers: &[&str]) -> Value {
+        let mut args = vec!["/mp-client", "raw", addr, method, path];
         args.extend_from_slice(headers);
         self.exec(&args).expect("mp-client raw")
     }

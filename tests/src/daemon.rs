@@ -190,6 +190,24 @@ impl Daemon {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `metaproxy doctor`'s arguments for this daemon (its pins and admin
+    /// socket) with `runner_config` and the settings file `defaults`.
+    pub fn doctor_args(&self, runner_config: &Path, defaults: &Path) -> Vec<std::ffi::OsString> {
+        [
+            "--runner-config".as_ref(),
+            runner_config.as_os_str(),
+            "--defaults".as_ref(),
+            defaults.as_os_str(),
+            "--pin-dir".as_ref(),
+            self.pin_dir.as_os_str(),
+            "--admin-socket".as_ref(),
+            self.admin_socket().as_os_str(),
+        ]
+        .into_iter()
+        .map(std::ffi::OsStr::to_os_string)
+        .collect()
+    }
+
     /// `metaproxy connections --json`, parsed.
     pub fn connections(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         self.admin("connections", &["--json"])?

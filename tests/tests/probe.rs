@@ -787,14 +787,7 @@ fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
         cmd.arg("--offline");
     }
     let out = cmd
-        .arg("--runner-config")
-        .arg(&config)
-        .arg("--defaults")
-        .arg(&defaults)
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
+        .args(bed.daemon.doctor_args(&config, &defaults))
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);

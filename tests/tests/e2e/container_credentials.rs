@@ -89,15 +89,7 @@ fn the_sdk_gets_its_role_from_the_container_credentials_endpoint_one_request_per
             &[],
         )
         .unwrap();
-    let got = not_asked
-        .exec(&[
-            "/mp-client",
-            "raw",
-            "169.254.170.2:80",
-            "GET",
-            "/v1/credentials",
-        ])
-        .unwrap();
+    let got = not_asked.raw("169.254.170.2:80", "GET", "/v1/credentials", &[]);
     assert_eq!(got["status"], 404, "{got}");
     assert!(
         got["body"].as_str().unwrap().contains("\"NotEnabled\""),
@@ -152,15 +144,7 @@ fn where_the_instance_requires_imdsv2_the_endpoint_takes_only_the_runners_token(
             &[],
         )
         .unwrap();
-    let got = c
-        .exec(&[
-            "/mp-client",
-            "raw",
-            "169.254.170.2:80",
-            "GET",
-            "/v1/credentials",
-        ])
-        .unwrap();
+    let got = c.raw("169.254.170.2:80", "GET", "/v1/credentials", &[]);
     assert_eq!(got["status"], 401, "{got}");
     assert!(!got.to_string().contains("ASIA"), "{got}");
     let reasons = refusals_and_unauthorized(&bed, "ecs-no-token");

@@ -93,14 +93,8 @@ fn doctor_finds_exactly_the_failures_planted_in_docker_the_runner_config_and_the
         .unwrap();
 
     let out = std::process::Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["doctor", "--json", "--runner-config"])
-        .arg(&runners)
-        .arg("--defaults")
-        .arg(&defaults)
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
+        .args(["doctor", "--json"])
+        .args(bed.daemon.doctor_args(&runners, &defaults))
         .env("DOCKER_HOST", bed.dockerd.host())
         .output()
         .unwrap();
@@ -175,14 +169,8 @@ fn doctor_finds_exactly_the_failures_planted_in_docker_the_runner_config_and_the
         .any(|(k, v)| k == "DurationSeconds" && v == "900")));
     // The text form: one line per check, the same verdicts.
     let text = std::process::Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["doctor", "--offline", "--runner-config"])
-        .arg(&runners)
-        .arg("--defaults")
-        .arg(&defaults)
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
+        .args(["doctor", "--offline"])
+        .args(bed.daemon.doctor_args(&runners, &defaults))
         .env("DOCKER_HOST", bed.dockerd.host())
         .output()
         .unwrap();
