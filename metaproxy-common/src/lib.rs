@@ -110,6 +110,186 @@ impl GuardDrop {
     }
 }
 
+/// The layer-2 lock (see [`L2Refusal`]): `lsm_cgroup/socket_create` and
+/// `cgroup/setsockopt` on the attached cgroup. Together they leave a job
+/// no way to put a frame on the wire that the kernel did not build for it:
+/// its frames carry its own MAC, its ARP and neighbour discovery its own
+/// addresses, its IP packets a source address of its own namespace.
+pub const PROG_L2_SOCKET: &str = "mp_l2_socket";
+pub const PROG_L2_SOCKOPT: &str = "mp_l2_sockopt";
+/// The answer pin (see [`L2Peer`]): a tc egress classifier on each bridge
+/// the daemon answers containers through.
+pub const PROG_L2_DELIVER: &str = "mp_l2_deliver";
+/// Map from [`L2PeerKey`] (a container's address) to [`L2Peer`] (its MAC
+/// and its port on the bridge), written by the daemon before it first
+/// answers that container.
+pub const MAP_L2_PEERS: &str = "MP_L2_PEERS";
+/// Capacity of [`MAP_L2_PEERS`]: addresses of live containers.
+pub const L2_PEERS_CAPACITY: u32 = 16_384;
+/// The LSM hook `mp_l2_socket` is loaded against.
+pub const L2_SOCKET_HOOK: &str = "socket_create";
+/// Per-CPU array of refusal counters, one slot per [`L2Refusal`]. Pinned
+/// with the other maps.
+pub const MAP_L2_REFUSED: &str = "MP_L2_REFUSED";
+/// LRU map from [`L2Seen`] to the boot time of that cgroup's first refusal
+/// of that kind: the daemon reads it to log each container's first refusal
+/// by name, once.
+pub const MAP_L2_SEEN: &str = "MP_L2_SEEN";
+/// Capacity of [`MAP_L2_SEEN`].
+pub const L2_SEEN_CAPACITY: u32 = 4096;
+
+/// What the layer-2 lock refused a process below the attached cgroup. The
+/// value is the slot in [`MAP_L2_REFUSED`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum L2Refusal {
+    /// `socket(AF_PACKET)` (and the old `SOCK_PACKET`): forged ARP, forged
+    /// source MACs, frames past tc egress with `PACKET_QDISC_BYPASS`, and
+    /// reading other jobs' traffic off a host interface.
+    PacketSocket = 0,
+    /// `socket(AF_XDP)`: frames straight to the driver's queue.
+    XdpSocket = 1,
+    /// `socket(AF_INET6, SOCK_RAW)`: forged neighbour advertisements (the
+    /// ARP of IPv6) and IPv6 headers of the job's own making.
+    RawIpv6Socket = 2,
+    /// An IPv4 header of the job's own making: `socket(AF_INET, SOCK_RAW,
+    /// IPPROTO_RAW)` or `IP_HDRINCL`, which let it forge the source address.
+    IpHeader = 3,
+    /// `IP_FREEBIND`, `IP_TRANSPARENT` and their IPv6 twins: binding, and so
+    /// sending from, an address that is not the job's.
+    NonlocalBind = 4,
+    /// `PACKET_QDISC_BYPASS` on a packet socket opened before the lock (or
+    /// where the BPF LSM is missing): frames past tc egress.
+    QdiscBypass = 5,
+    /// Any `SOL_XDP` option: the rings an AF_XDP socket needs.
+    XdpOption = 6,
+    /// An answer of the daemon's whose destination MAC, as the host's
+    /// neighbour table had it, was not the container's: someone had
+    /// poisoned the table (forged ARP or neighbour advertisements). The
+    /// answer went to the container's own port all the same.
+    SpoofedArp = 7,
+    /// An answer of the daemon's to an address with no pinned port: it is
+    /// dropped rather than handed to the bridge's forwarding table, which
+    /// forged source MACs can rewrite.
+    UnpinnedAnswer = 8,
+}
+
+/// Slots in [`MAP_L2_REFUSED`].
+pub const L2_REFUSAL_KINDS: u32 = 9;
+
+impl L2Refusal {
+    pub const ALL: [L2Refusal; L2_REFUSAL_KINDS as usize] = [
+        L2Refusal::PacketSocket,
+        L2Refusal::XdpSocket,
+        L2Refusal::RawIpv6Socket,
+        L2Refusal::IpHeader,
+        L2Refusal::NonlocalBind,
+        L2Refusal::QdiscBypass,
+        L2Refusal::XdpOption,
+        L2Refusal::SpoofedArp,
+        L2Refusal::UnpinnedAnswer,
+    ];
+
+    /// The metric label and the name `metaproxy status` shows.
+    pub const fn name(self) -> &'static str {
+        match self {
+            L2Refusal::PacketSocket => "packet_socket",
+            L2Refusal::XdpSocket => "xdp_socket",
+            L2Refusal::RawIpv6Socket => "raw_ipv6_socket",
+            L2Refusal::IpHeader => "ip_header",
+            L2Refusal::NonlocalBind => "nonlocal_bind",
+            L2Refusal::QdiscBypass => "qdisc_bypass",
+            L2Refusal::XdpOption => "xdp_option",
+            L2Refusal::SpoofedArp => "spoofed_arp",
+            L2Refusal::UnpinnedAnswer => "unpinned_answer",
+        }
+    }
+
+    /// What the lock's socket hook refuses: `socket(family, kind,
+    /// protocol)` from a job. Everything else is let through.
+    pub const fn of_socket(family: i32, kind: i32, protocol: i32) -> Option<Self> {
+        const AF_INET: i32 = 2;
+        const AF_INET6: i32 = 10;
+        const AF_PACKET: i32 = 17;
+        const AF_XDP: i32 = 44;
+        const SOCK_RAW: i32 = 3;
+        const IPPROTO_RAW: i32 = 255;
+        match family {
+            AF_PACKET => Some(Self::PacketSocket),
+            AF_XDP => Some(Self::XdpSocket),
+            AF_INET6 if kind == SOCK_RAW => Some(Self::RawIpv6Socket),
+            AF_INET if kind == SOCK_RAW && protocol == IPPROTO_RAW => Some(Self::IpHeader),
+            _ => None,
+        }
+    }
+
+    /// What the lock's setsockopt hook refuses: `setsockopt(level, name)`
+    /// from a job.
+    pub const fn of_sockopt(level: i32, name: i32) -> Option<Self> {
+        const SOL_IP: i32 = 0;
+        const SOL_IPV6: i32 = 41;
+        const SOL_PACKET: i32 = 263;
+        const SOL_XDP: i32 = 283;
+        const IP_HDRINCL: i32 = 3;
+        const IP_FREEBIND: i32 = 15;
+        const IP_TRANSPARENT: i32 = 19;
+        const IPV6_HDRINCL: i32 = 36;
+        const IPV6_TRANSPARENT: i32 = 75;
+        const IPV6_FREEBIND: i32 = 78;
+        const PACKET_QDISC_BYPASS: i32 = 20;
+        match (level, name) {
+            (SOL_IP, IP_HDRINCL) | (SOL_IPV6, IPV6_HDRINCL) => Some(Self::IpHeader),
+            (SOL_IP, IP_FREEBIND | IP_TRANSPARENT)
+            | (SOL_IPV6, IPV6_FREEBIND | IPV6_TRANSPARENT) => Some(Self::NonlocalBind),
+            (SOL_PACKET, PACKET_QDISC_BYPASS) => Some(Self::QdiscBypass),
+            (SOL_XDP, _) => Some(Self::XdpOption),
+            _ => None,
+        }
+    }
+
+    /// The kind of slot `slot`, if there is one.
+    pub const fn from_slot(slot: u32) -> Option<Self> {
+        if slot < L2_REFUSAL_KINDS {
+            Some(Self::ALL[slot as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Key of [`MAP_L2_PEERS`]: an address, as four network-order words (IPv4
+/// in word 0) and its family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L2PeerKey {
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+/// Where the daemon's answers to an address go: the container's MAC and
+/// the host side of its veth, whatever the neighbour table and the bridge's
+/// forwarding table say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Peer {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The port's interface index, in the host's namespace.
+    pub port: u32,
+    pub _pad2: u32,
+}
+
+/// Key of [`MAP_L2_SEEN`]: who was refused what.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L2Seen {
+    /// The cgroup of the refused task.
+    pub cgroup_id: u64,
+    /// An [`L2Refusal`] slot.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
 /// Load-time globals the loader overrides (see `EbpfLoader::override_global`).
 pub const GLOBAL_CONFIG: &str = "MP_CONFIG";
 
@@ -294,12 +474,15 @@ pub const fn to_v4_mapped(addr: u32) -> [u32; 4] {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are #[repr(C)] structs of integers and integer arrays
+    // SAFETY: all six are #[repr(C)] structs of integers and integer arrays
     // with explicit padding fields, so every bit pattern is valid and there
     // are no implicit padding bytes.
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::L2Seen {}
+    unsafe impl aya::Pod for super::L2PeerKey {}
+    unsafe impl aya::Pod for super::L2Peer {}
 }
 
 #[cfg(test)]
@@ -307,7 +490,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_layer2_lock_refuses_what_forges_frames_and_nothing_ordinary() {
+        use L2Refusal as R;
+        // socket(family, type, protocol)
+        assert_eq!(L2Refusal::of_socket(17, 3, 0x0300), Some(R::PacketSocket));
+        assert_eq!(L2Refusal::of_socket(17, 2, 0), Some(R::PacketSocket));
+        assert_eq!(L2Refusal::of_socket(44, 3, 0), Some(R::XdpSocket));
+        assert_eq!(L2Refusal::of_socket(10, 3, 58), Some(R::RawIpv6Socket));
+        assert_eq!(L2Refusal::of_socket(2, 3, 255), Some(R::IpHeader));
+        // ping (raw ICMP, and ICMP datagram sockets), TCP, UDP, netlink,
+        // unix sockets stay.
+        assert_eq!(L2Refusal::of_socket(2, 3, 1), None);
+        assert_eq!(L2Refusal::of_socket(2, 2, 1), None);
+        assert_eq!(L2Refusal::of_socket(10, 2, 58), None);
+        assert_eq!(L2Refusal::of_socket(2, 1, 6), None);
+        assert_eq!(L2Refusal::of_socket(10, 2, 17), None);
+        assert_eq!(L2Refusal::of_socket(16, 3, 0), None);
+        assert_eq!(L2Refusal::of_socket(1, 1, 0), None);
+        // setsockopt(level, name)
+        assert_eq!(L2Refusal::of_sockopt(263, 20), Some(R::QdiscBypass));
+        assert_eq!(L2Refusal::of_sockopt(283, 4), Some(R::XdpOption));
+        assert_eq!(L2Refusal::of_sockopt(283, 2), Some(R::XdpOption));
+        assert_eq!(L2Refusal::of_sockopt(0, 3), Some(R::IpHeader));
+        assert_eq!(L2Refusal::of_sockopt(41, 36), Some(R::IpHeader));
+        assert_eq!(L2Refusal::of_sockopt(0, 15), Some(R::NonlocalBind));
+        assert_eq!(L2Refusal::of_sockopt(0, 19), Some(R::NonlocalBind));
+        assert_eq!(L2Refusal::of_sockopt(41, 75), Some(R::NonlocalBind));
+        assert_eq!(L2Refusal::of_sockopt(41, 78), Some(R::NonlocalBind));
+        // SO_REUSEADDR, TCP_NODELAY, IP_TTL, IPV6_V6ONLY, PACKET_ADD_MEMBERSHIP
+        // (only ever reached where packet sockets open) stay.
+        assert_eq!(L2Refusal::of_sockopt(1, 2), None);
+        assert_eq!(L2Refusal::of_sockopt(6, 1), None);
+        assert_eq!(L2Refusal::of_sockopt(0, 2), None);
+        assert_eq!(L2Refusal::of_sockopt(41, 26), None);
+        assert_eq!(L2Refusal::of_sockopt(263, 1), None);
+        // Every slot names itself and maps back.
+        for (slot, kind) in L2Refusal::ALL.iter().enumerate() {
+            assert_eq!(L2Refusal::from_slot(slot as u32), Some(*kind));
+            assert_eq!(*kind as usize, slot);
+        }
+        assert_eq!(L2Refusal::from_slot(L2_REFUSAL_KINDS), None);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<L2PeerKey>(), 16 + 4);
+        assert_eq!(core::mem::size_of::<L2Peer>(), 6 + 2 + 4 + 4);
+        assert_eq!(core::mem::size_of::<L2Seen>(), 8 + 4 + 4);
         assert_eq!(
             core::mem::size_of::<ProbeConfig>(),
             8 + 4 + 2 + 2 + 16 + 8 + 16 + 8 + 4 + 4

@@ -1,5 +1,6 @@
 //! metaproxy's kernel programs: see [`probe`] for the redirect and
-//! attribution, [`guard`] for the packet guard.
+//! attribution, [`guard`] for the packet guard, [`l2`] for the layer-2
+//! lock.
 //!
 //! This crate is built for `bpfel-unknown-none` by `metaproxy`'s build.rs;
 //! on the host it compiles to an empty binary so workspace-wide commands
@@ -9,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod guard;
+#[cfg(target_arch = "bpf")]
+mod l2;
 #[cfg(target_arch = "bpf")]
 mod probe;
 

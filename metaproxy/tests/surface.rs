@@ -755,3 +755,39 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
     // Each container was inspected once, then served from the cache.
     assert_eq!(bed.identities.metrics().calls_of("inspect"), 2);
 }
+
+/// The answer pin: a container's connection is pinned to it before its
+/// first request is read, and where that cannot be done the daemon says
+/// nothing at all (an answer could go wherever forged frames send it).
+#[tokio::test]
+async fn answers_go_only_where_they_are_pinned() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let put = bed.request(&job, "PUT", "/latest/api/token", &[TTL]).await;
+    assert_eq!(put.status, 200, "{put:?}");
+    let pinned = bed.answers.pinned.lock().unwrap().clone();
+    assert_eq!(pinned.len(), 1, "{pinned:?}");
+    assert_eq!(
+        pinned[0].0,
+        "127.0.0.1".parse::<std::net::IpAddr>().unwrap()
+    );
+    // A host process crosses no bridge: nothing to pin for it.
+    let host = bed.process_at("/system.slice/ssm.service", "ssm-agent");
+    let _ = bed
+        .request(&host, "GET", "/latest/meta-data/instance-id", &[])
+        .await;
+    assert_eq!(bed.answers.pinned.lock().unwrap().len(), 1);
+
+    *bed.answers.refuse.lock().unwrap() = Some("no port on docker0".into());
+    let other = bed.container(2, with_role());
+    let refused = bed
+        .request(&other, "PUT", "/latest/api/token", &[TTL])
+        .await;
+    assert_eq!(refused.status, 0, "closed unanswered: {refused:?}");
+    assert_eq!(bed.metrics.unpinned.get(), 1);
+    assert_eq!(
+        bed.sts.calls.lock().unwrap().len(),
+        0,
+        "nothing was fetched"
+    );
+}

@@ -7,7 +7,9 @@
 //! packet log in the IMDS namespace says whether anything arrived.
 //!
 //! Each attack runs with the daemon up and with it killed: the pinned
-//! guard must hold either way. Needs root, Docker and BPF; run through
+//! guard must hold either way. The jobs' beds run as a host without the
+//! BPF LSM does, where packet sockets still open (see
+//! `bed_without_bpf_lsm`). Needs root, Docker and BPF; run through
 //! `cargo xtask test`.
 
 use std::net::IpAddr;
@@ -20,6 +22,14 @@ use metaproxy_tests::{
 use serde_json::Value;
 
 const IMDS: &str = "169.254.169.254:80";
+
+/// The packet guard is the barrier behind the layer-2 lock, and the only
+/// one against packet sockets where the BPF LSM is missing: these beds run
+/// as such a host does, so the jobs' packet and raw sockets open and the
+/// guard alone is tested (tests/layer2.rs tests the lock).
+fn bed_without_bpf_lsm() -> E2eBed {
+    E2eBed::start_with_env(&[], &[("METAPROXY_BPF_LSM", "off")]).expect("bed")
+}
 
 /// The guard's drop counter of `kind`, read from the running daemon.
 fn dropped(daemon: &Daemon, kind: &str) -> u64 {
@@ -76,7 +86,7 @@ fn assert_got_nothing(got: &Value) {
 
 #[test]
 fn a_job_speaking_tcp_over_af_packet_gets_nothing_with_the_daemon_up_or_down() {
-    let mut bed = E2eBed::start(&[]).expect("bed");
+    let mut bed = bed_without_bpf_lsm();
     let log = bed.imds_net.record().expect("packet log");
     let job = bed
         .container(
@@ -156,7 +166,7 @@ fn a_job_speaking_tcp_over_af_packet_gets_nothing_with_the_daemon_up_or_down() {
 
 #[test]
 fn raw_ip_sockets_udp_and_nat_inside_a_job_never_reach_imds() {
-    let mut bed = E2eBed::start(&[]).expect("bed");
+    let mut bed = bed_without_bpf_lsm();
     let log = bed.imds_net.record().expect("packet log");
     // NET_ADMIN too, as some runners add: it is root in the job's own
     // network namespace, not on the host.
@@ -247,7 +257,7 @@ fn raw_ip_sockets_udp_and_nat_inside_a_job_never_reach_imds() {
 
 #[test]
 fn a_nested_namespace_inside_a_job_and_a_host_network_job_are_dropped() {
-    let mut bed = E2eBed::start(&[]).expect("bed");
+    let mut bed = bed_without_bpf_lsm();
     let log = bed.imds_net.record().expect("packet log");
     // What an inner dockerd does for its containers: a namespace of its
     // own behind a veth, forwarded by the job's namespace, then the host's.

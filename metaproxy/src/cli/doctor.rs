@@ -134,6 +134,21 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why jobs can still open packet sockets here: as the running daemon
+/// reports it, or, without one, as the kernel says.
+fn layer2_gap(status: Option<&crate::ops::admin::Status>) -> Option<String> {
+    match status {
+        Some(s) if s.layer2.sockets_refused => None,
+        Some(s) => Some(
+            s.layer2
+                .gap
+                .clone()
+                .unwrap_or_else(|| "the running daemon has no layer-2 lock (upgrade it)".into()),
+        ),
+        None => crate::kernel::lsm::bpf_lsm().err(),
+    }
+}
+
 /// Every check, in the order the README lists them.
 async fn gather(args: &DoctorArgs) -> Vec<Check> {
     // metaproxy's settings first: where it pins and listens, unless the
@@ -207,6 +222,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
             )
         }),
         attached: config.as_ref().and_then(attached_below_mount),
+        layer2_gap: layer2_gap(status.as_ref()),
     };
     checks.extend(runner::runner_checks_in(&text, &context));
     let roles = runner::runner_roles(&text);

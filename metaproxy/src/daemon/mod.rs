@@ -34,6 +34,7 @@ use crate::{
     kernel::guard::{self, GuardState, RouteTable},
     kernel::netaddr,
     kernel::probe::{Probe, ProbeOptions, TcMode},
+    kernel::wire::KernelAnswerPath,
     model::ids::AccountId,
     ops::admin::{self, AdminState, StatusSource},
     ops::connlog::ConnLog,
@@ -46,6 +47,7 @@ use crate::{
 };
 
 mod host;
+mod layer2;
 mod status;
 mod tasks;
 
@@ -269,6 +271,10 @@ async fn wire(parts: Parts<'_>) -> anyhow::Result<Wired> {
         .tasks
         .spawn("docker events", identities.clone().follow_events());
     parts.tasks.spawn(
+        "layer-2 refusals",
+        layer2::log_refusals(parts.probe.clone(), parts.mount.clone(), identities.clone()),
+    );
+    parts.tasks.spawn(
         "policy reload",
         follow_policy_file(parts.policy.clone(), parts.config.policy_file.clone()),
     );
@@ -304,7 +310,15 @@ async fn wire(parts: Parts<'_>) -> anyhow::Result<Wired> {
         identities.metrics(),
         state.clone(),
     ));
+    let answers = Arc::new(
+        KernelAnswerPath::new(parts.probe.clone()).context("the answer pin's netlink socket")?,
+    );
+    parts.tasks.spawn(
+        "answer pins",
+        forget_answer_pins(answers.clone(), identities.subscribe()),
+    );
     let pipeline = Arc::new(Pipeline {
+        answers,
         count,
         attribution: Attribution::new(parts.probe, Arc::new(CgroupPaths::new(parts.mount))),
         surface: Surface {
@@ -454,6 +468,14 @@ async fn attach(
         tasks,
     )?;
     readiness.probe_attached();
+    match probe.l2_socket_hook() {
+        Ok(()) => tracing::info!("layer-2 lock attached: jobs get no packet, AF_XDP or raw IPv6 sockets, and no option that forges a source or passes tc egress"),
+        Err(why) => {
+            let gap = format!("jobs that keep NET_RAW can still open packet sockets (forged ARP and MACs on a shared bridge, sniffing with --network host): {why}");
+            tracing::warn!("layer-2 lock incomplete: {gap}; the setsockopt half (no PACKET_QDISC_BYPASS, AF_XDP rings, IP_HDRINCL, non-local binds) is attached");
+            readiness.gap(format!("layer 2: {gap}"));
+        }
+    }
     let guard_state = Arc::new(GuardState::new(routes));
     {
         let (probe, state) = (probe.clone(), guard_state.clone());
@@ -527,6 +549,7 @@ fn attach_probe(
         kernel_log_level: kernel_log_level(),
         guard_interfaces,
         tc_mode: TcMode::detect(),
+        bpf_lsm: crate::kernel::lsm::bpf_lsm(),
     };
     let (probe, kernel_log) = Probe::attach(&opts).map_err(|e| {
         let hint = if lacks_privilege(&e) {

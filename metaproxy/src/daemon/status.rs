@@ -7,7 +7,8 @@ use crate::{
     model::ids::RoleArn,
     model::session::{Session, SessionOptions},
     ops::admin::{
-        AwsStatus, ConnectionStatus, GuardRoute, GuardStatus, MapStatus, RoleTrial, Status, Trial,
+        AwsStatus, ConnectionStatus, GuardRoute, GuardStatus, Layer2Status, MapStatus, RoleTrial,
+        Status, Trial,
     },
 };
 
@@ -232,6 +233,16 @@ impl StatusSource for DaemonState {
                     .map(|(kind, n)| (kind.name().to_string(), n))
                     .collect(),
             },
+            layer2: Layer2Status {
+                sockets_refused: self.probe.l2_socket_hook().is_ok(),
+                gap: self.probe.l2_socket_hook().err().map(str::to_string),
+                refused: self
+                    .probe
+                    .l2_refusals()
+                    .into_iter()
+                    .map(|(kind, n)| (kind.name().to_string(), n))
+                    .collect(),
+            },
             maps: MapStatus { pending, conns },
             connections: ConnectionStatus {
                 open: self.count.open(),
@@ -255,8 +266,14 @@ impl LiveSource for DaemonState {
         for (kind, count) in self.probe.guard_drops() {
             guard_drops[kind as usize] = count;
         }
+        let mut l2_refusals = [0; metaproxy_common::L2_REFUSAL_KINDS as usize];
+        for (kind, count) in self.probe.l2_refusals() {
+            l2_refusals[kind as usize] = count;
+        }
         Live {
             guard_drops,
+            l2_refusals,
+            l2_sockets_refused: self.probe.l2_socket_hook().is_ok(),
             guard_interfaces: n(self.probe.guarded_interfaces().0.len()),
             open_connections: n(self.count.open()),
             largest_per_container: n(self.count.largest_per_cgroup()),

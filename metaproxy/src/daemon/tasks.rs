@@ -157,6 +157,24 @@ pub(super) async fn wait_for_signal() -> anyhow::Result<()> {
 /// Acts on identity's container events forever: prefetches credentials
 /// for containers that start with a role (as `policy` decides), releases
 /// them when their containers are gone. Run it as a task.
+/// Forgets the answer pins of containers that are gone, so their
+/// addresses are pinned afresh for whoever gets them next.
+pub(super) async fn forget_answer_pins(
+    answers: Arc<crate::kernel::wire::KernelAnswerPath>,
+    mut events: broadcast::Receiver<ContainerEvent>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(ContainerEvent::Gone(id)) => answers.forget(&id),
+            Ok(ContainerEvent::Started(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "container events: the answer pins fell behind");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 pub async fn prefetch_credentials(
     credentials: Arc<CredentialCache>,
     mut events: broadcast::Receiver<ContainerEvent>,

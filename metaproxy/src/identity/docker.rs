@@ -16,7 +16,10 @@ use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamE
 use metaproxy_common::mountinfo;
 
 use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent};
-use crate::model::ids::ContainerId;
+use crate::model::{
+    container::{parse_mac, Wire},
+    ids::ContainerId,
+};
 
 /// How long one Docker API call (an inspect with its image, a ping, the
 /// version negotiation) may take.
@@ -155,16 +158,37 @@ impl DockerRuntime {
             }
             None => (Vec::new(), HashMap::new()),
         };
+        let endpoints: Vec<_> = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_values()
+            .collect();
         let addresses = own_addresses(
             c.host_config
                 .as_ref()
                 .and_then(|h| h.network_mode.as_deref()),
-            c.network_settings
-                .and_then(|n| n.networks)
-                .unwrap_or_default()
-                .into_values()
-                .flat_map(|e| [e.ip_address, e.global_ipv6_address]),
+            endpoints
+                .iter()
+                .flat_map(|e| [e.ip_address.clone(), e.global_ipv6_address.clone()]),
         );
+        let macs = endpoints
+            .iter()
+            .filter_map(|e| Some((e, parse_mac(e.mac_address.as_deref()?)?)))
+            .flat_map(|(e, mac)| {
+                [e.ip_address.as_deref(), e.global_ipv6_address.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                    .map(move |ip| (ip, mac))
+            })
+            .collect();
+        let pid = c
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|pid| *pid > 0)
+            .and_then(|pid| u32::try_from(pid).ok());
         let Some(id) = c.id.as_deref().and_then(ContainerId::parse).or(fallback) else {
             return Err(RuntimeError::Api(format!(
                 "Docker gave no id for container {name_or_id}"
@@ -172,11 +196,7 @@ impl DockerRuntime {
         };
         // Where Docker's container really runs: its init process's cgroup,
         // as the kernel reports it.
-        let cgroup = c
-            .state
-            .as_ref()
-            .and_then(|s| s.pid)
-            .filter(|pid| *pid > 0)
+        let cgroup = pid
             .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok())
             .and_then(|text| mountinfo::own_cgroup2(&text).map(str::to_owned));
         Ok(Some(Container {
@@ -192,6 +212,7 @@ impl DockerRuntime {
             image_labels,
             addresses,
             cgroup,
+            wire: Wire { pid, macs },
         }))
     }
 }
@@ -344,9 +365,36 @@ mod tests {
             image_labels: HashMap::new(),
             addresses: bridged,
             cgroup: None,
+            wire: Wire::default(),
         };
         assert!(c.owns_address("172.17.0.2".parse().unwrap()));
         assert!(c.owns_address("::ffff:172.17.0.2".parse().unwrap()));
         assert!(!c.owns_address("172.17.0.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn macs_are_read_as_docker_writes_them() {
+        assert_eq!(
+            parse_mac("02:42:ac:11:00:02"),
+            Some([0x02, 0x42, 0xac, 0x11, 0x00, 0x02])
+        );
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:02:03",
+            "2:42:ac:11:00:02",
+            "zz:42:ac:11:00:02",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        let wire = Wire {
+            pid: Some(7),
+            macs: vec![("172.17.0.2".parse().unwrap(), [2, 0x42, 0xac, 0x11, 0, 2])],
+        };
+        assert_eq!(
+            wire.mac_of("::ffff:172.17.0.2".parse().unwrap()),
+            Some([2, 0x42, 0xac, 0x11, 0, 2])
+        );
+        assert_eq!(wire.mac_of("172.17.0.3".parse().unwrap()), None);
     }
 }

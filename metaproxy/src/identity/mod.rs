@@ -398,6 +398,7 @@ mod tests {
             image_labels: HashMap::new(),
             addresses: None,
             cgroup: None,
+            wire: Default::default(),
         };
         let printed = format!("{c:?}");
         assert!(!printed.contains("glcbt-secret"), "{printed}");

@@ -90,7 +90,13 @@ impl RouteTable {
         routes
     }
 
-    async fn route_to(&self, addr: IpAddr) -> Option<Interface> {
+    /// The netlink handle, for other questions to the same socket.
+    pub(crate) fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Where the kernel would send a packet to `addr`, if anywhere.
+    pub async fn route_to(&self, addr: IpAddr) -> Option<Interface> {
         let message = match addr {
             IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(a, 32)

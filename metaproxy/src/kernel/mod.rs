@@ -1,10 +1,13 @@
 //! The kernel side: the eBPF programs' loader and maps (`probe`), the
-//! packet guard's placement (`guard`), and what both need to name kernel
+//! packet guard's placement (`guard`), whether the BPF LSM runs (`lsm`),
+//! and what both need to name kernel
 //! objects: cgroup paths, the address pair and its one key codec, the
 //! listen address.
 
 pub mod addrs;
 pub mod cgroup;
 pub mod guard;
+pub mod lsm;
 pub mod netaddr;
 pub mod probe;
+pub mod wire;

@@ -45,15 +45,17 @@ use aya::{
     programs::{
         links::{FdLink, LinkError},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LinkOrder,
-        SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, LinkOrder, LsmCgroup, SchedClassifier, SockOps, TcAttachType,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use metaproxy_common::{
-    ConnKey, ConnRecord, GuardDrop, ProbeConfig, GLOBAL_CONFIG, MAP_CONNS, MAP_GUARD_DROPS,
-    MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
-    PROG_GUARD_TC, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
+    ConnKey, ConnRecord, GuardDrop, L2Peer, L2PeerKey, L2Refusal, L2Seen, ProbeConfig,
+    GLOBAL_CONFIG, L2_SOCKET_HOOK, MAP_CONNS, MAP_GUARD_DROPS, MAP_L2_PEERS, MAP_L2_REFUSED,
+    MAP_L2_SEEN, MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
+    PROG_GUARD_TC, PROG_L2_DELIVER, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SOCK_OPS,
+    PROG_SOCK_RELEASE,
 };
 
 use crate::kernel::addrs::AddrPair;
@@ -66,10 +68,11 @@ static PROBE_OBJECT: &[u8] =
 /// beside the old ones instead of reusing incompatible pins.
 const MAPS_DIR: &str = "maps-v1";
 const LINKS_DIR: &str = "links";
-/// The cgroup programs, in attach order: the bind guards first, so the
-/// listen address is guarded before anything is redirected to it, and the
-/// packet guard before the redirect.
-const PROGRAMS: [&str; 7] = [
+/// The cgroup programs, in attach order: the layer-2 lock first, then the
+/// bind guards, so the listen address is guarded before anything is
+/// redirected to it, and the packet guard before the redirect.
+const PROGRAMS: [&str; 8] = [
+    PROG_L2_SOCKOPT,
     PROG_BIND4,
     PROG_BIND6,
     PROG_GUARD_SKB,
@@ -78,12 +81,19 @@ const PROGRAMS: [&str; 7] = [
     PROG_SOCK_OPS,
     PROG_SOCK_RELEASE,
 ];
+/// The cgroup programs that only some kernels can run: the layer-2 lock's
+/// LSM half needs the BPF LSM. Attached first where they can be, pinned
+/// like the others, and not required of a complete generation.
+const OPTIONAL_PROGRAMS: [&str; 1] = [PROG_L2_SOCKET];
 /// A record older than this at accept is refused: no SDK waits this long
 /// for IMDS, and an old record is one a spoofed SYN could claim.
 pub const MAX_RECORD_AGE: Duration = Duration::from_secs(5);
 /// Pin name stems of the tc guard (see the module docs).
 const TCX_PIN: &str = "mp_guard_tc_if";
 const NETLINK_PIN: &str = "mp_guard_nl_if";
+/// Pin name stems of the answer pin on bridges, likewise.
+const DELIVER_TCX_PIN: &str = "mp_l2_deliver_if";
+const DELIVER_NETLINK_PIN: &str = "mp_l2_deliver_nl_if";
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -159,6 +169,9 @@ pub struct ProbeOptions {
     pub guard_interfaces: Vec<Interface>,
     /// How the tc guard attaches.
     pub tc_mode: TcMode,
+    /// Whether the BPF LSM is active, so the layer-2 lock's socket hook
+    /// can run (see [`crate::kernel::lsm`]).
+    pub bpf_lsm: Result<(), String>,
 }
 
 /// A network interface, by index (what the kernel attaches to) and the
@@ -207,15 +220,42 @@ impl TcMode {
     }
 }
 
+/// Which of the two tc egress programs a pin holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcProg {
+    /// The packet guard, on interfaces that route to IMDS.
+    Guard,
+    /// The answer pin, on bridges the daemon answers containers through.
+    Deliver,
+}
+
+impl TcProg {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Guard => PROG_GUARD_TC,
+            Self::Deliver => PROG_L2_DELIVER,
+        }
+    }
+
+    /// Pin name stems: (tcx, clsact).
+    fn stems(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Guard => (TCX_PIN, NETLINK_PIN),
+            Self::Deliver => (DELIVER_TCX_PIN, DELIVER_NETLINK_PIN),
+        }
+    }
+}
+
 /// What a pin under `links/` holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pin {
     /// A cgroup link of one of [`PROGRAMS`].
     Cgroup,
-    /// The tc guard's tcx link on an interface.
-    Tcx { ifindex: u32 },
-    /// The tc guard's program, attached as a clsact filter.
+    /// A tc program's tcx link on an interface.
+    Tcx { prog: TcProg, ifindex: u32 },
+    /// A tc program, attached as a clsact filter.
     Netlink {
+        prog: TcProg,
         ifindex: u32,
         priority: u16,
         handle: u32,
@@ -235,6 +275,13 @@ pub struct Probe {
     /// Interfaces this generation's tc guard is on. Also keeps the
     /// programs' fds (and aya-log's ring buffer) open.
     guard: std::sync::Mutex<(Ebpf, Vec<Interface>)>,
+    l2_refused: PerCpuArray<MapData, u64>,
+    l2_seen: HashMap<MapData, L2Seen, u64>,
+    l2_peers: Mutex<HashMap<MapData, L2PeerKey, L2Peer>>,
+    /// Bridges this generation's answer pin is on.
+    deliver: Mutex<Vec<Interface>>,
+    /// Whether the layer-2 lock's socket hook is attached, or why not.
+    l2_socket_hook: Result<(), String>,
 }
 
 impl std::fmt::Debug for Probe {
@@ -298,21 +345,55 @@ impl Probe {
         let generation = old.iter().map(|(_, g, _)| *g).max().map_or(1, |g| g + 1);
         let cgroup =
             fs::File::open(&opts.cgroup).map_err(io_err("opening cgroup", &opts.cgroup))?;
+        // The LSM half where the kernel runs it; a kernel that lists the BPF
+        // LSM can still refuse its programs (some refuse every program that
+        // needs a BPF trampoline): then it is a gap, said, not a failure.
+        let l2_socket_hook = opts.bpf_lsm.clone().and_then(|()| {
+            let link = attach_lsm(&mut ebpf, &cgroup).map_err(|e| {
+                format!(
+                    "the kernel refused the BPF LSM program ({:#})",
+                    anyhow::Error::new(e)
+                )
+            })?;
+            let path = links_dir.join(format!("{PROG_L2_SOCKET}-{generation}"));
+            link.pin(&path)
+                .map(drop)
+                .map_err(|e| format!("pinning {}: {e}", path.display()))
+        });
         for name in PROGRAMS {
-            let link = attach_program(&mut ebpf, name, &cgroup)?;
             let path = links_dir.join(format!("{name}-{generation}"));
+            if name == PROG_L2_SOCKOPT {
+                attach_sockopt(&mut ebpf, &cgroup, &path)?;
+                continue;
+            }
+            let link = attach_program(&mut ebpf, name, &cgroup)?;
             link.pin(&path)
                 .map_err(|source| ProbeError::Pin { path, source })?;
         }
         {
-            let tc = guard_tc(&mut ebpf)?;
+            let tc = tc_program(&mut ebpf, TcProg::Guard)?;
             tc.load().map_err(|source| ProbeError::Program {
                 name: PROG_GUARD_TC,
                 source,
             })?;
             for iface in &opts.guard_interfaces {
-                attach_tc(tc, iface, opts.tc_mode, &links_dir, generation)?;
+                attach_tc(
+                    tc,
+                    TcProg::Guard,
+                    iface,
+                    opts.tc_mode,
+                    &links_dir,
+                    generation,
+                )?;
             }
+            // Loaded now, attached to a bridge the first time the daemon
+            // answers a container through it.
+            tc_program(&mut ebpf, TcProg::Deliver)?
+                .load()
+                .map_err(|source| ProbeError::Program {
+                    name: PROG_L2_DELIVER,
+                    source,
+                })?;
         }
         // The new generation is live: the old ones can go without a gap.
         for (path, _, pin) in old {
@@ -330,6 +411,17 @@ impl Probe {
                 source,
             })?
         };
+        let l2_refused = {
+            let map = ebpf
+                .take_map(MAP_L2_REFUSED)
+                .ok_or(ProbeError::Missing(MAP_L2_REFUSED))?;
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+                name: MAP_L2_REFUSED,
+                source,
+            })?
+        };
+        let l2_seen = take_map(&mut ebpf, MAP_L2_SEEN)?;
+        let l2_peers = take_map(&mut ebpf, MAP_L2_PEERS)?;
         Ok((
             Self {
                 conns: Mutex::new(conns),
@@ -339,6 +431,11 @@ impl Probe {
                 links_dir,
                 tc_mode: opts.tc_mode,
                 guard: std::sync::Mutex::new((ebpf, opts.guard_interfaces.clone())),
+                l2_refused,
+                l2_seen,
+                l2_peers: Mutex::new(l2_peers),
+                deliver: Mutex::new(Vec::new()),
+                l2_socket_hook,
             },
             kernel_log,
         ))
@@ -352,11 +449,73 @@ impl Probe {
         if on.iter().any(|i| i.index == iface.index) {
             return Ok(false);
         }
-        let tc = guard_tc(ebpf)?;
-        attach_tc(tc, iface, self.tc_mode, &self.links_dir, self.generation)?;
+        let tc = tc_program(ebpf, TcProg::Guard)?;
+        attach_tc(
+            tc,
+            TcProg::Guard,
+            iface,
+            self.tc_mode,
+            &self.links_dir,
+            self.generation,
+        )?;
         on.push(iface.clone());
         on.sort();
         Ok(true)
+    }
+
+    /// Sends the daemon's answers to `addr` to `peer` (the container's MAC,
+    /// out of its own port), putting the answer pin on `bridge`, the
+    /// interface that routes to `addr`, first if it is not there yet.
+    pub fn pin_peer(
+        &self,
+        addr: std::net::IpAddr,
+        peer: L2Peer,
+        bridge: &Interface,
+    ) -> Result<(), ProbeError> {
+        {
+            let mut on = self.deliver.lock().unwrap_or_else(|p| p.into_inner());
+            if !on.iter().any(|i| i.index == bridge.index) {
+                let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+                let tc = tc_program(&mut guard.0, TcProg::Deliver)?;
+                attach_tc(
+                    tc,
+                    TcProg::Deliver,
+                    bridge,
+                    self.tc_mode,
+                    &self.links_dir,
+                    self.generation,
+                )?;
+                on.push(bridge.clone());
+                on.sort();
+                tracing::info!(bridge = %bridge.name, ifindex = bridge.index, "answers to containers on this bridge go to their own ports");
+            }
+        }
+        let key = peer_key(addr);
+        self.l2_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, peer, 0)
+            .map_err(|source| ProbeError::Map {
+                name: MAP_L2_PEERS,
+                source,
+            })
+    }
+
+    /// Forgets where answers to `addr` go (its container is gone).
+    pub fn unpin_peer(&self, addr: std::net::IpAddr) {
+        let _ = self
+            .l2_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer_key(addr));
+    }
+
+    /// The bridges the answer pin is on.
+    pub fn pinned_bridges(&self) -> Vec<Interface> {
+        self.deliver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Forgets interfaces that no longer exist (a deleted interface takes
@@ -366,9 +525,13 @@ impl Probe {
         let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
         let (_, on) = &mut *guard;
         on.retain(|i| exists(i.index));
+        self.deliver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| exists(i.index));
         for (path, _, pin) in pinned_links(&self.links_dir)? {
             let ifindex = match pin {
-                Pin::Tcx { ifindex } | Pin::Netlink { ifindex, .. } => ifindex,
+                Pin::Tcx { ifindex, .. } | Pin::Netlink { ifindex, .. } => ifindex,
                 Pin::Cgroup => continue,
             };
             if !exists(ifindex) {
@@ -398,6 +561,35 @@ impl Probe {
                 (*kind, n)
             })
             .collect()
+    }
+
+    /// What the layer-2 lock refused, by kind, summed over CPUs.
+    pub fn l2_refusals(&self) -> Vec<(L2Refusal, u64)> {
+        L2Refusal::ALL
+            .iter()
+            .map(|kind| {
+                let n = self
+                    .l2_refused
+                    .get(&(*kind as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*kind, n)
+            })
+            .collect()
+    }
+
+    /// Each cgroup's first refusal of each kind the kernel remembers.
+    pub fn l2_seen(&self) -> Vec<L2Seen> {
+        self.l2_seen.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Whether the layer-2 lock's socket hook (no packet, AF_XDP or raw
+    /// IPv6 sockets) is attached, or why not. Its setsockopt half always is.
+    pub fn l2_socket_hook(&self) -> Result<(), &str> {
+        self.l2_socket_hook
+            .as_ref()
+            .map(|_| ())
+            .map_err(String::as_str)
     }
 
     /// This daemon's link generation (1 for a fresh attach).
@@ -445,18 +637,34 @@ impl Probe {
     }
 }
 
-/// `CLOCK_BOOTTIME` now, as the kernel stamps records.
-/// The packet guard's tc classifier in `ebpf`.
-fn guard_tc(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, ProbeError> {
-    ebpf.program_mut(PROG_GUARD_TC)
-        .ok_or(ProbeError::Missing(PROG_GUARD_TC))?
+/// One of the tc classifiers in `ebpf`.
+fn tc_program(ebpf: &mut Ebpf, prog: TcProg) -> Result<&mut SchedClassifier, ProbeError> {
+    let name = prog.name();
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
         .try_into()
-        .map_err(|source| ProbeError::Program {
-            name: PROG_GUARD_TC,
-            source,
-        })
+        .map_err(|source| ProbeError::Program { name, source })
 }
 
+/// The answer pin's key for `addr` (an IPv4-mapped address is IPv4).
+fn peer_key(addr: std::net::IpAddr) -> L2PeerKey {
+    match addr.to_canonical() {
+        std::net::IpAddr::V4(v4) => L2PeerKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: u32::from(metaproxy_common::AF_INET),
+        },
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            L2PeerKey {
+                addr: [word(0), word(4), word(8), word(12)],
+                family: u32::from(metaproxy_common::AF_INET6),
+            }
+        }
+    }
+}
+
+/// `CLOCK_BOOTTIME` now, as the kernel stamps records.
 fn boot_ns_now() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|ts| Duration::from(ts).as_nanos() as u64)
@@ -492,6 +700,7 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 
 mod attach;
 mod pins;
+mod sockopt_link;
 
 use attach::*;
 pub use pins::*;

@@ -26,6 +26,40 @@ pub struct Container {
     /// The cgroup (below the cgroup2 mount) its init process is in, as the
     /// kernel reports it; `None` when it is not running.
     pub cgroup: Option<String>,
+    /// Where it sits on the wire, for pinning the daemon's answers to it.
+    pub wire: Wire,
+}
+
+/// What the answer pin needs of a container: the process whose network
+/// namespace holds its interfaces, and the MAC of each of its addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wire {
+    /// Its init process (Docker's `State.Pid`).
+    pub pid: Option<u32>,
+    /// Each address Docker gave it, with the MAC of that endpoint.
+    pub macs: Vec<(IpAddr, [u8; 6])>,
+}
+
+impl Wire {
+    /// The MAC of the endpoint that holds `addr`.
+    pub fn mac_of(&self, addr: IpAddr) -> Option<[u8; 6]> {
+        let addr = addr.to_canonical();
+        self.macs.iter().find(|(a, _)| *a == addr).map(|(_, m)| *m)
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as Docker writes MACs.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 impl std::fmt::Debug for Container {

@@ -182,6 +182,7 @@ mod tests {
             image_labels: HashMap::new(),
             addresses: None,
             cgroup: None,
+            wire: Default::default(),
         }
     }
 

@@ -43,6 +43,9 @@ pub struct Status {
     /// The probe generation in force.
     pub generation: u64,
     pub guard: GuardStatus,
+    /// The layer-2 lock. Absent from a daemon older than it.
+    #[serde(default)]
+    pub layer2: Layer2Status,
     pub maps: MapStatus,
     pub connections: ConnectionStatus,
     /// What the daemon knows of AWS (for `metaproxy doctor`).
@@ -92,6 +95,20 @@ pub struct GuardStatus {
     pub unrouted: Vec<String>,
     /// Packets dropped, by kind.
     pub dropped: BTreeMap<String, u64>,
+}
+
+/// The layer-2 lock: what it covers on this host, and what it refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layer2Status {
+    /// Packet, AF_XDP and raw IPv6 sockets are refused to jobs: `true`
+    /// where the BPF LSM runs.
+    pub sockets_refused: bool,
+    /// Why they are not, where they are not: the gap a job with `NET_RAW`
+    /// could use (forged ARP and MACs on a shared bridge, sniffing from
+    /// the host network).
+    pub gap: Option<String>,
+    /// Refusals, by kind.
+    pub refused: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -313,6 +330,11 @@ mod status_tests {
                 unrouted: vec!["fd00:ec2::254".into()],
                 dropped: BTreeMap::from([("forwarded".to_string(), 4)]),
             },
+            layer2: Layer2Status {
+                sockets_refused: true,
+                gap: None,
+                refused: BTreeMap::from([("packet_socket".to_string(), 2)]),
+            },
             maps: MapStatus {
                 pending: 0,
                 conns: 1,
@@ -335,13 +357,15 @@ mod status_tests {
         assert_eq!(value["guard"]["dropped"]["forwarded"], 4);
         assert_eq!(value["guard"]["interfaces"][0]["name"], "eth0");
         assert_eq!(value["aws"]["instance_requires_tokens"], true);
+        assert_eq!(value["layer2"]["refused"]["packet_socket"], 2);
+        assert_eq!(value["layer2"]["sockets_refused"], true);
         // A daemon from before the aws section still reads.
         let mut old = value.clone();
         old.as_object_mut().unwrap().remove("aws");
-        assert_eq!(
-            serde_json::from_value::<Status>(old).unwrap().aws,
-            AwsStatus::default()
-        );
+        old.as_object_mut().unwrap().remove("layer2");
+        let old = serde_json::from_value::<Status>(old).unwrap();
+        assert_eq!(old.aws, AwsStatus::default());
+        assert_eq!(old.layer2, Layer2Status::default());
         assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), status);
     }
 }

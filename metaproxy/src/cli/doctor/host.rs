@@ -20,6 +20,7 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
     });
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     checks.push(bpffs_check(&mountinfo, pin_dir));
+    checks.push(layer2_check(crate::kernel::lsm::bpf_lsm()));
     checks.push(match probe::redirect_in_place(pin_dir) {
         Ok(Some(generation)) => Check::new(
             "host",
@@ -41,6 +42,26 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
             .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
     });
     checks
+}
+
+/// Whether this kernel can refuse jobs packet sockets (the BPF LSM runs):
+/// what the layer-2 lock needs for its socket half.
+pub(super) fn layer2_check(bpf_lsm: Result<(), String>) -> Check {
+    match bpf_lsm {
+        Ok(()) => Check::new(
+            "host",
+            "layer 2",
+            Level::Ok,
+            "the BPF LSM runs: jobs can be refused packet, AF_XDP and raw IPv6 sockets",
+        ),
+        Err(why) => Check::new(
+            "host",
+            "layer 2",
+            Level::Warn,
+            format!("{why}: jobs that keep NET_RAW can forge ARP and MACs on a shared bridge, and read other jobs' traffic with --network host"),
+        )
+        .fix("boot with bpf in lsm= (e.g. lsm=lockdown,capability,landlock,yama,bpf), or cap_drop = [\"NET_RAW\"] on every runner"),
+    }
 }
 
 /// bpffs mounted where the pins go: without it nothing survives the
@@ -201,6 +222,24 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
             Level::Ok,
             format!("{} on {}", status.guard.mode, names.join(", ")),
         )
+    });
+    checks.push(match (&status.layer2.sockets_refused, &status.layer2.gap) {
+        (true, _) => Check::new(
+            "host",
+            "layer-2 lock",
+            Level::Ok,
+            "jobs get no packet, AF_XDP or raw IPv6 socket, and no option that forges a source or passes tc egress",
+        ),
+        (false, gap) => Check::new(
+            "host",
+            "layer-2 lock",
+            Level::Warn,
+            format!(
+                "only its setsockopt half: {}",
+                gap.as_deref().unwrap_or("the running daemon has no layer-2 lock (upgrade it)")
+            ),
+        )
+        .fix("boot with bpf in lsm=, then restart metaproxy"),
     });
     (checks, Some(status))
 }

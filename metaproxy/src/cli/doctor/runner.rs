@@ -14,6 +14,9 @@ pub struct Context {
     /// The cgroup the probe is attached to, below the cgroup2 mount
     /// (`/` for its root).
     pub attached: Option<String>,
+    /// Why jobs can still open packet sockets on this host (no BPF LSM, or
+    /// a daemon without the layer-2 lock); `None` where they cannot.
+    pub layer2_gap: Option<String>,
 }
 
 /// Executors whose jobs run in Docker containers on this host.
@@ -205,31 +208,45 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
         .and_then(|d| d.get("network_mode"))
         .and_then(toml::Value::as_str)
         .unwrap_or("");
-    checks.push(if network == "host" {
-        Check::new(
-            &area,
-            "network_mode",
-            Level::Warn,
-            "host: jobs share the host's network namespace (the packet guard's cgroup layer covers it)",
-        )
-        .fix("drop network_mode = \"host\" unless the jobs need it")
-    } else {
-        Check::new(&area, "network_mode", Level::Ok, "a network of its own")
-    });
     let dropped: Vec<String> = strings(docker.and_then(|d| d.get("cap_drop")))
         .into_iter()
         .map(capability)
         .collect();
-    checks.push(if dropped.iter().any(|c| c == "NET_RAW" || c == "ALL") {
-        Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped")
-    } else {
-        Check::new(
+    let net_raw_kept = !dropped.iter().any(|c| c == "NET_RAW" || c == "ALL");
+    let host_network = network == "host";
+    checks.push(match (host_network, net_raw_kept, &context.layer2_gap) {
+        (true, true, Some(gap)) => Check::new(
+            &area,
+            "network_mode",
+            Level::Fail,
+            format!("host, with NET_RAW kept, and {gap}: a job can read every job's credentials off docker0 and lo with a packet socket"),
+        )
+        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker], or drop network_mode = \"host\""),
+        (true, _, _) => Check::new(
+            &area,
+            "network_mode",
+            Level::Warn,
+            "host: jobs share the host's network namespace (the layer-2 lock refuses them packet sockets, the packet guard drops their packets to IMDS)",
+        )
+        .fix("drop network_mode = \"host\" unless the jobs need it"),
+        (false, ..) => Check::new(&area, "network_mode", Level::Ok, "a network of its own"),
+    });
+    checks.push(match (net_raw_kept, &context.layer2_gap) {
+        (false, _) => Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped"),
+        (true, Some(gap)) => Check::new(
+            &area,
+            "cap_drop",
+            Level::Fail,
+            format!("NET_RAW kept (Docker's default), and {gap}: a job can ARP-spoof another on the bridge and read its credentials"),
+        )
+        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker], or boot with bpf in lsm="),
+        (true, None) => Check::new(
             &area,
             "cap_drop",
             Level::Warn,
-            "NET_RAW kept (Docker's default): jobs can ARP-spoof one another on the bridge; the packet guard still keeps them from IMDS",
+            "NET_RAW kept (Docker's default): the layer-2 lock refuses jobs packet sockets; dropping it is a second barrier",
         )
-        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]")
+        .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]"),
     });
     let added = host_reaching(
         strings(docker.and_then(|d| d.get("cap_add")))

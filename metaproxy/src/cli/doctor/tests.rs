@@ -105,6 +105,82 @@ unknown_top_level = "fine"
     assert!(shell[0].found.contains("shell"), "{shell:?}");
 }
 
+/// Where the BPF LSM is missing, a job that keeps NET_RAW can forge
+/// frames: doctor fails the runners that let it, and says why.
+#[test]
+fn without_the_layer2_lock_runners_that_keep_net_raw_fail() {
+    let config = r#"
+[[runners]]
+  name = "bridged"
+  executor = "docker"
+  environment = ["IAM_ROLE=ci-deploy"]
+
+[[runners]]
+  name = "host-net"
+  executor = "docker"
+  environment = ["IAM_ROLE="]
+  [runners.docker]
+    network_mode = "host"
+
+[[runners]]
+  name = "dropped"
+  executor = "docker"
+  environment = ["IAM_ROLE="]
+  [runners.docker]
+    network_mode = "host"
+    cap_drop = ["NET_RAW"]
+"#;
+    let gap = runner::Context {
+        layer2_gap: Some("the BPF LSM is not active (active LSMs: lockdown,capability)".into()),
+        ..served()
+    };
+    let checks = runner::runner_checks_in(config, &gap);
+    assert_eq!(
+        failed(&checks),
+        [
+            ("runner bridged".to_string(), "cap_drop"),
+            ("runner host-net".to_string(), "network_mode"),
+            ("runner host-net".to_string(), "cap_drop"),
+        ]
+    );
+    let host = checks
+        .iter()
+        .find(|c| c.area == "runner host-net" && c.check == "network_mode")
+        .unwrap();
+    assert!(host.found.contains("BPF LSM is not active"), "{host:?}");
+    assert!(host.found.contains("docker0"), "{host:?}");
+    // With the lock, the same runners only warn: NET_RAW is a second
+    // barrier, not the only one.
+    let locked = runner::runner_checks_in(config, &served());
+    assert!(failed(&locked).is_empty(), "{locked:#?}");
+    assert_eq!(
+        levels(
+            &locked
+                .iter()
+                .filter(|c| c.area == "runner bridged")
+                .cloned()
+                .collect::<Vec<_>>(),
+            "cap_drop"
+        ),
+        [Level::Warn]
+    );
+    let net = locked
+        .iter()
+        .find(|c| c.area == "runner host-net" && c.check == "network_mode")
+        .unwrap();
+    assert!(!net.found.contains("cgroup layer covers"), "{net:?}");
+}
+
+#[test]
+fn a_layer2_gap_on_the_host_is_a_warning_with_the_fix() {
+    let ok = host::layer2_check(Ok(()));
+    assert_eq!(ok.level, Level::Ok);
+    let gap = host::layer2_check(crate::kernel::lsm::bpf_in("lockdown,capability,selinux"));
+    assert_eq!(gap.level, Level::Warn);
+    assert!(gap.found.contains("selinux"), "{gap:?}");
+    assert!(gap.fix.unwrap().contains("lsm="));
+}
+
 #[test]
 fn a_broken_or_empty_config_is_a_finding_not_a_crash() {
     let broken = runner_checks("[[runners]\nname = 1");
@@ -160,6 +236,7 @@ fn served() -> runner::Context {
             "/v1/credentials".into(),
         )),
         attached: Some("/".into()),
+        layer2_gap: None,
     }
 }
 

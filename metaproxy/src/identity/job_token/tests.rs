@@ -104,6 +104,7 @@ fn job_container(job: &str, env: &[String], image_env: &[String]) -> Container {
         image_labels: HashMap::new(),
         addresses: None,
         cgroup: None,
+        wire: Default::default(),
     }
 }
 

@@ -1,7 +1,45 @@
 //! Attaching one program: to the cgroup with a pinned link, or to an
 //! interface at tc egress (tcx, or a clsact filter on older kernels).
 
+use std::os::fd::AsFd as _;
+
 use super::*;
+
+/// Loads the layer-2 lock's LSM half against its hook and attaches it to
+/// `cgroup` (`lsm_cgroup`: it runs only for tasks below the cgroup).
+pub(super) fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink, ProbeError> {
+    let name = PROG_L2_SOCKET;
+    let err = |source| ProbeError::Program { name, source };
+    let btf = Btf::from_sys_fs().map_err(|e| err(e.into()))?;
+    let prog: &mut LsmCgroup = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
+        .try_into()
+        .map_err(err)?;
+    prog.load(L2_SOCKET_HOOK, &btf).map_err(err)?;
+    let id = prog.attach(cgroup).map_err(err)?;
+    Ok(prog.take_link(id).map_err(err)?.into())
+}
+
+/// Loads the layer-2 lock's setsockopt half and attaches and pins it (see
+/// [`super::sockopt_link`] for why not through aya).
+pub(super) fn attach_sockopt(
+    ebpf: &mut Ebpf,
+    cgroup: &fs::File,
+    path: &Path,
+) -> Result<(), ProbeError> {
+    let name = PROG_L2_SOCKOPT;
+    let err = |source| ProbeError::Program { name, source };
+    let prog: &mut CgroupSockopt = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    let fd = prog.fd().map_err(err)?;
+    sockopt_link::attach_and_pin(fd.as_fd(), cgroup, path)
+        .map_err(io_err("attaching and pinning", path))
+}
 
 pub(super) fn attach_program(
     ebpf: &mut Ebpf,
@@ -48,11 +86,13 @@ pub(super) fn attach_program(
 /// Attaches the tc guard at egress of `iface` and pins what records it.
 pub(super) fn attach_tc(
     tc: &mut SchedClassifier,
+    prog: TcProg,
     iface: &Interface,
     mode: TcMode,
     links_dir: &Path,
     generation: u64,
 ) -> Result<(), ProbeError> {
+    let (tcx_pin, netlink_pin) = prog.stems();
     let err = |source| ProbeError::Guard {
         name: iface.name.clone(),
         index: iface.index,
@@ -71,10 +111,10 @@ pub(super) fn attach_tc(
                 .map_err(err)?;
             let link = tc.take_link(id).map_err(err)?;
             let link = FdLink::try_from(link).map_err(|source| ProbeError::Link {
-                name: PROG_GUARD_TC,
+                name: prog.name(),
                 source,
             })?;
-            let path = links_dir.join(format!("{TCX_PIN}{}-{generation}", iface.index));
+            let path = links_dir.join(format!("{tcx_pin}{}-{generation}", iface.index));
             link.pin(&path)
                 .map_err(|source| ProbeError::Pin { path, source })?;
         }
@@ -97,13 +137,13 @@ pub(super) fn attach_tc(
             // delete it.
             std::mem::forget(link);
             let path = links_dir.join(format!(
-                "{NETLINK_PIN}{}_p{priority}_h{handle}-{generation}",
+                "{netlink_pin}{}_p{priority}_h{handle}-{generation}",
                 iface.index
             ));
             tc.pin(&path)
                 .map_err(|source| ProbeError::Pin { path, source })?;
         }
     }
-    tracing::debug!(interface = %iface.name, ifindex = iface.index, mode = mode.name(), generation, "packet guard attached");
+    tracing::debug!(interface = %iface.name, ifindex = iface.index, mode = mode.name(), generation, program = prog.name(), "tc program attached");
     Ok(())
 }

@@ -9,6 +9,7 @@ pub(super) fn unpin(path: &Path, pin: &Pin) -> Result<(), ProbeError> {
         ifindex,
         priority,
         handle,
+        ..
     } = pin
     {
         if let Some(name) = interface_name(*ifindex) {
@@ -64,8 +65,16 @@ pub fn guard_in_place(pin_dir: &Path, generation: u64) -> Result<Vec<u32>, Probe
         .into_iter()
         .filter(|(_, g, _)| *g == generation)
         .filter_map(|(_, _, pin)| match pin {
-            Pin::Tcx { ifindex } | Pin::Netlink { ifindex, .. } => Some(ifindex),
-            Pin::Cgroup => None,
+            Pin::Tcx {
+                prog: TcProg::Guard,
+                ifindex,
+            }
+            | Pin::Netlink {
+                prog: TcProg::Guard,
+                ifindex,
+                ..
+            } => Some(ifindex),
+            _ => None,
         })
         .collect();
     found.sort_unstable();
@@ -88,28 +97,37 @@ pub(super) fn pinned_links(dir: &Path) -> Result<Vec<(PathBuf, u64, Pin)>, Probe
 pub(super) fn parse_pin(name: &str) -> Option<(u64, Pin)> {
     let (stem, generation) = name.rsplit_once('-')?;
     let generation = generation.parse().ok()?;
-    if PROGRAMS.contains(&stem) {
+    if PROGRAMS.contains(&stem) || OPTIONAL_PROGRAMS.contains(&stem) {
         return Some((generation, Pin::Cgroup));
     }
-    if let Some(ifindex) = stem.strip_prefix(TCX_PIN) {
-        return Some((
-            generation,
-            Pin::Tcx {
-                ifindex: ifindex.parse().ok()?,
-            },
-        ));
+    for prog in [TcProg::Guard, TcProg::Deliver] {
+        let (tcx, netlink) = prog.stems();
+        // The clsact stem first: a tcx stem is not a prefix of it, but be
+        // exact all the same.
+        if let Some(rest) = stem.strip_prefix(netlink) {
+            let (ifindex, rest) = rest.split_once("_p")?;
+            let (priority, handle) = rest.split_once("_h")?;
+            return Some((
+                generation,
+                Pin::Netlink {
+                    prog,
+                    ifindex: ifindex.parse().ok()?,
+                    priority: priority.parse().ok()?,
+                    handle: handle.parse().ok()?,
+                },
+            ));
+        }
+        if let Some(ifindex) = stem.strip_prefix(tcx) {
+            return Some((
+                generation,
+                Pin::Tcx {
+                    prog,
+                    ifindex: ifindex.parse().ok()?,
+                },
+            ));
+        }
     }
-    let rest = stem.strip_prefix(NETLINK_PIN)?;
-    let (ifindex, rest) = rest.split_once("_p")?;
-    let (priority, handle) = rest.split_once("_h")?;
-    Some((
-        generation,
-        Pin::Netlink {
-            ifindex: ifindex.parse().ok()?,
-            priority: priority.parse().ok()?,
-            handle: handle.parse().ok()?,
-        },
-    ))
+    None
 }
 
 /// Removes the redirect for good: unpins every link (the kernel detaches a

@@ -25,6 +25,70 @@ fn only_our_programs_count_as_link_pins() {
 }
 
 #[test]
+fn each_pin_name_says_which_program_and_where() {
+    assert_eq!(parse_pin("mp_l2_sockopt-3"), Some((3, Pin::Cgroup)));
+    assert_eq!(parse_pin("mp_l2_socket-3"), Some((3, Pin::Cgroup)));
+    assert_eq!(
+        parse_pin("mp_guard_tc_if4-2"),
+        Some((
+            2,
+            Pin::Tcx {
+                prog: TcProg::Guard,
+                ifindex: 4
+            }
+        ))
+    );
+    assert_eq!(
+        parse_pin("mp_l2_deliver_if9-2"),
+        Some((
+            2,
+            Pin::Tcx {
+                prog: TcProg::Deliver,
+                ifindex: 9
+            }
+        ))
+    );
+    assert_eq!(
+        parse_pin("mp_l2_deliver_nl_if9_p49152_h1-5"),
+        Some((
+            5,
+            Pin::Netlink {
+                prog: TcProg::Deliver,
+                ifindex: 9,
+                priority: 49152,
+                handle: 1
+            }
+        ))
+    );
+    assert_eq!(
+        parse_pin("mp_guard_nl_if2_p1_h3-1"),
+        Some((
+            1,
+            Pin::Netlink {
+                prog: TcProg::Guard,
+                ifindex: 2,
+                priority: 1,
+                handle: 3
+            }
+        ))
+    );
+    assert_eq!(parse_pin("mp_l2_deliver_ifx-1"), None);
+}
+
+#[test]
+fn answer_pins_key_addresses_as_the_kernel_reads_them() {
+    let v4 = peer_key("172.17.0.2".parse().unwrap());
+    assert_eq!(v4.addr, [u32::from_ne_bytes([172, 17, 0, 2]), 0, 0, 0]);
+    assert_eq!(v4.family, 2);
+    // An IPv4-mapped peer is the IPv4 address on the wire.
+    assert_eq!(peer_key("::ffff:172.17.0.2".parse().unwrap()), v4);
+    let v6 = peer_key("fd00::2".parse().unwrap());
+    assert_eq!(v6.family, 10);
+    assert_eq!(v6.addr[0], u32::from_ne_bytes([0xfd, 0, 0, 0]));
+    assert_eq!(v6.addr[3], u32::from_ne_bytes([0, 0, 0, 2]));
+}
+
+#[test]
 fn pin_directories_others_can_write_are_refused() {
     use std::os::unix::fs::PermissionsExt as _;
     let me = nix::unistd::geteuid().as_raw();
@@ -71,13 +135,20 @@ fn guard_pins_name_their_interface_and_filter() {
     assert_eq!(parse_pin("mp_guard_skb-3"), Some((3, Pin::Cgroup)));
     assert_eq!(
         parse_pin("mp_guard_tc_if12-3"),
-        Some((3, Pin::Tcx { ifindex: 12 }))
+        Some((
+            3,
+            Pin::Tcx {
+                prog: TcProg::Guard,
+                ifindex: 12
+            }
+        ))
     );
     assert_eq!(
         parse_pin("mp_guard_nl_if2_p49152_h1-4"),
         Some((
             4,
             Pin::Netlink {
+                prog: TcProg::Guard,
                 ifindex: 2,
                 priority: 49152,
                 handle: 1

@@ -141,7 +141,10 @@ pub(super) fn answer<B>(
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match readiness.check() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Ok(()) => match readiness.gap_detail() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(gap) => text(StatusCode::OK, format!("ready; gap: {gap}\n")),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),

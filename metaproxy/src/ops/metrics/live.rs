@@ -19,6 +19,11 @@ pub struct Live {
     pub guard_drops: [u64; metaproxy_common::GUARD_DROP_KINDS as usize],
     /// Interfaces the tc guard is attached to.
     pub guard_interfaces: u64,
+    /// What the layer-2 lock refused, by [`metaproxy_common::L2Refusal`].
+    pub l2_refusals: [u64; metaproxy_common::L2_REFUSAL_KINDS as usize],
+    /// Whether packet, AF_XDP and raw IPv6 sockets are refused to jobs
+    /// (the BPF LSM runs).
+    pub l2_sockets_refused: bool,
 }
 
 /// Where [`Live`] comes from (the daemon's parts; a fixed value in tests).
@@ -129,6 +134,24 @@ impl Collector for LiveCollector {
             )?;
             for kind in metaproxy_common::GuardDrop::ALL {
                 ConstCounter::new(live.guard_drops[kind as usize])
+                    .encode(family.encode_family(&[("kind", kind.name())])?)?;
+            }
+        }
+        gauge(
+            &mut encoder,
+            "metaproxy_layer2_sockets_refused",
+            "1 where jobs are refused packet, AF_XDP and raw IPv6 sockets (the BPF LSM runs); 0 is a gap status names",
+            &[(None, u64::from(live.l2_sockets_refused))],
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "metaproxy_layer2_refused",
+                "Socket calls of jobs that the layer-2 lock refused (forged frames, sniffing, ways past tc egress), by kind",
+                None,
+                MetricType::Counter,
+            )?;
+            for kind in metaproxy_common::L2Refusal::ALL {
+                ConstCounter::new(live.l2_refusals[kind as usize])
                     .encode(family.encode_family(&[("kind", kind.name())])?)?;
             }
         }

@@ -174,6 +174,9 @@ pub struct RequestMetrics {
     pub shed: Counter,
     /// Connections the probe had no record of.
     pub records_missing: Counter,
+    /// Connections closed unanswered: the path of answers to their
+    /// container could not be pinned.
+    pub unpinned: Counter,
     /// Remaining lifetime of the credentials each answer carried.
     pub served_remaining: Histogram,
 }
@@ -185,6 +188,7 @@ impl Default for RequestMetrics {
             refusals: Family::default(),
             shed: Counter::default(),
             records_missing: Counter::default(),
+            unpinned: Counter::default(),
             served_remaining: Histogram::new([
                 300.0, 600.0, 900.0, 1200.0, 1800.0, 2400.0, 3000.0, 3600.0, 7200.0, 21600.0,
                 43200.0,
@@ -234,6 +238,11 @@ impl RequestMetrics {
             "metaproxy_probe_records_missing",
             "Connections the probe had no record of (direct connects to the listen address)",
             self.records_missing.clone(),
+        );
+        r.register(
+            "metaproxy_connections_unpinned",
+            "Connections closed unanswered because the path of answers to their container could not be pinned to its own port",
+            self.unpinned.clone(),
         );
         r.register(
             "metaproxy_served_credentials_remaining_seconds",

@@ -12,6 +12,8 @@ pub struct Readiness {
     docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     account: OnceLock<Arc<OnceLock<AccountId>>>,
     issuer_keys: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// A protection this host cannot have: ready all the same, and said.
+    gap: OnceLock<String>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -51,6 +53,17 @@ impl Readiness {
     /// The daemon's own account, set once its credentials have worked.
     pub fn own_credentials(&self, account: Arc<OnceLock<AccountId>>) {
         let _ = self.account.set(account);
+    }
+
+    /// Records a protection this host cannot have (the BPF LSM missing):
+    /// `/readyz` stays ready, and its detail says so.
+    pub fn gap(&self, what: String) {
+        let _ = self.gap.set(what);
+    }
+
+    /// The protection this host cannot have, if any.
+    pub fn gap_detail(&self) -> Option<&str> {
+        self.gap.get().map(String::as_str)
     }
 
     /// `Ok` when ready; otherwise the first thing missing, in start order.

@@ -97,6 +97,8 @@ fn names_follow_prometheus_conventions() {
             open_connections: 3,
             map_conns: 7,
             guard_drops: [4, 0, 1, 0, 0],
+            l2_refusals: [2, 0, 0, 0, 0, 1, 0, 3, 0],
+            l2_sockets_refused: true,
             ..Live::default()
         })),
     );
@@ -112,6 +114,11 @@ fn names_follow_prometheus_conventions() {
         "metaproxy_guard_dropped_packets_total{kind=\"forwarded\"} 4",
         "metaproxy_guard_dropped_packets_total{kind=\"subtree_packet_socket\"} 1",
         "metaproxy_guard_dropped_packets_total{kind=\"subtree_socket\"} 0",
+        "metaproxy_layer2_refused_total{kind=\"packet_socket\"} 2",
+        "metaproxy_layer2_refused_total{kind=\"qdisc_bypass\"} 1",
+        "metaproxy_layer2_refused_total{kind=\"xdp_socket\"} 0",
+        "metaproxy_layer2_sockets_refused 1",
+        "metaproxy_layer2_refused_total{kind=\"spoofed_arp\"} 3",
         "metaproxy_build_info{version=\"",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
