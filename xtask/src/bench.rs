@@ -60,12 +60,24 @@ const CONNECT_TURNS: usize = 3;
 /// The pause before each of those loops.
 const SETTLE: Duration = Duration::from_secs(2);
 
-pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
+mod traffic;
+
+pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()> {
     let (release, metaproxy_bin) = prepare()?;
     // The kernel counts run time and runs of every BPF program while this
     // is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| anyhow::anyhow!("enabling BPF run-time statistics: {e}"))?;
+    if traffic_only {
+        let bed = E2eBed::start(&[])?;
+        let report = traffic::measure(&bed)?;
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            traffic::print(&report);
+        }
+        return Ok(());
+    }
     let mut bed = E2eBed::start(&[
         "--max-connections",
         "8192",
@@ -84,6 +96,7 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
     let live = live_containers(&bed, &job)?;
     let held = held_figures(&mut bed, &job)?;
     let connect_loop = connect_loop(&mut bed, &job, &floor, &metaproxy_bin)?;
+    let traffic = traffic::measure(&bed)?;
 
     let report = report(&Figures {
         targets: &targets,
@@ -97,10 +110,14 @@ pub fn run(json_out: bool, perf: bool) -> anyhow::Result<()> {
         assume_role_under_load,
     });
     if json_out {
+        let mut report = report;
+        report["traffic"] = traffic;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     print_table(&report);
+    println!();
+    traffic::print(&traffic);
     Ok(())
 }
 

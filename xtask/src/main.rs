@@ -41,6 +41,10 @@ enum Cmd {
         /// (target/bench-perf.txt).
         #[arg(long)]
         perf: bool,
+        /// Only what a job's ordinary traffic pays: a covered and a bare
+        /// job side by side.
+        #[arg(long)]
+        traffic: bool,
     },
     /// Run every test: unit tests, then the kernel and end-to-end suites.
     Test {
@@ -70,7 +74,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { json, perf } => bench::run(json, perf),
+        Cmd::Bench {
+            json,
+            perf,
+            traffic,
+        } => bench::run(json, perf, traffic),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
         Cmd::Package { profile } => package::run(&profile),

@@ -48,6 +48,10 @@ pub struct KernelAnswerPath {
     routes: RouteTable,
     /// What is pinned already: (container, address) -> port.
     pinned: Mutex<HashMap<(ContainerId, IpAddr), u32>>,
+    /// One pin made at a time: a container's first connections often come
+    /// together (an SDK's retries, a job's parallel steps), and each would
+    /// otherwise walk every link on the host.
+    making: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KernelAnswerPath {
@@ -66,6 +70,7 @@ impl KernelAnswerPath {
             probe,
             routes: RouteTable::open()?,
             pinned: Mutex::new(HashMap::new()),
+            making: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -81,21 +86,28 @@ impl KernelAnswerPath {
         pinned.retain(|(c, _), _| c != id);
         for addr in gone {
             // Another container may hold the address now, pinned afresh.
-            if !pinned.keys().any(|(_, a)| *a == addr) {
+            if !pinned.iter().any(|((_, a), port)| *a == addr && *port != 0) {
                 self.probe.unpin_peer(addr);
             }
         }
     }
 
+    fn is_pinned(&self, key: &(ContainerId, IpAddr)) -> bool {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(key)
+    }
+
     async fn pin_now(&self, peer: IpAddr, container: &Container) -> Result<(), String> {
         let peer = peer.to_canonical();
         let key = (container.id.clone(), peer);
-        if self
-            .pinned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key)
-        {
+        if self.is_pinned(&key) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.making.lock().await;
+        // Made while we waited?
+        if self.is_pinned(&key) {
             return Ok(());
         }
         let bridge = self
@@ -105,6 +117,7 @@ impl KernelAnswerPath {
             .ok_or_else(|| format!("no route to {peer}"))?;
         if bridge.name == "lo" {
             // Host network: nothing crosses a bridge.
+            self.remember(key, 0);
             return Ok(());
         }
         let pid = container
@@ -128,13 +141,18 @@ impl KernelAnswerPath {
                 &bridge,
             )
             .map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
+        self.remember(key, port);
+        tracing::debug!(container = %container.name, address = %peer, bridge = %bridge.name, port, "answers pinned to the container's port");
+        Ok(())
+    }
+
+    /// Remembers a pin made (`port` 0: none needed, over `lo`).
+    fn remember(&self, key: (ContainerId, IpAddr), port: u32) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         if pinned.len() >= MAX_PINNED {
             pinned.clear();
         }
         pinned.insert(key, port);
-        tracing::debug!(container = %container.name, address = %peer, bridge = %bridge.name, port, "answers pinned to the container's port");
-        Ok(())
     }
 
     /// The port on `bridge` whose veth peer is in `pid`'s network namespace.

@@ -21,6 +21,15 @@
 //! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
 //!                               CLIENTS threads of connect+GET+close; requests/s
 //! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
+//! mp-client download ADDR PATH N
+//!                               N sequential GETs of PATH, each on a
+//!                               connection of its own; MiB/s of the bodies
+//! mp-client upload ADDR BYTES CONNS
+//!                               BYTES sent to a sink over CONNS connections
+//!                               in turn, each until the sink has read all;
+//!                               MiB/s
+//! mp-client udp-rr ADDR N       N datagrams of 64 bytes, each waiting for
+//!                               its echo; percentiles
 //! mp-client idle ADDR N SECS    open N connections, send nothing, hold them
 //! mp-client keepalive ADDR PATH N SECS
 //!                               open N connections, one GET PATH (kept
@@ -107,6 +116,15 @@ fn main() {
             &headers(&args[5..]),
         ),
         Some("connects") => connects(addr, n()),
+        Some("download") if args.len() == 4 => {
+            download(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
+        }
+        Some("upload") if args.len() == 4 => upload(
+            addr,
+            args[2].parse().unwrap_or_else(|_| usage()),
+            args[3].parse().unwrap_or_else(|_| usage()),
+        ),
+        Some("udp-rr") => udp_rr(addr, n()),
         Some("idle") if args.len() == 4 => {
             idle(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -493,6 +511,102 @@ fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
     let mut out = percentiles(micros);
     out["ok"] = json!(failed == 0);
     out["n"] = json!(n);
+    out
+}
+
+/// MiB/s of `bytes` moved in `seconds`, with the figures behind it.
+fn rate(ok: bool, bytes: u64, seconds: f64) -> serde_json::Value {
+    json!({
+        "ok": ok,
+        "bytes": bytes,
+        "seconds": seconds,
+        "mib_per_s": bytes as f64 / (1024.0 * 1024.0) / seconds.max(1e-9),
+    })
+}
+
+fn download(addr: SocketAddr, path: &str, n: usize) -> serde_json::Value {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut bytes, mut ok) = (0u64, true);
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            ok = false;
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        if s.write_all(request.as_bytes()).is_err() {
+            ok = false;
+            continue;
+        }
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(got) => bytes += got as u64,
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+    }
+    rate(ok, bytes, started.elapsed().as_secs_f64())
+}
+
+fn upload(addr: SocketAddr, total: u64, conns: u64) -> serde_json::Value {
+    let chunk = vec![0x5au8; 1 << 20];
+    let per_conn = total / conns.max(1);
+    let (mut bytes, mut ok) = (0u64, true);
+    let started = std::time::Instant::now();
+    for _ in 0..conns {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            ok = false;
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut left = per_conn;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if s.write_all(&chunk[..n]).is_err() {
+                ok = false;
+                break;
+            }
+            left -= n as u64;
+            bytes += n as u64;
+        }
+        // The sink closes once it has read everything: only then is the
+        // transfer done.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut end = [0u8; 16];
+        if s.read(&mut end).is_err() {
+            ok = false;
+        }
+    }
+    rate(ok, bytes, started.elapsed().as_secs_f64())
+}
+
+fn udp_rr(addr: SocketAddr, n: usize) -> serde_json::Value {
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return json!({ "ok": false });
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(1)));
+    if sock.connect(addr).is_err() {
+        return json!({ "ok": false });
+    }
+    let (payload, mut buf) = ([7u8; 64], [0u8; 512]);
+    let (mut micros, mut lost) = (Vec::with_capacity(n), 0);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        if sock.send(&payload).is_ok() && sock.recv(&mut buf).is_ok() {
+            micros.push(started.elapsed().as_secs_f64() * 1e6);
+        } else {
+            lost += 1;
+        }
+    }
+    let mut out = percentiles(micros);
+    out["ok"] = json!(lost == 0);
+    out["n"] = json!(n);
+    out["lost"] = json!(lost);
     out
 }
 
