@@ -133,23 +133,38 @@ pub fn mp_l2_deliver(ctx: TcContext) -> i32 {
     let Ok(eth) = ctx.load::<EthHeader>(0) else {
         return TC_NEXT;
     };
-    let key = match u16::from_be(eth.proto) {
-        ETH_P_IP => match ctx.load::<u32>(14 + 16) {
-            Ok(dst) => L2PeerKey {
-                addr: [dst, 0, 0, 0],
-                family: u32::from(AF_INET),
-            },
-            Err(_) => return TC_NEXT,
+    let cfg = MP_CONFIG.load();
+    // Only the listener's answers: the daemon's own calls out (to a proxy
+    // or a resolver in a container, say) are not answers to pin.
+    let (key, listen_port, tcp_at) = match u16::from_be(eth.proto) {
+        ETH_P_IP => match (ctx.load::<u32>(14 + 16), ctx.load::<u8>(14)) {
+            (Ok(dst), Ok(version_ihl)) => (
+                L2PeerKey {
+                    addr: [dst, 0, 0, 0],
+                    family: u32::from(AF_INET),
+                },
+                cfg.listen_port4,
+                14 + usize::from(version_ihl & 0x0f) * 4,
+            ),
+            _ => return TC_NEXT,
         },
         ETH_P_IPV6 => match ctx.load::<[u32; 4]>(14 + 24) {
-            Ok(dst) => L2PeerKey {
-                addr: dst,
-                family: u32::from(AF_INET6),
-            },
+            Ok(dst) => (
+                L2PeerKey {
+                    addr: dst,
+                    family: u32::from(AF_INET6),
+                },
+                cfg.listen_port6,
+                14 + 40,
+            ),
             Err(_) => return TC_NEXT,
         },
         _ => return TC_NEXT,
     };
+    match ctx.load::<u16>(tcp_at) {
+        Ok(src_port) if u16::from_be(src_port) == listen_port && listen_port != 0 => {}
+        _ => return TC_NEXT,
+    }
     // SAFETY: the map holds plain data; the value is copied out at once.
     let Some(peer) = (unsafe { MP_L2_PEERS.get(key) }).copied() else {
         // The daemon pins a container before it reads its first request;
@@ -161,7 +176,9 @@ pub fn mp_l2_deliver(ctx: TcContext) -> i32 {
         count(L2Refusal::UnpinnedAnswer);
         return TC_SHOT;
     };
-    if eth.dst != peer.mac {
+    // An all-zero MAC: Docker gave none (a container in another's network
+    // namespace); the frame still goes only to the pinned port.
+    if peer.mac != [0; 6] && eth.dst != peer.mac {
         count(L2Refusal::SpoofedArp);
         if ctx.store(0, &peer.mac, 0).is_err() {
             return TC_SHOT;

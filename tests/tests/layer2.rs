@@ -179,6 +179,36 @@ fn arp_poisoning_and_mac_forging_on_the_bridge_get_no_other_jobs_credentials() {
         keys(&got).iter().any(|k| keys(&sdk).contains(k)),
         "the attacker read the victim's own keys: {got} {sdk}"
     );
+    // Forging another victim's source MAC takes its port on the bridge:
+    // the daemon's answers to it go to the attacker (the victim, getting
+    // nothing, asks again).
+    let victim = bed
+        .container("l2-victim-m", base, &[("IAM_ROLE", ROLE_DEPLOY)], &[])
+        .expect("victim");
+    let victim_ip = ip_of(&bed, &victim.name);
+    let forge = [
+        "arp-mitm",
+        "--iface",
+        "eth0",
+        "--victim",
+        victim_ip.as_str(),
+        "--mode",
+        "mac",
+        "--seconds",
+        ATTACK_SECONDS,
+    ];
+    let got = std::thread::scope(|s| {
+        let attack = s.spawn(|| attack(&attacker, &forge));
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..3 {
+            let _ = imds_credentials(&victim, ROLE_DEPLOY);
+        }
+        attack.join().expect("attack thread")
+    });
+    assert!(
+        got["saw_credentials"] == true || got["saw_token"] == true,
+        "the bed must model MAC forging (the victim's answers read): {got}"
+    );
 
     // The daemon restarted (so the pin goes back on at its first answer),
     // a victim that was running before it: the same attack reads nothing,
@@ -274,6 +304,10 @@ fn arp_poisoning_and_mac_forging_on_the_bridge_get_no_other_jobs_credentials() {
         attack.join().expect("attack thread")
     });
     assert_read_nothing(&got);
+    assert!(
+        refused(&bed.daemon, "spoofed_arp") > misdirected,
+        "the answers after the restart met the poisoned entry too"
+    );
 }
 
 #[test]
@@ -321,7 +355,7 @@ fn an_attacker_started_with_its_victim_on_a_user_defined_network_gets_nothing() 
                     "--victim",
                     victim_ip,
                     "--seconds",
-                    "4",
+                    "6",
                 ],
             )
         });
@@ -329,17 +363,20 @@ fn an_attacker_started_with_its_victim_on_a_user_defined_network_gets_nothing() 
             "l2-at-once-victim",
             victim_ip,
             &[("IAM_ROLE", ROLE_DEPLOY)],
-            &["/mp-sdk-client", "2"],
+            // Asked once the poisoning has taken (the host's locktime).
+            &["sh", "-c", "sleep 3 && /mp-sdk-client 2"],
         );
         (sdk, attacker.join().expect("attacker"))
     });
     assert_sdk_got(&sdk, ROLE_DEPLOY);
     assert_read_nothing(&got);
-    assert_eq!(
-        deliver_pins(&bed.daemon).len(),
-        1,
-        "the answer pin went on the network's own bridge"
+    assert!(
+        refused(&bed.daemon, "spoofed_arp") > 0,
+        "the answers met the poisoned entry: {got}"
     );
+    // No container on docker0 asked for anything: the one pin is on the
+    // network's own bridge.
+    assert_eq!(deliver_pins(&bed.daemon).len(), 1);
     let _ = bed.dockerd.docker(&["network", "rm", "l2net"]);
 }
 

@@ -145,7 +145,10 @@ fn layer2_gap(status: Option<&crate::ops::admin::Status>) -> Option<String> {
                 .clone()
                 .unwrap_or_else(|| "the running daemon has no layer-2 lock (upgrade it)".into()),
         ),
-        None => crate::kernel::lsm::bpf_lsm().err(),
+        None => {
+            let offline = crate::kernel::lsm::bpf_lsm();
+            crate::kernel::lsm::layer2_gap(offline.as_ref().map(|_| ()).map_err(String::as_str))
+        }
     }
 }
 

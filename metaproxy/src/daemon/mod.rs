@@ -468,10 +468,10 @@ async fn attach(
         tasks,
     )?;
     readiness.probe_attached();
-    match probe.l2_socket_hook() {
-        Ok(()) => tracing::info!("layer-2 lock attached: jobs get no packet, AF_XDP or raw IPv6 sockets, and no option that forges a source or passes tc egress"),
-        Err(why) => {
-            let gap = format!("jobs that keep NET_RAW can still open packet sockets (forged ARP and MACs on a shared bridge, sniffing with --network host): {why}");
+    match crate::kernel::lsm::layer2_gap(probe.l2_socket_hook()) {
+        None => tracing::info!("layer-2 lock attached: jobs get no packet, AF_XDP or raw IPv6 sockets, and no option that forges a source or passes tc egress"),
+        Some(why) => {
+            let gap = format!("jobs that keep NET_RAW can still open packet sockets (forged ARP and MACs on a shared bridge, sniffing a container's veth with --network host): {why}");
             tracing::warn!("layer-2 lock incomplete: {gap}; the setsockopt half (no PACKET_QDISC_BYPASS, AF_XDP rings, IP_HDRINCL, non-local binds) is attached");
             readiness.gap(format!("layer 2: {gap}"));
         }

@@ -235,7 +235,7 @@ impl StatusSource for DaemonState {
             },
             layer2: Layer2Status {
                 sockets_refused: self.probe.l2_socket_hook().is_ok(),
-                gap: self.probe.l2_socket_hook().err().map(str::to_string),
+                gap: crate::kernel::lsm::layer2_gap(self.probe.l2_socket_hook()),
                 refused: self
                     .probe
                     .l2_refusals()

@@ -168,7 +168,11 @@ pub(super) async fn forget_answer_pins(
             Ok(ContainerEvent::Gone(id)) => answers.forget(&id),
             Ok(ContainerEvent::Started(_)) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "container events: the answer pins fell behind");
+                tracing::warn!(
+                    missed = n,
+                    "container events: the answer pins fell behind; every pin will be made again"
+                );
+                answers.forget_all();
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }

@@ -30,6 +30,37 @@ pub fn bpf_lsm() -> Result<(), String> {
     bpf_in(&list)
 }
 
+/// The layer-2 lock's gap on this host, if it has one: why jobs can still
+/// open packet sockets (`socket_hook`'s error), and, where 32-bit system
+/// calls run, that the setsockopt half cannot see those either.
+pub fn layer2_gap(socket_hook: Result<(), &str>) -> Option<String> {
+    let why = socket_hook.err()?;
+    Some(
+        match compat_syscalls(
+            std::path::Path::new("/proc/sys/abi/vsyscall32").exists(),
+            &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+        ) {
+            Some(compat) => format!("{why}; {compat}"),
+            None => why.to_string(),
+        },
+    )
+}
+
+/// Why 32-bit system calls open a second way past tc egress, if they run:
+/// the kernel runs cgroup/setsockopt programs for native calls only, so a
+/// job holding a packet socket can set `PACKET_QDISC_BYPASS` (or AF_XDP
+/// rings) through a 32-bit `setsockopt`. `ia32` says the kernel has IA32
+/// emulation (`/proc/sys/abi/vsyscall32` exists); `cmdline` is the boot
+/// command line, which can switch it off.
+pub fn compat_syscalls(ia32: bool, cmdline: &str) -> Option<&'static str> {
+    let off = cmdline
+        .split_whitespace()
+        .any(|arg| arg == "ia32_emulation=0" || arg == "ia32_emulation=false");
+    (ia32 && !off).then_some(
+        "32-bit system calls run here (IA32 emulation), and cgroup/setsockopt does not see them: a job with a packet socket can set PACKET_QDISC_BYPASS through one (boot with ia32_emulation=0, or give jobs a seccomp profile without the x86 architecture)",
+    )
+}
+
 /// Whether `bpf` is among the comma-separated LSMs of `list`.
 pub fn bpf_in(list: &str) -> Result<(), String> {
     let list = list.trim();
@@ -61,6 +92,19 @@ fn mount_securityfs() -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::bpf_in;
+
+    #[test]
+    fn thirty_two_bit_calls_are_a_gap_unless_switched_off_at_boot() {
+        use super::compat_syscalls;
+        assert!(compat_syscalls(true, "BOOT_IMAGE=/vmlinuz root=/dev/sda1")
+            .unwrap()
+            .contains("ia32_emulation=0"));
+        assert_eq!(
+            compat_syscalls(true, "root=/dev/sda1 ia32_emulation=0"),
+            None
+        );
+        assert_eq!(compat_syscalls(false, "root=/dev/sda1"), None);
+    }
 
     #[test]
     fn bpf_must_be_in_the_list_as_a_whole_name() {

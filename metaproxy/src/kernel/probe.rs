@@ -473,9 +473,10 @@ impl Probe {
         bridge: &Interface,
     ) -> Result<(), ProbeError> {
         {
+            // `guard` before `deliver`, as `forget_interfaces` takes them.
+            let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
             let mut on = self.deliver.lock().unwrap_or_else(|p| p.into_inner());
             if !on.iter().any(|i| i.index == bridge.index) {
-                let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
                 let tc = tc_program(&mut guard.0, TcProg::Deliver)?;
                 attach_tc(
                     tc,
@@ -522,6 +523,7 @@ impl Probe {
     /// its filters and links with it): their pins go, so a new interface
     /// that reuses the index is guarded afresh.
     pub fn forget_interfaces(&self, exists: impl Fn(u32) -> bool) -> Result<(), ProbeError> {
+        // `guard` before `deliver`, as `pin_peer` takes them.
         let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
         let (_, on) = &mut *guard;
         on.retain(|i| exists(i.index));

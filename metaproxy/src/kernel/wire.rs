@@ -25,7 +25,7 @@ use std::{
 };
 
 use futures_util::{future::BoxFuture, StreamExt as _, TryStreamExt as _};
-use metaproxy_common::L2Peer;
+use metaproxy_common::{mountinfo, L2Peer};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::{
     link::LinkAttribute,
@@ -38,16 +38,36 @@ use crate::{
         guard::RouteTable,
         probe::{Interface, Probe},
     },
-    model::{container::Container, ids::ContainerId},
-    server::AnswerPath,
+    model::{
+        container::Container,
+        ids::{CgroupId, ContainerId},
+    },
 };
+
+/// Where the daemon's answers to a container go on the wire: pinned to
+/// the container's own MAC and port before the daemon reads its first
+/// request, so forged ARP or MACs cannot turn them aside. The daemon's is
+/// [`KernelAnswerPath`]; the in-process tests record what they are asked.
+pub trait AnswerPath: Send + Sync + std::fmt::Debug + 'static {
+    /// Pins the path to `peer`, the address `container` connected from in
+    /// `cgroup`; `Err` says why it could not be, and the connection is
+    /// then closed unanswered.
+    fn pin<'a>(
+        &'a self,
+        cgroup: CgroupId,
+        peer: IpAddr,
+        container: &'a Container,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
 
 /// Pins answer paths in the kernel, once per container and address.
 pub struct KernelAnswerPath {
     probe: Arc<Probe>,
     routes: RouteTable,
-    /// What is pinned already: (container, address) -> port.
-    pinned: Mutex<HashMap<(ContainerId, IpAddr), u32>>,
+    /// What is pinned already: (the caller's cgroup, address) -> (its
+    /// container, the port; 0 for none needed). By cgroup: `docker
+    /// restart` keeps the id but gives a new cgroup and a new veth.
+    pinned: Mutex<HashMap<(CgroupId, IpAddr), (ContainerId, u32)>>,
     /// One pin made at a time: a container's first connections often come
     /// together (an SDK's retries, a job's parallel steps), and each would
     /// otherwise walk every link on the host.
@@ -79,29 +99,46 @@ impl KernelAnswerPath {
     pub fn forget(&self, id: &ContainerId) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<IpAddr> = pinned
-            .keys()
-            .filter(|(c, _)| c == id)
-            .map(|(_, addr)| *addr)
+            .iter()
+            .filter(|(_, (c, port))| c == id && *port != 0)
+            .map(|((_, addr), _)| *addr)
             .collect();
-        pinned.retain(|(c, _), _| c != id);
+        pinned.retain(|_, (c, _)| c != id);
         for addr in gone {
             // Another container may hold the address now, pinned afresh.
-            if !pinned.iter().any(|((_, a), port)| *a == addr && *port != 0) {
+            if !pinned
+                .iter()
+                .any(|((_, a), (_, port))| *a == addr && *port != 0)
+            {
                 self.probe.unpin_peer(addr);
             }
         }
     }
 
-    fn is_pinned(&self, key: &(ContainerId, IpAddr)) -> bool {
+    /// Forgets every pin remembered (container events were lost): each is
+    /// made again at its container's next connection.
+    pub fn forget_all(&self) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn is_pinned(&self, key: &(CgroupId, IpAddr)) -> bool {
         self.pinned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(key)
     }
 
-    async fn pin_now(&self, peer: IpAddr, container: &Container) -> Result<(), String> {
+    async fn pin_now(
+        &self,
+        cgroup: CgroupId,
+        peer: IpAddr,
+        container: &Container,
+    ) -> Result<(), String> {
         let peer = peer.to_canonical();
-        let key = (container.id.clone(), peer);
+        let key = (cgroup, peer);
         if self.is_pinned(&key) {
             return Ok(());
         }
@@ -117,18 +154,17 @@ impl KernelAnswerPath {
             .ok_or_else(|| format!("no route to {peer}"))?;
         if bridge.name == "lo" {
             // Host network: nothing crosses a bridge.
-            self.remember(key, 0);
+            self.remember(key, container.id.clone(), 0);
             return Ok(());
         }
         let pid = container
             .wire
             .pid
             .ok_or_else(|| format!("container {} has no running process", container.name))?;
-        let mac = container
-            .wire
-            .mac_of(peer)
-            .ok_or_else(|| format!("Docker gave no MAC for {peer}"))?;
-        let port = self.port(pid, &bridge).await?;
+        // None for a container in another's network namespace: its frames
+        // still go only to the pinned port, with the MAC they have.
+        let mac = container.wire.mac_of(peer).unwrap_or([0; 6]);
+        let port = self.port(pid, container, &bridge).await?;
         self.probe
             .pin_peer(
                 peer,
@@ -141,24 +177,41 @@ impl KernelAnswerPath {
                 &bridge,
             )
             .map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
-        self.remember(key, port);
+        self.remember(key, container.id.clone(), port);
         tracing::debug!(container = %container.name, address = %peer, bridge = %bridge.name, port, "answers pinned to the container's port");
         Ok(())
     }
 
     /// Remembers a pin made (`port` 0: none needed, over `lo`).
-    fn remember(&self, key: (ContainerId, IpAddr), port: u32) {
+    fn remember(&self, key: (CgroupId, IpAddr), id: ContainerId, port: u32) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         if pinned.len() >= MAX_PINNED {
             pinned.clear();
         }
-        pinned.insert(key, port);
+        pinned.insert(key, (id, port));
     }
 
     /// The port on `bridge` whose veth peer is in `pid`'s network namespace.
-    async fn port(&self, pid: u32, bridge: &Interface) -> Result<u32, String> {
+    async fn port(
+        &self,
+        pid: u32,
+        container: &Container,
+        bridge: &Interface,
+    ) -> Result<u32, String> {
         let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
             .map_err(|e| format!("opening the network namespace of pid {pid}: {e}"))?;
+        // The pid came from an inspect that may be old: the namespace is
+        // the container's only if the process still lives in its cgroup
+        // (else another job's process may have the number now).
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| mountinfo::own_cgroup2(&text).map(str::to_owned));
+        if cgroup.is_none() || cgroup != container.cgroup {
+            return Err(format!(
+                "pid {pid} is no longer container {}'s init",
+                container.name
+            ));
+        }
         let nsid = self.nsid(&netns).await?;
         let mut links = self.routes.handle().link().get().execute();
         while let Some(link) = links
@@ -224,9 +277,10 @@ impl KernelAnswerPath {
 impl AnswerPath for KernelAnswerPath {
     fn pin<'a>(
         &'a self,
+        cgroup: CgroupId,
         peer: IpAddr,
         container: &'a Container,
     ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(self.pin_now(peer, container))
+        Box::pin(self.pin_now(cgroup, peer, container))
     }
 }

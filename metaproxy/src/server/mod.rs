@@ -85,25 +85,11 @@ pub struct Pipeline {
     pub attribution: Attribution,
     /// Pins the wire path of the answers to a container before its first
     /// request is read.
-    pub answers: Arc<dyn AnswerPath>,
+    pub answers: Arc<dyn crate::kernel::wire::AnswerPath>,
     pub surface: Surface,
     pub connections: Arc<ConnLog>,
     pub count: Arc<ConnectionCount>,
     pub metrics: RequestMetrics,
-}
-
-/// Where the daemon's answers to a container go on the wire: pinned to
-/// the container's own MAC and port before the daemon reads its first
-/// request, so forged ARP or MACs cannot turn them aside (the real one is
-/// [`crate::kernel::wire::KernelAnswerPath`]).
-pub trait AnswerPath: Send + Sync + std::fmt::Debug + 'static {
-    /// Pins the path to `peer`, an address of `container`; `Err` says why
-    /// it could not be, and the connection is then closed unanswered.
-    fn pin<'a>(
-        &'a self,
-        peer: std::net::IpAddr,
-        container: &'a crate::model::container::Container,
-    ) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
 }
 
 /// Serves `listener` until `shutdown` resolves. Connections already being
@@ -206,7 +192,7 @@ async fn serve_connection(
     // per request at no cost).
     let identity = pipeline.surface.identities.identify(&caller).await;
     if let Ok(crate::identity::Identity::Container(c)) = &identity {
-        if let Err(why) = pipeline.answers.pin(peer.ip(), c).await {
+        if let Err(why) = pipeline.answers.pin(caller.cgroup, peer.ip(), c).await {
             pipeline.metrics.unpinned.inc();
             if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {
                 tracing::warn!(client = %peer, container = %Clean(&c.name), reason = %Clean(&why), suppressed, "cannot pin the path of answers to this container; closing unanswered");

@@ -329,9 +329,10 @@ pub struct FakeAnswers {
     pub refuse: Mutex<Option<String>>,
 }
 
-impl server::AnswerPath for FakeAnswers {
+impl metaproxy::kernel::wire::AnswerPath for FakeAnswers {
     fn pin<'a>(
         &'a self,
+        _cgroup: CgroupId,
         peer: std::net::IpAddr,
         container: &'a Container,
     ) -> BoxFuture<'a, Result<(), String>> {

@@ -30,7 +30,7 @@
 //!     a man in the middle on a bridge, for N seconds. arp: forged ARP
 //!     (the victim's address, our MAC) to the gateway every 100 ms, and
 //!     what then comes to us for the victim relayed to it; mac: frames
-//!     from the victim's MAC every 20 ms, so that the bridge sends us the
+//!     from the victim's MAC every millisecond, so that the bridge sends us the
 //!     victim's frames (not relayed). Either way the TCP payloads are
 //!     searched for credentials and IMDSv2 token answers
 //! mp-attack sniff --iface IFACE --seconds N

@@ -55,7 +55,7 @@ impl Method {
     fn interval(self) -> Duration {
         match self {
             Self::Arp => Duration::from_millis(100),
-            Self::Mac => Duration::from_millis(20),
+            Self::Mac => Duration::from_millis(1),
         }
     }
 }
