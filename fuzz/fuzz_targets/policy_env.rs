@@ -89,6 +89,7 @@ fuzz_target!(|data: &[u8]| {
         image_labels,
         addresses: None,
         cgroup: None,
+        wire: Default::default(),
     };
     let policy = policy();
     // No ID token (the runner's facts decide); the token path has its own
