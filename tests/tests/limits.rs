@@ -36,11 +36,14 @@ fn seventeen_containers_of_one_job_holding_250_connections_each_do_not_starve_an
         ])
         .unwrap();
     }
-    // Until the flood has made all its connections: 17 x 250, of which
-    // the job's share is kept and the rest closed at once.
+    // Until the flood has made its connections: 17 x 250, of which the
+    // job's share is kept and the rest closed at once. A few of the 4250
+    // may give up connecting on this 2-core machine while 17 new
+    // containers have their answers pinned (one pin at a time): a
+    // synchronisation point, not the property tested below.
     let shed = || bed.daemon.metric("metaproxy_connections_shed_total");
     metaproxy_tests::wait_for("the flood", Duration::from_secs(60), || {
-        (shed() >= (17 * 250 - 256) as f64).then_some(())
+        (shed() >= (17 * 250 - 256 - 34) as f64).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: shed {}", shed()));
     let status = bed.daemon.status().unwrap();

@@ -80,6 +80,9 @@ impl std::fmt::Debug for KernelAnswerPath {
     }
 }
 
+/// Tries at making one pin before the connection is closed unanswered.
+const PIN_ATTEMPTS: u32 = 4;
+
 /// Bound on remembered pins; past it they are forgotten and made again.
 const MAX_PINNED: usize = 16_384;
 
@@ -147,6 +150,27 @@ impl KernelAnswerPath {
         if self.is_pinned(&key) {
             return Ok(());
         }
+        // A link dump that meets links coming and going (containers
+        // starting in a crowd) is cut short by the kernel: ask again.
+        let mut last = String::new();
+        for attempt in 0..PIN_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+            }
+            match self.make(key, peer, container).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn make(
+        &self,
+        key: (CgroupId, IpAddr),
+        peer: IpAddr,
+        container: &Container,
+    ) -> Result<(), String> {
         let bridge = self
             .routes
             .route_to(peer)

