@@ -121,19 +121,28 @@ pub fn mp_l2_deliver(ctx: TcContext) -> i32 {
     if sk.is_null() {
         return TC_NEXT;
     }
+    let cfg = MP_CONFIG.load();
+    // The commonest frame into a bridge is anything but the listener's
+    // answer (forwarded traffic has no socket at all): one load of the
+    // socket's local port (host order) sends it on, before any helper.
+    // SAFETY: sk was checked for null; the local port is a field of every
+    // socket the kernel hands here, full or not.
+    let local_port = unsafe { (*sk).src_port };
+    if local_port != u32::from(cfg.listen_port4) && local_port != u32::from(cfg.listen_port6) {
+        return TC_NEXT;
+    }
     // SAFETY: sk was checked for null; the helper returns null for sockets
     // that are not full (a time-wait or request socket: bare segments).
     if unsafe { bpf_sk_fullsock(sk) }.is_null() {
         return TC_NEXT;
     }
     // SAFETY: skb is the program's own context; skb->sk is a full socket.
-    if unsafe { bpf_skb_cgroup_id(skb) } != MP_CONFIG.load().self_cgroup_id {
+    if unsafe { bpf_skb_cgroup_id(skb) } != cfg.self_cgroup_id {
         return TC_NEXT;
     }
     let Ok(eth) = ctx.load::<EthHeader>(0) else {
         return TC_NEXT;
     };
-    let cfg = MP_CONFIG.load();
     // Only the listener's answers: the daemon's own calls out (to a proxy
     // or a resolver in a container, say) are not answers to pin.
     let (key, listen_port, tcp_at) = match u16::from_be(eth.proto) {

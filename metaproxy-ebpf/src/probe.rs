@@ -278,11 +278,26 @@ fn write_ip6(words: &mut [u32; 4], addr: [u32; 4]) {
 pub fn mp_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/sock program a valid bpf_sock.
     let sock = unsafe { &*ctx.sock };
-    if sock.type_ == SOCK_STREAM {
-        // SAFETY: ctx is the program's own context pointer.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = MP_PENDING.remove(cookie);
+    if sock.type_ != SOCK_STREAM {
+        return ALLOW;
     }
+    // Only a redirected socket can have a pending record, and its peer
+    // port is then one of our listen ports, or 0 (the kernel clears it when
+    // a connect fails). Every other connected socket (the common case: a
+    // job's ordinary connections, and the ones it accepted) goes without
+    // the cookie and the map delete, which were the largest cost a job's
+    // ordinary connection paid.
+    let peer_port = u16::from_be(sock.dst_port);
+    let cfg = MP_CONFIG.load();
+    if peer_port != 0
+        && peer_port != cfg.listen_port4
+        && (cfg.listen_port6 == 0 || peer_port != cfg.listen_port6)
+    {
+        return ALLOW;
+    }
+    // SAFETY: ctx is the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = MP_PENDING.remove(cookie);
     ALLOW
 }
 
