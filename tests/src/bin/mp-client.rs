@@ -125,6 +125,9 @@ fn main() {
             args[3].parse().unwrap_or_else(|_| usage()),
         ),
         Some("udp-rr") => udp_rr(addr, n()),
+        Some("serve") if args.len() == 3 => {
+            serve(addr, args[2].parse().unwrap_or_else(|_| usage()))
+        }
         Some("idle") if args.len() == 4 => {
             idle(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -608,6 +611,30 @@ fn udp_rr(addr: SocketAddr, n: usize) -> serde_json::Value {
     out["n"] = json!(n);
     out["lost"] = json!(lost);
     out
+}
+
+/// The traffic bench's host side: a TCP sink on `sink` (reads each
+/// connection to its end) and a UDP echo on `echo`. Runs until killed.
+fn serve(sink: SocketAddr, echo: SocketAddr) -> serde_json::Value {
+    let (Ok(listener), Ok(udp)) = (
+        std::net::TcpListener::bind(sink),
+        std::net::UdpSocket::bind(echo),
+    ) else {
+        return json!({ "ok": false });
+    };
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], from);
+        }
+    });
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let (mut conn, mut buf) = (conn, vec![0u8; 1 << 20]);
+            while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+    }
+    json!({ "ok": false })
 }
 
 fn occupy(addr: SocketAddr, path: &str, n: usize, secs: u64) -> serde_json::Value {
