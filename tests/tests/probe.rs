@@ -856,3 +856,101 @@ fn doctor_passes_a_safe_runner_host_and_names_what_is_wrong_with_a_careless_runn
     assert!(!ok);
     assert_eq!(level(&checks, "host", "daemon"), "fail");
 }
+
+/// The daemon's user + system time, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sets `pid`'s soft descriptor limit (the one `EMFILE` follows; the hard
+/// one could not be raised again without `CAP_SYS_RESOURCE`) and returns
+/// the old one.
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the pointer is to a live rlimit struct.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+#[test]
+fn out_of_descriptors_no_listener_spins_and_each_serves_again() {
+    let bed = Bed::new(&[]);
+    let pid = bed.daemon.pid();
+    // Every listener answers first.
+    assert_eq!(bed.daemon.metrics_get("/healthz").unwrap().0, 200);
+    bed.daemon.status().unwrap();
+
+    // Ten descriptors left to the daemon; metrics clients take them (each
+    // is held until its header timeout, 5 s), and more clients of every
+    // listener wait in the backlogs, so each accept() fails with EMFILE
+    // for as long as they wait.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let old = set_nofile(pid, open + 10);
+    let held = bed
+        .ns
+        .run(|| {
+            let metrics: Vec<_> = (0..20)
+                .filter_map(|_| std::net::TcpStream::connect("127.0.0.1:9169").ok())
+                .collect();
+            let imds: Vec<_> = (0..5)
+                .filter_map(|_| std::net::TcpStream::connect(LISTEN).ok())
+                .collect();
+            (metrics, imds)
+        })
+        .unwrap();
+    let admin: Vec<_> = (0..5)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(bed.daemon.admin_socket()).ok())
+        .collect();
+    assert!(!admin.is_empty() && !held.1.is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (t0, started) = (cpu_ticks(pid), std::time::Instant::now());
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (ticks, secs) = (cpu_ticks(pid) - t0, started.elapsed().as_secs_f64());
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    // A loop that retried at once would burn a core: ~100 ticks a second.
+    assert!(
+        (ticks as f64) < 10.0 * secs,
+        "the daemon used {ticks} ticks of CPU in {secs:.1} s out of descriptors ({open_now} open)"
+    );
+    assert!(
+        open_now >= open + 9,
+        "descriptors were not exhausted: {open_now} open, limit {}",
+        open + 10
+    );
+    let log = bed.daemon.log();
+    assert!(log.contains("accept failed"), "{log}");
+
+    drop((held, admin));
+    set_nofile(pid, old);
+    // Each listener serves again.
+    metaproxy_tests::wait_for(
+        "the metrics listener",
+        std::time::Duration::from_secs(15),
+        || (bed.daemon.metrics_get("/healthz").ok()?.0 == 200).then_some(()),
+    )
+    .unwrap();
+    bed.daemon.status().unwrap();
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["status"], 403, "{got}");
+}

@@ -28,7 +28,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
-use crate::{kernel::probe::Interface, model::ids::RoleArn, ops::connlog::ConnLog};
+use crate::{
+    kernel::probe::Interface,
+    model::ids::RoleArn,
+    ops::{
+        accept::{self, Rules, WhenFull},
+        connlog::ConnLog,
+    },
+};
 
 /// The daemon's status, as `GET /v1/status` shows it.
 pub trait StatusSource: Send + Sync + 'static {
@@ -180,6 +187,9 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Admin connections served at once; more wait in the backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+
 /// Serves the admin API until `shutdown` resolves, then removes the socket.
 pub async fn run(
     listener: UnixListener,
@@ -187,27 +197,27 @@ pub async fn run(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+    // Root alone can connect; the cap keeps even a runaway script of its
+    // from taking the descriptors the IMDS listener needs.
+    let rules = Rules {
+        name: "admin",
+        permits: Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        when_full: WhenFull::Wait,
+    };
+    let mut tasks = accept::serve(listener, rules, shutdown, |stream, _, permit| {
+        let state = state.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                tasks.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(req, &state).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            () = &mut shutdown => break,
+                async move { Ok::<_, Infallible>(route(req, &state).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(permit);
         }
-    }
+    })
+    .await;
     // Followers stream forever: end them with the daemon.
     tasks.abort_all();
     let _ = fs::remove_file(&path);

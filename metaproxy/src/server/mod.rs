@@ -40,11 +40,12 @@ use crate::{
     identity::Identity,
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
     model::ids::ContainerId,
+    ops::accept::{self, Rules, WhenFull},
     ops::connlog::{ConnLog, Entry},
     ops::logging::Clean,
     ops::metrics::RequestMetrics,
     ops::metrics::RouteLabel,
-    ops::ratelimit::{PerSource, RateLimit},
+    ops::ratelimit::PerSource,
     surface::{Denial, Handled, Surface},
 };
 
@@ -58,9 +59,6 @@ pub use limits::*;
 /// host can open connections to the listen address, and must not be able
 /// to fill the disk with our log.
 static REFUSAL_LOG: PerSource = PerSource::new(5, 50);
-/// Accept failures (out of file descriptors, say) repeat every 50 ms
-/// while they last: one line a second says so.
-static ACCEPT_FAILURE_LOG: RateLimit = RateLimit::new(1);
 
 /// How long a client may take to send a request's headers, and how long an
 /// idle keep-alive connection stays open.
@@ -99,48 +97,32 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut tasks = tokio::task::JoinSet::new();
     // Connections arrive at the listener's own address, unless it listens
     // on every address; then each one is asked.
     let local = listener
         .local_addr()
         .ok()
         .filter(|a| !a.ip().is_unspecified());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Over the global cap: closed at once (dropping it).
-                    let Ok(permit) = pipeline.count.total.clone().try_acquire_owned() else {
-                        pipeline.metrics.shed.inc();
-                        if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
-                            tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
-                        }
-                        continue;
-                    };
-                    let pipeline = pipeline.clone();
-                    tasks.spawn(async move {
-                        serve_connection(stream, peer, local, pipeline).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    if let Some(suppressed) = ACCEPT_FAILURE_LOG.allow() {
-                        tracing::warn!(error = %e, suppressed, "accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "connection task failed");
-                }
+    let for_shed = pipeline.clone();
+    let rules = Rules {
+        name: "imds",
+        permits: pipeline.count.total.clone(),
+        // Over the global cap: closed at once (dropping it).
+        when_full: WhenFull::Shed(Box::new(move |peer: &SocketAddr| {
+            for_shed.metrics.shed.inc();
+            if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
+                tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
             }
-            () = &mut shutdown => break,
+        })),
+    };
+    let mut tasks = accept::serve(listener, rules, shutdown, |stream, peer, permit| {
+        let pipeline = pipeline.clone();
+        async move {
+            serve_connection(stream, peer, local, pipeline).await;
+            drop(permit);
         }
-    }
+    })
+    .await;
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(DRAIN, drain).await.is_err() {
         tracing::warn!("connections still open at shutdown were dropped");

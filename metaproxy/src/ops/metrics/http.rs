@@ -2,7 +2,10 @@
 //! on clients and on how long each may take.
 
 use super::*;
-use crate::ops::http::text;
+use crate::ops::{
+    accept::{self, Rules, WhenFull},
+    http::text,
+};
 
 /// How long a scraper may take to send its request.
 pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,42 +62,23 @@ pub async fn serve(
     limits: ClientLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        // A slot first, then accept: over the cap, clients wait in the
-        // backlog rather than hold one of our descriptors.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            () = &mut shutdown => break,
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let (metrics, readiness) = (metrics.clone(), readiness.clone());
-                    tasks.spawn(async move {
-                        serve_client(stream, metrics, readiness, limits).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    if let Some(suppressed) = ACCEPT_FAILURE_LOG.allow() {
-                        tracing::warn!(error = %e, suppressed, "metrics: accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            () = &mut shutdown => break,
+    // A permit first, then accept: over the cap, clients wait in the
+    // backlog rather than hold one of our descriptors.
+    let rules = Rules {
+        name: "metrics",
+        permits: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
+        when_full: WhenFull::Wait,
+    };
+    let tasks = accept::serve(listener, rules, shutdown, |stream, _, permit| {
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        async move {
+            serve_client(stream, metrics, readiness, limits).await;
+            drop(permit);
         }
-    }
+    })
+    .await;
+    drop(tasks);
 }
-
-/// Accept failures (EMFILE and friends) are logged at most this often.
-pub(super) static ACCEPT_FAILURE_LOG: crate::ops::ratelimit::RateLimit =
-    crate::ops::ratelimit::RateLimit::new(1);
 
 /// One metrics client, for at most its lifetime and grace.
 pub(super) async fn serve_client(
