@@ -232,6 +232,11 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
     let Some(config) = &config else {
         return checks;
     };
+    checks.push(runner::host_allow_check(
+        &config.allow_host_cgroup,
+        &text,
+        &runner_cgroups(),
+    ));
     if args.offline {
         checks.extend(aws::role_checks(&roles, config, None).0);
         checks.push(Check::new(
@@ -301,6 +306,36 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
 }
 
 /// `--cgroup` below the cgroup2 mount (`/` when unset: the mount's root).
+/// The cgroups (below the cgroup2 mount) of the gitlab-runner processes
+/// running here, or its package's unit where none runs.
+fn runner_cgroups() -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "gitlab-runner")
+        })
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+            metaproxy_common::mountinfo::own_cgroup2(&text).map(|c| c.to_string())
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        found.push(runner::RUNNER_SERVICE_CGROUP.into());
+    }
+    found
+}
+
 fn attached_below_mount(config: &config::RunConfig) -> Option<String> {
     let Some(cgroup) = &config.cgroup else {
         return Some("/".into());

@@ -26,6 +26,15 @@ impl Policy {
     }
 }
 
+/// Whether a host process in `path` would be let through by
+/// `--allow-host-cgroup` `patterns` (what `doctor` asks of the cgroups
+/// where a runner runs jobs' scripts on the host). A pattern that does not
+/// parse admits nothing: the daemon refuses to start with it.
+pub fn allow_listed(patterns: &[String], path: &str) -> bool {
+    matches!(globs::glob_set("--allow-host-cgroup", patterns), Ok(Some(set)) if set.is_match(path))
+        && !is_build_step(path)
+}
+
 /// Why a host process gets no pass-through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostRefusal {

@@ -14,7 +14,7 @@ mod globs;
 use globs::glob_set;
 mod host;
 
-pub use host::HostRefusal;
+pub use host::{allow_listed, HostRefusal};
 
 use std::{
     collections::HashMap,

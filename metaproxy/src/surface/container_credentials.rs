@@ -226,6 +226,15 @@ mod tests {
             opted_in(&container(&[cleared], &[rel])),
             Err(NotEnabled::NotAsked)
         );
+        // A job's own variable after the runner's empty one (gitlab-runner
+        // puts the runner's environment first): two values, refused.
+        assert_eq!(
+            opted_in(&container(&[cleared, rel], &[])),
+            Err(NotEnabled::Refused(Unclear::Conflicting(OPT_IN[0])))
+        );
+        // Where the runner cleared nothing, a job's own variable is the only
+        // value: doctor warns of that runner.
+        assert_eq!(opted_in(&container(&[rel], &[])), Ok(()));
     }
 
     #[test]

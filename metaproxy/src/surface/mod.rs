@@ -31,7 +31,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Body, header, Request, Response};
 
-pub use container_credentials::{AuthFailure, ContainerCredentialsOptions, NotEnabled};
+pub use container_credentials::{AuthFailure, ContainerCredentialsOptions, NotEnabled, OPT_IN};
 pub use denial::Denial;
 pub use document::imds_time;
 use document::CredentialsDocument;

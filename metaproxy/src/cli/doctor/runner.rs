@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use super::{capability, holds_runtime, host_reaching, Check, Level};
+use crate::surface::OPT_IN;
 
 /// What the runner checks compare against: metaproxy's own configuration,
 /// where doctor could read it.
@@ -317,10 +318,11 @@ fn container_credentials_check(area: &str, r: &toml::Value, addrs: &[IpAddr], pa
         .fix("move it to the [[runners]] entry's environment");
     }
     let served = |ip: IpAddr| addrs.contains(&ip);
-    let (target, uri_path) = if let Some(relative) = value("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-    {
+    // An empty value is the runner clearing the variable, not setting it.
+    let set = |key: &str| value(key).filter(|v| !v.is_empty());
+    let (target, uri_path) = if let Some(relative) = set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
         (Some(IpAddr::from([169, 254, 170, 2])), relative.to_string())
-    } else if let Some(full) = value("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+    } else if let Some(full) = set("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
         let uri: Option<hyper::Uri> = full.parse().ok();
         // metaproxy serves plain http on port 80.
         let plain = uri.as_ref().is_some_and(|u| {
@@ -342,10 +344,23 @@ fn container_credentials_check(area: &str, r: &toml::Value, addrs: &[IpAddr], pa
             uri.map(|u| u.path().to_string()).unwrap_or_default(),
         )
     } else {
-        return check(
-            Level::Ok,
-            "not set: its jobs use IMDS (the endpoint answers only runners that set it)".into(),
-        );
+        // Neither is set by the runner, or it cleared only one: a job's own
+        // variable is then the only value, and turns the endpoint on (with
+        // a token of the job's choosing, past IMDSv2's).
+        let cleared = |key: &str| value(key) == Some("");
+        return if OPT_IN.iter().all(|key| cleared(key)) {
+            check(
+                Level::Ok,
+                "cleared by the runner: its jobs use IMDS, and a job's own variable is refused"
+                    .into(),
+            )
+        } else {
+            check(
+                Level::Warn,
+                "not cleared: a job's own AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or _FULL_URI variable (with a token of its own) would turn the endpoint on for it, past IMDSv2's token".into(),
+            )
+            .fix("environment = [\"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=\", \"AWS_CONTAINER_CREDENTIALS_FULL_URI=\", ...] in the [[runners]] entry, as IAM_ROLE=")
+        };
     };
     match target {
         Some(ip) if served(ip) && uri_path == path => {
@@ -431,4 +446,71 @@ pub fn slot_path(template: &str) -> String {
         }
         _ => format!("/{}", name.trim_matches('/')),
     }
+}
+
+/// Executors that run jobs' scripts on this host, as gitlab-runner's own
+/// child processes: in its cgroup.
+const HOST_EXECUTORS: [&str; 2] = ["shell", "custom"];
+
+/// The cgroup of gitlab-runner's service where no process says otherwise
+/// (at AMI build time, say): the unit its package installs.
+pub const RUNNER_SERVICE_CGROUP: &str = "/system.slice/gitlab-runner.service";
+
+/// `--allow-host-cgroup` against the runners: a glob that matches the
+/// cgroup gitlab-runner runs in hands the real IMDS, and the instance's
+/// credentials, to every `shell` or `custom` job's script, which runs
+/// there. `runner_cgroups`: the cgroups of running gitlab-runner
+/// processes (or [`RUNNER_SERVICE_CGROUP`]).
+pub fn host_allow_check(globs: &[String], text: &str, runner_cgroups: &[String]) -> Check {
+    let check = |level, found: String| Check::new("policy", "allow-host-cgroup", level, found);
+    if globs.is_empty() {
+        return check(
+            Level::Ok,
+            "none: every host process is refused the real IMDS".into(),
+        );
+    }
+    let config = text.parse::<toml::Table>().unwrap_or_default();
+    let local: Vec<String> = config
+        .get("runners")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, r)| HOST_EXECUTORS.contains(&executor(r)))
+        .map(|(i, r)| format!("{} ({})", area(i, r), executor(r)))
+        .collect();
+    let exposed: Vec<&String> = runner_cgroups
+        .iter()
+        .filter(|cg| crate::policy::allow_listed(globs, cg))
+        .collect();
+    if !local.is_empty() && !exposed.is_empty() {
+        return check(
+            Level::Fail,
+            format!(
+                "{} lets {} through, where {} run their jobs' scripts: those jobs get the real IMDS and the instance's credentials",
+                globs.join(", "),
+                exposed.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                local.join(", ")
+            ),
+        )
+        .fix("allow-list only a unit of its own for what needs the instance's role (the cache, fleeting), or move shell and custom runners to another host");
+    }
+    let wide: Vec<&String> = globs.iter().filter(|g| g.contains("**")).collect();
+    if !wide.is_empty() {
+        return check(
+            Level::Warn,
+            format!(
+                "{}: ** spans cgroup levels, so it admits every cgroup made below, later ones included",
+                wide.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .fix("name each cgroup, with * inside one level at most");
+    }
+    check(
+        Level::Ok,
+        format!(
+            "{}: no runner's jobs run on the host in a cgroup it admits",
+            globs.join(", ")
+        ),
+    )
 }

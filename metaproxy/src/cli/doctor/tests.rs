@@ -612,3 +612,72 @@ fn a_container_that_is_no_jobs_is_named_not_failed() {
     assert!(!found.is_empty());
     assert!(found.iter().all(|c| c.level == Level::Warn), "{found:#?}");
 }
+
+#[test]
+fn a_runner_that_does_not_clear_the_container_credentials_variables_is_warned() {
+    // A job's own variable would be the only value, and turn the endpoint
+    // on for it (the daemon's rule refuses only two different values).
+    let runner = |env: &str| {
+        let text =
+            format!("[[runners]]\nname = \"r\"\nexecutor = \"docker\"\nenvironment = [{env}]\n");
+        levels(
+            &runner::runner_checks_in(&text, &served()),
+            "container credentials",
+        )
+    };
+    assert_eq!(runner("\"IAM_ROLE=\""), [Level::Warn]);
+    // Clearing one leaves the other to the job.
+    assert_eq!(
+        runner("\"IAM_ROLE=\", \"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=\""),
+        [Level::Warn]
+    );
+    assert_eq!(
+        runner("\"IAM_ROLE=\", \"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=\", \"AWS_CONTAINER_CREDENTIALS_FULL_URI=\""),
+        [Level::Ok]
+    );
+}
+
+#[test]
+fn an_allow_listed_runner_cgroup_fails_where_shell_or_custom_jobs_run_in_it() {
+    let service = vec![runner::RUNNER_SERVICE_CGROUP.to_string()];
+    let shell = "[[runners]]\nname = \"s\"\nexecutor = \"shell\"\n[[runners]]\nname = \"d\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\"]\n";
+    let docker_only =
+        "[[runners]]\nname = \"d\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\"]\n";
+    let globs = |g: &[&str]| g.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // The admin allow-lists the runner's unit for the S3 cache: the shell
+    // runner's job scripts run in it.
+    let exact = globs(&["/system.slice/gitlab-runner.service"]);
+    let c = runner::host_allow_check(&exact, shell, &service);
+    assert_eq!(c.level, Level::Fail, "{c:?}");
+    assert!(c.found.contains("runner s (shell)"), "{c:?}");
+    // A glob that matches it too, and a custom executor.
+    let custom = shell.replace("shell", "custom");
+    let c = runner::host_allow_check(&globs(&["/system.slice/*.service"]), &custom, &service);
+    assert_eq!(c.level, Level::Fail, "{c:?}");
+    // Docker jobs do not run in the runner's cgroup.
+    assert_eq!(
+        runner::host_allow_check(&exact, docker_only, &service).level,
+        Level::Ok
+    );
+    // A unit of its own for the cache helper is fine.
+    let own = globs(&["/system.slice/s3-cache-sync.service"]);
+    assert_eq!(
+        runner::host_allow_check(&own, shell, &service).level,
+        Level::Ok
+    );
+    // ** spans levels: warned.
+    let wide = globs(&["/system.slice/**"]);
+    assert_eq!(
+        runner::host_allow_check(&wide, docker_only, &service).level,
+        Level::Warn
+    );
+    // ... and fails where it reaches the runner with shell jobs.
+    assert_eq!(
+        runner::host_allow_check(&wide, shell, &service).level,
+        Level::Fail
+    );
+    assert_eq!(
+        runner::host_allow_check(&[], shell, &service).level,
+        Level::Ok
+    );
+}
