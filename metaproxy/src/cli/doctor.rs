@@ -226,6 +226,19 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         }),
         attached: config.as_ref().and_then(attached_below_mount),
         layer2_gap: layer2_gap(status.as_ref()),
+        own_dirs: {
+            let mut dirs = vec![
+                pin_dir.display().to_string(),
+                admin_socket
+                    .parent()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            ];
+            if let Some(c) = &config {
+                dirs.push(c.state_dir.display().to_string());
+            }
+            dirs.retain(|d| d.len() > 1);
+            dirs
+        },
     };
     checks.extend(runner::runner_checks_in(&text, &context));
     let roles = runner::runner_roles(&text);

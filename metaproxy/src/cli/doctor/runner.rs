@@ -18,6 +18,69 @@ pub struct Context {
     /// Why jobs can still open packet sockets on this host (no BPF LSM, or
     /// a daemon without the layer-2 lock); `None` where they cannot.
     pub layer2_gap: Option<String>,
+    /// metaproxy's own directories (pins, admin socket, state), where
+    /// doctor could read its configuration.
+    pub own_dirs: Vec<String>,
+}
+
+/// Host paths a job must not have in its `volumes`, and what each gives it.
+const SENSITIVE: [(&str, &str); 8] = [
+    ("/sys/fs/bpf", "unlinks metaproxy's pins"),
+    ("/sys", "reaches /sys/fs/bpf, where metaproxy's pins are"),
+    ("/proc", "reaches every host process's root and environment"),
+    (
+        "/var/lib/docker",
+        "reads other containers' environments (their ID tokens and roles) and layers",
+    ),
+    ("/run/containerd", "drives containerd"),
+    ("/var/run", "holds the runtimes' sockets"),
+    (
+        "/etc/gitlab-runner",
+        "reads the runner's tokens and changes its config",
+    ),
+    ("/var/lib/gitlab-runner", "reads the runner's state"),
+];
+
+/// What a volume's host source (`HOST:CONTAINER[:OPTS]`) exposes of
+/// `sensitive`: the path itself, a directory above it, or a path inside
+/// it.
+fn exposes(source: &str, sensitive: &str) -> bool {
+    let source = source.trim_end_matches('/');
+    let source = if source.is_empty() { "/" } else { source };
+    let sensitive = sensitive.trim_end_matches('/');
+    source == sensitive
+        || source == "/"
+        || sensitive.starts_with(&format!("{source}/"))
+        || source.starts_with(&format!("{sensitive}/"))
+}
+
+/// The host paths a runner's `volumes` hand its jobs that let them undo
+/// metaproxy or read other jobs' secrets, with why.
+pub fn sensitive_volumes(volumes: &[&str], own_dirs: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for volume in volumes {
+        // A bare path is a volume of the container's own, not the host's.
+        let Some((source, _)) = volume.split_once(':') else {
+            continue;
+        };
+        if !source.starts_with('/') {
+            continue;
+        }
+        let why = SENSITIVE
+            .iter()
+            .find(|(p, _)| exposes(source, p))
+            .map(|(_, why)| why.to_string())
+            .or_else(|| {
+                own_dirs
+                    .iter()
+                    .find(|d| exposes(source, d))
+                    .map(|d| format!("reaches metaproxy's {d}"))
+            });
+        if let Some(why) = why {
+            found.push(format!("{source} ({why})"));
+        }
+    }
+    found
 }
 
 /// Executors whose jobs run in Docker containers on this host.
@@ -204,6 +267,26 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
             ),
         )
         .fix("remove it from volumes; use a rootless or remote builder")
+    });
+    let exposed = sensitive_volumes(
+        &strings(docker.and_then(|d| d.get("volumes"))),
+        &context.own_dirs,
+    );
+    checks.push(if exposed.is_empty() {
+        Check::new(
+            &area,
+            "host paths",
+            Level::Ok,
+            "no host path that undoes metaproxy or reads other jobs",
+        )
+    } else {
+        Check::new(
+            &area,
+            "host paths",
+            Level::Fail,
+            format!("volumes {}", exposed.join(", ")),
+        )
+        .fix("remove them from volumes (bind mounts are recursive: a parent directory counts)")
     });
     let network = docker
         .and_then(|d| d.get("network_mode"))

@@ -237,6 +237,7 @@ fn served() -> runner::Context {
         )),
         attached: Some("/".into()),
         layer2_gap: None,
+        own_dirs: Vec::new(),
     }
 }
 
@@ -292,6 +293,7 @@ fn the_documented_configs_give_exactly_their_findings() {
             ("runner wrong-env".to_string(), "IAM_ROLE"),
             ("runner wrong-env".to_string(), "container credentials"),
             ("runner socket".to_string(), "docker socket"),
+            ("runner socket".to_string(), "host paths"),
             ("runner socket".to_string(), "cap_add"),
             ("runner socket".to_string(), "container credentials"),
         ],
@@ -679,5 +681,51 @@ fn an_allow_listed_runner_cgroup_fails_where_shell_or_custom_jobs_run_in_it() {
     assert_eq!(
         runner::host_allow_check(&[], shell, &service).level,
         Level::Ok
+    );
+}
+
+#[test]
+fn volumes_that_undo_metaproxy_or_read_other_jobs_fail() {
+    let own = vec![
+        "/sys/fs/bpf/metaproxy".to_string(),
+        "/run/metaproxy".to_string(),
+        "/var/lib/metaproxy".to_string(),
+    ];
+    let found = |v: &[&str]| runner::sensitive_volumes(v, &own);
+    for bad in [
+        "/sys:/host/sys:ro",
+        "/sys/fs/bpf:/bpf",
+        "/sys/fs/bpf/metaproxy/links:/x",
+        "/proc:/host/proc",
+        "/:/host",
+        "/var/lib/docker:/docker",
+        "/var/lib/docker/containers:/c",
+        "/run/containerd:/c",
+        "/var/run:/var/run",
+        "/etc/gitlab-runner:/etc/gitlab-runner:ro",
+        "/run/metaproxy:/m",
+        "/var/lib:/var/lib",
+        "/etc/:/host-etc",
+    ] {
+        assert_eq!(found(&[bad]).len(), 1, "{bad}");
+    }
+    for fine in [
+        "/cache",
+        "/builds:/builds",
+        "/srv/cache:/cache",
+        "/var/cache/apt:/var/cache/apt",
+        "/run/user/1000/x:/x",
+    ] {
+        assert!(found(&[fine]).is_empty(), "{fine}: {:?}", found(&[fine]));
+    }
+    let checks = runner::runner_checks_in(
+        "[[runners]]\nname = \"r\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\"]\n[runners.docker]\nvolumes = [\"/cache\", \"/sys/fs/bpf:/sys/fs/bpf\"]\n",
+        &runner::Context { own_dirs: own.clone(), ..runner::Context::default() },
+    );
+    assert_eq!(levels(&checks, "host paths"), [Level::Fail]);
+    let c = checks.iter().find(|c| c.check == "host paths").unwrap();
+    assert!(
+        c.found.contains("/sys/fs/bpf (unlinks metaproxy's pins)"),
+        "{c:?}"
     );
 }
