@@ -21,8 +21,8 @@
 //! [`credentials::Sts`], [`surface::upstream::Upstream`]) so the whole path
 //! runs in-process in tests.
 //!
-//! No `unsafe` anywhere but `kernel::probe::sockopt_link`, two `bpf(2)`
-//! calls that aya 0.14 does not offer for one program type (it says why).
+//! No `unsafe` anywhere but `kernel::probe::syscalls`, the few `bpf(2)`
+//! commands aya 0.14 does not offer (it says which, and why).
 #![deny(unsafe_code)]
 
 pub mod attribution;

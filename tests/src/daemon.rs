@@ -294,3 +294,64 @@ pub fn http_get_in(netns: &Path, addr: &str, path: &str) -> anyhow::Result<(u16,
     .join()
     .map_err(|_| anyhow::anyhow!("the GET thread panicked"))?
 }
+
+/// Detaches the link pinned at `path` as root with `CAP_BPF` could
+/// (`bpftool link detach`): `BPF_OBJ_GET`, then `BPF_LINK_DETACH`.
+pub fn detach_link(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u64; 14],
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _rest: [u32; 31],
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        _rest: [0; 14],
+    };
+    // SAFETY: a valid bpf_attr for BPF_OBJ_GET (7), of its own size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            7,
+            &mut get as *mut ObjGet,
+            std::mem::size_of::<ObjGet>() as u32,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    let mut detach = LinkDetach {
+        link_fd: fd as u32,
+        _rest: [0; 31],
+    };
+    // SAFETY: a valid bpf_attr for BPF_LINK_DETACH (34), of its own size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            34,
+            &mut detach as *mut LinkDetach,
+            std::mem::size_of::<LinkDetach>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_LINK_DETACH: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is ours, from BPF_OBJ_GET.
+    unsafe { libc::close(fd as i32) };
+}

@@ -10,7 +10,8 @@
 //!   guard) with `PACKET_QDISC_BYPASS` or an AF_XDP socket.
 //!
 //! Each attack first works in the same bed with the part of the lock it
-//! meets unpinned, then gets nothing with it; the job next to it keeps
+//! meets detached (`BPF_LINK_DETACH`, the daemon's watchdog off in these
+//! beds so it stays detached), then gets nothing with it; the job next to it keeps
 //! working, and what the lock did is counted. This project's machines run
 //! a kernel that lists the BPF LSM but refuses every program that needs a
 //! BPF trampoline, LSM programs included, so the lock's socket half cannot
@@ -21,12 +22,14 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use metaproxy_tests::{
     bed::{Container, E2eBed, ROLE_BUILD, ROLE_DEPLOY},
-    daemon::Daemon,
+    daemon::{detach_link, Daemon},
     imds_net::UPLINK,
 };
 use serde_json::Value;
 
 const IMDS: &str = "169.254.169.254:80";
+/// The daemon's watchdog would attach a detached control again.
+const NO_WATCHDOG: &[(&str, &str)] = &[("METAPROXY_WATCHDOG", "off")];
 /// How long each poisoning runs; the victim fetches in the middle of it.
 const ATTACK_SECONDS: &str = "6";
 
@@ -137,7 +140,7 @@ fn assert_read_nothing(got: &Value) {
 
 #[test]
 fn arp_poisoning_and_mac_forging_on_the_bridge_get_no_other_jobs_credentials() {
-    let mut bed = E2eBed::start(&[]).expect("bed");
+    let mut bed = E2eBed::start_with_env(&[], NO_WATCHDOG).expect("bed");
     let base = bed.base_image();
     let attacker = bed.container("l2-attacker", base, &[], &[]).expect("job");
 
@@ -157,7 +160,7 @@ fn arp_poisoning_and_mac_forging_on_the_bridge_get_no_other_jobs_credentials() {
         1,
         "the answer pin is on docker0 alone: {pins:?}"
     );
-    std::fs::remove_file(&pins[0]).unwrap();
+    detach_link(&pins[0]);
     let victim_ip = ip_of(&bed, &victim.name);
     let mitm = [
         "arp-mitm",
@@ -391,7 +394,7 @@ fn an_attacker_started_with_its_victim_on_a_user_defined_network_gets_nothing() 
 
 #[test]
 fn a_host_network_job_reads_no_answer_off_the_bridge_and_the_gap_is_reported() {
-    let bed = E2eBed::start(&[]).expect("bed");
+    let bed = E2eBed::start_with_env(&[], NO_WATCHDOG).expect("bed");
     let base = bed.base_image();
     let victim = bed
         .container("l2-sniffed", base, &[("IAM_ROLE", ROLE_DEPLOY)], &[])
@@ -407,7 +410,7 @@ fn a_host_network_job_reads_no_answer_off_the_bridge_and_the_gap_is_reported() {
 
     // Without the answer pin, a packet socket on docker0 reads them.
     let pins = deliver_pins(&bed.daemon);
-    std::fs::remove_file(&pins[0]).unwrap();
+    detach_link(&pins[0]);
     let (sdk, got) = fetch_under_attack(&victim, &job, &sniff, 1);
     assert_sdk_got(&sdk, ROLE_DEPLOY);
     assert_eq!(
@@ -483,7 +486,8 @@ fn a_host_network_job_sends_nothing_past_tc_egress_even_without_the_bpf_lsm() {
     // As on every kernel without BPF LSM programs (this one among them):
     // packet and AF_XDP sockets open, and the lock's setsockopt half is
     // what keeps their frames going through tc, and so the guard.
-    let bed = E2eBed::start_with_env(&[], &[("METAPROXY_BPF_LSM", "off")]).expect("bed");
+    let bed =
+        E2eBed::start_with_env(&[], &[("METAPROXY_BPF_LSM", "off"), NO_WATCHDOG[0]]).expect("bed");
     let log = bed.imds_net.record().expect("packet log");
     let imds_mac = bed.imds_net.imds_mac().expect("imds mac");
     let job = bed
@@ -568,7 +572,7 @@ fn a_host_network_job_sends_nothing_past_tc_egress_even_without_the_bpf_lsm() {
     // never sees them, and the instance's credentials follow.
     let pins = sockopt_pins(&bed.daemon);
     assert_eq!(pins.len(), 1, "{pins:?}");
-    std::fs::remove_file(&pins[0]).unwrap();
+    detach_link(&pins[0]);
     let open = bypass("172.31.213.223");
     assert_eq!(
         open["credentials"], true,

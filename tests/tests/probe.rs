@@ -954,3 +954,111 @@ fn out_of_descriptors_no_listener_spins_and_each_serves_again() {
     );
     assert_eq!(got["status"], 403, "{got}");
 }
+
+/// The file names under the daemon's `links/`, sorted.
+fn link_pins(bed: &Bed) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(bed.daemon.pin_dir().join("links"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn pins_unlinked_while_the_daemon_runs_detach_nothing_and_come_back() {
+    let bed = Bed::new(&[]);
+    let before = link_pins(&bed);
+    assert!(
+        before.iter().any(|p| p.starts_with("mp_connect4-"))
+            && before.iter().any(|p| p.starts_with("mp_guard_tc_if")),
+        "{before:?}"
+    );
+    // A job with /sys/fs/bpf in its volumes: rm links/*.
+    for name in &before {
+        std::fs::remove_file(bed.daemon.pin_dir().join("links").join(name)).unwrap();
+    }
+    // At once, before any watchdog pass: still redirected, UDP still
+    // refused, the real IMDS never reached.
+    let got = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(got["status"], 403, "the redirect went with its pins: {got}");
+    let udp = bed.client("attached/a", &["udp", IMDS]);
+    assert_eq!(udp["errno"], libc::EPERM, "{udp}");
+    assert_eq!(bed.imds_calls(), 0, "the real IMDS was reached");
+    // And the pins come back, so a daemon restart or crash keeps them.
+    metaproxy_tests::wait_for("the pins back", std::time::Duration::from_secs(10), || {
+        (link_pins(&bed) == before).then_some(())
+    })
+    .unwrap();
+    assert!(
+        bed.daemon
+            .log()
+            .contains("ALERT: pins of the probe were removed"),
+        "{}",
+        bed.daemon.log()
+    );
+    assert_eq!(
+        bed.daemon
+            .metric("metaproxy_probe_repairs_total{kind=\"pin\"}"),
+        before.len() as f64
+    );
+    // (This bed has no Docker, so /readyz names that; not the probe.)
+    let (_, readyz) = bed.daemon.metrics_get("/readyz").unwrap();
+    assert!(!readyz.contains("probe"), "{readyz}");
+
+    // Root with CAP_BPF detaching the connect hook outright: it is
+    // attached again, under the same pin.
+    let connect4 = before
+        .iter()
+        .find(|p| p.starts_with("mp_connect4-"))
+        .unwrap();
+    metaproxy_tests::daemon::detach_link(&bed.daemon.pin_dir().join("links").join(connect4));
+    metaproxy_tests::wait_for(
+        "the redirect attached again",
+        std::time::Duration::from_secs(10),
+        || {
+            (bed.daemon
+                .metric("metaproxy_probe_repairs_total{kind=\"link\"}")
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let again = bed.client(
+        "attached/a",
+        &["get", IMDS, "/latest/meta-data/instance-id"],
+    );
+    assert_eq!(again["status"], 403, "{again}");
+    assert_eq!(link_pins(&bed), before);
+    assert!(bed
+        .daemon
+        .log()
+        .contains("ALERT: programs of the probe were detached"));
+
+    // A pin swapped for a symlink to another link's is seen for what it
+    // is: the pin is this link again.
+    let links = bed.daemon.pin_dir().join("links");
+    let bind4 = before.iter().find(|p| p.starts_with("mp_bind4-")).unwrap();
+    std::fs::remove_file(links.join(connect4)).unwrap();
+    std::os::unix::fs::symlink(links.join(bind4), links.join(connect4)).unwrap();
+    let pins = || {
+        bed.daemon
+            .metric("metaproxy_probe_repairs_total{kind=\"pin\"}")
+    };
+    let restored = pins();
+    metaproxy_tests::wait_for(
+        "the symlink replaced",
+        std::time::Duration::from_secs(10),
+        || (pins() > restored).then_some(()),
+    )
+    .unwrap();
+    let meta = std::fs::symlink_metadata(links.join(connect4)).unwrap();
+    assert!(!meta.file_type().is_symlink());
+    assert_eq!(link_pins(&bed), before);
+}

@@ -106,6 +106,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     config.container_credentials.retain(|ip| servable(*ip));
     let mut tasks = Tasks::default();
     let (probe, guard_state) = attach(&config, &cgroups, &mut tasks, &readiness).await?;
+    tasks.spawn(
+        "probe watchdog",
+        watch_probe(probe.clone(), readiness.clone()),
+    );
+    let watched = (probe.clone(), readiness.clone());
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
@@ -187,6 +192,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
     tasks.set.shutdown().await;
+    // A last pass: what a job unpinned must be pinned again before the
+    // descriptors that hold it go with the process.
+    if !watchdog_off() {
+        watch_once(&watched.0, &watched.1).await;
+    }
     result
 }
 
@@ -493,6 +503,66 @@ async fn attach(
         guard::follow(probe.clone(), routes_table, guarded, guard_state.clone()),
     );
     Ok((probe, guard_state))
+}
+
+/// How often the watchdog checks that every link is attached and pinned.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the redirect, the guard and the layer-2 lock attached and pinned
+/// while the daemon runs (see [`crate::kernel::probe::Probe::repair`]):
+/// what went missing is put back, logged as an alert and counted, and
+/// `/readyz` is not ready while something could not be.
+async fn watch_probe(probe: Arc<Probe>, readiness: Arc<Readiness>) {
+    // For the attack tests' controls alone: they detach a part of the
+    // probe to show the attack working without it, and it must stay
+    // detached. The links are held all the same.
+    if watchdog_off() {
+        tracing::warn!("the probe's watchdog is off (METAPROXY_WATCHDOG=off): a detached program stays detached");
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !watch_once(&probe, &readiness).await {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// `METAPROXY_WATCHDOG=off`: for the attack tests' controls alone.
+fn watchdog_off() -> bool {
+    std::env::var("METAPROXY_WATCHDOG").is_ok_and(|v| v == "off")
+}
+
+/// One watchdog pass, logged; `false` once a newer daemon took over.
+async fn watch_once(probe: &Arc<Probe>, readiness: &Readiness) -> bool {
+    let p = probe.clone();
+    let repairs = match tokio::task::spawn_blocking(move || p.repair()).await {
+        Ok(repairs) => repairs,
+        Err(e) => {
+            tracing::error!(alert = true, error = %e, "ALERT: the probe's watchdog failed; trying again");
+            readiness.probe_intact(false);
+            return true;
+        }
+    };
+    if let Some(generation) = repairs.superseded_by {
+        tracing::warn!(generation, "a newer metaproxy attached generation {generation}: this daemon's watchdog stands down");
+        return false;
+    }
+    if !repairs.pins_restored.is_empty() {
+        tracing::error!(alert = true, restored = %repairs.pins_restored.join(", "), "ALERT: pins of the probe were removed or replaced while the daemon ran (it held the links, so nothing was detached); pinned again");
+    }
+    if !repairs.links_reattached.is_empty() {
+        tracing::error!(alert = true, reattached = %repairs.links_reattached.join(", "), "ALERT: programs of the probe were detached or moved while the daemon ran; attached again");
+    }
+    if repairs.failed.is_empty() {
+        readiness.probe_intact(true);
+    } else {
+        tracing::error!(alert = true, failed = %repairs.failed.join("; "), "ALERT: a pin or link of the probe is missing and could not be put back; trying again");
+        readiness.probe_intact(false);
+    }
+    true
 }
 
 /// The cgroup the probe is attached to, as the packet guard checks it.

@@ -270,7 +270,10 @@ impl LiveSource for DaemonState {
         for (kind, count) in self.probe.l2_refusals() {
             l2_refusals[kind as usize] = count;
         }
+        let (pins_restored, links_reattached) = self.probe.repairs_counted();
         Live {
+            pins_restored,
+            links_reattached,
             guard_drops,
             l2_refusals,
             l2_sockets_refused: self.probe.l2_socket_hook().is_ok(),

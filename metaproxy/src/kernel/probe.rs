@@ -282,6 +282,14 @@ pub struct Probe {
     deliver: Mutex<Vec<Interface>>,
     /// Whether the layer-2 lock's socket hook is attached, or why not.
     l2_socket_hook: Result<(), String>,
+    /// The attached cgroup, and its id.
+    cgroup: PathBuf,
+    cgroup_id: u64,
+    /// Every link this generation pinned, held open (see [`watchdog`]).
+    /// Taken after `guard` and `deliver`.
+    held: std::sync::Mutex<Vec<watchdog::Held>>,
+    /// Pins restored, links attached again (see [`Probe::repair`]).
+    repairs: [std::sync::atomic::AtomicU64; 2],
 }
 
 impl std::fmt::Debug for Probe {
@@ -345,6 +353,13 @@ impl Probe {
         let generation = old.iter().map(|(_, g, _)| *g).max().map_or(1, |g| g + 1);
         let cgroup =
             fs::File::open(&opts.cgroup).map_err(io_err("opening cgroup", &opts.cgroup))?;
+        // A cgroup's id is its directory's inode number.
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+            &cgroup
+                .metadata()
+                .map_err(io_err("reading cgroup", &opts.cgroup))?,
+        );
+        let mut held = Vec::new();
         // The LSM half where the kernel runs it; a kernel that lists the BPF
         // LSM can still refuse its programs (some refuse every program that
         // needs a BPF trampoline): then it is a gap, said, not a failure.
@@ -358,17 +373,27 @@ impl Probe {
             let path = links_dir.join(format!("{PROG_L2_SOCKET}-{generation}"));
             link.pin(&path)
                 .map(drop)
-                .map_err(|e| format!("pinning {}: {e}", path.display()))
+                .map_err(|e| format!("pinning {}: {e}", path.display()))?;
+            let id = watchdog::prog_id(&ebpf, PROG_L2_SOCKET).map_err(|e| e.to_string())?;
+            held.push(
+                watchdog::hold(&path, watchdog::Attached::Cgroup(PROG_L2_SOCKET), id)
+                    .map_err(|e| e.to_string())?,
+            );
+            Ok(())
         });
         for name in PROGRAMS {
             let path = links_dir.join(format!("{name}-{generation}"));
             if name == PROG_L2_SOCKOPT {
                 attach_sockopt(&mut ebpf, &cgroup, &path)?;
-                continue;
+            } else {
+                let link = attach_program(&mut ebpf, name, &cgroup)?;
+                link.pin(&path).map_err(|source| ProbeError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
             }
-            let link = attach_program(&mut ebpf, name, &cgroup)?;
-            link.pin(&path)
-                .map_err(|source| ProbeError::Pin { path, source })?;
+            let id = watchdog::prog_id(&ebpf, name)?;
+            held.push(watchdog::hold(&path, watchdog::Attached::Cgroup(name), id)?);
         }
         {
             let tc = tc_program(&mut ebpf, TcProg::Guard)?;
@@ -377,7 +402,7 @@ impl Probe {
                 source,
             })?;
             for iface in &opts.guard_interfaces {
-                attach_tc(
+                let pinned = attach_tc(
                     tc,
                     TcProg::Guard,
                     iface,
@@ -385,6 +410,13 @@ impl Probe {
                     &links_dir,
                     generation,
                 )?;
+                if let Some(path) = pinned {
+                    held.push(watchdog::hold(
+                        &path,
+                        watchdog::Attached::Tc(TcProg::Guard, iface.clone()),
+                        tc_id(tc, TcProg::Guard)?,
+                    )?);
+                }
             }
             // Loaded now, attached to a bridge the first time the daemon
             // answers a container through it.
@@ -436,6 +468,10 @@ impl Probe {
                 l2_peers: Mutex::new(l2_peers),
                 deliver: Mutex::new(Vec::new()),
                 l2_socket_hook,
+                cgroup: opts.cgroup.clone(),
+                cgroup_id,
+                held: std::sync::Mutex::new(held),
+                repairs: Default::default(),
             },
             kernel_log,
         ))
@@ -450,7 +486,7 @@ impl Probe {
             return Ok(false);
         }
         let tc = tc_program(ebpf, TcProg::Guard)?;
-        attach_tc(
+        let pinned = attach_tc(
             tc,
             TcProg::Guard,
             iface,
@@ -460,6 +496,14 @@ impl Probe {
         )?;
         on.push(iface.clone());
         on.sort();
+        if let Some(path) = pinned {
+            let id = tc_id(tc, TcProg::Guard)?;
+            self.hold(
+                &path,
+                watchdog::Attached::Tc(TcProg::Guard, iface.clone()),
+                id,
+            )?;
+        }
         Ok(true)
     }
 
@@ -478,7 +522,7 @@ impl Probe {
             let mut on = self.deliver.lock().unwrap_or_else(|p| p.into_inner());
             if !on.iter().any(|i| i.index == bridge.index) {
                 let tc = tc_program(&mut guard.0, TcProg::Deliver)?;
-                attach_tc(
+                let pinned = attach_tc(
                     tc,
                     TcProg::Deliver,
                     bridge,
@@ -488,6 +532,14 @@ impl Probe {
                 )?;
                 on.push(bridge.clone());
                 on.sort();
+                if let Some(path) = pinned {
+                    let id = tc_id(tc, TcProg::Deliver)?;
+                    self.hold(
+                        &path,
+                        watchdog::Attached::Tc(TcProg::Deliver, bridge.clone()),
+                        id,
+                    )?;
+                }
                 tracing::info!(bridge = %bridge.name, ifindex = bridge.index, "answers to containers on this bridge go to their own ports");
             }
         }
@@ -531,6 +583,13 @@ impl Probe {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|i| exists(i.index));
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|h| match &h.what {
+                watchdog::Attached::Tc(_, iface) => exists(iface.index),
+                watchdog::Attached::Cgroup(_) => true,
+            });
         for (path, _, pin) in pinned_links(&self.links_dir)? {
             let ifindex = match pin {
                 Pin::Tcx { ifindex, .. } | Pin::Netlink { ifindex, .. } => ifindex,
@@ -640,6 +699,16 @@ impl Probe {
 }
 
 /// One of the tc classifiers in `ebpf`.
+/// The kernel's id of a loaded tc program.
+fn tc_id(tc: &SchedClassifier, prog: TcProg) -> Result<u32, ProbeError> {
+    tc.info()
+        .map(|i| i.id())
+        .map_err(|source| ProbeError::Program {
+            name: prog.name(),
+            source,
+        })
+}
+
 fn tc_program(ebpf: &mut Ebpf, prog: TcProg) -> Result<&mut SchedClassifier, ProbeError> {
     let name = prog.name();
     ebpf.program_mut(name)
@@ -702,10 +771,12 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 
 mod attach;
 mod pins;
-mod sockopt_link;
+mod syscalls;
+mod watchdog;
 
 use attach::*;
 pub use pins::*;
+pub use watchdog::Repairs;
 
 #[cfg(test)]
 mod tests;

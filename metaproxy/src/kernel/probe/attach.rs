@@ -5,7 +5,8 @@ use std::os::fd::AsFd as _;
 
 use super::*;
 
-/// Loads the layer-2 lock's LSM half against its hook and attaches it to
+/// Loads the layer-2 lock's LSM half against its hook (unless it is loaded)
+/// and attaches it to
 /// `cgroup` (`lsm_cgroup`: it runs only for tasks below the cgroup).
 pub(super) fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink, ProbeError> {
     let name = PROG_L2_SOCKET;
@@ -16,13 +17,16 @@ pub(super) fn attach_lsm(ebpf: &mut Ebpf, cgroup: &fs::File) -> Result<FdLink, P
         .ok_or(ProbeError::Missing(name))?
         .try_into()
         .map_err(err)?;
-    prog.load(L2_SOCKET_HOOK, &btf).map_err(err)?;
+    if prog.fd().is_err() {
+        prog.load(L2_SOCKET_HOOK, &btf).map_err(err)?;
+    }
     let id = prog.attach(cgroup).map_err(err)?;
     Ok(prog.take_link(id).map_err(err)?.into())
 }
 
-/// Loads the layer-2 lock's setsockopt half and attaches and pins it (see
-/// [`super::sockopt_link`] for why not through aya).
+/// Loads the layer-2 lock's setsockopt half (unless it is loaded) and
+/// attaches and pins it (see
+/// [`super::syscalls`] for why not through aya).
 pub(super) fn attach_sockopt(
     ebpf: &mut Ebpf,
     cgroup: &fs::File,
@@ -35,12 +39,16 @@ pub(super) fn attach_sockopt(
         .ok_or(ProbeError::Missing(name))?
         .try_into()
         .map_err(err)?;
-    prog.load().map_err(err)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(err)?;
+    }
     let fd = prog.fd().map_err(err)?;
-    sockopt_link::attach_and_pin(fd.as_fd(), cgroup, path)
+    syscalls::attach_and_pin(fd.as_fd(), cgroup, path)
         .map_err(io_err("attaching and pinning", path))
 }
 
+/// Loads cgroup program `name` (unless it is loaded: the watchdog attaches
+/// a loaded one again) and attaches it to `cgroup`.
 pub(super) fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -52,13 +60,17 @@ pub(super) fn attach_program(
     // kernel attaches links as multi), so "Single" only means "no flags".
     if name == PROG_SOCK_RELEASE {
         let prog: &mut CgroupSock = program.try_into().map_err(err)?;
-        prog.load().map_err(err)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(err)?;
+        }
         let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
     } else if name == PROG_GUARD_SKB {
         let prog: &mut CgroupSkb = program.try_into().map_err(err)?;
-        prog.load().map_err(err)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(err)?;
+        }
         let id = prog
             .attach(
                 cgroup,
@@ -70,20 +82,25 @@ pub(super) fn attach_program(
         FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
     } else if name == PROG_SOCK_OPS {
         let prog: &mut SockOps = program.try_into().map_err(err)?;
-        prog.load().map_err(err)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(err)?;
+        }
         let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
     } else {
         let prog: &mut CgroupSockAddr = program.try_into().map_err(err)?;
-        prog.load().map_err(err)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(err)?;
+        }
         let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| ProbeError::Link { name, source })
     }
 }
 
-/// Attaches the tc guard at egress of `iface` and pins what records it.
+/// Attaches a tc program at egress of `iface` and pins what records it;
+/// returns the pin of its tcx link (clsact filters have no link).
 pub(super) fn attach_tc(
     tc: &mut SchedClassifier,
     prog: TcProg,
@@ -91,7 +108,7 @@ pub(super) fn attach_tc(
     mode: TcMode,
     links_dir: &Path,
     generation: u64,
-) -> Result<(), ProbeError> {
+) -> Result<Option<PathBuf>, ProbeError> {
     let (tcx_pin, netlink_pin) = prog.stems();
     let err = |source| ProbeError::Guard {
         name: iface.name.clone(),
@@ -100,13 +117,19 @@ pub(super) fn attach_tc(
     };
     match mode {
         TcMode::Tcx => {
-            // Last in line: programs already there (a CNI's, say) keep their
-            // place, and whatever they pass we still see.
+            // The guard goes first: it only drops, so nothing after it can
+            // be hurt, and a program before it that returned TCX_PASS would
+            // end the chain before it ran. The answer pin goes last: it
+            // redirects, and what others drop must stay dropped.
+            let order = match prog {
+                TcProg::Guard => LinkOrder::first(),
+                TcProg::Deliver => LinkOrder::last(),
+            };
             let id = tc
                 .attach_with_options(
                     &iface.name,
                     TcAttachType::Egress,
-                    TcAttachOptions::TcxOrder(LinkOrder::last()),
+                    TcAttachOptions::TcxOrder(order),
                 )
                 .map_err(err)?;
             let link = tc.take_link(id).map_err(err)?;
@@ -115,8 +138,12 @@ pub(super) fn attach_tc(
                 source,
             })?;
             let path = links_dir.join(format!("{tcx_pin}{}-{generation}", iface.index));
-            link.pin(&path)
-                .map_err(|source| ProbeError::Pin { path, source })?;
+            link.pin(&path).map_err(|source| ProbeError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::debug!(interface = %iface.name, ifindex = iface.index, generation, program = prog.name(), "tcx program attached");
+            Ok(Some(path))
         }
         TcMode::Netlink => {
             // EEXIST when the qdisc is there already, which is fine.
@@ -142,8 +169,8 @@ pub(super) fn attach_tc(
             ));
             tc.pin(&path)
                 .map_err(|source| ProbeError::Pin { path, source })?;
+            tracing::debug!(interface = %iface.name, ifindex = iface.index, generation, program = prog.name(), "clsact filter attached");
+            Ok(None)
         }
     }
-    tracing::debug!(interface = %iface.name, ifindex = iface.index, mode = mode.name(), generation, program = prog.name(), "tc program attached");
-    Ok(())
 }

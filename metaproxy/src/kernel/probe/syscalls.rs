@@ -1,13 +1,18 @@
-//! A pinned cgroup link for the `cgroup/setsockopt` program.
+//! The few `bpf(2)` commands aya 0.14 does not offer, and the one place in
+//! the daemon with `unsafe`:
 //!
-//! aya 0.14 attaches a `CgroupSockopt` with a bpf_link but, unlike every
-//! other cgroup program type, cannot hand that link out as an `FdLink`, so
-//! it cannot be pinned, and it would detach when the daemon exits: the
-//! lock on `PACKET_QDISC_BYPASS` and AF_XDP would then be gone whenever the
-//! daemon is down. So this module makes the link and pins it itself, with
-//! the two `bpf(2)` commands aya uses for the others (`BPF_LINK_CREATE`,
-//! `BPF_OBJ_PIN`). It is the one place in the daemon with `unsafe`; drop it
-//! when aya implements `TryFrom<CgroupSockoptLink> for FdLink`.
+//! * a pinned cgroup link for the `cgroup/setsockopt` program. aya attaches
+//!   a `CgroupSockopt` with a bpf_link but, unlike every other cgroup
+//!   program type, cannot hand that link out as an `FdLink`, so it cannot
+//!   be pinned, and it would detach when the daemon exits: the lock on
+//!   `PACKET_QDISC_BYPASS` and AF_XDP would then be gone whenever the
+//!   daemon is down. So this module makes the link and pins it itself
+//!   (`BPF_LINK_CREATE`, `BPF_OBJ_PIN`);
+//! * holding a pinned link by a descriptor of the daemon's own
+//!   (`BPF_OBJ_GET`), pinning it again where its pin was removed
+//!   (`BPF_OBJ_PIN`), asking the kernel where it is attached
+//!   (`BPF_OBJ_GET_INFO_BY_FD`), and detaching it to attach it again in
+//!   front (`BPF_LINK_DETACH`), for the probe's watchdog.
 #![allow(unsafe_code)]
 
 use std::{
@@ -22,7 +27,10 @@ use std::{
 
 /// From linux/bpf.h.
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
 /// `union bpf_attr` as `BPF_LINK_CREATE` reads it for a cgroup target,
@@ -97,4 +105,108 @@ pub(super) fn attach_and_pin(
     // The pin holds the link now; our descriptor can go.
     drop(link);
     Ok(())
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the pin path"))
+}
+
+/// A descriptor of the object pinned at `path`: the object lives while the
+/// descriptor does, whatever becomes of the pin.
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = c_path(path)?;
+    let mut get = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object `fd` refers to at `path`.
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = c_path(path)?;
+    let mut pin = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut pin).map(drop)
+}
+
+/// `union bpf_attr` as `BPF_OBJ_GET_INFO_BY_FD` reads it.
+#[repr(C)]
+#[derive(Default)]
+struct GetInfo {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+    _rest: [u64; 12],
+}
+
+/// The head of `struct bpf_link_info`: its type, ids, and the first 8 bytes
+/// of the per-type union, which hold a cgroup link's cgroup id and a tcx
+/// link's ifindex.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    target: [u8; 8],
+    _rest: [u64; 6],
+}
+
+/// Where a link is attached, as the kernel says: a cgroup link's cgroup id,
+/// a tcx link's ifindex (both 0 once the link was detached), and the ids
+/// of the link and its program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LinkTarget {
+    pub id: u32,
+    pub cgroup_id: u64,
+    pub ifindex: u32,
+    pub prog_id: u32,
+}
+
+pub(super) fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
+    let mut info = LinkInfo::default();
+    let mut get = GetInfo {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get)?;
+    Ok(LinkTarget {
+        id: info.id,
+        cgroup_id: u64::from_ne_bytes(info.target),
+        ifindex: u32::from_ne_bytes([
+            info.target[0],
+            info.target[1],
+            info.target[2],
+            info.target[3],
+        ]),
+        prog_id: info.prog_id,
+    })
+}
+
+/// `union bpf_attr` as `BPF_LINK_DETACH` reads it.
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetach {
+    link_fd: u32,
+    _rest: [u32; 31],
+}
+
+/// Detaches the link `fd` refers to (it stays a defunct link while held).
+pub(super) fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut detach = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_DETACH, &mut detach).map(drop)
 }

@@ -24,6 +24,9 @@ pub struct Live {
     /// Whether packet, AF_XDP and raw IPv6 sockets are refused to jobs
     /// (the BPF LSM runs).
     pub l2_sockets_refused: bool,
+    /// The probe's watchdog: pins made again, links attached again.
+    pub pins_restored: u64,
+    pub links_reattached: u64,
 }
 
 /// Where [`Live`] comes from (the daemon's parts; a fixed value in tests).
@@ -154,6 +157,18 @@ impl Collector for LiveCollector {
                 ConstCounter::new(live.l2_refusals[kind as usize])
                     .encode(family.encode_family(&[("kind", kind.name())])?)?;
             }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "metaproxy_probe_repairs",
+                "What the watchdog put back while the daemon ran: pins removed (kind pin) and programs detached or moved (kind link)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(live.pins_restored)
+                .encode(family.encode_family(&[("kind", "pin")])?)?;
+            ConstCounter::new(live.links_reattached)
+                .encode(family.encode_family(&[("kind", "link")])?)?;
         }
         let dropped = ConstCounter::new(live.log_lines_dropped);
         let family = encoder.encode_descriptor(

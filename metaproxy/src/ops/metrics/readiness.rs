@@ -14,6 +14,9 @@ pub struct Readiness {
     issuer_keys: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// A protection this host cannot have: ready all the same, and said.
     gap: OnceLock<String>,
+    /// Set by the probe's watchdog when something it must put back could
+    /// not be.
+    probe_broken: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -27,6 +30,11 @@ impl std::fmt::Debug for Readiness {
 impl Readiness {
     pub fn probe_attached(&self) {
         self.attached.store(true, Ordering::Relaxed);
+    }
+
+    /// The probe's watchdog: whether every link is attached and pinned.
+    pub fn probe_intact(&self, intact: bool) {
+        self.probe_broken.store(!intact, Ordering::Relaxed);
     }
 
     pub fn listening(&self) {
@@ -70,6 +78,11 @@ impl Readiness {
     pub fn check(&self) -> Result<(), &'static str> {
         if !self.attached.load(Ordering::Relaxed) {
             return Err("the probe is not attached yet");
+        }
+        if self.probe_broken.load(Ordering::Relaxed) {
+            return Err(
+                "a pin or link of the probe is missing and could not be put back (see the log)",
+            );
         }
         if !self.guarded.get().is_some_and(|on| on()) {
             return Err("the packet guard is not on the interface that routes to IMDS");

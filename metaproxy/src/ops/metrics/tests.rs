@@ -99,6 +99,7 @@ fn names_follow_prometheus_conventions() {
             guard_drops: [4, 0, 1, 0, 0],
             l2_refusals: [2, 0, 0, 0, 0, 1, 0, 3, 0],
             l2_sockets_refused: true,
+            pins_restored: 5,
             ..Live::default()
         })),
     );
@@ -119,6 +120,8 @@ fn names_follow_prometheus_conventions() {
         "metaproxy_layer2_refused_total{kind=\"xdp_socket\"} 0",
         "metaproxy_layer2_sockets_refused 1",
         "metaproxy_layer2_refused_total{kind=\"spoofed_arp\"} 3",
+        "metaproxy_probe_repairs_total{kind=\"pin\"} 5",
+        "metaproxy_probe_repairs_total{kind=\"link\"} 0",
         "metaproxy_build_info{version=\"",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
@@ -162,6 +165,13 @@ fn readiness_names_the_first_missing_step() {
     up.store(true, Ordering::Relaxed);
     guarded.store(false, Ordering::Relaxed);
     assert!(r.check().unwrap_err().contains("packet guard"));
+    guarded.store(true, Ordering::Relaxed);
+    // A pin or link the watchdog could not put back: not ready until it
+    // is.
+    r.probe_intact(false);
+    assert!(r.check().unwrap_err().contains("could not be put back"));
+    r.probe_intact(true);
+    assert_eq!(r.check(), Ok(()));
 }
 
 #[test]
