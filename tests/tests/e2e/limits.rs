@@ -74,3 +74,72 @@ fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon()
         latency["p50_us"]
     );
 }
+
+/// A job that opens and closes connections to IMDS as fast as it can, from
+/// several containers at once (the per-job budget applies after accept,
+/// so the flood meets the accept backlog and the kernel's record map
+/// first): another job still gets its credentials, through the real SDK
+/// and well within a Go SDK's 500 ms header timeout.
+#[test]
+fn a_connect_flood_from_several_containers_leaves_another_job_its_credentials() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let steady = bed
+        .container(
+            "steady",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let path = format!("{CREDS}{ROLE_DEPLOY}");
+    assert_eq!(steady.imds("GET", &path, &[])["status"], 200);
+    let flooders: Vec<Vec<String>> = (0..4)
+        .map(|i| {
+            let mut args = bed.container_args(&format!("churner-{i}"), &[]);
+            args.push(bed.base_image().into());
+            args.extend(["/mp-client", "connects", IMDS, "1000000"].map(String::from));
+            args
+        })
+        .collect();
+    let running = |name: &str| {
+        bed.dockerd
+            .docker(&["inspect", "-f", "{{.State.Running}}", name])
+            .is_ok_and(|out| out.trim() == "true")
+    };
+    let (latency, sdk, still_flooding) = std::thread::scope(|s| {
+        let floods: Vec<_> = flooders
+            .iter()
+            .map(|args| s.spawn(|| bed.dockerd.run(args)))
+            .collect();
+        std::thread::sleep(Duration::from_secs(3));
+        let latency = steady
+            .exec(&["/mp-client", "latency", IMDS, &path, "300"])
+            .unwrap();
+        let sdk = steady.exec(&["/mp-sdk-client", "3"]).unwrap();
+        // The flood ran all along: every churner is still at it.
+        let still: Vec<bool> = (0..4).map(|i| running(&format!("churner-{i}"))).collect();
+        for i in 0..4 {
+            let _ = bed.dockerd.docker(&["rm", "-f", &format!("churner-{i}")]);
+        }
+        for f in floods {
+            let _ = f.join();
+        }
+        (latency, sdk, still)
+    });
+    assert!(
+        still_flooding.iter().all(|r| *r),
+        "a churner stopped early: {still_flooding:?}"
+    );
+    assert_eq!(latency["ok"], true, "{latency}");
+    let p99 = latency["p99_us"].as_f64().unwrap();
+    assert!(
+        p99 < 100_000.0,
+        "the other job's p99 was {p99} us under the connect flood"
+    );
+    assert_eq!(sdk["ok"], true, "the SDK under the connect flood: {sdk}");
+    let shed = bed.daemon.status().unwrap()["connections"].clone();
+    println!(
+        "connect flood from 4 containers: other job p50 {} us p99 {p99} us; {shed}",
+        latency["p50_us"]
+    );
+}
