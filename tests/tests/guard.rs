@@ -112,7 +112,22 @@ fn a_job_speaking_tcp_over_af_packet_gets_nothing_with_the_daemon_up_or_down() {
     // Where the guard is and what it did, as an admin sees it.
     let status = bed.daemon.status().unwrap();
     let guard = &status["guard"];
-    assert_eq!(guard["interfaces"][0]["name"], UPLINK, "{status}");
+    // On the uplink, and on every other interface of the host's namespace
+    // but lo and the containers' ports: docker0 too.
+    let names: Vec<&str> = guard["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&UPLINK) && names.contains(&"docker0"),
+        "{status}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("veth") || *n == "lo"),
+        "{status}"
+    );
     assert!(
         guard["routes"]
             .as_array()
@@ -122,7 +137,10 @@ fn a_job_speaking_tcp_over_af_packet_gets_nothing_with_the_daemon_up_or_down() {
         "{status}"
     );
     assert_eq!(guard["dropped"]["forwarded"], before + sent, "{status}");
-    assert_eq!(bed.daemon.metric("metaproxy_guard_interfaces"), 1.0);
+    assert_eq!(
+        bed.daemon.metric("metaproxy_guard_interfaces"),
+        names.len() as f64
+    );
     let (code, ready) = bed.daemon.metrics_get("/readyz").unwrap();
     assert_eq!(code, 200, "{ready}");
     assert!(
@@ -542,4 +560,48 @@ fn the_tcx_guard_holds_through_restart_and_kill_until_detach() {
 #[test]
 fn the_clsact_guard_of_older_kernels_holds_through_restart_and_kill_until_detach() {
     guard_holds_through_restart_kill_and_detach("clsact");
+}
+
+/// Policy routing (`ip rule` by source, mark or incoming interface), ECMP
+/// or a bridge can send a packet out of an interface that `ip route get`
+/// never names: the guard is on every interface of the host's namespace
+/// but `lo` and containers' ports, new ones included.
+#[test]
+fn every_host_interface_gets_the_guard_new_ones_too() {
+    let bed = KernelBed::new(&[]);
+    let in_bed = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", bed.ns.path().display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    // A second way out that no route to IMDS names (a policy rule could
+    // send a job's packets through it).
+    in_bed(&[
+        "ip", "link", "add", "mpx0", "type", "veth", "peer", "name", "mpx1",
+    ]);
+    in_bed(&["ip", "link", "set", "mpx0", "up"]);
+    in_bed(&["ip", "link", "set", "mpx1", "up"]);
+    let names = || -> Vec<String> {
+        bed.daemon.status().unwrap()["guard"]["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    metaproxy_tests::wait_for(
+        "the guard on the new interfaces",
+        std::time::Duration::from_secs(15),
+        || {
+            let n = names();
+            (n.contains(&"mpx0".to_string()) && n.contains(&"mpx1".to_string())).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", names(), bed.daemon.log()));
+    assert!(!names().contains(&"lo".to_string()));
+    let (code, ready) = bed.daemon.metrics_get("/readyz").unwrap();
+    assert!(!ready.contains("packet guard"), "{code} {ready}");
 }

@@ -1,8 +1,10 @@
 //! Where the packet guard goes: the interfaces through which the kernel
 //! routes the guarded addresses (IMDS, and the container-credentials
-//! addresses the redirect covers), asked of the kernel with rtnetlink and
-//! followed as routes and links change, so a renamed, re-created or newly
-//! routed interface is guarded again.
+//! addresses the redirect covers), and every other interface of the host's
+//! namespace but `lo` and containers' ports (so what policy routing, ECMP
+//! or a bridge sends around that one route lookup meets it too), asked of
+//! the kernel with rtnetlink and followed as routes and links change, so a
+//! renamed, re-created, new or newly routed interface is guarded again.
 //!
 //! The kernel programs are in `metaproxy-ebpf/src/guard.rs`; attaching them
 //! is the probe's ([`crate::kernel::probe`]). This module only decides where.
@@ -14,7 +16,7 @@ use std::{
 };
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use netlink_packet_route::route::RouteAttribute;
+use netlink_packet_route::{link::LinkAttribute, route::RouteAttribute};
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
 use crate::kernel::probe::{interface_name, Interface, Probe};
@@ -38,19 +40,31 @@ pub enum GuardError {
     Probe(#[from] crate::kernel::probe::ProbeError),
 }
 
-/// Where each guarded address leaves the host, as last looked up.
+/// Where each guarded address leaves the host, as last looked up, and
+/// every other interface the guard goes on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Routes {
     /// (address, interface) for each guarded address that has a route.
     pub routed: Vec<(IpAddr, Interface)>,
     /// Guarded addresses with no route (nothing can reach them).
     pub unrouted: Vec<IpAddr>,
+    /// Every other interface of the host's namespace but `lo` and
+    /// containers' ports: what `ip rule` policy routing (by source, mark or
+    /// incoming interface), ECMP or a bridge sends around the route lookup
+    /// still meets the guard.
+    #[serde(default)]
+    pub host: Vec<Interface>,
+    /// Whether `host` is the whole list (the link dump ended cleanly):
+    /// only then is an interface missing from it taken off.
+    #[serde(skip)]
+    pub host_complete: bool,
 }
 
 impl Routes {
     /// The interfaces, each once.
     pub fn interfaces(&self) -> Vec<Interface> {
         let mut all: Vec<Interface> = self.routed.iter().map(|(_, i)| i.clone()).collect();
+        all.extend(self.host.iter().cloned());
         all.sort();
         all.dedup();
         all
@@ -87,7 +101,46 @@ impl RouteTable {
                 None => routes.unrouted.push(*addr),
             }
         }
+        match self.host_interfaces().await {
+            Some(host) => {
+                routes.host = host;
+                routes.host_complete = true;
+            }
+            None => {
+                tracing::warn!("cannot list the host's interfaces; the guard stays where it is")
+            }
+        }
         routes
+    }
+
+    /// Every interface of this namespace but `lo` and containers' ports (a
+    /// veth whose peer lives in another namespace, enslaved to a bridge:
+    /// what a job sends through it is forwarded out of another interface,
+    /// which has the guard).
+    pub async fn host_interfaces(&self) -> Option<Vec<Interface>> {
+        let mut found = Vec::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.ok()? {
+            let (mut name, mut peer_elsewhere, mut enslaved) = (None, false, false);
+            for attr in &link.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+                    LinkAttribute::Controller(_) => enslaved = true,
+                    _ => {}
+                }
+            }
+            let Some(name) = name else { continue };
+            if name == "lo" || (peer_elsewhere && enslaved) {
+                continue;
+            }
+            found.push(Interface {
+                index: link.header.index,
+                name,
+            });
+        }
+        found.sort();
+        Some(found)
     }
 
     /// The netlink handle, for other questions to the same socket.
@@ -146,13 +199,14 @@ impl GuardState {
             .clone()
     }
 
-    /// Whether every interface a guarded address routes through has the
-    /// guard (`guarded` lists those that do).
+    /// Whether every interface a guarded address routes through, and
+    /// every other host interface, has the guard (`guarded` lists those
+    /// that do).
     pub fn covered_by(&self, guarded: &[Interface]) -> bool {
         self.routes()
-            .routed
+            .interfaces()
             .iter()
-            .all(|(_, iface)| guarded.iter().any(|g| g.index == iface.index))
+            .all(|iface| guarded.iter().any(|g| g.index == iface.index))
     }
 
     fn set(&self, routes: Routes) {
@@ -214,12 +268,24 @@ pub async fn follow(
     }
 }
 
-/// Guards every interface in `routes` and forgets interfaces that are gone.
+/// Guards every interface in `routes`, forgets interfaces that are gone,
+/// and takes the guard off those that no longer need it (a new veth that
+/// became a container's port once Docker moved its peer and enslaved it).
 pub fn apply(probe: &Probe, routes: &Routes) -> Result<(), GuardError> {
     probe.forget_interfaces(|index| interface_name(index).is_some())?;
-    for iface in routes.interfaces() {
-        if probe.guard_interface(&iface)? {
-            tracing::info!(interface = %iface.name, ifindex = iface.index, "packet guard attached to a new route's interface");
+    let wanted = routes.interfaces();
+    for iface in &wanted {
+        if probe.guard_interface(iface)? {
+            tracing::info!(interface = %iface.name, ifindex = iface.index, "packet guard attached to a new interface");
+        }
+    }
+    if routes.host_complete {
+        for iface in probe.guarded_interfaces().0 {
+            if !wanted.iter().any(|w| w.index == iface.index)
+                && probe.unguard_interface(iface.index)?
+            {
+                tracing::debug!(interface = %iface.name, ifindex = iface.index, "packet guard taken off a container's port");
+            }
         }
     }
     Ok(())

@@ -507,6 +507,35 @@ impl Probe {
         Ok(true)
     }
 
+    /// Takes the tc guard off interface `index` (with tcx; a clsact filter
+    /// stays where it is). `false` if it was not there.
+    pub fn unguard_interface(&self, index: u32) -> Result<bool, ProbeError> {
+        if self.tc_mode != TcMode::Tcx {
+            return Ok(false);
+        }
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, on) = &mut *guard;
+        if !on.iter().any(|i| i.index == index) {
+            return Ok(false);
+        }
+        on.retain(|i| i.index != index);
+        // The pin and the held descriptor go: the link with them.
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(
+            |h| !matches!(&h.what, watchdog::Attached::Tc(TcProg::Guard, i) if i.index == index),
+        );
+        for (path, _, pin) in pinned_links(&self.links_dir)? {
+            if pin
+                == (Pin::Tcx {
+                    prog: TcProg::Guard,
+                    ifindex: index,
+                })
+            {
+                fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Sends the daemon's answers to `addr` to `peer` (the container's MAC,
     /// out of its own port), putting the answer pin on `bridge`, the
     /// interface that routes to `addr`, first if it is not there yet.
