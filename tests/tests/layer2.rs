@@ -203,8 +203,11 @@ fn arp_poisoning_and_mac_forging_on_the_bridge_get_no_other_jobs_credentials() {
     let got = std::thread::scope(|s| {
         let attack = s.spawn(|| attack(&attacker, &forge));
         std::thread::sleep(Duration::from_millis(1500));
-        for _ in 0..3 {
+        // The victim's own frames take its port back until the next forged
+        // one: it asks a few times over the attack, as an SDK retries.
+        for _ in 0..8 {
             let _ = imds_credentials(&victim, ROLE_DEPLOY);
+            std::thread::sleep(Duration::from_millis(300));
         }
         attack.join().expect("attack thread")
     });

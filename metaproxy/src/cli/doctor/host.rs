@@ -41,7 +41,84 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
         Err(e) => Check::new("host", "redirect", Level::Fail, e.to_string())
             .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
     });
+    checks.push(policy_routing_check(&policy_rules().await));
     checks
+}
+
+/// The `ip rule` entries beyond the kernel's own (local, main, default),
+/// as `ip rule` would print them; one line saying why where they cannot be
+/// listed.
+async fn policy_rules() -> Vec<String> {
+    use futures_util::TryStreamExt as _;
+    use netlink_packet_route::rule::RuleAttribute;
+    let Ok((connection, handle, _)) = rtnetlink::new_connection() else {
+        return vec!["(cannot open rtnetlink to list them)".into()];
+    };
+    tokio::spawn(connection);
+    let mut found = Vec::new();
+    for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+        let mut rules = handle.rule().get(version).execute();
+        while let Ok(Some(rule)) = rules.try_next().await {
+            let mut priority = 0;
+            let mut table = u32::from(rule.header.table);
+            let mut parts = Vec::new();
+            for attr in &rule.attributes {
+                match attr {
+                    RuleAttribute::Priority(p) => priority = *p,
+                    RuleAttribute::Table(t) => table = *t,
+                    RuleAttribute::Source(a) => {
+                        parts.push(format!("from {a}/{}", rule.header.src_len))
+                    }
+                    RuleAttribute::Destination(a) => {
+                        parts.push(format!("to {a}/{}", rule.header.dst_len))
+                    }
+                    RuleAttribute::Iifname(i) => parts.push(format!("iif {i}")),
+                    RuleAttribute::Oifname(o) => parts.push(format!("oif {o}")),
+                    RuleAttribute::FwMark(m) => parts.push(format!("fwmark {m:#x}")),
+                    _ => {}
+                }
+            }
+            let default = parts.is_empty()
+                && matches!((priority, table), (0, 255) | (32766, 254) | (32767, 253));
+            if !default {
+                let from = if parts.iter().any(|p| p.starts_with("from ")) {
+                    ""
+                } else {
+                    "from all "
+                };
+                found.push(
+                    format!("{priority}: {from}{} lookup {table}", parts.join(" "))
+                        .replace("  ", " "),
+                );
+            }
+        }
+    }
+    found
+}
+
+/// `ip rule` policy routing can send a packet out of an interface that
+/// `ip route get` never names; the guard is on every interface of the
+/// host's namespace but containers' ports, so what such a rule can still
+/// do is send IMDS traffic into a container.
+pub(super) fn policy_routing_check(rules: &[String]) -> Check {
+    if rules.is_empty() {
+        return Check::new(
+            "host",
+            "policy routing",
+            Level::Ok,
+            "no ip rule beyond local, main and default",
+        );
+    }
+    Check::new(
+        "host",
+        "policy routing",
+        Level::Warn,
+        format!(
+            "ip rule {}: these send some packets out of interfaces `ip route get` does not name; the packet guard is on every host interface but containers' ports, so check that no table they look up routes 169.254.169.254 into a container's port",
+            rules.join("; ")
+        ),
+    )
+    .fix("ip route get 169.254.169.254 from SOURCE iif IFACE mark MARK, for each rule's selector")
 }
 
 /// Whether this kernel can refuse jobs packet sockets (the BPF LSM runs):

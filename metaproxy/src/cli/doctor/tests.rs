@@ -729,3 +729,11 @@ fn volumes_that_undo_metaproxy_or_read_other_jobs_fail() {
         "{c:?}"
     );
 }
+
+#[test]
+fn policy_rules_are_reported_and_none_is_ok() {
+    assert_eq!(host::policy_routing_check(&[]).level, Level::Ok);
+    let c = host::policy_routing_check(&["100: from 172.17.0.0/16 lookup 100".into()]);
+    assert_eq!(c.level, Level::Warn);
+    assert!(c.found.contains("from 172.17.0.0/16 lookup 100"), "{c:?}");
+}
