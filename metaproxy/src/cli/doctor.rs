@@ -333,8 +333,11 @@ fn runner_cgroups() -> Vec<String> {
                 .all(|b| b.is_ascii_digit())
         })
         .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .is_ok_and(|c| c.trim() == "gitlab-runner")
+            // By its executable's name (gitlab-runner-linux-amd64 too).
+            std::fs::read_link(e.path().join("exe")).is_ok_and(|exe| {
+                exe.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("gitlab-runner"))
+            })
         })
         .filter_map(|e| {
             let text = std::fs::read_to_string(e.path().join("cgroup")).ok()?;

@@ -474,9 +474,15 @@ async fn attach(
         &cgroups.target,
         cgroups.self_cgroup_id,
         attached,
-        routes.interfaces(),
+        // The interfaces IMDS routes through must take the guard for the
+        // daemon to start; every other host interface follows at once, one
+        // at a time (one can vanish between the look and the attach).
+        routes.routed_interfaces(),
         tasks,
     )?;
+    if let Err(e) = guard::apply(&probe, &routes) {
+        tracing::warn!(error = %e, "the packet guard is not on every host interface yet; trying again as links change");
+    }
     readiness.probe_attached();
     match crate::kernel::lsm::layer2_gap(probe.l2_socket_hook()) {
         None => tracing::info!("layer-2 lock attached: jobs get no packet, AF_XDP or raw IPv6 sockets, and no option that forges a source or passes tc egress"),

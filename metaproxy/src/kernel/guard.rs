@@ -54,13 +54,21 @@ pub struct Routes {
     /// still meets the guard.
     #[serde(default)]
     pub host: Vec<Interface>,
-    /// Whether `host` is the whole list (the link dump ended cleanly):
-    /// only then is an interface missing from it taken off.
+    /// Containers' ports seen in the same look: the guard comes off these
+    /// alone (one put on a new veth before Docker made it a port).
     #[serde(skip)]
-    pub host_complete: bool,
+    pub ports: Vec<u32>,
 }
 
 impl Routes {
+    /// The interfaces a guarded address routes through, each once.
+    pub fn routed_interfaces(&self) -> Vec<Interface> {
+        let mut all: Vec<Interface> = self.routed.iter().map(|(_, i)| i.clone()).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The interfaces, each once.
     pub fn interfaces(&self) -> Vec<Interface> {
         let mut all: Vec<Interface> = self.routed.iter().map(|(_, i)| i.clone()).collect();
@@ -102,9 +110,9 @@ impl RouteTable {
             }
         }
         match self.host_interfaces().await {
-            Some(host) => {
+            Some((host, ports)) => {
                 routes.host = host;
-                routes.host_complete = true;
+                routes.ports = ports;
             }
             None => {
                 tracing::warn!("cannot list the host's interfaces; the guard stays where it is")
@@ -113,34 +121,47 @@ impl RouteTable {
         routes
     }
 
-    /// Every interface of this namespace but `lo` and containers' ports (a
-    /// veth whose peer lives in another namespace, enslaved to a bridge:
-    /// what a job sends through it is forwarded out of another interface,
-    /// which has the guard).
-    pub async fn host_interfaces(&self) -> Option<Vec<Interface>> {
-        let mut found = Vec::new();
+    /// Every interface of this namespace but `lo` and containers' ports,
+    /// and the ports (by index). A container's port is a veth whose peer
+    /// lives in another namespace and which is a bridge's port: what a job
+    /// sends through it is forwarded out of another interface, which has
+    /// the guard. Anything else enslaved elsewhere (a VRF, a bond, a veth
+    /// to a router namespace that is no bridge's port) keeps the guard.
+    pub async fn host_interfaces(&self) -> Option<(Vec<Interface>, Vec<u32>)> {
+        use netlink_packet_route::link::{InfoKind, InfoPortKind, LinkInfo};
+        let (mut host, mut ports) = (Vec::new(), Vec::new());
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await.ok()? {
-            let (mut name, mut peer_elsewhere, mut enslaved) = (None, false, false);
+            let (mut name, mut peer_elsewhere, mut veth, mut bridge_port) =
+                (None, false, false, false);
             for attr in &link.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
                     LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
-                    LinkAttribute::Controller(_) => enslaved = true,
+                    LinkAttribute::LinkInfo(infos) => {
+                        for info in infos {
+                            match info {
+                                LinkInfo::Kind(InfoKind::Veth) => veth = true,
+                                LinkInfo::PortKind(InfoPortKind::Bridge) => bridge_port = true,
+                                _ => {}
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
             let Some(name) = name else { continue };
-            if name == "lo" || (peer_elsewhere && enslaved) {
-                continue;
+            if veth && peer_elsewhere && bridge_port {
+                ports.push(link.header.index);
+            } else if name != "lo" {
+                host.push(Interface {
+                    index: link.header.index,
+                    name,
+                });
             }
-            found.push(Interface {
-                index: link.header.index,
-                name,
-            });
         }
-        found.sort();
-        Some(found)
+        host.sort();
+        Some((host, ports))
     }
 
     /// The netlink handle, for other questions to the same socket.
@@ -269,26 +290,41 @@ pub async fn follow(
 }
 
 /// Guards every interface in `routes`, forgets interfaces that are gone,
-/// and takes the guard off those that no longer need it (a new veth that
-/// became a container's port once Docker moved its peer and enslaved it).
+/// and takes the guard off containers' ports (a new veth is guarded until
+/// Docker has moved its peer and made it a bridge's port). One interface
+/// that fails (a veth moved away between the dump and the attach) does
+/// not keep the others from the guard; it is tried again next time.
 pub fn apply(probe: &Probe, routes: &Routes) -> Result<(), GuardError> {
     probe.forget_interfaces(|index| interface_name(index).is_some())?;
-    let wanted = routes.interfaces();
-    for iface in &wanted {
-        if probe.guard_interface(iface)? {
-            tracing::info!(interface = %iface.name, ifindex = iface.index, "packet guard attached to a new interface");
-        }
-    }
-    if routes.host_complete {
-        for iface in probe.guarded_interfaces().0 {
-            if !wanted.iter().any(|w| w.index == iface.index)
-                && probe.unguard_interface(iface.index)?
-            {
-                tracing::debug!(interface = %iface.name, ifindex = iface.index, "packet guard taken off a container's port");
+    let mut failed = None;
+    for iface in routes.interfaces() {
+        match probe.guard_interface(&iface) {
+            Ok(true) => {
+                tracing::info!(interface = %iface.name, ifindex = iface.index, "packet guard attached to a new interface")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(interface = %iface.name, ifindex = iface.index, error = %e, "cannot put the packet guard on this interface now");
+                failed.get_or_insert(e);
             }
         }
     }
-    Ok(())
+    for index in &routes.ports {
+        if let Err(e) = probe.unguard_interface(*index) {
+            tracing::debug!(ifindex = index, error = %e, "cannot take the packet guard off a container's port");
+        }
+    }
+    // Only a routed interface left without the guard is an error here (the
+    // readiness check says so too); a host interface is tried again.
+    let (guarded, _) = probe.guarded_interfaces();
+    let routed_covered = routes
+        .routed_interfaces()
+        .iter()
+        .all(|r| guarded.iter().any(|g| g.index == r.index));
+    match failed {
+        Some(e) if !routed_covered => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// The addresses the guard protects: IMDS, and the container-credentials

@@ -50,7 +50,7 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
 /// listed.
 async fn policy_rules() -> Vec<String> {
     use futures_util::TryStreamExt as _;
-    use netlink_packet_route::rule::RuleAttribute;
+    use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags};
     let Ok((connection, handle, _)) = rtnetlink::new_connection() else {
         return vec!["(cannot open rtnetlink to list them)".into()];
     };
@@ -58,7 +58,15 @@ async fn policy_rules() -> Vec<String> {
     let mut found = Vec::new();
     for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
         let mut rules = handle.rule().get(version).execute();
-        while let Ok(Some(rule)) = rules.try_next().await {
+        loop {
+            let rule = match rules.try_next().await {
+                Ok(Some(rule)) => rule,
+                Ok(None) => break,
+                Err(e) => {
+                    found.push(format!("(cannot list them: {e})"));
+                    break;
+                }
+            };
             let mut priority = 0;
             let mut table = u32::from(rule.header.table);
             let mut parts = Vec::new();
@@ -75,19 +83,30 @@ async fn policy_rules() -> Vec<String> {
                     RuleAttribute::Iifname(i) => parts.push(format!("iif {i}")),
                     RuleAttribute::Oifname(o) => parts.push(format!("oif {o}")),
                     RuleAttribute::FwMark(m) => parts.push(format!("fwmark {m:#x}")),
+                    RuleAttribute::FwMask(m) => parts.push(format!("mask {m:#x}")),
+                    RuleAttribute::UidRange(_) => parts.push("uidrange".into()),
+                    RuleAttribute::IpProtocol(p) => parts.push(format!("ipproto {p:?}")),
+                    RuleAttribute::L3MDev(true) => parts.push("l3mdev".into()),
                     _ => {}
                 }
             }
+            let invert = rule.header.flags.contains(RuleFlags::Invert);
             let default = parts.is_empty()
+                && !invert
                 && matches!((priority, table), (0, 255) | (32766, 254) | (32767, 253));
             if !default {
+                let not = if invert { "not " } else { "" };
                 let from = if parts.iter().any(|p| p.starts_with("from ")) {
                     ""
                 } else {
                     "from all "
                 };
+                let target = match rule.header.action {
+                    RuleAction::ToTable | RuleAction::Unspec => format!("lookup {table}"),
+                    other => format!("{other:?}").to_lowercase(),
+                };
                 found.push(
-                    format!("{priority}: {from}{} lookup {table}", parts.join(" "))
+                    format!("{priority}: {not}{from}{} {target}", parts.join(" "))
                         .replace("  ", " "),
                 );
             }

@@ -24,7 +24,7 @@ pub struct Context {
 }
 
 /// Host paths a job must not have in its `volumes`, and what each gives it.
-const SENSITIVE: [(&str, &str); 8] = [
+const SENSITIVE: [(&str, &str); 9] = [
     ("/sys/fs/bpf", "unlinks metaproxy's pins"),
     ("/sys", "reaches /sys/fs/bpf, where metaproxy's pins are"),
     ("/proc", "reaches every host process's root and environment"),
@@ -33,6 +33,10 @@ const SENSITIVE: [(&str, &str); 8] = [
         "reads other containers' environments (their ID tokens and roles) and layers",
     ),
     ("/run/containerd", "drives containerd"),
+    (
+        "/var/lib/containerd",
+        "reads and changes containerd's images and snapshots",
+    ),
     ("/var/run", "holds the runtimes' sockets"),
     (
         "/etc/gitlab-runner",
@@ -45,13 +49,28 @@ const SENSITIVE: [(&str, &str); 8] = [
 /// `sensitive`: the path itself, a directory above it, or a path inside
 /// it.
 fn exposes(source: &str, sensitive: &str) -> bool {
-    let source = source.trim_end_matches('/');
-    let source = if source.is_empty() { "/" } else { source };
+    let source = clean(source);
+    let source = source.as_str();
     let sensitive = sensitive.trim_end_matches('/');
     source == sensitive
         || source == "/"
         || sensitive.starts_with(&format!("{source}/"))
         || source.starts_with(&format!("{sensitive}/"))
+}
+
+/// `path` as Docker takes it: `//`, `/./` and `/../` resolved lexically.
+fn clean(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// The host paths a runner's `volumes` hand its jobs that let them undo
@@ -552,7 +571,13 @@ pub fn host_allow_check(globs: &[String], text: &str, runner_cgroups: &[String])
             "none: every host process is refused the real IMDS".into(),
         );
     }
-    let config = text.parse::<toml::Table>().unwrap_or_default();
+    let Ok(config) = text.parse::<toml::Table>() else {
+        return check(
+            Level::Warn,
+            "the runner config does not parse: which runners run jobs on the host is unknown"
+                .into(),
+        );
+    };
     let local: Vec<String> = config
         .get("runners")
         .and_then(toml::Value::as_array)

@@ -737,3 +737,16 @@ fn policy_rules_are_reported_and_none_is_ok() {
     assert_eq!(c.level, Level::Warn);
     assert!(c.found.contains("from 172.17.0.0/16 lookup 100"), "{c:?}");
 }
+
+#[test]
+fn volume_paths_are_judged_as_docker_cleans_them() {
+    let found = |v: &str| runner::sensitive_volumes(&[v], &[]);
+    for bad in [
+        "//sys:/s",
+        "/./proc:/p",
+        "/etc/../sys:/s",
+        "/var/lib/containerd:/c",
+    ] {
+        assert_eq!(found(bad).len(), 1, "{bad}");
+    }
+}

@@ -85,7 +85,9 @@ impl Readiness {
             );
         }
         if !self.guarded.get().is_some_and(|on| on()) {
-            return Err("the packet guard is not on the interface that routes to IMDS");
+            return Err(
+                "the packet guard is not on every host interface (those that route to IMDS first)",
+            );
         }
         if !self.listening.load(Ordering::Relaxed) {
             return Err("the IMDS listener is not bound yet");
