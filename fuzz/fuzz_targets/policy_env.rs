@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use metaproxy::{
     model::container::Container,
     model::ids::{AccountId, ContainerId},
-    model::job_token::TokenState,
+    model::id_token::TokenState,
     policy::{Policy, RoleDecision},
     policy::file::PolicyFile,
 };

@@ -7,11 +7,7 @@
 //! probe did not record (a direct connect to the listen address, anything
 //! from off the host) has no caller and is refused.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use metaproxy_common::ConnRecord;
 
@@ -19,7 +15,7 @@ use crate::{
     kernel::addrs::{ip_from_words, AddrPair, ClientAddr},
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
-    model::ids::CgroupId,
+    model::{caller::Caller, ids::CgroupId},
 };
 
 /// Where the kernel's connection records come from: the probe's pinned
@@ -49,44 +45,6 @@ impl CgroupDirectory for CgroupPaths {
     }
     fn resolve(&self, id: CgroupId) -> Option<Arc<str>> {
         self.path_of(id.0)
-    }
-}
-
-/// The process on the other end of an accepted connection, as the kernel
-/// saw it at `connect()`.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The client's address as `accept()` reported it.
-    pub peer: ClientAddr,
-    pub cgroup: CgroupId,
-    /// The cgroup's path below the cgroup2 mount (`/docker/<id>`); `None`
-    /// if the cgroup was gone before we could look.
-    pub cgroup_path: Option<Arc<str>>,
-    pub pid: u32,
-    pub comm: String,
-    /// Where the caller meant to connect, e.g. `169.254.169.254:80`.
-    pub original_dst: SocketAddr,
-    /// When it connected (the kernel's `CLOCK_BOOTTIME`).
-    pub boot_ns: u64,
-}
-
-impl Caller {
-    /// A caller from a kernel record.
-    pub fn from_record(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>) -> Self {
-        Self {
-            peer,
-            cgroup: CgroupId(r.cgroup_id),
-            cgroup_path,
-            pid: r.pid,
-            comm: comm(&r.comm),
-            original_dst: original_dst(r),
-            boot_ns: r.boot_ns,
-        }
-    }
-
-    /// When it connected, as wall-clock time.
-    pub fn connected_at(&self) -> SystemTime {
-        boot_ns_to_wall(self.boot_ns)
     }
 }
 
@@ -134,7 +92,20 @@ impl Attribution {
                     .flatten()
             }
         };
-        Ok(Caller::from_record(pair.client, &record, path))
+        Ok(caller(pair.client, &record, path))
+    }
+}
+
+/// A caller from a kernel record.
+fn caller(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>) -> Caller {
+    Caller {
+        peer: peer.0,
+        cgroup: CgroupId(r.cgroup_id),
+        cgroup_path,
+        pid: r.pid,
+        comm: comm(&r.comm),
+        original_dst: original_dst(r),
+        boot_ns: r.boot_ns,
     }
 }
 
@@ -147,18 +118,6 @@ pub fn original_dst(r: &ConnRecord) -> SocketAddr {
 pub fn comm(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
-/// The kernel stamps records with CLOCK_BOOTTIME; turn that into wall time.
-fn boot_ns_to_wall(boot_ns: u64) -> SystemTime {
-    let now = SystemTime::now();
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .ok()
-        .map(|ts| Duration::from(ts).as_nanos() as u64)
-        .and_then(|boot_now| {
-            now.checked_sub(Duration::from_nanos(boot_now.saturating_sub(boot_ns)))
-        })
-        .unwrap_or(now)
 }
 
 #[cfg(test)]

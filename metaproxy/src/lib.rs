@@ -15,11 +15,14 @@
 //! `ops` (metrics, admin socket, connection log, logging) is read by all.
 //! Beside the path, `kernel::guard` keeps the packet guard on the
 //! interfaces that route to IMDS, so nothing but the daemon reaches the
-//! real IMDS whatever a job sends. `daemon` wires the path from a validated
-//! `cli::config`. The outside world sits behind traits
-//! ([`attribution::RecordSource`], [`identity::ContainerRuntime`],
-//! [`credentials::Sts`], [`surface::upstream::Upstream`]) so the whole path
-//! runs in-process in tests.
+//! real IMDS whatever a job sends. On top sit `config` (the flags,
+//! checked), `daemon` (one wiring of the path, [`daemon::wire`], on the
+//! real world or on the tests' fakes), `doctor` and `cli`. The outside
+//! world sits behind traits ([`attribution::RecordSource`],
+//! [`identity::ContainerRuntime`], [`credentials::Sts`],
+//! [`surface::upstream::Upstream`], [`kernel::wire::AnswerPath`]) so the
+//! whole path runs in-process in tests. `cargo xtask lint` checks the
+//! direction of the imports.
 //!
 //! No `unsafe` anywhere but `kernel::probe::syscalls`, the few `bpf(2)`
 //! commands aya 0.14 does not offer (it says which, and why).
@@ -27,6 +30,7 @@
 
 pub mod attribution;
 pub mod cli;
+pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod identity;

@@ -4,8 +4,8 @@
 use clap::Parser as _;
 use metaproxy::{
     cli::commands,
-    cli::config::RunConfig,
     cli::{Cli, Command},
+    config::RunConfig,
     daemon,
     ops::logging,
     ops::logging::LogFormat,

@@ -6,11 +6,8 @@
 
 mod support;
 
-use metaproxy::{
-    ops::{connlog::Outcome, metrics::RouteLabel},
-    surface::ContainerCredentialsOptions,
-};
-use support::{bed, bed_with, with_role, Options, Spec, StsMode};
+use metaproxy::ops::{connlog::Outcome, metrics::RouteLabel};
+use support::{bed, bed_with, with_role, Spec, StsMode};
 
 const ECS: [u8; 4] = [169, 254, 170, 2];
 const EKS: [u8; 4] = [169, 254, 170, 23];
@@ -146,14 +143,7 @@ async fn refusals_take_the_ecs_agents_error_shape_and_give_nothing() {
 
 #[tokio::test]
 async fn a_required_authorization_must_be_the_runners_token_for_this_container() {
-    let bed = bed_with(Options {
-        container_credentials: Some(ContainerCredentialsOptions {
-            require_auth: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await;
+    let bed = bed_with(&["--container-credentials-require-auth"]).await;
     let job = bed
         .container(
             1,

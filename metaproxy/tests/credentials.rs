@@ -31,7 +31,7 @@ fn key() -> CredKey {
         external_id: None,
         session_name: "gitlab-job-777".into(),
         session: Default::default(),
-        web_identity: None,
+        id_token: None,
     }
 }
 
@@ -208,15 +208,13 @@ async fn refresh_ahead_renews_and_the_last_good_survives_an_outage() {
 
 #[tokio::test]
 async fn session_tags_and_source_identity_come_from_the_runners_labels_and_variables() {
-    use metaproxy::model::session::SessionOptions;
-    let bed = support::bed_with(support::Options {
-        session: SessionOptions {
-            tags: SessionOptions::all_tags(&["ref=Branch".into()]).unwrap(),
-            transitive: true,
-            source_identity: true,
-        },
-        ..Default::default()
-    })
+    let bed = support::bed_with(&[
+        "--session-tags",
+        "--session-tag-name",
+        "ref=Branch",
+        "--transitive-session-tags",
+        "--source-identity",
+    ])
     .await;
     let spec = |project: &'static str| Spec {
         env: if project == "42" {

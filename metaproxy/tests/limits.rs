@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use metaproxy::server::{Limits, MAX_REQUESTS};
-use support::{bed_with, with_role, Options, Spec};
+use metaproxy::server::MAX_REQUESTS;
+use support::{bed_with, with_role, Spec};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -25,13 +25,12 @@ async fn closed_at_once(stream: &mut tokio::net::TcpStream) -> bool {
 
 #[tokio::test]
 async fn the_containers_of_one_job_share_one_budget() {
-    let bed = bed_with(Options {
-        limits: Some(Limits {
-            max_connections: 64,
-            max_connections_per_cgroup: 2,
-        }),
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--max-connections",
+        "64",
+        "--max-connections-per-container",
+        "2",
+    ])
     .await;
     // A build container and a service container of job 77 (services get
     // the job's label too), and another job.
@@ -51,14 +50,14 @@ async fn the_containers_of_one_job_share_one_budget() {
 
 #[tokio::test]
 async fn host_callers_share_one_budget_whatever_their_cgroups() {
-    let bed = bed_with(Options {
-        limits: Some(Limits {
-            max_connections: 64,
-            max_connections_per_cgroup: 2,
-        }),
-        allow_host_cgroup: vec!["/system.slice/**".into()],
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--max-connections",
+        "64",
+        "--max-connections-per-container",
+        "2",
+        "--allow-host-cgroup",
+        "/system.slice/**",
+    ])
     .await;
     // Each `systemd-run --user --scope` is a cgroup of its own.
     let scopes: Vec<_> = (0..3)
@@ -77,7 +76,7 @@ async fn host_callers_share_one_budget_whatever_their_cgroups() {
 
 #[tokio::test]
 async fn a_connection_carries_a_bounded_number_of_requests() {
-    let bed = bed_with(Options::default()).await;
+    let bed = bed_with(&[]).await;
     let job = bed.container(1, with_role());
     let mut stream = bed.connect(&job).await;
     let request = format!("GET {CREDS} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");

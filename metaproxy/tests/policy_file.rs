@@ -95,7 +95,7 @@ async fn a_policy_file_admits_a_project_on_a_protected_ref_and_refuses_the_rest(
     let c = bed.runtime.containers.lock().unwrap()[&support::container_id(2)].clone();
     let text = bed
         .policy
-        .explain(&c, &metaproxy::model::job_token::TokenState::Absent);
+        .explain(&c, &metaproxy::model::id_token::TokenState::Absent);
     assert!(text.contains("decision: refused: no rule"), "{text}");
     assert!(
         text.contains("rule at line 2: no: project group/other (id 42) is not in projects"),
@@ -218,7 +218,7 @@ async fn with_runners_listed_a_job_of_another_runner_gets_nothing_and_is_told_wh
     let c = bed.runtime.containers.lock().unwrap()[&support::container_id(2)].clone();
     let text = bed
         .policy
-        .explain(&c, &metaproxy::model::job_token::TokenState::Absent);
+        .explain(&c, &metaproxy::model::id_token::TokenState::Absent);
     assert!(
         text.contains("decision: refused: runner zzz999 is not listed in runners.toml"),
         "{text}"

@@ -10,7 +10,7 @@ use metaproxy::{
     },
     surface::Imdsv1Mode,
 };
-use support::{bed, bed_with, with_role, Options, Spec};
+use support::{bed, bed_with, with_role, Spec};
 
 const ROLE: &str = "ci-deploy";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -167,11 +167,7 @@ async fn tokens_are_bound_to_their_container_and_checked() {
 
 #[tokio::test]
 async fn imdsv1_is_refused_when_imdsv2_is_required() {
-    let bed = bed_with(Options {
-        imdsv1: Some(Imdsv1Mode::Refuse),
-        ..Default::default()
-    })
-    .await;
+    let bed = bed_with(&["--imdsv1", "refuse"]).await;
     let job = bed.container(1, with_role());
     let v1 = bed.request(&job, "GET", CREDS, &[]).await;
     assert_eq!(v1.status, 401);
@@ -321,17 +317,13 @@ async fn a_container_without_a_role_or_with_a_refused_one_gets_404() {
         .last_log()
         .reason
         .unwrap()
-        .contains("not allowed by the instance profile's account"));
+        .contains("arn:aws:iam::999999999999:role/x is not allowed by --allow-role"));
     assert_eq!(bed.sts.calls(), 0);
 }
 
 #[tokio::test]
 async fn the_allow_list_decides_which_roles_exist() {
-    let bed = bed_with(Options {
-        allow_role: vec!["arn:aws:iam::*:role/ci-*".into()],
-        ..Default::default()
-    })
-    .await;
+    let bed = bed_with(&["--allow-role", "arn:aws:iam::*:role/ci-*"]).await;
     let ok = bed.container(1, with_role());
     assert_eq!(
         bed.request(&ok, "GET", &format!("{CREDS}{ROLE}"), &[])
@@ -408,10 +400,10 @@ async fn a_connection_from_another_address_is_not_the_containers() {
 
 #[tokio::test]
 async fn host_processes_pass_through_only_from_allow_listed_cgroups() {
-    let bed = bed_with(Options {
-        allow_host_cgroup: vec!["/system.slice/amazon-ssm-agent.service".into()],
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--allow-host-cgroup",
+        "/system.slice/amazon-ssm-agent.service",
+    ])
     .await;
     let agent = bed.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
     let a = bed
@@ -577,13 +569,12 @@ async fn a_cgroup_named_after_a_container_is_not_that_container() {
 #[tokio::test]
 async fn one_container_cannot_hold_more_than_its_share_of_connections() {
     use tokio::io::AsyncReadExt as _;
-    let bed = bed_with(Options {
-        limits: Some(metaproxy::server::Limits {
-            max_connections: 64,
-            max_connections_per_cgroup: 2,
-        }),
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--max-connections",
+        "64",
+        "--max-connections-per-container",
+        "2",
+    ])
     .await;
     let greedy = bed.container(1, with_role());
     let other = bed.container(2, with_role());
@@ -611,13 +602,12 @@ async fn one_container_cannot_hold_more_than_its_share_of_connections() {
 #[tokio::test]
 async fn the_global_cap_closes_the_excess_and_long_paths_are_cut_in_the_log() {
     use tokio::io::AsyncReadExt as _;
-    let bed = bed_with(Options {
-        limits: Some(metaproxy::server::Limits {
-            max_connections: 3,
-            max_connections_per_cgroup: 3,
-        }),
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--max-connections",
+        "3",
+        "--max-connections-per-container",
+        "3",
+    ])
     .await;
     let jobs: Vec<_> = (1..=4).map(|n| bed.container(n, with_role())).collect();
     let mut held = Vec::new();
@@ -666,13 +656,12 @@ async fn a_refused_role_costs_one_docker_call_however_often_it_is_asked() {
 #[tokio::test]
 async fn unrecorded_connections_cannot_crowd_out_containers() {
     use tokio::io::AsyncReadExt as _;
-    let bed = bed_with(Options {
-        limits: Some(metaproxy::server::Limits {
-            max_connections: 100,
-            max_connections_per_cgroup: 10,
-        }),
-        ..Default::default()
-    })
+    let bed = bed_with(&[
+        "--max-connections",
+        "100",
+        "--max-connections-per-container",
+        "10",
+    ])
     .await;
     let job = bed.container(1, with_role());
     // Direct connects to the listen address hold at most a small pool.
@@ -706,7 +695,7 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
                 .body
         }
     };
-    let (job_token, bare_token) = (token(&job).await, token(&bare).await);
+    let (id_token, bare_token) = (token(&job).await, token(&bare).await);
     let auth = |t: &str| [("X-aws-ec2-metadata-token", t.to_string())];
     let get = |who, path: &str, t: &str| {
         let bed = &bed;
@@ -717,10 +706,10 @@ async fn metrics_count_each_request_by_route_outcome_and_reason() {
         }
     };
     let creds = format!("{CREDS}{ROLE}");
-    assert_eq!(get(&job, &creds, &job_token).await, 200);
-    assert_eq!(get(&job, &creds, &job_token).await, 200);
+    assert_eq!(get(&job, &creds, &id_token).await, 200);
+    assert_eq!(get(&job, &creds, &id_token).await, 200);
     assert_eq!(get(&bare, CREDS, &bare_token).await, 404);
-    assert_eq!(get(&job, "/latest/user-data", &job_token).await, 404);
+    assert_eq!(get(&job, "/latest/user-data", &id_token).await, 404);
     assert_eq!(get(&job, &creds, &bare_token).await, 401);
 
     let m = &bed.metrics;

@@ -211,7 +211,7 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
             println!("{}: ok, {} rules", file.display(), policy.rules());
             // A draft may live anywhere; `run` refuses it where others
             // could change it.
-            if let Err(e) = crate::cli::config::check_policy_file(&file) {
+            if let Err(e) = crate::config::check_policy_file(&file) {
                 eprintln!("note: metaproxy run would refuse this file where it is: {e}");
             }
             Ok(())

@@ -13,7 +13,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::{
-    cli::{config, DoctorArgs},
+    cli::DoctorArgs,
+    config,
     model::ids::{AccountId, RoleArn},
     ops::{admin::Trial, admin_client},
 };
@@ -164,7 +165,9 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         &config::ThisHost,
     );
     let pin_dir = match &config {
-        Some(c) if args.pins.pin_dir == std::path::Path::new(crate::cli::DEFAULT_PIN_DIR) => {
+        Some(c)
+            if args.pins.pin_dir == std::path::Path::new(crate::config::flags::DEFAULT_PIN_DIR) =>
+        {
             c.pin_dir.clone()
         }
         _ => args.pins.pin_dir.clone(),
@@ -172,7 +175,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
     let admin_socket = match &config {
         Some(c)
             if args.admin.admin_socket
-                == std::path::Path::new(crate::cli::DEFAULT_ADMIN_SOCKET) =>
+                == std::path::Path::new(crate::config::flags::DEFAULT_ADMIN_SOCKET) =>
         {
             c.admin_socket.clone()
         }

@@ -59,12 +59,12 @@ pub struct CredKey {
     pub session: Session,
     /// Assume with this job's ID token (AssumeRoleWithWebIdentity, no
     /// credentials of the daemon's own), not with the instance profile.
-    pub web_identity: Option<WebIdentity>,
+    pub id_token: Option<IdTokenKey>,
 }
 
 /// A job's ID token, as the key to its role's credentials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct WebIdentity {
+pub struct IdTokenKey {
     pub token: Secret,
     /// The token's `exp`: past it, STS takes it no more, so the entry is
     /// neither refreshed nor served.
@@ -74,7 +74,7 @@ pub struct WebIdentity {
 impl CredKey {
     /// The STS operation that makes these credentials.
     pub fn operation(&self) -> &'static str {
-        match self.web_identity {
+        match self.id_token {
             Some(_) => "AssumeRoleWithWebIdentity",
             None => "AssumeRole",
         }
@@ -83,7 +83,7 @@ impl CredKey {
     /// Whether STS could still make these credentials: not for a token
     /// that has expired.
     pub fn renewable(&self) -> bool {
-        self.web_identity
+        self.id_token
             .as_ref()
             .is_none_or(|w| w.expires > SystemTime::now())
     }
@@ -191,7 +191,7 @@ impl CredentialsError {
         };
         let hint = if code.as_deref() != Some("AccessDenied") {
             None
-        } else if key.web_identity.is_some() {
+        } else if key.id_token.is_some() {
             Some("the role's trust policy does not let this token assume it: it needs a statement for sts:AssumeRoleWithWebIdentity with the GitLab instance's OIDC provider as Federated principal, and conditions on aud and sub that this job's claims meet")
         } else if session.is_empty() {
             None

@@ -95,7 +95,7 @@ impl AwsSts {
         key: &CredKey,
         duration: i32,
     ) -> Result<Credentials, CredentialsError> {
-        if let Some(web) = &key.web_identity {
+        if let Some(web) = &key.id_token {
             return self
                 .assume_role_with_web_identity(key, web.token.expose(), duration)
                 .await;

@@ -2,7 +2,9 @@
 //! cgroup is its own, its file limit, who else serves the listen address,
 //! the kernel log level.
 
-use super::*;
+use std::{net::SocketAddr, time::Duration};
+
+use crate::kernel::cgroup;
 
 /// How many of the daemon's cgroup companions an error names.
 pub(super) const COMPANIONS_NAMED: usize = 5;

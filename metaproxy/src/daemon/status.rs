@@ -1,15 +1,31 @@
 //! What the daemon reports: the admin socket's status and live figures,
 //! `policy explain`, and the startup summary.
 
-use super::*;
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
 use crate::{
+    config::RunConfig,
     credentials::CredKey,
+    credentials::{CallerIdentity, CredentialCache, Sts},
+    identity::Identities,
+    kernel::{guard::GuardState, probe::Probe},
     model::ids::RoleArn,
     model::session::{Session, SessionOptions},
     ops::admin::{
         AwsStatus, ConnectionStatus, GuardRoute, GuardStatus, Layer2Status, MapStatus, RoleTrial,
         Status, Trial,
     },
+    ops::{
+        admin::{self, StatusSource},
+        metrics::{Live, LiveSource, Readiness, RequestMetrics},
+    },
+    policy::Policy,
+    server::ConnectionCount,
+    surface::Imdsv1Gate,
 };
 
 /// `metaproxy policy explain`: the daemon's own policy, applied to a
@@ -24,7 +40,7 @@ impl admin::Explainer for PolicyExplainer {
         Box::pin(async move {
             match self.identities.find(container).await {
                 Ok(Some(c)) => {
-                    let token = self.identities.job_token(&c).await;
+                    let token = self.identities.id_token(&c).await;
                     self.policy.explain(&c, &token)
                 }
                 Ok(None) => format!("no container {container} is known to Docker\n"),
@@ -66,7 +82,7 @@ impl RoleTrial for RoleTrier {
                         .source_identity
                         .then(|| "metaproxy-doctor".into()),
                 },
-                web_identity: None,
+                id_token: None,
             };
             match self.sts.try_assume_role(&key).await {
                 Ok(()) => Trial {

@@ -25,7 +25,7 @@
 //! [`crate::policy`]'s decision.
 
 pub mod docker;
-pub mod job_token;
+pub mod id_token;
 
 use std::{
     collections::HashMap,
@@ -41,12 +41,12 @@ use futures_util::{future::BoxFuture, stream::BoxStream, StreamExt as _};
 use tokio::sync::broadcast;
 
 use crate::{
-    attribution::Caller,
+    model::caller::Caller,
     model::{
         container::{Container, ContainerEvent},
         gitlab,
+        id_token::TokenState,
         ids::{CgroupId, ContainerId},
-        job_token::TokenState,
     },
     ops::metrics::DockerMetrics,
 };
@@ -124,7 +124,7 @@ pub struct Identities {
     /// Whether the runtime's event stream is connected.
     reachable: AtomicBool,
     /// Verifies jobs' GitLab ID tokens (`--oidc-issuer`).
-    job_tokens: Option<Arc<job_token::JobTokens>>,
+    id_tokens: Option<Arc<id_token::IdTokens>>,
 }
 
 impl std::fmt::Debug for Identities {
@@ -144,25 +144,25 @@ impl Identities {
             events,
             metrics: DockerMetrics::default(),
             reachable: AtomicBool::new(false),
-            job_tokens: None,
+            id_tokens: None,
         }
     }
 
     /// Verify jobs' ID tokens with `tokens`.
-    pub fn with_job_tokens(mut self, tokens: Arc<job_token::JobTokens>) -> Self {
-        self.job_tokens = Some(tokens);
+    pub fn with_id_tokens(mut self, tokens: Arc<id_token::IdTokens>) -> Self {
+        self.id_tokens = Some(tokens);
         self
     }
 
-    pub fn job_tokens(&self) -> Option<&Arc<job_token::JobTokens>> {
-        self.job_tokens.as_ref()
+    pub fn id_tokens(&self) -> Option<&Arc<id_token::IdTokens>> {
+        self.id_tokens.as_ref()
     }
 
     /// What container `c`'s ID token comes to now: absent unless
     /// `--oidc-issuer` is set, the runner asked for a role and the
     /// container carries a token (none is verified for nothing).
-    pub async fn job_token(&self, c: &Container) -> TokenState {
-        match &self.job_tokens {
+    pub async fn id_token(&self, c: &Container) -> TokenState {
+        match &self.id_tokens {
             Some(tokens) if gitlab::asks_for_role(c) => tokens.check(c).await,
             _ => TokenState::Absent,
         }
@@ -214,12 +214,12 @@ impl Identities {
                 self.cache().remove(&caller.cgroup);
             }
             match self.resolve(caller).await? {
-                Identity::Container(c) if !c.owns_address(caller.peer.0.ip()) => continue,
+                Identity::Container(c) if !c.owns_address(caller.peer.ip()) => continue,
                 identity => return Ok(identity),
             }
         }
         Err(IdentityError::ForeignAddress(
-            caller.peer.0.ip().to_canonical(),
+            caller.peer.ip().to_canonical(),
         ))
     }
 

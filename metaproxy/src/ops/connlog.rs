@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::{
-    attribution::Caller,
+    model::caller::Caller,
     model::ids::{ContainerId, RoleArn},
 };
 
@@ -160,7 +160,7 @@ impl Entry {
     /// The entry as `metaproxy connections` shows it.
     pub fn connection(&self) -> Connection {
         let (at, client, caller) = match &self.source {
-            Source::Caller(c) => (c.connected_at(), c.peer.0, Some(&**c)),
+            Source::Caller(c) => (c.connected_at(), c.peer, Some(&**c)),
             Source::Unattributed { client, at } => (*at, *client, None),
         };
         Connection {

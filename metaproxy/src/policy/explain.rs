@@ -20,7 +20,7 @@ impl Policy {
                     "decision: role {} (session {}, {})",
                     r.arn,
                     r.session_name,
-                    match r.web_identity {
+                    match r.id_token {
                         Some(_) => "AssumeRoleWithWebIdentity with the job's ID token",
                         None => "AssumeRole with the instance profile",
                     }

@@ -1,7 +1,7 @@
 //! What the policy file decides on, read from a container: gitlab-runner's
 //! labels and variables, or the claims of the job's verified ID token.
 
-use crate::model::{container::Container, gitlab::Fact, job_token::JobToken};
+use crate::model::{container::Container, gitlab::Fact, id_token::IdToken};
 
 /// Where a container's facts came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,7 +46,7 @@ impl Facts {
 
     /// From the claims of `token` where the job has a verified one (the
     /// runner id still from the runner's label), else as [`Facts::of`].
-    pub fn for_container(c: &Container, token: Option<&JobToken>) -> Self {
+    pub fn for_container(c: &Container, token: Option<&IdToken>) -> Self {
         let Some(token) = token else {
             return Self::of(c);
         };

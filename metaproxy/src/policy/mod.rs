@@ -27,13 +27,13 @@ use std::{
 use globset::GlobSet;
 
 use crate::{
-    attribution::Caller,
+    model::caller::Caller,
     model::ids::{self, AccountId, ContainerId, RoleArn, RoleArnError},
     model::session::{Session, SessionOptions},
     model::{
         container::Container,
         gitlab::{self, single_value, Unclear},
-        job_token::{JobToken, TokenRefusal, TokenState},
+        id_token::{IdToken, TokenRefusal, TokenState},
     },
     policy::file::{FactSource, Facts, FileRefusal, PolicyFile},
 };
@@ -52,13 +52,13 @@ pub struct Role {
     pub session: Session,
     /// The job's verified ID token: assumed with AssumeRoleWithWebIdentity,
     /// never with the instance profile.
-    pub web_identity: Option<Arc<JobToken>>,
+    pub id_token: Option<Arc<IdToken>>,
 }
 
 impl Role {
     /// Where the credentials come from, as the audit line names it.
     pub fn source(&self) -> &'static str {
-        match self.web_identity {
+        match self.id_token {
             Some(_) => "web-identity",
             None => "assume-role",
         }
@@ -113,7 +113,7 @@ pub enum RoleRefusal {
     /// The job's ID token failed a check, or `--oidc-required` and it has
     /// none: no credentials, and no AssumeRole in its place.
     #[error(transparent)]
-    JobToken(#[from] TokenRefusal),
+    IdToken(#[from] TokenRefusal),
 }
 
 impl From<Unclear> for RoleRefusal {
@@ -175,7 +175,7 @@ struct Memo {
     account_known: bool,
     /// The verified token decided on, if any (a decision about a token
     /// is made again for another token).
-    token: Option<Arc<JobToken>>,
+    token: Option<Arc<IdToken>>,
     decision: Arc<RoleDecision>,
 }
 
@@ -332,7 +332,7 @@ impl Policy {
         }
         let token = match token {
             TokenState::Refused(refusal) => {
-                return RoleDecision::Refused(RoleRefusal::JobToken(refusal.clone()))
+                return RoleDecision::Refused(RoleRefusal::IdToken(refusal.clone()))
             }
             TokenState::Absent => match self.token_required {
                 Some(variable) => {
@@ -391,14 +391,14 @@ impl Policy {
                     &token.claims.job_id,
                 )),
                 session: Session::default(),
-                web_identity: Some(token.clone()),
+                id_token: Some(token.clone()),
             }),
             None => RoleDecision::Role(Role {
                 arn,
                 external_id,
                 session_name: gitlab::session_name(c),
                 session: Session::for_container(c, &self.session),
-                web_identity: None,
+                id_token: None,
             }),
         }
     }

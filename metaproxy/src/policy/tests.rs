@@ -38,7 +38,7 @@ fn role(arn: &str) -> RoleDecision {
         external_id: None,
         session_name: "gitlab-job-7".into(),
         session: Default::default(),
-        web_identity: None,
+        id_token: None,
     })
 }
 
@@ -392,7 +392,7 @@ fn role_globs_never_cross_a_path_separator() {
 
 fn caller(path: Option<&str>, comm: &str) -> Caller {
     Caller {
-        peer: crate::kernel::addrs::ClientAddr("127.0.0.1:1".parse().unwrap()),
+        peer: "127.0.0.1:1".parse().unwrap(),
         cgroup: crate::model::ids::CgroupId(1),
         cgroup_path: path.map(Into::into),
         pid: 1,

@@ -15,7 +15,7 @@ fn token(extra: serde_json::Value) -> TokenState {
     for (k, v) in extra.as_object().unwrap() {
         claims[k] = v.clone();
     }
-    TokenState::Verified(Arc::new(JobToken {
+    TokenState::Verified(Arc::new(IdToken {
         raw: crate::model::secret::Secret::new("header.payload.signature".into()),
         claims: serde_json::from_value(claims).unwrap(),
     }))
@@ -54,7 +54,7 @@ fn a_refused_token_never_falls_back_to_the_instance_profile() {
     let expired = TokenState::Refused(TokenRefusal::Expired { at: "then".into() });
     assert_eq!(
         *p.decision(&c, &expired),
-        RoleDecision::Refused(RoleRefusal::JobToken(TokenRefusal::Expired {
+        RoleDecision::Refused(RoleRefusal::IdToken(TokenRefusal::Expired {
             at: "then".into()
         }))
     );
@@ -62,18 +62,13 @@ fn a_refused_token_never_falls_back_to_the_instance_profile() {
     // with it, it gets nothing.
     assert!(matches!(
         *p.decision(&c, &TokenState::Absent),
-        RoleDecision::Role(Role {
-            web_identity: None,
-            ..
-        })
+        RoleDecision::Role(Role { id_token: None, .. })
     ));
     let required =
         policy(&["arn:aws:iam::123456789012:role/*"]).with_token_required("AWS_ID_TOKEN");
     assert_eq!(
         required.decide_for(&c, &TokenState::Absent),
-        RoleDecision::Refused(RoleRefusal::JobToken(TokenRefusal::Required(
-            "AWS_ID_TOKEN"
-        )))
+        RoleDecision::Refused(RoleRefusal::IdToken(TokenRefusal::Required("AWS_ID_TOKEN")))
     );
     assert!(matches!(
         required.decide_for(&c, &token(serde_json::json!({}))),
@@ -165,15 +160,12 @@ fn a_decision_made_for_one_token_is_made_again_for_another() {
     let b = p.decision(&c, &TokenState::Absent);
     assert!(matches!(
         &*b,
-        RoleDecision::Role(Role {
-            web_identity: None,
-            ..
-        })
+        RoleDecision::Role(Role { id_token: None, .. })
     ));
     assert!(matches!(
         &*p.decision(&c, &first),
         RoleDecision::Role(Role {
-            web_identity: Some(_),
+            id_token: Some(_),
             ..
         })
     ));

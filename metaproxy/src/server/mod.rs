@@ -36,9 +36,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    attribution::{Attribution, Caller},
+    attribution::Attribution,
     identity::Identity,
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
+    model::caller::Caller,
     model::ids::ContainerId,
     ops::accept::{self, Rules, WhenFull},
     ops::connlog::{ConnLog, Entry},

@@ -40,9 +40,9 @@ pub use routes::{Route, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
 pub use token::{TokenError, TokenKey};
 
 use crate::{
-    attribution::Caller,
-    credentials::{CredKey, CredentialCache, Issued, WebIdentity},
+    credentials::{CredKey, CredentialCache, IdTokenKey, Issued},
     identity::{Identities, Identity},
+    model::caller::Caller,
     model::container::Container,
     model::ids::RoleArn,
     ops::connlog::Outcome,
@@ -264,7 +264,7 @@ impl Surface {
                 self.host(req, caller).await,
             ),
             Ok(Identity::Container(c)) => {
-                let token = self.identities.job_token(&c).await;
+                let token = self.identities.id_token(&c).await;
                 let decision = self.policy.decision(&c, &token);
                 let role = match &*decision {
                     RoleDecision::Role(role) => Some(role.arn.clone()),
@@ -447,7 +447,7 @@ impl From<&Role> for CredKey {
             external_id: role.external_id.clone(),
             session_name: role.session_name.clone(),
             session: role.session.clone(),
-            web_identity: role.web_identity.as_ref().map(|t| WebIdentity {
+            id_token: role.id_token.as_ref().map(|t| IdTokenKey {
                 token: t.raw.clone(),
                 expires: t.expires(),
             }),

@@ -1,7 +1,8 @@
 //! In-process fakes of the outside world (the kernel's records, cgroup
-//! paths, the container runtime, STS, the real IMDS) and a pipeline served
-//! on 127.0.0.1:0, so the whole request path runs under plain `cargo test`
-//! without root, Docker or moto.
+//! paths, the container runtime, STS, the real IMDS, the answer pin),
+//! handed to the daemon's own wiring from `metaproxy run`'s own flags and
+//! served on 127.0.0.1:0, so the whole request path runs under plain
+//! `cargo test` without root, Docker or moto.
 #![allow(dead_code)]
 
 use std::{
@@ -9,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime},
 };
@@ -18,29 +19,28 @@ use bytes::Bytes;
 use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamExt as _};
 use hyper::{Method, Response};
 use metaproxy::{
-    attribution::{Attribution, CgroupDirectory, RecordSource},
+    attribution::{CgroupDirectory, RecordSource},
+    config::{flags::RunArgs, EphemeralPorts, Host, RunConfig},
     credentials::{
-        CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, InstrumentedSts,
-        Secret, Sts,
+        CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, Secret, Sts,
     },
-    identity::{ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
+    daemon::{wire, Prepared, Tasks, World},
+    identity::{id_token::KeySource, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
     kernel::addrs::AddrPair,
     model::container::Container,
     model::ids::{AccountId, CgroupId, ContainerId},
     ops::connlog::{ConnLog, Connection},
-    ops::metrics::{RequestMetrics, StsMetrics},
+    ops::metrics::{Readiness, RequestMetrics, StsMetrics},
     policy::Policy,
-    server::{self, ConnectionCount, Limits, Pipeline},
+    server::{self, ConnectionCount},
     surface::upstream::{Upstream, UpstreamError},
-    surface::{
-        ContainerCredentialsOptions, Imdsv1Gate, Imdsv1Mode, Surface, SurfaceOptions, TokenKey,
-    },
+    surface::Imdsv1Gate,
 };
 use metaproxy_common::{ConnRecord, AF_INET};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpSocket,
-    sync::{mpsc, watch, Notify},
+    sync::{mpsc, Notify},
 };
 
 pub const ACCOUNT: &str = "123456789012";
@@ -304,21 +304,6 @@ impl Who {
     }
 }
 
-#[derive(Default)]
-pub struct Options {
-    pub limits: Option<Limits>,
-    /// `None`: mirror the fake instance.
-    pub imdsv1: Option<Imdsv1Mode>,
-    pub allow_host_cgroup: Vec<String>,
-    pub allow_role: Vec<String>,
-    pub container_credentials: Option<ContainerCredentialsOptions>,
-    pub session: metaproxy::model::session::SessionOptions,
-    /// Verify jobs' ID tokens with these.
-    pub job_tokens: Option<Arc<metaproxy::identity::job_token::JobTokens>>,
-    /// `--oidc-required`, with this token variable.
-    pub token_required: Option<&'static str>,
-}
-
 /// The answer pin in-process: there is no wire, so it records what it was
 /// asked to pin, and can be told to fail.
 #[derive(Debug, Default)]
@@ -350,7 +335,8 @@ impl metaproxy::kernel::wire::AnswerPath for FakeAnswers {
     }
 }
 
-/// The whole pipeline on 127.0.0.1:0 against fakes.
+/// The daemon's own wiring ([`metaproxy::daemon::wire`]) on fakes of the
+/// outside world, served on 127.0.0.1:0.
 pub struct Bed {
     pub answers: Arc<FakeAnswers>,
     pub addr: SocketAddr,
@@ -367,86 +353,85 @@ pub struct Bed {
     pub policy: Arc<Policy>,
     pub metrics: RequestMetrics,
     pub sts_metrics: StsMetrics,
+    pub readiness: Arc<Readiness>,
     next_cgroup: AtomicUsize,
-    stop: watch::Sender<bool>,
-    tasks: tokio::task::JoinSet<()>,
+    // Dropped last: the daemon's tasks stop before the state dir goes.
+    _tasks: Tasks,
+    _state_dir: tempfile::TempDir,
 }
 
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        self.tasks.abort_all();
-    }
-}
-
+/// The daemon with the defaults of `metaproxy run` and an allow-list of
+/// the fake account's roles.
 pub async fn bed() -> Bed {
-    bed_with(Options::default()).await
+    bed_with(&[]).await
 }
 
-pub async fn bed_with(options: Options) -> Bed {
+/// The daemon with these `metaproxy run` flags (parsed and checked as the
+/// command line is), and the fake account's roles allowed unless they say
+/// `--allow-role` or `--policy-file` themselves.
+pub async fn bed_with(flags: &[&str]) -> Bed {
+    bed_with_keys(flags, None).await
+}
+
+/// As [`bed_with`], with the ID-token issuer's keys.
+pub async fn bed_with_keys(flags: &[&str], issuer_keys: Option<Arc<dyn KeySource>>) -> Bed {
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut argv: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    if !flags
+        .iter()
+        .any(|f| *f == "--allow-role" || *f == "--policy-file")
+    {
+        argv.extend([
+            "--allow-role".into(),
+            format!("arn:aws:iam::{ACCOUNT}:role/*"),
+        ]);
+    }
+    argv.extend(["--state-dir".into(), state_dir.path().display().to_string()]);
+    let args = RunArgs::parse_flags(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let config = RunConfig::from_args_on(&args, &NoEphemeralPorts)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+
     let records = Arc::new(FakeRecords::default());
     let cgroups = Arc::new(FakeCgroups::default());
     let runtime = Arc::new(FakeRuntime::default());
     let sts = Arc::new(FakeSts::default());
     let upstream = Arc::new(FakeUpstream::default());
-    let account = Arc::new(OnceLock::new());
-    account.set(AccountId::parse(ACCOUNT).unwrap()).unwrap();
-    let mut policy = Policy::new(&options.allow_role, &options.allow_host_cgroup, account)
-        .unwrap()
-        .with_session(options.session.clone());
-    if let Some(variable) = options.token_required {
-        policy = policy.with_token_required(variable);
-    }
-    let policy = Arc::new(policy);
-    let instrumented = Arc::new(InstrumentedSts::new(sts.clone()));
-    let sts_metrics = instrumented.metrics().clone();
-    let credentials = Arc::new(CredentialCache::new(instrumented));
-    let mut identities = Identities::new(runtime.clone());
-    if let Some(tokens) = options.job_tokens.clone() {
-        identities = identities.with_job_tokens(tokens);
-    }
-    let identities = Arc::new(identities);
-    let connections = Arc::new(ConnLog::new(1024));
-    let imdsv1 = Arc::new(Imdsv1Gate::new(
-        options.imdsv1.unwrap_or(Imdsv1Mode::Mirror),
-    ));
-    imdsv1.check(upstream.as_ref()).await;
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(metaproxy::daemon::prefetch_credentials(
-        credentials.clone(),
-        identities.subscribe(),
-        policy.clone(),
-        identities.clone(),
-    ));
-    tasks.spawn(identities.clone().follow_events());
-    let count = Arc::new(ConnectionCount::new(options.limits.unwrap_or_default()));
-    let metrics = RequestMetrics::default();
     let answers = Arc::new(FakeAnswers::default());
-    let pipeline = Arc::new(Pipeline {
-        answers: answers.clone(),
-        metrics: metrics.clone(),
-        count: count.clone(),
-        attribution: Attribution::new(records.clone(), cgroups.clone()),
-        surface: Surface {
-            identities: identities.clone(),
-            policy: policy.clone(),
-            credentials: credentials.clone(),
-            tokens: TokenKey::from_bytes([9; 32]),
+    let readiness = Arc::new(Readiness::default());
+    let mut tasks = Tasks::default();
+    let prepared = Prepared::load(&config, &readiness).unwrap();
+    let wired = wire(
+        &config,
+        prepared,
+        World {
+            records: records.clone(),
+            cgroups: cgroups.clone(),
+            runtime: runtime.clone(),
+            sts: sts.clone(),
             upstream: upstream.clone(),
-            options: SurfaceOptions {
-                imdsv1: imdsv1.clone(),
-                container_credentials: options.container_credentials.unwrap_or_default(),
-            },
+            answers: answers.clone(),
+            issuer_keys,
         },
-        connections: connections.clone(),
-    });
+        &mut tasks,
+        &readiness,
+    )
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, rx) = watch::channel(false);
-    tasks.spawn(server::run(listener, pipeline, async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|s| *s).await;
-    }));
+    tasks.spawn(
+        "server",
+        server::run(listener, wired.pipeline.clone(), std::future::pending()),
+    );
+    // As the daemon is once STS has named the instance's account.
+    let known = async {
+        while wired.me.get().is_none() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), known)
+        .await
+        .expect("account discovery against the fake STS");
     Bed {
         answers,
         addr,
@@ -455,17 +440,28 @@ pub async fn bed_with(options: Options) -> Bed {
         runtime,
         sts,
         upstream,
-        credentials,
-        connections,
-        imdsv1,
-        count,
-        identities,
-        policy,
-        metrics,
-        sts_metrics,
+        credentials: wired.credentials,
+        connections: wired.connections,
+        imdsv1: wired.imdsv1,
+        count: wired.count,
+        identities: wired.identities,
+        policy: wired.policy,
+        metrics: wired.requests,
+        sts_metrics: wired.sts.metrics().clone(),
+        readiness,
         next_cgroup: AtomicUsize::new(1000),
-        stop,
-        tasks,
+        _tasks: tasks,
+        _state_dir: state_dir,
+    }
+}
+
+/// A host whose ephemeral ports are the kernel's defaults, so the checks
+/// do not depend on the machine the tests run on.
+struct NoEphemeralPorts;
+
+impl Host for NoEphemeralPorts {
+    fn ephemeral_ports(&self) -> std::io::Result<EphemeralPorts> {
+        Ok(EphemeralPorts::parse("32768 60999", "").unwrap())
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::{runner::RunnerRole, Check, Level};
 use crate::{
-    cli::config::RunConfig,
+    config::RunConfig,
     model::ids::{AccountId, RoleArn},
     ops::admin::{AwsStatus, Trial},
     policy::{file::PolicyFile, Policy},
@@ -177,7 +177,7 @@ pub fn trust_check(
             Level::Fail,
             format!(
                 "AssumeRole {arn}: {}",
-                crate::model::job_token::shorten(&message, 300)
+                crate::model::id_token::shorten(&message, 300)
             ),
         )
         .fix("check the role exists and STS is reachable from the instance");

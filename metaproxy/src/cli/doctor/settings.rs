@@ -13,10 +13,8 @@ use std::sync::{Arc, OnceLock};
 
 use super::{Check, Level};
 use crate::{
-    cli::{
-        config::{self, Host, RunConfig},
-        Cli, Command,
-    },
+    cli::{Cli, Command},
+    config::{self, Host, RunConfig},
     model::ids::{AccountId, RoleArn},
     policy::file::PolicyFile,
     policy::Policy,

@@ -54,7 +54,7 @@ impl Readiness {
 
     /// How to tell whether the GitLab issuer's keys have been fetched
     /// (`--oidc-issuer`).
-    pub fn job_tokens(&self, fetched: Arc<dyn Fn() -> bool + Send + Sync>) {
+    pub fn id_tokens(&self, fetched: Arc<dyn Fn() -> bool + Send + Sync>) {
         let _ = self.issuer_keys.set(fetched);
     }
 

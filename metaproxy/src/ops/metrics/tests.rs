@@ -183,7 +183,7 @@ fn with_id_tokens_readiness_waits_for_the_issuers_keys_and_required_tokens_need_
     r.docker(Arc::new(|| true));
     let fetched = Arc::new(AtomicBool::new(false));
     let keys = fetched.clone();
-    r.job_tokens(Arc::new(move || keys.load(Ordering::Relaxed)));
+    r.id_tokens(Arc::new(move || keys.load(Ordering::Relaxed)));
     // --oidc-required: own_credentials is never asked for.
     assert!(r.check().unwrap_err().contains("JWKS"));
     fetched.store(true, Ordering::Relaxed);

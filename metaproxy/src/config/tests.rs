@@ -233,7 +233,7 @@ fn imdsv1_mirrors_the_instance_unless_told_otherwise() {
 #[test]
 fn listen_addresses_are_checked_once() {
     let ok = config(&["--listen6", "[fd00:ec2::1]:8169"]).unwrap();
-    assert_eq!(ok.listen.to_string(), cli::DEFAULT_LISTEN);
+    assert_eq!(ok.listen.to_string(), flags::DEFAULT_LISTEN);
     assert!(ok.listen6.is_some());
     assert_eq!(ok.metrics, Some("127.0.0.1:9169".parse().unwrap()));
     assert_eq!(config(&["--metrics", "off"]).unwrap().metrics, None);

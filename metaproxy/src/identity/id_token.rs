@@ -44,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 use crate::model::{
     container::Container,
     gitlab::{self, single_value, Unclear},
-    job_token::{shorten, Claims, JobToken, TokenRefusal, TokenState},
+    id_token::{shorten, Claims, IdToken, TokenRefusal, TokenState},
     secret::Secret,
 };
 
@@ -97,7 +97,7 @@ struct Keys {
 }
 
 /// Verifies jobs' ID tokens. Share it as `Arc`.
-pub struct JobTokens {
+pub struct IdTokens {
     rules: TokenRules,
     source: Arc<dyn KeySource>,
     keys: RwLock<Option<Arc<Keys>>>,
@@ -106,23 +106,23 @@ pub struct JobTokens {
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     /// Tokens whose signature and claims verified, by digest: each request
     /// of a job presents the same token. Cleared whenever the keys change.
-    verified: Mutex<HashMap<[u8; 32], Arc<JobToken>>>,
+    verified: Mutex<HashMap<[u8; 32], Arc<IdToken>>>,
     /// Bumped whenever the keys change: a token verified against older
     /// keys is not remembered.
     generation: AtomicU64,
     fetched: AtomicBool,
 }
 
-impl std::fmt::Debug for JobTokens {
+impl std::fmt::Debug for IdTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobTokens")
+        f.debug_struct("IdTokens")
             .field("rules", &self.rules)
             .field("keys_fetched", &self.ready())
             .finish_non_exhaustive()
     }
 }
 
-impl JobTokens {
+impl IdTokens {
     pub fn new(rules: TokenRules, source: Arc<dyn KeySource>) -> Self {
         Self {
             rules,
@@ -164,7 +164,7 @@ impl JobTokens {
     }
 
     /// The token `raw`, verified as of `now`.
-    pub async fn verify(&self, raw: &str, now: SystemTime) -> Result<Arc<JobToken>, TokenRefusal> {
+    pub async fn verify(&self, raw: &str, now: SystemTime) -> Result<Arc<IdToken>, TokenRefusal> {
         let digest: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
         let known = self.memo().get(&digest).cloned();
         let token = match known {
@@ -189,11 +189,11 @@ impl JobTokens {
         Ok(token)
     }
 
-    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<JobToken>>> {
+    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<IdToken>>> {
         self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn verify_signed(&self, raw: &str, now: SystemTime) -> Result<JobToken, TokenRefusal> {
+    async fn verify_signed(&self, raw: &str, now: SystemTime) -> Result<IdToken, TokenRefusal> {
         let malformed = |why: String| TokenRefusal::Malformed {
             variable: self.rules.variable,
             why,
@@ -245,7 +245,7 @@ impl JobTokens {
             }
         })?;
         check_times(&data.claims, now)?;
-        Ok(JobToken {
+        Ok(IdToken {
             raw: Secret::new(raw.to_string()),
             claims: data.claims,
         })
@@ -388,7 +388,7 @@ fn check_times(c: &Claims, now: SystemTime) -> Result<(), TokenRefusal> {
 
 /// A token is served only to its own job's containers: its `job_id` must be
 /// the job label the runner (not the image) put on the container.
-fn bound_to(token: &JobToken, c: &Container) -> Result<(), TokenRefusal> {
+fn bound_to(token: &IdToken, c: &Container) -> Result<(), TokenRefusal> {
     if !gitlab::runner_set(c, gitlab::JOB_LABEL) {
         return Err(TokenRefusal::NoJobLabel);
     }

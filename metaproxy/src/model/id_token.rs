@@ -2,7 +2,7 @@
 //! verified: the JWT itself, kept as a secret, and the claims GitLab signed.
 //!
 //! Unlike labels and variables, no job can forge these: they come from the
-//! GitLab instance, under its signature. [`crate::identity::job_token`]
+//! GitLab instance, under its signature. [`crate::identity::id_token`]
 //! verifies a token before anything reads its claims; this module only
 //! says what a verified token holds and why one was refused.
 
@@ -100,12 +100,12 @@ fn optional_flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>,
 /// A verified ID token: the JWT (a secret: it buys the job's role from
 /// STS) and its claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobToken {
+pub struct IdToken {
     pub raw: Secret,
     pub claims: Claims,
 }
 
-impl JobToken {
+impl IdToken {
     /// When the token stops being valid: its `exp`.
     pub fn expires(&self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(self.claims.exp)
@@ -117,7 +117,7 @@ impl JobToken {
 pub enum TokenState {
     /// No token: `--oidc-issuer` is not set, or the container has none.
     Absent,
-    Verified(Arc<JobToken>),
+    Verified(Arc<IdToken>),
     /// A token was there and failed a check: the container gets nothing,
     /// and never falls back to the instance profile.
     Refused(TokenRefusal),
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_token_never_prints() {
-        let t = JobToken {
+        let t = IdToken {
             raw: Secret::new("eyJhbGciOi.secret-part.sig".into()),
             claims: serde_json::from_value(claims(serde_json::json!({}))).unwrap(),
         };

@@ -1,6 +1,7 @@
-//! The validated run configuration: `metaproxy run`'s arguments checked
-//! once, before anything is attached or bound. The daemon's wiring takes
-//! only a [`RunConfig`].
+//! The validated run configuration: `metaproxy run`'s flags ([`flags`])
+//! checked once, before anything is attached or bound. The daemon's
+//! wiring takes only a [`RunConfig`]; `cli` parses, `doctor` reads the
+//! settings file through the same checks.
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -9,9 +10,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub mod flags;
+
+use flags::{Imdsv1, RunArgs};
+
 use crate::{
-    cli::{self, RunArgs},
-    identity::job_token::{discovery::issuer_url, IssuerUrlError, TokenRules},
+    identity::id_token::{discovery::issuer_url, IssuerUrlError, TokenRules},
     model::session::SessionOptions,
     server::Limits,
     surface::{ContainerCredentialsOptions, Imdsv1Mode},
@@ -351,9 +355,9 @@ impl RunConfig {
             allow_role,
             allow_shared_cgroup: args.allow_shared_cgroup,
             imdsv1: match (args.require_imdsv2, args.imdsv1) {
-                (true, _) | (false, cli::Imdsv1::Refuse) => Imdsv1Mode::Refuse,
-                (false, cli::Imdsv1::Mirror) => Imdsv1Mode::Mirror,
-                (false, cli::Imdsv1::Allow) => Imdsv1Mode::Allow,
+                (true, _) | (false, Imdsv1::Refuse) => Imdsv1Mode::Refuse,
+                (false, Imdsv1::Mirror) => Imdsv1Mode::Mirror,
+                (false, Imdsv1::Allow) => Imdsv1Mode::Allow,
             },
             allow_host_cgroup: args.allow_host_cgroup.clone(),
             limits: Limits {

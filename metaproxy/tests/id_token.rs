@@ -13,11 +13,8 @@ use std::{
 
 use futures_util::{future::BoxFuture, FutureExt as _};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, EncodingKey, Header};
-use metaproxy::{
-    identity::job_token::{JobTokens, KeySource, TokenRules},
-    ops::connlog::Outcome,
-};
-use support::{bed_with, Options, Spec, StsMode};
+use metaproxy::{identity::id_token::KeySource, ops::connlog::Outcome};
+use support::{bed_with_keys, Spec, StsMode};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/ci-deploy";
 const ISSUER: &str = "https://gitlab.example.com";
@@ -28,23 +25,12 @@ impl KeySource for Keys {
     fn fetch(&self) -> BoxFuture<'_, Result<JwkSet, String>> {
         async {
             Ok(serde_json::from_str(include_str!(
-                "../src/identity/job_token/testdata/jwks-a.json"
+                "../src/identity/id_token/testdata/jwks-a.json"
             ))
             .unwrap())
         }
         .boxed()
     }
-}
-
-fn tokens() -> Arc<JobTokens> {
-    Arc::new(JobTokens::new(
-        TokenRules {
-            issuer: ISSUER.into(),
-            audience: "sts.amazonaws.com".into(),
-            variable: "AWS_ID_TOKEN",
-        },
-        Arc::new(Keys),
-    ))
 }
 
 /// A token of job `job` signed with the issuer's key `a`, expiring `ttl`
@@ -66,7 +52,7 @@ fn token(job: usize, ttl: i64) -> String {
     jsonwebtoken::encode(
         &header,
         &claims,
-        &EncodingKey::from_rsa_pem(include_bytes!("../src/identity/job_token/testdata/a.pem"))
+        &EncodingKey::from_rsa_pem(include_bytes!("../src/identity/id_token/testdata/a.pem"))
             .unwrap(),
     )
     .unwrap()
@@ -89,18 +75,24 @@ fn with_token(bed: &support::Bed, n: usize, jwt: &str) -> support::Who {
     )
 }
 
-fn options(required: bool) -> Options {
-    Options {
-        allow_role: vec!["arn:aws:iam::123456789012:role/ci-*".into()],
-        job_tokens: Some(tokens()),
-        token_required: required.then_some("AWS_ID_TOKEN"),
-        ..Default::default()
+/// `metaproxy run`'s flags for a GitLab issuer, with `--oidc-required`
+/// when `required`.
+fn flags(required: bool) -> Vec<&'static str> {
+    let mut flags = vec![
+        "--allow-role",
+        "arn:aws:iam::123456789012:role/ci-*",
+        "--oidc-issuer",
+        ISSUER,
+    ];
+    if required {
+        flags.push("--oidc-required");
     }
+    flags
 }
 
 #[tokio::test]
 async fn a_valid_token_buys_the_role_with_web_identity_and_never_with_the_instance_profile() {
-    let bed = bed_with(options(false)).await;
+    let bed = bed_with_keys(&flags(false), Some(Arc::new(Keys))).await;
     let jwt = token(1, 3600);
     let job = with_token(&bed, 1, &jwt);
     let answer = bed.request(&job, "GET", CREDS, &[]).await;
@@ -108,7 +100,7 @@ async fn a_valid_token_buys_the_role_with_web_identity_and_never_with_the_instan
     let calls = bed.sts.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1);
     let web = calls[0]
-        .web_identity
+        .id_token
         .as_ref()
         .expect("AssumeRoleWithWebIdentity");
     assert_eq!(web.token.expose(), jwt);
@@ -131,7 +123,7 @@ async fn a_valid_token_buys_the_role_with_web_identity_and_never_with_the_instan
 
 #[tokio::test]
 async fn a_bad_token_gets_nothing_and_the_reason_says_why() {
-    let bed = bed_with(options(false)).await;
+    let bed = bed_with_keys(&flags(false), Some(Arc::new(Keys))).await;
     for (n, jwt, why) in [
         (1, token(1, -600), "the ID token expired at"),
         (
@@ -154,7 +146,7 @@ async fn a_bad_token_gets_nothing_and_the_reason_says_why() {
 
 #[tokio::test]
 async fn with_tokens_required_a_job_without_one_gets_nothing() {
-    let bed = bed_with(options(true)).await;
+    let bed = bed_with_keys(&flags(true), Some(Arc::new(Keys))).await;
     let job = bed.container(
         1,
         Spec {
@@ -174,7 +166,7 @@ async fn with_tokens_required_a_job_without_one_gets_nothing() {
 
 #[tokio::test]
 async fn sts_refusing_the_token_lands_in_the_reason_and_the_metrics() {
-    let bed = bed_with(options(true)).await;
+    let bed = bed_with_keys(&flags(true), Some(Arc::new(Keys))).await;
     bed.sts.set(StsMode::Error("AccessDenied"));
     let jwt = token(1, 3600);
     let job = with_token(&bed, 1, &jwt);

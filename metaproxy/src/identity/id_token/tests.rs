@@ -81,7 +81,7 @@ impl KeySource for Table {
     }
 }
 
-fn verifier(keys: &str) -> (Arc<JobTokens>, Arc<Table>) {
+fn verifier(keys: &str) -> (Arc<IdTokens>, Arc<Table>) {
     let table = Arc::new(Table {
         set: Mutex::new(Ok(jwks(keys))),
         fetches: AtomicUsize::new(0),
@@ -91,7 +91,7 @@ fn verifier(keys: &str) -> (Arc<JobTokens>, Arc<Table>) {
         audience: AUD.into(),
         variable: "AWS_ID_TOKEN",
     };
-    (Arc::new(JobTokens::new(rules, table.clone())), table)
+    (Arc::new(IdTokens::new(rules, table.clone())), table)
 }
 
 fn job_container(job: &str, env: &[String], image_env: &[String]) -> Container {
