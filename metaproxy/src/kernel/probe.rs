@@ -42,18 +42,13 @@ use std::{
 
 use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        links::{FdLink, LinkError},
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, LinkOrder, LsmCgroup, SchedClassifier, SockOps, TcAttachType,
-    },
-    Btf, Ebpf, EbpfLoader,
+    programs::{links::LinkError, SchedClassifier},
+    Ebpf, EbpfLoader,
 };
 use metaproxy_common::{
     ConnKey, ConnRecord, GuardDrop, L2Peer, L2PeerKey, L2Refusal, L2Seen, ProbeConfig,
-    GLOBAL_CONFIG, L2_SOCKET_HOOK, MAP_CONNS, MAP_GUARD_DROPS, MAP_L2_PEERS, MAP_L2_REFUSED,
-    MAP_L2_SEEN, MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
+    GLOBAL_CONFIG, MAP_CONNS, MAP_GUARD_DROPS, MAP_L2_PEERS, MAP_L2_REFUSED, MAP_L2_SEEN,
+    MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
     PROG_GUARD_TC, PROG_L2_DELIVER, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SOCK_OPS,
     PROG_SOCK_RELEASE,
 };
@@ -803,8 +798,9 @@ mod pins;
 mod syscalls;
 mod watchdog;
 
-use attach::*;
-pub use pins::*;
+use attach::{attach_lsm, attach_program, attach_sockopt, attach_tc};
+use pins::{check_pin_dir, ensure_bpffs_dir, pinned_links, unpin};
+pub use pins::{detach, guard_in_place, redirect_in_place};
 pub use watchdog::Repairs;
 
 #[cfg(test)]

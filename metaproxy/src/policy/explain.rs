@@ -1,6 +1,7 @@
 //! `metaproxy policy explain`: the decision for a container, rule by rule.
 
-use super::*;
+use super::{FactSource, Facts, Policy, RoleDecision, RoleRefusal, TokenState};
+use crate::model::container::Container;
 
 impl Policy {
     /// The decision for `c` and, with a policy file in force, each rule's

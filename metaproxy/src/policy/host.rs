@@ -2,7 +2,8 @@
 //! cgroup reaches the real IMDS, and never a container runtime or a build
 //! step.
 
-use super::*;
+use super::{globs, Policy};
+use crate::model::caller::Caller;
 
 impl Policy {
     /// Whether a host process (in no container) may reach the real IMDS:

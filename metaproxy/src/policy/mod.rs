@@ -27,7 +27,6 @@ use std::{
 use globset::GlobSet;
 
 use crate::{
-    model::caller::Caller,
     model::ids::{self, AccountId, ContainerId, RoleArn, RoleArnError},
     model::session::{Session, SessionOptions},
     model::{

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use super::*;
+use crate::model::caller::Caller;
 use crate::model::ids::ContainerId;
 
 fn account() -> Arc<OnceLock<AccountId>> {

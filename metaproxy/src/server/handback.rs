@@ -1,7 +1,18 @@
 //! Handing hyper's buffers back between requests: the socket under
 //! hyper reports end-of-stream once everything it was given is answered.
 
-use super::*;
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
+
+use tokio::net::TcpStream;
+
+use crate::{model::caller::Caller, ops::connlog::Entry, surface::Handled};
 
 /// The socket under hyper, taken back from it between requests.
 ///

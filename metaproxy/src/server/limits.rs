@@ -2,7 +2,13 @@
 //! container), one for all host callers together, and a reserve that keeps
 //! room for a new job.
 
-use super::*;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use super::UNATTRIBUTED;
+use crate::{identity::Identity, model::ids::ContainerId};
 
 /// Connections any share may hold even when only the reserve is left.
 pub(super) const FLOOR: usize = 8;

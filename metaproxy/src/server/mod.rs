@@ -18,16 +18,13 @@
 //!   connections.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -37,24 +34,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     attribution::Attribution,
-    identity::Identity,
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
-    model::caller::Caller,
-    model::ids::ContainerId,
     ops::accept::{self, Rules, WhenFull},
     ops::connlog::{ConnLog, Entry},
     ops::logging::Clean,
     ops::metrics::RequestMetrics,
     ops::metrics::RouteLabel,
     ops::ratelimit::PerSource,
-    surface::{Denial, Handled, Surface},
+    surface::{Denial, Surface},
 };
 
 mod handback;
 mod limits;
 
-use handback::*;
-pub use limits::*;
+use handback::{answered, HandBack, InFlight};
+pub use limits::{ConnectionCount, Limits, Share};
 
 /// Refusals are logged at most this often per second: anything on the
 /// host can open connections to the listen address, and must not be able

@@ -1,3 +1,4 @@
+use super::limits::admits;
 use super::*;
 
 #[test]

@@ -1,9 +1,27 @@
 //! Attaching one program: to the cgroup with a pinned link, or to an
 //! interface at tc egress (tcx, or a clsact filter on older kernels).
 
-use std::os::fd::AsFd as _;
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
-use super::*;
+use aya::{
+    programs::{
+        links::FdLink,
+        tc::{NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, LinkOrder, LsmCgroup, SchedClassifier, SockOps, TcAttachType,
+    },
+    Btf, Ebpf,
+};
+use metaproxy_common::{
+    L2_SOCKET_HOOK, PROG_GUARD_SKB, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SOCK_OPS,
+    PROG_SOCK_RELEASE,
+};
+
+use super::{io_err, syscalls, Interface, ProbeError, TcMode, TcProg};
 
 /// Loads the layer-2 lock's LSM half against its hook (unless it is loaded)
 /// and attaches it to

@@ -1,7 +1,17 @@
 //! The pins under the bpffs directory: made ours alone, read back to
 //! tell what is in place, removed only by `detach`.
 
-use super::*;
+use std::{
+    fs::{self},
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{tc::SchedClassifierLink, TcAttachType};
+
+use super::{
+    interface_name, io_err, Pin, ProbeError, TcProg, BPFFS_ROOT, BPF_FS_MAGIC, LINKS_DIR,
+    OPTIONAL_PROGRAMS, PROGRAMS,
+};
 
 /// Removes one pin: for a clsact filter, the filter first.
 pub(super) fn unpin(path: &Path, pin: &Pin) -> Result<(), ProbeError> {

@@ -1,3 +1,4 @@
+use super::pins::parse_pin;
 use super::*;
 
 #[test]

@@ -28,9 +28,24 @@
 //! taken over (a restart whose old process lingers): this one stands down
 //! rather than pin back what the new one unpinned.
 
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::{
+    fs, io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
-use super::*;
+use aya::{
+    programs::{SchedClassifier, TcAttachType},
+    Ebpf,
+};
+use metaproxy_common::{PROG_L2_SOCKET, PROG_L2_SOCKOPT};
+
+use super::{
+    attach::{attach_lsm, attach_program, attach_sockopt, attach_tc},
+    interface_name, io_err,
+    pins::{ensure_bpffs_dir, pinned_links},
+    syscalls, tc_program, Interface, Pin, Probe, ProbeError, TcMode, TcProg,
+};
 
 /// A link the daemon holds, and what it is.
 #[derive(Debug)]

@@ -1,7 +1,20 @@
 //! The metrics listener: `/metrics`, `/healthz`, `/readyz`, with a cap
 //! on clients and on how long each may take.
 
-use super::*;
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::{Metrics, Readiness};
 use crate::ops::{
     accept::{self, Rules, WhenFull},
     http::text,

@@ -1,7 +1,13 @@
 //! Figures read when scraped: open connections, cache entries, map
 //! fill, guard drops, from whoever holds them ([`LiveSource`]).
 
-use super::*;
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+};
 
 /// State read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]

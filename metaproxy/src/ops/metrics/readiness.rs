@@ -1,7 +1,12 @@
 //! `/readyz`: what the daemon needs before it can serve, each checked
 //! when asked.
 
-use super::*;
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, OnceLock,
+};
+
+use crate::model::ids::AccountId;
 
 /// Whether the whole request path works; each step is set as it comes up.
 #[derive(Default)]

@@ -1,4 +1,15 @@
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
+
+use tokio::net::TcpListener;
+
 use super::*;
+use crate::model::ids::AccountId;
 
 #[tokio::test]
 async fn the_metrics_listener_caps_its_clients_and_cuts_slow_ones() {
