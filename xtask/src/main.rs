@@ -6,6 +6,8 @@
 //!   the probe's cost
 //! * `test`  - unit tests, then the privileged end-to-end tests
 //! * `fuzz`  - a short cargo-fuzz pass over each target in `fuzz/`
+//! * `lint`  - the import rules between the daemon's rooms, no glob imports
+//!   outside tests, every test the threat model names exists
 //! * `package` - the Debian package (cargo-deb)
 //! * `clean` - remove what a killed test run left behind
 mod bench;
@@ -13,6 +15,7 @@ mod build;
 mod clean;
 mod demo;
 mod fuzz;
+mod lint;
 mod package;
 mod setup;
 mod test;
@@ -53,6 +56,10 @@ enum Cmd {
     },
     /// Remove namespaces, cgroups, pins and processes left by killed runs.
     Clean,
+    /// Check the import rules between the daemon's rooms, that no file
+    /// outside tests globs its imports, and that every test
+    /// docs/threat-model.md names exists.
+    Lint,
     /// Build the Debian package (target/debian/metaproxy_*.deb).
     Package {
         /// Cargo profile of the packaged binary.
@@ -81,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         } => bench::run(json, perf, traffic),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
+        Cmd::Lint => lint::run(),
         Cmd::Package { profile } => package::run(&profile),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }

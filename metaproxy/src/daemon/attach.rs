@@ -19,8 +19,9 @@ use crate::{
         addrs::{ip4_word, ip6_words},
         cgroup,
         guard::{self, GuardState, RouteTable},
-        probe::{Interface, Probe, ProbeOptions, TcMode},
+        probe::{Probe, ProbeOptions, TcMode},
     },
+    model::interface::Interface,
     ops::metrics::Readiness,
 };
 

@@ -19,7 +19,10 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{link::LinkAttribute, route::RouteAttribute};
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
-use crate::kernel::probe::{interface_name, Interface, Probe};
+use crate::{
+    kernel::probe::{interface_name, Probe},
+    model::interface::Interface,
+};
 
 /// IMDS over IPv4 and IPv6.
 pub const IMDS4: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));

@@ -53,7 +53,7 @@ use metaproxy_common::{
     PROG_SOCK_RELEASE,
 };
 
-use crate::kernel::addrs::AddrPair;
+use crate::{kernel::addrs::AddrPair, model::interface::Interface};
 
 /// The compiled kernel programs, built by build.rs.
 static PROBE_OBJECT: &[u8] =
@@ -167,14 +167,6 @@ pub struct ProbeOptions {
     /// Whether the BPF LSM is active, so the layer-2 lock's socket hook
     /// can run (see [`crate::kernel::lsm`]).
     pub bpf_lsm: Result<(), String>,
-}
-
-/// A network interface, by index (what the kernel attaches to) and the
-/// name it had when we looked.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct Interface {
-    pub index: u32,
-    pub name: String,
 }
 
 /// How the tc guard is attached to an interface.

@@ -34,13 +34,11 @@ use netlink_packet_route::{
 };
 
 use crate::{
-    kernel::{
-        guard::RouteTable,
-        probe::{Interface, Probe},
-    },
+    kernel::{guard::RouteTable, probe::Probe},
     model::{
         container::Container,
         ids::{CgroupId, ContainerId},
+        interface::Interface,
     },
 };
 

@@ -1,5 +1,6 @@
 //! The facts every stage shares, and nothing else: ids, the caller the
-//! kernel recorded, the container as the runtime reports it, what gitlab-runner writes into it, the claims
+//! kernel recorded, the host's interfaces, the container as the runtime
+//! reports it, what gitlab-runner writes into it, the claims
 //! of a job's verified GitLab ID token, and the session a role is assumed
 //! as. A leaf: it imports no other module of the crate.
 
@@ -8,5 +9,6 @@ pub mod container;
 pub mod gitlab;
 pub mod id_token;
 pub mod ids;
+pub mod interface;
 pub mod secret;
 pub mod session;

@@ -29,8 +29,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
-    kernel::probe::Interface,
     model::ids::RoleArn,
+    model::interface::Interface,
     ops::{
         accept::{self, Rules, WhenFull},
         connlog::ConnLog,

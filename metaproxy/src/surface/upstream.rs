@@ -230,7 +230,10 @@ fn sensitive(value: &str) -> Result<hyper::header::HeaderValue, UpstreamError> {
 }
 
 fn is_hop_by_hop(name: &hyper::header::HeaderName) -> bool {
-    use hyper::header::*;
+    use hyper::header::{
+        CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+        UPGRADE,
+    };
     [
         CONNECTION,
         TRANSFER_ENCODING,

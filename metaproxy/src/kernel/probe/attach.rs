@@ -21,7 +21,8 @@ use metaproxy_common::{
     PROG_SOCK_RELEASE,
 };
 
-use super::{io_err, syscalls, Interface, ProbeError, TcMode, TcProg};
+use super::{io_err, syscalls, ProbeError, TcMode, TcProg};
+use crate::model::interface::Interface;
 
 /// Loads the layer-2 lock's LSM half against its hook (unless it is loaded)
 /// and attaches it to

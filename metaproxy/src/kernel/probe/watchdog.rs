@@ -44,8 +44,9 @@ use super::{
     attach::{attach_lsm, attach_program, attach_sockopt, attach_tc},
     interface_name, io_err,
     pins::{ensure_bpffs_dir, pinned_links},
-    syscalls, tc_program, Interface, Pin, Probe, ProbeError, TcMode, TcProg,
+    syscalls, tc_program, Pin, Probe, ProbeError, TcMode, TcProg,
 };
+use crate::model::interface::Interface;
 
 /// A link the daemon holds, and what it is.
 #[derive(Debug)]
