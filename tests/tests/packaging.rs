@@ -135,6 +135,7 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
         "./usr/lib/systemd/system/gitlab-runner.service.d/metaproxy.conf",
         "./etc/default/metaproxy",
         "./usr/share/doc/metaproxy/README.md",
+        "./usr/share/doc/metaproxy/docs/threat-model.md",
         "./usr/share/doc/metaproxy/policy.example.toml",
     ] {
         assert!(files.contains(&want), "{want} missing from\n{listing}");
