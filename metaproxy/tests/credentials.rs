@@ -35,14 +35,6 @@ fn key() -> CredKey {
     }
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_first_requests_make_one_assume_role() {
     let bed = bed().await;
@@ -55,7 +47,7 @@ async fn fifty_concurrent_first_requests_make_one_assume_role() {
         })
         .collect();
     let release = async {
-        wait_until("the first AssumeRole", || bed.sts.calls() >= 1).await;
+        support::until("the first AssumeRole", || bed.sts.calls() >= 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         bed.sts.release.notify_waiters();
     };
@@ -88,7 +80,7 @@ async fn a_slow_sts_answers_503_in_time_and_the_fetch_fills_the_cache() {
         Some("STS has not answered within 800ms; still trying")
     );
     bed.sts.release.notify_waiters();
-    wait_until("the background fetch", || !bed.credentials.is_empty()).await;
+    support::until("the background fetch", || !bed.credentials.is_empty()).await;
     let again = bed.request(&job, "GET", CREDS, &[]).await;
     assert_eq!(again.status, 200);
     assert_eq!(
@@ -111,17 +103,29 @@ async fn a_failing_sts_is_asked_once_for_many_waiters_and_not_again_at_once() {
     // Remembered for a moment: a retry right away costs no STS call ...
     assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 503);
     assert_eq!(bed.sts.calls(), 1);
-    // ... and after the backoff, STS is asked again.
+    // ... nor any retry while the failure is remembered; once the backoff
+    // is over, STS is asked again.
     bed.sts.set(StsMode::Ok(Duration::from_secs(3600)));
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(bed.request(&job, "GET", CREDS, &[]).await.status, 200);
+    let started = Instant::now();
+    let mut retries = 0;
+    loop {
+        let status = bed.request(&job, "GET", CREDS, &[]).await.status;
+        if status == 200 {
+            break;
+        }
+        assert_eq!((status, bed.sts.calls()), (503, 1), "within the backoff");
+        assert!(started.elapsed() < Duration::from_secs(5), "backoff over");
+        retries += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500), "backed off");
     assert_eq!(bed.sts.calls(), 2);
     // The metrics say the same.
     let sts = &bed.sts_metrics;
     assert_eq!(sts.calls_of("AssumeRole"), 2);
     assert_eq!(sts.errors_of("AssumeRole", "AccessDenied"), 1);
     assert_eq!(sts.in_flight.get(), 0);
-    assert_eq!(bed.metrics.refusals_of("sts-unavailable"), 21);
+    assert_eq!(bed.metrics.refusals_of("sts-unavailable"), 21 + retries);
     assert_eq!(
         bed.metrics
             .requests_of(RouteLabel::Credentials, Outcome::Served),
@@ -138,7 +142,7 @@ async fn credentials_are_prefetched_on_start_and_dropped_when_the_container_goes
         .events_tx
         .send(RuntimeEvent::Start(id.clone()))
         .unwrap();
-    wait_until("the prefetch", || !bed.credentials.is_empty()).await;
+    support::until("the prefetch", || !bed.credentials.is_empty()).await;
     assert_eq!(bed.sts.calls(), 1);
     // Served from the cache, even with STS down now.
     bed.sts.set(StsMode::Fail);
@@ -146,7 +150,7 @@ async fn credentials_are_prefetched_on_start_and_dropped_when_the_container_goes
     assert_eq!(bed.sts.calls(), 1);
 
     bed.runtime.events_tx.send(RuntimeEvent::Stop(id)).unwrap();
-    wait_until("the eviction", || bed.credentials.is_empty()).await;
+    support::until("the eviction", || bed.credentials.is_empty()).await;
 }
 
 #[tokio::test]
@@ -168,7 +172,7 @@ async fn a_key_shared_by_two_containers_stays_until_both_are_gone() {
         .events_tx
         .send(RuntimeEvent::Stop(service.container.unwrap()))
         .unwrap();
-    wait_until("the eviction", || bed.credentials.is_empty()).await;
+    support::until("the eviction", || bed.credentials.is_empty()).await;
 }
 
 #[tokio::test]

@@ -42,7 +42,7 @@ async fn the_containers_of_one_job_share_one_budget() {
     let service = bed.container(2, job());
     let other = bed.container(3, with_role());
     let _held = [bed.connect(&build).await, bed.connect(&service).await];
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    support::until("both held connections taken in", || bed.count.open() == 2).await;
     let mut third = bed.connect(&service).await;
     assert!(closed_at_once(&mut third).await, "job 77 is over its share");
     assert_eq!(bed.request(&other, "GET", CREDS, &[]).await.status, 200);
@@ -64,7 +64,7 @@ async fn host_callers_share_one_budget_whatever_their_cgroups() {
         .map(|n| bed.process_at(&format!("/system.slice/run-u{n}.scope"), "sh"))
         .collect();
     let _held = [bed.connect(&scopes[0]).await, bed.connect(&scopes[1]).await];
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    support::until("both held connections taken in", || bed.count.open() == 2).await;
     let mut third = bed.connect(&scopes[2]).await;
     assert!(
         closed_at_once(&mut third).await,

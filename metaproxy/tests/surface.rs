@@ -579,9 +579,10 @@ async fn one_container_cannot_hold_more_than_its_share_of_connections() {
     let greedy = bed.container(1, with_role());
     let other = bed.container(2, with_role());
     let held = [bed.connect(&greedy).await, bed.connect(&greedy).await];
-    // Give the server a moment to take both in.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert_eq!(bed.count.largest_per_cgroup(), 2);
+    support::until("both held connections taken in", || {
+        bed.count.largest_per_cgroup() == 2
+    })
+    .await;
     // The third is closed at once, without an answer.
     let mut third = bed.connect(&greedy).await;
     let mut buf = [0u8; 64];
@@ -595,7 +596,7 @@ async fn one_container_cannot_hold_more_than_its_share_of_connections() {
     assert_eq!(bed.request(&other, "GET", CREDS, &[]).await.status, 200);
     // Once the held connections go, the container is served again.
     drop(held);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    support::until("the held connections closed", || bed.count.open() == 0).await;
     assert_eq!(bed.request(&greedy, "GET", CREDS, &[]).await.status, 200);
 }
 
@@ -614,7 +615,7 @@ async fn the_global_cap_closes_the_excess_and_long_paths_are_cut_in_the_log() {
     for job in &jobs[..3] {
         held.push(bed.connect(job).await);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    support::until("three connections taken in", || bed.count.open() == 3).await;
     let mut fourth = bed.connect(&jobs[3]).await;
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(std::time::Duration::from_secs(2), fourth.read(&mut buf))
@@ -623,7 +624,7 @@ async fn the_global_cap_closes_the_excess_and_long_paths_are_cut_in_the_log() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     drop(held);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    support::until("the held connections closed", || bed.count.open() == 0).await;
     let long = format!("/latest/meta-data/{}", "a".repeat(5000));
     assert_eq!(bed.request(&jobs[3], "GET", &long, &[]).await.status, 404);
     let logged = bed.last_log().request.unwrap();

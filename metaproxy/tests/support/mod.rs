@@ -465,6 +465,19 @@ impl Host for NoEphemeralPorts {
     }
 }
 
+/// Waits until `f` holds, polling, or fails the test after 5 s naming
+/// `what`.
+pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A full container id made from a small number.
 pub fn container_id(n: usize) -> ContainerId {
     ContainerId::parse(&format!("{n:064x}")).unwrap()
