@@ -127,7 +127,7 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
 /// The test bed's prerequisites, root, and release binaries for it: the
 /// directory they are in, and the daemon's.
 fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
-    crate::setup::run()?;
+    crate::setup::for_bed()?;
     crate::setup::apt_without_starting(&["nginx-light"])?;
     anyhow::ensure!(
         crate::test::is_root(),
