@@ -28,6 +28,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -60,7 +61,10 @@ const CONNECT_TURNS: usize = 3;
 /// The pause before each of those loops.
 const SETTLE: Duration = Duration::from_secs(2);
 
+mod answer;
 mod traffic;
+
+use answer::{Percentiles, TargetRun};
 
 pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()> {
     let (release, metaproxy_bin) = prepare()?;
@@ -72,9 +76,9 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
         let bed = E2eBed::start(&[])?;
         let report = traffic::measure(&bed)?;
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
         } else {
-            traffic::print(&report);
+            print!("{report}");
         }
         return Ok(());
     }
@@ -98,33 +102,32 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
     let connect_loop = connect_loop(&mut bed, &job, &floor, &metaproxy_bin)?;
     let traffic = traffic::measure(&bed)?;
 
-    let report = report(&Figures {
-        targets: &targets,
-        latency: &latency,
-        throughput,
-        rss_idle,
-        live: &live,
-        held: &held,
-        probe: &probe,
-        connect_loop,
-        assume_role_under_load,
-    });
+    let report = report(
+        &Figures {
+            targets: &targets,
+            latency: &latency,
+            throughput,
+            rss_idle,
+            live: &live,
+            held: &held,
+            probe: &probe,
+            connect_loop,
+            assume_role_under_load,
+        },
+        traffic,
+    );
     if json_out {
-        let mut report = report;
-        report["traffic"] = traffic;
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{report}");
     }
-    print_table(&report);
-    println!();
-    traffic::print(&traffic);
     Ok(())
 }
 
 /// The test bed's prerequisites, root, and release binaries for it: the
 /// directory they are in, and the daemon's.
 fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
-    crate::setup::run()?;
+    crate::setup::for_bed()?;
     crate::setup::apt_without_starting(&["nginx-light"])?;
     anyhow::ensure!(
         crate::test::is_root(),
@@ -155,8 +158,7 @@ impl Job {
         let auth = c.token_header(21600);
         let creds_path = format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}");
         let doc = c.imds("GET", &creds_path, &[&auth]);
-        anyhow::ensure!(doc["status"] == 200, "credentials: {doc}");
-        let doc_len = doc["body"].as_str().unwrap_or_default().len();
+        let doc_len = answer::imds_body(&doc, "credentials")?.len();
         Ok(Self {
             c,
             auth,
@@ -243,17 +245,19 @@ fn targets(floor: &Floor, job: &Job) -> [(&'static str, String); 4] {
 /// Every latency run's percentiles, by target; and the daemon's CPU time
 /// per request over them.
 struct Latency {
-    runs: BTreeMap<&'static str, Vec<Value>>,
+    runs: BTreeMap<&'static str, Vec<TargetRun>>,
     cpu_us_per_request: f64,
 }
 
 impl Latency {
-    /// The median over the runs of one target's percentile `key`.
-    fn median(&self, name: &str, key: &str) -> f64 {
+    /// The median over the runs of one target's percentile `pick`.
+    fn median(&self, name: &str, pick: impl Fn(&Percentiles) -> Option<f64>) -> f64 {
         median_of(
-            self.runs[name]
-                .iter()
-                .filter_map(|r| r[key].as_f64())
+            self.runs
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| pick(&r.percentiles))
                 .collect(),
         )
     }
@@ -264,19 +268,21 @@ impl Latency {
 /// machine and the same neighbours.
 fn latency(bed: &E2eBed, job: &Job, targets: &[(&'static str, String)]) -> anyhow::Result<Latency> {
     let cpu_before = cpu_ticks(bed)?;
-    let mut runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    let mut runs: BTreeMap<&str, Vec<TargetRun>> = BTreeMap::new();
     for run in 0..RUNS {
         // A seed per run: five orders, repeatable.
         let (rounds, seed) = (ROUNDS.to_string(), run.to_string());
         let mut args = vec!["/mp-client", "interleave", &rounds, &seed];
         args.extend(targets.iter().map(|(_, t)| t.as_str()));
-        let v = job.c.exec(&args)?;
-        anyhow::ensure!(v["ok"] == true, "latency: {v}");
-        for ((name, _), run) in targets
-            .iter()
-            .zip(v["targets"].as_array().into_iter().flatten())
-        {
-            runs.entry(name).or_default().push(run.clone());
+        let answered = answer::interleave(&job.c.exec(&args)?)?;
+        anyhow::ensure!(
+            answered.len() == targets.len(),
+            "latency: {} targets answered of {}",
+            answered.len(),
+            targets.len()
+        );
+        for ((name, _), run) in targets.iter().zip(answered) {
+            runs.entry(name).or_default().push(run);
         }
     }
     let cpu_after = cpu_ticks(bed)?;
@@ -290,7 +296,12 @@ fn latency(bed: &E2eBed, job: &Job, targets: &[(&'static str, String)]) -> anyho
 
 /// Throughput with 1, 4 and 16 clients, nginx and metaproxy in alternating
 /// turns (profiled with perf, when asked, at 16 clients).
-fn throughput(bed: &E2eBed, job: &Job, floor: &Floor, perf: bool) -> anyhow::Result<Vec<Value>> {
+fn throughput(
+    bed: &E2eBed,
+    job: &Job,
+    floor: &Floor,
+    perf: bool,
+) -> anyhow::Result<Vec<ThroughputRow>> {
     let (c, auth, creds_path) = (&job.c, job.auth.as_str(), job.creds_path.as_str());
     let mut throughput = Vec::new();
     for clients in [1usize, 4, 16] {
@@ -301,7 +312,12 @@ fn throughput(bed: &E2eBed, job: &Job, floor: &Floor, perf: bool) -> anyhow::Res
             ours.push(rate(c, clients, IMDS, creds_path, &[auth])?);
         }
         let (floor_rate, ours) = (median_of(floor_rates), median_of(ours));
-        throughput.push(json!({ "clients": clients, "nginx_per_s": floor_rate, "metaproxy_per_s": ours, "ratio": ours / floor_rate }));
+        throughput.push(ThroughputRow {
+            clients,
+            nginx_per_s: floor_rate,
+            metaproxy_per_s: ours,
+            ratio: ours / floor_rate,
+        });
         if perf && clients == 16 {
             profile(bed, || rate(c, clients, IMDS, creds_path, &[auth]))?;
         }
@@ -321,9 +337,7 @@ fn rate(
     let (n, secs) = (clients.to_string(), THROUGHPUT_SECS.to_string());
     let mut args = vec!["/mp-client", "throughput", addr, path, &n, &secs];
     args.extend_from_slice(headers);
-    let v = c.exec(&args)?;
-    anyhow::ensure!(v["failed"] == 0, "throughput {addr}: {v}");
-    Ok(v["per_second"].as_f64().unwrap_or(0.0))
+    answer::per_second(&c.exec(&args)?, addr)
 }
 
 /// An extra throughput run under perf, never a measured one (perf slows
@@ -377,7 +391,7 @@ fn assume_role_calls(bed: &E2eBed) -> usize {
 /// statistics.
 struct LoopStats {
     /// The loop's percentiles.
-    connects: Value,
+    connects: Percentiles,
     /// What the probe's programs took per connect, in ns.
     probe_ns: f64,
     /// ns per run of `mp_connect4`.
@@ -524,7 +538,7 @@ fn connect_loop(
 struct Figures<'a> {
     targets: &'a [(&'static str, String)],
     latency: &'a Latency,
-    throughput: Vec<Value>,
+    throughput: Vec<ThroughputRow>,
     rss_idle: u64,
     live: &'a Live,
     held: &'a HeldFigures,
@@ -533,143 +547,308 @@ struct Figures<'a> {
     assume_role_under_load: usize,
 }
 
-/// The report, as `--json` prints it and [`print_table`] reads it.
-fn report(f: &Figures<'_>) -> Value {
+/// One latency row: the medians over the runs of a target's percentiles,
+/// and their ratios to nginx's.
+struct LatencyRow {
+    name: &'static str,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p50_ratio: f64,
+    p99_ratio: f64,
+}
+
+/// Requests per second from one number of clients: the medians over the
+/// turns.
+#[derive(Clone)]
+struct ThroughputRow {
+    clients: usize,
+    nginx_per_s: f64,
+    metaproxy_per_s: f64,
+    ratio: f64,
+}
+
+/// The daemon's memory, in KiB.
+struct RssKib {
+    idle: u64,
+    per_live_container: f64,
+    with_100_containers_extrapolated: f64,
+    with_1000_containers_extrapolated: f64,
+    idle_connections: f64,
+    with_idle_connections: u64,
+    per_idle_connection: f64,
+    keep_alive_connections: f64,
+    with_keep_alive_connections: u64,
+    per_keep_alive_connection: f64,
+    flood_connections: f64,
+    under_flood: u64,
+    per_flood_connection: f64,
+}
+
+/// The probe's cost per connect: an ordinary one (to nginx) and one
+/// redirected to metaproxy.
+struct ProbeFigures {
+    ordinary_connect_ns: f64,
+    ordinary_connect4_ns_per_run: f64,
+    ordinary_sock_ops_runs_per_connection: f64,
+    ordinary_share_of_a_direct_connect: f64,
+    redirected_connect_ns: f64,
+    redirected_connect4_ns_per_run: f64,
+    redirected_sock_ops_runs_per_connection: f64,
+    redirected_share_of_a_direct_connect: f64,
+    direct_connect_p50_us: f64,
+    redirected_connect_p50_us: Option<f64>,
+    connect_p50_us_attached: f64,
+    connect_p50_us_detached: f64,
+}
+
+/// The report: `--json` prints [`Report::to_json`], people its table
+/// (`Display`).
+struct Report {
+    machine: String,
+    latency: Vec<LatencyRow>,
+    latency_runs: BTreeMap<&'static str, Vec<TargetRun>>,
+    throughput: Vec<ThroughputRow>,
+    cpu_us_per_request: f64,
+    rss_kib: RssKib,
+    probe: ProbeFigures,
+    assume_role_calls_for_the_role_under_load: usize,
+    traffic: traffic::Report,
+}
+
+fn report(f: &Figures<'_>, traffic: traffic::Report) -> Report {
     let latency = f.latency;
-    let median = |name: &str, key: &str| latency.median(name, key);
-    let floor_p50 = median("nginx", "p50_us");
-    let floor_p99 = median("nginx", "p99_us");
-    let rows: Vec<Value> = f
+    let floor_p50 = latency.median("nginx", |p| p.p50_us);
+    let floor_p99 = latency.median("nginx", |p| p.p99_us);
+    let rows = f
         .targets
         .iter()
-        .map(|(name, _)| {
-            json!({
-                "name": name,
-                "p50_us": median(name, "p50_us"),
-                "p90_us": median(name, "p90_us"),
-                "p99_us": median(name, "p99_us"),
-                "p50_ratio": median(name, "p50_us") / floor_p50,
-                "p99_ratio": median(name, "p99_us") / floor_p99,
-            })
+        .map(|&(name, _)| {
+            let p50_us = latency.median(name, |p| p.p50_us);
+            let p99_us = latency.median(name, |p| p.p99_us);
+            LatencyRow {
+                name,
+                p50_us,
+                p90_us: latency.median(name, |p| p.p90_us),
+                p99_us,
+                p50_ratio: p50_us / floor_p50,
+                p99_ratio: p99_us / floor_p99,
+            }
         })
         .collect();
     let (live, held, probe) = (f.live, f.held, f.probe);
     let (direct, redirected) = (&probe.direct, &probe.redirected);
-    let direct_connect_us = direct.connects["p50_us"].as_f64().unwrap_or(f64::NAN);
-    json!({
-        "machine": machine(),
-        "latency": rows,
-        "latency_runs": latency.runs,
-        "throughput": f.throughput,
-        "cpu_us_per_request": latency.cpu_us_per_request,
-        "rss_kib": {
-            "idle": f.rss_idle,
-            "per_live_container": live.per_container_kib,
-            "with_100_containers_extrapolated": live.rss_before_kib as f64 + 100.0 * live.per_container_kib,
-            "with_1000_containers_extrapolated": live.rss_before_kib as f64 + 1000.0 * live.per_container_kib,
-            "idle_connections": held.idle.open,
-            "with_idle_connections": held.idle.rss_kib,
-            "per_idle_connection": held.idle.per_connection_kib(),
-            "keep_alive_connections": held.kept.open,
-            "with_keep_alive_connections": held.kept.rss_kib,
-            "per_keep_alive_connection": held.kept.per_connection_kib(),
-            "flood_connections": held.slow.open,
-            "under_flood": held.slow.rss_kib,
-            "per_flood_connection": held.slow.per_connection_kib(),
+    let direct_connect_us = direct.connects.p50_us.unwrap_or(f64::NAN);
+    Report {
+        machine: machine(),
+        latency: rows,
+        latency_runs: latency.runs.clone(),
+        throughput: f.throughput.clone(),
+        cpu_us_per_request: latency.cpu_us_per_request,
+        rss_kib: RssKib {
+            idle: f.rss_idle,
+            per_live_container: live.per_container_kib,
+            with_100_containers_extrapolated: live.rss_before_kib as f64
+                + 100.0 * live.per_container_kib,
+            with_1000_containers_extrapolated: live.rss_before_kib as f64
+                + 1000.0 * live.per_container_kib,
+            idle_connections: held.idle.open,
+            with_idle_connections: held.idle.rss_kib,
+            per_idle_connection: held.idle.per_connection_kib(),
+            keep_alive_connections: held.kept.open,
+            with_keep_alive_connections: held.kept.rss_kib,
+            per_keep_alive_connection: held.kept.per_connection_kib(),
+            flood_connections: held.slow.open,
+            under_flood: held.slow.rss_kib,
+            per_flood_connection: held.slow.per_connection_kib(),
         },
-        "probe": {
-            "ordinary_connect_ns": direct.probe_ns,
-            "ordinary_connect4_ns_per_run": direct.connect4_ns,
-            "ordinary_sock_ops_runs_per_connection": direct.sock_ops_runs,
-            "ordinary_share_of_a_direct_connect": direct.probe_ns / (direct_connect_us * 1000.0),
-            "redirected_connect_ns": redirected.probe_ns,
-            "redirected_connect4_ns_per_run": redirected.connect4_ns,
-            "redirected_sock_ops_runs_per_connection": redirected.sock_ops_runs,
-            "redirected_share_of_a_direct_connect": redirected.probe_ns / (direct_connect_us * 1000.0),
-            "direct_connect_p50_us": direct_connect_us,
-            "redirected_connect_p50_us": redirected.connects["p50_us"],
-            "connect_p50_us_attached": f.connect_loop.attached,
-            "connect_p50_us_detached": f.connect_loop.detached,
+        probe: ProbeFigures {
+            ordinary_connect_ns: direct.probe_ns,
+            ordinary_connect4_ns_per_run: direct.connect4_ns,
+            ordinary_sock_ops_runs_per_connection: direct.sock_ops_runs,
+            ordinary_share_of_a_direct_connect: direct.probe_ns / (direct_connect_us * 1000.0),
+            redirected_connect_ns: redirected.probe_ns,
+            redirected_connect4_ns_per_run: redirected.connect4_ns,
+            redirected_sock_ops_runs_per_connection: redirected.sock_ops_runs,
+            redirected_share_of_a_direct_connect: redirected.probe_ns
+                / (direct_connect_us * 1000.0),
+            direct_connect_p50_us: direct_connect_us,
+            redirected_connect_p50_us: redirected.connects.p50_us,
+            connect_p50_us_attached: f.connect_loop.attached,
+            connect_p50_us_detached: f.connect_loop.detached,
         },
-        "assume_role_calls_for_the_role_under_load": f.assume_role_under_load,
-    })
+        assume_role_calls_for_the_role_under_load: f.assume_role_under_load,
+        traffic,
+    }
 }
 
-fn print_table(r: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    println!("\n{}", r["machine"].as_str().unwrap_or_default());
-    println!(
-        "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in a shuffled order (medians of the runs' percentiles, microseconds)"
-    );
-    println!(
-        "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
-        "", "p50", "p90", "p99", "p50/nginx", "p99/nginx"
-    );
-    for row in r["latency"].as_array().into_iter().flatten() {
-        println!(
-            "{:<28} {:>8.0} {:>8.0} {:>8.0} {:>10.2}x {:>10.2}x",
-            row["name"].as_str().unwrap_or_default(),
-            f(&row["p50_us"]),
-            f(&row["p90_us"]),
-            f(&row["p99_us"]),
-            f(&row["p50_ratio"]),
-            f(&row["p99_ratio"]),
-        );
+impl Report {
+    /// What `--json` prints (keys in sorted order, as a JSON object's).
+    fn to_json(&self) -> Value {
+        let latency: Vec<Value> = self
+            .latency
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "p50_us": r.p50_us,
+                    "p90_us": r.p90_us,
+                    "p99_us": r.p99_us,
+                    "p50_ratio": r.p50_ratio,
+                    "p99_ratio": r.p99_ratio,
+                })
+            })
+            .collect();
+        let latency_runs: BTreeMap<&str, Vec<Value>> = self
+            .latency_runs
+            .iter()
+            .map(|(name, runs)| {
+                let runs = runs
+                    .iter()
+                    .map(|r| r.percentiles.to_json(r.failed))
+                    .collect();
+                (*name, runs)
+            })
+            .collect();
+        let throughput: Vec<Value> = self
+            .throughput
+            .iter()
+            .map(|t| {
+                json!({
+                    "clients": t.clients,
+                    "nginx_per_s": t.nginx_per_s,
+                    "metaproxy_per_s": t.metaproxy_per_s,
+                    "ratio": t.ratio,
+                })
+            })
+            .collect();
+        let (m, p) = (&self.rss_kib, &self.probe);
+        json!({
+            "machine": self.machine,
+            "latency": latency,
+            "latency_runs": latency_runs,
+            "throughput": throughput,
+            "cpu_us_per_request": self.cpu_us_per_request,
+            "rss_kib": {
+                "idle": m.idle,
+                "per_live_container": m.per_live_container,
+                "with_100_containers_extrapolated": m.with_100_containers_extrapolated,
+                "with_1000_containers_extrapolated": m.with_1000_containers_extrapolated,
+                "idle_connections": m.idle_connections,
+                "with_idle_connections": m.with_idle_connections,
+                "per_idle_connection": m.per_idle_connection,
+                "keep_alive_connections": m.keep_alive_connections,
+                "with_keep_alive_connections": m.with_keep_alive_connections,
+                "per_keep_alive_connection": m.per_keep_alive_connection,
+                "flood_connections": m.flood_connections,
+                "under_flood": m.under_flood,
+                "per_flood_connection": m.per_flood_connection,
+            },
+            "probe": {
+                "ordinary_connect_ns": p.ordinary_connect_ns,
+                "ordinary_connect4_ns_per_run": p.ordinary_connect4_ns_per_run,
+                "ordinary_sock_ops_runs_per_connection": p.ordinary_sock_ops_runs_per_connection,
+                "ordinary_share_of_a_direct_connect": p.ordinary_share_of_a_direct_connect,
+                "redirected_connect_ns": p.redirected_connect_ns,
+                "redirected_connect4_ns_per_run": p.redirected_connect4_ns_per_run,
+                "redirected_sock_ops_runs_per_connection": p.redirected_sock_ops_runs_per_connection,
+                "redirected_share_of_a_direct_connect": p.redirected_share_of_a_direct_connect,
+                "direct_connect_p50_us": p.direct_connect_p50_us,
+                "redirected_connect_p50_us": p.redirected_connect_p50_us,
+                "connect_p50_us_attached": p.connect_p50_us_attached,
+                "connect_p50_us_detached": p.connect_p50_us_detached,
+            },
+            "assume_role_calls_for_the_role_under_load": self.assume_role_calls_for_the_role_under_load,
+            "traffic": self.traffic.to_json(),
+        })
     }
-    println!("\nthroughput, connect + GET + close per request (requests/s)");
-    println!(
-        "{:<10} {:>12} {:>12} {:>8}",
-        "clients", "nginx", "metaproxy", "ratio"
-    );
-    for t in r["throughput"].as_array().into_iter().flatten() {
-        println!(
-            "{:<10} {:>12.0} {:>12.0} {:>7.2}x",
-            t["clients"],
-            f(&t["nginx_per_s"]),
-            f(&t["metaproxy_per_s"]),
-            f(&t["ratio"])
-        );
+}
+
+/// The tables for people: this report's, then the traffic report's.
+impl fmt::Display for Report {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(out, "\n{}", self.machine)?;
+        writeln!(
+            out,
+            "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in a shuffled order (medians of the runs' percentiles, microseconds)"
+        )?;
+        writeln!(
+            out,
+            "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
+            "", "p50", "p90", "p99", "p50/nginx", "p99/nginx"
+        )?;
+        for row in &self.latency {
+            writeln!(
+                out,
+                "{:<28} {:>8.0} {:>8.0} {:>8.0} {:>10.2}x {:>10.2}x",
+                row.name, row.p50_us, row.p90_us, row.p99_us, row.p50_ratio, row.p99_ratio,
+            )?;
+        }
+        writeln!(
+            out,
+            "\nthroughput, connect + GET + close per request (requests/s)"
+        )?;
+        writeln!(
+            out,
+            "{:<10} {:>12} {:>12} {:>8}",
+            "clients", "nginx", "metaproxy", "ratio"
+        )?;
+        for t in &self.throughput {
+            writeln!(
+                out,
+                "{:<10} {:>12.0} {:>12.0} {:>7.2}x",
+                t.clients, t.nginx_per_s, t.metaproxy_per_s, t.ratio
+            )?;
+        }
+        let m = &self.rss_kib;
+        writeln!(
+            out,
+            "\ndaemon CPU per request: {:.0} us",
+            self.cpu_us_per_request
+        )?;
+        writeln!(
+            out,
+            "daemon RSS: idle {} KiB; {:.0} KiB per live container ({LIVE_CONTAINERS} real ones), so about {:.1} MiB with 100 and {:.1} MiB with 1000 (extrapolated)",
+            m.idle,
+            m.per_live_container,
+            m.with_100_containers_extrapolated / 1024.0,
+            m.with_1000_containers_extrapolated / 1024.0,
+        )?;
+        writeln!(
+            out,
+            "  per open connection: {:.1} KiB if it sends nothing ({:.0} open), {:.1} KiB kept alive after a request ({:.0} open), {:.1} KiB in a flood of half slow headers, half kept alive ({:.0} open, {:.0} KiB)",
+            m.per_idle_connection,
+            m.idle_connections,
+            m.per_keep_alive_connection,
+            m.keep_alive_connections,
+            m.per_flood_connection,
+            m.flood_connections,
+            m.under_flood as f64,
+        )?;
+        let p = &self.probe;
+        writeln!(
+            out,
+            "probe (kernel.bpf_stats), per connect: {:.0} ns for an ordinary one ({:.2}% of a direct connect, {:.1} us p50), {:.0} ns for an IMDS one ({:.1}%)",
+            p.ordinary_connect_ns,
+            100.0 * p.ordinary_share_of_a_direct_connect,
+            p.direct_connect_p50_us,
+            p.redirected_connect_ns,
+            100.0 * p.redirected_share_of_a_direct_connect,
+        )?;
+        writeln!(
+            out,
+            "connect-only loop to nginx, p50 (median of {CONNECT_TURNS} turns, attached then detached): {:.1} us with the probe attached, {:.1} us detached",
+            p.connect_p50_us_attached,
+            p.connect_p50_us_detached,
+        )?;
+        writeln!(
+            out,
+            "AssumeRole calls for the role under all of the above: {}",
+            self.assume_role_calls_for_the_role_under_load
+        )?;
+        writeln!(out)?;
+        write!(out, "{}", self.traffic)
     }
-    let m = &r["rss_kib"];
-    println!(
-        "\ndaemon CPU per request: {:.0} us",
-        f(&r["cpu_us_per_request"])
-    );
-    println!(
-        "daemon RSS: idle {} KiB; {:.0} KiB per live container ({LIVE_CONTAINERS} real ones), so about {:.1} MiB with 100 and {:.1} MiB with 1000 (extrapolated)",
-        m["idle"],
-        f(&m["per_live_container"]),
-        f(&m["with_100_containers_extrapolated"]) / 1024.0,
-        f(&m["with_1000_containers_extrapolated"]) / 1024.0,
-    );
-    println!(
-        "  per open connection: {:.1} KiB if it sends nothing ({:.0} open), {:.1} KiB kept alive after a request ({:.0} open), {:.1} KiB in a flood of half slow headers, half kept alive ({:.0} open, {:.0} KiB)",
-        f(&m["per_idle_connection"]),
-        f(&m["idle_connections"]),
-        f(&m["per_keep_alive_connection"]),
-        f(&m["keep_alive_connections"]),
-        f(&m["per_flood_connection"]),
-        f(&m["flood_connections"]),
-        f(&m["under_flood"]),
-    );
-    let p = &r["probe"];
-    println!(
-        "probe (kernel.bpf_stats), per connect: {:.0} ns for an ordinary one ({:.2}% of a direct connect, {:.1} us p50), {:.0} ns for an IMDS one ({:.1}%)",
-        f(&p["ordinary_connect_ns"]),
-        100.0 * f(&p["ordinary_share_of_a_direct_connect"]),
-        f(&p["direct_connect_p50_us"]),
-        f(&p["redirected_connect_ns"]),
-        100.0 * f(&p["redirected_share_of_a_direct_connect"]),
-    );
-    println!(
-        "connect-only loop to nginx, p50 (median of {CONNECT_TURNS} turns, attached then detached): {:.1} us with the probe attached, {:.1} us detached",
-        f(&p["connect_p50_us_attached"]),
-        f(&p["connect_p50_us_detached"]),
-    );
-    println!(
-        "AssumeRole calls for the role under all of the above: {}",
-        r["assume_role_calls_for_the_role_under_load"]
-    );
 }
 
 /// The daemon's RSS with many connections open from one container.
@@ -700,7 +879,7 @@ fn held_connections(bed: &mut E2eBed, c: &Container, args: &[&str]) -> anyhow::R
         &format!("/latest/meta-data/iam/security-credentials/{ROLE_DEPLOY}"),
         &[],
     );
-    anyhow::ensure!(warm["status"] == 200, "warm-up request: {warm}");
+    answer::imds_body(&warm, "warm-up request")?;
     let rss_before_kib = rss_kib(bed)?;
     let mut cmd = vec!["/mp-client"];
     cmd.extend_from_slice(args);
@@ -753,16 +932,15 @@ fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
 }
 
 /// A connect-only loop of 2000 connects from `c` to `addr`: its percentiles.
-fn connects(c: &Container, addr: &str) -> anyhow::Result<Value> {
-    c.exec(&["/mp-client", "connects", addr, "2000"])
+fn connects(c: &Container, addr: &str) -> anyhow::Result<Percentiles> {
+    Percentiles::read(&c.exec(&["/mp-client", "connects", addr, "2000"])?)
 }
 
 /// The p50 of [`connects`].
 fn connect_p50(c: &Container, addr: &str) -> anyhow::Result<f64> {
-    let v = connects(c, addr)?;
-    v["p50_us"]
-        .as_f64()
-        .ok_or_else(|| anyhow::anyhow!("connect loop: {v}"))
+    connects(c, addr)?
+        .p50_us
+        .ok_or_else(|| anyhow::anyhow!("connect loop to {addr}: no connect succeeded"))
 }
 
 fn median_of(mut v: Vec<f64>) -> f64 {
@@ -807,4 +985,149 @@ fn machine() -> String {
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("machine: {cpus} CPUs ({model}), kernel {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    fn example() -> Report {
+        let p = Percentiles {
+            p50_us: Some(100.0),
+            p90_us: Some(120.0),
+            p99_us: None,
+        };
+        Report {
+            machine: "machine: 2 CPUs (test), kernel 6.1".into(),
+            latency: vec![LatencyRow {
+                name: "nginx",
+                p50_us: 100.0,
+                p90_us: 120.0,
+                p99_us: 150.0,
+                p50_ratio: 1.0,
+                p99_ratio: 1.0,
+            }],
+            latency_runs: BTreeMap::from([(
+                "nginx",
+                vec![TargetRun {
+                    percentiles: p,
+                    failed: 0,
+                }],
+            )]),
+            throughput: vec![
+                ThroughputRow {
+                    clients: 1,
+                    nginx_per_s: 5000.0,
+                    metaproxy_per_s: 4500.0,
+                    ratio: 0.9,
+                },
+                ThroughputRow {
+                    clients: 16,
+                    nginx_per_s: 12000.0,
+                    metaproxy_per_s: 11000.0,
+                    ratio: 0.92,
+                },
+            ],
+            cpu_us_per_request: 30.0,
+            rss_kib: RssKib {
+                idle: 9000,
+                per_live_container: 2.0,
+                with_100_containers_extrapolated: 9200.0,
+                with_1000_containers_extrapolated: 11000.0,
+                idle_connections: 4000.0,
+                with_idle_connections: 20000,
+                per_idle_connection: 2.7,
+                keep_alive_connections: 4000.0,
+                with_keep_alive_connections: 30000,
+                per_keep_alive_connection: 5.2,
+                flood_connections: 4000.0,
+                under_flood: 25000,
+                per_flood_connection: 4.0,
+            },
+            probe: ProbeFigures {
+                ordinary_connect_ns: 300.0,
+                ordinary_connect4_ns_per_run: 150.0,
+                ordinary_sock_ops_runs_per_connection: 2.0,
+                ordinary_share_of_a_direct_connect: 0.01,
+                redirected_connect_ns: 500.0,
+                redirected_connect4_ns_per_run: 250.0,
+                redirected_sock_ops_runs_per_connection: 2.0,
+                redirected_share_of_a_direct_connect: 0.02,
+                direct_connect_p50_us: 30.0,
+                redirected_connect_p50_us: None,
+                connect_p50_us_attached: 31.0,
+                connect_p50_us_detached: 30.5,
+            },
+            assume_role_calls_for_the_role_under_load: 1,
+            traffic: traffic::example(),
+        }
+    }
+
+    #[test]
+    fn the_json_keeps_its_keys_and_the_table_its_columns() {
+        let report = example();
+        let v = report.to_json();
+        assert_eq!(
+            keys(&v),
+            [
+                "assume_role_calls_for_the_role_under_load",
+                "cpu_us_per_request",
+                "latency",
+                "latency_runs",
+                "machine",
+                "probe",
+                "rss_kib",
+                "throughput",
+                "traffic"
+            ]
+        );
+        assert_eq!(
+            keys(&v["latency"][0]),
+            [
+                "name",
+                "p50_ratio",
+                "p50_us",
+                "p90_us",
+                "p99_ratio",
+                "p99_us"
+            ]
+        );
+        assert_eq!(
+            v["latency_runs"]["nginx"][0],
+            json!({ "p50_us": 100.0, "p90_us": 120.0, "p99_us": null, "failed": 0 })
+        );
+        assert_eq!(
+            keys(&v["throughput"][0]),
+            ["clients", "metaproxy_per_s", "nginx_per_s", "ratio"]
+        );
+        assert_eq!(v["throughput"][0]["clients"], 1);
+        assert_eq!(keys(&v["rss_kib"]).len(), 13);
+        assert_eq!(v["rss_kib"]["under_flood"], 25000);
+        assert_eq!(keys(&v["probe"]).len(), 12);
+        assert_eq!(v["probe"]["redirected_connect_p50_us"], Value::Null);
+        assert_eq!(
+            keys(&v["traffic"]),
+            ["budget", "machine", "programs", "rows"]
+        );
+        let table = report.to_string();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "");
+        assert_eq!(lines[1], "machine: 2 CPUs (test), kernel 6.1");
+        // The throughput rows line up under their header.
+        let header = lines.iter().position(|l| l.starts_with("clients")).unwrap();
+        let end = |l: &str| l.find("nginx").map(|i| i + "nginx".len());
+        let nginx_ends = end(lines[header]).unwrap();
+        for (row, figure) in lines[header + 1..header + 3].iter().zip(["5000", "12000"]) {
+            assert_eq!(
+                row.find(figure).map(|i| i + figure.len()),
+                Some(nginx_ends),
+                "{table}"
+            );
+        }
+        assert!(table.contains("AssumeRole calls for the role under all of the above: 1\n\nWhat a job's ordinary traffic pays"), "{table}");
+    }
 }

@@ -10,7 +10,7 @@ use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
 
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
-    crate::setup::run()?;
+    crate::setup::for_bed()?;
     anyhow::ensure!(
         crate::test::is_root(),
         "the demo needs root (namespaces, cgroups, BPF, dockerd)"

@@ -1,6 +1,8 @@
 //! `cargo xtask setup`: install what a fresh Debian 12 machine of this kind
 //! lacks, and nothing else. Every step checks first, so a second run is
-//! quick and prints nothing.
+//! quick and prints nothing. [`run`] installs everything (`setup`, `test`);
+//! [`for_bed`] only what building metaproxy and starting the test bed need
+//! (`demo`, `bench`).
 
 use std::process::Command;
 
@@ -9,26 +11,48 @@ use crate::{run_cmd, succeeds};
 /// The nightly toolchain metaproxy's build script compiles the kernel
 /// programs with.
 pub const EBPF_TOOLCHAIN: &str = "nightly";
-/// Debian packages the tests and the demo need: iproute2 for namespaces,
-/// dockerd (docker.io, with the 20.10 CLI for `docker build`) for the job
-/// containers, busybox-static for their image, python3-venv for moto,
-/// systemd for `systemd-analyze verify` of the unit.
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages the test bed needs: iproute2 for namespaces, dockerd
+/// (docker.io, with the 20.10 CLI for `docker build`) for the job
+/// containers, busybox-static and tar for their image, python3-venv for
+/// moto.
+const BED_PACKAGES: &[&str] = &[
     "iproute2",
     "docker.io",
     "busybox-static",
     "python3-venv",
     "tar",
-    "systemd",
 ];
+/// What only the tests add: systemd for `systemd-analyze verify` of the
+/// unit.
+const TEST_PACKAGES: &[&str] = &["systemd"];
 /// moto, the STS/IAM the tests run against.
 const MOTO: &str = "moto[server]==5.2.5";
 
+/// Everything: the bed, and what the tests and packaging add (systemd,
+/// cargo-deb).
 pub fn run() -> anyhow::Result<()> {
+    install(true)
+}
+
+/// What building metaproxy and starting the test bed need, without
+/// cargo-deb (1.5 minutes to build) and systemd, which only the tests and
+/// packaging use.
+pub fn for_bed() -> anyhow::Result<()> {
+    install(false)
+}
+
+/// `everything`: the tests' and packaging's tools too.
+fn install(everything: bool) -> anyhow::Result<()> {
     rust_src()?;
-    apt(APT_PACKAGES)?;
+    let mut packages = BED_PACKAGES.to_vec();
+    if everything {
+        packages.extend_from_slice(TEST_PACKAGES);
+    }
+    apt(&packages)?;
     bpf_linker()?;
-    cargo_deb()?;
+    if everything {
+        cargo_deb()?;
+    }
     moto()?;
     Ok(())
 }

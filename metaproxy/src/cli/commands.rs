@@ -14,10 +14,10 @@ use crate::{
 pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     let socket = &args.admin.admin_socket;
     let mut out = std::io::stdout().lock();
-    if !args.json {
-        writeln!(out, "{}", row(HEADER))?;
-    }
     if args.follow {
+        if !args.json {
+            writeln!(out, "{}", table_line(&header(), &FOLLOW_WIDTHS))?;
+        }
         // NDJSON: print each complete line as it arrives.
         let mut buf = Vec::new();
         return admin_client::get(socket, "/v1/connections?follow=true", |chunk| {
@@ -27,7 +27,7 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
                 if args.json {
                     out.write_all(json_line(&line).as_bytes())?;
                 } else if let Ok(conn) = serde_json::from_slice::<Connection>(&line) {
-                    writeln!(out, "{}", table_row(&conn))?;
+                    writeln!(out, "{}", table_line(&cells(&conn), &FOLLOW_WIDTHS))?;
                 }
                 out.flush()?;
             }
@@ -41,17 +41,101 @@ pub async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    for conn in admin_client::parse_connections(&body)? {
-        if args.json {
+    let conns = admin_client::parse_connections(&body)?;
+    if args.json {
+        for conn in conns {
             writeln!(out, "{}", json_printable(&serde_json::to_string(&conn)?))?;
-        } else {
-            writeln!(out, "{}", table_row(&conn))?;
         }
+    } else {
+        write!(out, "{}", table(&conns))?;
     }
     Ok(())
 }
 
-fn table_row(c: &Connection) -> String {
+/// The table of `conns`, each column as wide as its widest cell, header
+/// first.
+fn table(conns: &[Connection]) -> String {
+    let rows: Vec<Cells> = std::iter::once(header())
+        .chain(conns.iter().map(cells))
+        .collect();
+    let mut widths = [0; COLUMNS.len()];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| table_line(row, &widths) + "\n")
+        .collect()
+}
+
+/// The table's columns, and whether each aligns right (a figure's does).
+const COLUMNS: [(&str, bool); 10] = [
+    ("TIME", false),
+    ("CGROUP ID", true),
+    ("CGROUP", false),
+    ("PID", true),
+    ("COMM", false),
+    ("ORIGINAL DST", false),
+    ("CONTAINER", false),
+    ("ROLE", false),
+    ("REQUEST", false),
+    ("OUTCOME", false),
+];
+
+/// The widest a cell is shown but the last's: a longer value keeps its
+/// start and end, with an ellipsis between.
+const MAX_CELL: usize = 60;
+
+/// `--follow`'s widths: rows come one at a time, so the columns cannot
+/// follow their content; a value wider than its column is cut to fit.
+const FOLLOW_WIDTHS: [usize; COLUMNS.len()] = [24, 9, 40, 7, 15, 20, 28, 20, 50, 0];
+
+/// One row's cells, printable.
+type Cells = [String; COLUMNS.len()];
+
+fn header() -> Cells {
+    COLUMNS.map(|(name, _)| name.to_string())
+}
+
+/// `cells` in columns of `widths`, each cut to its width; the last is
+/// neither cut nor padded.
+fn table_line(cells: &Cells, widths: &[usize; COLUMNS.len()]) -> String {
+    let last = COLUMNS.len() - 1;
+    let shown: Vec<String> = cells
+        .iter()
+        .zip(widths)
+        .zip(COLUMNS)
+        .enumerate()
+        .map(|(i, ((cell, &width), (_, right)))| {
+            if i == last {
+                cell.clone()
+            } else if right {
+                format!("{:>width$}", cut(cell, width))
+            } else {
+                format!("{:<width$}", cut(cell, width))
+            }
+        })
+        .collect();
+    shown.join(" ")
+}
+
+/// `s` in at most `max` characters: its start and end, with `…` for
+/// what is cut from the middle.
+fn cut(s: &str, max: usize) -> String {
+    let len = s.chars().count();
+    if len <= max {
+        return s.to_string();
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep.div_ceil(2);
+    let tail = keep - head;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(len - tail).collect();
+    format!("{start}…{end}")
+}
+
+fn cells(c: &Connection) -> Cells {
     let outcome = match &c.reason {
         Some(reason) => format!("{} ({reason})", c.outcome),
         None => c.outcome.to_string(),
@@ -65,18 +149,24 @@ fn table_row(c: &Connection) -> String {
         .as_deref()
         .map_or("-", |arn| arn.rsplit('/').next().unwrap_or(arn));
     let dash = || "-".to_string();
-    row([
-        &c.time,
-        &c.cgroup_id.map_or_else(dash, |id| id.to_string()),
-        &c.cgroup.as_deref().map_or_else(dash, short_cgroup),
-        &c.pid.map_or_else(dash, |p| p.to_string()),
-        c.comm.as_deref().unwrap_or("-"),
-        c.original_dst.as_deref().unwrap_or("-"),
-        &container,
-        role,
-        c.request.as_deref().unwrap_or("-"),
-        &outcome,
-    ])
+    let mut cells = [
+        c.time.clone(),
+        c.cgroup_id.map_or_else(dash, |id| id.to_string()),
+        c.cgroup.as_deref().map_or_else(dash, short_cgroup),
+        c.pid.map_or_else(dash, |p| p.to_string()),
+        c.comm.as_deref().unwrap_or("-").to_string(),
+        c.original_dst.as_deref().unwrap_or("-").to_string(),
+        container,
+        role.to_string(),
+        c.request.as_deref().unwrap_or("-").to_string(),
+        outcome,
+    ]
+    .map(|cell| printable(&cell));
+    // The last column is not padded: nothing follows it to push out of line.
+    for cell in &mut cells[..COLUMNS.len() - 1] {
+        *cell = cut(cell, MAX_CELL);
+    }
+    cells
 }
 
 /// A cgroup path with container ids cut to their usual 12 characters.
@@ -92,19 +182,6 @@ fn short_cgroup(path: &str) -> String {
         .collect::<Vec<_>>()
         .join("/")
 }
-
-const HEADER: [&str; 10] = [
-    "TIME",
-    "CGROUP ID",
-    "CGROUP",
-    "PID",
-    "COMM",
-    "ORIGINAL DST",
-    "CONTAINER",
-    "ROLE",
-    "REQUEST",
-    "OUTCOME",
-];
 
 /// Shown as-is, a container's name or comm could carry terminal escapes,
 /// or bidi controls that make it read as another (see
@@ -139,14 +216,6 @@ fn json_printable(line: &str) -> String {
 fn json_line(line: &[u8]) -> String {
     let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line));
     format!("{}\n", json_printable(&text))
-}
-
-fn row(cols: [&str; 10]) -> String {
-    let cols = cols.map(printable);
-    format!(
-        "{:<24} {:>9} {:<28} {:>7} {:<15} {:<20} {:<28} {:<20} {:<50} {}",
-        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8], cols[9]
-    )
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -235,6 +304,98 @@ pub async fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connection(cgroup: &str, container: &str) -> Connection {
+        Connection {
+            time: "2026-01-02T03:04:05.678Z".into(),
+            client: "172.17.0.2:40000".into(),
+            cgroup_id: Some(4242),
+            cgroup: Some(cgroup.into()),
+            pid: Some(77),
+            comm: Some("aws".into()),
+            original_dst: Some("169.254.169.254:80".into()),
+            container_id: Some("0123456789abcdef".repeat(4)),
+            container: Some(container.into()),
+            role: Some("arn:aws:iam::123456789012:role/ci-deploy".into()),
+            request: Some("GET /latest/meta-data/iam/security-credentials/ci-deploy".into()),
+            outcome: crate::ops::connlog::Outcome::Served,
+            reason: None,
+        }
+    }
+
+    /// Where each of `cells` begins in `line` (and ends, for the columns
+    /// that align right), in characters, each looked for after the last.
+    fn columns(line: &str, cells: &[String]) -> Vec<usize> {
+        let chars: Vec<char> = line.chars().collect();
+        let mut from = 0;
+        cells
+            .iter()
+            .zip(COLUMNS)
+            .map(|(cell, (_, right))| {
+                let cell: Vec<char> = cell.chars().collect();
+                let at = (from..chars.len())
+                    .find(|&i| chars[i..].starts_with(&cell))
+                    .unwrap_or_else(|| panic!("{cell:?} not in {line:?}"));
+                from = at + cell.len();
+                if right {
+                    from
+                } else {
+                    at
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_connection_table_sizes_its_columns_and_cuts_long_values() {
+        let long = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+            "7".repeat(36),
+            "ab".repeat(32)
+        );
+        let conns = [
+            connection(&long, "runner-abc123-project-42-concurrent-0-build"),
+            connection("/docker/abc", "job"),
+        ];
+        let table = table(&conns);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let starts = columns(lines[0], &header());
+        for (line, conn) in lines[1..].iter().zip(&conns) {
+            assert_eq!(columns(line, &cells(conn)), starts, "\n{table}");
+        }
+        // The long path keeps its start and end, in MAX_CELL characters.
+        let cgroup = &cells(&conns[0])[2];
+        assert_eq!(cgroup.chars().count(), MAX_CELL, "{cgroup}");
+        assert!(cgroup.starts_with("/kubepods.slice/"), "{cgroup}");
+        assert!(cgroup.ends_with("abababab.scope"), "{cgroup}");
+        assert!(cgroup.contains('…'), "{cgroup}");
+        // Short values are whole, and the columns no wider than needed.
+        assert_eq!(cells(&conns[1])[2], "/docker/abc");
+        assert!(lines.iter().all(|l| l.chars().count() < 300), "{table}");
+        // Followed, the columns are fixed: a wide value is cut to fit.
+        let followed = [
+            table_line(&header(), &FOLLOW_WIDTHS),
+            table_line(&cells(&conns[0]), &FOLLOW_WIDTHS),
+        ];
+        let starts = |l: &str| {
+            let mut at = 0;
+            FOLLOW_WIDTHS[..FOLLOW_WIDTHS.len() - 1]
+                .iter()
+                .map(|w| {
+                    at += w + 1;
+                    l.chars().nth(at - 1)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            starts(&followed[1]).iter().all(|c| *c == Some(' ')),
+            "{followed:#?}"
+        );
+        assert_eq!(starts(&followed[0]), starts(&followed[1]));
+        assert_eq!(cut("abcdef", 5), "ab…ef");
+        assert_eq!(cut("abcdef", 6), "abcdef");
+    }
 
     #[test]
     fn the_connection_table_and_json_show_no_bidi_or_control_characters() {

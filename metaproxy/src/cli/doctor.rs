@@ -24,49 +24,13 @@ mod docker;
 mod host;
 mod runner;
 mod settings;
+mod spec;
 mod systemd;
 
 #[cfg(test)]
 use host::kernel_check;
 use host::{daemon_checks, host_checks};
 pub use runner::runner_checks;
-
-/// Whether a host path hands a container the host's container runtime:
-/// its socket, a directory that holds one, or the path `daemon_socket`
-/// names (where Docker listens, when not in the usual place).
-fn holds_runtime(host_path: &str, daemon_socket: Option<&str>) -> bool {
-    const SOCKETS: [&str; 3] = ["docker.sock", "containerd.sock", "buildkitd.sock"];
-    const DIRS: [&str; 7] = [
-        "/",
-        "/var/run",
-        "/run",
-        "/var/run/docker",
-        "/run/docker",
-        "/var/run/containerd",
-        "/run/containerd",
-    ];
-    let path = host_path.trim_end_matches('/');
-    let path = if path.is_empty() { "/" } else { path };
-    SOCKETS.iter().any(|s| path.ends_with(s))
-        || DIRS.contains(&path)
-        || daemon_socket.is_some_and(|d| d == path || d.starts_with(&format!("{path}/")))
-}
-
-/// Capability names as Docker reads them (any case, with or without
-/// `CAP_`), and those of them that reach the host's network or BPF.
-fn capability(name: &str) -> String {
-    let name = name.trim().to_ascii_uppercase();
-    name.strip_prefix("CAP_")
-        .map(str::to_string)
-        .unwrap_or(name)
-}
-
-fn host_reaching(caps: impl IntoIterator<Item = String>) -> Vec<String> {
-    caps.into_iter()
-        .map(|c| capability(&c))
-        .filter(|c| ["NET_ADMIN", "SYS_ADMIN", "BPF", "ALL"].contains(&c.as_str()))
-        .collect()
-}
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,12 +54,123 @@ impl fmt::Display for Level {
     }
 }
 
+/// Which check a finding is: one name each, printed and in `--json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckId {
+    // The host.
+    Kernel,
+    CgroupV2,
+    Bpffs,
+    Layer2,
+    Redirect,
+    PolicyRouting,
+    Daemon,
+    OwnCgroup,
+    PacketGuard,
+    Layer2Lock,
+    // systemd.
+    Systemctl,
+    Unit,
+    Ordering,
+    // metaproxy's settings.
+    Flags,
+    Settings,
+    PolicyFile,
+    AllowRole,
+    Metrics,
+    // Docker.
+    Reachable,
+    Containers,
+    UsernsRemap,
+    // The runner config as a whole.
+    Readable,
+    Parses,
+    Runners,
+    // A runner or a live container.
+    Executor,
+    IamRole,
+    Privileged,
+    DockerSocket,
+    HostPaths,
+    NetworkMode,
+    CapDrop,
+    CapAdd,
+    ContainerCredentials,
+    SlotCgroups,
+    AllowHostCgroup,
+    // AWS.
+    Identity,
+    ImdsMode,
+    Role,
+    TrustPolicy,
+    TrustPolicies,
+}
+
+impl CheckId {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::CgroupV2 => "cgroup v2",
+            Self::Bpffs => "bpffs",
+            Self::Layer2 => "layer 2",
+            Self::Redirect => "redirect",
+            Self::PolicyRouting => "policy routing",
+            Self::Daemon => "daemon",
+            Self::OwnCgroup => "own cgroup",
+            Self::PacketGuard => "packet guard",
+            Self::Layer2Lock => "layer-2 lock",
+            Self::Systemctl => "systemctl",
+            Self::Unit => "metaproxy.service",
+            Self::Ordering => "ordering",
+            Self::Flags => "flags",
+            Self::Settings => "settings",
+            Self::PolicyFile => "policy file",
+            Self::AllowRole => "allow-role",
+            Self::Metrics => "metrics",
+            Self::Reachable => "reachable",
+            Self::Containers => "containers",
+            Self::UsernsRemap => "userns-remap",
+            Self::Readable => "readable",
+            Self::Parses => "parses",
+            Self::Runners => "runners",
+            Self::Executor => "executor",
+            Self::IamRole => "IAM_ROLE",
+            Self::Privileged => "privileged",
+            Self::DockerSocket => "docker socket",
+            Self::HostPaths => "host paths",
+            Self::NetworkMode => "network_mode",
+            Self::CapDrop => "cap_drop",
+            Self::CapAdd => "cap_add",
+            Self::ContainerCredentials => "container credentials",
+            Self::SlotCgroups => "slot cgroups",
+            Self::AllowHostCgroup => "allow-host-cgroup",
+            Self::Identity => "identity",
+            Self::ImdsMode => "IMDS mode",
+            Self::Role => "role",
+            Self::TrustPolicy => "trust policy",
+            Self::TrustPolicies => "trust policies",
+        }
+    }
+}
+
+impl fmt::Display for CheckId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl Serialize for CheckId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
     /// `host` or `runner <name>`.
     pub area: String,
-    pub check: &'static str,
+    pub check: CheckId,
     pub level: Level,
     /// What was found.
     pub found: String,
@@ -105,7 +180,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(area: &str, check: &'static str, level: Level, found: impl Into<String>) -> Self {
+    fn new(area: &str, check: CheckId, level: Level, found: impl Into<String>) -> Self {
         Self {
             area: area.to_string(),
             check,
@@ -189,7 +264,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         // has is not a failure.
         for c in checks
             .iter_mut()
-            .filter(|c| c.check == "redirect" || c.check == "daemon")
+            .filter(|c| matches!(c.check, CheckId::Redirect | CheckId::Daemon))
         {
             if c.level == Level::Fail {
                 c.level = Level::Skip;
@@ -206,7 +281,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
             checks.push(
                 Check::new(
                     "runner config",
-                    "readable",
+                    CheckId::Readable,
                     // Runners usually register when the instance boots.
                     if args.offline {
                         Level::Warn
@@ -257,7 +332,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         checks.extend(aws::role_checks(&roles, config, None).0);
         checks.push(Check::new(
             "aws",
-            "trust policies",
+            CheckId::TrustPolicies,
             Level::Skip,
             "--offline: identity and trust policies are not checked",
         ));
@@ -266,7 +341,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
     let Some(status) = status else {
         checks.push(Check::new(
             "aws",
-            "trust policies",
+            CheckId::TrustPolicies,
             Level::Skip,
             "metaproxy is not running: its identity and the roles' trust policies are checked through it",
         ));
@@ -280,7 +355,7 @@ async fn gather(args: &DoctorArgs) -> Vec<Check> {
         checks.extend(role_checks);
         checks.push(Check::new(
             "aws",
-            "trust policies",
+            CheckId::TrustPolicies,
             Level::Skip,
             "--oidc-required: the roles must trust the GitLab instance's OIDC provider, which doctor does not try; the instance role needs no rights",
         ));

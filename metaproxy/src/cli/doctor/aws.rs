@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::{runner::RunnerRole, Check, Level};
+use super::{runner::RunnerRole, Check, CheckId, Level};
 use crate::{
     config::RunConfig,
     model::ids::{AccountId, RoleArn},
@@ -20,27 +20,27 @@ const AREA: &str = "aws";
 /// The daemon's identity and the instance's IMDS mode.
 pub fn daemon_aws_checks(aws: &AwsStatus) -> Vec<Check> {
     let identity = match &aws.identity {
-        Some(arn) => Check::new(AREA, "identity", Level::Ok, format!("the daemon is {arn}")),
+        Some(arn) => Check::new(AREA, CheckId::Identity, Level::Ok, format!("the daemon is {arn}")),
         None => Check::new(
             AREA,
-            "identity",
+            CheckId::Identity,
             Level::Fail,
             "the daemon's own credentials have not worked yet (GetCallerIdentity)",
         )
         .fix("give the instance a profile whose role may call sts:GetCallerIdentity, and check the daemon's log"),
     };
     let imds = match aws.instance_requires_tokens {
-        Some(true) => Check::new(AREA, "IMDS mode", Level::Ok, "the instance requires IMDSv2 tokens"),
+        Some(true) => Check::new(AREA, CheckId::ImdsMode, Level::Ok, "the instance requires IMDSv2 tokens"),
         Some(false) => Check::new(
             AREA,
-            "IMDS mode",
+            CheckId::ImdsMode,
             Level::Warn,
             "the instance takes IMDSv1 (tokens optional): a second, independent barrier is off",
         )
         .fix("aws ec2 modify-instance-metadata-options --instance-id $(ec2-metadata -i | cut -d' ' -f2) --http-tokens required --http-put-response-hop-limit 1"),
         None => Check::new(
             AREA,
-            "IMDS mode",
+            CheckId::ImdsMode,
             Level::Skip,
             "not measured: the daemon asks the instance only with --imdsv1 mirror (the default), and has not heard from it yet if it is",
         ),
@@ -51,7 +51,7 @@ pub fn daemon_aws_checks(aws: &AwsStatus) -> Vec<Check> {
 /// The role a runner's `IAM_ROLE` names, as metaproxy would take it: `Ok(None)` for no
 /// role, `Err` for a check to report.
 fn role_of(area: &str, value: &str, account: Option<&AccountId>) -> Result<Option<RoleArn>, Check> {
-    let check = |level, found: String| Check::new(area, "role", level, found);
+    let check = |level, found: String| Check::new(area, CheckId::Role, level, found);
     if value.is_empty() {
         return Ok(None);
     }
@@ -98,7 +98,7 @@ pub fn role_checks(
             Ok(None) => {
                 checks.push(Check::new(
                     area,
-                    "role",
+                    CheckId::Role,
                     Level::Ok,
                     "none (IAM_ROLE is empty)",
                 ));
@@ -118,7 +118,7 @@ pub fn role_checks(
         let check = match (admitted, &file) {
             (Some(Err(refusal)), _) => Check::new(
                 area,
-                "role",
+                CheckId::Role,
                 Level::Fail,
                 format!("{refusal}: its jobs get nothing"),
             )
@@ -127,7 +127,7 @@ pub fn role_checks(
             )),
             (_, Some(file)) if !file.names(&arn) => Check::new(
                 area,
-                "role",
+                CheckId::Role,
                 Level::Fail,
                 format!(
                     "no entry of {} names {arn}: its jobs get nothing",
@@ -139,7 +139,7 @@ pub fn role_checks(
             )),
             _ => {
                 to_try.push((runner.clone(), arn.clone()));
-                Check::new(area, "role", Level::Ok, format!("{arn} is allowed"))
+                Check::new(area, CheckId::Role, Level::Ok, format!("{arn} is allowed"))
             }
         };
         checks.push(check);
@@ -160,7 +160,7 @@ pub fn trust_check(
     if trial.ok {
         return Check::new(
             area,
-            "trust policy",
+            CheckId::TrustPolicy,
             Level::Ok,
             format!("the instance role may assume {arn}"),
         );
@@ -173,7 +173,7 @@ pub fn trust_check(
     if !denied {
         return Check::new(
             area,
-            "trust policy",
+            CheckId::TrustPolicy,
             Level::Fail,
             format!(
                 "AssumeRole {arn}: {}",
@@ -194,7 +194,7 @@ pub fn trust_check(
     }
     Check::new(
         area,
-        "trust policy",
+        CheckId::TrustPolicy,
         Level::Fail,
         format!("{arn} does not let the instance role assume it: its jobs get nothing"),
     )

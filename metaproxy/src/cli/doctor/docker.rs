@@ -12,7 +12,7 @@ use bollard::{
     Docker,
 };
 
-use super::{holds_runtime, host_reaching, Check, Level};
+use super::{spec::ContainerSpec, Check, CheckId, Level};
 use crate::model::gitlab::{single_value, Unclear};
 
 const AREA: &str = "docker";
@@ -23,7 +23,7 @@ pub async fn docker_checks(offline: bool) -> Vec<Check> {
     let unreachable = |e: String| {
         vec![Check::new(
             AREA,
-            "reachable",
+            CheckId::Reachable,
             if offline { Level::Warn } else { Level::Fail },
             format!("the Docker API does not answer: {e}"),
         )
@@ -45,7 +45,7 @@ pub async fn docker_checks(offline: bool) -> Vec<Check> {
         _ => {
             checks.push(Check::new(
                 AREA,
-                "containers",
+                CheckId::Containers,
                 Level::Warn,
                 "cannot list the running containers",
             ));
@@ -77,7 +77,7 @@ pub async fn docker_checks(offline: bool) -> Vec<Check> {
     }
     checks.push(Check::new(
         AREA,
-        "containers",
+        CheckId::Containers,
         Level::Ok,
         format!("{clean} running containers with nothing to report"),
     ));
@@ -96,7 +96,7 @@ pub fn info_checks(info: &SystemInfo) -> Vec<Check> {
         .map_or_else(|| "unknown".to_string(), |v| v.to_string());
     let mut checks = vec![Check::new(
         AREA,
-        "reachable",
+        CheckId::Reachable,
         Level::Ok,
         format!(
             "Docker {} (cgroup driver {driver}, cgroup v{version})",
@@ -112,20 +112,50 @@ pub fn info_checks(info: &SystemInfo) -> Vec<Check> {
     checks.push(if userns {
         Check::new(
             AREA,
-            "userns-remap",
+            CheckId::UsernsRemap,
             Level::Ok,
             "on: root in a job is not root on the host",
         )
     } else {
         Check::new(
             AREA,
-            "userns-remap",
+            CheckId::UsernsRemap,
             Level::Warn,
             "off: root in a job container is the host's uid 0, a kernel escape away from the host",
         )
         .fix("set \"userns-remap\": \"default\" in /etc/docker/daemon.json where jobs allow it")
     });
     checks
+}
+
+/// What Docker gives a running container, for the judgement runners'
+/// `[runners.docker]` get too.
+pub fn live_spec(c: &ContainerInspectResponse) -> ContainerSpec {
+    let host = c.host_config.as_ref();
+    let privileged = host.and_then(|h| h.privileged).unwrap_or(false);
+    // The runner's key that made it so: its services have their own.
+    let service = c
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.as_ref())
+        .and_then(|l| l.get(crate::model::gitlab::TYPE_LABEL))
+        .is_some_and(|t| t == "service");
+    ContainerSpec {
+        privileged: match (privileged, service) {
+            (false, _) => Vec::new(),
+            (true, false) => vec!["privileged"],
+            (true, true) => vec!["services_privileged"],
+        },
+        cap_add: host.and_then(|h| h.cap_add.clone()).unwrap_or_default(),
+        host_paths: c
+            .mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| m.source.clone())
+            .collect(),
+        daemon_socket: None,
+    }
 }
 
 /// What a running container does to metaproxy's promise, if anything.
@@ -137,61 +167,16 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
         .trim_start_matches('/')
         .to_string();
     let area = format!("container {name}");
-    let mut checks = Vec::new();
-    let host = c.host_config.as_ref();
-    if host.and_then(|h| h.privileged).unwrap_or(false) {
-        checks.push(
-            Check::new(
-                &area,
-                "privileged",
-                Level::Fail,
-                "privileged: it can detach the probe and read every job's credentials",
-            )
-            .fix(format!(
-                "docker rm -f {name}, and find what started it privileged"
-            )),
-        );
-    }
-    let added = host_reaching(host.and_then(|h| h.cap_add.clone()).unwrap_or_default());
-    if !added.is_empty() {
-        checks.push(
-            Check::new(
-                &area,
-                "cap_add",
-                Level::Fail,
-                format!(
-                    "cap_add {}: it can change its own network or BPF programs",
-                    added.join(", ")
-                ),
-            )
-            .fix(format!(
-                "docker rm -f {name}, and remove the capability from the runner's cap_add"
-            )),
-        );
-    }
-    let mut mounted: Vec<String> = c
-        .mounts
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|m| m.source.clone())
-        .filter(|p| holds_runtime(p, None))
+    let judged = live_spec(c).judge(&area);
+    // The runner's fix, once the container is gone.
+    let mut checks: Vec<Check> = [judged.privileged, judged.cap_add, judged.runtime_socket]
+        .into_iter()
+        .filter(|check| check.level != Level::Ok)
+        .map(|check| {
+            let fix = check.fix.clone().unwrap_or_default();
+            check.fix(format!("docker rm -f {name}, and {fix}"))
+        })
         .collect();
-    mounted.dedup();
-    if !mounted.is_empty() {
-        checks.push(
-            Check::new(
-                &area,
-                "docker socket",
-                Level::Fail,
-                format!(
-                    "mounts {}: it can start containers with any labels and environment, the runner's included",
-                    mounted.join(", ")
-                ),
-            )
-            .fix(format!("docker rm -f {name}, and remove the socket from the runner's volumes")),
-        );
-    }
     // Only jobs are the adversary: a privileged or socket-holding container
     // that is no job's (gitlab-runner itself, a host service) is named,
     // not failed.
@@ -219,7 +204,7 @@ pub fn container_checks(c: &ContainerInspectResponse, image_env: &[String]) -> V
         checks.push(
             Check::new(
                 &area,
-                "IAM_ROLE",
+                CheckId::IamRole,
                 Level::Fail,
                 "IAM_ROLE comes only from its image's ENV: metaproxy refuses it, and on a runner without its own IAM_ROLE the image chooses",
             )

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Check, Level};
+use super::{Check, CheckId, Level};
 use crate::{
     kernel::{cgroup, probe},
     ops::{admin::Status, admin_client},
@@ -14,8 +14,13 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     checks.push(kernel_check(release.trim()));
     checks.push(match cgroup::cgroup2_mount() {
-        Ok(mount) => Check::new("host", "cgroup v2", Level::Ok, mount.display().to_string()),
-        Err(e) => Check::new("host", "cgroup v2", Level::Fail, e.to_string())
+        Ok(mount) => Check::new(
+            "host",
+            CheckId::CgroupV2,
+            Level::Ok,
+            mount.display().to_string(),
+        ),
+        Err(e) => Check::new("host", CheckId::CgroupV2, Level::Fail, e.to_string())
             .fix("boot with the unified cgroup hierarchy (systemd.unified_cgroup_hierarchy=1)"),
     });
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -24,13 +29,13 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
     checks.push(match probe::redirect_in_place(pin_dir) {
         Ok(Some(generation)) => Check::new(
             "host",
-            "redirect",
+            CheckId::Redirect,
             Level::Ok,
             format!("pinned in {} (generation {generation})", pin_dir.display()),
         ),
         Ok(None) => Check::new(
             "host",
-            "redirect",
+            CheckId::Redirect,
             Level::Fail,
             format!(
                 "nothing pinned in {}: containers reach the real IMDS",
@@ -38,7 +43,7 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
             ),
         )
         .fix("systemctl enable --now metaproxy"),
-        Err(e) => Check::new("host", "redirect", Level::Fail, e.to_string())
+        Err(e) => Check::new("host", CheckId::Redirect, Level::Fail, e.to_string())
             .fix("mount bpffs at /sys/fs/bpf and start metaproxy"),
     });
     checks.push(policy_routing_check(&policy_rules().await));
@@ -123,14 +128,14 @@ pub(super) fn policy_routing_check(rules: &[String]) -> Check {
     if rules.is_empty() {
         return Check::new(
             "host",
-            "policy routing",
+            CheckId::PolicyRouting,
             Level::Ok,
             "no ip rule beyond local, main and default",
         );
     }
     Check::new(
         "host",
-        "policy routing",
+        CheckId::PolicyRouting,
         Level::Warn,
         format!(
             "ip rule {}: these send some packets out of interfaces `ip route get` does not name; the packet guard is on every host interface but containers' ports, so check that no table they look up routes 169.254.169.254 into a container's port",
@@ -146,13 +151,13 @@ pub(super) fn layer2_check(bpf_lsm: Result<(), String>) -> Check {
     match bpf_lsm {
         Ok(()) => Check::new(
             "host",
-            "layer 2",
+            CheckId::Layer2,
             Level::Ok,
             "the BPF LSM runs: jobs can be refused packet, AF_XDP and raw IPv6 sockets",
         ),
         Err(why) => Check::new(
             "host",
-            "layer 2",
+            CheckId::Layer2,
             Level::Warn,
             format!("{why}: jobs that keep NET_RAW can forge ARP and MACs on a shared bridge, and read other jobs' traffic with --network host"),
         )
@@ -170,10 +175,15 @@ pub(super) fn bpffs_check(mountinfo: &str, pin_dir: &Path) -> Check {
             .then(|| point.to_string())
     });
     match mounted {
-        Some(point) => Check::new("host", "bpffs", Level::Ok, format!("mounted at {point}")),
+        Some(point) => Check::new(
+            "host",
+            CheckId::Bpffs,
+            Level::Ok,
+            format!("mounted at {point}"),
+        ),
         None => Check::new(
             "host",
-            "bpffs",
+            CheckId::Bpffs,
             Level::Fail,
             format!(
                 "no bpf filesystem holds {}: the redirect cannot outlive the daemon",
@@ -195,7 +205,7 @@ pub(super) fn shared_cgroup_check(pid: u32) -> Check {
     let Ok((dir, own)) = dir else {
         return Check::new(
             "host",
-            "own cgroup",
+            CheckId::OwnCgroup,
             Level::Warn,
             format!("cannot read pid {pid}'s cgroup"),
         );
@@ -204,7 +214,7 @@ pub(super) fn shared_cgroup_check(pid: u32) -> Check {
     if others.is_empty() {
         return Check::new(
             "host",
-            "own cgroup",
+            CheckId::OwnCgroup,
             Level::Ok,
             format!("{own}: the daemon's alone"),
         );
@@ -216,7 +226,7 @@ pub(super) fn shared_cgroup_check(pid: u32) -> Check {
         .collect();
     Check::new(
         "host",
-        "own cgroup",
+        CheckId::OwnCgroup,
         Level::Fail,
         format!(
             "{own} also holds {}: they bypass the redirect and reach the real IMDS",
@@ -233,7 +243,7 @@ pub(super) fn kernel_check(release: &str) -> Check {
         .take(3)
         .filter_map(|n| n.parse().ok())
         .collect();
-    let check = |level, found: String| Check::new("host", "kernel", level, found);
+    let check = |level, found: String| Check::new("host", CheckId::Kernel, level, found);
     match numbers[..] {
         [5, 10, patch, ..] if patch <= 161 => check(
             Level::Fail,
@@ -262,8 +272,10 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
         Ok(status) => status,
         Err(e) => {
             return (
-                vec![Check::new("host", "daemon", Level::Fail, format!("{e:#}"))
-                    .fix("systemctl enable --now metaproxy")],
+                vec![
+                    Check::new("host", CheckId::Daemon, Level::Fail, format!("{e:#}"))
+                        .fix("systemctl enable --now metaproxy"),
+                ],
                 None,
             )
         }
@@ -271,7 +283,7 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
     let mut checks = vec![
         Check::new(
             "host",
-            "daemon",
+            CheckId::Daemon,
             Level::Ok,
             format!(
                 "running (pid {}, generation {})",
@@ -290,7 +302,7 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
     checks.push(if status.guard.interfaces.is_empty() {
         Check::new(
             "host",
-            "packet guard",
+            CheckId::PacketGuard,
             Level::Fail,
             "on no interface: raw packets from jobs can reach IMDS",
         )
@@ -298,7 +310,7 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
     } else if !unguarded.is_empty() {
         Check::new(
             "host",
-            "packet guard",
+            CheckId::PacketGuard,
             Level::Fail,
             format!("routes to {} are not guarded", unguarded.join(", ")),
         )
@@ -314,7 +326,7 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
             .collect();
         Check::new(
             "host",
-            "packet guard",
+            CheckId::PacketGuard,
             Level::Ok,
             format!("{} on {}", status.guard.mode, names.join(", ")),
         )
@@ -322,13 +334,13 @@ pub(super) async fn daemon_checks(socket: &Path) -> (Vec<Check>, Option<Status>)
     checks.push(match (&status.layer2.sockets_refused, &status.layer2.gap) {
         (true, _) => Check::new(
             "host",
-            "layer-2 lock",
+            CheckId::Layer2Lock,
             Level::Ok,
             "jobs get no packet, AF_XDP or raw IPv6 socket, and no option that forges a source or passes tc egress",
         ),
         (false, gap) => Check::new(
             "host",
-            "layer-2 lock",
+            CheckId::Layer2Lock,
             Level::Warn,
             format!(
                 "only its setsockopt half: {}",

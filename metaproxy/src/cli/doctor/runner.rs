@@ -3,7 +3,10 @@
 
 use std::net::IpAddr;
 
-use super::{capability, holds_runtime, host_reaching, Check, Level};
+use super::{
+    spec::{capability, ContainerSpec},
+    Check, CheckId, Level,
+};
 use crate::surface::OPT_IN;
 
 /// What the runner checks compare against: metaproxy's own configuration,
@@ -78,8 +81,7 @@ fn clean(path: &str) -> String {
 pub fn sensitive_volumes(volumes: &[&str], own_dirs: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for volume in volumes {
-        // A bare path is a volume of the container's own, not the host's.
-        let Some((source, _)) = volume.split_once(':') else {
+        let Some(source) = host_source(volume) else {
             continue;
         };
         if !source.starts_with('/') {
@@ -175,7 +177,7 @@ pub fn runner_checks_in(text: &str, context: &Context) -> Vec<Check> {
                 .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
             return vec![Check::new(
                 "runner config",
-                "parses",
+                CheckId::Parses,
                 Level::Fail,
                 format!("line {line}: {}", e.message().trim_end()),
             )
@@ -185,7 +187,7 @@ pub fn runner_checks_in(text: &str, context: &Context) -> Vec<Check> {
     let Some(runners) = config.get("runners").and_then(toml::Value::as_array) else {
         return vec![Check::new(
             "runner config",
-            "runners",
+            CheckId::Runners,
             Level::Warn,
             "no [[runners]] entries",
         )];
@@ -209,7 +211,7 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     if !DOCKER_EXECUTORS.contains(&executor) {
         return vec![Check::new(
             &area,
-            "executor",
+            CheckId::Executor,
             Level::Skip,
             format!("executor {executor:?}: its jobs are not Docker containers on this host"),
         )];
@@ -220,73 +222,25 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     let in_runner = role_in(strings(r.get("environment")));
     let in_docker = role_in(strings(docker.and_then(|d| d.get("environment"))));
     checks.push(match (in_runner, in_docker) {
-        (true, _) => Check::new(&area, "IAM_ROLE", Level::Ok, "set in the runner's environment"),
+        (true, _) => Check::new(&area, CheckId::IamRole, Level::Ok, "set in the runner's environment"),
         (false, true) => Check::new(
             &area,
-            "IAM_ROLE",
+            CheckId::IamRole,
             Level::Fail,
             "only in [runners.docker], where gitlab-runner ignores it: a job's own IAM_ROLE variable would choose its role",
         )
         .fix("move it to the [[runners]] entry: environment = [\"IAM_ROLE=...\"]"),
         (false, false) => Check::new(
             &area,
-            "IAM_ROLE",
+            CheckId::IamRole,
             Level::Fail,
             "not set: a job's own IAM_ROLE variable cannot be told from the runner's",
         )
         .fix("add environment = [\"IAM_ROLE=\"] (empty: no role) or the role to the [[runners]] entry"),
     });
-    let flag = |key: &str| {
-        docker
-            .and_then(|d| d.get(key))
-            .and_then(toml::Value::as_bool)
-            .unwrap_or(false)
-    };
-    // gitlab-runner honours services_privileged apart from privileged.
-    let privileged: Vec<&str> = ["privileged", "services_privileged"]
-        .into_iter()
-        .filter(|k| flag(k))
-        .collect();
-    checks.push(if privileged.is_empty() {
-        Check::new(&area, "privileged", Level::Ok, "not privileged")
-    } else {
-        Check::new(
-            &area,
-            "privileged",
-            Level::Fail,
-            format!(
-                "{} = true: a job can detach the probe",
-                privileged.join(" and ")
-            ),
-        )
-        .fix(format!(
-            "{} = false in [runners.docker]",
-            privileged.join(" = false and ")
-        ))
-    });
-    let daemon_socket = docker
-        .and_then(|d| d.get("host"))
-        .and_then(toml::Value::as_str)
-        .and_then(|h| h.strip_prefix("unix://"))
-        .map(str::to_string);
-    let sockets: Vec<&str> = strings(docker.and_then(|d| d.get("volumes")))
-        .into_iter()
-        .filter(|v| gives_runtime(v, daemon_socket.as_deref()))
-        .collect();
-    checks.push(if sockets.is_empty() {
-        Check::new(&area, "docker socket", Level::Ok, "not mounted")
-    } else {
-        Check::new(
-            &area,
-            "docker socket",
-            Level::Fail,
-            format!(
-                "volumes {}: a job can start containers with any labels, environment or privileges",
-                sockets.join(", ")
-            ),
-        )
-        .fix("remove it from volumes; use a rootless or remote builder")
-    });
+    let judged = container_spec(docker).judge(&area);
+    checks.push(judged.privileged);
+    checks.push(judged.runtime_socket);
     let exposed = sensitive_volumes(
         &strings(docker.and_then(|d| d.get("volumes"))),
         &context.own_dirs,
@@ -294,14 +248,14 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     checks.push(if exposed.is_empty() {
         Check::new(
             &area,
-            "host paths",
+            CheckId::HostPaths,
             Level::Ok,
             "no host path that undoes metaproxy or reads other jobs",
         )
     } else {
         Check::new(
             &area,
-            "host paths",
+            CheckId::HostPaths,
             Level::Fail,
             format!("volumes {}", exposed.join(", ")),
         )
@@ -320,61 +274,38 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     checks.push(match (host_network, net_raw_kept, &context.layer2_gap) {
         (true, true, Some(gap)) => Check::new(
             &area,
-            "network_mode",
+            CheckId::NetworkMode,
             Level::Fail,
             format!("host, with NET_RAW kept, and {gap}: a job can read every job's credentials off docker0 and lo with a packet socket"),
         )
         .fix("cap_drop = [\"NET_RAW\"] in [runners.docker], or drop network_mode = \"host\""),
         (true, _, _) => Check::new(
             &area,
-            "network_mode",
+            CheckId::NetworkMode,
             Level::Warn,
             "host: jobs share the host's network namespace (the layer-2 lock refuses them packet sockets, the packet guard drops their packets to IMDS)",
         )
         .fix("drop network_mode = \"host\" unless the jobs need it"),
-        (false, ..) => Check::new(&area, "network_mode", Level::Ok, "a network of its own"),
+        (false, ..) => Check::new(&area, CheckId::NetworkMode, Level::Ok, "a network of its own"),
     });
     checks.push(match (net_raw_kept, &context.layer2_gap) {
-        (false, _) => Check::new(&area, "cap_drop", Level::Ok, "NET_RAW dropped"),
+        (false, _) => Check::new(&area, CheckId::CapDrop, Level::Ok, "NET_RAW dropped"),
         (true, Some(gap)) => Check::new(
             &area,
-            "cap_drop",
+            CheckId::CapDrop,
             Level::Fail,
             format!("NET_RAW kept (Docker's default), and {gap}: a job can ARP-spoof another on the bridge and read its credentials"),
         )
         .fix("cap_drop = [\"NET_RAW\"] in [runners.docker], or boot with bpf in lsm="),
         (true, None) => Check::new(
             &area,
-            "cap_drop",
+            CheckId::CapDrop,
             Level::Warn,
             "NET_RAW kept (Docker's default): the layer-2 lock refuses jobs packet sockets; dropping it is a second barrier",
         )
         .fix("cap_drop = [\"NET_RAW\"] in [runners.docker]"),
     });
-    let added = host_reaching(
-        strings(docker.and_then(|d| d.get("cap_add")))
-            .into_iter()
-            .map(str::to_string),
-    );
-    checks.push(if added.is_empty() {
-        Check::new(
-            &area,
-            "cap_add",
-            Level::Ok,
-            "no capability that reaches the host's network or BPF",
-        )
-    } else {
-        Check::new(
-            &area,
-            "cap_add",
-            Level::Fail,
-            format!(
-                "cap_add {}: a job can change its own network or BPF programs",
-                added.join(", ")
-            ),
-        )
-        .fix("remove them from cap_add")
-    });
+    checks.push(judged.cap_add);
     if let Some((addrs, path)) = &context.container_credentials {
         checks.push(container_credentials_check(&area, r, addrs, path));
     }
@@ -384,15 +315,40 @@ fn runner(index: usize, r: &toml::Value, context: &Context) -> Vec<Check> {
     checks
 }
 
-/// Whether a volume (`HOST:CONTAINER[:OPTS]`) hands the job a container
-/// runtime's socket: the socket itself, the directory
-/// that holds it, or the path `[runners.docker] host` names.
-pub fn gives_runtime(volume: &str, daemon_socket: Option<&str>) -> bool {
-    // A bare path is a volume of the container's own, not the host's.
-    let Some((source, _)) = volume.split_once(':') else {
-        return false;
+/// What `[runners.docker]` gives each job's container, for the judgement
+/// live containers get too.
+pub fn container_spec(docker: Option<&toml::Value>) -> ContainerSpec {
+    let flag = |key: &str| {
+        docker
+            .and_then(|d| d.get(key))
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false)
     };
-    holds_runtime(source, daemon_socket)
+    let list = |key: &str| strings(docker.and_then(|d| d.get(key)));
+    ContainerSpec {
+        // gitlab-runner honours services_privileged apart from privileged.
+        privileged: ["privileged", "services_privileged"]
+            .into_iter()
+            .filter(|k| flag(k))
+            .collect(),
+        cap_add: list("cap_add").into_iter().map(str::to_string).collect(),
+        host_paths: list("volumes")
+            .into_iter()
+            .filter_map(host_source)
+            .map(str::to_string)
+            .collect(),
+        daemon_socket: docker
+            .and_then(|d| d.get("host"))
+            .and_then(toml::Value::as_str)
+            .and_then(|h| h.strip_prefix("unix://"))
+            .map(str::to_string),
+    }
+}
+
+/// The host path of a volume (`HOST:CONTAINER[:OPTS]`); `None` for a bare
+/// path, which is a volume of the container's own, not the host's.
+fn host_source(volume: &str) -> Option<&str> {
+    volume.split_once(':').map(|(source, _)| source)
 }
 
 /// `AWS_CONTAINER_CREDENTIALS_*` in the runner's environment must point at
@@ -410,7 +366,8 @@ fn container_credentials_check(area: &str, r: &toml::Value, addrs: &[IpAddr], pa
         && docker_env
             .iter()
             .any(|e| e.starts_with("AWS_CONTAINER_CREDENTIALS_"));
-    let check = |level, found: String| Check::new(area, "container credentials", level, found);
+    let check =
+        |level, found: String| Check::new(area, CheckId::ContainerCredentials, level, found);
     if only_in_docker {
         return check(
             Level::Fail,
@@ -494,7 +451,7 @@ fn slot_cgroups_check(area: &str, r: &toml::Value, attached: Option<&str>) -> Ch
         .get("use_slot_cgroups")
         .and_then(toml::Value::as_bool)
         .unwrap_or(false);
-    let check = |level, found: String| Check::new(area, "slot cgroups", level, found);
+    let check = |level, found: String| Check::new(area, CheckId::SlotCgroups, level, found);
     if !on {
         return check(
             Level::Ok,
@@ -564,7 +521,7 @@ pub const RUNNER_SERVICE_CGROUP: &str = "/system.slice/gitlab-runner.service";
 /// there. `runner_cgroups`: the cgroups of running gitlab-runner
 /// processes (or [`RUNNER_SERVICE_CGROUP`]).
 pub fn host_allow_check(globs: &[String], text: &str, runner_cgroups: &[String]) -> Check {
-    let check = |level, found: String| Check::new("policy", "allow-host-cgroup", level, found);
+    let check = |level, found: String| Check::new("policy", CheckId::AllowHostCgroup, level, found);
     if globs.is_empty() {
         return check(
             Level::Ok,

@@ -11,7 +11,7 @@ use clap::{ArgAction, CommandFactory as _, Parser as _};
 
 use std::sync::{Arc, OnceLock};
 
-use super::{Check, Level};
+use super::{Check, CheckId, Level};
 use crate::{
     cli::{Cli, Command},
     config::{self, Host, RunConfig},
@@ -157,7 +157,7 @@ pub fn settings_checks(
         checks.push(
             Check::new(
                 AREA,
-                "flags",
+                CheckId::Flags,
                 Level::Fail,
                 format!(
                     "{}: {}: metaproxy would refuse to start (a switch is true or false)",
@@ -173,7 +173,7 @@ pub fn settings_checks(
         checks.push(
             Check::new(
                 AREA,
-                "settings",
+                CheckId::Settings,
                 Level::Warn,
                 format!(
                     "{}: {} set no flag of `metaproxy run` and are ignored",
@@ -200,8 +200,13 @@ pub fn settings_checks(
             let first = e.to_string();
             let first = first.lines().next().unwrap_or_default().to_string();
             checks.push(
-                Check::new(AREA, "flags", Level::Fail, format!("{source}: {first}"))
-                    .fix(format!("correct it in {}", path.display())),
+                Check::new(
+                    AREA,
+                    CheckId::Flags,
+                    Level::Fail,
+                    format!("{source}: {first}"),
+                )
+                .fix(format!("correct it in {}", path.display())),
             );
             return (None, checks);
         }
@@ -212,7 +217,7 @@ pub fn settings_checks(
             checks.push(
                 Check::new(
                     AREA,
-                    "flags",
+                    CheckId::Flags,
                     Level::Fail,
                     format!("{source}: metaproxy would refuse to start: {e}"),
                 )
@@ -223,7 +228,7 @@ pub fn settings_checks(
     };
     checks.push(Check::new(
         AREA,
-        "flags",
+        CheckId::Flags,
         Level::Ok,
         format!(
             "{source}: metaproxy run {}",
@@ -253,7 +258,7 @@ fn policy_file_check(path: &Path) -> Check {
     match loaded {
         Ok(file) => Check::new(
             AREA,
-            "policy file",
+            CheckId::PolicyFile,
             Level::Ok,
             format!(
                 "{} loads ({} rules, {} runners)",
@@ -262,7 +267,7 @@ fn policy_file_check(path: &Path) -> Check {
                 file.runners()
             ),
         ),
-        Err(e) => Check::new(AREA, "policy file", Level::Fail, e).fix(format!(
+        Err(e) => Check::new(AREA, CheckId::PolicyFile, Level::Fail, e).fix(format!(
             "`metaproxy policy check {}` names the line",
             path.display()
         )),
@@ -275,7 +280,7 @@ pub fn allow_role_check(patterns: &[String]) -> Check {
     if patterns.is_empty() {
         return Check::new(
             AREA,
-            "allow-role",
+            CheckId::AllowRole,
             Level::Ok,
             "not set: the policy file's roles in the instance's own account",
         );
@@ -296,7 +301,7 @@ pub fn allow_role_check(patterns: &[String]) -> Check {
     if !wide.is_empty() {
         return Check::new(
             AREA,
-            "allow-role",
+            CheckId::AllowRole,
             Level::Fail,
             format!(
                 "{} {} not name one account: roles of any account the pattern matches are allowed",
@@ -330,7 +335,7 @@ pub fn allow_role_check(patterns: &[String]) -> Check {
     if !whole.is_empty() {
         return Check::new(
             AREA,
-            "allow-role",
+            CheckId::AllowRole,
             Level::Warn,
             format!(
                 "{} {} every role of the account, admin roles too",
@@ -344,19 +349,19 @@ pub fn allow_role_check(patterns: &[String]) -> Check {
         )
         .fix("narrow it to the jobs' roles, such as arn:aws:iam::123456789012:role/ci-*");
     }
-    Check::new(AREA, "allow-role", Level::Ok, patterns.join(", "))
+    Check::new(AREA, CheckId::AllowRole, Level::Ok, patterns.join(", "))
 }
 
 /// Containers reach every address of the host that is not loopback.
 pub fn metrics_check(addr: Option<SocketAddr>) -> Check {
     match addr {
-        None => Check::new(AREA, "metrics", Level::Ok, "off"),
+        None => Check::new(AREA, CheckId::Metrics, Level::Ok, "off"),
         Some(a) if a.ip().is_loopback() => {
-            Check::new(AREA, "metrics", Level::Ok, format!("{a} (loopback)"))
+            Check::new(AREA, CheckId::Metrics, Level::Ok, format!("{a} (loopback)"))
         }
         Some(a) => Check::new(
             AREA,
-            "metrics",
+            CheckId::Metrics,
             Level::Warn,
             format!(
                 "{a}: containers reach the host's addresses; they would see what every job does"

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use super::{Check, Level};
+use super::{Check, CheckId, Level};
 
 const AREA: &str = "systemd";
 /// The units that start containers.
@@ -26,7 +26,7 @@ pub fn systemd_checks() -> Vec<Check> {
     let Some((_, enabled)) = run(&["is-enabled", "metaproxy.service"]) else {
         return vec![Check::new(
             AREA,
-            "systemctl",
+            CheckId::Systemctl,
             Level::Skip,
             "no systemctl on this host",
         )];
@@ -47,7 +47,7 @@ pub fn systemd_checks() -> Vec<Check> {
         }
         _ => vec![Check::new(
             AREA,
-            "systemctl",
+            CheckId::Systemctl,
             Level::Skip,
             "systemd is not running here (a container or a chroot): the unit and ordering are not checked",
         )],
@@ -58,11 +58,11 @@ pub fn systemd_checks() -> Vec<Check> {
 pub fn enabled_check(state: &str) -> Check {
     match state {
         "enabled" | "static" | "indirect" | "alias" => {
-            Check::new(AREA, "metaproxy.service", Level::Ok, state.to_string())
+            Check::new(AREA, CheckId::Unit, Level::Ok, state.to_string())
         }
         other => Check::new(
             AREA,
-            "metaproxy.service",
+            CheckId::Unit,
             Level::Fail,
             format!(
                 "{}: after a reboot, containers start with no redirect",
@@ -92,7 +92,7 @@ pub fn ordering_checks(show: &str) -> Vec<Check> {
             let field = |name: &str| fields(name).first().copied().unwrap_or("");
             let unit = field("Id");
             if field("LoadState") == "not-found" {
-                return Check::new(AREA, "ordering", Level::Skip, format!("{unit}: not installed"));
+                return Check::new(AREA, CheckId::Ordering, Level::Skip, format!("{unit}: not installed"));
             }
             let after = field("After").split_whitespace().any(|u| u == "metaproxy.service");
             // The gate must stop the unit when the redirect is missing: one
@@ -103,13 +103,13 @@ pub fn ordering_checks(show: &str) -> Vec<Check> {
             match (after, waits) {
                 (true, true) => Check::new(
                     AREA,
-                    "ordering",
+                    CheckId::Ordering,
                     Level::Ok,
                     format!("{unit} starts after metaproxy and waits for the redirect"),
                 ),
                 (true, false) => Check::new(
                     AREA,
-                    "ordering",
+                    CheckId::Ordering,
                     Level::Warn,
                     format!("{unit} starts after metaproxy.service but not only once the redirect exists: if metaproxy fails to start, it starts anyway"),
                 )
@@ -118,7 +118,7 @@ pub fn ordering_checks(show: &str) -> Vec<Check> {
                 )),
                 (false, _) => Check::new(
                     AREA,
-                    "ordering",
+                    CheckId::Ordering,
                     Level::Fail,
                     format!("{unit} may start before metaproxy: its first containers would find no redirect"),
                 )

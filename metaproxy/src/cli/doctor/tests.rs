@@ -1,6 +1,6 @@
 use super::*;
 
-fn levels(checks: &[Check], check: &str) -> Vec<Level> {
+fn levels(checks: &[Check], check: CheckId) -> Vec<Level> {
     checks
         .iter()
         .filter(|c| c.check == check)
@@ -83,22 +83,28 @@ unknown_top_level = "fine"
     assert!(deploy.iter().all(|c| c.level == Level::Ok), "{deploy:#?}");
 
     let careless = of("careless");
-    assert_eq!(levels(&careless, "IAM_ROLE"), [Level::Fail]);
-    let role = careless.iter().find(|c| c.check == "IAM_ROLE").unwrap();
+    assert_eq!(levels(&careless, CheckId::IamRole), [Level::Fail]);
+    let role = careless
+        .iter()
+        .find(|c| c.check == CheckId::IamRole)
+        .unwrap();
     assert!(role.found.contains("[runners.docker]"), "{role:?}");
-    assert_eq!(levels(&careless, "privileged"), [Level::Fail]);
-    assert_eq!(levels(&careless, "docker socket"), [Level::Fail]);
-    assert_eq!(levels(&careless, "network_mode"), [Level::Warn]);
-    assert_eq!(levels(&careless, "cap_drop"), [Level::Warn]);
-    assert_eq!(levels(&careless, "cap_add"), [Level::Fail]);
-    let caps = careless.iter().find(|c| c.check == "cap_add").unwrap();
+    assert_eq!(levels(&careless, CheckId::Privileged), [Level::Fail]);
+    assert_eq!(levels(&careless, CheckId::DockerSocket), [Level::Fail]);
+    assert_eq!(levels(&careless, CheckId::NetworkMode), [Level::Warn]);
+    assert_eq!(levels(&careless, CheckId::CapDrop), [Level::Warn]);
+    assert_eq!(levels(&careless, CheckId::CapAdd), [Level::Fail]);
+    let caps = careless
+        .iter()
+        .find(|c| c.check == CheckId::CapAdd)
+        .unwrap();
     assert!(caps.found.contains("NET_ADMIN, SYS_ADMIN"), "{caps:?}");
     assert!(careless
         .iter()
         .filter(|c| c.level == Level::Fail)
         .all(|c| c.fix.is_some()));
 
-    assert_eq!(levels(&of("forgot"), "IAM_ROLE"), [Level::Fail]);
+    assert_eq!(levels(&of("forgot"), CheckId::IamRole), [Level::Fail]);
     let shell = of("shell");
     assert_eq!(shell.len(), 1);
     assert_eq!(shell[0].level, Level::Skip);
@@ -138,14 +144,14 @@ fn without_the_layer2_lock_runners_that_keep_net_raw_fail() {
     assert_eq!(
         failed(&checks),
         [
-            ("runner bridged".to_string(), "cap_drop"),
-            ("runner host-net".to_string(), "network_mode"),
-            ("runner host-net".to_string(), "cap_drop"),
+            ("runner bridged".to_string(), CheckId::CapDrop),
+            ("runner host-net".to_string(), CheckId::NetworkMode),
+            ("runner host-net".to_string(), CheckId::CapDrop),
         ]
     );
     let host = checks
         .iter()
-        .find(|c| c.area == "runner host-net" && c.check == "network_mode")
+        .find(|c| c.area == "runner host-net" && c.check == CheckId::NetworkMode)
         .unwrap();
     assert!(host.found.contains("BPF LSM is not active"), "{host:?}");
     assert!(host.found.contains("docker0"), "{host:?}");
@@ -160,13 +166,13 @@ fn without_the_layer2_lock_runners_that_keep_net_raw_fail() {
                 .filter(|c| c.area == "runner bridged")
                 .cloned()
                 .collect::<Vec<_>>(),
-            "cap_drop"
+            CheckId::CapDrop
         ),
         [Level::Warn]
     );
     let net = locked
         .iter()
-        .find(|c| c.area == "runner host-net" && c.check == "network_mode")
+        .find(|c| c.area == "runner host-net" && c.check == CheckId::NetworkMode)
         .unwrap();
     assert!(!net.found.contains("cgroup layer covers"), "{net:?}");
 }
@@ -195,13 +201,18 @@ fn a_broken_or_empty_config_is_a_finding_not_a_crash() {
     assert_eq!(empty[0].level, Level::Warn);
     // Wrong types are read as absent, and so fail safe.
     let odd = runner_checks("[[runners]]\nexecutor = \"docker\"\nenvironment = \"IAM_ROLE=x\"\n");
-    assert_eq!(levels(&odd, "IAM_ROLE"), [Level::Fail]);
+    assert_eq!(levels(&odd, CheckId::IamRole), [Level::Fail]);
 }
 
 #[test]
 fn lines_show_no_escape_codes_and_json_names_every_field() {
-    let c = Check::new("runner a\u{1b}[2J\u{202e}", "privileged", Level::Fail, "x")
-        .fix("privileged = false");
+    let c = Check::new(
+        "runner a\u{1b}[2J\u{202e}",
+        CheckId::Privileged,
+        Level::Fail,
+        "x",
+    )
+    .fix("privileged = false");
     let l = line(&c);
     assert!(
         l.starts_with("FAIL  runner a?[2J?: privileged: x (fix: privileged = false)"),
@@ -241,7 +252,7 @@ fn served() -> runner::Context {
     }
 }
 
-fn failed(checks: &[Check]) -> Vec<(String, &'static str)> {
+fn failed(checks: &[Check]) -> Vec<(String, CheckId)> {
     checks
         .iter()
         .filter(|c| c.level == Level::Fail)
@@ -254,14 +265,16 @@ fn the_documented_configs_give_exactly_their_findings() {
     // A safe Docker runner: nothing to fix.
     let docker = runner::runner_checks_in(fixture("docker"), &served());
     assert!(failed(&docker).is_empty(), "{docker:#?}");
-    assert!(docker.iter().any(|c| c.check == "container credentials"
-        && c.found.contains("http://169.254.170.2/v1/credentials")));
+    assert!(docker
+        .iter()
+        .any(|c| c.check == CheckId::ContainerCredentials
+            && c.found.contains("http://169.254.170.2/v1/credentials")));
     // docker-autoscaler with slot cgroups inside the probe's cgroup.
     let autoscaler = runner::runner_checks_in(fixture("autoscaler"), &served());
     assert!(failed(&autoscaler).is_empty(), "{autoscaler:#?}");
     assert!(autoscaler
         .iter()
-        .any(|c| c.check == "slot cgroups" && c.found.contains("/gitlab-runner/slot-0")));
+        .any(|c| c.check == CheckId::SlotCgroups && c.found.contains("/gitlab-runner/slot-0")));
     let elsewhere = runner::Context {
         attached: Some("/system.slice/docker.service".into()),
         ..served()
@@ -269,7 +282,7 @@ fn the_documented_configs_give_exactly_their_findings() {
     let outside = runner::runner_checks_in(fixture("autoscaler"), &elsewhere);
     assert_eq!(
         failed(&outside),
-        [("runner autoscaler".to_string(), "slot cgroups")]
+        [("runner autoscaler".to_string(), CheckId::SlotCgroups)]
     );
     // docker+machine: IAM_ROLE and privileged only where gitlab-runner
     // ignores or jobs abuse them.
@@ -277,8 +290,8 @@ fn the_documented_configs_give_exactly_their_findings() {
     assert_eq!(
         failed(&machine),
         [
-            ("runner docker-machine".to_string(), "IAM_ROLE"),
-            ("runner docker-machine".to_string(), "privileged"),
+            ("runner docker-machine".to_string(), CheckId::IamRole),
+            ("runner docker-machine".to_string(), CheckId::Privileged),
         ]
     );
     // Kubernetes and shell runners are listed and skipped.
@@ -290,18 +303,21 @@ fn the_documented_configs_give_exactly_their_findings() {
     assert_eq!(
         failed(&careless),
         [
-            ("runner wrong-env".to_string(), "IAM_ROLE"),
-            ("runner wrong-env".to_string(), "container credentials"),
-            ("runner socket".to_string(), "docker socket"),
-            ("runner socket".to_string(), "host paths"),
-            ("runner socket".to_string(), "cap_add"),
-            ("runner socket".to_string(), "container credentials"),
+            ("runner wrong-env".to_string(), CheckId::IamRole),
+            (
+                "runner wrong-env".to_string(),
+                CheckId::ContainerCredentials
+            ),
+            ("runner socket".to_string(), CheckId::DockerSocket),
+            ("runner socket".to_string(), CheckId::HostPaths),
+            ("runner socket".to_string(), CheckId::CapAdd),
+            ("runner socket".to_string(), CheckId::ContainerCredentials),
         ],
         "{careless:#?}"
     );
     let path = careless
         .iter()
-        .find(|c| c.area == "runner socket" && c.check == "container credentials")
+        .find(|c| c.area == "runner socket" && c.check == CheckId::ContainerCredentials)
         .unwrap();
     assert!(path.found.contains("\"/v2/credentials\""), "{path:?}");
     // The systemd slice nests by its dashes, outside a probe under docker.
@@ -310,7 +326,7 @@ fn the_documented_configs_give_exactly_their_findings() {
         "/runner.slice/runner-slot.slice/runner-slot-0.slice"
     );
     let slices = runner::runner_checks_in(fixture("careless"), &elsewhere);
-    assert!(failed(&slices).contains(&("runner slots-outside".to_string(), "slot cgroups")));
+    assert!(failed(&slices).contains(&("runner slots-outside".to_string(), CheckId::SlotCgroups)));
     // The roles doctor checks with AWS: the runners' own IAM_ROLE only.
     let roles: Vec<(String, String)> = runner::runner_roles(fixture("careless"))
         .into_iter()
@@ -378,19 +394,19 @@ fn live_containers_that_undo_the_promise_are_named() {
         [
             (
                 "container runner-abc123-project-42-concurrent-0-build",
-                "privileged"
+                CheckId::Privileged
             ),
             (
                 "container runner-abc123-project-42-concurrent-0-build",
-                "cap_add"
+                CheckId::CapAdd
             ),
             (
                 "container runner-abc123-project-42-concurrent-0-build",
-                "docker socket"
+                CheckId::DockerSocket
             ),
             (
                 "container runner-abc123-project-42-concurrent-0-build",
-                "IAM_ROLE"
+                CheckId::IamRole
             ),
         ]
     );
@@ -404,7 +420,7 @@ fn live_containers_that_undo_the_promise_are_named() {
         checks[0].found.contains("cgroup driver systemd, cgroup v2"),
         "{checks:?}"
     );
-    assert_eq!(levels(&checks, "userns-remap"), [Level::Warn]);
+    assert_eq!(levels(&checks, CheckId::UsernsRemap), [Level::Warn]);
 }
 
 #[test]
@@ -431,12 +447,12 @@ fn the_units_settings_become_the_flags_run_would_check() {
     let path = std::path::Path::new("/etc/default/metaproxy");
     let (config, checks) = settings::settings_checks(path, Some(text), None, &Linux);
     assert!(config.is_some());
-    assert_eq!(levels(&checks, "settings"), [Level::Warn]);
-    assert_eq!(levels(&checks, "flags"), [Level::Ok]);
+    assert_eq!(levels(&checks, CheckId::Settings), [Level::Warn]);
+    assert_eq!(levels(&checks, CheckId::Flags), [Level::Ok]);
     // No allow-list at all: run would refuse, and doctor says so.
     let (config, checks) = settings::settings_checks(path, None, None, &Linux);
     assert!(config.is_none());
-    let flags = checks.iter().find(|c| c.check == "flags").unwrap();
+    let flags = checks.iter().find(|c| c.check == CheckId::Flags).unwrap();
     assert_eq!(flags.level, Level::Fail);
     assert!(flags.found.contains("no role allow-list"), "{flags:?}");
     // A listen port the kernel hands out: refused as run would.
@@ -448,7 +464,7 @@ fn the_units_settings_become_the_flags_run_would_check() {
     );
     assert!(checks
         .iter()
-        .any(|c| c.check == "flags" && c.found.contains("ephemeral")));
+        .any(|c| c.check == CheckId::Flags && c.found.contains("ephemeral")));
     // A switch is `true` or `false`, as clap takes it: `1` stops the unit.
     let (_, checks) = settings::settings_checks(
         path,
@@ -458,7 +474,7 @@ fn the_units_settings_become_the_flags_run_would_check() {
         None,
         &Linux,
     );
-    let flags = checks.iter().find(|c| c.check == "flags").unwrap();
+    let flags = checks.iter().find(|c| c.check == CheckId::Flags).unwrap();
     assert_eq!(flags.level, Level::Fail);
     assert!(
         flags.found.contains("METAPROXY_SESSION_TAGS=1"),
@@ -495,7 +511,7 @@ fn the_units_own_environment_and_arguments_count_too() {
     let config = config.unwrap();
     assert_eq!(config.metrics, Some("127.0.0.1:9169".parse().unwrap()));
     assert_eq!(config.allow_role, ["arn:aws:iam::*:role/ci-*"]);
-    assert_eq!(levels(&checks, "allow-role"), [Level::Fail]);
+    assert_eq!(levels(&checks, CheckId::AllowRole), [Level::Fail]);
     assert_eq!(settings::unit(""), None);
 }
 
@@ -575,7 +591,17 @@ fn sockets_directories_and_capabilities_are_read_as_docker_reads_them() {
         ("cache-volume:/cache", None, false),
         ("/builds:/builds", None, false),
     ] {
-        assert_eq!(runner::gives_runtime(volume, host), gives, "{volume}");
+        let mut docker = toml::Table::new();
+        docker.insert("volumes".into(), vec![volume.to_string()].into());
+        if let Some(host) = host {
+            docker.insert("host".into(), format!("unix://{host}").into());
+        }
+        let judged = runner::container_spec(Some(&docker.into())).judge("runner r");
+        assert_eq!(
+            judged.runtime_socket.level == Level::Fail,
+            gives,
+            "{volume}"
+        );
     }
     let checks = runner_checks(
         r#"
@@ -591,16 +617,16 @@ fn sockets_directories_and_capabilities_are_read_as_docker_reads_them() {
     volumes = ["/srv/docker:/srv/docker"]
 "#,
     );
-    assert_eq!(levels(&checks, "cap_drop"), [Level::Ok]);
-    assert_eq!(levels(&checks, "cap_add"), [Level::Fail]);
-    assert_eq!(levels(&checks, "privileged"), [Level::Fail]);
-    assert_eq!(levels(&checks, "docker socket"), [Level::Fail]);
+    assert_eq!(levels(&checks, CheckId::CapDrop), [Level::Ok]);
+    assert_eq!(levels(&checks, CheckId::CapAdd), [Level::Fail]);
+    assert_eq!(levels(&checks, CheckId::Privileged), [Level::Fail]);
+    assert_eq!(levels(&checks, CheckId::DockerSocket), [Level::Fail]);
     // metaproxy serves plain http on port 80 only.
     let https = runner::runner_checks_in(
         "[[runners]]\nname = \"tls\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\", \"AWS_CONTAINER_CREDENTIALS_FULL_URI=https://169.254.170.23/v1/credentials\"]\n",
         &served(),
     );
-    assert_eq!(levels(&https, "container credentials"), [Level::Fail]);
+    assert_eq!(levels(&https, CheckId::ContainerCredentials), [Level::Fail]);
 }
 
 #[test]
@@ -624,7 +650,7 @@ fn a_runner_that_does_not_clear_the_container_credentials_variables_is_warned() 
             format!("[[runners]]\nname = \"r\"\nexecutor = \"docker\"\nenvironment = [{env}]\n");
         levels(
             &runner::runner_checks_in(&text, &served()),
-            "container credentials",
+            CheckId::ContainerCredentials,
         )
     };
     assert_eq!(runner("\"IAM_ROLE=\""), [Level::Warn]);
@@ -722,8 +748,11 @@ fn volumes_that_undo_metaproxy_or_read_other_jobs_fail() {
         "[[runners]]\nname = \"r\"\nexecutor = \"docker\"\nenvironment = [\"IAM_ROLE=\"]\n[runners.docker]\nvolumes = [\"/cache\", \"/sys/fs/bpf:/sys/fs/bpf\"]\n",
         &runner::Context { own_dirs: own.clone(), ..runner::Context::default() },
     );
-    assert_eq!(levels(&checks, "host paths"), [Level::Fail]);
-    let c = checks.iter().find(|c| c.check == "host paths").unwrap();
+    assert_eq!(levels(&checks, CheckId::HostPaths), [Level::Fail]);
+    let c = checks
+        .iter()
+        .find(|c| c.check == CheckId::HostPaths)
+        .unwrap();
     assert!(
         c.found.contains("/sys/fs/bpf (unlinks metaproxy's pins)"),
         "{c:?}"
@@ -748,5 +777,48 @@ fn volume_paths_are_judged_as_docker_cleans_them() {
         "/var/lib/containerd:/c",
     ] {
         assert_eq!(found(bad).len(), 1, "{bad}");
+    }
+}
+
+/// A runner's `[runners.docker]` and a live container given the same
+/// privileges are judged once, in the same words; the live one's fix
+/// removes the container first.
+#[test]
+fn a_runner_and_a_live_container_with_the_same_spec_get_the_same_findings() {
+    let runner = runner_checks(
+        r#"
+[[runners]]
+  name = "same"
+  executor = "docker"
+  environment = ["IAM_ROLE="]
+  [runners.docker]
+    privileged = true
+    cap_add = ["NET_ADMIN"]
+    volumes = ["/var/run/docker.sock:/var/run/docker.sock", "/cache"]
+"#,
+    );
+    // Privileged, NET_ADMIN and the Docker socket, as a job.
+    let live: bollard::models::ContainerInspectResponse =
+        serde_json::from_str(include_str!("testdata/inspect-careless.json")).unwrap();
+    let live = docker::container_checks(&live, &[]);
+    let name = "runner-abc123-project-42-concurrent-0-build";
+    for id in [CheckId::Privileged, CheckId::CapAdd, CheckId::DockerSocket] {
+        let from_config = runner.iter().find(|c| c.check == id).unwrap();
+        let running = live.iter().find(|c| c.check == id).unwrap();
+        assert_eq!(from_config.level, Level::Fail, "{from_config:?}");
+        assert_eq!(running.level, from_config.level, "{running:?}");
+        assert_eq!(running.found, from_config.found);
+        assert_eq!(
+            running.fix,
+            Some(format!(
+                "docker rm -f {name}, and {}",
+                from_config.fix.as_deref().unwrap()
+            ))
+        );
+    }
+    // The same spec, clean, is clean on both paths.
+    let clean = spec::ContainerSpec::default().judge("x");
+    for c in [clean.privileged, clean.cap_add, clean.runtime_socket] {
+        assert_eq!(c.level, Level::Ok, "{c:?}");
     }
 }
