@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
+pub mod doctor;
 pub mod identity;
 pub mod kernel;
 pub mod model;

@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
                     Command::Status(args) => commands::status(args).await,
                     Command::Detach(args) => commands::detach(args),
                     Command::Policy(cmd) => commands::policy(cmd).await,
-                    Command::Doctor(args) => metaproxy::cli::doctor::doctor(args).await,
+                    Command::Doctor(args) => metaproxy::doctor::doctor(args).await,
                 }
             })
         });

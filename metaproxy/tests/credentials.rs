@@ -118,7 +118,10 @@ async fn a_failing_sts_is_asked_once_for_many_waiters_and_not_again_at_once() {
         retries += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(started.elapsed() >= Duration::from_millis(500), "backed off");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "backed off"
+    );
     assert_eq!(bed.sts.calls(), 2);
     // The metrics say the same.
     let sts = &bed.sts_metrics;

@@ -2,13 +2,15 @@
 //! set through a `METAPROXY_*` environment variable.
 
 pub mod commands;
-pub mod doctor;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::flags::{AdminArgs, PinArgs, RunArgs};
+use crate::{
+    config::flags::{AdminArgs, PinArgs, RunArgs},
+    doctor::DoctorArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,33 +44,6 @@ pub enum Command {
     /// what keeps metaproxy safe: one line per check with the fix; exit 1
     /// if any check fails.
     Doctor(DoctorArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct DoctorArgs {
-    /// gitlab-runner's configuration.
-    #[arg(long, default_value = "/etc/gitlab-runner/config.toml")]
-    pub runner_config: PathBuf,
-
-    /// Print the checks as JSON objects.
-    #[arg(long)]
-    pub json: bool,
-
-    /// metaproxy's settings, as its unit reads them (EnvironmentFile).
-    #[arg(long, default_value = "/etc/default/metaproxy")]
-    pub defaults: PathBuf,
-
-    /// Skip what needs the network or the running daemon's AWS access
-    /// (identity, trust policies); for AMI builds. A Docker that does not
-    /// answer is then a warning.
-    #[arg(long)]
-    pub offline: bool,
-
-    #[command(flatten)]
-    pub pins: PinArgs,
-
-    #[command(flatten)]
-    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -201,23 +201,32 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
+/// `metaproxy run` alone, as clap parses it.
+#[derive(Parser)]
+#[command(name = "run")]
+struct Run {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
 impl RunArgs {
     /// Parses `metaproxy run`'s flags alone (`["--allow-role", "..."]`), as
-    /// the command line would: for tests that start the daemon's wiring.
+    /// the command line would (with the `METAPROXY_*` variables): for
+    /// doctor's reading of the settings file, and for tests that start the
+    /// daemon's wiring.
     pub fn parse_flags<I, T>(flags: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        #[derive(Parser)]
-        #[command(name = "run")]
-        struct Run {
-            #[command(flatten)]
-            args: RunArgs,
-        }
         let argv = std::iter::once(std::ffi::OsString::from("run"))
             .chain(flags.into_iter().map(Into::into));
         Run::try_parse_from(argv).map(|r| r.args)
+    }
+
+    /// `metaproxy run`'s arguments, as clap describes them.
+    pub fn command() -> clap::Command {
+        <Run as clap::CommandFactory>::command()
     }
 }
 

@@ -8,13 +8,16 @@
 //! parsed with a real TOML parser, and a value it does not understand is a
 //! finding, never a crash.
 
-use std::fmt;
+use std::{fmt, path::PathBuf};
 
+use clap::Args;
 use serde::Serialize;
 
 use crate::{
-    cli::DoctorArgs,
-    config,
+    config::{
+        self,
+        flags::{AdminArgs, PinArgs},
+    },
     model::ids::{AccountId, RoleArn},
     ops::{admin::Trial, admin_client},
 };
@@ -194,6 +197,34 @@ impl Check {
         self.fix = Some(fix.into());
         self
     }
+}
+
+/// `metaproxy doctor`'s flags.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// gitlab-runner's configuration.
+    #[arg(long, default_value = "/etc/gitlab-runner/config.toml")]
+    pub runner_config: PathBuf,
+
+    /// Print the checks as JSON objects.
+    #[arg(long)]
+    pub json: bool,
+
+    /// metaproxy's settings, as its unit reads them (EnvironmentFile).
+    #[arg(long, default_value = "/etc/default/metaproxy")]
+    pub defaults: PathBuf,
+
+    /// Skip what needs the network or the running daemon's AWS access
+    /// (identity, trust policies); for AMI builds. A Docker that does not
+    /// answer is then a warning.
+    #[arg(long)]
+    pub offline: bool,
+
+    #[command(flatten)]
+    pub pins: PinArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 pub async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {

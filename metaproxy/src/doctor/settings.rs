@@ -7,14 +7,13 @@
 
 use std::{net::SocketAddr, path::Path};
 
-use clap::{ArgAction, CommandFactory as _, Parser as _};
+use clap::ArgAction;
 
 use std::sync::{Arc, OnceLock};
 
 use super::{Check, CheckId, Level};
 use crate::{
-    cli::{Cli, Command},
-    config::{self, Host, RunConfig},
+    config::{self, flags::RunArgs, Host, RunConfig},
     model::ids::{AccountId, RoleArn},
     policy::file::PolicyFile,
     policy::Policy,
@@ -49,10 +48,7 @@ const NOT_FLAGS: [&str; 2] = ["METAPROXY_LOG", "METAPROXY_GUARD_TC"];
 /// values `run` would not take (a switch is `true` or `false`, exactly as
 /// clap parses it).
 pub fn run_flags(vars: &[(String, String)]) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let cli = Cli::command();
-    let Some(run) = cli.find_subcommand("run") else {
-        return (Vec::new(), Vec::new(), Vec::new());
-    };
+    let run = RunArgs::command();
     let mut flags = Vec::new();
     let mut bad = Vec::new();
     let mut known: Vec<String> = NOT_FLAGS.iter().map(|v| v.to_string()).collect();
@@ -188,14 +184,8 @@ pub fn settings_checks(
         Some(_) => path.display().to_string(),
         None => format!("no {} (the unit's defaults)", path.display()),
     };
-    let args = std::iter::once("metaproxy".to_string())
-        .chain(std::iter::once("run".to_string()))
-        .chain(flags.iter().cloned());
-    let run = match Cli::try_parse_from(args) {
-        Ok(Cli {
-            command: Command::Run(run),
-        }) => run,
-        Ok(_) => unreachable!("parsed as `metaproxy run`"),
+    let run = match RunArgs::parse_flags(&flags) {
+        Ok(run) => run,
         Err(e) => {
             let first = e.to_string();
             let first = first.lines().next().unwrap_or_default().to_string();
