@@ -6,6 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use metaproxy::model::gitlab::JOB_LABEL;
+
 use metaproxy::{
     credentials::CredKey,
     identity::RuntimeEvent,
@@ -20,7 +22,7 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/ci-deploy";
 fn spec() -> Spec<'static> {
     Spec {
         env: &["IAM_ROLE=ci-deploy"],
-        labels: &[("com.gitlab.gitlab-runner.job.id", "777")],
+        labels: &[(JOB_LABEL, "777")],
         ..Default::default()
     }
 }
@@ -199,7 +201,7 @@ async fn refresh_ahead_renews_and_the_last_good_survives_an_outage() {
         2,
         Spec {
             env: &["IAM_ROLE=ci-deploy"],
-            labels: &[("com.gitlab.gitlab-runner.job.id", "778")],
+            labels: &[(JOB_LABEL, "778")],
             ..Default::default()
         },
     );

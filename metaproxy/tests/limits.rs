@@ -11,7 +11,7 @@ use support::{bed_with, with_role, Spec};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-const JOB: &str = "com.gitlab.gitlab-runner.job.id";
+use metaproxy::model::gitlab::JOB_LABEL as JOB;
 
 /// Whether the server closed `stream` without a byte.
 async fn closed_at_once(stream: &mut tokio::net::TcpStream) -> bool {

@@ -201,13 +201,11 @@ fn a_policy_file_anyone_but_root_can_change_is_refused() {
     }
     // On the real filesystem: a file of ours with group write is
     // refused, whoever runs the test.
-    let dir = std::env::temp_dir().join(format!("mp-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("policy.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
     std::fs::write(&file, "").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
     let err = check_policy_file(&file).unwrap_err().to_string();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(err.contains("policy.toml"), "{err}");
 }
 

@@ -325,9 +325,8 @@ mod tests {
             DOCKER_TIMEOUT <= Duration::from_secs(5),
             "a few seconds, not bollard's 120 s"
         );
-        let dir = std::env::temp_dir().join(format!("mp-docker-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("docker.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
         let server = hanging_dockerd(&socket).await;
         let runtime = DockerRuntime::at(&socket, Duration::from_millis(300));
         let id = ContainerId::parse(&"a".repeat(64)).unwrap();
@@ -345,7 +344,6 @@ mod tests {
         let err = runtime.events().await.err().expect("no events").to_string();
         assert!(err.contains("did not answer a ping"), "{err}");
         server.abort();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

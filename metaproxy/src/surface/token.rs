@@ -187,12 +187,12 @@ mod tests {
 
     #[test]
     fn the_key_survives_a_restart() {
-        let dir = std::env::temp_dir().join(format!("mp-token-{}", std::process::id()));
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("state");
         let t = TokenKey::load_or_create(&dir).unwrap().mint("c", 100, 0);
         assert_eq!(
             TokenKey::load_or_create(&dir).unwrap().verify(&t, "c", 1),
             Ok(())
         );
-        let _ = fs::remove_dir_all(&dir);
     }
 }

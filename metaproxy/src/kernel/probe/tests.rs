@@ -3,8 +3,8 @@ use super::*;
 
 #[test]
 fn only_our_programs_count_as_link_pins() {
-    let dir = std::env::temp_dir().join(format!("mp-links-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
     for n in [
         "mp_connect4-1",
         "mp_sock_ops-7",
@@ -21,7 +21,6 @@ fn only_our_programs_count_as_link_pins() {
         .map(|(_, g, _)| g)
         .collect();
     gens.sort();
-    fs::remove_dir_all(&dir).unwrap();
     assert_eq!(gens, vec![1, 2, 7]);
 }
 
@@ -93,12 +92,12 @@ fn answer_pins_key_addresses_as_the_kernel_reads_them() {
 fn pin_directories_others_can_write_are_refused() {
     use std::os::unix::fs::PermissionsExt as _;
     let me = nix::unistd::geteuid().as_raw();
-    let base = std::env::temp_dir().join(format!("mp-pins-{}", std::process::id()));
-    let pins = base.join("pins");
+    let base = tempfile::tempdir().unwrap();
+    let pins = base.path().join("pins");
     let links = pins.join("links");
     fs::create_dir_all(&links).unwrap();
     let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
-    mode(&base, 0o755);
+    mode(base.path(), 0o755);
     mode(&pins, 0o700);
     mode(&links, 0o700);
     assert!(check_pin_dir(&pins, &[&links], me).is_ok());
@@ -112,12 +111,11 @@ fn pin_directories_others_can_write_are_refused() {
     // Another owner: a local user made it first.
     assert!(check_pin_dir(&pins, &[&links], me + 1).is_err());
     // A world-writable parent: only with the sticky bit.
-    mode(&base, 0o777);
+    mode(base.path(), 0o777);
     assert!(check_pin_dir(&pins, &[&links], me).is_err());
-    mode(&base, 0o1777);
+    mode(base.path(), 0o1777);
     assert!(check_pin_dir(&pins, &[&links], me).is_ok());
-    mode(&base, 0o755);
-    fs::remove_dir_all(&base).unwrap();
+    mode(base.path(), 0o755);
 }
 
 #[test]
