@@ -189,6 +189,19 @@ pub struct RunArgs {
     #[arg(long, env = "METAPROXY_ALLOW_SHARED_CGROUP")]
     pub allow_shared_cgroup: bool,
 
+    /// Docker API sockets whose containers may get roles (`unix:///PATH`
+    /// or `/PATH`; repeatable, or comma-separated), or `off`. Default:
+    /// `DOCKER_HOST`, else `/var/run/docker.sock`.
+    #[arg(long, env = "METAPROXY_DOCKER_HOST", value_delimiter = ',')]
+    pub docker_host: Vec<String>,
+
+    /// Podman API sockets whose containers may get roles (rootful Podman:
+    /// `unix:///run/podman/podman.sock`; repeatable, or comma-separated).
+    /// Podman's containers are told from Docker's by their cgroup
+    /// (`libpod-<id>`).
+    #[arg(long, env = "METAPROXY_PODMAN_HOST", value_delimiter = ',')]
+    pub podman_host: Vec<String>,
+
     /// Threads serving requests. 1 (the default) runs everything on one
     /// thread, as nginx's single worker does: no hand-offs between threads
     /// on the request path, which is what the latency is made of. More

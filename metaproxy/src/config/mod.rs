@@ -15,7 +15,10 @@ pub mod flags;
 use flags::{Imdsv1, RunArgs};
 
 use crate::{
-    identity::id_token::{discovery::issuer_url, IssuerUrlError, TokenRules},
+    identity::{
+        id_token::{discovery::issuer_url, IssuerUrlError, TokenRules},
+        RuntimeKind,
+    },
     model::session::SessionOptions,
     server::Limits,
     surface::{ContainerCredentialsOptions, Imdsv1Mode},
@@ -71,6 +74,14 @@ pub enum ConfigError {
          make the file and its directories root's and not writable by group or others (chown root: FILE; chmod go-w FILE)"
     )]
     PolicyFileUnsafe { path: PathBuf, why: String },
+    #[error("{flag} {value:?}: expected a Unix socket, as unix:///PATH or /PATH{off}")]
+    RuntimeHost {
+        flag: &'static str,
+        value: String,
+        off: &'static str,
+    },
+    #[error("--docker-host off and no --podman-host: no container could ever get a role")]
+    NoRuntime,
     #[error("--oidc-issuer {0}")]
     OidcIssuer(IssuerUrlError),
     #[error("--oidc-audience: give the audience the jobs' id_tokens name (aud:), such as sts.amazonaws.com")]
@@ -117,6 +128,16 @@ pub struct RunConfig {
     /// bypass the redirect).
     pub allow_shared_cgroup: bool,
     pub oidc: Option<OidcConfig>,
+    /// The container runtimes followed, each at its API socket.
+    pub runtimes: Vec<RuntimeSocket>,
+}
+
+/// A container runtime's API socket; `None`: Docker's defaults
+/// (`DOCKER_HOST`, else `/var/run/docker.sock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSocket {
+    pub kind: RuntimeKind,
+    pub socket: Option<PathBuf>,
 }
 
 /// The addresses SDKs accept for the container-credentials endpoint.
@@ -334,6 +355,7 @@ impl RunConfig {
             source_identity: args.source_identity,
         };
         Ok(Self {
+            runtimes: runtimes(args)?,
             oidc: oidc(args)?,
             policy_file: args.policy_file.clone(),
             role_container_types: args
@@ -369,6 +391,53 @@ impl RunConfig {
             admin_socket: args.admin.admin_socket.clone(),
         })
     }
+}
+
+/// The runtimes `--docker-host` and `--podman-host` name.
+fn runtimes(args: &RunArgs) -> Result<Vec<RuntimeSocket>, ConfigError> {
+    let socket = |flag: &'static str, value: &str, off: &'static str| {
+        let path = value.strip_prefix("unix://").unwrap_or(value);
+        let plain = path.starts_with('/') && !path.split('/').any(|s| s == "..");
+        plain
+            .then(|| PathBuf::from(path))
+            .ok_or_else(|| ConfigError::RuntimeHost {
+                flag,
+                value: value.to_string(),
+                off,
+            })
+    };
+    let listed = |values: &[String]| -> Vec<String> {
+        values
+            .iter()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect()
+    };
+    let docker = listed(&args.docker_host);
+    let mut runtimes = Vec::new();
+    if docker.is_empty() {
+        runtimes.push(RuntimeSocket {
+            kind: RuntimeKind::Docker,
+            socket: None,
+        });
+    } else if docker != ["off"] {
+        for value in &docker {
+            runtimes.push(RuntimeSocket {
+                kind: RuntimeKind::Docker,
+                socket: Some(socket("--docker-host", value, ", or off")?),
+            });
+        }
+    }
+    for value in listed(&args.podman_host) {
+        runtimes.push(RuntimeSocket {
+            kind: RuntimeKind::Podman,
+            socket: Some(socket("--podman-host", &value, "")?),
+        });
+    }
+    if runtimes.is_empty() {
+        return Err(ConfigError::NoRuntime);
+    }
+    Ok(runtimes)
 }
 
 /// Refuses a policy file that anyone but root could change: the file, or

@@ -341,3 +341,61 @@ fn id_tokens_are_off_unless_an_issuer_is_named_and_the_issuer_must_be_https() {
     .unwrap_err();
     assert!(matches!(err, ConfigError::OidcAudience), "{err}");
 }
+
+#[test]
+fn runtimes_are_docker_by_default_and_each_socket_given_is_followed() {
+    let docker_default = RuntimeSocket {
+        kind: RuntimeKind::Docker,
+        socket: None,
+    };
+    assert_eq!(
+        config(&[]).unwrap().runtimes,
+        std::slice::from_ref(&docker_default)
+    );
+    let both = config(&[
+        "--podman-host",
+        "unix:///run/podman/podman.sock",
+        "--podman-host",
+        "/run/user/1000/podman/podman.sock",
+    ])
+    .unwrap();
+    assert_eq!(
+        both.runtimes,
+        [
+            docker_default,
+            RuntimeSocket {
+                kind: RuntimeKind::Podman,
+                socket: Some("/run/podman/podman.sock".into()),
+            },
+            RuntimeSocket {
+                kind: RuntimeKind::Podman,
+                socket: Some("/run/user/1000/podman/podman.sock".into()),
+            },
+        ]
+    );
+    let podman_only = config(&["--docker-host", "off", "--podman-host", "/p.sock"]).unwrap();
+    assert_eq!(podman_only.runtimes.len(), 1);
+    assert_eq!(podman_only.runtimes[0].kind, RuntimeKind::Podman);
+    let two_dockers = config(&["--docker-host", "unix:///a.sock,/b.sock"]).unwrap();
+    assert_eq!(
+        two_dockers
+            .runtimes
+            .iter()
+            .map(|r| r.socket.clone().unwrap())
+            .collect::<Vec<_>>(),
+        [PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]
+    );
+}
+
+#[test]
+fn a_runtime_socket_that_is_no_unix_path_or_no_runtime_at_all_is_refused() {
+    for (args, says) in [
+        (&["--docker-host", "tcp://10.0.0.1:2375"][..], "--docker-host \"tcp://10.0.0.1:2375\": expected a Unix socket, as unix:///PATH or /PATH, or off"),
+        (&["--podman-host", "podman.sock"][..], "--podman-host \"podman.sock\": expected a Unix socket"),
+        (&["--podman-host", "/run/../tmp/p.sock"][..], "--podman-host \"/run/../tmp/p.sock\""),
+        (&["--docker-host", "off"][..], "--docker-host off and no --podman-host: no container could ever get a role"),
+    ] {
+        let err = config(args).unwrap_err().to_string();
+        assert!(err.starts_with(says), "{args:?}: {err}");
+    }
+}

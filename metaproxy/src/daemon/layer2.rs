@@ -58,7 +58,7 @@ async fn log_one(key: &L2Seen, paths: &Arc<CgroupPaths>, identities: &Identities
         return;
     };
     let container = match container_roots(&path).into_iter().next() {
-        Some((id, _)) => identities.find(id.as_str()).await.ok().flatten(),
+        Some((id, ..)) => identities.find(id.as_str()).await.ok().flatten(),
         None => None,
     };
     match container {

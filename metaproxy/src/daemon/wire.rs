@@ -24,9 +24,9 @@ use crate::{
     config::{self, RunConfig},
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
     identity::{
-        docker::DockerRuntime,
+        docker::{DockerRuntime, DOCKER_TIMEOUT},
         id_token::{Discovery, IdTokens, KeySource},
-        ContainerRuntime, Identities,
+        ContainerRuntime, Identities, Runtimes,
     },
     kernel::{cgroup::CgroupPaths, probe::Probe, wire::AnswerPath},
     model::ids::AccountId,
@@ -54,8 +54,8 @@ pub struct World {
     pub records: Arc<dyn RecordSource>,
     /// cgroup ids to paths.
     pub cgroups: Arc<dyn CgroupDirectory>,
-    /// The container runtime's API.
-    pub runtime: Arc<dyn ContainerRuntime>,
+    /// The container runtimes' APIs.
+    pub runtimes: Runtimes,
     /// STS, with the instance profile's credentials.
     pub sts: Arc<dyn Sts>,
     /// The real IMDS.
@@ -91,7 +91,20 @@ impl World {
         Ok(Self {
             records: probe,
             cgroups: Arc::new(CgroupPaths::new(mount)),
-            runtime: Arc::new(DockerRuntime::default()),
+            runtimes: config
+                .runtimes
+                .iter()
+                .map(|r| {
+                    let runtime: Arc<dyn ContainerRuntime> = Arc::new(
+                        match &r.socket {
+                            None => DockerRuntime::default(),
+                            Some(socket) => DockerRuntime::at(socket, DOCKER_TIMEOUT),
+                        }
+                        .named(r.kind),
+                    );
+                    (r.kind, runtime)
+                })
+                .collect(),
             sts: Arc::new(AwsSts::from_env().await),
             upstream: Arc::new(HttpUpstream::from_env()),
             answers,
@@ -182,7 +195,7 @@ pub async fn wire(
         credentials.clone().refresh_ahead(REFRESH_AHEAD),
     );
 
-    let mut identities = Identities::new(world.runtime);
+    let mut identities = Identities::of(world.runtimes);
     if let Some(oidc) = &config.oidc {
         let keys = world
             .issuer_keys
@@ -206,7 +219,7 @@ pub async fn wire(
             identities.clone(),
         ),
     );
-    tasks.spawn("docker events", identities.clone().follow_events());
+    tasks.spawn("container events", identities.clone().follow_events());
     tasks.spawn(
         "policy reload",
         follow_policy_file(policy.clone(), config.policy_file.clone()),

@@ -31,6 +31,9 @@ pub struct DockerRuntime {
     /// Where dockerd listens: `None` for bollard's defaults (`DOCKER_HOST`).
     socket: Option<std::path::PathBuf>,
     timeout: Duration,
+    /// Who answers at the socket, for errors: `dockerd`, or `podman` (its
+    /// Docker-compatible API).
+    daemon: &'static str,
 }
 
 impl Default for DockerRuntime {
@@ -39,6 +42,7 @@ impl Default for DockerRuntime {
             client: tokio::sync::Mutex::new(None),
             socket: None,
             timeout: DOCKER_TIMEOUT,
+            daemon: "dockerd",
         }
     }
 }
@@ -55,7 +59,18 @@ impl DockerRuntime {
             client: tokio::sync::Mutex::new(None),
             socket: Some(socket.into()),
             timeout,
+            daemon: "dockerd",
         }
+    }
+
+    /// The same, for the runtime `kind` (Podman through its
+    /// Docker-compatible API).
+    pub fn named(mut self, kind: super::RuntimeKind) -> Self {
+        self.daemon = match kind {
+            super::RuntimeKind::Docker => "dockerd",
+            super::RuntimeKind::Podman => "podman",
+        };
+        self
     }
 
     /// `call`, or a clear error once the timeout has passed.
@@ -73,7 +88,8 @@ impl DockerRuntime {
                 // The connection may be wedged: make a new one next time.
                 self.reset().await;
                 Err(RuntimeError::Api(format!(
-                    "dockerd did not answer {what} within {} ms",
+                    "{} did not answer {what} within {} ms",
+                    self.daemon,
                     self.timeout.as_millis()
                 )))
             }
@@ -107,7 +123,8 @@ impl DockerRuntime {
                 Ok(Err(e)) => return Err(api(e)),
                 Err(_) => {
                     return Err(RuntimeError::Api(format!(
-                        "dockerd did not answer the version negotiation within {} ms",
+                        "{} did not answer the version negotiation within {} ms",
+                        self.daemon,
                         self.timeout.as_millis()
                     )))
                 }

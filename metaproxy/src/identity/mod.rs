@@ -1,8 +1,13 @@
-//! Who is asking: a [`Caller`]'s cgroup -> a container of our container
-//! runtime, or a host process.
+//! Who is asking: a [`Caller`]'s cgroup -> a container of one of our
+//! container runtimes, or a host process.
 //!
-//! A cgroup path names its container: `/docker/<id>` (cgroupfs),
-//! `/system.slice/docker-<id>.scope` (systemd), `/<cgroup-parent>/<id>`.
+//! A cgroup path names its container and its runtime: Docker's
+//! `/docker/<id>` (cgroupfs), `/system.slice/docker-<id>.scope` (systemd),
+//! `/<cgroup-parent>/<id>`; Podman's `/machine.slice/libpod-<id>.scope`
+//! (systemd), `/libpod_parent/libpod-<id>` (cgroupfs). Each runtime is
+//! asked through its own API socket (`--docker-host`, `--podman-host`); a
+//! container of a runtime we do not follow (containerd's
+//! `cri-containerd-<id>`) is refused, never taken for a host process.
 //! Nested containers (docker-in-docker) have several ids in the path; the
 //! outermost one decides (it owns its whole subtree, and a process inside it
 //! could name a child cgroup after another container). A path with no
@@ -54,6 +59,36 @@ use crate::{
 /// Bound on cached cgroups (host cgroups, such as one per BuildKit step, are
 /// cached too); past it the cache starts afresh.
 const MAX_CACHED: usize = 16_384;
+
+/// Which container runtime a cgroup path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuntimeKind {
+    Docker,
+    Podman,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Docker => "Docker",
+            Self::Podman => "Podman",
+        }
+    }
+
+    /// The runtime a cgroup path component (an id with its prefix and
+    /// `.scope` already seen) belongs to: `libpod-` is Podman's; a bare id
+    /// and `docker-` are Docker's; any other prefix is no runtime of ours.
+    fn of_prefix(prefix: &str) -> Option<Self> {
+        match prefix {
+            "" | "docker-" => Some(Self::Docker),
+            "libpod-" => Some(Self::Podman),
+            _ => None,
+        }
+    }
+}
+
+/// The runtimes metaproxy follows, each through its own API socket.
+pub type Runtimes = Vec<(RuntimeKind, Arc<dyn ContainerRuntime>)>;
 
 /// What a cgroup turned out to be.
 #[derive(Debug, Clone)]
@@ -107,6 +142,12 @@ pub enum IdentityError {
     CgroupGone(CgroupId),
     #[error("cgroup {path} names container {id}, which the Docker daemon does not know")]
     UnknownContainer { path: String, id: String },
+    #[error("cgroup {path} names container {id} of a container runtime metaproxy does not follow (it follows {followed})")]
+    UnknownRuntime {
+        path: String,
+        id: String,
+        followed: String,
+    },
     #[error("cgroup {path} is named after container {id}, which does not run there")]
     NotItsCgroup { path: String, id: String },
     #[error("client address {0} is not the container's")]
@@ -117,12 +158,12 @@ pub enum IdentityError {
 
 /// Resolves and caches identities; publishes container events.
 pub struct Identities {
-    runtime: Arc<dyn ContainerRuntime>,
+    runtimes: Runtimes,
     by_cgroup: Mutex<HashMap<CgroupId, Identity>>,
     events: broadcast::Sender<ContainerEvent>,
     metrics: DockerMetrics,
-    /// Whether the runtime's event stream is connected.
-    reachable: AtomicBool,
+    /// Whether each runtime's event stream is connected.
+    reachable: Vec<AtomicBool>,
     /// Verifies jobs' GitLab ID tokens (`--oidc-issuer`).
     id_tokens: Option<Arc<id_token::IdTokens>>,
 }
@@ -136,14 +177,20 @@ impl std::fmt::Debug for Identities {
 }
 
 impl Identities {
+    /// Identities of Docker's containers alone.
     pub fn new(runtime: Arc<dyn ContainerRuntime>) -> Self {
+        Self::of(vec![(RuntimeKind::Docker, runtime)])
+    }
+
+    /// Identities of the containers of every runtime in `runtimes`.
+    pub fn of(runtimes: Runtimes) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
-            runtime,
+            reachable: runtimes.iter().map(|_| AtomicBool::new(false)).collect(),
+            runtimes,
             by_cgroup: Mutex::new(HashMap::new()),
             events,
             metrics: DockerMetrics::default(),
-            reachable: AtomicBool::new(false),
             id_tokens: None,
         }
     }
@@ -172,9 +219,9 @@ impl Identities {
         &self.metrics
     }
 
-    /// Whether the runtime answers: its event stream is connected.
+    /// Whether every runtime answers: its event stream is connected.
     pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
+        self.reachable.iter().all(|r| r.load(Ordering::Relaxed))
     }
 
     /// How many cgroups' identities are cached.
@@ -184,16 +231,37 @@ impl Identities {
 
     /// A container by name or id (admins' lookups; never cached).
     pub async fn find(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
-        let result = self.runtime.find(name_or_id).await;
-        self.metrics.call("inspect", result.is_ok());
-        result
+        for (_, runtime) in &self.runtimes {
+            let result = runtime.find(name_or_id).await;
+            self.metrics.call("inspect", result.is_ok());
+            if let Some(found) = result? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
     }
 
-    /// `runtime.inspect`, counted.
-    async fn inspect(&self, id: &ContainerId) -> Result<Option<Container>, RuntimeError> {
-        let result = self.runtime.inspect(id).await;
-        self.metrics.call("inspect", result.is_ok());
-        result
+    /// `inspect` on each runtime of `kind` until one knows `id`, counted.
+    async fn inspect(
+        &self,
+        kind: RuntimeKind,
+        id: &ContainerId,
+    ) -> Result<Option<Container>, RuntimeError> {
+        for (_, runtime) in self.runtimes.iter().filter(|(k, _)| *k == kind) {
+            let result = runtime.inspect(id).await;
+            self.metrics.call("inspect", result.is_ok());
+            if let Some(found) = result? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The runtimes followed, by name (for errors).
+    fn followed(&self) -> String {
+        let mut names: Vec<&str> = self.runtimes.iter().map(|(k, _)| k.name()).collect();
+        names.dedup();
+        names.join(" and ")
     }
 
     /// Container start/stop events, for those who act on them.
@@ -231,11 +299,19 @@ impl Identities {
             .cgroup_path
             .as_deref()
             .ok_or(IdentityError::CgroupGone(caller.cgroup))?;
-        let Some((id, root)) = container_roots(path).into_iter().next() else {
+        let Some((id, root, kind)) = container_roots(path).into_iter().next() else {
             self.remember(caller.cgroup, Identity::Host);
             return Ok(Identity::Host);
         };
-        let Some(container) = self.inspect(&id).await? else {
+        let followed = kind.filter(|k| self.runtimes.iter().any(|(r, _)| r == k));
+        let Some(kind) = followed else {
+            return Err(IdentityError::UnknownRuntime {
+                path: path.to_string(),
+                id: id.to_string(),
+                followed: self.followed(),
+            });
+        };
+        let Some(container) = self.inspect(kind, &id).await? else {
             return Err(IdentityError::UnknownContainer {
                 path: path.to_string(),
                 id: id.to_string(),
@@ -272,18 +348,26 @@ impl Identities {
             .retain(|_, identity| !matches!(identity, Identity::Container(c) if c.id == *id));
     }
 
-    /// Follows the runtime's events forever: publishes containers that
-    /// start, forgets and publishes containers that stop. Reconnects if the
-    /// runtime goes away. Run it as a task.
+    /// Follows every runtime's events forever (see [`Self::follow_runtime`]).
+    /// Run it as a task.
     pub async fn follow_events(self: Arc<Self>) {
+        let followers = (0..self.runtimes.len()).map(|n| self.clone().follow_runtime(n));
+        futures_util::future::join_all(followers).await;
+    }
+
+    /// Follows runtime `n`'s events forever: publishes containers that
+    /// start, forgets and publishes containers that stop. Reconnects if the
+    /// runtime goes away.
+    async fn follow_runtime(self: Arc<Self>, n: usize) {
+        let (kind, runtime) = self.runtimes[n].clone();
         loop {
-            let connected = self.runtime.events().await;
+            let connected = runtime.events().await;
             self.metrics.call("events", connected.is_ok());
-            self.reachable.store(connected.is_ok(), Ordering::Relaxed);
+            self.reachable[n].store(connected.is_ok(), Ordering::Relaxed);
             let mut events = match connected {
                 Ok(events) => events,
                 Err(e) => {
-                    tracing::debug!(error = %e, "container events: runtime unavailable");
+                    tracing::debug!(runtime = kind.name(), error = %e, "container events: runtime unavailable");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
                 }
@@ -293,7 +377,7 @@ impl Identities {
             self.cache().clear();
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(RuntimeEvent::Start(id)) => match self.inspect(&id).await {
+                    Ok(RuntimeEvent::Start(id)) => match self.inspect(kind, &id).await {
                         Ok(Some(container)) => {
                             let _ = self
                                 .events
@@ -315,7 +399,7 @@ impl Identities {
                     }
                 }
             }
-            self.reachable.store(false, Ordering::Relaxed);
+            self.reachable[n].store(false, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -330,11 +414,13 @@ fn within(path: &str, root: &str) -> bool {
 }
 
 /// Container ids named by a cgroup path, outermost first, each with the
-/// path up to and including the component that names it: `<id>`,
-/// `docker-<id>.scope`, and any other runtime's `<prefix>-<id>[.scope]`
-/// (podman's `libpod-`, containerd's `cri-containerd-`), so that a container
-/// of another runtime is never mistaken for a host process.
-pub fn container_roots(path: &str) -> Vec<(ContainerId, &str)> {
+/// path up to and including the component that names it and the runtime
+/// the component's shape names: `<id>` and `docker-<id>.scope` (Docker),
+/// `libpod-<id>[.scope]` (Podman), and any other runtime's
+/// `<prefix>-<id>[.scope]` (containerd's `cri-containerd-`: `None`), so
+/// that a container of another runtime is never mistaken for a host
+/// process.
+pub fn container_roots(path: &str) -> Vec<(ContainerId, &str, Option<RuntimeKind>)> {
     let mut end = 0;
     path.split('/')
         .filter_map(|component| {
@@ -343,7 +429,8 @@ pub fn container_roots(path: &str) -> Vec<(ContainerId, &str)> {
             let id = c.get(c.len().checked_sub(64)?..)?;
             let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
             let id = whole_or_suffix.then(|| ContainerId::parse(id))??;
-            Some((id, &path[..(end - 1).min(path.len())]))
+            let kind = RuntimeKind::of_prefix(&c[..c.len() - 64]);
+            Some((id, &path[..(end - 1).min(path.len())], kind))
         })
         .collect()
 }
@@ -358,7 +445,7 @@ mod tests {
     fn ids(path: &str) -> Vec<String> {
         container_roots(path)
             .into_iter()
-            .map(|(id, _)| id.to_string())
+            .map(|(id, ..)| id.to_string())
             .collect()
     }
 
@@ -375,6 +462,28 @@ mod tests {
         assert!(ids("/system.slice/amazon-ssm-agent.service").is_empty());
         assert!(ids("/").is_empty());
         assert!(ids(&format!("/docker/{}", &A[..63])).is_empty());
+    }
+
+    #[test]
+    fn the_shape_of_a_component_names_its_runtime() {
+        let kinds = |path: &str| -> Vec<Option<RuntimeKind>> {
+            container_roots(path).into_iter().map(|(.., k)| k).collect()
+        };
+        let (docker, podman) = (Some(RuntimeKind::Docker), Some(RuntimeKind::Podman));
+        assert_eq!(kinds(&format!("/docker/{A}")), [docker]);
+        assert_eq!(kinds(&format!("/system.slice/docker-{A}.scope")), [docker]);
+        assert_eq!(kinds(&format!("/machine.slice/libpod-{A}.scope")), [podman]);
+        assert_eq!(kinds(&format!("/libpod_parent/libpod-{A}")), [podman]);
+        assert_eq!(
+            kinds(&format!("/ci/libpod-{A}/docker/{B}")),
+            [podman, docker]
+        );
+        assert_eq!(
+            kinds(&format!("/kubepods/cri-containerd-{B}.scope")),
+            [None]
+        );
+        // A look-alike prefix is no runtime's.
+        assert_eq!(kinds(&format!("/x/mylibpod-{A}")), [None]);
     }
 
     #[test]

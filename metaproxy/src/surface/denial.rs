@@ -110,6 +110,7 @@ impl Denial {
             Self::Attribution(A::Lookup(_)) => "probe-lookup",
             Self::Identity(I::CgroupGone(_)) => "cgroup-gone",
             Self::Identity(I::UnknownContainer { .. }) => "unknown-container",
+            Self::Identity(I::UnknownRuntime { .. }) => "unknown-runtime",
             Self::Identity(I::NotItsCgroup { .. }) => "not-its-cgroup",
             Self::Identity(I::ForeignAddress(_)) => "foreign-address",
             Self::Identity(I::Runtime(_)) => "docker-unavailable",

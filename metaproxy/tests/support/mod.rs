@@ -25,7 +25,9 @@ use metaproxy::{
         CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, Secret, Sts,
     },
     daemon::{wire, Prepared, Tasks, World},
-    identity::{id_token::KeySource, ContainerRuntime, Identities, RuntimeError, RuntimeEvent},
+    identity::{
+        id_token::KeySource, ContainerRuntime, Identities, RuntimeError, RuntimeEvent, RuntimeKind,
+    },
     kernel::addrs::AddrPair,
     model::container::Container,
     model::ids::{AccountId, CgroupId, ContainerId},
@@ -342,7 +344,10 @@ pub struct Bed {
     pub addr: SocketAddr,
     pub records: Arc<FakeRecords>,
     pub cgroups: Arc<FakeCgroups>,
+    /// Docker (the first `--docker-host`).
     pub runtime: Arc<FakeRuntime>,
+    /// Podman, with `--podman-host`.
+    pub podman: Option<Arc<FakeRuntime>>,
     pub sts: Arc<FakeSts>,
     pub upstream: Arc<FakeUpstream>,
     pub credentials: Arc<CredentialCache>,
@@ -393,7 +398,20 @@ pub async fn bed_with_keys(flags: &[&str], issuer_keys: Option<Arc<dyn KeySource
 
     let records = Arc::new(FakeRecords::default());
     let cgroups = Arc::new(FakeCgroups::default());
-    let runtime = Arc::new(FakeRuntime::default());
+    // One fake per runtime socket the flags name.
+    let runtimes: Vec<(RuntimeKind, Arc<FakeRuntime>)> = config
+        .runtimes
+        .iter()
+        .map(|r| (r.kind, Arc::new(FakeRuntime::default())))
+        .collect();
+    let first = |kind| {
+        runtimes
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, r)| r.clone())
+    };
+    let runtime = first(RuntimeKind::Docker).unwrap_or_default();
+    let podman = first(RuntimeKind::Podman);
     let sts = Arc::new(FakeSts::default());
     let upstream = Arc::new(FakeUpstream::default());
     let answers = Arc::new(FakeAnswers::default());
@@ -406,7 +424,10 @@ pub async fn bed_with_keys(flags: &[&str], issuer_keys: Option<Arc<dyn KeySource
         World {
             records: records.clone(),
             cgroups: cgroups.clone(),
-            runtime: runtime.clone(),
+            runtimes: runtimes
+                .iter()
+                .map(|(k, r)| (*k, r.clone() as Arc<dyn ContainerRuntime>))
+                .collect(),
             sts: sts.clone(),
             upstream: upstream.clone(),
             answers: answers.clone(),
@@ -438,6 +459,7 @@ pub async fn bed_with_keys(flags: &[&str], issuer_keys: Option<Arc<dyn KeySource
         records,
         cgroups,
         runtime,
+        podman,
         sts,
         upstream,
         credentials: wired.credentials,
@@ -490,11 +512,30 @@ impl Bed {
         id
     }
 
-    /// A running container (known to the runtime) and a process in it.
+    /// A running container (known to Docker) and a process in it.
     pub fn container(&self, n: usize, spec: Spec<'_>) -> Who {
         let id = container_id(n);
-        let cgroup = self.new_cgroup(format!("/docker/{id}"));
-        self.runtime.containers.lock().unwrap().insert(
+        self.container_in(&self.runtime, &format!("/docker/{id}"), n, spec)
+    }
+
+    /// A running container of Podman (`--podman-host`), in the cgroup
+    /// Podman's systemd driver gives it, and a process in it.
+    pub fn podman_container(&self, n: usize, spec: Spec<'_>) -> Who {
+        let id = container_id(n);
+        let podman = self.podman.as_ref().expect("a bed with --podman-host");
+        self.container_in(
+            podman,
+            &format!("/machine.slice/libpod-{id}.scope"),
+            n,
+            spec,
+        )
+    }
+
+    /// Container `n`, known to `runtime`, whose init runs in `cgroup`.
+    fn container_in(&self, runtime: &FakeRuntime, cgroup: &str, n: usize, spec: Spec<'_>) -> Who {
+        let id = container_id(n);
+        let cgroup_id = self.new_cgroup(cgroup.to_string());
+        runtime.containers.lock().unwrap().insert(
             id.clone(),
             Container {
                 id: id.clone(),
@@ -518,12 +559,12 @@ impl Bed {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 addresses: Some(vec!["127.0.0.1".parse().unwrap()]),
-                cgroup: Some(format!("/docker/{id}")),
+                cgroup: Some(cgroup.to_string()),
                 wire: Default::default(),
             },
         );
         Who {
-            cgroup,
+            cgroup: cgroup_id,
             comm: "python3",
             container: Some(id),
             dst: IMDS,

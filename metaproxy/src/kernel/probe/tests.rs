@@ -15,7 +15,7 @@ fn only_our_programs_count_as_link_pins() {
     ] {
         fs::write(dir.join(n), b"").unwrap();
     }
-    let mut gens: Vec<u64> = pinned_links(&dir)
+    let mut gens: Vec<u64> = pinned_links(dir)
         .unwrap()
         .into_iter()
         .map(|(_, g, _)| g)
