@@ -25,6 +25,9 @@ const BED_PACKAGES: &[&str] = &[
 /// What only the tests add: systemd for `systemd-analyze verify` of the
 /// unit.
 const TEST_PACKAGES: &[&str] = &["systemd"];
+/// Rootful Podman for the runtimes suite (Debian's 4.3.1, with netavark;
+/// runc comes with docker.io), installed without starting its units.
+const PODMAN_PACKAGES: &[&str] = &["podman", "netavark", "aardvark-dns"];
 /// moto, the STS/IAM the tests run against.
 const MOTO: &str = "moto[server]==5.2.5";
 
@@ -49,6 +52,9 @@ fn install(everything: bool) -> anyhow::Result<()> {
         packages.extend_from_slice(TEST_PACKAGES);
     }
     apt(&packages)?;
+    if everything {
+        apt_without_starting(PODMAN_PACKAGES)?;
+    }
     bpf_linker()?;
     if everything {
         cargo_deb()?;

@@ -15,7 +15,7 @@ use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamE
 
 use metaproxy_common::mountinfo;
 
-use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent};
+use super::{Container, ContainerRuntime, RuntimeError, RuntimeEvent, RuntimeKind};
 use crate::model::{
     container::{parse_mac, Wire},
     ids::ContainerId,
@@ -31,8 +31,10 @@ pub struct DockerRuntime {
     /// Where dockerd listens: `None` for bollard's defaults (`DOCKER_HOST`).
     socket: Option<std::path::PathBuf>,
     timeout: Duration,
-    /// Who answers at the socket, for errors: `dockerd`, or `podman` (its
-    /// Docker-compatible API).
+    /// Who answers at the socket: Docker, or Podman through its
+    /// Docker-compatible API.
+    kind: RuntimeKind,
+    /// Its name in errors: `dockerd` or `podman`.
     daemon: &'static str,
 }
 
@@ -42,6 +44,7 @@ impl Default for DockerRuntime {
             client: tokio::sync::Mutex::new(None),
             socket: None,
             timeout: DOCKER_TIMEOUT,
+            kind: RuntimeKind::Docker,
             daemon: "dockerd",
         }
     }
@@ -59,16 +62,18 @@ impl DockerRuntime {
             client: tokio::sync::Mutex::new(None),
             socket: Some(socket.into()),
             timeout,
+            kind: RuntimeKind::Docker,
             daemon: "dockerd",
         }
     }
 
     /// The same, for the runtime `kind` (Podman through its
     /// Docker-compatible API).
-    pub fn named(mut self, kind: super::RuntimeKind) -> Self {
+    pub fn named(mut self, kind: RuntimeKind) -> Self {
+        self.kind = kind;
         self.daemon = match kind {
-            super::RuntimeKind::Docker => "dockerd",
-            super::RuntimeKind::Podman => "podman",
+            RuntimeKind::Docker => "dockerd",
+            RuntimeKind::Podman => "podman",
         };
         self
     }
@@ -262,12 +267,17 @@ impl ContainerRuntime for DockerRuntime {
                 self.reset().await;
                 return Err(e);
             }
-            let options = EventsOptionsBuilder::new()
-                .filters(&HashMap::from([
+            // Podman's compatible API takes the type filter as Docker does,
+            // but names the event filter's values its own way ("died" for
+            // Docker's "die"): ask it for every container event and pick.
+            let filters = match self.kind {
+                RuntimeKind::Docker => HashMap::from([
                     ("type", vec!["container"]),
                     ("event", vec!["start", "die", "destroy"]),
-                ]))
-                .build();
+                ]),
+                RuntimeKind::Podman => HashMap::from([("type", vec!["container"])]),
+            };
+            let options = EventsOptionsBuilder::new().filters(&filters).build();
             let stream = docker.events(Some(options)).filter_map(|event| async move {
                 let event = match event {
                     Ok(e) => e,
@@ -276,7 +286,8 @@ impl ContainerRuntime for DockerRuntime {
                 let id = ContainerId::parse(event.actor.and_then(|a| a.id).as_deref()?)?;
                 match event.action.as_deref() {
                     Some("start") => Some(Ok(RuntimeEvent::Start(id))),
-                    Some("die" | "destroy") => Some(Ok(RuntimeEvent::Stop(id))),
+                    // Podman says "remove" where Docker says "destroy".
+                    Some("die" | "destroy" | "remove") => Some(Ok(RuntimeEvent::Stop(id))),
                     _ => None,
                 }
             });
