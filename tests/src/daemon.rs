@@ -1,6 +1,7 @@
 //! The real `metaproxy` daemon, run inside the test bed.
 
 use std::{
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -14,6 +15,19 @@ use crate::process::{self, ChildGuard};
 /// The daemon binary under test.
 pub fn metaproxy_bin() -> PathBuf {
     crate::binaries().metaproxy.clone()
+}
+
+/// `--admin-socket SOCKET`: how every `metaproxy` command finds its daemon.
+fn admin_socket_args(socket: &Path) -> [&OsStr; 2] {
+    ["--admin-socket".as_ref(), socket.as_os_str()]
+}
+
+/// `metaproxy ARGS --admin-socket SOCKET`, for a daemon at `socket` (or
+/// none: a CLI test of a missing daemon).
+pub fn admin_command(socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(metaproxy_bin());
+    cmd.args(args).args(admin_socket_args(socket));
+    cmd
 }
 
 /// Where and how to run the daemon.
@@ -99,14 +113,11 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(metaproxy_bin());
-        cmd.arg("run")
-            .arg("--cgroup")
+        let mut cmd = admin_command(&self.admin_socket(), &["run"]);
+        cmd.arg("--cgroup")
             .arg(&self.spec.attach_cgroup)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--admin-socket")
-            .arg(self.admin_socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(&self.spec.args)
@@ -153,17 +164,10 @@ impl Daemon {
             .is_none_or(|mut c| c.terminate(Duration::from_secs(10)))
     }
 
-    /// `metaproxy detach` on this daemon's pins, in the bed's namespace (a
-    /// clsact guard filter is found by the index of its interface, which
-    /// means something only there). The daemon must be stopped first.
+    /// `metaproxy detach` on this daemon's pins. It refuses while the
+    /// daemon answers on its admin socket: stop the daemon first.
     pub fn detach(&self) -> std::io::Result<std::process::Output> {
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.spec.netns.display()))
-            .arg(metaproxy_bin())
-            .arg("detach")
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .output()
+        self.pins_command(&["detach"]).output()
     }
 
     /// Starts the daemon again with the same pins, socket and cgroups.
@@ -172,13 +176,44 @@ impl Daemon {
         self.launch()
     }
 
-    /// Runs `metaproxy <subcommand> --admin-socket ... args` and returns stdout.
+    /// `metaproxy ARGS` aimed at this daemon's admin socket.
+    pub fn admin_command(&self, args: &[&str]) -> Command {
+        admin_command(&self.admin_socket(), args)
+    }
+
+    /// `metaproxy ARGS` run in the bed's network namespace, where the
+    /// interface indexes in the pins mean what they say (a clsact guard
+    /// filter is found by its interface's index).
+    pub fn netns_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.spec.netns.display()))
+            .arg(metaproxy_bin())
+            .args(args);
+        cmd
+    }
+
+    /// [`Daemon::netns_command`] aimed at this daemon's pins and admin
+    /// socket: `detach`, `status --redirect`.
+    pub fn pins_command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.netns_command(args);
+        cmd.args(self.target_args());
+        cmd
+    }
+
+    /// `--pin-dir PINS --admin-socket SOCKET` for this daemon.
+    fn target_args(&self) -> Vec<std::ffi::OsString> {
+        let socket = self.admin_socket();
+        ["--pin-dir".as_ref(), self.pin_dir.as_os_str()]
+            .into_iter()
+            .chain(admin_socket_args(&socket))
+            .map(OsStr::to_os_string)
+            .collect()
+    }
+
+    /// Runs `metaproxy <subcommand> args --admin-socket ...` and returns stdout.
     pub fn admin(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(metaproxy_bin())
-            .arg(subcommand)
-            .arg("--admin-socket")
-            .arg(self.admin_socket())
-            .args(args)
+        let out = self
+            .admin_command(&[&[subcommand], args].concat())
             .output()
             .context("running metaproxy")?;
         if !out.status.success() {
@@ -198,13 +233,10 @@ impl Daemon {
             runner_config.as_os_str(),
             "--defaults".as_ref(),
             defaults.as_os_str(),
-            "--pin-dir".as_ref(),
-            self.pin_dir.as_os_str(),
-            "--admin-socket".as_ref(),
-            self.admin_socket().as_os_str(),
         ]
         .into_iter()
-        .map(std::ffi::OsStr::to_os_string)
+        .map(OsStr::to_os_string)
+        .chain(self.target_args())
         .collect()
     }
 

@@ -3,12 +3,15 @@
 //! namespace with only `lo`, cgroup subtree, daemon, fake IMDS) and tears it
 //! down on every exit path. Needs root; run through `cargo xtask test`.
 
-use std::process::{Command, Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use metaproxy_tests::{
     bed::KernelBed as Bed,
     cgroup::id_of,
-    daemon::sample_value,
+    daemon::{admin_command, sample_value},
     process::{output_in, spawn_in},
 };
 use serde_json::Value;
@@ -244,7 +247,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
 fn detach_removes_the_redirect() {
     let mut bed = Bed::new(&[]);
     // Not under a running daemon: that would fail open behind its back.
-    let refused = detach(&bed);
+    let refused = bed.daemon.detach().unwrap();
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
@@ -362,11 +365,10 @@ fn maps_stay_bounded_over_100k_short_connections() {
 #[test]
 fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
     let bed = Bed::new(&[]);
-    let mut follow = Command::new(metaproxy_tests::daemon::metaproxy_bin());
-    follow
-        .args(["connections", "--follow", "--json", "--admin-socket"])
-        .arg(bed.daemon.admin_socket())
-        .stdout(Stdio::piped());
+    let mut follow = bed
+        .daemon
+        .admin_command(&["connections", "--follow", "--json"]);
+    follow.stdout(Stdio::piped());
     let mut follow = metaproxy_tests::process::ChildGuard::new(follow.spawn().unwrap());
     let stdout = follow.child().stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -408,8 +410,7 @@ fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
     };
     assert_eq!(line["cgroup_id"], id_of(&bed.cgroup("attached/a")));
 
-    let missing = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["connections", "--admin-socket", "/nonexistent/admin.sock"])
+    let missing = admin_command(Path::new("/nonexistent/admin.sock"), &["connections"])
         .output()
         .unwrap();
     assert!(!missing.status.success());
@@ -514,34 +515,11 @@ fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
     assert_eq!(bed.imds_calls(), 0);
 }
 
-/// `metaproxy` run in the bed's network namespace, where the interface
-/// indexes in its pins mean what they say.
-fn in_bed(bed: &Bed) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", bed.ns.path().display()))
-        .arg(metaproxy_tests::daemon::metaproxy_bin());
-    cmd
-}
-
-/// `metaproxy detach` for this bed's pins and admin socket.
-fn detach(bed: &Bed) -> std::process::Output {
-    in_bed(bed)
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
-        .output()
-        .unwrap()
-}
-
 /// `metaproxy status --redirect` for this bed: exit status and output.
 fn redirect_status(bed: &Bed) -> (bool, String) {
-    let out = in_bed(bed)
-        .args(["status", "--redirect", "--pin-dir"])
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
+    let out = bed
+        .daemon
+        .pins_command(&["status", "--redirect"])
         .output()
         .unwrap();
     let text =
@@ -580,7 +558,7 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let _ = std::fs::remove_dir_all(&dir);
 
     // Detached: exit 1, for units that must not start without it.
-    let out = detach(&bed);
+    let out = bed.daemon.detach().unwrap();
     assert!(out.status.success(), "{out:?}");
     let (ok, text) = redirect_status(&bed);
     assert!(!ok && text.contains("no redirect"), "{text}");
@@ -671,22 +649,22 @@ fn health_says_what_is_missing_and_json_logs_keep_their_fields() {
 #[test]
 fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once() {
     let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"])
-        .args(["--allow-role", "arn:aws:iam::123456789012:role/*"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--admin-socket")
-        .arg(dir.join("admin.sock"))
-        .arg("--pin-dir")
-        .arg(dir.join("pins"))
-        // As a terminal would have it: only a terminal gets colour.
-        .env("TERM", "xterm-256color")
-        .env_remove("NO_COLOR")
-        .env("METAPROXY_LOG", "debug")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = admin_command(
+        &dir.join("admin.sock"),
+        &["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"],
+    )
+    .args(["--allow-role", "arn:aws:iam::123456789012:role/*"])
+    .arg("--state-dir")
+    .arg(dir.join("state"))
+    .arg("--pin-dir")
+    .arg(dir.join("pins"))
+    // As a terminal would have it: only a terminal gets colour.
+    .env("TERM", "xterm-256color")
+    .env_remove("NO_COLOR")
+    .env("METAPROXY_LOG", "debug")
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -784,8 +762,7 @@ fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
     .unwrap();
     // No dockerd and no STS in this bed: --offline (as at AMI build time)
     // makes those warnings and skips.
-    let mut cmd = in_bed(bed);
-    cmd.args(["doctor", "--json"]);
+    let mut cmd = bed.daemon.netns_command(&["doctor", "--json"]);
     if offline {
         cmd.arg("--offline");
     }

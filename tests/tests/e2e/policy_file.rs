@@ -95,12 +95,11 @@ fn a_policy_file_admits_one_project_on_a_protected_ref_and_a_broken_reload_keeps
         "{reasons:?}"
     );
     // `policy explain` asks the daemon, rule by rule.
-    let explained = policy_cli(&[
-        "explain",
-        "proj-b",
-        "--admin-socket",
-        bed.daemon.admin_socket().to_str().unwrap(),
-    ]);
+    let explained = bed
+        .daemon
+        .admin_command(&["policy", "explain", "proj-b"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&explained.stdout);
     assert!(explained.status.success(), "{explained:?}");
     assert!(text.contains("decision: refused: no rule"), "{text}");

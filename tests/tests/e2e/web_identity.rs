@@ -280,9 +280,9 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
     assert_eq!(got["status"], 200, "{got}\n{}", bed.daemon.log());
     assert_eq!(web_identity_calls(&bed, "4210").len(), 1);
     // `policy explain` says where the facts came from.
-    let explained = std::process::Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["policy", "explain", "wi-forged-path", "--admin-socket"])
-        .arg(bed.daemon.admin_socket())
+    let explained = bed
+        .daemon
+        .admin_command(&["policy", "explain", "wi-forged-path"])
         .output()
         .unwrap();
     assert!(explained.status.success(), "{explained:?}");
