@@ -3,18 +3,15 @@
 
 use std::time::Duration;
 
-use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
+use metaproxy_tests::{
+    bed::{E2eBed, ROLE_DEPLOY},
+    process::vm_rss_kib,
+};
 
 use crate::{CREDS, IMDS};
 
 fn daemon_rss_kib(bed: &E2eBed) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.daemon.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+    vm_rss_kib(bed.daemon.pid()).expect("VmRSS")
 }
 
 #[test]
