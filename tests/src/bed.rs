@@ -5,7 +5,6 @@
 //! down in reverse order.
 
 use std::{
-    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -23,6 +22,7 @@ use crate::{
     moto::{Moto, PORT},
     netns::NetNs,
     process::output_in,
+    scratch::ScratchDir,
 };
 
 /// Roles moto knows (all in the instance's account, trusting the instance).
@@ -34,6 +34,11 @@ pub const ROLE_UNTRUSTING: &str = "ci-untrusting";
 
 /// gitlab-runner's job label, which metaproxy requires of role containers.
 pub const JOB_ID_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+/// The `--label` value that puts a container in job `job`.
+pub fn job_label(job: impl std::fmt::Display) -> String {
+    format!("{JOB_ID_LABEL}={job}")
+}
 
 /// A job id for a container that names none of its own.
 fn next_job_id() -> u32 {
@@ -92,17 +97,6 @@ pub struct E2eBed {
     dir: ScratchDir,
 }
 
-#[derive(Debug)]
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            crate::teardown_failed(format!("scratch directory {}: {e}", self.0.display()));
-        }
-    }
-}
-
 /// What every bed stands on: a scratch directory, a network namespace with
 /// no route out (it plays the EC2 host), the IMDS namespace one routed hop
 /// from it, and a cgroup subtree with `attached` (where the probe goes)
@@ -121,8 +115,7 @@ struct Foundation {
 impl Foundation {
     fn new() -> anyhow::Result<Self> {
         crate::require_root();
-        let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
-        fs::create_dir_all(&dir.0)?;
+        let dir = ScratchDir::new("mpt")?;
         let ns = NetNs::new("mpt", &[])?;
         let imds_net = ImdsNet::new(&ns)?;
         let cg = TestCgroup::new("mpt")?;
@@ -193,7 +186,7 @@ impl E2eBed {
             own,
         } = Foundation::new()?;
 
-        let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
+        let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.join("moto"))?;
         let instance = moto.seed_with(
             &ns,
             &cg.child("services/seed")?,
@@ -204,7 +197,7 @@ impl E2eBed {
             Some(_) => Some(FakeGitlab::start(
                 &ns,
                 &cg.child("services/gitlab")?,
-                dir.0.join("gitlab"),
+                dir.join("gitlab"),
             )?),
             None => None,
         };
@@ -228,7 +221,7 @@ impl E2eBed {
             &ns,
             &cg.child("services/dockerd")?,
             &format!("{}/docker", cg.relative(&attached)),
-            dir.0.join("docker"),
+            dir.join("docker"),
         )?;
         let daemon = Daemon::start(DaemonSpec {
             netns: ns.path(),
@@ -285,7 +278,7 @@ impl E2eBed {
 
     /// A scratch directory that goes away with the bed.
     pub fn scratch(&self) -> &Path {
-        &self.dir.0
+        self.dir.path()
     }
 
     /// `docker run` options every job container gets: the host binaries,
@@ -297,7 +290,7 @@ impl E2eBed {
             "--name".to_string(),
             name.to_string(),
             "--label".to_string(),
-            format!("{JOB_ID_LABEL}={}", next_job_id()),
+            job_label(next_job_id()),
         ];
         let mut all_env = vec![
             ("AWS_REGION".to_string(), REGION.to_string()),

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::process::{self, ChildGuard};
+use crate::{
+    process::{self, ChildGuard},
+    scratch::ScratchDir,
+};
 
 /// The daemon binary under test.
 pub fn metaproxy_bin() -> PathBuf {
@@ -46,20 +49,20 @@ pub struct DaemonSpec {
 }
 
 /// A running daemon with its own pin directory and admin socket. Dropping
-/// it stops the daemon and detaches the probe (removing every pin).
+/// it stops the daemon and detaches the probe (removing every pin); its
+/// directory goes last, once the pins' bpffs is unmounted.
 #[derive(Debug)]
 pub struct Daemon {
     spec: DaemonSpec,
     child: Option<ChildGuard>,
-    dir: PathBuf,
     pin_dir: PathBuf,
     starts: u32,
+    dir: ScratchDir,
 }
 
 impl Daemon {
     pub fn start(spec: DaemonSpec) -> anyhow::Result<Self> {
-        let name = crate::unique_name("mpd");
-        let dir = std::env::temp_dir().join(&name);
+        let dir = ScratchDir::new("mpd")?;
         // A bpffs of the bed's own for the pins, so the host's /sys/fs/bpf
         // is never touched (or mounted); it outlives daemon restarts and
         // goes, with every pin in it, when the daemon guard drops.
@@ -78,9 +81,9 @@ impl Daemon {
         let mut daemon = Self {
             spec,
             child: None,
-            dir,
             pin_dir: bpffs.join("pins"),
             starts: 0,
+            dir,
         };
         daemon.launch()?;
         Ok(daemon)
@@ -281,7 +284,6 @@ impl Drop for Daemon {
         let pins_left = !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists();
         let bpffs = self.dir.join("bpffs");
         let unmounted = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir_all(&self.dir);
         if pins_left {
             crate::teardown_failed(format!("pins left in {}", self.pin_dir.display()));
         }

@@ -16,6 +16,7 @@
 //! * [`docker::Dockerd`] - a private dockerd whose containers live under
 //!   the probe's cgroup.
 //! * [`bed::E2eBed`] - all of the above, for end-to-end tests and the demo.
+//! * [`scratch::ScratchDir`] - a directory removed on drop.
 //!
 //! Everything here needs root and a BPF-capable kernel; a test that cannot
 //! build its bed fails with the reason instead of skipping.
@@ -30,6 +31,7 @@ pub mod imds_net;
 pub mod moto;
 pub mod netns;
 pub mod process;
+pub mod scratch;
 
 /// Where the bed finds the binaries it runs: the daemon, and the directory
 /// of the clients (`mp-client`, `mp-sdk-client`, `mp-hello`).

@@ -5,13 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
-
-const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id=4242";
+use metaproxy_tests::bed::{job_label, E2eBed, ROLE_DEPLOY};
 
 #[test]
 fn seventeen_containers_of_one_job_holding_250_connections_each_do_not_starve_another_job() {
     let bed = E2eBed::start(&[]).expect("bed");
+    let greedy_job = job_label(4242);
     // A build container and 16 services of one job, as gitlab-runner
     // labels them all with the job's id.
     let flood: Vec<_> = (0..17)
@@ -20,7 +19,7 @@ fn seventeen_containers_of_one_job_holding_250_connections_each_do_not_starve_an
                 &format!("greedy-{n}"),
                 bed.base_image(),
                 &[("IAM_ROLE", ROLE_DEPLOY)],
-                &["--label", JOB_LABEL],
+                &["--label", &greedy_job],
             )
             .expect("container")
         })

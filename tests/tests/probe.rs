@@ -13,6 +13,7 @@ use metaproxy_tests::{
     cgroup::id_of,
     daemon::{admin_command, sample_value},
     process::{output_in, spawn_in},
+    scratch::ScratchDir,
 };
 use serde_json::Value;
 
@@ -452,14 +453,12 @@ fn container_runtimes_on_the_host_get_no_pass_through() {
     let bed = Bed::allowing_a(&[]);
     // A host process called dockerd: it fetches URLs for Docker API clients
     // (`docker build` with ADD), so it must not reach the real IMDS.
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let fake_dockerd = dir.join("dockerd");
     std::fs::copy(CLIENT, &fake_dockerd).unwrap();
     let mut cmd = Command::new(&fake_dockerd);
     cmd.args(["get", IMDS, "/latest/meta-data/instance-id"]);
     let out = output_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["status"], 403, "{got}");
     let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
@@ -530,8 +529,7 @@ fn redirect_status(bed: &Bed) -> (bool, String) {
 #[test]
 fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     use std::os::unix::net::UnixDatagram;
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&path).unwrap();
     notify
@@ -555,7 +553,6 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let (ok, text) = redirect_status(&bed);
     assert!(ok, "{text}");
     assert!(text.contains("daemon not running"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Detached: exit 1, for units that must not start without it.
     let out = bed.daemon.detach().unwrap();
@@ -648,7 +645,7 @@ fn health_says_what_is_missing_and_json_logs_keep_their_fields() {
 
 #[test]
 fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once() {
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
+    let dir = ScratchDir::new("mpt").unwrap();
     let out = admin_command(
         &dir.join("admin.sock"),
         &["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"],
@@ -665,7 +662,6 @@ fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once(
     .stdin(Stdio::null())
     .output()
     .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("DEBUG"), "some log lines: {stderr}");
@@ -750,8 +746,7 @@ fn a_redirected_connect_that_never_sent_a_syn_leaves_no_record() {
 /// `metaproxy doctor --json` for this bed with `runner_config`: exit status
 /// and the checks.
 fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let config = dir.join("config.toml");
     std::fs::write(&config, runner_config).unwrap();
     let defaults = dir.join("metaproxy.default");
@@ -770,7 +765,6 @@ fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
         .args(bed.daemon.doctor_args(&config, &defaults))
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let checks: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     (out.status.success(), checks)

@@ -22,7 +22,6 @@ use metaproxy_tests::bed::E2eBed;
 
 const IMDS: &str = "169.254.169.254:80";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-const JOB_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
 
 fn is_assumed(role: &str, session: &str, arn: &str) -> bool {
     arn == format!("arn:aws:sts::123456789012:assumed-role/{role}/{session}")

@@ -4,27 +4,11 @@ use std::time::Duration;
 
 use metaproxy_tests::{
     bed::{role_arn, E2eBed, ROLE_DEPLOY},
+    scratch::ScratchDir,
     wait_for,
 };
 
 use crate::{assert_real_imds_untouched, refusals, CREDS};
-
-/// A scratch directory for a test's own files, removed on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn policy_cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(metaproxy_tests::daemon::metaproxy_bin())
@@ -36,8 +20,8 @@ fn policy_cli(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_policy_file_admits_one_project_on_a_protected_ref_and_a_broken_reload_keeps_it() {
-    let scratch = Scratch::new();
-    let path = scratch.0.join("policy.toml");
+    let scratch = ScratchDir::new("mpt").unwrap();
+    let path = scratch.join("policy.toml");
     let rule = |projects: &str| {
         format!(
             "[[rule]]\nroles = [\"arn:aws:iam::123456789012:role/ci-*\"]\nprojects = [{projects}]\nrefs = [\"main\"]\nprotected = true\n"

@@ -7,12 +7,13 @@
 use std::time::Duration;
 
 use metaproxy_tests::{
-    bed::{role_arn, E2eBed, ROLE_DEPLOY},
+    bed::{job_label, role_arn, E2eBed, ROLE_DEPLOY},
     gitlab::FakeGitlab,
+    scratch::ScratchDir,
 };
 use serde_json::{json, Value};
 
-use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS, JOB_LABEL};
+use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS};
 
 fn gitlab(bed: &E2eBed) -> &FakeGitlab {
     bed.gitlab.as_ref().expect("a bed with a GitLab issuer")
@@ -53,10 +54,6 @@ fn assume_role_calls(bed: &E2eBed, job: &str) -> usize {
         .count()
 }
 
-fn label(job: &str) -> String {
-    format!("{JOB_LABEL}={job}")
-}
-
 #[test]
 fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces_and_no_log_holds_the_token(
 ) {
@@ -76,7 +73,13 @@ fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces
         let mut env = vec![("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", token.as_str())];
         env.extend(surface);
         let got = bed
-            .sdk_client(name, bed.base_image(), &env, &["--label", &label(job)], 1)
+            .sdk_client(
+                name,
+                bed.base_image(),
+                &env,
+                &["--label", &job_label(job)],
+                1,
+            )
             .unwrap();
         assert_eq!(got["ok"], true, "{name}: {got}\n{}", bed.daemon.log());
         let arn = got["arns"][0].as_str().unwrap();
@@ -130,15 +133,7 @@ type Case<'a> = (&'a str, &'a str, String, Vec<(&'a str, &'a str)>, &'a str);
 
 #[test]
 fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_meet_the_policy() {
-    let scratch = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt-policy"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    struct Gone(std::path::PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _gone = Gone(scratch.clone());
+    let scratch = ScratchDir::new("mpt").unwrap();
     let policy = scratch.join("policy.toml");
     std::fs::write(
         &policy,
@@ -245,7 +240,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
         let mut env = vec![("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", token.as_str())];
         env.extend(extra_env.iter().copied());
         let c = bed
-            .container(name, bed.base_image(), &env, &["--label", &label(job)])
+            .container(name, bed.base_image(), &env, &["--label", &job_label(job)])
             .unwrap();
         let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
         assert_eq!(got["status"], 404, "{name}: {got}");
@@ -273,7 +268,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
             "wi-production",
             bed.base_image(),
             &[("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", &token)],
-            &["--label", &label("4210")],
+            &["--label", &job_label("4210")],
         )
         .unwrap();
     let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
@@ -305,7 +300,7 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
             "wi-before",
             bed.base_image(),
             &env,
-            &["--label", &label("4301")],
+            &["--label", &job_label("4301")],
         )
         .unwrap();
     assert_eq!(
@@ -328,7 +323,7 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
                 &format!("wi-made-up-{i}"),
                 bed.base_image(),
                 &[("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", &forged)],
-                &["--label", &label("4302")],
+                &["--label", &job_label("4302")],
             )
             .unwrap();
         assert_eq!(
@@ -349,7 +344,7 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
             "wi-after",
             bed.base_image(),
             &env,
-            &["--label", &label("4301")],
+            &["--label", &job_label("4301")],
         )
         .unwrap();
     let got = after.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
@@ -368,7 +363,7 @@ fn with_tokens_required_a_daemon_without_credentials_of_its_own_serves_tokens_an
             "wi-required",
             bed.base_image(),
             &[("IAM_ROLE", &arn), ("AWS_ID_TOKEN", &token)],
-            &["--label", &label("4401")],
+            &["--label", &job_label("4401")],
             1,
         )
         .unwrap();
@@ -384,7 +379,7 @@ fn with_tokens_required_a_daemon_without_credentials_of_its_own_serves_tokens_an
             "wi-no-token",
             bed.base_image(),
             &[("IAM_ROLE", &arn)],
-            &["--label", &label("4402")],
+            &["--label", &job_label("4402")],
         )
         .unwrap();
     assert_eq!(
