@@ -9,7 +9,7 @@ use std::{
 };
 
 use metaproxy_tests::{
-    bed::KernelBed as Bed,
+    bed::{bin, KernelBed as Bed},
     cgroup::id_of,
     daemon::{admin_command, sample_value},
     process::{output_in, spawn_in},
@@ -17,7 +17,6 @@ use metaproxy_tests::{
 };
 use serde_json::Value;
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_mp-client");
 const IMDS: &str = "169.254.169.254:80";
 const LISTEN: &str = "169.254.170.254:8169";
 
@@ -117,7 +116,7 @@ fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
     let children: Vec<_> = groups
         .iter()
         .map(|rel| {
-            let mut cmd = Command::new(CLIENT);
+            let mut cmd = Command::new(bin("mp-client"));
             cmd.args(["hold", IMDS, "100"]).stdout(Stdio::piped());
             spawn_in(cmd, &bed.ns.path(), &bed.cgroup(rel)).unwrap()
         })
@@ -455,7 +454,7 @@ fn container_runtimes_on_the_host_get_no_pass_through() {
     // (`docker build` with ADD), so it must not reach the real IMDS.
     let dir = ScratchDir::new("mpt").unwrap();
     let fake_dockerd = dir.join("dockerd");
-    std::fs::copy(CLIENT, &fake_dockerd).unwrap();
+    std::fs::copy(bin("mp-client"), &fake_dockerd).unwrap();
     let mut cmd = Command::new(&fake_dockerd);
     cmd.args(["get", IMDS, "/latest/meta-data/instance-id"]);
     let out = output_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
@@ -681,7 +680,7 @@ fn a_record_serves_one_connection_and_a_late_accept_is_refused() {
     // Connections kept open after their answer: each record was consumed
     // by its accept, so none is left for a spoofed SYN from the same
     // address and port to claim, though the client sockets live on.
-    let mut cmd = Command::new(CLIENT);
+    let mut cmd = Command::new(bin("mp-client"));
     cmd.args([
         "keepalive",
         IMDS,
@@ -705,7 +704,7 @@ fn a_record_serves_one_connection_and_a_late_accept_is_refused() {
     // daemon is stopped while the kernel completes the handshake.
     let pid = nix::unistd::Pid::from_raw(bed.daemon.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let mut cmd = Command::new(CLIENT);
+    let mut cmd = Command::new(bin("mp-client"));
     cmd.args(["get", IMDS, "/latest/meta-data/instance-id"])
         .stdout(Stdio::piped());
     let mut late = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/b")).unwrap();
