@@ -8,6 +8,7 @@
 mod builds;
 mod container_credentials;
 mod doctor;
+mod id_token;
 mod limits;
 mod logs;
 mod metrics;
@@ -16,7 +17,6 @@ mod roles;
 mod sts;
 mod surface;
 mod tokens;
-mod web_identity;
 
 use metaproxy_tests::bed::E2eBed;
 
