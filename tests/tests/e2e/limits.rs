@@ -38,6 +38,9 @@ fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon()
     args.extend(["/mp-client", "flood", IMDS, "4000", "25"].map(String::from));
     let (latency, rss_during, status) = std::thread::scope(|s| {
         let flood = s.spawn(|| bed.dockerd.run(&args));
+        // Paces the load: the other job is measured seconds into the
+        // flood, while its connects go on (they stall and resume on this
+        // 2-core machine, so no count marks the moment).
         std::thread::sleep(Duration::from_secs(6));
         let latency = steady
             .exec(&["/mp-client", "latency", IMDS, &path, "300"])
@@ -72,6 +75,18 @@ fn one_containers_connection_flood_neither_slows_another_nor_bloats_the_daemon()
         "flood: other job p50 {} us p99 {p99} us; daemon RSS {rss_before} -> {rss_during} KiB; {status}",
         latency["p50_us"]
     );
+}
+
+/// Containers started with `docker run` (not [`E2eBed::container`], which
+/// guards its own), removed on drop.
+struct RemoveOnDrop<'a>(Vec<String>, &'a E2eBed);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = self.1.dockerd.docker(&["rm", "-f", name]);
+        }
+    }
 }
 
 /// A job that opens and closes connections to IMDS as fast as it can, from
@@ -110,16 +125,19 @@ fn a_connect_flood_from_several_containers_leaves_another_job_its_credentials() 
             .iter()
             .map(|args| s.spawn(|| bed.dockerd.run(args)))
             .collect();
+        // The churners never stop by themselves: removed however this
+        // ends, or the scope would wait for them.
+        let churners = RemoveOnDrop((0..4).map(|i| format!("churner-{i}")).collect(), &bed);
+        // Paces the load: seconds of churn fill the accept backlog and
+        // the kernel's record map before the other job asks.
         std::thread::sleep(Duration::from_secs(3));
         let latency = steady
             .exec(&["/mp-client", "latency", IMDS, &path, "300"])
             .unwrap();
         let sdk = steady.exec(&["/mp-sdk-client", "3"]).unwrap();
         // The flood ran all along: every churner is still at it.
-        let still: Vec<bool> = (0..4).map(|i| running(&format!("churner-{i}"))).collect();
-        for i in 0..4 {
-            let _ = bed.dockerd.docker(&["rm", "-f", &format!("churner-{i}")]);
-        }
+        let still: Vec<bool> = churners.0.iter().map(|name| running(name)).collect();
+        drop(churners);
         for f in floods {
             let _ = f.join();
         }
