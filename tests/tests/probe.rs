@@ -888,13 +888,22 @@ fn out_of_descriptors_no_listener_spins_and_each_serves_again() {
         .filter_map(|_| std::os::unix::net::UnixStream::connect(bed.daemon.admin_socket()).ok())
         .collect();
     assert!(!admin.is_empty() && !held.1.is_empty());
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Until the daemon has taken every descriptor left to it.
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count() as u64
+    };
+    metaproxy_tests::wait_for(
+        "the daemon out of descriptors",
+        std::time::Duration::from_secs(10),
+        || (fds() >= open + 9).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} open, limit {}", fds(), open + 10));
     let (t0, started) = (cpu_ticks(pid), std::time::Instant::now());
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let (ticks, secs) = (cpu_ticks(pid) - t0, started.elapsed().as_secs_f64());
-    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as u64;
+    let open_now = fds();
     // A loop that retried at once would burn a core: ~100 ticks a second.
     assert!(
         (ticks as f64) < 10.0 * secs,

@@ -10,6 +10,7 @@ use metaproxy_tests::{
     bed::{job_label, role_arn, Container, E2eBed, ROLE_DEPLOY},
     gitlab::FakeGitlab,
     scratch::ScratchDir,
+    wait_for,
 };
 use serde_json::{json, Value};
 
@@ -384,9 +385,10 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
         fetched <= 3,
         "{fetched} JWKS fetches for ten unknown key ids"
     );
-    // GitLab rotates to b; once the refetch pause is over, b's tokens work.
+    // GitLab rotates to b; once the refetch pause (5 s after the last
+    // fetch) is over, b's tokens work. Until then the daemon refuses them
+    // without asking GitLab or STS, so asking again is harmless.
     gl.publish(&["a", "b"]);
-    std::thread::sleep(Duration::from_secs(6));
     let after = bed
         .container(
             "wi-after",
@@ -395,7 +397,14 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
             &["--label", &job_label("4301")],
         )
         .unwrap();
-    let got = after.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+    let mut got = Value::Null;
+    let taken = wait_for("key b taken", Duration::from_secs(20), || {
+        got = after.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+        (got["status"] == 200).then_some(())
+    });
+    if let Err(e) = taken {
+        panic!("{e}: {got}\n{}", bed.daemon.log());
+    }
     assert_eq!(got["status"], 200, "{got}\n{}", bed.daemon.log());
     assert_eq!(web_identity_calls(&bed, "4301").len(), 1);
 }

@@ -30,6 +30,11 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
     // STS is held until all 200 connections are open, so the container's
     // start-time prefetch cannot finish first: every request meets the one
     // AssumeRole in flight. (Moto's guard resumes it if anything panics.)
+    let misses = || {
+        bed.daemon
+            .metric(r#"metaproxy_credential_cache_lookups_total{result="miss"}"#)
+    };
+    let misses_before = misses();
     bed.moto.pause(true);
     let out = std::thread::scope(|s| {
         let burst = s.spawn(|| bed.dockerd.run(&args));
@@ -37,10 +42,16 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
             let open = bed.daemon.status().ok()?["connections"]["open"].as_u64()?;
             (open >= 200).then_some(())
         });
-        // Let the requests reach the daemon, well within their wait budget.
-        std::thread::sleep(Duration::from_millis(150));
+        // Until every request has reached the daemon and met the empty
+        // cache (the prefetch counts no lookup), well within their wait
+        // budget.
+        let arrived = open.and_then(|()| {
+            wait_for("200 requests at the cache", Duration::from_secs(10), || {
+                (misses() >= misses_before + 200.0).then_some(())
+            })
+        });
         bed.moto.pause(false);
-        open.unwrap();
+        arrived.unwrap_or_else(|e| panic!("{e}: {} misses", misses() - misses_before));
         burst.join().unwrap().unwrap()
     });
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
