@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use crate::{
-    cgroup::TestCgroup,
+    cgroup::{id_of, path_of, TestCgroup},
     daemon::{Daemon, DaemonSpec},
     docker::{Dockerd, BASE_IMAGE, GATEWAY},
     fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
@@ -215,6 +215,7 @@ impl E2eBed {
                     _ => Some(instance),
                 },
                 allow_v1: !instance_requires_tokens,
+                host_netns: Some(ns.path()),
             },
         )?;
         let dockerd = Dockerd::start(
@@ -403,16 +404,53 @@ impl E2eBed {
         BASE_IMAGE
     }
 
-    /// Calls the fake real IMDS received from containers (their bridge
-    /// addresses); the daemon's own calls come from the namespace's lo.
+    /// Calls the fake real IMDS received from anyone but the daemon, each
+    /// as its address and where it came from: a container's namespace
+    /// (forwarded), or a cgroup of the bed's own namespace other than the
+    /// daemon's (a `--network host` container, say). The daemon's calls
+    /// share the host's address with every process of the namespace, so
+    /// they are told apart by their socket's cgroup.
     pub fn container_calls_to_real_imds(&self) -> Vec<String> {
-        let prefix = GATEWAY.rsplit_once('.').map_or(GATEWAY, |(net, _)| net);
+        let daemon = id_of(self.daemon.cgroup());
         self.imds
             .calls()
             .into_iter()
-            .map(|c| c.peer.ip().to_string())
-            .filter(|ip| ip.starts_with(prefix))
+            .filter(|c| c.cgroup_id != Some(daemon))
+            .map(|c| match c.cgroup_id {
+                Some(id) => format!(
+                    "{} from cgroup {}",
+                    c.peer,
+                    path_of(self.cg.path(), id)
+                        .map_or_else(|| format!("id {id}"), |p| self.cg.relative(&p))
+                ),
+                None => format!(
+                    "{} from no socket of the bed's namespace (forwarded from a container's)",
+                    c.peer
+                ),
+            })
             .collect()
+    }
+
+    /// No container reached the real IMDS: none was passed through by
+    /// the daemon, and no call the fake real IMDS received came from
+    /// anyone but the daemon. The error says who did.
+    pub fn check_real_imds_untouched(&self) -> Result<(), String> {
+        // Every caller here is a container: nothing may be passed through.
+        let passed: Vec<_> = self
+            .daemon
+            .connections()
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .filter(|c| c["outcome"] == "passthrough")
+            .collect();
+        if !passed.is_empty() {
+            return Err(format!("container requests passed through: {passed:?}"));
+        }
+        let calls = self.container_calls_to_real_imds();
+        if !calls.is_empty() {
+            return Err(format!("containers reached the real IMDS: {calls:?}"));
+        }
+        Ok(())
     }
 }
 

@@ -97,6 +97,11 @@ impl Daemon {
         &self.pin_dir
     }
 
+    /// The cgroup the daemon process runs in.
+    pub fn cgroup(&self) -> &Path {
+        &self.spec.own_cgroup
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, ChildGuard::pid)
     }
