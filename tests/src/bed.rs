@@ -5,7 +5,6 @@
 //! down in reverse order.
 
 use std::{
-    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -14,7 +13,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use crate::{
-    cgroup::TestCgroup,
+    cgroup::{id_of, path_of, TestCgroup},
     daemon::{Daemon, DaemonSpec},
     docker::{Dockerd, BASE_IMAGE, GATEWAY},
     fake_imds::{FakeImds, FakeImdsConfig, ACCOUNT_ID, REGION},
@@ -23,6 +22,7 @@ use crate::{
     moto::{Moto, PORT},
     netns::NetNs,
     process::output_in,
+    scratch::ScratchDir,
 };
 
 /// Roles moto knows (all in the instance's account, trusting the instance).
@@ -34,6 +34,11 @@ pub const ROLE_UNTRUSTING: &str = "ci-untrusting";
 
 /// gitlab-runner's job label, which metaproxy requires of role containers.
 pub const JOB_ID_LABEL: &str = "com.gitlab.gitlab-runner.job.id";
+
+/// The `--label` value that puts a container in job `job`.
+pub fn job_label(job: impl std::fmt::Display) -> String {
+    format!("{JOB_ID_LABEL}={job}")
+}
 
 /// A job id for a container that names none of its own.
 fn next_job_id() -> u32 {
@@ -92,17 +97,6 @@ pub struct E2eBed {
     dir: ScratchDir,
 }
 
-#[derive(Debug)]
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            crate::teardown_failed(format!("scratch directory {}: {e}", self.0.display()));
-        }
-    }
-}
-
 /// What every bed stands on: a scratch directory, a network namespace with
 /// no route out (it plays the EC2 host), the IMDS namespace one routed hop
 /// from it, and a cgroup subtree with `attached` (where the probe goes)
@@ -121,8 +115,7 @@ struct Foundation {
 impl Foundation {
     fn new() -> anyhow::Result<Self> {
         crate::require_root();
-        let dir = ScratchDir(std::env::temp_dir().join(crate::unique_name("mpt")));
-        fs::create_dir_all(&dir.0)?;
+        let dir = ScratchDir::new("mpt")?;
         let ns = NetNs::new("mpt", &[])?;
         let imds_net = ImdsNet::new(&ns)?;
         let cg = TestCgroup::new("mpt")?;
@@ -193,7 +186,7 @@ impl E2eBed {
             own,
         } = Foundation::new()?;
 
-        let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.0.join("moto"))?;
+        let moto = Moto::start(&ns, &cg.child("services/moto")?, dir.join("moto"))?;
         let instance = moto.seed_with(
             &ns,
             &cg.child("services/seed")?,
@@ -204,7 +197,7 @@ impl E2eBed {
             Some(_) => Some(FakeGitlab::start(
                 &ns,
                 &cg.child("services/gitlab")?,
-                dir.0.join("gitlab"),
+                dir.join("gitlab"),
             )?),
             None => None,
         };
@@ -222,13 +215,14 @@ impl E2eBed {
                     _ => Some(instance),
                 },
                 allow_v1: !instance_requires_tokens,
+                host_netns: Some(ns.path()),
             },
         )?;
         let dockerd = Dockerd::start(
             &ns,
             &cg.child("services/dockerd")?,
             &format!("{}/docker", cg.relative(&attached)),
-            dir.0.join("docker"),
+            dir.join("docker"),
         )?;
         let daemon = Daemon::start(DaemonSpec {
             netns: ns.path(),
@@ -285,7 +279,7 @@ impl E2eBed {
 
     /// A scratch directory that goes away with the bed.
     pub fn scratch(&self) -> &Path {
-        &self.dir.0
+        self.dir.path()
     }
 
     /// `docker run` options every job container gets: the host binaries,
@@ -297,7 +291,7 @@ impl E2eBed {
             "--name".to_string(),
             name.to_string(),
             "--label".to_string(),
-            format!("{JOB_ID_LABEL}={}", next_job_id()),
+            job_label(next_job_id()),
         ];
         let mut all_env = vec![
             ("AWS_REGION".to_string(), REGION.to_string()),
@@ -410,16 +404,53 @@ impl E2eBed {
         BASE_IMAGE
     }
 
-    /// Calls the fake real IMDS received from containers (their bridge
-    /// addresses); the daemon's own calls come from the namespace's lo.
+    /// Calls the fake real IMDS received from anyone but the daemon, each
+    /// as its address and where it came from: a container's namespace
+    /// (forwarded), or a cgroup of the bed's own namespace other than the
+    /// daemon's (a `--network host` container, say). The daemon's calls
+    /// share the host's address with every process of the namespace, so
+    /// they are told apart by their socket's cgroup.
     pub fn container_calls_to_real_imds(&self) -> Vec<String> {
-        let prefix = GATEWAY.rsplit_once('.').map_or(GATEWAY, |(net, _)| net);
+        let daemon = id_of(self.daemon.cgroup());
         self.imds
             .calls()
             .into_iter()
-            .map(|c| c.peer.ip().to_string())
-            .filter(|ip| ip.starts_with(prefix))
+            .filter(|c| c.cgroup_id != Some(daemon))
+            .map(|c| match c.cgroup_id {
+                Some(id) => format!(
+                    "{} from cgroup {}",
+                    c.peer,
+                    path_of(self.cg.path(), id)
+                        .map_or_else(|| format!("id {id}"), |p| self.cg.relative(&p))
+                ),
+                None => format!(
+                    "{} from no socket of the bed's namespace (forwarded from a container's)",
+                    c.peer
+                ),
+            })
             .collect()
+    }
+
+    /// No container reached the real IMDS: none was passed through by
+    /// the daemon, and no call the fake real IMDS received came from
+    /// anyone but the daemon. The error says who did.
+    pub fn check_real_imds_untouched(&self) -> Result<(), String> {
+        // Every caller here is a container: nothing may be passed through.
+        let passed: Vec<_> = self
+            .daemon
+            .connections()
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .filter(|c| c["outcome"] == "passthrough")
+            .collect();
+        if !passed.is_empty() {
+            return Err(format!("container requests passed through: {passed:?}"));
+        }
+        let calls = self.container_calls_to_real_imds();
+        if !calls.is_empty() {
+            return Err(format!("containers reached the real IMDS: {calls:?}"));
+        }
+        Ok(())
     }
 }
 

@@ -57,6 +57,18 @@ pub fn id_of(dir: &Path) -> u64 {
     fs::metadata(dir).map(|m| m.ino()).unwrap_or(0)
 }
 
+/// The cgroup with id `id` at or below `dir`, if it is still there.
+pub fn path_of(dir: &Path, id: u64) -> Option<PathBuf> {
+    if id_of(dir) == id {
+        return Some(dir.to_path_buf());
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| path_of(&e.path(), id))
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         let mut left = Vec::new();

@@ -1,6 +1,7 @@
 //! The real `metaproxy` daemon, run inside the test bed.
 
 use std::{
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -9,11 +10,27 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::process::{self, ChildGuard};
+use crate::{
+    process::{self, ChildGuard},
+    scratch::ScratchDir,
+};
 
 /// The daemon binary under test.
 pub fn metaproxy_bin() -> PathBuf {
     crate::binaries().metaproxy.clone()
+}
+
+/// `--admin-socket SOCKET`: how every `metaproxy` command finds its daemon.
+fn admin_socket_args(socket: &Path) -> [&OsStr; 2] {
+    ["--admin-socket".as_ref(), socket.as_os_str()]
+}
+
+/// `metaproxy ARGS --admin-socket SOCKET`, for a daemon at `socket` (or
+/// none: a CLI test of a missing daemon).
+pub fn admin_command(socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(metaproxy_bin());
+    cmd.args(args).args(admin_socket_args(socket));
+    cmd
 }
 
 /// Where and how to run the daemon.
@@ -32,20 +49,20 @@ pub struct DaemonSpec {
 }
 
 /// A running daemon with its own pin directory and admin socket. Dropping
-/// it stops the daemon and detaches the probe (removing every pin).
+/// it stops the daemon and detaches the probe (removing every pin); its
+/// directory goes last, once the pins' bpffs is unmounted.
 #[derive(Debug)]
 pub struct Daemon {
     spec: DaemonSpec,
     child: Option<ChildGuard>,
-    dir: PathBuf,
     pin_dir: PathBuf,
     starts: u32,
+    dir: ScratchDir,
 }
 
 impl Daemon {
     pub fn start(spec: DaemonSpec) -> anyhow::Result<Self> {
-        let name = crate::unique_name("mpd");
-        let dir = std::env::temp_dir().join(&name);
+        let dir = ScratchDir::new("mpd")?;
         // A bpffs of the bed's own for the pins, so the host's /sys/fs/bpf
         // is never touched (or mounted); it outlives daemon restarts and
         // goes, with every pin in it, when the daemon guard drops.
@@ -64,9 +81,9 @@ impl Daemon {
         let mut daemon = Self {
             spec,
             child: None,
-            dir,
             pin_dir: bpffs.join("pins"),
             starts: 0,
+            dir,
         };
         daemon.launch()?;
         Ok(daemon)
@@ -78,6 +95,11 @@ impl Daemon {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The cgroup the daemon process runs in.
+    pub fn cgroup(&self) -> &Path {
+        &self.spec.own_cgroup
     }
 
     pub fn pid(&self) -> u32 {
@@ -99,14 +121,11 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(metaproxy_bin());
-        cmd.arg("run")
-            .arg("--cgroup")
+        let mut cmd = admin_command(&self.admin_socket(), &["run"]);
+        cmd.arg("--cgroup")
             .arg(&self.spec.attach_cgroup)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--admin-socket")
-            .arg(self.admin_socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(&self.spec.args)
@@ -153,17 +172,10 @@ impl Daemon {
             .is_none_or(|mut c| c.terminate(Duration::from_secs(10)))
     }
 
-    /// `metaproxy detach` on this daemon's pins, in the bed's namespace (a
-    /// clsact guard filter is found by the index of its interface, which
-    /// means something only there). The daemon must be stopped first.
+    /// `metaproxy detach` on this daemon's pins. It refuses while the
+    /// daemon answers on its admin socket: stop the daemon first.
     pub fn detach(&self) -> std::io::Result<std::process::Output> {
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.spec.netns.display()))
-            .arg(metaproxy_bin())
-            .arg("detach")
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .output()
+        self.pins_command(&["detach"]).output()
     }
 
     /// Starts the daemon again with the same pins, socket and cgroups.
@@ -172,13 +184,44 @@ impl Daemon {
         self.launch()
     }
 
-    /// Runs `metaproxy <subcommand> --admin-socket ... args` and returns stdout.
+    /// `metaproxy ARGS` aimed at this daemon's admin socket.
+    pub fn admin_command(&self, args: &[&str]) -> Command {
+        admin_command(&self.admin_socket(), args)
+    }
+
+    /// `metaproxy ARGS` run in the bed's network namespace, where the
+    /// interface indexes in the pins mean what they say (a clsact guard
+    /// filter is found by its interface's index).
+    pub fn netns_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.spec.netns.display()))
+            .arg(metaproxy_bin())
+            .args(args);
+        cmd
+    }
+
+    /// [`Daemon::netns_command`] aimed at this daemon's pins and admin
+    /// socket: `detach`, `status --redirect`.
+    pub fn pins_command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.netns_command(args);
+        cmd.args(self.target_args());
+        cmd
+    }
+
+    /// `--pin-dir PINS --admin-socket SOCKET` for this daemon.
+    fn target_args(&self) -> Vec<std::ffi::OsString> {
+        let socket = self.admin_socket();
+        ["--pin-dir".as_ref(), self.pin_dir.as_os_str()]
+            .into_iter()
+            .chain(admin_socket_args(&socket))
+            .map(OsStr::to_os_string)
+            .collect()
+    }
+
+    /// Runs `metaproxy <subcommand> args --admin-socket ...` and returns stdout.
     pub fn admin(&self, subcommand: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(metaproxy_bin())
-            .arg(subcommand)
-            .arg("--admin-socket")
-            .arg(self.admin_socket())
-            .args(args)
+        let out = self
+            .admin_command(&[&[subcommand], args].concat())
             .output()
             .context("running metaproxy")?;
         if !out.status.success() {
@@ -198,13 +241,10 @@ impl Daemon {
             runner_config.as_os_str(),
             "--defaults".as_ref(),
             defaults.as_os_str(),
-            "--pin-dir".as_ref(),
-            self.pin_dir.as_os_str(),
-            "--admin-socket".as_ref(),
-            self.admin_socket().as_os_str(),
         ]
         .into_iter()
-        .map(std::ffi::OsStr::to_os_string)
+        .map(OsStr::to_os_string)
+        .chain(self.target_args())
         .collect()
     }
 
@@ -249,7 +289,6 @@ impl Drop for Daemon {
         let pins_left = !detached.is_ok_and(|o| o.status.success()) || self.pin_dir.exists();
         let bpffs = self.dir.join("bpffs");
         let unmounted = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir_all(&self.dir);
         if pins_left {
             crate::teardown_failed(format!("pins left in {}", self.pin_dir.display()));
         }

@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _};
 use crate::{
     netns::NetNs,
     process::{self, ChildGuard},
+    scratch::ScratchDir,
 };
 
 /// The bridge's gateway: how containers reach services in the namespace.
@@ -23,10 +24,12 @@ pub const GATEWAY: &str = "172.31.213.1";
 /// A minimal image: busybox, nothing else.
 pub const BASE_IMAGE: &str = "mp-base:latest";
 
+/// Fields drop after [`Drop::drop`] has stopped dockerd and unmounted
+/// what it left: the directory goes last.
 #[derive(Debug)]
 pub struct Dockerd {
-    dir: PathBuf,
     child: Option<ChildGuard>,
+    dir: ScratchDir,
 }
 
 impl Dockerd {
@@ -38,7 +41,7 @@ impl Dockerd {
         cgroup_parent: &str,
         dir: PathBuf,
     ) -> anyhow::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        let dir = ScratchDir::at(dir)?;
         let log = fs::File::create(dir.join("dockerd.log"))?;
         let mut cmd = Command::new("dockerd");
         cmd.arg("--host")
@@ -65,8 +68,8 @@ impl Dockerd {
             .stderr(log);
         let child = process::spawn_in(cmd, &ns.path(), own_cgroup)?;
         let dockerd = Self {
-            dir,
             child: Some(child),
+            dir,
         };
         let ready = crate::wait_for("dockerd", Duration::from_secs(60), || {
             dockerd
@@ -217,10 +220,7 @@ impl Drop for Dockerd {
         if let Some(mut child) = self.child.take() {
             child.terminate(Duration::from_secs(20));
         }
-        unmount_below(&self.dir);
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            crate::teardown_failed(format!("dockerd's {}: {e}", self.dir.display()));
-        }
+        unmount_below(self.dir.path());
     }
 }
 

@@ -1,7 +1,9 @@
 //! A fake of the EC2 instance metadata service, bound to 169.254.169.254:80
 //! inside a test network namespace. It plays the instance's real IMDS: the
 //! daemon fetches the instance profile's credentials from it, and it records
-//! every caller so a test can assert that no intercepted process reached it.
+//! every caller (and the cgroup of a caller from the host namespace, where
+//! the daemon's calls come from the same address as any other process's)
+//! so a test can assert that no intercepted process reached it.
 //!
 //! It speaks IMDSv2 as AWS does: `PUT /latest/api/token` with
 //! `X-aws-ec2-metadata-token-ttl-seconds` (1-21600, echoed back), 400
@@ -18,6 +20,7 @@ use std::{
     collections::HashSet,
     net::SocketAddr,
     os::fd::{AsRawFd as _, RawFd},
+    path::PathBuf,
     sync::{
         atomic::{AtomicU8, Ordering},
         Arc, Mutex,
@@ -32,7 +35,7 @@ use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, sock_diag::SockDiag};
 
 /// The secret a user-data fetch would leak; tests grep for it.
 pub const USER_DATA_MARKER: &str = "metaproxy-test-user-data-secret-5f3a9c";
@@ -67,12 +70,19 @@ pub struct FakeImdsConfig {
     pub credentials: Option<InstanceCredentials>,
     /// Serve GETs without a token (IMDSv1).
     pub allow_v1: bool,
+    /// The namespace that plays the EC2 host: each call records the
+    /// cgroup of its socket there, if it has one (see [`Call::cgroup_id`]).
+    pub host_netns: Option<PathBuf>,
 }
 
 /// One TCP connection the fake accepted, with the requests made on it.
 #[derive(Debug, Clone)]
 pub struct Call {
     pub peer: SocketAddr,
+    /// The cgroup of the calling socket, when it is one of the host
+    /// namespace's (`None` for a connection forwarded from another
+    /// namespace, a container's, or when no host namespace was given).
+    pub cgroup_id: Option<u64>,
     pub requests: Vec<(String, String, u16)>,
 }
 
@@ -129,6 +139,12 @@ impl FakeImds {
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let ns_path = netns.path();
         let state = shared.clone();
+        let diag = config
+            .host_netns
+            .as_deref()
+            .map(SockDiag::open_in)
+            .transpose()
+            .context("sock_diag in the host namespace")?;
         let config = Arc::new(config);
         let thread = std::thread::Builder::new()
             .name("fake-imds".into())
@@ -154,7 +170,7 @@ impl FakeImds {
                     .enable_all()
                     .build()
                     .expect("runtime");
-                rt.block_on(serve(listener, state, config, stop_rx));
+                rt.block_on(serve(listener, state, config, diag, stop_rx));
             })?;
         ready_rx
             .recv()
@@ -199,6 +215,7 @@ async fn serve(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     config: Arc<FakeImdsConfig>,
+    diag: Option<SockDiag>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -207,9 +224,15 @@ async fn serve(
             _ = &mut stop => return,
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
+                // Asked at once, while the caller waits for its answer (so
+                // its socket is there to be found).
+                let cgroup_id = match (&diag, stream.local_addr()) {
+                    (Some(diag), Ok(local)) => diag.tcp_cgroup(peer, local),
+                    _ => None,
+                };
                 let index = {
                     let mut calls = shared.calls.lock().unwrap();
-                    calls.push(Call { peer, requests: Vec::new() });
+                    calls.push(Call { peer, cgroup_id, requests: Vec::new() });
                     calls.len() - 1
                 };
                 let (shared, config) = (shared.clone(), config.clone());

@@ -19,6 +19,7 @@ use crate::{
     moto,
     netns::NetNs,
     process::{self, ChildGuard},
+    scratch::ScratchDir,
 };
 
 pub const PORT: u16 = 5001;
@@ -29,12 +30,12 @@ pub const AUDIENCE: &str = "sts.amazonaws.com";
 pub struct FakeGitlab {
     child: Option<ChildGuard>,
     netns: PathBuf,
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl FakeGitlab {
     pub fn start(ns: &NetNs, cgroup: &Path, dir: PathBuf) -> anyhow::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        let dir = ScratchDir::at(dir)?;
         let log = fs::File::create(dir.join("gitlab.log"))?;
         let mut cmd = Command::new(moto::venv().join("bin/python"));
         cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("fake_gitlab.py"))
@@ -166,6 +167,5 @@ impl Drop for FakeGitlab {
         if let Some(mut child) = self.child.take() {
             child.terminate(Duration::from_secs(5));
         }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }

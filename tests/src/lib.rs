@@ -8,7 +8,8 @@
 //! * [`process`] - start processes inside a namespace and a cgroup.
 //! * [`daemon::Daemon`] - the real `metaproxy` binary, run in the bed.
 //! * [`fake_imds::FakeImds`] - plays the EC2 metadata service on
-//!   169.254.169.254:80 and records every caller.
+//!   169.254.169.254:80 and records every caller, with its cgroup when
+//!   it is a socket of the host namespace ([`sock_diag`]).
 //! * [`imds_net::ImdsNet`] - the fake's own namespace, one routed hop from
 //!   the test namespace as IMDS is from an instance, and a log of every
 //!   packet that reaches it.
@@ -16,6 +17,7 @@
 //! * [`docker::Dockerd`] - a private dockerd whose containers live under
 //!   the probe's cgroup.
 //! * [`bed::E2eBed`] - all of the above, for end-to-end tests and the demo.
+//! * [`scratch::ScratchDir`] - a directory removed on drop.
 //!
 //! Everything here needs root and a BPF-capable kernel; a test that cannot
 //! build its bed fails with the reason instead of skipping.
@@ -30,6 +32,8 @@ pub mod imds_net;
 pub mod moto;
 pub mod netns;
 pub mod process;
+pub mod scratch;
+pub mod sock_diag;
 
 /// Where the bed finds the binaries it runs: the daemon, and the directory
 /// of the clients (`mp-client`, `mp-sdk-client`, `mp-hello`).

@@ -18,6 +18,7 @@ use crate::{
     fake_imds::InstanceCredentials,
     netns::NetNs,
     process::{self, ChildGuard},
+    scratch::ScratchDir,
 };
 
 pub const PORT: u16 = 5000;
@@ -31,12 +32,12 @@ pub fn venv() -> PathBuf {
 pub struct Moto {
     child: Option<ChildGuard>,
     recording: PathBuf,
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Moto {
     pub fn start(ns: &NetNs, cgroup: &Path, dir: PathBuf) -> anyhow::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        let dir = ScratchDir::at(dir)?;
         let server = venv().join("bin/moto_server");
         anyhow::ensure!(
             server.exists(),
@@ -49,7 +50,7 @@ impl Moto {
         cmd.args(["-H", "0.0.0.0", "-p", &PORT.to_string()])
             .env("MOTO_ENABLE_RECORDING", "True")
             // moto writes temporary files; keep them in our directory.
-            .env("TMPDIR", &dir)
+            .env("TMPDIR", dir.path())
             .env("MOTO_RECORDER_FILEPATH", &recording)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -183,7 +184,6 @@ impl Drop for Moto {
         if let Some(mut child) = self.child.take() {
             child.terminate(Duration::from_secs(5));
         }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,4 +1,5 @@
-//! Starting processes inside a test network namespace and cgroup.
+//! Starting processes inside a test network namespace and cgroup, and
+//! reading what they use.
 
 use std::{
     fs,
@@ -54,6 +55,19 @@ pub fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> anyhow::Result
 pub fn output_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> anyhow::Result<Output> {
     let _keep = confine(&mut cmd, netns, cgroup)?;
     cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+/// The resident memory of process `pid` (`VmRSS` in `/proc/PID/status`),
+/// in KiB.
+pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 /// A child process that is killed (by its PID) and reaped on drop.

@@ -295,7 +295,11 @@ fn a_nested_namespace_inside_a_job_and_a_host_network_job_are_dropped() {
         )
         .expect("container");
     let nested = r#"
-        unshare -n sleep 60 & pid=$!; sleep 0.3
+        unshare -n sleep 60 & pid=$!
+        n=0; while [ "$(readlink /proc/$pid/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
+            n=$((n + 1)); [ $n -lt 100 ] || { echo "unshare made no namespace in 5 s" >&2; exit 1; }
+            sleep 0.05
+        done
         ip link add inner0 type veth peer name inner1 netns $pid
         ip addr add 10.98.0.1/29 dev inner0; ip link set inner0 up
         nsenter -t $pid -n sh -c '
@@ -369,14 +373,27 @@ fn the_daemons_own_connections_open_and_close_through_the_guard() {
     assert_eq!(bed.imds_calls(), 400);
     // Nothing stuck half closed (a dropped FIN or ACK would leave
     // FIN-WAIT, CLOSING or LAST-ACK behind).
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let ss = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", bed.ns.path().display()))
-        .args(["ss", "-Htan", "dst", "169.254.169.254"])
-        .output()
-        .unwrap();
-    let states = String::from_utf8_lossy(&ss.stdout);
-    for stuck in ["FIN-WAIT", "CLOSING", "LAST-ACK", "SYN-SENT"] {
+    const STUCK: [&str; 4] = ["FIN-WAIT", "CLOSING", "LAST-ACK", "SYN-SENT"];
+    let ss = || {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", bed.ns.path().display()))
+            .args(["ss", "-Htan", "dst", "169.254.169.254"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Until the last closes have gone through (or time says they never
+    // will).
+    let states = metaproxy_tests::wait_for(
+        "the connections closed",
+        std::time::Duration::from_secs(5),
+        || {
+            let states = ss();
+            (!STUCK.iter().any(|s| states.contains(s))).then_some(states)
+        },
+    )
+    .unwrap_or_else(|_| ss());
+    for stuck in STUCK {
         assert!(!states.contains(stuck), "{states}");
     }
     let status = bed.daemon.status().unwrap();

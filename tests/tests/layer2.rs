@@ -633,7 +633,20 @@ fn a_job_keeps_its_ordinary_networking() {
             .unwrap_or_else(|e| panic!("{script}: {e:#}"));
         out
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Until httpd listens, asked from its own container.
+    metaproxy_tests::wait_for("httpd in l2-keep-server", Duration::from_secs(10), || {
+        bed.dockerd
+            .docker(&[
+                "exec",
+                &server.name,
+                "sh",
+                "-c",
+                "wget -q -O - http://127.0.0.1:8080/index.html",
+            ])
+            .ok()
+            .filter(|body| body == "hello")
+    })
+    .unwrap();
     assert_eq!(sh("wget -q -O - http://svc:8080/index.html"), "hello");
     assert_eq!(sh("ping -c 1 -W 2 svc >/dev/null && echo ok"), "ok");
     assert_eq!(sh("ping -c 1 -W 2 10.213.78.1 >/dev/null && echo ok"), "ok");

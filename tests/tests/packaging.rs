@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use metaproxy_tests::daemon::metaproxy_bin;
+use metaproxy_tests::{daemon::metaproxy_bin, scratch::ScratchDir};
 
 fn packaging() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging"))
@@ -27,23 +27,6 @@ fn install_with(from: &Path, to: &Path, bin: &Path) {
 
 fn install(from: &Path, to: &Path) {
     install_with(from, to, &metaproxy_bin());
-}
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn dpkg_deb(args: &[&std::ffi::OsStr]) -> String {
@@ -74,8 +57,8 @@ fn verify(dir: &Path, unit: &str) {
 
 #[test]
 fn the_unit_and_the_drop_ins_verify_cleanly() {
-    let scratch = Scratch::new();
-    let dir = &scratch.0;
+    let scratch = ScratchDir::new("mpt").unwrap();
+    let dir = scratch.path();
     install(
         &packaging().join("metaproxy.service"),
         &dir.join("metaproxy.service"),
@@ -147,8 +130,8 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
         "{listing}"
     );
 
-    let scratch = Scratch::new();
-    let control = scratch.0.join("control");
+    let scratch = ScratchDir::new("mpt").unwrap();
+    let control = scratch.join("control");
     dpkg_deb(&["--control".as_ref(), deb.as_os_str(), control.as_os_str()]);
     let read = |name: &str| fs::read_to_string(control.join(name)).unwrap_or_default();
     // The settings survive upgrades; installing enables the unit; an
@@ -187,7 +170,7 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
 
     // Unpacked into a scratch root: the files are the repository's, the
     // binary runs, and the unit and drop-ins verify with it.
-    let root = scratch.0.join("root");
+    let root = scratch.join("root");
     dpkg_deb(&["--extract".as_ref(), deb.as_os_str(), root.as_os_str()]);
     let unit_dir = root.join("usr/lib/systemd/system");
     for (packaged, source) in [
@@ -211,7 +194,7 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
         String::from_utf8_lossy(&help.stdout).starts_with("metaproxy "),
         "{help:?}"
     );
-    let verify_dir = scratch.0.join("units");
+    let verify_dir = scratch.join("units");
     fs::create_dir_all(&verify_dir).unwrap();
     install_with(
         &unit_dir.join("metaproxy.service"),

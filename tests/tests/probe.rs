@@ -3,17 +3,20 @@
 //! namespace with only `lo`, cgroup subtree, daemon, fake IMDS) and tears it
 //! down on every exit path. Needs root; run through `cargo xtask test`.
 
-use std::process::{Command, Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use metaproxy_tests::{
-    bed::KernelBed as Bed,
+    bed::{bin, KernelBed as Bed},
     cgroup::id_of,
-    daemon::sample_value,
+    daemon::{admin_command, sample_value},
     process::{output_in, spawn_in},
+    scratch::ScratchDir,
 };
 use serde_json::Value;
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_mp-client");
 const IMDS: &str = "169.254.169.254:80";
 const LISTEN: &str = "169.254.170.254:8169";
 
@@ -113,7 +116,7 @@ fn concurrent_connections_from_four_cgroups_are_each_attributed_exactly() {
     let children: Vec<_> = groups
         .iter()
         .map(|rel| {
-            let mut cmd = Command::new(CLIENT);
+            let mut cmd = Command::new(bin("mp-client"));
             cmd.args(["hold", IMDS, "100"]).stdout(Stdio::piped());
             spawn_in(cmd, &bed.ns.path(), &bed.cgroup(rel)).unwrap()
         })
@@ -244,7 +247,7 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
 fn detach_removes_the_redirect() {
     let mut bed = Bed::new(&[]);
     // Not under a running daemon: that would fail open behind its back.
-    let refused = detach(&bed);
+    let refused = bed.daemon.detach().unwrap();
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
@@ -362,11 +365,10 @@ fn maps_stay_bounded_over_100k_short_connections() {
 #[test]
 fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
     let bed = Bed::new(&[]);
-    let mut follow = Command::new(metaproxy_tests::daemon::metaproxy_bin());
-    follow
-        .args(["connections", "--follow", "--json", "--admin-socket"])
-        .arg(bed.daemon.admin_socket())
-        .stdout(Stdio::piped());
+    let mut follow = bed
+        .daemon
+        .admin_command(&["connections", "--follow", "--json"]);
+    follow.stdout(Stdio::piped());
     let mut follow = metaproxy_tests::process::ChildGuard::new(follow.spawn().unwrap());
     let stdout = follow.child().stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -408,8 +410,7 @@ fn connections_follow_streams_and_the_cli_explains_a_missing_daemon() {
     };
     assert_eq!(line["cgroup_id"], id_of(&bed.cgroup("attached/a")));
 
-    let missing = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["connections", "--admin-socket", "/nonexistent/admin.sock"])
+    let missing = admin_command(Path::new("/nonexistent/admin.sock"), &["connections"])
         .output()
         .unwrap();
     assert!(!missing.status.success());
@@ -451,14 +452,12 @@ fn container_runtimes_on_the_host_get_no_pass_through() {
     let bed = Bed::allowing_a(&[]);
     // A host process called dockerd: it fetches URLs for Docker API clients
     // (`docker build` with ADD), so it must not reach the real IMDS.
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let fake_dockerd = dir.join("dockerd");
-    std::fs::copy(CLIENT, &fake_dockerd).unwrap();
+    std::fs::copy(bin("mp-client"), &fake_dockerd).unwrap();
     let mut cmd = Command::new(&fake_dockerd);
     cmd.args(["get", IMDS, "/latest/meta-data/instance-id"]);
     let out = output_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["status"], 403, "{got}");
     let conns = bed.connection_by_port(got["local_port"].as_u64().unwrap());
@@ -514,34 +513,11 @@ fn only_the_daemon_may_bind_its_listen_address_even_while_it_is_down() {
     assert_eq!(bed.imds_calls(), 0);
 }
 
-/// `metaproxy` run in the bed's network namespace, where the interface
-/// indexes in its pins mean what they say.
-fn in_bed(bed: &Bed) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", bed.ns.path().display()))
-        .arg(metaproxy_tests::daemon::metaproxy_bin());
-    cmd
-}
-
-/// `metaproxy detach` for this bed's pins and admin socket.
-fn detach(bed: &Bed) -> std::process::Output {
-    in_bed(bed)
-        .arg("detach")
-        .arg("--pin-dir")
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
-        .output()
-        .unwrap()
-}
-
 /// `metaproxy status --redirect` for this bed: exit status and output.
 fn redirect_status(bed: &Bed) -> (bool, String) {
-    let out = in_bed(bed)
-        .args(["status", "--redirect", "--pin-dir"])
-        .arg(bed.daemon.pin_dir())
-        .arg("--admin-socket")
-        .arg(bed.daemon.admin_socket())
+    let out = bed
+        .daemon
+        .pins_command(&["status", "--redirect"])
         .output()
         .unwrap();
     let text =
@@ -552,8 +528,7 @@ fn redirect_status(bed: &Bed) -> (bool, String) {
 #[test]
 fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     use std::os::unix::net::UnixDatagram;
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&path).unwrap();
     notify
@@ -577,10 +552,9 @@ fn ready_comes_only_once_the_redirect_is_pinned_and_status_says_so() {
     let (ok, text) = redirect_status(&bed);
     assert!(ok, "{text}");
     assert!(text.contains("daemon not running"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Detached: exit 1, for units that must not start without it.
-    let out = detach(&bed);
+    let out = bed.daemon.detach().unwrap();
     assert!(out.status.success(), "{out:?}");
     let (ok, text) = redirect_status(&bed);
     assert!(!ok && text.contains("no redirect"), "{text}");
@@ -670,24 +644,23 @@ fn health_says_what_is_missing_and_json_logs_keep_their_fields() {
 
 #[test]
 fn logs_written_to_a_pipe_carry_no_escape_codes_and_errors_say_their_cause_once() {
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    let out = Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"])
-        .args(["--allow-role", "arn:aws:iam::123456789012:role/*"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--admin-socket")
-        .arg(dir.join("admin.sock"))
-        .arg("--pin-dir")
-        .arg(dir.join("pins"))
-        // As a terminal would have it: only a terminal gets colour.
-        .env("TERM", "xterm-256color")
-        .env_remove("NO_COLOR")
-        .env("METAPROXY_LOG", "debug")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("mpt").unwrap();
+    let out = admin_command(
+        &dir.join("admin.sock"),
+        &["run", "--metrics", "off", "--cgroup", "/nonexistent/cgroup"],
+    )
+    .args(["--allow-role", "arn:aws:iam::123456789012:role/*"])
+    .arg("--state-dir")
+    .arg(dir.join("state"))
+    .arg("--pin-dir")
+    .arg(dir.join("pins"))
+    // As a terminal would have it: only a terminal gets colour.
+    .env("TERM", "xterm-256color")
+    .env_remove("NO_COLOR")
+    .env("METAPROXY_LOG", "debug")
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("DEBUG"), "some log lines: {stderr}");
@@ -707,7 +680,7 @@ fn a_record_serves_one_connection_and_a_late_accept_is_refused() {
     // Connections kept open after their answer: each record was consumed
     // by its accept, so none is left for a spoofed SYN from the same
     // address and port to claim, though the client sockets live on.
-    let mut cmd = Command::new(CLIENT);
+    let mut cmd = Command::new(bin("mp-client"));
     cmd.args([
         "keepalive",
         IMDS,
@@ -731,7 +704,7 @@ fn a_record_serves_one_connection_and_a_late_accept_is_refused() {
     // daemon is stopped while the kernel completes the handshake.
     let pid = nix::unistd::Pid::from_raw(bed.daemon.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let mut cmd = Command::new(CLIENT);
+    let mut cmd = Command::new(bin("mp-client"));
     cmd.args(["get", IMDS, "/latest/meta-data/instance-id"])
         .stdout(Stdio::piped());
     let mut late = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/b")).unwrap();
@@ -772,8 +745,7 @@ fn a_redirected_connect_that_never_sent_a_syn_leaves_no_record() {
 /// `metaproxy doctor --json` for this bed with `runner_config`: exit status
 /// and the checks.
 fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
-    let dir = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("mpt").unwrap();
     let config = dir.join("config.toml");
     std::fs::write(&config, runner_config).unwrap();
     let defaults = dir.join("metaproxy.default");
@@ -784,8 +756,7 @@ fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
     .unwrap();
     // No dockerd and no STS in this bed: --offline (as at AMI build time)
     // makes those warnings and skips.
-    let mut cmd = in_bed(bed);
-    cmd.args(["doctor", "--json"]);
+    let mut cmd = bed.daemon.netns_command(&["doctor", "--json"]);
     if offline {
         cmd.arg("--offline");
     }
@@ -793,7 +764,6 @@ fn doctor(bed: &Bed, runner_config: &str, offline: bool) -> (bool, Vec<Value>) {
         .args(bed.daemon.doctor_args(&config, &defaults))
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let checks: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     (out.status.success(), checks)
@@ -918,13 +888,22 @@ fn out_of_descriptors_no_listener_spins_and_each_serves_again() {
         .filter_map(|_| std::os::unix::net::UnixStream::connect(bed.daemon.admin_socket()).ok())
         .collect();
     assert!(!admin.is_empty() && !held.1.is_empty());
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Until the daemon has taken every descriptor left to it.
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count() as u64
+    };
+    metaproxy_tests::wait_for(
+        "the daemon out of descriptors",
+        std::time::Duration::from_secs(10),
+        || (fds() >= open + 9).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} open, limit {}", fds(), open + 10));
     let (t0, started) = (cpu_ticks(pid), std::time::Instant::now());
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let (ticks, secs) = (cpu_ticks(pid) - t0, started.elapsed().as_secs_f64());
-    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as u64;
+    let open_now = fds();
     // A loop that retried at once would burn a core: ~100 ticks a second.
     assert!(
         (ticks as f64) < 10.0 * secs,

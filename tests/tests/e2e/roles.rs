@@ -1,14 +1,14 @@
 //! Roles: who gets which role, and who gets none.
 
-use metaproxy_tests::bed::{role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY};
+use metaproxy_tests::bed::{job_label, role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY};
 use serde_json::Value;
 
-use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS, JOB_LABEL};
+use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS};
 
 #[test]
 fn a_container_with_an_allowed_role_gets_exactly_that_role_and_one_without_gets_nothing() {
     let bed = E2eBed::start(&[]).expect("bed");
-    let label = format!("{JOB_LABEL}=4242");
+    let label = job_label(4242);
     let with = bed
         .sdk_client(
             "with-role",

@@ -4,17 +4,17 @@
 use std::time::Duration;
 
 use metaproxy_tests::{
-    bed::{role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY},
+    bed::{job_label, role_arn, E2eBed, ROLE_BUILD, ROLE_DEPLOY},
     wait_for,
 };
 use serde_json::Value;
 
-use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS, IMDS, JOB_LABEL};
+use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS, IMDS};
 
 #[test]
 fn two_hundred_concurrent_first_requests_make_one_assume_role() {
     let bed = E2eBed::start(&[]).expect("bed");
-    let label = format!("{JOB_LABEL}=777");
+    let label = job_label(777);
     let mut args = bed.container_args("burst", &[("IAM_ROLE", ROLE_BUILD)]);
     args.extend(["--label".into(), label, bed.base_image().into()]);
     args.extend(
@@ -30,6 +30,11 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
     // STS is held until all 200 connections are open, so the container's
     // start-time prefetch cannot finish first: every request meets the one
     // AssumeRole in flight. (Moto's guard resumes it if anything panics.)
+    let misses = || {
+        bed.daemon
+            .metric(r#"metaproxy_credential_cache_lookups_total{result="miss"}"#)
+    };
+    let misses_before = misses();
     bed.moto.pause(true);
     let out = std::thread::scope(|s| {
         let burst = s.spawn(|| bed.dockerd.run(&args));
@@ -37,10 +42,16 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
             let open = bed.daemon.status().ok()?["connections"]["open"].as_u64()?;
             (open >= 200).then_some(())
         });
-        // Let the requests reach the daemon, well within their wait budget.
-        std::thread::sleep(Duration::from_millis(150));
+        // Until every request has reached the daemon and met the empty
+        // cache (the prefetch counts no lookup), well within their wait
+        // budget.
+        let arrived = open.and_then(|()| {
+            wait_for("200 requests at the cache", Duration::from_secs(10), || {
+                (misses() >= misses_before + 200.0).then_some(())
+            })
+        });
         bed.moto.pause(false);
-        open.unwrap();
+        arrived.unwrap_or_else(|e| panic!("{e}: {} misses", misses() - misses_before));
         burst.join().unwrap().unwrap()
     });
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
@@ -64,7 +75,7 @@ fn two_hundred_concurrent_first_requests_make_one_assume_role() {
 #[test]
 fn a_container_started_with_a_role_is_served_from_the_prefetched_cache_even_with_sts_down() {
     let bed = E2eBed::start(&[]).expect("bed");
-    let label = format!("{JOB_LABEL}=888");
+    let label = job_label(888);
     let c = bed
         .container(
             "prefetched",
@@ -109,7 +120,7 @@ fn a_container_started_with_a_role_is_served_from_the_prefetched_cache_even_with
 fn with_sts_down_a_request_fails_fast_and_the_retry_after_recovery_succeeds() {
     let bed = E2eBed::start(&[]).expect("bed");
     bed.moto.pause(true);
-    let label = format!("{JOB_LABEL}=999");
+    let label = job_label(999);
     // (Moto's guard resumes it if anything below panics.)
     let c = bed
         .container(
@@ -148,7 +159,7 @@ fn with_sts_down_a_request_fails_fast_and_the_retry_after_recovery_succeeds() {
 #[test]
 fn a_removed_containers_credentials_are_dropped() {
     let bed = E2eBed::start(&[]).expect("bed");
-    let label = format!("{JOB_LABEL}=555");
+    let label = job_label(555);
     let calls = || {
         bed.moto
             .assume_role_calls()
@@ -199,7 +210,7 @@ fn session_tags_and_source_identity_from_the_job_reach_sts() {
     .expect("bed");
     let labels = [
         "--label",
-        "com.gitlab.gitlab-runner.job.id=4711",
+        &job_label(4711),
         "--label",
         "com.gitlab.gitlab-runner.project.id=42",
         "--label",

@@ -4,26 +4,28 @@
 use std::time::Duration;
 
 use metaproxy_tests::{
-    bed::{E2eBed, ROLE_BUILD, ROLE_DEPLOY},
+    bed::{Container, E2eBed, ROLE_BUILD, ROLE_DEPLOY},
     fake_imds::USER_DATA_MARKER,
 };
 use serde_json::Value;
 
 use crate::{assert_real_imds_untouched, refusals_and_unauthorized, CREDS};
 
-#[test]
-fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
-    let bed = E2eBed::start(&[]).expect("bed");
-    let c = bed
-        .container(
-            "surface",
-            bed.base_image(),
-            &[("IAM_ROLE", ROLE_DEPLOY)],
-            &[],
-        )
-        .unwrap();
+/// The job container every test here asks from: the deploy role.
+fn deploy_job(bed: &E2eBed) -> Container {
+    bed.container(
+        "surface",
+        bed.base_image(),
+        &[("IAM_ROLE", ROLE_DEPLOY)],
+        &[],
+    )
+    .unwrap()
+}
 
-    // Tokens: TTL required and bounded, echoed back; proxies refused.
+#[test]
+fn token_puts_need_a_bounded_ttl_echo_it_and_proxies_and_forged_tokens_are_refused() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let c = deploy_job(&bed);
     for bad in [
         vec![],
         vec!["X-aws-ec2-metadata-token-ttl-seconds: 0"],
@@ -54,15 +56,18 @@ fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
         put["headers"]["x-aws-ec2-metadata-token-ttl-seconds"],
         "21600"
     );
-    let token = format!(
-        "X-aws-ec2-metadata-token: {}",
-        put["body"].as_str().unwrap()
-    );
     assert_eq!(
         c.imds("GET", CREDS, &["X-aws-ec2-metadata-token: forged"])["status"],
         401
     );
+    assert_real_imds_untouched(&bed);
+}
 
+#[test]
+fn credentials_are_served_as_imds_serves_them_and_no_secret_reaches_the_log() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let c = deploy_job(&bed);
+    let token = c.token_header(21600);
     // The role listing is the bare name: aws-config panics on a newline.
     let listing = c.imds("GET", CREDS, &[&token]);
     assert_eq!(
@@ -108,12 +113,31 @@ fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
         200
     );
 
-    // Malformed HTTP gets a clear 400.
-    assert_eq!(c.imds("GET", "/a b", &[])["status"], 400);
-    // IMDSv1 is served by default.
-    assert_eq!(c.imds("GET", CREDS, &[])["body"], ROLE_DEPLOY);
+    // Nothing secret reached the daemon's log.
+    let log = bed.daemon.log();
+    for secret in [
+        doc["SecretAccessKey"].as_str().unwrap(),
+        doc["Token"].as_str().unwrap(),
+    ] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+    assert_real_imds_untouched(&bed);
+}
 
-    // Non-secret metadata comes from the real IMDS; everything else is 404.
+#[test]
+fn malformed_http_gets_a_clear_400_and_imdsv1_is_served_by_default() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let c = deploy_job(&bed);
+    assert_eq!(c.imds("GET", "/a b", &[])["status"], 400);
+    assert_eq!(c.imds("GET", CREDS, &[])["body"], ROLE_DEPLOY);
+    assert_real_imds_untouched(&bed);
+}
+
+#[test]
+fn non_secret_metadata_comes_from_the_real_imds_and_everything_else_is_404() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let c = deploy_job(&bed);
+    let token = c.token_header(21600);
     let region = c.imds("GET", "/latest/meta-data/placement/region", &[&token]);
     assert_eq!(
         (region["status"].as_u64(), region["body"].as_str()),
@@ -146,15 +170,6 @@ fn the_imds_surface_behaves_like_aws_and_leaks_nothing() {
             .all(|p| !p.contains("user-data") && !p.contains("identity-credentials")),
         "{upstream_paths:?}"
     );
-
-    // Nothing secret reached the daemon's log.
-    let log = bed.daemon.log();
-    for secret in [
-        doc["SecretAccessKey"].as_str().unwrap(),
-        doc["Token"].as_str().unwrap(),
-    ] {
-        assert!(!log.contains(secret), "a secret reached the log");
-    }
     assert_real_imds_untouched(&bed);
 }
 

@@ -7,12 +7,14 @@
 use std::time::Duration;
 
 use metaproxy_tests::{
-    bed::{role_arn, E2eBed, ROLE_DEPLOY},
+    bed::{job_label, role_arn, Container, E2eBed, ROLE_DEPLOY},
     gitlab::FakeGitlab,
+    scratch::ScratchDir,
+    wait_for,
 };
 use serde_json::{json, Value};
 
-use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS, JOB_LABEL};
+use crate::{assert_real_imds_untouched, is_assumed, refusals, CREDS};
 
 fn gitlab(bed: &E2eBed) -> &FakeGitlab {
     bed.gitlab.as_ref().expect("a bed with a GitLab issuer")
@@ -53,10 +55,6 @@ fn assume_role_calls(bed: &E2eBed, job: &str) -> usize {
         .count()
 }
 
-fn label(job: &str) -> String {
-    format!("{JOB_LABEL}={job}")
-}
-
 #[test]
 fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces_and_no_log_holds_the_token(
 ) {
@@ -76,7 +74,13 @@ fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces
         let mut env = vec![("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", token.as_str())];
         env.extend(surface);
         let got = bed
-            .sdk_client(name, bed.base_image(), &env, &["--label", &label(job)], 1)
+            .sdk_client(
+                name,
+                bed.base_image(),
+                &env,
+                &["--label", &job_label(job)],
+                1,
+            )
             .unwrap();
         assert_eq!(got["ok"], true, "{name}: {got}\n{}", bed.daemon.log());
         let arn = got["arns"][0].as_str().unwrap();
@@ -124,38 +128,81 @@ fn the_sdk_with_its_jobs_id_token_gets_the_role_by_web_identity_on_both_surfaces
     assert_real_imds_untouched(&bed);
 }
 
+/// A bed whose jobs carry ID tokens and whose policy file admits only
+/// `group/app`'s protected production deployments. The policy's directory
+/// goes after the bed (fields drop in order).
+struct ProductionOnly {
+    bed: E2eBed,
+    _policy: ScratchDir,
+}
+
+impl ProductionOnly {
+    fn start() -> Self {
+        let dir = ScratchDir::new("mpt").unwrap();
+        let policy = dir.join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nroles = [\"arn:aws:iam::123456789012:role/ci-*\"]\nprojects = [\"group/app\"]\nprotected = true\nenvironments = [\"production\"]\nenvironment_protected = true\n",
+        )
+        .unwrap();
+        let bed =
+            E2eBed::start_with_id_tokens(&["--policy-file", policy.to_str().unwrap()], &[], true)
+                .expect("bed");
+        Self { bed, _policy: dir }
+    }
+}
+
+/// GitLab's claims for `job` deploying to protected production, with
+/// `extra` claims in place of its own.
+fn production_claims(job: &str, extra: Value) -> Value {
+    let mut c = FakeGitlab::claims(
+        job,
+        json!({"environment": "production", "environment_protected": "true"}),
+    );
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
 /// A refused token: container name, job id, the token, more variables, and
 /// what the reason must say.
 type Case<'a> = (&'a str, &'a str, String, Vec<(&'a str, &'a str)>, &'a str);
 
+/// Runs `case`'s container with its token and asserts that it gets
+/// nothing, for the reason it says, and that the daemon asked STS
+/// nothing for its job. The container is kept for the caller.
+fn assert_refused(bed: &E2eBed, (name, job, token, extra_env, why): &Case) -> Container {
+    let mut env = vec![("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", token.as_str())];
+    env.extend(extra_env.iter().copied());
+    let c = bed
+        .container(name, bed.base_image(), &env, &["--label", &job_label(job)])
+        .unwrap();
+    let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+    assert_eq!(got["status"], 404, "{name}: {got}");
+    let reasons = refusals(bed, name);
+    assert!(
+        reasons.iter().any(|r| r.contains(why)),
+        "{name}: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().all(|r| !r.contains(token.as_str())),
+        "{name}: a reason quotes the token"
+    );
+    assert!(web_identity_calls(bed, job).is_empty(), "{name}");
+    assert_eq!(
+        assume_role_calls(bed, job),
+        0,
+        "{name}: fell back to AssumeRole"
+    );
+    c
+}
+
 #[test]
-fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_meet_the_policy() {
-    let scratch = std::env::temp_dir().join(metaproxy_tests::unique_name("mpt-policy"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    struct Gone(std::path::PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _gone = Gone(scratch.clone());
-    let policy = scratch.join("policy.toml");
-    std::fs::write(
-        &policy,
-        "[[rule]]\nroles = [\"arn:aws:iam::123456789012:role/ci-*\"]\nprojects = [\"group/app\"]\nprotected = true\nenvironments = [\"production\"]\nenvironment_protected = true\n",
-    )
-    .unwrap();
-    let bed = E2eBed::start_with_id_tokens(&["--policy-file", policy.to_str().unwrap()], &[], true)
-        .expect("bed");
-    let gl = gitlab(&bed);
-    let production = json!({"environment": "production", "environment_protected": "true"});
-    let claims = |job: &str, extra: Value| {
-        let mut c = FakeGitlab::claims(job, production.clone());
-        for (k, v) in extra.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        c
-    };
+fn a_token_that_fails_any_check_gets_nothing() {
+    let production = ProductionOnly::start();
+    let bed = &production.bed;
+    let gl = gitlab(bed);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -166,7 +213,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
             "4201",
             gl.mint(
                 "a",
-                &claims(
+                &production_claims(
                     "4201",
                     json!({"iat": now - 4000, "nbf": now - 4000, "exp": now - 600}),
                 ),
@@ -179,7 +226,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
             "4202",
             gl.mint(
                 "a",
-                &claims("4202", json!({"aud": "https://vault.example.com"})),
+                &production_claims("4202", json!({"aud": "https://vault.example.com"})),
             ),
             vec![],
             "the ID token's audience is not sts.amazonaws.com",
@@ -187,14 +234,14 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
         (
             "wi-rogue-key",
             "4203",
-            gl.mint("rogue", &claims("4203", json!({}))),
+            gl.mint("rogue", &production_claims("4203", json!({}))),
             vec![],
             "signed by key \"key-rogue\", which is not in the issuer's JWKS",
         ),
         (
             "wi-rogue-under-kid",
             "4204",
-            gl.mint_as("rogue", "key-a", &claims("4204", json!({}))),
+            gl.mint_as("rogue", "key-a", &production_claims("4204", json!({}))),
             vec![],
             "signature does not verify",
         ),
@@ -203,7 +250,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
             "4205",
             gl.mint(
                 "a",
-                &claims("4205", json!({"iss": "https://gitlab.other.example"})),
+                &production_claims("4205", json!({"iss": "https://gitlab.other.example"})),
             ),
             vec![],
             "from issuer \"https://gitlab.other.example\"",
@@ -211,78 +258,75 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
         (
             "wi-other-job",
             "4206",
-            gl.mint("a", &claims("999999", json!({}))),
+            gl.mint("a", &production_claims("999999", json!({}))),
             vec![],
             "the ID token is for job 999999, but this container belongs to job 4206",
         ),
+    ];
+    for case in &cases {
+        assert_refused(bed, case);
+    }
+    assert_real_imds_untouched(bed);
+}
+
+#[test]
+fn the_claims_not_the_variables_meet_the_policy() {
+    let production = ProductionOnly::start();
+    let bed = &production.bed;
+    let gl = gitlab(bed);
+    let cases: Vec<Case> = vec![
         (
             // The job writes the runner's variables for the project the
             // rule allows; its token is for another: the claim wins.
             "wi-forged-path",
             "4207",
-            gl.mint("a", &claims("4207", json!({"project_path": "group/other"}))),
+            gl.mint(
+                "a",
+                &production_claims("4207", json!({"project_path": "group/other"})),
+            ),
             vec![("CI_PROJECT_PATH", "group/app"), ("CI_PROJECT_ID", "20")],
             "project group/other (id 20)",
         ),
         (
             "wi-staging",
             "4208",
-            gl.mint("a", &claims("4208", json!({"environment": "staging"}))),
+            gl.mint(
+                "a",
+                &production_claims("4208", json!({"environment": "staging"})),
+            ),
             vec![],
             "ref type branch, environment staging (protected)",
         ),
         (
             "wi-unprotected",
             "4209",
-            gl.mint("a", &claims("4209", json!({"ref_protected": "false"}))),
+            gl.mint(
+                "a",
+                &production_claims("4209", json!({"ref_protected": "false"})),
+            ),
             vec![],
             "on ref main (not protected)",
         ),
     ];
     // Kept until the end, for `policy explain`.
-    let mut alive = Vec::new();
-    for (name, job, token, extra_env, why) in &cases {
-        let mut env = vec![("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", token.as_str())];
-        env.extend(extra_env.iter().copied());
-        let c = bed
-            .container(name, bed.base_image(), &env, &["--label", &label(job)])
-            .unwrap();
-        let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
-        assert_eq!(got["status"], 404, "{name}: {got}");
-        let reasons = refusals(&bed, name);
-        assert!(
-            reasons.iter().any(|r| r.contains(why)),
-            "{name}: {reasons:?}"
-        );
-        assert!(
-            reasons.iter().all(|r| !r.contains(token.as_str())),
-            "{name}: a reason quotes the token"
-        );
-        assert!(web_identity_calls(&bed, job).is_empty(), "{name}");
-        assert_eq!(
-            assume_role_calls(&bed, job),
-            0,
-            "{name}: fell back to AssumeRole"
-        );
-        alive.push(c);
-    }
+    let _alive: Vec<Container> = cases.iter().map(|c| assert_refused(bed, c)).collect();
     // The same claims on production, protected: served.
-    let token = gl.mint("a", &claims("4210", json!({})));
+    let token = gl.mint("a", &production_claims("4210", json!({})));
     let c = bed
         .container(
             "wi-production",
             bed.base_image(),
             &[("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", &token)],
-            &["--label", &label("4210")],
+            &["--label", &job_label("4210")],
         )
         .unwrap();
     let got = c.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
     assert_eq!(got["status"], 200, "{got}\n{}", bed.daemon.log());
-    assert_eq!(web_identity_calls(&bed, "4210").len(), 1);
+    assert_eq!(web_identity_calls(bed, "4210").len(), 1);
     // `policy explain` says where the facts came from.
-    let explained = std::process::Command::new(metaproxy_tests::daemon::metaproxy_bin())
-        .args(["policy", "explain", "wi-forged-path", "--admin-socket"])
-        .arg(bed.daemon.admin_socket())
+    let explained = bed
+        .daemon
+        .admin_command(&["policy", "explain", "wi-forged-path"])
         .output()
         .unwrap();
     assert!(explained.status.success(), "{explained:?}");
@@ -291,7 +335,7 @@ fn a_token_that_fails_any_check_gets_nothing_and_the_claims_not_the_variables_me
         explained.contains("from the job's verified ID token"),
         "{explained}"
     );
-    assert_real_imds_untouched(&bed);
+    assert_real_imds_untouched(bed);
 }
 
 #[test]
@@ -305,7 +349,7 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
             "wi-before",
             bed.base_image(),
             &env,
-            &["--label", &label("4301")],
+            &["--label", &job_label("4301")],
         )
         .unwrap();
     assert_eq!(
@@ -328,7 +372,7 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
                 &format!("wi-made-up-{i}"),
                 bed.base_image(),
                 &[("IAM_ROLE", ROLE_DEPLOY), ("AWS_ID_TOKEN", &forged)],
-                &["--label", &label("4302")],
+                &["--label", &job_label("4302")],
             )
             .unwrap();
         assert_eq!(
@@ -341,18 +385,26 @@ fn a_rotated_key_is_taken_on_first_sight_and_made_up_key_ids_do_not_hammer_the_i
         fetched <= 3,
         "{fetched} JWKS fetches for ten unknown key ids"
     );
-    // GitLab rotates to b; once the refetch pause is over, b's tokens work.
+    // GitLab rotates to b; once the refetch pause (5 s after the last
+    // fetch) is over, b's tokens work. Until then the daemon refuses them
+    // without asking GitLab or STS, so asking again is harmless.
     gl.publish(&["a", "b"]);
-    std::thread::sleep(Duration::from_secs(6));
     let after = bed
         .container(
             "wi-after",
             bed.base_image(),
             &env,
-            &["--label", &label("4301")],
+            &["--label", &job_label("4301")],
         )
         .unwrap();
-    let got = after.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+    let mut got = Value::Null;
+    let taken = wait_for("key b taken", Duration::from_secs(20), || {
+        got = after.imds("GET", &format!("{CREDS}{ROLE_DEPLOY}"), &[]);
+        (got["status"] == 200).then_some(())
+    });
+    if let Err(e) = taken {
+        panic!("{e}: {got}\n{}", bed.daemon.log());
+    }
     assert_eq!(got["status"], 200, "{got}\n{}", bed.daemon.log());
     assert_eq!(web_identity_calls(&bed, "4301").len(), 1);
 }
@@ -368,7 +420,7 @@ fn with_tokens_required_a_daemon_without_credentials_of_its_own_serves_tokens_an
             "wi-required",
             bed.base_image(),
             &[("IAM_ROLE", &arn), ("AWS_ID_TOKEN", &token)],
-            &["--label", &label("4401")],
+            &["--label", &job_label("4401")],
             1,
         )
         .unwrap();
@@ -384,7 +436,7 @@ fn with_tokens_required_a_daemon_without_credentials_of_its_own_serves_tokens_an
             "wi-no-token",
             bed.base_image(),
             &[("IAM_ROLE", &arn)],
-            &["--label", &label("4402")],
+            &["--label", &job_label("4402")],
         )
         .unwrap();
     assert_eq!(
