@@ -67,7 +67,7 @@ mod traffic;
 use answer::{Percentiles, TargetRun};
 
 pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()> {
-    let (release, metaproxy_bin) = prepare()?;
+    let release = prepare()?;
     // The kernel counts run time and runs of every BPF program while this
     // is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -99,7 +99,7 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
     let probe = probe_cost(&job, &floor)?;
     let live = live_containers(&bed, &job)?;
     let held = held_figures(&mut bed, &job)?;
-    let connect_loop = connect_loop(&mut bed, &job, &floor, &metaproxy_bin)?;
+    let connect_loop = connect_loop(&mut bed, &job, &floor)?;
     let traffic = traffic::measure(&bed)?;
 
     let report = report(
@@ -125,8 +125,8 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
 }
 
 /// The test bed's prerequisites, root, and release binaries for it: the
-/// directory they are in, and the daemon's.
-fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
+/// directory they are in.
+fn prepare() -> anyhow::Result<PathBuf> {
     crate::setup::for_bed()?;
     crate::setup::apt_without_starting(&["nginx-light"])?;
     anyhow::ensure!(
@@ -135,10 +135,9 @@ fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
     );
     let bins = crate::build::bed_binaries(true)?;
     let release = bins.dir.clone();
-    let metaproxy_bin = bins.metaproxy.clone();
     crate::clean::run_with(&bins.metaproxy)?;
     metaproxy_tests::use_binaries(bins);
-    Ok((release, metaproxy_bin))
+    Ok(release)
 }
 
 /// The job container every figure is measured from, with the role's
@@ -504,26 +503,19 @@ struct ConnectLoop {
 /// each after a moment for the machine to settle: a daemon stopping or
 /// starting, and maps being freed, leave work behind that would land on
 /// whichever loop came next.
-fn connect_loop(
-    bed: &mut E2eBed,
-    job: &Job,
-    floor: &Floor,
-    metaproxy_bin: &Path,
-) -> anyhow::Result<ConnectLoop> {
+fn connect_loop(bed: &mut E2eBed, job: &Job, floor: &Floor) -> anyhow::Result<ConnectLoop> {
     let (c, nginx_addr) = (&job.c, floor.nginx_addr.as_str());
     let (mut attached, mut detached) = (Vec::new(), Vec::new());
     for _ in 0..CONNECT_TURNS {
         std::thread::sleep(SETTLE);
         attached.push(connect_p50(c, nginx_addr)?);
         bed.daemon.terminate();
-        let detached_ok = Command::new(metaproxy_bin)
-            .args(["detach", "--pin-dir"])
-            .arg(bed.daemon.pin_dir())
-            // Its report goes to stderr: stdout is for ours.
-            .stdout(std::io::stderr())
-            .status()?
-            .success();
-        anyhow::ensure!(detached_ok, "metaproxy detach failed");
+        let out = bed.daemon.detach()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "metaproxy detach failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(SETTLE);
         detached.push(connect_p50(c, nginx_addr)?);
         bed.daemon.restart()?;
@@ -922,13 +914,7 @@ fn prog_stats() -> BTreeMap<String, (u64, u64)> {
 }
 
 fn rss_kib(bed: &E2eBed) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.daemon.pid()))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for the daemon"))
+    metaproxy_tests::process::vm_rss_kib(bed.daemon.pid())
 }
 
 /// A connect-only loop of 2000 connects from `c` to `addr`: its percentiles.
