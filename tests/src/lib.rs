@@ -31,6 +31,7 @@ pub mod gitlab;
 pub mod imds_net;
 pub mod moto;
 pub mod netns;
+pub mod podman;
 pub mod process;
 pub mod scratch;
 pub mod sock_diag;

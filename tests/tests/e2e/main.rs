@@ -13,6 +13,7 @@ mod id_token;
 mod limits;
 mod logs;
 mod metrics;
+mod podman;
 mod policy_file;
 mod roles;
 mod sts;
