@@ -1,7 +1,7 @@
 //! The systemd unit and the drop-ins that order Docker, containerd and
 //! gitlab-runner after metaproxy, checked by `systemd-analyze verify` with
 //! the binary under test in place of /usr/bin/metaproxy (any warning
-//! fails), and the Debian package `cargo xtask package` builds.
+//! fails), and the Debian and RPM packages `cargo xtask package` builds.
 
 use std::{
     fs,
@@ -214,4 +214,183 @@ fn the_debian_package_installs_the_daemon_its_unit_and_settings() {
         &bin,
     );
     verify(&verify_dir, "docker.service");
+}
+
+fn rpm(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new("rpm")
+        .args(args)
+        .output()
+        .expect("rpm (Debian package rpm)");
+    assert!(
+        out.status.success(),
+        "rpm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A root for `rpm --root`: busybox as /bin/sh, and stand-ins for
+/// systemctl and (once installed) metaproxy that log how they were called
+/// to /var/log/calls, so the scriptlets run for real, chrooted, and what
+/// they did can be read back.
+fn stand_in_root(root: &Path) {
+    for dir in ["bin", "usr/bin", "var/log", "dev", "tmp"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    stand_in(&root.join("usr/bin/systemctl"), "systemctl");
+}
+
+fn stand_in(at: &Path, name: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = fs::remove_file(at);
+    fs::write(
+        at,
+        format!("#!/bin/sh\necho \"{name} $*\" >> /var/log/calls\n"),
+    )
+    .unwrap();
+    fs::set_permissions(at, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn the_rpm_installs_what_the_deb_does_and_detaches_only_on_removal() {
+    let package = PathBuf::from(
+        std::env::var_os("METAPROXY_RPM")
+            .expect("METAPROXY_RPM: the package to check (cargo xtask test builds it)"),
+    );
+    let p = package.as_os_str();
+    let files = rpm(&["-qp".as_ref(), "--list".as_ref(), p]);
+    for want in [
+        "/usr/bin/metaproxy",
+        "/usr/lib/systemd/system/metaproxy.service",
+        "/usr/lib/systemd/system/docker.service.d/metaproxy.conf",
+        "/usr/lib/systemd/system/containerd.service.d/metaproxy.conf",
+        "/usr/lib/systemd/system/gitlab-runner.service.d/metaproxy.conf",
+        "/etc/sysconfig/metaproxy",
+        "/usr/share/doc/metaproxy/README.md",
+        "/usr/share/doc/metaproxy/docs/threat-model.md",
+        "/usr/share/doc/metaproxy/policy.example.toml",
+    ] {
+        assert!(
+            files.lines().any(|l| l == want),
+            "{want} missing from\n{files}"
+        );
+    }
+    // The settings are configuration the admin edits: kept on upgrade.
+    let flags = rpm(&[
+        "-qp".as_ref(),
+        "--queryformat".as_ref(),
+        "[%{FILENAMES} %{FILEFLAGS:fflags} %{FILEMODES:perms}\n]".as_ref(),
+        p,
+    ]);
+    let flag = |file: &str| {
+        flags
+            .lines()
+            .find(|l| l.starts_with(&format!("{file} ")))
+            .unwrap_or_else(|| panic!("{file} in\n{flags}"))
+            .to_string()
+    };
+    assert!(flag("/etc/sysconfig/metaproxy").contains(" cn "), "{flags}");
+    assert!(
+        flag("/usr/bin/metaproxy").ends_with("-rwxr-xr-x"),
+        "{flags}"
+    );
+    // What Amazon Linux calls the packages it needs.
+    let requires = rpm(&["-qp".as_ref(), "--requires".as_ref(), p]);
+    for want in ["systemd", "/bin/sh", "libc.so.6()(64bit)"] {
+        assert!(
+            requires.lines().any(|l| l.trim() == want),
+            "{want} in\n{requires}"
+        );
+    }
+
+    // Installed into a scratch root, scriptlets and all.
+    let scratch = ScratchDir::new("mpt").unwrap();
+    let root = scratch.join("root");
+    stand_in_root(&root);
+    let r = root.as_os_str();
+    rpm(&["--root".as_ref(), r, "--initdb".as_ref()]);
+    rpm(&["--root".as_ref(), r, "--nodeps".as_ref(), "-i".as_ref(), p]);
+    for (packaged, source) in [
+        (
+            "usr/lib/systemd/system/metaproxy.service",
+            "metaproxy.service",
+        ),
+        ("etc/sysconfig/metaproxy", "metaproxy.default"),
+        (
+            "usr/lib/systemd/system/gitlab-runner.service.d/metaproxy.conf",
+            "dropins/metaproxy-dropin.conf",
+        ),
+    ] {
+        assert_eq!(
+            fs::read_to_string(root.join(packaged)).unwrap(),
+            fs::read_to_string(packaging().join(source)).unwrap(),
+            "{packaged}"
+        );
+    }
+    // The unit reads the settings where the .rpm puts them.
+    let unit = fs::read_to_string(root.join("usr/lib/systemd/system/metaproxy.service")).unwrap();
+    assert!(
+        unit.contains("EnvironmentFile=-/etc/sysconfig/metaproxy"),
+        "{unit}"
+    );
+    let help = Command::new(root.join("usr/bin/metaproxy"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).starts_with("metaproxy "),
+        "{help:?}"
+    );
+    let calls = || fs::read_to_string(root.join("var/log/calls")).unwrap_or_default();
+    // Installing enables the unit and starts nothing.
+    assert!(
+        calls().contains("systemctl enable metaproxy.service"),
+        "{}",
+        calls()
+    );
+    assert!(!calls().contains("start"), "{}", calls());
+
+    // An upgrade restarts the daemon, and leaves the redirect in place.
+    stand_in(&root.join("usr/bin/metaproxy"), "metaproxy");
+    fs::write(root.join("var/log/calls"), "").unwrap();
+    rpm(&[
+        "--root".as_ref(),
+        r,
+        "--nodeps".as_ref(),
+        "-U".as_ref(),
+        "--replacepkgs".as_ref(),
+        p,
+    ]);
+    assert!(
+        calls().contains("systemctl try-restart metaproxy.service"),
+        "{}",
+        calls()
+    );
+    assert!(!calls().contains("detach"), "{}", calls());
+    assert!(!calls().contains("disable"), "{}", calls());
+
+    // Removal stops and disables the unit, then takes the redirect out.
+    stand_in(&root.join("usr/bin/metaproxy"), "metaproxy");
+    fs::write(root.join("var/log/calls"), "").unwrap();
+    rpm(&[
+        "--root".as_ref(),
+        r,
+        "--nodeps".as_ref(),
+        "-e".as_ref(),
+        "metaproxy".as_ref(),
+    ]);
+    let removed = calls();
+    let disable = removed
+        .find("systemctl disable --now metaproxy.service")
+        .unwrap_or_else(|| panic!("{removed}"));
+    let detach = removed
+        .find("metaproxy detach")
+        .unwrap_or_else(|| panic!("{removed}"));
+    assert!(disable < detach, "stop, then detach: {removed}");
+    assert!(!root
+        .join("usr/lib/systemd/system/metaproxy.service")
+        .exists());
 }

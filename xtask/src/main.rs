@@ -60,7 +60,8 @@ enum Cmd {
     /// outside tests globs its imports, and that every test
     /// docs/threat-model.md names exists.
     Lint,
-    /// Build the Debian package (target/debian/metaproxy_*.deb).
+    /// Build the Debian and RPM packages (target/debian/metaproxy_*.deb,
+    /// target/generate-rpm/metaproxy-*.rpm).
     Package {
         /// Cargo profile of the packaged binary.
         #[arg(long, default_value = "release")]

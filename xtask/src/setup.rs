@@ -23,8 +23,8 @@ const BED_PACKAGES: &[&str] = &[
     "tar",
 ];
 /// What only the tests add: systemd for `systemd-analyze verify` of the
-/// unit.
-const TEST_PACKAGES: &[&str] = &["systemd"];
+/// unit, rpm to read and install the .rpm.
+const TEST_PACKAGES: &[&str] = &["systemd", "rpm"];
 /// Rootful Podman for the runtimes suite (Debian's 4.3.1, with netavark;
 /// runc comes with docker.io), installed without starting its units.
 const PODMAN_PACKAGES: &[&str] = &["podman", "netavark", "aardvark-dns"];
@@ -58,6 +58,7 @@ fn install(everything: bool) -> anyhow::Result<()> {
     bpf_linker()?;
     if everything {
         cargo_deb()?;
+        cargo_generate_rpm()?;
     }
     moto()?;
     Ok(())
@@ -147,6 +148,15 @@ pub fn cargo_deb() -> anyhow::Result<()> {
     }
     println!("setup: cargo install cargo-deb (about 1.5 minutes)");
     run_cmd(Command::new("cargo").args(["install", "cargo-deb@3.8.0", "--locked"]))
+}
+
+/// cargo-generate-rpm builds the RPM package (`cargo xtask package`).
+pub fn cargo_generate_rpm() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo").args(["generate-rpm", "--version"])) {
+        return Ok(());
+    }
+    println!("setup: cargo install cargo-generate-rpm (about 2 minutes)");
+    run_cmd(Command::new("cargo").args(["install", "cargo-generate-rpm@0.21.1", "--locked"]))
 }
 
 /// bpf-linker links the kernel programs. The newest release wants LLVM 23;

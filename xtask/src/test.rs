@@ -19,6 +19,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     // The package of the binary under test (the release package holds the
     // same files, from a release build).
     let deb = crate::package::build("dev")?;
+    let rpm = crate::package::build_rpm("dev")?;
 
     println!("== unit tests");
     let mut unit = Command::new("cargo");
@@ -43,6 +44,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
         ])
         .env("METAPROXY_BIN", &bins.metaproxy)
         .env("METAPROXY_DEB", &deb)
+        .env("METAPROXY_RPM", &rpm)
         .env("MP_BIN_DIR", &bins.dir);
     if let Some(f) = filter {
         e2e.arg(f);

@@ -211,8 +211,11 @@ pub struct DoctorArgs {
     pub json: bool,
 
     /// metaproxy's settings, as its unit reads them (EnvironmentFile).
-    #[arg(long, default_value = "/etc/default/metaproxy")]
-    pub defaults: PathBuf,
+    /// Default: /etc/default/metaproxy (Debian, Ubuntu), or
+    /// /etc/sysconfig/metaproxy (Amazon Linux and other RPM distributions)
+    /// where only that one exists.
+    #[arg(long)]
+    pub defaults: Option<PathBuf>,
 
     /// Skip what needs the network or the running daemon's AWS access
     /// (identity, trust policies); for AMI builds. A Docker that does not
@@ -259,13 +262,35 @@ fn layer2_gap(status: Option<&crate::ops::admin::Status>) -> Option<String> {
     }
 }
 
+/// Where the unit's settings are: `given`, or the file of the
+/// distribution's layout that `exists` (the .deb's /etc/default, the
+/// .rpm's /etc/sysconfig), the .deb's when neither does.
+fn settings_file(
+    given: Option<&std::path::Path>,
+    exists: impl Fn(&std::path::Path) -> bool,
+) -> PathBuf {
+    if let Some(given) = given {
+        return given.to_path_buf();
+    }
+    let (deb, rpm) = (
+        std::path::Path::new("/etc/default/metaproxy"),
+        std::path::Path::new("/etc/sysconfig/metaproxy"),
+    );
+    if !exists(deb) && exists(rpm) {
+        rpm.to_path_buf()
+    } else {
+        deb.to_path_buf()
+    }
+}
+
 /// Every check, in the order the README lists them.
 async fn gather(args: &DoctorArgs) -> Vec<Check> {
     // metaproxy's settings first: where it pins and listens, unless the
     // command line says otherwise.
-    let defaults = std::fs::read_to_string(&args.defaults).ok();
+    let path = settings_file(args.defaults.as_deref(), |p| p.exists());
+    let defaults = std::fs::read_to_string(&path).ok();
     let (config, settings) = settings::settings_checks(
-        &args.defaults,
+        &path,
         defaults.as_deref(),
         settings::this_unit().as_ref(),
         &config::ThisHost,

@@ -822,3 +822,23 @@ fn a_runner_and_a_live_container_with_the_same_spec_get_the_same_findings() {
         assert_eq!(c.level, Level::Ok, "{c:?}");
     }
 }
+
+#[test]
+fn the_settings_file_is_the_one_of_the_distributions_layout() {
+    use std::path::{Path, PathBuf};
+    const DEB: &str = "/etc/default/metaproxy";
+    const RPM: &str = "/etc/sysconfig/metaproxy";
+    fn only(present: &'static [&'static str]) -> impl Fn(&Path) -> bool {
+        move |p| present.iter().any(|f| p == Path::new(f))
+    }
+    assert_eq!(settings_file(None, only(&[DEB])), PathBuf::from(DEB));
+    assert_eq!(settings_file(None, only(&[RPM])), PathBuf::from(RPM));
+    // Neither: the .deb's layout, reported as missing.
+    assert_eq!(settings_file(None, only(&[])), PathBuf::from(DEB));
+    // Both (the unit reads both, /etc/default first): the .deb's.
+    assert_eq!(settings_file(None, only(&[DEB, RPM])), PathBuf::from(DEB));
+    assert_eq!(
+        settings_file(Some(Path::new("/srv/mp.env")), only(&[DEB])),
+        PathBuf::from("/srv/mp.env")
+    );
+}
