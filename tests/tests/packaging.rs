@@ -394,3 +394,111 @@ fn the_rpm_installs_what_the_deb_does_and_detaches_only_on_removal() {
         .join("usr/lib/systemd/system/metaproxy.service")
         .exists());
 }
+
+/// `path` from the environment `cargo xtask test` sets.
+fn given(var: &str) -> PathBuf {
+    PathBuf::from(
+        std::env::var_os(var).unwrap_or_else(|| panic!("{var}: cargo xtask test sets it")),
+    )
+}
+
+/// The sections of a BPF object the kernel loads (programs, maps, their
+/// relocations, license), by name: everything but BTF and DWARF.
+fn loaded_sections(elf: &[u8]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use object::{Object as _, ObjectSection as _};
+    let file = object::File::parse(elf).expect("an ELF object");
+    file.sections()
+        .filter_map(|s| {
+            let name = s.name().ok()?.to_string();
+            let debug = name.starts_with(".BTF")
+                || name.starts_with(".debug")
+                || name.starts_with(".rel.debug")
+                || name.starts_with(".rel.BTF");
+            (!debug && !name.is_empty()).then(|| (name, s.data().unwrap_or_default().to_vec()))
+        })
+        .collect()
+}
+
+/// Runs the arm64 daemon under qemu-aarch64 (with Debian's arm64 libc).
+fn under_qemu(bin: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("qemu-aarch64")
+        .args(["-L", "/usr/aarch64-linux-gnu"])
+        .arg(bin)
+        .args(args)
+        .output()
+        .expect("qemu-aarch64 (Debian package qemu-user)")
+}
+
+#[test]
+fn the_arm64_daemon_runs_under_qemu_and_embeds_the_very_same_kernel_programs() {
+    let bin = given("METAPROXY_ARM64_BIN");
+    // An arm64 executable, not this machine's.
+    let head = fs::read(&bin).unwrap();
+    assert_eq!(&head[..4], b"\x7fELF");
+    assert_eq!(
+        u16::from_le_bytes([head[18], head[19]]),
+        183,
+        "e_machine EM_AARCH64"
+    );
+    // The kernel programs are bpfel: both architectures load the same
+    // programs and maps. Only their debug information differs (BTF and
+    // DWARF name aya's bindings module, `x86_64::` or `aarch64::`).
+    let (native, arm64) = (given("METAPROXY_PROBE"), given("METAPROXY_ARM64_PROBE"));
+    let (native, arm64) = (fs::read(native).unwrap(), fs::read(arm64).unwrap());
+    let (ours, theirs) = (loaded_sections(&native), loaded_sections(&arm64));
+    assert!(
+        ours.keys().any(|s| s.starts_with("cgroup/connect4")),
+        "the native build embedded no programs: {:?}",
+        ours.keys()
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &ours {
+        assert!(bytes == &theirs[name], "{name} differs between the builds");
+    }
+    assert!(
+        head.windows(arm64.len()).any(|w| w == arm64.as_slice()),
+        "the arm64 binary does not hold its object"
+    );
+
+    let help = under_qemu(&bin, &["--help"]);
+    let said = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && said.contains("Usage: metaproxy"),
+        "{help:?}"
+    );
+
+    let policy = packaging().join("policy.example.toml");
+    let check = under_qemu(&bin, &["policy", "check", policy.to_str().unwrap()]);
+    assert!(check.status.success(), "{check:?}");
+
+    // doctor, offline, on a runner config that keeps NET_RAW and mounts
+    // the Docker socket: it runs its checks and fails those.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../metaproxy/src/doctor/testdata/careless.toml");
+    let doctor = under_qemu(
+        &bin,
+        &[
+            "doctor",
+            "--offline",
+            "--json",
+            "--runner-config",
+            config.to_str().unwrap(),
+            "--defaults",
+            "/nonexistent/metaproxy",
+        ],
+    );
+    let out = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(1), "{doctor:?}");
+    let checks: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["level"] == "fail"
+                && c["found"].as_str().unwrap_or("").contains("docker.sock")),
+        "{out}"
+    );
+}

@@ -16,6 +16,38 @@ use crate::workspace_root;
 
 /// Runs `cargo build <args>` and returns the binaries it built, by name.
 pub fn cargo_build(args: &[&str]) -> anyhow::Result<HashMap<String, PathBuf>> {
+    Ok(cargo_build_all(args)?.bins)
+}
+
+/// What a `cargo build` made.
+pub struct Built {
+    /// Binaries, by name.
+    pub bins: HashMap<String, PathBuf>,
+    /// Build scripts' `OUT_DIR`s, by the name of the workspace package
+    /// they belong to.
+    pub out_dirs: HashMap<String, PathBuf>,
+}
+
+impl Built {
+    /// The kernel programs' object the daemon embeds (metaproxy's build
+    /// script writes it to its `OUT_DIR`).
+    pub fn probe_object(&self) -> anyhow::Result<PathBuf> {
+        Ok(self
+            .out_dirs
+            .get("metaproxy")
+            .context("cargo ran no metaproxy build script")?
+            .join("metaproxy-probe"))
+    }
+}
+
+/// The workspace package a cargo package id names (`path+file:///w/metaproxy#0.1.0`).
+fn workspace_package(id: &str) -> Option<&str> {
+    let (path, _) = id.strip_prefix("path+file://")?.split_once('#')?;
+    path.rsplit('/').next()
+}
+
+/// Runs `cargo build <args>` and returns what it built.
+pub fn cargo_build_all(args: &[&str]) -> anyhow::Result<Built> {
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(workspace_root())
         .arg("build")
@@ -25,12 +57,20 @@ pub fn cargo_build(args: &[&str]) -> anyhow::Result<HashMap<String, PathBuf>> {
         .spawn()
         .context("running cargo build")?;
     let mut bins = HashMap::new();
+    let mut out_dirs = HashMap::new();
     let stdout = child.stdout.take().context("cargo's stdout")?;
     for line in BufReader::new(stdout).lines() {
         let msg: serde_json::Value = match serde_json::from_str(&line?) {
             Ok(v) => v,
             Err(_) => continue,
         };
+        if msg["reason"] == "build-script-executed" {
+            let package = msg["package_id"].as_str().and_then(workspace_package);
+            if let (Some(package), Some(dir)) = (package, msg["out_dir"].as_str()) {
+                out_dirs.insert(package.to_string(), PathBuf::from(dir));
+            }
+            continue;
+        }
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
@@ -51,7 +91,7 @@ pub fn cargo_build(args: &[&str]) -> anyhow::Result<HashMap<String, PathBuf>> {
         "cargo build {} failed: {status}",
         args.join(" ")
     );
-    Ok(bins)
+    Ok(Built { bins, out_dirs })
 }
 
 /// Builds the daemon and the bed's clients (`--release` when asked) and

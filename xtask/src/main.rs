@@ -10,6 +10,7 @@
 //!   outside tests, every test the threat model names exists
 //! * `package` - the Debian package (cargo-deb)
 //! * `clean` - remove what a killed test run left behind
+mod arm64;
 mod bench;
 mod build;
 mod clean;
@@ -63,9 +64,13 @@ enum Cmd {
     /// Build the Debian and RPM packages (target/debian/metaproxy_*.deb,
     /// target/generate-rpm/metaproxy-*.rpm).
     Package {
-        /// Cargo profile of the packaged binary.
+        /// Cargo profile of the packaged binary (arm64 is always release).
         #[arg(long, default_value = "release")]
         profile: String,
+        /// Only this architecture: x86_64-unknown-linux-gnu or
+        /// aarch64-unknown-linux-gnu (default: both).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Fuzz the request router, tokens, role policy and cgroup paths
     /// (cargo-fuzz, nightly), seeded from fuzz/corpus.
@@ -90,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
         Cmd::Lint => lint::run(),
-        Cmd::Package { profile } => package::run(&profile),
+        Cmd::Package { profile, target } => package::run(&profile, target.as_deref()),
         Cmd::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }
 }

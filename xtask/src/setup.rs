@@ -59,6 +59,7 @@ fn install(everything: bool) -> anyhow::Result<()> {
     if everything {
         cargo_deb()?;
         cargo_generate_rpm()?;
+        cross()?;
     }
     moto()?;
     Ok(())
@@ -148,6 +149,30 @@ pub fn cargo_deb() -> anyhow::Result<()> {
     }
     println!("setup: cargo install cargo-deb (about 1.5 minutes)");
     run_cmd(Command::new("cargo").args(["install", "cargo-deb@3.8.0", "--locked"]))
+}
+
+/// The arm64 cross build: Debian's aarch64 gcc and libc, qemu-user to run
+/// what it builds, and Rust's standard library for the target.
+pub fn cross() -> anyhow::Result<()> {
+    apt(&[
+        "gcc-aarch64-linux-gnu",
+        "libc6-dev-arm64-cross",
+        "qemu-user",
+    ])?;
+    let target = crate::arm64::TARGET;
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == target)
+        });
+    if !installed {
+        println!("setup: rustup target add {target}");
+        run_cmd(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
 }
 
 /// cargo-generate-rpm builds the RPM package (`cargo xtask package`).

@@ -14,7 +14,7 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     let root = workspace_root();
     // Build the daemon the suites run (and the test binaries) up front;
     // cargo says where the binaries went.
-    crate::build::cargo_build(&["--workspace", "--all-targets"])?;
+    let native = crate::build::cargo_build_all(&["--workspace", "--all-targets"])?;
     let bins = crate::build::bed_binaries(false)?;
     // The package of the binary under test (the release package holds the
     // same files, from a release build).
@@ -29,6 +29,10 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
         unit.args(["--", f]);
     }
     run_cmd(&mut unit)?;
+
+    println!("== arm64: the daemon cross-built, its unit tests under qemu-aarch64");
+    let arm64 = crate::arm64::build()?;
+    crate::arm64::test()?;
 
     println!("== kernel and end-to-end tests");
     crate::clean::run_with(&bins.metaproxy)?;
@@ -45,6 +49,9 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
         .env("METAPROXY_BIN", &bins.metaproxy)
         .env("METAPROXY_DEB", &deb)
         .env("METAPROXY_RPM", &rpm)
+        .env("METAPROXY_ARM64_BIN", &arm64.metaproxy)
+        .env("METAPROXY_ARM64_PROBE", &arm64.probe)
+        .env("METAPROXY_PROBE", native.probe_object()?)
         .env("MP_BIN_DIR", &bins.dir);
     if let Some(f) = filter {
         e2e.arg(f);
