@@ -248,7 +248,7 @@ fn stand_in(at: &Path, name: &str) {
     let _ = fs::remove_file(at);
     fs::write(
         at,
-        format!("#!/bin/sh\necho \"{name} $*\" >> /var/log/calls\n"),
+        format!("#!/bin/sh\necho \"{name} $* pin_dir=$METAPROXY_PIN_DIR\" >> /var/log/calls\n"),
     )
     .unwrap();
     fs::set_permissions(at, fs::Permissions::from_mode(0o755)).unwrap();
@@ -372,9 +372,15 @@ fn the_rpm_installs_what_the_deb_does_and_detaches_only_on_removal() {
     assert!(!calls().contains("detach"), "{}", calls());
     assert!(!calls().contains("disable"), "{}", calls());
 
-    // Removal stops and disables the unit, then takes the redirect out.
+    // Removal stops and disables the unit, then takes the redirect out,
+    // from the pin directory the admin's settings name.
     stand_in(&root.join("usr/bin/metaproxy"), "metaproxy");
     fs::write(root.join("var/log/calls"), "").unwrap();
+    fs::write(
+        root.join("etc/sysconfig/metaproxy"),
+        "METAPROXY_PIN_DIR=/sys/fs/bpf/ci-metaproxy\n",
+    )
+    .unwrap();
     rpm(&[
         "--root".as_ref(),
         r,
@@ -384,10 +390,10 @@ fn the_rpm_installs_what_the_deb_does_and_detaches_only_on_removal() {
     ]);
     let removed = calls();
     let disable = removed
-        .find("systemctl disable --now metaproxy.service")
+        .find("systemctl disable --now metaproxy.service pin_dir=")
         .unwrap_or_else(|| panic!("{removed}"));
     let detach = removed
-        .find("metaproxy detach")
+        .find("metaproxy detach pin_dir=/sys/fs/bpf/ci-metaproxy")
         .unwrap_or_else(|| panic!("{removed}"));
     assert!(disable < detach, "stop, then detach: {removed}");
     assert!(!root

@@ -82,6 +82,15 @@ pub enum ConfigError {
     },
     #[error("--docker-host off and no --podman-host: no container could ever get a role")]
     NoRuntime,
+    #[error(
+        "{flag} {path}: {why}; whoever can put a socket there answers for every container of that runtime (their labels, environment, roles): \
+         give the socket of a root service in root-owned directories (rootless Podman is not supported)"
+    )]
+    RuntimeSocketUnsafe {
+        flag: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("--oidc-issuer {0}")]
     OidcIssuer(IssuerUrlError),
     #[error("--oidc-audience: give the audience the jobs' id_tokens name (aud:), such as sts.amazonaws.com")]
@@ -460,6 +469,65 @@ pub fn check_policy_file(path: &Path) -> Result<(), ConfigError> {
             },
         })
     })
+}
+
+/// Refuses a runtime socket (`--docker-host`, `--podman-host`) that
+/// someone other than root could put in place: any existing directory on
+/// the way to it (as given and resolved) owned by another user or writable
+/// by group or others (sticky directories aside), or a socket owned by
+/// another user. Directories that do not exist yet can only be made by
+/// whoever may write their existing parent, which is then checked.
+pub fn check_runtime_socket(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
+    check_runtime_socket_with(flag, path, &|p| {
+        let m = std::fs::symlink_metadata(p)?;
+        Ok(Owner {
+            uid: m.uid(),
+            mode: m.permissions().mode(),
+            kind: if m.file_type().is_symlink() {
+                Kind::Symlink
+            } else if m.is_dir() {
+                Kind::Dir
+            } else {
+                Kind::File
+            },
+        })
+    })
+}
+
+fn check_runtime_socket_with(
+    flag: &'static str,
+    path: &Path,
+    lookup: &dyn Fn(&Path) -> std::io::Result<Owner>,
+) -> Result<(), ConfigError> {
+    let unsafe_because = |why: String| ConfigError::RuntimeSocketUnsafe {
+        flag,
+        path: path.to_path_buf(),
+        why,
+    };
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    for (n, p) in path.ancestors().chain(resolved.ancestors()).enumerate() {
+        let o = match lookup(p) {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(unsafe_because(format!(
+                    "cannot look at {}: {e}",
+                    p.display()
+                )))
+            }
+        };
+        // The socket's group may connect (docker's group): only its owner
+        // matters. Every directory above it is judged as a policy file's.
+        let why = if n == 0 || p == resolved {
+            (o.uid != 0).then(|| format!("is owned by uid {}, not root", o.uid))
+        } else {
+            unsafe_owner(o)
+        };
+        if let Some(why) = why {
+            return Err(unsafe_because(format!("{} {why}", p.display())));
+        }
+    }
+    Ok(())
 }
 
 /// Who owns a path (not following a symlink) and what its mode allows.

@@ -399,3 +399,63 @@ fn a_runtime_socket_that_is_no_unix_path_or_no_runtime_at_all_is_refused() {
         assert!(err.starts_with(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_runtime_socket_someone_else_could_put_in_place_is_refused() {
+    let owners = |table: &'static [(&'static str, u32, u32, bool)]| {
+        move |p: &Path| -> std::io::Result<Owner> {
+            table
+                .iter()
+                .find(|(path, ..)| Path::new(path) == p)
+                .map(|&(_, uid, mode, dir)| Owner {
+                    uid,
+                    mode,
+                    kind: if dir { Kind::Dir } else { Kind::File },
+                })
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    };
+    let check = |path: &str, table| {
+        check_runtime_socket_with("--podman-host", Path::new(path), &owners(table))
+            .map_err(|e| e.to_string())
+    };
+    // Rootful Podman's socket, root's in root's directories (the socket
+    // group-writable, as docker.sock is): fine, and so is one not made yet.
+    let rootful: &[_] = &[
+        ("/", 0, 0o755, true),
+        ("/run", 0, 0o755, true),
+        ("/run/podman", 0, 0o700, true),
+        ("/run/podman/podman.sock", 0, 0o660, false),
+    ];
+    assert_eq!(check("/run/podman/podman.sock", rootful), Ok(()));
+    assert_eq!(check("/run/podman/later.sock", rootful), Ok(()));
+    // A user's rootless socket: the user could answer for any libpod- cgroup.
+    let rootless: &[_] = &[
+        ("/", 0, 0o755, true),
+        ("/run", 0, 0o755, true),
+        ("/run/user", 0, 0o755, true),
+        ("/run/user/1000", 1000, 0o700, true),
+        ("/run/user/1000/podman", 1000, 0o700, true),
+        ("/run/user/1000/podman/podman.sock", 1000, 0o660, false),
+    ];
+    let err = check("/run/user/1000/podman/podman.sock", rootless).unwrap_err();
+    assert!(
+        err.starts_with("--podman-host /run/user/1000/podman/podman.sock: /run/user/1000/podman/podman.sock is owned by uid 1000, not root"),
+        "{err}"
+    );
+    assert!(err.contains("rootless Podman is not supported"), "{err}");
+    // Not there yet, in a directory anyone may write to (not sticky).
+    let open: &[_] = &[("/", 0, 0o755, true), ("/srv", 0, 0o777, true)];
+    let err = check("/srv/docker.sock", open).unwrap_err();
+    assert!(
+        err.contains("/srv is a directory writable by group and others"),
+        "{err}"
+    );
+    // /tmp is sticky: nobody else can replace root's entries in it.
+    let tmp: &[_] = &[
+        ("/", 0, 0o755, true),
+        ("/tmp", 0, 0o1777, true),
+        ("/tmp/p", 0, 0o755, true),
+    ];
+    assert_eq!(check("/tmp/p/podman.sock", tmp), Ok(()));
+}

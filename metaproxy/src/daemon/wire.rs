@@ -26,7 +26,7 @@ use crate::{
     identity::{
         docker::{DockerRuntime, DOCKER_TIMEOUT},
         id_token::{Discovery, IdTokens, KeySource},
-        ContainerRuntime, Identities, Runtimes,
+        ContainerRuntime, Identities, RuntimeKind, Runtimes,
     },
     kernel::{cgroup::CgroupPaths, probe::Probe, wire::AnswerPath},
     model::ids::AccountId,
@@ -135,6 +135,15 @@ impl Prepared {
         // own: jobs' tokens are all that buys roles.
         if !config.oidc.as_ref().is_some_and(|o| o.required) {
             readiness.own_credentials(account.clone());
+        }
+        for runtime in &config.runtimes {
+            if let Some(socket) = &runtime.socket {
+                let flag = match runtime.kind {
+                    RuntimeKind::Docker => "--docker-host",
+                    RuntimeKind::Podman => "--podman-host",
+                };
+                config::check_runtime_socket(flag, socket)?;
+            }
         }
         let policy = load_policy(config, account.clone())?;
         let tokens = TokenKey::load_or_create(&config.state_dir)

@@ -287,7 +287,7 @@ impl ContainerRuntime for DockerRuntime {
                 match event.action.as_deref() {
                     Some("start") => Some(Ok(RuntimeEvent::Start(id))),
                     // Podman says "remove" where Docker says "destroy".
-                    Some("die" | "destroy" | "remove") => Some(Ok(RuntimeEvent::Stop(id))),
+                    Some("die" | "died" | "destroy" | "remove") => Some(Ok(RuntimeEvent::Stop(id))),
                     _ => None,
                 }
             });
