@@ -18,19 +18,25 @@ pub struct Arm64 {
     pub probe: PathBuf,
 }
 
-/// Builds the daemon for arm64, in release: the one build the package
-/// and the tests share.
+/// Builds the daemon for arm64, in release: the one build the packages
+/// are made of.
 pub fn build() -> anyhow::Result<Arm64> {
+    build_targets(&["--bin", "metaproxy"])
+}
+
+/// Builds the daemon and the crate's tests for arm64, in release: the
+/// one build the packaging suite and [`test`] share (a daemon built
+/// without its tests would resolve features differently, and `cargo
+/// test` would build the whole tree again).
+pub fn build_with_tests() -> anyhow::Result<Arm64> {
+    build_targets(&["--lib", "--bins", "--tests"])
+}
+
+fn build_targets(targets: &[&str]) -> anyhow::Result<Arm64> {
     crate::setup::cross()?;
-    let built = cargo_build_all(&[
-        "-p",
-        "metaproxy",
-        "--bin",
-        "metaproxy",
-        "--release",
-        "--target",
-        TARGET,
-    ])?;
+    let mut args = vec!["-p", "metaproxy", "--release", "--target", TARGET];
+    args.extend_from_slice(targets);
+    let built = cargo_build_all(&args)?;
     Ok(Arm64 {
         metaproxy: built
             .bins
@@ -47,6 +53,16 @@ pub fn test() -> anyhow::Result<()> {
     run_cmd(
         std::process::Command::new("cargo")
             .current_dir(workspace_root())
-            .args(["test", "-p", "metaproxy", "--release", "--target", TARGET]),
+            .args([
+                "test",
+                "-p",
+                "metaproxy",
+                "--release",
+                "--target",
+                TARGET,
+                "--lib",
+                "--bins",
+                "--tests",
+            ]),
     )
 }

@@ -26,9 +26,32 @@ pub struct Built {
     /// Build scripts' `OUT_DIR`s, by the name of the workspace package
     /// they belong to.
     pub out_dirs: HashMap<String, PathBuf>,
+    /// Test executables (`--all-targets` or `--tests`), in the order cargo
+    /// finished them: (workspace package, target name, executable).
+    pub tests: Vec<(String, String, PathBuf)>,
 }
 
 impl Built {
+    /// The daemon and the bed's clients, from this build.
+    pub fn binaries(&self) -> anyhow::Result<Binaries> {
+        binaries_of(&self.bins)
+    }
+
+    /// A workspace package's test executables, by target name, sorted
+    /// as `cargo test` runs them (the library's first, then by name).
+    pub fn tests_of(&self, package: &str) -> Vec<(String, PathBuf)> {
+        let mut tests: Vec<(String, PathBuf)> = self
+            .tests
+            .iter()
+            .filter(|(p, _, _)| p == package)
+            .map(|(_, name, exe)| (name.clone(), exe.clone()))
+            .collect();
+        let lib = package.replace('-', "_");
+        tests.sort_by_key(|(name, _)| (*name != lib, name.clone()));
+        tests.dedup();
+        tests
+    }
+
     /// The kernel programs' object the daemon embeds (metaproxy's build
     /// script writes it to its `OUT_DIR`).
     pub fn probe_object(&self) -> anyhow::Result<PathBuf> {
@@ -58,6 +81,7 @@ pub fn cargo_build_all(args: &[&str]) -> anyhow::Result<Built> {
         .context("running cargo build")?;
     let mut bins = HashMap::new();
     let mut out_dirs = HashMap::new();
+    let mut tests = Vec::new();
     let stdout = child.stdout.take().context("cargo's stdout")?;
     for line in BufReader::new(stdout).lines() {
         let msg: serde_json::Value = match serde_json::from_str(&line?) {
@@ -72,6 +96,17 @@ pub fn cargo_build_all(args: &[&str]) -> anyhow::Result<Built> {
             continue;
         }
         if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if msg["profile"]["test"] == true {
+            let package = msg["package_id"].as_str().and_then(workspace_package);
+            if let (Some(package), Some(name), Some(exe)) = (
+                package,
+                msg["target"]["name"].as_str(),
+                msg["executable"].as_str(),
+            ) {
+                tests.push((package.to_string(), name.to_string(), PathBuf::from(exe)));
+            }
             continue;
         }
         let is_bin = msg["target"]["kind"]
@@ -91,7 +126,11 @@ pub fn cargo_build_all(args: &[&str]) -> anyhow::Result<Built> {
         "cargo build {} failed: {status}",
         args.join(" ")
     );
-    Ok(Built { bins, out_dirs })
+    Ok(Built {
+        bins,
+        out_dirs,
+        tests,
+    })
 }
 
 /// Builds the daemon and the bed's clients (`--release` when asked) and
@@ -101,7 +140,10 @@ pub fn bed_binaries(release: bool) -> anyhow::Result<Binaries> {
     if release {
         args.push("--release");
     }
-    let bins = cargo_build(&args)?;
+    binaries_of(&cargo_build(&args)?)
+}
+
+fn binaries_of(bins: &HashMap<String, PathBuf>) -> anyhow::Result<Binaries> {
     let metaproxy = bins
         .get("metaproxy")
         .context("cargo built no metaproxy binary")?;

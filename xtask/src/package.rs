@@ -14,16 +14,19 @@ use crate::workspace_root;
 
 /// Builds the .deb and returns its path. `profile` is a cargo profile
 /// (`release` for a real package; the tests package the `dev` build they
-/// already have, which holds the same files).
-pub fn build(profile: &str) -> anyhow::Result<PathBuf> {
+/// already have, which holds the same files). `build` false packages the
+/// binary that profile already built, as it is.
+pub fn build(profile: &str, build: bool) -> anyhow::Result<PathBuf> {
     crate::setup::cargo_deb()?;
     let out = workspace_root().join("target/debian");
-    let output = Command::new("cargo")
-        .current_dir(workspace_root())
+    let mut deb = Command::new("cargo");
+    deb.current_dir(workspace_root())
         .args(["deb", "-p", "metaproxy", "--profile", profile, "--output"])
-        .arg(&out)
-        .output()
-        .context("running cargo deb")?;
+        .arg(&out);
+    if !build {
+        deb.arg("--no-build");
+    }
+    let output = deb.output().context("running cargo deb")?;
     anyhow::ensure!(
         output.status.success(),
         "cargo deb failed: {}",
@@ -136,7 +139,7 @@ pub fn run(profile: &str, target: Option<&str>) -> anyhow::Result<()> {
         crate::arm64::TARGET
     );
     if target.is_none_or(|t| t == native) {
-        println!("{}", build(profile)?.display());
+        println!("{}", build(profile, true)?.display());
         println!("{}", build_rpm(profile)?.display());
     }
     if target.is_none_or(|t| t == crate::arm64::TARGET) {
