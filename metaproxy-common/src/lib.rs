@@ -41,6 +41,26 @@ pub const MAP_CONNS: &str = "MP_CONNS";
 pub const PENDING_CAPACITY: u32 = 16_384;
 /// Capacity of [`MAP_CONNS`]: open redirected connections.
 pub const CONNS_CAPACITY: u32 = 65_536;
+/// Map from a destination port on the IPv4 listen address (a *slot*) to
+/// the [`Slot`] of the connect the redirect sent there. The destination is
+/// what address translation keeps (Docker-in-Docker's MASQUERADE,
+/// slirp4netns, pasta), so a translated connection finds its record by it.
+pub const MAP_SLOTS: &str = "MP_SLOTS";
+/// The most slots there can be (and [`MAP_SLOTS`]'s capacity): the
+/// range is a power of two no larger than this.
+pub const SLOTS_MAX: u32 = 16_384;
+/// The default slot range: ports 16384-32767 of the listen address, below
+/// the kernel's ephemeral range (32768-60999 by default). A host process
+/// connects to the listen address *from* the listen address, so a slot the
+/// kernel could also pick as the caller's own port would, now and then,
+/// connect the socket to itself (TCP's simultaneous open).
+pub const SLOT_BASE_DEFAULT: u16 = 16_384;
+pub const SLOT_COUNT_DEFAULT: u16 = 16_384;
+/// How many slots a connect tries before it is refused.
+pub const SLOT_TRIES: u32 = 8;
+/// The daemon's IPv4 listening socket, at index 0: where `sk_lookup`
+/// steers connections to a pending slot.
+pub const MAP_LISTENER: &str = "MP_LISTENER";
 
 /// Program names, as the loader finds them in the object file.
 pub const PROG_CONNECT4: &str = "mp_connect4";
@@ -49,6 +69,9 @@ pub const PROG_SOCK_OPS: &str = "mp_sock_ops";
 pub const PROG_BIND4: &str = "mp_bind4";
 pub const PROG_BIND6: &str = "mp_bind6";
 pub const PROG_SOCK_RELEASE: &str = "mp_sock_release";
+/// Attached to the daemon's network namespace: connections to a pending
+/// slot go to the daemon's listening socket.
+pub const PROG_SK_LOOKUP: &str = "mp_sk_lookup";
 /// The packet guard's two layers (see [`GuardDrop`]): `cgroup_skb/egress`
 /// on the attached cgroup, and a tc egress classifier on each interface
 /// that routes to a guarded address.
@@ -321,7 +344,11 @@ pub struct ProbeConfig {
     /// The attached cgroup's level (0 for the cgroup2 root), for
     /// `bpf_skb_ancestor_cgroup_id`.
     pub attached_level: u32,
-    pub _pad: u32,
+    /// First port of the slot range on the IPv4 listen address, host order.
+    pub slot_base4: u16,
+    /// Ports in the slot range: a power of two, at most [`SLOTS_MAX`]; 0
+    /// sends every IPv4 redirect to the listen port itself (no slots).
+    pub slot_count4: u16,
 }
 
 /// The container-credentials endpoint's addresses (ECS task roles, EKS Pod
@@ -356,6 +383,14 @@ impl ProbeConfig {
         self.redirects_ip4(dst)
     }
 
+    /// Whether `port` (host order) is in the IPv4 slot range.
+    #[inline(always)]
+    pub fn is_slot4(&self, port: u16) -> bool {
+        self.slot_count4 != 0
+            && port >= self.slot_base4
+            && u32::from(port) < u32::from(self.slot_base4) + u32::from(self.slot_count4)
+    }
+
     /// As [`ProbeConfig::guards_ip4`], for IPv6.
     #[inline(always)]
     pub fn guards_ip6(&self, dst: [u32; 4]) -> bool {
@@ -382,9 +417,21 @@ pub struct ConnRecord {
     pub orig_port: u16,
     /// Family of the original destination ([`AF_INET`] or [`AF_INET6`]).
     pub family: u16,
-    pub _pad: u32,
+    /// The slot the connect was sent to (a port of the IPv4 listen
+    /// address), or 0.
+    pub slot: u16,
+    pub _pad: u16,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
+}
+
+/// A pending slot: the record of the connect sent there, and its socket's
+/// cookie (so only that socket's release frees it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub cookie: u64,
+    pub record: ConnRecord,
 }
 
 /// One TCP connection as both ends see it: the client's address and port
@@ -479,6 +526,7 @@ mod user {
     // are no implicit padding bytes.
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::L2Seen {}
     unsafe impl aya::Pod for super::L2PeerKey {}
@@ -539,11 +587,15 @@ mod tests {
         assert_eq!(core::mem::size_of::<L2Seen>(), 8 + 4 + 4);
         assert_eq!(
             core::mem::size_of::<ProbeConfig>(),
-            8 + 4 + 2 + 2 + 16 + 8 + 16 + 8 + 4 + 4
+            8 + 4 + 2 + 2 + 16 + 8 + 16 + 8 + 4 + 2 + 2
         );
         assert_eq!(
             core::mem::size_of::<ConnRecord>(),
-            8 + 8 + 4 + 4 + 16 + 2 + 2 + 4 + 16
+            8 + 8 + 4 + 4 + 16 + 2 + 2 + 2 + 2 + 16
+        );
+        assert_eq!(
+            core::mem::size_of::<Slot>(),
+            8 + core::mem::size_of::<ConnRecord>()
         );
         assert_eq!(core::mem::size_of::<ConnKey>(), 16 + 16 + 2 + 2 + 2 + 2);
     }
@@ -559,6 +611,33 @@ mod tests {
         let mixed = ConnKey::new(AF_INET6, to_v4_mapped(c), 4000, IMDS_IP6, 80).unwrap();
         assert_eq!(mixed.family, AF_INET6);
         assert_eq!(ConnKey::new(1, [0; 4], 0, [0; 4], 0), None);
+    }
+
+    #[test]
+    fn slot_range_is_half_open() {
+        let cfg = ProbeConfig {
+            slot_base4: 49_152,
+            slot_count4: 16_384,
+            ..Default::default()
+        };
+        assert!(!cfg.is_slot4(49_151));
+        assert!(cfg.is_slot4(49_152));
+        assert!(cfg.is_slot4(65_535));
+        let default = ProbeConfig {
+            slot_base4: SLOT_BASE_DEFAULT,
+            slot_count4: SLOT_COUNT_DEFAULT,
+            ..Default::default()
+        };
+        assert!(default.is_slot4(16_384) && default.is_slot4(32_767));
+        assert!(
+            !default.is_slot4(32_768),
+            "the kernel's ephemeral ports stay out"
+        );
+        let off = ProbeConfig {
+            slot_base4: 49_152,
+            ..Default::default()
+        };
+        assert!(!off.is_slot4(50_000));
     }
 
     #[test]

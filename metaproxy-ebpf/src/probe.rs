@@ -18,26 +18,39 @@
 //!   it at accept: a record serves one connection).
 //! * `mp_sock_release` (cgroup/sock_release): a socket whose redirected
 //!   connect never sent a SYN (it failed after the hook) leaves its pending
-//!   record behind; it goes when the socket does.
+//!   record behind; it goes when the socket does, and so does its slot.
+//! * Slots (IPv4): each redirected connect goes to a port of its own on the
+//!   listen address (its slot, from a range), and its record is kept under
+//!   that port too. Address translation between the caller and the daemon
+//!   (Docker-in-Docker's MASQUERADE, slirp4netns, pasta) changes the source
+//!   but keeps the destination, so the daemon finds a translated
+//!   connection's record by the port it was accepted on.
+//! * `mp_sk_lookup` (sk_lookup, on the daemon's network namespace): a
+//!   connection to a pending slot goes to the daemon's one listening
+//!   socket. Other ports are looked up as usual: a slot nobody is waiting
+//!   on steers nothing.
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS, BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+            bpf_ktime_get_boot_ns,
+        },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::LruHashMap,
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::{debug, warn};
 use metaproxy_common::{
-    to_v4_mapped, v4_mapped, ConnKey, ConnRecord, ProbeConfig, AF_INET, AF_INET6, CONNS_CAPACITY,
-    IMDS_PORT, PENDING_CAPACITY,
+    to_v4_mapped, v4_mapped, ConnKey, ConnRecord, ProbeConfig, Slot, AF_INET, AF_INET6,
+    CONNS_CAPACITY, IMDS_PORT, PENDING_CAPACITY, SLOTS_MAX, SLOT_TRIES,
 };
 
 /// Verdicts of a cgroup/connect program.
@@ -58,7 +71,8 @@ pub(crate) static MP_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig {
     creds_ip6: [0; 4],
     attached_cgroup_id: 0,
     attached_level: 0,
-    _pad: 0,
+    slot_base4: 0,
+    slot_count4: 0,
 });
 
 /// Socket cookie -> record, between `connect()` and the SYN. Pinned so a
@@ -69,6 +83,20 @@ static MP_PENDING: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(PENDING_CAPA
 /// 4-tuple -> record, from the SYN until the connection closes.
 #[map(name = "MP_CONNS")]
 static MP_CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPACITY, 0);
+
+/// Slot (a port of the IPv4 listen address) -> the connect sent there,
+/// until the daemon takes it or the socket goes. A plain hash, not LRU: its
+/// keys are the range's ports, so it never fills, and nothing pending is
+/// ever evicted to make room.
+#[map(name = "MP_SLOTS")]
+static MP_SLOTS: HashMap<u32, Slot> = HashMap::pinned(SLOTS_MAX, 0);
+
+/// The daemon's IPv4 listening socket (index 0), set by the daemon of this
+/// generation once it listens. Not pinned: the socket is the daemon's own.
+#[map(name = "MP_LISTENER")]
+static MP_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+
+const IPPROTO_TCP: u32 = 6;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
@@ -83,10 +111,18 @@ pub fn mp_connect4(ctx: SockAddrContext) -> i32 {
     if port_of(sa) != IMDS_PORT {
         return other_port(&cfg);
     }
-    redirect(&ctx, sa, &cfg, AF_INET, to_v4_mapped(dst), |sa| {
-        sa.user_ip4 = cfg.listen_ip4;
-        set_port(sa, cfg.listen_port4);
-    })
+    redirect(
+        &ctx,
+        sa,
+        &cfg,
+        AF_INET,
+        to_v4_mapped(dst),
+        true,
+        |sa, port| {
+            sa.user_ip4 = cfg.listen_ip4;
+            set_port(sa, port);
+        },
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -105,9 +141,9 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
         // A dual-stack socket reaching IPv4 IMDS as ::ffff:169.254.169.254
         // never runs connect4, so it is caught here and sent to the IPv4
         // listener in the same mapped form.
-        return redirect(&ctx, sa, &cfg, AF_INET, dst, |sa| {
+        return redirect(&ctx, sa, &cfg, AF_INET, dst, true, |sa, port| {
             write_ip6(&mut sa.user_ip6, to_v4_mapped(cfg.listen_ip4));
-            set_port(sa, cfg.listen_port4);
+            set_port(sa, port);
         });
     }
     if !cfg.redirects_ip6(dst) {
@@ -122,9 +158,9 @@ pub fn mp_connect6(ctx: SockAddrContext) -> i32 {
         );
         return REFUSE;
     }
-    redirect(&ctx, sa, &cfg, AF_INET6, dst, |sa| {
+    redirect(&ctx, sa, &cfg, AF_INET6, dst, false, |sa, port| {
         write_ip6(&mut sa.user_ip6, cfg.listen_ip6);
-        set_port(sa, cfg.listen_port6);
+        set_port(sa, port);
     })
 }
 
@@ -177,9 +213,10 @@ fn bind_verdict(takes_listen: bool, cfg: &ProbeConfig) -> i32 {
     }
 }
 
-/// Record the caller under the socket's cookie and rewrite the destination,
-/// unless the caller is the daemon itself. Fails closed: a socket we cannot
-/// record is refused rather than passed to the real IMDS.
+/// Record the caller under the socket's cookie (and, to the IPv4 listener,
+/// under a slot of its own) and rewrite the destination, unless the caller
+/// is the daemon itself. Fails closed: a socket we cannot record is refused
+/// rather than passed to the real IMDS.
 #[inline(always)]
 fn redirect(
     ctx: &SockAddrContext,
@@ -187,7 +224,8 @@ fn redirect(
     cfg: &ProbeConfig,
     family: u16,
     orig: [u32; 4],
-    rewrite: impl FnOnce(&mut bpf_sock_addr),
+    to_ip4_listener: bool,
+    rewrite: impl FnOnce(&mut bpf_sock_addr, u16),
 ) -> i32 {
     let cgroup_id = current_cgroup_id();
     if cgroup_id == cfg.self_cgroup_id {
@@ -198,7 +236,7 @@ fn redirect(
         return REFUSE;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let record = ConnRecord {
+    let mut record = ConnRecord {
         cgroup_id,
         // SAFETY: helper with no arguments.
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
@@ -211,24 +249,80 @@ fn redirect(
         },
         orig_port: IMDS_PORT,
         family,
+        slot: 0,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let port = if !to_ip4_listener {
+        cfg.listen_port6
+    } else if cfg.slot_count4 == 0 {
+        cfg.listen_port4
+    } else {
+        match take_slot(cfg, cookie, &mut record) {
+            Some(port) => port,
+            None => {
+                warn!(
+                    ctx,
+                    "refusing imds connect: no free slot (cgroup {})", cgroup_id
+                );
+                return REFUSE;
+            }
+        }
+    };
     if MP_PENDING.insert(cookie, record, 0).is_err() {
+        free_slot(record.slot, cookie);
         warn!(
             ctx,
             "refusing imds connect: cannot record it (cgroup {})", cgroup_id
         );
         return REFUSE;
     }
-    rewrite(sa);
+    rewrite(sa, port);
     debug!(
         ctx,
         "redirected imds connect: pid {} cgroup {}", record.pid, cgroup_id
     );
     ALLOW
+}
+
+/// Takes a free slot for the socket `cookie`, from a random place in the
+/// range (so another job cannot tell which slot a connect was given), and
+/// notes it in `record`.
+#[inline(always)]
+fn take_slot(cfg: &ProbeConfig, cookie: u64, record: &mut ConnRecord) -> Option<u16> {
+    let mask = u32::from(cfg.slot_count4).wrapping_sub(1);
+    // SAFETY: helper with no arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    for i in 0..SLOT_TRIES {
+        let port = u32::from(cfg.slot_base4) + (start.wrapping_add(i) & mask);
+        record.slot = port as u16;
+        let slot = Slot {
+            cookie,
+            record: *record,
+        };
+        if MP_SLOTS.insert(port, slot, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(port as u16);
+        }
+    }
+    record.slot = 0;
+    None
+}
+
+/// Frees `slot` if the socket `cookie` holds it.
+#[inline(always)]
+fn free_slot(slot: u16, cookie: u64) {
+    if slot == 0 {
+        return;
+    }
+    let key = u32::from(slot);
+    if let Some(held) = MP_SLOTS.get_ptr(key) {
+        // SAFETY: the pointer came from a successful lookup just now.
+        if unsafe { (*held).cookie } == cookie {
+            let _ = MP_SLOTS.remove(key);
+        }
+    }
 }
 
 #[inline(always)]
@@ -291,14 +385,47 @@ pub fn mp_sock_release(ctx: SockContext) -> i32 {
     let cfg = MP_CONFIG.load();
     if peer_port != 0
         && peer_port != cfg.listen_port4
+        && !cfg.is_slot4(peer_port)
         && (cfg.listen_port6 == 0 || peer_port != cfg.listen_port6)
     {
         return ALLOW;
     }
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Its slot: from the pending record (a connect that failed has no peer
+    // port left), or the port it was connected to.
+    let slot = match MP_PENDING.get_ptr(cookie) {
+        // SAFETY: the pointer came from a successful lookup just now.
+        Some(record) => unsafe { (*record).slot },
+        None if cfg.is_slot4(peer_port) => peer_port,
+        None => 0,
+    };
     let _ = MP_PENDING.remove(cookie);
+    free_slot(slot, cookie);
     ALLOW
+}
+
+/// A connection to a pending slot of the IPv4 listen address goes to the
+/// daemon's listening socket; everything else is looked up as usual.
+#[sk_lookup]
+pub fn mp_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands every sk_lookup program a valid bpf_sk_lookup.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != u32::from(AF_INET) || lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let cfg = MP_CONFIG.load();
+    let port = lookup.local_port as u16; // host order
+    if lookup.local_ip4 != cfg.listen_ip4 || !cfg.is_slot4(port) {
+        return SK_PASS;
+    }
+    if MP_SLOTS.get_ptr(u32::from(port)).is_none() {
+        return SK_PASS;
+    }
+    // No listener (the daemon is down or not listening yet): the usual
+    // lookup finds nobody on the slot, and the caller is refused.
+    let _ = MP_LISTENER.redirect_sk_lookup(&ctx, 0, 0);
+    SK_PASS
 }
 
 #[sock_ops]
@@ -324,7 +451,10 @@ fn on_connect(ctx: &SockOpsContext) {
     // first spares the others the cookie and the map lookup.
     let port = u32::from_be(ctx.remote_port()) as u16;
     let cfg = MP_CONFIG.load();
-    if port != cfg.listen_port4 && (cfg.listen_port6 == 0 || port != cfg.listen_port6) {
+    if port != cfg.listen_port4
+        && !cfg.is_slot4(port)
+        && (cfg.listen_port6 == 0 || port != cfg.listen_port6)
+    {
         return;
     }
     // SAFETY: ctx is the program's own context pointer.

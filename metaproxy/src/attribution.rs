@@ -6,6 +6,13 @@
 //! probe's records or resolves a cgroup id to its path. A connection the
 //! probe did not record (a direct connect to the listen address, anything
 //! from off the host) has no caller and is refused.
+//!
+//! A connection is tied to its record by its 4-tuple where nothing
+//! translated it ([`Via::Direct`]), else by the slot (the port of the
+//! listen address) the redirect sent it to ([`Via::Translated`]). A
+//! translated connection only claims its record once it has shown that it
+//! comes from the record's container ([`Attribution::claim`]): until then
+//! the record stays for the connection it belongs to.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,19 +22,34 @@ use crate::{
     kernel::addrs::{ip_from_words, AddrPair, ClientAddr},
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
-    model::{caller::Caller, ids::CgroupId},
+    model::{
+        caller::{Caller, Via},
+        ids::CgroupId,
+    },
 };
 
 /// Where the kernel's connection records come from: the probe's pinned
-/// map in the daemon, a table in tests.
+/// maps in the daemon, a table in tests.
 pub trait RecordSource: Send + Sync + 'static {
-    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String>;
+    /// The record of the accepted connection `pair`: the one its own
+    /// socket made, taken ([`Via::Direct`]); else the one pending on the
+    /// slot it was accepted on, only looked at ([`Via::Translated`]).
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<(ConnRecord, Via)>, String>;
+    /// Takes the record pending on `slot` if it is still the one made at
+    /// `boot_ns` by `cgroup`; false if another connection took it first.
+    fn claim(&self, slot: u16, boot_ns: u64, cgroup: CgroupId) -> Result<bool, String>;
 }
 
 impl RecordSource for Probe {
-    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<(ConnRecord, Via)>, String> {
         // The error and its causes on one line.
         Probe::lookup(self, pair).map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+    }
+    fn claim(&self, slot: u16, boot_ns: u64, cgroup: CgroupId) -> Result<bool, String> {
+        Probe::claim(self, slot, |r| {
+            r.boot_ns == boot_ns && r.cgroup_id == cgroup.0
+        })
+        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
     }
 }
 
@@ -54,6 +76,10 @@ pub enum AttributionError {
     NoRecord,
     #[error("probe lookup failed: {0}")]
     Lookup(String),
+    /// A translated connection whose source is not the record's container
+    /// (nor one of its addresses), or whose record another connection took.
+    #[error("the connect pending on this slot is another's")]
+    NotItsSlot,
 }
 
 /// Attribution: accepted connection -> [`Caller`].
@@ -76,7 +102,7 @@ impl Attribution {
     /// The caller behind `pair`. Known cgroups are answered from memory;
     /// only a new one walks the cgroup tree, on the blocking pool.
     pub async fn attribute(&self, pair: &AddrPair) -> Result<Caller, AttributionError> {
-        let record = self
+        let (record, via) = self
             .records
             .lookup(pair)
             .map_err(AttributionError::Lookup)?
@@ -92,12 +118,27 @@ impl Attribution {
                     .flatten()
             }
         };
-        Ok(caller(pair.client, &record, path))
+        Ok(caller(pair.client, &record, path, via))
+    }
+
+    /// Takes the record a translated caller was found by. Call it once the
+    /// connection has shown it comes from the record's container; until
+    /// then the record waits for the connection it belongs to. A direct
+    /// caller took its record at lookup.
+    pub fn claim(&self, caller: &Caller) -> Result<(), AttributionError> {
+        let Via::Translated { slot } = caller.via else {
+            return Ok(());
+        };
+        match self.records.claim(slot, caller.boot_ns, caller.cgroup) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AttributionError::NotItsSlot),
+            Err(e) => Err(AttributionError::Lookup(e)),
+        }
     }
 }
 
 /// A caller from a kernel record.
-fn caller(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>) -> Caller {
+fn caller(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>, via: Via) -> Caller {
     Caller {
         peer: peer.0,
         cgroup: CgroupId(r.cgroup_id),
@@ -106,6 +147,7 @@ fn caller(peer: ClientAddr, r: &ConnRecord, cgroup_path: Option<Arc<str>>) -> Ca
         comm: comm(&r.comm),
         original_dst: original_dst(r),
         boot_ns: r.boot_ns,
+        via,
     }
 }
 

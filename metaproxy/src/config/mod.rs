@@ -67,6 +67,25 @@ pub enum ConfigError {
         first: u16,
         last: u16,
     },
+    #[error(
+        "the kernel's ephemeral port range {first}-{last} (net.ipv4.ip_local_port_range) overlaps the redirect's slots {slot_first}-{slot_last} \
+         (each connect to IMDS is sent to a port of its own on the listen address, so that address translation keeps it): \
+         a host process given such a port for its own connect could be connected to itself; \
+         start the range above {slot_last} (sysctl net.ipv4.ip_local_port_range=\"32768 60999\", the kernel's default) \
+         or reserve the slots (sysctl net.ipv4.ip_local_reserved_ports={slot_first}-{slot_last})"
+    )]
+    EphemeralSlots {
+        first: u16,
+        last: u16,
+        slot_first: u16,
+        slot_last: u16,
+    },
+    #[error("--listen port {port} is one of the redirect's slots {slot_first}-{slot_last}: pick a port outside them (the default is 8169)")]
+    ListenOnSlot {
+        port: u16,
+        slot_first: u16,
+        slot_last: u16,
+    },
     #[error("cannot read the kernel's ephemeral port range ({0}) to check --listen against it")]
     PortRange(String),
     #[error(
@@ -306,6 +325,25 @@ impl RunConfig {
                     last: *ports.range.end(),
                 });
             }
+        }
+        let (slot_first, slot_last) = (
+            metaproxy_common::SLOT_BASE_DEFAULT,
+            metaproxy_common::SLOT_BASE_DEFAULT + (metaproxy_common::SLOT_COUNT_DEFAULT - 1),
+        );
+        if (slot_first..=slot_last).contains(&listen.port()) {
+            return Err(ConfigError::ListenOnSlot {
+                port: listen.port(),
+                slot_first,
+                slot_last,
+            });
+        }
+        if (slot_first..=slot_last).any(|p| ports.hands_out(p)) {
+            return Err(ConfigError::EphemeralSlots {
+                first: *ports.range.start(),
+                last: *ports.range.end(),
+                slot_first,
+                slot_last,
+            });
         }
         let metrics = match args.metrics.trim() {
             "off" | "" => None,

@@ -89,7 +89,27 @@ fn listen_ports_the_kernel_hands_to_unbound_sockets_are_refused() {
             "{err}"
         );
     }
-    assert!(config(&["--listen", "169.254.170.254:32767"]).is_ok());
+    assert!(config(&["--listen", "169.254.170.254:16383"]).is_ok());
+    // The slots are the listen address's ports 16384-32767: not the
+    // listener's own, and not the kernel's to hand out.
+    let err = config(&["--listen", "169.254.170.254:32767"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("one of the redirect's slots 16384-32767"),
+        "{err}"
+    );
+    let wide = FakeHost("10000 65000", "8169");
+    let args = run_args(&["--allow-role", "arn:aws:iam::123456789012:role/ci-*"]);
+    let err = RunConfig::from_args_on(&args, &wide)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10000-65000") && err.contains("overlaps the redirect's slots 16384-32767"),
+        "{err}"
+    );
+    let reserved = FakeHost("10000 65000", "8169,16384-32767");
+    assert!(RunConfig::from_args_on(&args, &reserved).is_ok());
     // A reserved port is never handed out.
     let reserved = FakeHost("32768 60999", "40000");
     let args = run_args(&[

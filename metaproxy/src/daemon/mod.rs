@@ -85,6 +85,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         watch_probe(probe.clone(), readiness.clone()),
     );
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
+    // Connects the redirect sent to a slot reach this listener from now on.
+    probe
+        .steer(&listener)
+        .context("steering the redirect's slots to the listener")?;
     let listener6 = match config.listen6 {
         Some(addr) => Some(netaddr::bind_listener(SocketAddr::V6(addr)).await?),
         None => None,

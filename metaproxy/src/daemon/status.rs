@@ -223,7 +223,7 @@ pub(super) struct DaemonState {
 
 impl StatusSource for DaemonState {
     fn status(&self) -> Status {
-        let (pending, conns) = self.probe.map_sizes();
+        let (pending, conns, slots) = self.probe.map_sizes();
         let (interfaces, mode) = self.probe.guarded_interfaces();
         let routes = self.guard.routes();
         Status {
@@ -259,7 +259,11 @@ impl StatusSource for DaemonState {
                     .map(|(kind, n)| (kind.name().to_string(), n))
                     .collect(),
             },
-            maps: MapStatus { pending, conns },
+            maps: MapStatus {
+                pending,
+                conns,
+                slots,
+            },
             connections: ConnectionStatus {
                 open: self.count.open(),
                 largest_per_container: self.count.largest_per_cgroup(),
@@ -276,7 +280,7 @@ impl StatusSource for DaemonState {
 
 impl LiveSource for DaemonState {
     fn live(&self) -> Live {
-        let (pending, conns) = self.probe.map_sizes();
+        let (pending, conns, slots) = self.probe.map_sizes();
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         let mut guard_drops = [0; metaproxy_common::GUARD_DROP_KINDS as usize];
         for (kind, count) in self.probe.guard_drops() {
@@ -300,6 +304,7 @@ impl LiveSource for DaemonState {
             credential_cache: n(self.credentials.len()),
             map_pending: n(pending),
             map_conns: n(conns),
+            map_slots: n(slots),
             probe_generation: self.probe.generation(),
             log_lines_dropped: crate::ops::logging::dropped_lines(),
             docker_reachable: self.identities.reachable(),

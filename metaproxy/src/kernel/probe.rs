@@ -10,9 +10,12 @@
 //! ```text
 //! maps-v1/MP_PENDING   socket cookie -> record   (shared across restarts)
 //! maps-v1/MP_CONNS     4-tuple -> record         (shared across restarts)
+//! maps-v1/MP_SLOTS     slot port -> record       (shared across restarts)
 //! maps-v1/MP_GUARD_DROPS  the packet guard's drop counters
 //! links/<prog>-<gen>   one bpf_link per cgroup program and generation
 //!                      (bpffs refuses dots in names)
+//! links/mp_sk_lookup-<gen>
+//!                      the slot steering on the daemon's network namespace
 //! links/mp_guard_tc_if<ifindex>-<gen>
 //!                      the tc guard's tcx link on one interface
 //! links/mp_guard_nl_if<ifindex>_p<prio>_h<handle>-<gen>
@@ -41,19 +44,22 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray, SockMap},
     programs::{links::LinkError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
 use metaproxy_common::{
-    ConnKey, ConnRecord, GuardDrop, L2Peer, L2PeerKey, L2Refusal, L2Seen, ProbeConfig,
+    ConnKey, ConnRecord, GuardDrop, L2Peer, L2PeerKey, L2Refusal, L2Seen, ProbeConfig, Slot,
     GLOBAL_CONFIG, MAP_CONNS, MAP_GUARD_DROPS, MAP_L2_PEERS, MAP_L2_REFUSED, MAP_L2_SEEN,
-    MAP_PENDING, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GUARD_SKB,
-    PROG_GUARD_TC, PROG_L2_DELIVER, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SOCK_OPS,
-    PROG_SOCK_RELEASE,
+    MAP_LISTENER, MAP_PENDING, MAP_SLOTS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GUARD_SKB, PROG_GUARD_TC, PROG_L2_DELIVER, PROG_L2_SOCKET, PROG_L2_SOCKOPT,
+    PROG_SK_LOOKUP, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
 };
 
-use crate::{kernel::addrs::AddrPair, model::interface::Interface};
+use crate::{
+    kernel::addrs::AddrPair,
+    model::{caller::Via, interface::Interface},
+};
 
 /// The compiled kernel programs, built by build.rs.
 static PROBE_OBJECT: &[u8] =
@@ -238,6 +244,8 @@ impl TcProg {
 enum Pin {
     /// A cgroup link of one of [`PROGRAMS`].
     Cgroup,
+    /// The slot steering's link on the daemon's network namespace.
+    Netns,
     /// A tc program's tcx link on an interface.
     Tcx { prog: TcProg, ifindex: u32 },
     /// A tc program, attached as a clsact filter.
@@ -255,6 +263,9 @@ pub struct Probe {
     /// Behind a lock: taking a record is a lookup and a delete.
     conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
     pending: HashMap<MapData, u64, ConnRecord>,
+    /// Behind a lock for the same reason.
+    slots: Mutex<HashMap<MapData, u32, Slot>>,
+    config: ProbeConfig,
     drops: PerCpuArray<MapData, u64>,
     generation: u64,
     links_dir: PathBuf,
@@ -421,6 +432,7 @@ impl Probe {
 
         let conns = take_map(&mut ebpf, MAP_CONNS)?;
         let pending = take_map(&mut ebpf, MAP_PENDING)?;
+        let slots = take_map(&mut ebpf, MAP_SLOTS)?;
         let drops = {
             let map = ebpf
                 .take_map(MAP_GUARD_DROPS)
@@ -445,6 +457,8 @@ impl Probe {
             Self {
                 conns: Mutex::new(conns),
                 pending,
+                slots: Mutex::new(slots),
+                config: opts.config,
                 drops,
                 generation,
                 links_dir,
@@ -604,12 +618,12 @@ impl Probe {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|h| match &h.what {
                 watchdog::Attached::Tc(_, iface) => exists(iface.index),
-                watchdog::Attached::Cgroup(_) => true,
+                watchdog::Attached::Cgroup(_) | watchdog::Attached::Netns(_) => true,
             });
         for (path, _, pin) in pinned_links(&self.links_dir)? {
             let ifindex = match pin {
                 Pin::Tcx { ifindex, .. } | Pin::Netlink { ifindex, .. } => ifindex,
-                Pin::Cgroup => continue,
+                Pin::Cgroup | Pin::Netns => continue,
             };
             if !exists(ifindex) {
                 fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
@@ -675,12 +689,75 @@ impl Probe {
     }
 
     /// What the kernel recorded for the accepted connection `pair`, if
-    /// anything. The record is consumed: it serves this accept and no other
-    /// (a client that keeps its socket open after the daemon closed would
-    /// otherwise leave a live record, which a spoofed SYN from the same
-    /// address and port could claim). A record older than
-    /// [`MAX_RECORD_AGE`] is refused.
-    pub fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, ProbeError> {
+    /// anything, and how it was found.
+    ///
+    /// By its 4-tuple first: the record its own socket's SYN filed, which
+    /// is consumed (it serves this accept and no other: a client that
+    /// keeps its socket open after the daemon closed would otherwise leave
+    /// a live record, which a spoofed SYN from the same address and port
+    /// could claim), and its slot with it. Else, for a connection accepted
+    /// on a slot, the record pending there, which is *not* consumed: the
+    /// connection's source was translated, and it takes the record only
+    /// once it has shown it comes from the record's container
+    /// ([`Probe::claim`]). A record older than [`MAX_RECORD_AGE`] is
+    /// refused.
+    pub fn lookup(&self, pair: &AddrPair) -> Result<Option<(ConnRecord, Via)>, ProbeError> {
+        if let Some(record) = self.take_direct(pair)? {
+            check_age(record.boot_ns, boot_ns_now())?;
+            if record.slot != 0 {
+                self.claim(record.slot, |r| {
+                    r.boot_ns == record.boot_ns && r.tid == record.tid
+                })?;
+            }
+            return Ok(Some((record, Via::Direct)));
+        }
+        let port = pair.server.0.port();
+        if !pair.server.0.ip().to_canonical().is_ipv4() || !self.config.is_slot4(port) {
+            return Ok(None);
+        }
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match slots.get(&u32::from(port), 0) {
+            Ok(slot) => slot,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => {
+                return Err(ProbeError::Map {
+                    name: MAP_SLOTS,
+                    source,
+                })
+            }
+        };
+        check_age(slot.record.boot_ns, boot_ns_now())?;
+        Ok(Some((slot.record, Via::Translated { slot: port })))
+    }
+
+    /// Takes the record pending on `slot` if `is_it` says it is still the
+    /// one meant; false if it is gone or another's.
+    pub fn claim(
+        &self,
+        slot: u16,
+        is_it: impl Fn(&ConnRecord) -> bool,
+    ) -> Result<bool, ProbeError> {
+        let map_err = |source| ProbeError::Map {
+            name: MAP_SLOTS,
+            source,
+        };
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let key = u32::from(slot);
+        match slots.get(&key, 0) {
+            Ok(held) if is_it(&held.record) => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+            Err(source) => return Err(map_err(source)),
+        }
+        match slots.remove(&key) {
+            Ok(()) => Ok(true),
+            // Freed meanwhile: its socket went.
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(map_err(source)),
+        }
+    }
+
+    /// Takes the record filed under `pair`'s 4-tuple.
+    fn take_direct(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, ProbeError> {
         let Some(key) = pair.conn_key() else {
             return Ok(None);
         };
@@ -688,29 +765,63 @@ impl Probe {
             name: MAP_CONNS,
             source,
         };
-        let record = {
-            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            let record = match conns.get(&key, 0) {
-                Ok(record) => record,
-                Err(MapError::KeyNotFound) => return Ok(None),
-                Err(source) => return Err(map_err(source)),
-            };
-            match conns.remove(&key) {
-                // Gone meanwhile: the connection closed under us.
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_err(source)),
-            }
-            record
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let record = match conns.get(&key, 0) {
+            Ok(record) => record,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => return Err(map_err(source)),
         };
-        check_age(record.boot_ns, boot_ns_now())?;
+        match conns.remove(&key) {
+            // Gone meanwhile: the connection closed under us.
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_err(source)),
+        }
         Ok(Some(record))
     }
 
-    /// Entries in the two maps: (pending connects, open connections).
-    /// Walks both maps, so it is for status pages, not the request path.
-    pub fn map_sizes(&self) -> (usize, usize) {
+    /// Steers connections to pending slots to `listener` (this daemon's
+    /// IPv4 listening socket): puts it where `mp_sk_lookup` finds it and
+    /// attaches that program to the daemon's own network namespace,
+    /// pinned and held like the other links. Until this has run, a
+    /// connect sent to a slot is refused (nobody listens there).
+    pub fn steer(&self, listener: &impl std::os::fd::AsRawFd) -> Result<(), ProbeError> {
+        let mut guard = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = &mut guard.0;
+        {
+            let map = ebpf
+                .map_mut(MAP_LISTENER)
+                .ok_or(ProbeError::Missing(MAP_LISTENER))?;
+            let mut listeners = SockMap::try_from(map).map_err(|source| ProbeError::Map {
+                name: MAP_LISTENER,
+                source,
+            })?;
+            listeners
+                .set(0, listener, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: MAP_LISTENER,
+                    source,
+                })?;
+        }
+        let path = self
+            .links_dir
+            .join(format!("{PROG_SK_LOOKUP}-{}", self.generation));
+        attach_sk_lookup(ebpf, &path)?;
+        let id = watchdog::prog_id(ebpf, PROG_SK_LOOKUP)?;
+        drop(guard);
+        self.hold(&path, watchdog::Attached::Netns(netns_ino()?), id)
+    }
+
+    /// Entries in the record maps: (pending connects, open connections,
+    /// pending slots). Walks the maps, so it is for status pages, not the
+    /// request path.
+    pub fn map_sizes(&self) -> (usize, usize, usize) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        (self.pending.keys().count(), conns.keys().count())
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            self.pending.keys().count(),
+            conns.keys().count(),
+            slots.keys().count(),
+        )
     }
 }
 
@@ -759,6 +870,13 @@ fn boot_ns_now() -> u64 {
 }
 
 /// Refuses a record made more than [`MAX_RECORD_AGE`] before `now_ns`.
+/// The inode of the daemon's network namespace, which names it in link info.
+fn netns_ino() -> Result<u32, ProbeError> {
+    let path = Path::new("/proc/self/ns/net");
+    let meta = fs::metadata(path).map_err(io_err("reading", path))?;
+    Ok(std::os::unix::fs::MetadataExt::ino(&meta) as u32)
+}
+
 fn check_age(record_ns: u64, now_ns: u64) -> Result<(), ProbeError> {
     let age = Duration::from_nanos(now_ns.saturating_sub(record_ns));
     if age > MAX_RECORD_AGE {
@@ -790,7 +908,7 @@ mod pins;
 mod syscalls;
 mod watchdog;
 
-use attach::{attach_lsm, attach_program, attach_sockopt, attach_tc};
+use attach::{attach_lsm, attach_program, attach_sk_lookup, attach_sockopt, attach_tc};
 use pins::{check_pin_dir, ensure_bpffs_dir, pinned_links, unpin};
 pub use pins::{detach, guard_in_place, redirect_in_place};
 pub use watchdog::Repairs;

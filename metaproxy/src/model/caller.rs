@@ -25,6 +25,23 @@ pub struct Caller {
     pub original_dst: SocketAddr,
     /// When it connected (the kernel's `CLOCK_BOOTTIME`).
     pub boot_ns: u64,
+    /// How its connection was tied to the record.
+    pub via: Via,
+}
+
+/// How an accepted connection was tied to the kernel's record of a
+/// connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// By its 4-tuple: the connecting socket's own SYN, as the kernel saw
+    /// it leave. Nothing between changed it; the record is taken.
+    Direct,
+    /// By the slot it was accepted on: its source was translated on the
+    /// way (an inner dockerd's MASQUERADE, a user-space relay). The record
+    /// is only looked at: the connection must first show it comes from
+    /// the record's container, and only then takes it (see
+    /// `attribution::Attribution::claim`).
+    Translated { slot: u16 },
 }
 
 impl Caller {

@@ -131,6 +131,9 @@ pub struct GuardRoute {
 pub struct MapStatus {
     pub pending: usize,
     pub conns: usize,
+    /// Slots with a connect waiting on them.
+    #[serde(default)]
+    pub slots: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -348,6 +351,7 @@ mod status_tests {
             maps: MapStatus {
                 pending: 0,
                 conns: 1,
+                slots: 0,
             },
             connections: ConnectionStatus {
                 open: 5,

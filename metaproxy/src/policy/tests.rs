@@ -400,6 +400,7 @@ fn caller(path: Option<&str>, comm: &str) -> Caller {
         comm: comm.into(),
         original_dst: "169.254.169.254:80".parse().unwrap(),
         boot_ns: 0,
+        via: crate::model::caller::Via::Direct,
     }
 }
 

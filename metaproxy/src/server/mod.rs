@@ -33,8 +33,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    attribution::Attribution,
+    attribution::{Attribution, AttributionError},
+    identity::Identity,
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
+    model::caller::Via,
     ops::accept::{self, Rules, WhenFull},
     ops::connlog::{ConnLog, Entry},
     ops::logging::Clean,
@@ -92,12 +94,6 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     shutdown: impl Future<Output = ()>,
 ) {
-    // Connections arrive at the listener's own address, unless it listens
-    // on every address; then each one is asked.
-    let local = listener
-        .local_addr()
-        .ok()
-        .filter(|a| !a.ip().is_unspecified());
     let for_shed = pipeline.clone();
     let rules = Rules {
         name: "imds",
@@ -113,7 +109,7 @@ pub async fn run(
     let mut tasks = accept::serve(listener, rules, shutdown, |stream, peer, permit| {
         let pipeline = pipeline.clone();
         async move {
-            serve_connection(stream, peer, local, pipeline).await;
+            serve_connection(stream, peer, pipeline).await;
             drop(permit);
         }
     })
@@ -124,51 +120,37 @@ pub async fn run(
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    pipeline: Arc<Pipeline>,
-) {
-    let Some(local) = local.or_else(|| stream.local_addr().ok()) else {
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pipeline>) {
+    // Asked of every connection: the redirect sends each connect to a port
+    // of its own (its slot), which the kernel steers to this one listener.
+    let Ok(local) = stream.local_addr() else {
         return;
     };
     let pair = AddrPair::new(ClientAddr(peer), ServerAddr(local));
     let caller = match pipeline.attribution.attribute(&pair).await {
         Ok(caller) => caller,
-        Err(e) => {
-            pipeline.metrics.records_missing.inc();
-            let Ok(_permit) = pipeline.count.unattributed.try_acquire() else {
-                pipeline.metrics.shed.inc();
-                return;
-            };
-            let denial = Denial::from(e);
-            if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
-                tracing::warn!(client = %peer, reason = %denial, suppressed, "refusing connection");
-            }
-            pipeline
-                .connections
-                .push(Entry::refused(peer, denial.reason()));
-            let for_requests = pipeline.clone();
-            serve_http(stream, move |_req| {
-                let (denial, pipeline) = (denial.clone(), for_requests.clone());
-                async move {
-                    pipeline.metrics.request(
-                        RouteLabel::Unattributed,
-                        denial.outcome(),
-                        Some(denial.kind()),
-                    );
-                    denial.response()
-                }
-            })
-            .await;
-            return;
-        }
+        Err(e) => return refuse_unattributed(stream, peer, e, &pipeline).await,
     };
     // Identified now to find its share (cached: the surface asks again
     // per request at no cost).
     let identity = pipeline.surface.identities.identify(&caller).await;
-    if let Ok(crate::identity::Identity::Container(c)) = &identity {
+    if let Via::Translated { .. } = caller.via {
+        // Found by its slot alone: it takes the record only if it comes
+        // from an address of the record's (outermost) container, which
+        // identify has checked of a container with addresses of its own.
+        // A host process, or a container in the host's network namespace,
+        // has no address a translated connection could prove itself by.
+        let own = matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some());
+        let claimed = if own {
+            pipeline.attribution.claim(&caller)
+        } else {
+            Err(AttributionError::NotItsSlot)
+        };
+        if let Err(e) = claimed {
+            return refuse_unattributed(stream, peer, e, &pipeline).await;
+        }
+    }
+    if let Ok(Identity::Container(c)) = &identity {
         if let Err(why) = pipeline.answers.pin(caller.cgroup, peer.ip(), c).await {
             pipeline.metrics.unpinned.inc();
             if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {
@@ -208,6 +190,41 @@ async fn serve_connection(
                 .connections
                 .push(answered(&caller, &method, uri.path(), &handled));
             handled.into_response()
+        }
+    })
+    .await;
+}
+
+/// Answers every request on a connection no caller could be found for with
+/// the refusal, and closes it.
+async fn refuse_unattributed(
+    stream: TcpStream,
+    peer: SocketAddr,
+    e: AttributionError,
+    pipeline: &Arc<Pipeline>,
+) {
+    pipeline.metrics.records_missing.inc();
+    let Ok(_permit) = pipeline.count.unattributed.try_acquire() else {
+        pipeline.metrics.shed.inc();
+        return;
+    };
+    let denial = Denial::from(e);
+    if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
+        tracing::warn!(client = %peer, reason = %denial, suppressed, "refusing connection");
+    }
+    pipeline
+        .connections
+        .push(Entry::refused(peer, denial.reason()));
+    let for_requests = pipeline.clone();
+    serve_http(stream, move |_req| {
+        let (denial, pipeline) = (denial.clone(), for_requests.clone());
+        async move {
+            pipeline.metrics.request(
+                RouteLabel::Unattributed,
+                denial.outcome(),
+                Some(denial.kind()),
+            );
+            denial.response()
         }
     })
     .await;

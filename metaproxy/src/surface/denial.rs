@@ -108,6 +108,7 @@ impl Denial {
         match self {
             Self::Attribution(A::NoRecord) => "no-record",
             Self::Attribution(A::Lookup(_)) => "probe-lookup",
+            Self::Attribution(A::NotItsSlot) => "not-its-slot",
             Self::Identity(I::CgroupGone(_)) => "cgroup-gone",
             Self::Identity(I::UnknownContainer { .. }) => "unknown-container",
             Self::Identity(I::UnknownRuntime { .. }) => "unknown-runtime",

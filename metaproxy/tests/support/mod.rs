@@ -29,6 +29,7 @@ use metaproxy::{
         id_token::KeySource, ContainerRuntime, Identities, RuntimeError, RuntimeEvent, RuntimeKind,
     },
     kernel::addrs::AddrPair,
+    model::caller::Via,
     model::container::Container,
     model::ids::{AccountId, CgroupId, ContainerId},
     ops::connlog::{ConnLog, Connection},
@@ -48,13 +49,55 @@ use tokio::{
 pub const ACCOUNT: &str = "123456789012";
 
 /// The kernel's records, keyed by the client's port (every test client is
-/// on 127.0.0.1).
+/// on 127.0.0.1): found by 4-tuple, or (as a translated connection's are)
+/// by a slot, which only a claim takes.
 #[derive(Default)]
-pub struct FakeRecords(Mutex<HashMap<u16, ConnRecord>>);
+pub struct FakeRecords(Mutex<HashMap<u16, ConnRecord>>, Mutex<FakeSlots>);
+
+/// Slots: which client port is accepted on which slot, and what waits there.
+#[derive(Default)]
+pub struct FakeSlots {
+    pub accepted_on: HashMap<u16, u16>,
+    pub pending: HashMap<u16, ConnRecord>,
+}
+
+impl FakeRecords {
+    /// Files `record` (if any) on `slot`, and says the connection from
+    /// `client_port` arrives on it with its source translated.
+    pub fn translated(&self, client_port: u16, slot: u16, record: Option<ConnRecord>) {
+        let mut slots = self.1.lock().unwrap();
+        slots.accepted_on.insert(client_port, slot);
+        if let Some(record) = record {
+            slots.pending.insert(slot, record);
+        }
+    }
+
+    /// Whether a record still waits on `slot`.
+    pub fn pending(&self, slot: u16) -> bool {
+        self.1.lock().unwrap().pending.contains_key(&slot)
+    }
+}
 
 impl RecordSource for FakeRecords {
-    fn lookup(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, String> {
-        Ok(self.0.lock().unwrap().get(&pair.client.0.port()).copied())
+    fn lookup(&self, pair: &AddrPair) -> Result<Option<(ConnRecord, Via)>, String> {
+        let port = pair.client.0.port();
+        if let Some(record) = self.0.lock().unwrap().get(&port).copied() {
+            return Ok(Some((record, Via::Direct)));
+        }
+        let slots = self.1.lock().unwrap();
+        Ok(slots.accepted_on.get(&port).and_then(|slot| {
+            let record = slots.pending.get(slot)?;
+            Some((*record, Via::Translated { slot: *slot }))
+        }))
+    }
+
+    fn claim(&self, slot: u16, boot_ns: u64, cgroup: CgroupId) -> Result<bool, String> {
+        let mut slots = self.1.lock().unwrap();
+        let is_it = slots
+            .pending
+            .get(&slot)
+            .is_some_and(|r| r.boot_ns == boot_ns && r.cgroup_id == cgroup.0);
+        Ok(is_it && slots.pending.remove(&slot).is_some())
     }
 }
 
@@ -501,6 +544,21 @@ pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// A full container id made from a small number.
+/// The kernel's record of `who`'s connect.
+pub fn record_of(who: &Who) -> ConnRecord {
+    let mut comm = [0u8; 16];
+    comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
+    ConnRecord {
+        cgroup_id: who.cgroup.0,
+        pid: 4242,
+        family: AF_INET,
+        orig_addr: [u32::from_ne_bytes(who.dst), 0, 0, 0],
+        orig_port: 80,
+        comm,
+        ..Default::default()
+    }
+}
+
 pub fn container_id(n: usize) -> ContainerId {
     ContainerId::parse(&format!("{n:064x}")).unwrap()
 }
@@ -516,6 +574,20 @@ impl Bed {
     pub fn container(&self, n: usize, spec: Spec<'_>) -> Who {
         let id = container_id(n);
         self.container_in(&self.runtime, &format!("/docker/{id}"), n, spec)
+    }
+
+    /// A process in a container that `outer` (a Docker-in-Docker service
+    /// container) runs: its cgroup is below the outer one's, and the
+    /// runtime the daemon follows knows only the outer container.
+    pub fn inner_container(&self, outer: &Who, n: usize) -> Who {
+        let outer_id = outer.container.clone().expect("an outer container");
+        let inner_id = container_id(n);
+        Who {
+            cgroup: self.new_cgroup(format!("/docker/{outer_id}/docker/{inner_id}")),
+            comm: "aws",
+            container: Some(outer_id),
+            dst: IMDS,
+        }
     }
 
     /// A running container of Podman (`--podman-host`), in the cgroup
@@ -615,20 +687,24 @@ impl Bed {
     }
 
     fn record(&self, port: u16, who: &Who) {
-        let mut comm = [0u8; 16];
-        comm[..who.comm.len()].copy_from_slice(who.comm.as_bytes());
-        self.records.0.lock().unwrap().insert(
-            port,
-            ConnRecord {
-                cgroup_id: who.cgroup.0,
-                pid: 4242,
-                family: AF_INET,
-                orig_addr: [u32::from_ne_bytes(who.dst), 0, 0, 0],
-                orig_port: 80,
-                comm,
-                ..Default::default()
-            },
-        );
+        self.records.0.lock().unwrap().insert(port, record_of(who));
+    }
+
+    /// Sends one request as a connection whose source was translated on
+    /// the way, accepted on `slot` from 127.0.0.1 (where the kernel filed
+    /// `who`'s record, if given), and reads the answer.
+    pub async fn request_translated(&self, who: Option<&Who>, slot: u16, path: &str) -> Answer {
+        let raw =
+            format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        self.records.translated(port, slot, who.map(record_of));
+        let mut stream = socket.connect(self.addr).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+        Answer::parse(&out)
     }
 
     /// Sends raw bytes on a new connection (recorded for `who`, or not at

@@ -40,9 +40,10 @@
 //!                               open N connections and send a GET on each
 //!                               every 3 s for SECS: keeps places that only
 //!                               idle timeouts would free
-//! mp-client collide ADDR       two sockets on one local port connect to ADDR:
-//!                               the second fails after the connect hook
-//!                               ran, before any SYN (EADDRNOTAVAIL)
+//! mp-client v6only ADDR        an IPV6_V6ONLY socket connects to ADDR as
+//!                               ::ffff:ADDR: the connect hook runs, then
+//!                               the kernel fails it before any SYN
+//!                               (ENETUNREACH)
 //! mp-client closefirst ADDR PATH N
 //!                               N keep-alive GETs, each on a connection the
 //!                               client then closes first (FIN, TIME_WAIT here)
@@ -92,7 +93,7 @@ fn main() {
         }
         Some("hold") => hold(addr, n()),
         Some("churn") => churn(addr, n()),
-        Some("collide") => collide(addr),
+        Some("v6only") => v6only(addr),
         Some("occupy") if args.len() == 5 => occupy(
             addr,
             &args[2],
@@ -657,28 +658,21 @@ fn occupy(addr: SocketAddr, path: &str, n: usize, secs: u64) -> serde_json::Valu
     json!({ "opened": opened, "served_at_first": served_at_first, "kept": conns.len() })
 }
 
-fn collide(addr: SocketAddr) -> serde_json::Value {
+fn v6only(addr: SocketAddr) -> serde_json::Value {
     use socket2::{Domain, Socket, Type};
-    let socket = || -> std::io::Result<Socket> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        s.set_reuse_address(true)?;
-        Ok(s)
+    let SocketAddr::V4(v4) = addr else {
+        return json!({ "ok": false, "error": "v6only takes an IPv4 address" });
     };
-    let result = (|| -> std::io::Result<(Socket, Option<i32>)> {
-        let first = socket()?;
-        first.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
-        first.connect(&addr.into())?;
-        let local = first.local_addr()?;
-        let second = socket()?;
-        second.bind(&local)?;
-        let errno = second
-            .connect(&addr.into())
+    let mapped = SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()));
+    let result = (|| -> std::io::Result<Option<i32>> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(true)?;
+        Ok(s.connect(&mapped.into())
             .err()
-            .and_then(|e| e.raw_os_error());
-        Ok((first, errno))
+            .and_then(|e| e.raw_os_error()))
     })();
     match result {
-        Ok((_first, errno)) => json!({ "ok": true, "second_errno": errno }),
+        Ok(errno) => json!({ "ok": true, "errno": errno }),
         Err(e) => error_json(&e),
     }
 }
@@ -717,8 +711,11 @@ fn churn(addr: SocketAddr, n: usize) -> serde_json::Value {
     let (mut ok, mut failed) = (0usize, 0usize);
     let mut last_error = None;
     for _ in 0..n {
-        let result = connect(addr).and_then(|mut s| {
-            let status = request(&mut s, "/")?;
+        let step = |what: &'static str| {
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        let result = connect(addr).map_err(step("connect")).and_then(|mut s| {
+            let status = request(&mut s, "/").map_err(step("request"))?;
             // Reset instead of TIME_WAIT so 100k cycles do not run the
             // ephemeral port range dry.
             socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;

@@ -12,12 +12,12 @@ use aya::{
         links::FdLink,
         tc::{NlOptions, TcAttachOptions},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, LinkOrder, LsmCgroup, SchedClassifier, SockOps, TcAttachType,
+        CgroupSockopt, LinkOrder, LsmCgroup, SchedClassifier, SkLookup, SockOps, TcAttachType,
     },
     Btf, Ebpf,
 };
 use metaproxy_common::{
-    L2_SOCKET_HOOK, PROG_GUARD_SKB, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SOCK_OPS,
+    L2_SOCKET_HOOK, PROG_GUARD_SKB, PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SK_LOOKUP, PROG_SOCK_OPS,
     PROG_SOCK_RELEASE,
 };
 
@@ -64,6 +64,30 @@ pub(super) fn attach_sockopt(
     let fd = prog.fd().map_err(err)?;
     syscalls::attach_and_pin(fd.as_fd(), cgroup, path)
         .map_err(io_err("attaching and pinning", path))
+}
+
+/// Loads the slot steering (unless it is loaded) and attaches it to the
+/// daemon's own network namespace, pinned at `path`.
+pub(super) fn attach_sk_lookup(ebpf: &mut Ebpf, path: &Path) -> Result<(), ProbeError> {
+    let name = PROG_SK_LOOKUP;
+    let err = |source| ProbeError::Program { name, source };
+    let prog: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
+        .try_into()
+        .map_err(err)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(err)?;
+    }
+    let netns_path = Path::new("/proc/self/ns/net");
+    let netns = fs::File::open(netns_path).map_err(io_err("opening", netns_path))?;
+    let id = prog.attach(&netns).map_err(err)?;
+    let link = FdLink::from(prog.take_link(id).map_err(err)?);
+    link.pin(path).map_err(|source| ProbeError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
 }
 
 /// Loads cgroup program `name` (unless it is loaded: the watchdog attaches

@@ -7,6 +7,7 @@ use std::{
 };
 
 use aya::programs::{tc::SchedClassifierLink, TcAttachType};
+use metaproxy_common::PROG_SK_LOOKUP;
 
 use super::{
     interface_name, io_err, Pin, ProbeError, TcProg, BPFFS_ROOT, BPF_FS_MAGIC, LINKS_DIR,
@@ -109,6 +110,9 @@ pub(super) fn parse_pin(name: &str) -> Option<(u64, Pin)> {
     let generation = generation.parse().ok()?;
     if PROGRAMS.contains(&stem) || OPTIONAL_PROGRAMS.contains(&stem) {
         return Some((generation, Pin::Cgroup));
+    }
+    if stem == PROG_SK_LOOKUP {
+        return Some((generation, Pin::Netns));
     }
     for prog in [TcProg::Guard, TcProg::Deliver] {
         let (tcx, netlink) = prog.stems();

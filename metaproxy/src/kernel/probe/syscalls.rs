@@ -169,6 +169,7 @@ pub(super) struct LinkTarget {
     pub id: u32,
     pub cgroup_id: u64,
     pub ifindex: u32,
+    pub netns_ino: u32,
     pub prog_id: u32,
 }
 
@@ -185,6 +186,14 @@ pub(super) fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
         id: info.id,
         cgroup_id: u64::from_ne_bytes(info.target),
         ifindex: u32::from_ne_bytes([
+            info.target[0],
+            info.target[1],
+            info.target[2],
+            info.target[3],
+        ]),
+        // A netns link's target starts with the namespace's inode, as a
+        // tc link's starts with the interface's index.
+        netns_ino: u32::from_ne_bytes([
             info.target[0],
             info.target[1],
             info.target[2],

@@ -38,10 +38,10 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
     Ebpf,
 };
-use metaproxy_common::{PROG_L2_SOCKET, PROG_L2_SOCKOPT};
+use metaproxy_common::{PROG_L2_SOCKET, PROG_L2_SOCKOPT, PROG_SK_LOOKUP};
 
 use super::{
-    attach::{attach_lsm, attach_program, attach_sockopt, attach_tc},
+    attach::{attach_lsm, attach_program, attach_sk_lookup, attach_sockopt, attach_tc},
     interface_name, io_err,
     pins::{ensure_bpffs_dir, pinned_links},
     syscalls, tc_program, Pin, Probe, ProbeError, TcMode, TcProg,
@@ -66,6 +66,8 @@ pub(super) enum Attached {
     Cgroup(&'static str),
     /// A tc program's tcx link on an interface.
     Tc(TcProg, Interface),
+    /// The slot steering on the daemon's network namespace (its inode).
+    Netns(u32),
 }
 
 impl Attached {
@@ -73,6 +75,7 @@ impl Attached {
         match self {
             Self::Cgroup(name) => format!("{name} on the cgroup"),
             Self::Tc(prog, iface) => format!("{} on {}", prog.name(), iface.name),
+            Self::Netns(_) => format!("{PROG_SK_LOOKUP} on the network namespace"),
         }
     }
 }
@@ -200,12 +203,13 @@ impl Probe {
                 // Gone with its interface: forget_interfaces drops it.
                 None => return Ok(()),
             },
-            Attached::Cgroup(_) => None,
+            Attached::Cgroup(_) | Attached::Netns(_) => None,
         };
         let target = syscalls::link_target(h.fd.as_fd()).ok();
         let attached = target.is_some_and(|t| match &h.what {
             Attached::Cgroup(_) => t.cgroup_id == self.cgroup_id,
             Attached::Tc(_, iface) => t.ifindex == iface.index,
+            Attached::Netns(ino) => t.netns_ino == *ino,
         });
         let behind = attached
             && match (&h.what, &iface_now) {
@@ -277,6 +281,7 @@ impl Probe {
                 )?;
             }
             (Attached::Tc(..), None) => {}
+            (Attached::Netns(_), _) => attach_sk_lookup(ebpf, path)?,
             (Attached::Cgroup(name), _) => {
                 let cgroup =
                     fs::File::open(&self.cgroup).map_err(io_err("opening cgroup", &self.cgroup))?;

@@ -18,6 +18,7 @@ pub struct Live {
     pub credential_cache: u64,
     pub map_pending: u64,
     pub map_conns: u64,
+    pub map_slots: u64,
     pub probe_generation: u64,
     pub log_lines_dropped: u64,
     pub docker_reachable: bool,
@@ -99,6 +100,7 @@ impl Collector for LiveCollector {
             &[
                 (Some(("map", "pending")), live.map_pending),
                 (Some(("map", "conns")), live.map_conns),
+                (Some(("map", "slots")), live.map_slots),
             ],
         )?;
         gauge(
@@ -109,6 +111,10 @@ impl Collector for LiveCollector {
                 (
                     Some(("map", "pending")),
                     u64::from(metaproxy_common::PENDING_CAPACITY),
+                ),
+                (
+                    Some(("map", "slots")),
+                    u64::from(metaproxy_common::SLOTS_MAX),
                 ),
                 (
                     Some(("map", "conns")),

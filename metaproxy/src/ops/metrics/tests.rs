@@ -107,6 +107,7 @@ fn names_follow_prometheus_conventions() {
         Arc::new(Fixed(Live {
             open_connections: 3,
             map_conns: 7,
+            map_slots: 0,
             guard_drops: [4, 0, 1, 0, 0],
             l2_refusals: [2, 0, 0, 0, 0, 1, 0, 3, 0],
             l2_sockets_refused: true,

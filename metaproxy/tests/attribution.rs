@@ -1,0 +1,94 @@
+//! Connections found by their slot: the source was translated on the way
+//! (an inner dockerd's MASQUERADE, a user-space relay), so only the port
+//! the redirect sent the connect to ties them to its record. They take the
+//! record only from an address of the record's container; any other
+//! connection on that slot is refused and leaves the record for its owner.
+
+mod support;
+
+use support::{bed, with_role};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+const SLOT: u16 = 50_001;
+
+#[tokio::test]
+async fn a_translated_connection_from_its_container_gets_the_role_and_takes_the_record() {
+    let bed = bed().await;
+    let job = bed.container(1, with_role());
+    let a = bed.request_translated(Some(&job), SLOT, CREDS).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body, "ci-deploy");
+    assert!(!bed.records.pending(SLOT), "the record is taken");
+    // Taken: the same slot serves no second connection.
+    let again = bed.request_translated(None, SLOT, CREDS).await;
+    assert_eq!(again.status, 403);
+}
+
+#[tokio::test]
+async fn another_address_on_a_pending_slot_is_refused_and_leaves_the_record() {
+    let bed = bed().await;
+    let victim = bed.container(1, with_role());
+    let id = victim.container.clone().unwrap();
+    // The victim's only address is not the one the connection comes from
+    // (127.0.0.1): as another job guessing the victim's slot would look.
+    bed.runtime
+        .containers
+        .lock()
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()
+        .addresses = Some(vec!["172.17.0.9".parse().unwrap()]);
+    let a = bed.request_translated(Some(&victim), SLOT, CREDS).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(!a.body.contains("ci-deploy"));
+    assert!(
+        bed.records.pending(SLOT),
+        "a refused claim must not consume the victim's record"
+    );
+    assert!(
+        bed.answers.pinned.lock().unwrap().is_empty(),
+        "nothing was pinned"
+    );
+}
+
+#[tokio::test]
+async fn a_pending_slot_of_a_host_process_cannot_be_claimed_by_translation() {
+    let bed = bed().await;
+    // A host process (or a container sharing the host's network
+    // namespace) has no address of its own to prove a claim by.
+    let agent = bed.process_at("/system.slice/amazon-ssm-agent.service", "ssm-agent");
+    let a = bed.request_translated(Some(&agent), SLOT, CREDS).await;
+    assert_eq!(a.status, 403);
+    assert!(bed.records.pending(SLOT));
+    let host_net = bed.container(2, with_role());
+    let id = host_net.container.clone().unwrap();
+    bed.runtime
+        .containers
+        .lock()
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()
+        .addresses = None;
+    let b = bed
+        .request_translated(Some(&host_net), SLOT + 1, CREDS)
+        .await;
+    assert_eq!(b.status, 403, "{}", b.body);
+    assert!(bed.records.pending(SLOT + 1));
+}
+
+#[tokio::test]
+async fn an_inner_docker_in_docker_container_gets_its_outer_containers_role() {
+    let bed = bed().await;
+    let service = bed.container(1, with_role());
+    let inner = bed.inner_container(&service, 7);
+    let a = bed.request_translated(Some(&inner), SLOT, CREDS).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body, "ci-deploy");
+    let log = bed.last_log();
+    assert!(
+        log.cgroup
+            .as_deref()
+            .is_some_and(|c| c.ends_with(&format!("/docker/{}", support::container_id(7)))),
+        "the audit line names the inner container's cgroup: {log:?}"
+    );
+}
