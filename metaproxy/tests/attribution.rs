@@ -85,6 +85,7 @@ async fn an_inner_docker_in_docker_container_gets_its_outer_containers_role() {
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body, "ci-deploy");
     let log = bed.last_log();
+    assert_eq!(log.via.as_deref(), Some("translated"));
     assert!(
         log.cgroup
             .as_deref()

@@ -468,6 +468,16 @@ impl Container {
         cmd
     }
 
+    /// Runs `args` in the container and returns what it printed.
+    pub fn exec_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(self
+            .docker()
+            .arg("exec")
+            .arg(&self.name)
+            .args(args)
+            .output()?)
+    }
+
     /// Runs `args` in the container (e.g. `/mp-client raw ...`) and parses
     /// the JSON line it prints.
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<Value> {

@@ -137,6 +137,14 @@ impl Dockerd {
             .to_string())
     }
 
+    /// The busybox rootfs as a tar (made by the first import), for a
+    /// dockerd inside a container to import too.
+    pub fn rootfs_tar(&self) -> anyhow::Result<PathBuf> {
+        let tar = self.dir.join("rootfs.tar");
+        anyhow::ensure!(tar.exists(), "no image imported yet");
+        Ok(tar)
+    }
+
     /// Imports the busybox rootfs as `name`, with extra Dockerfile-style
     /// `changes` (e.g. `ENV IAM_ROLE=x`).
     pub fn import_image(&self, name: &str, changes: &[&str]) -> anyhow::Result<()> {

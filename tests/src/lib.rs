@@ -25,6 +25,7 @@
 pub mod bed;
 pub mod cgroup;
 pub mod daemon;
+pub mod dind;
 pub mod docker;
 pub mod fake_imds;
 pub mod gitlab;

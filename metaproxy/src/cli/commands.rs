@@ -314,6 +314,7 @@ mod tests {
             pid: Some(77),
             comm: Some("aws".into()),
             original_dst: Some("169.254.169.254:80".into()),
+            via: None,
             container_id: Some("0123456789abcdef".repeat(4)),
             container: Some(container.into()),
             role: Some("arn:aws:iam::123456789012:role/ci-deploy".into()),

@@ -54,6 +54,10 @@ pub struct Connection {
     /// Why it was refused, for refusals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `translated` when its source was rewritten on the way (an inner
+    /// dockerd's NAT, a relay) and the connection was found by its slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -179,6 +183,10 @@ impl Entry {
             }),
             outcome: self.outcome,
             reason: self.reason.clone(),
+            via: caller.and_then(|c| match c.via {
+                crate::model::caller::Via::Direct => None,
+                crate::model::caller::Via::Translated { .. } => Some("translated".into()),
+            }),
         }
     }
 }

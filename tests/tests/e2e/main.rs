@@ -8,6 +8,7 @@
 mod builds;
 mod container_credentials;
 mod controls;
+mod dind;
 mod doctor;
 mod id_token;
 mod limits;
