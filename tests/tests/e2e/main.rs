@@ -6,6 +6,7 @@
 //! A file per feature; the helpers they share are here.
 
 mod builds;
+mod claims;
 mod container_credentials;
 mod controls;
 mod dind;

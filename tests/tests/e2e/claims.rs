@@ -1,0 +1,105 @@
+//! A record waits on its slot for its own connection: another job that
+//! guesses the slot reaches the daemon, is refused, and leaves the record
+//! for its owner.
+
+use std::{process::Command, time::Duration};
+
+use metaproxy_tests::bed::{E2eBed, ROLE_DEPLOY};
+
+use crate::{assert_real_imds_untouched, CREDS};
+
+/// Runs `args` in the network namespace of the process `pid`.
+fn in_netns(pid: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(args)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn another_job_on_a_guessed_pending_slot_is_refused_and_the_owner_still_gets_its_role() {
+    let bed = E2eBed::start(&[]).expect("bed");
+    let victim = bed
+        .container(
+            "victim",
+            bed.base_image(),
+            &[("IAM_ROLE", ROLE_DEPLOY)],
+            &[],
+        )
+        .unwrap();
+    let attacker = bed
+        .container("attacker", bed.base_image(), &[], &[])
+        .unwrap();
+    let pid = bed
+        .dockerd
+        .docker(&["inspect", "-f", "{{.State.Pid}}", "victim"])
+        .unwrap();
+    // Hold the victim's SYNs back, so its record waits on its slot.
+    let hold = [
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--syn",
+        "-d",
+        "169.254.170.254",
+        "-j",
+        "DROP",
+    ];
+    let mut add = vec!["iptables", "-A"];
+    add.extend_from_slice(&hold);
+    in_netns(&pid, &add);
+
+    std::thread::scope(|s| {
+        let owner = s.spawn(|| victim.imds("GET", CREDS, &[]));
+        // The slot the redirect gave the victim's connect.
+        let slot = metaproxy_tests::wait_for("the victim's SYN", Duration::from_secs(5), || {
+            let ss = in_netns(&pid, &["ss", "-Htn", "state", "syn-sent"]);
+            ss.split_whitespace()
+                .find_map(|a| a.strip_prefix("169.254.170.254:"))
+                .map(str::to_string)
+        })
+        .unwrap();
+        let slot: u16 = slot.parse().unwrap();
+        assert!((16_384..=32_767).contains(&slot), "slot {slot}");
+
+        // Control: a slot with nothing pending on it leads nowhere.
+        let empty = if slot == 16_384 { slot + 1 } else { slot - 1 };
+        let nowhere = attacker.raw(&format!("169.254.170.254:{empty}"), "GET", CREDS, &[]);
+        assert_eq!(nowhere["errno"], libc::ECONNREFUSED, "{nowhere}");
+
+        // The guess: it reaches the daemon and the victim's record, and is
+        // refused; the record stays.
+        let guessed = attacker.raw(&format!("169.254.170.254:{slot}"), "GET", CREDS, &[]);
+        assert_eq!(guessed["status"], 403, "{guessed}");
+        assert!(
+            !guessed["body"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(ROLE_DEPLOY),
+            "{guessed}"
+        );
+        let refused = bed.daemon.connections().unwrap().into_iter().any(|c| {
+            c["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("pending on this slot is another's"))
+        });
+        assert!(refused, "{:#?}", bed.daemon.connections().unwrap());
+        assert_eq!(bed.daemon.status().unwrap()["maps"]["slots"], 1);
+
+        // Let the victim's SYN through: its connection takes its record.
+        let mut del = vec!["iptables", "-D"];
+        del.extend_from_slice(&hold);
+        in_netns(&pid, &del);
+        let got = owner.join().unwrap();
+        assert_eq!(got["status"], 200, "{got}");
+        assert_eq!(got["body"], ROLE_DEPLOY, "{got}");
+    });
+    assert_real_imds_untouched(&bed);
+}
