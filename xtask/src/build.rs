@@ -63,10 +63,35 @@ impl Built {
     }
 }
 
-/// The workspace package a cargo package id names (`path+file:///w/metaproxy#0.1.0`).
+/// The workspace package a cargo package id names: `path+file:///w/tests#metaproxy-tests@0.1.0`,
+/// or `path+file:///w/metaproxy#0.1.0` where the directory is the name.
 fn workspace_package(id: &str) -> Option<&str> {
-    let (path, _) = id.strip_prefix("path+file://")?.split_once('#')?;
-    path.rsplit('/').next()
+    let (path, rest) = id.strip_prefix("path+file://")?.split_once('#')?;
+    match rest.split_once('@') {
+        Some((name, _)) => Some(name),
+        None => path.rsplit('/').next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workspace_package;
+
+    #[test]
+    fn package_ids_name_their_package() {
+        assert_eq!(
+            workspace_package("path+file:///w/tests#metaproxy-tests@0.1.0"),
+            Some("metaproxy-tests")
+        );
+        assert_eq!(
+            workspace_package("path+file:///w/metaproxy#0.1.0"),
+            Some("metaproxy")
+        );
+        assert_eq!(
+            workspace_package("registry+https://github.com/rust-lang/crates.io-index#tokio@1.0.0"),
+            None
+        );
+    }
 }
 
 /// Runs `cargo build <args>` and returns what it built.
