@@ -96,3 +96,19 @@ async fn a_container_of_a_runtime_not_followed_is_refused_not_a_host_process() {
         assert!(bed.upstream.forwards.lock().unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn an_admins_lookup_that_two_runtimes_answer_is_refused_not_guessed() {
+    let bed = bed_with(&PODMAN).await;
+    // The same id in both: which one `policy explain` meant is not known.
+    bed.container(1, with_role());
+    bed.podman_container(1, with_role());
+    let id = support::container_id(1).to_string();
+    let err = bed.identities.find(&id).await.unwrap_err().to_string();
+    assert!(err.contains("more than one runtime"), "{err}");
+    // Known to one runtime only: found.
+    bed.podman_container(2, with_role());
+    let two = support::container_id(2).to_string();
+    let found = bed.identities.find(&two).await.unwrap().unwrap();
+    assert_eq!(found.name, "job-2");
+}

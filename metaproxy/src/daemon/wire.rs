@@ -217,7 +217,11 @@ pub async fn wire(
     }
     let identities = Arc::new(identities);
     let docker = identities.clone();
-    readiness.docker(Arc::new(move || docker.reachable()));
+    readiness.runtimes(Arc::new(move || match docker.unreachable() {
+        None => Ok(()),
+        Some(RuntimeKind::Docker) => Err("the Docker API is not reachable"),
+        Some(RuntimeKind::Podman) => Err("the Podman API is not reachable"),
+    }));
     // Subscribe before the events follower starts, so no start is missed.
     tasks.spawn(
         "credential prefetch",

@@ -109,6 +109,9 @@ pub enum RuntimeEvent {
 pub enum RuntimeError {
     #[error("Docker API: {0}")]
     Api(String),
+    /// A name both runtimes know: an admin's lookup must not pick one.
+    #[error("{0:?} names a container of more than one runtime (Docker and Podman); give the id of one that only one of them knows")]
+    Ambiguous(String),
 }
 
 /// The container runtime (Docker, through bollard; a table in tests).
@@ -221,7 +224,16 @@ impl Identities {
 
     /// Whether every runtime answers: its event stream is connected.
     pub fn reachable(&self) -> bool {
-        self.reachable.iter().all(|r| r.load(Ordering::Relaxed))
+        self.unreachable().is_none()
+    }
+
+    /// The first runtime whose event stream is not connected.
+    pub fn unreachable(&self) -> Option<RuntimeKind> {
+        self.runtimes
+            .iter()
+            .zip(&self.reachable)
+            .find(|(_, up)| !up.load(Ordering::Relaxed))
+            .map(|((kind, _), _)| *kind)
     }
 
     /// How many cgroups' identities are cached.
@@ -229,16 +241,22 @@ impl Identities {
         self.cache().len()
     }
 
-    /// A container by name or id (admins' lookups; never cached).
+    /// A container by name or id (admins' lookups; never cached). Every
+    /// runtime is asked: a name two runtimes know is refused as ambiguous
+    /// rather than answered from whichever was asked first.
     pub async fn find(&self, name_or_id: &str) -> Result<Option<Container>, RuntimeError> {
+        let mut found: Option<Container> = None;
         for (_, runtime) in &self.runtimes {
             let result = runtime.find(name_or_id).await;
             self.metrics.call("inspect", result.is_ok());
-            if let Some(found) = result? {
-                return Ok(Some(found));
+            if let Some(this) = result? {
+                if found.is_some() {
+                    return Err(RuntimeError::Ambiguous(name_or_id.to_string()));
+                }
+                found = Some(this);
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// `inspect` on each runtime of `kind` until one knows `id`, counted.

@@ -14,7 +14,7 @@ pub struct Readiness {
     attached: AtomicBool,
     guarded: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     listening: AtomicBool,
-    docker: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
+    runtimes: OnceLock<Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>>,
     account: OnceLock<Arc<OnceLock<AccountId>>>,
     issuer_keys: OnceLock<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// A protection this host cannot have: ready all the same, and said.
@@ -52,9 +52,10 @@ impl Readiness {
         let _ = self.guarded.set(in_place);
     }
 
-    /// How to tell whether the Docker API is reachable.
-    pub fn docker(&self, reachable: Arc<dyn Fn() -> bool + Send + Sync>) {
-        let _ = self.docker.set(reachable);
+    /// How to tell whether every container runtime's API is reachable,
+    /// and which is not.
+    pub fn runtimes(&self, reachable: Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>) {
+        let _ = self.runtimes.set(reachable);
     }
 
     /// How to tell whether the GitLab issuer's keys have been fetched
@@ -97,8 +98,9 @@ impl Readiness {
         if !self.listening.load(Ordering::Relaxed) {
             return Err("the IMDS listener is not bound yet");
         }
-        if !self.docker.get().is_some_and(|up| up()) {
-            return Err("the Docker API is not reachable");
+        match self.runtimes.get() {
+            Some(up) => up()?,
+            None => return Err("no container runtime is followed yet"),
         }
         if self.issuer_keys.get().is_some_and(|fetched| !fetched()) {
             return Err(

@@ -161,8 +161,14 @@ fn readiness_names_the_first_missing_step() {
     r.listening();
     let up = Arc::new(AtomicBool::new(false));
     let flag = up.clone();
-    r.docker(Arc::new(move || flag.load(Ordering::Relaxed)));
-    assert_eq!(r.check(), Err("the Docker API is not reachable"));
+    r.runtimes(Arc::new(move || {
+        if flag.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the Podman API is not reachable")
+        }
+    }));
+    assert_eq!(r.check(), Err("the Podman API is not reachable"));
     up.store(true, Ordering::Relaxed);
     let account = Arc::new(OnceLock::new());
     r.own_credentials(account.clone());
@@ -172,7 +178,7 @@ fn readiness_names_the_first_missing_step() {
         .unwrap();
     assert_eq!(r.check(), Ok(()));
     up.store(false, Ordering::Relaxed);
-    assert_eq!(r.check(), Err("the Docker API is not reachable"));
+    assert_eq!(r.check(), Err("the Podman API is not reachable"));
     // A route that moves to an unguarded interface makes it unready.
     up.store(true, Ordering::Relaxed);
     guarded.store(false, Ordering::Relaxed);
@@ -192,7 +198,7 @@ fn with_id_tokens_readiness_waits_for_the_issuers_keys_and_required_tokens_need_
     r.probe_attached();
     r.guard(Arc::new(|| true));
     r.listening();
-    r.docker(Arc::new(|| true));
+    r.runtimes(Arc::new(|| Ok(())));
     let fetched = Arc::new(AtomicBool::new(false));
     let keys = fetched.clone();
     r.id_tokens(Arc::new(move || keys.load(Ordering::Relaxed)));
