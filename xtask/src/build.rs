@@ -73,27 +73,6 @@ fn workspace_package(id: &str) -> Option<&str> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::workspace_package;
-
-    #[test]
-    fn package_ids_name_their_package() {
-        assert_eq!(
-            workspace_package("path+file:///w/tests#metaproxy-tests@0.1.0"),
-            Some("metaproxy-tests")
-        );
-        assert_eq!(
-            workspace_package("path+file:///w/metaproxy#0.1.0"),
-            Some("metaproxy")
-        );
-        assert_eq!(
-            workspace_package("registry+https://github.com/rust-lang/crates.io-index#tokio@1.0.0"),
-            None
-        );
-    }
-}
-
 /// Runs `cargo build <args>` and returns what it built.
 pub fn cargo_build_all(args: &[&str]) -> anyhow::Result<Built> {
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -182,4 +161,25 @@ fn binaries_of(bins: &HashMap<String, PathBuf>) -> anyhow::Result<Binaries> {
             .context("mp-client has no directory")?
             .to_path_buf(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workspace_package;
+
+    #[test]
+    fn package_ids_name_their_package() {
+        assert_eq!(
+            workspace_package("path+file:///w/tests#metaproxy-tests@0.1.0"),
+            Some("metaproxy-tests")
+        );
+        assert_eq!(
+            workspace_package("path+file:///w/metaproxy#0.1.0"),
+            Some("metaproxy")
+        );
+        assert_eq!(
+            workspace_package("registry+https://github.com/rust-lang/crates.io-index#tokio@1.0.0"),
+            None
+        );
+    }
 }
