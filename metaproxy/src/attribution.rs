@@ -121,6 +121,13 @@ impl Attribution {
         Ok(caller(pair.client, &record, path, via))
     }
 
+    /// Takes the record of a connection that will not be served (shed
+    /// before it was attributed), so that its slot is free at once. A
+    /// translated connection takes nothing: its record may be another's.
+    pub fn release(&self, pair: &AddrPair) {
+        let _ = self.records.lookup(pair);
+    }
+
     /// Takes the record a translated caller was found by. Call it once the
     /// connection has shown it comes from the record's container; until
     /// then the record waits for the connection it belongs to. A direct

@@ -1044,3 +1044,37 @@ fn pins_unlinked_while_the_daemon_runs_detach_nothing_and_come_back() {
     assert!(!meta.file_type().is_symlink());
     assert_eq!(link_pins(&bed), before);
 }
+
+#[test]
+fn a_job_holding_shed_connections_holds_no_slots() {
+    use std::io::BufRead as _;
+    // Over the overall cap, connections are shed before they are
+    // attributed. Their records must not wait on their slots while the
+    // job keeps its sockets: 16384 of them would leave no slot for
+    // anyone.
+    let bed = Bed::new(&["--max-connections", "64"]);
+    let mut cmd = Command::new(bin("mp-client"));
+    cmd.args(["linger", IMDS, "600", "30"])
+        .stdout(Stdio::piped());
+    let mut job = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/a")).unwrap();
+    let out = job.child().stdout.take().unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(out).read_line(&mut first).unwrap();
+    let opened: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(opened["connected"], 600, "{opened}");
+    // Well before the sweep of stale records (5 s) could have freed them.
+    metaproxy_tests::wait_for(
+        "the slots to be free",
+        std::time::Duration::from_secs(3),
+        || {
+            let status = bed.daemon.status().ok()?;
+            (status["maps"]["slots"] == 0).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", bed.daemon.status().unwrap()["maps"]));
+    // A new connect still gets a slot (it is then shed like the rest: the
+    // cap is full): no EPERM from the redirect.
+    let other = bed.client("attached/b", &["get", IMDS]);
+    assert_ne!(other["errno"], libc::EPERM, "{other}");
+    job.terminate(std::time::Duration::from_secs(5));
+}

@@ -38,7 +38,7 @@ use attach::{attach, servable, Cgroups};
 use follow::forget_answer_pins;
 use host::raise_nofile_limit;
 use status::{summary, DaemonState, PolicyExplainer, RoleTrier, Summary};
-use watchdog::{watch_once, watch_probe, watchdog_off};
+use watchdog::{sweep_slots, watch_once, watch_probe, watchdog_off};
 
 pub use tasks::Tasks;
 pub use wire::{wire, Prepared, Wired, World};
@@ -84,6 +84,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "probe watchdog",
         watch_probe(probe.clone(), readiness.clone()),
     );
+    tasks.spawn("slot sweep", sweep_slots(probe.clone()));
     let listener = netaddr::bind_listener(SocketAddr::V4(config.listen)).await?;
     // Connects the redirect sent to a slot reach this listener from now on.
     probe

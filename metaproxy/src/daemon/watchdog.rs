@@ -30,6 +30,20 @@ pub(super) async fn watch_probe(probe: Arc<Probe>, readiness: Arc<Readiness>) {
     }
 }
 
+/// Every 2 s, frees the slots of connects older than a record may be (see
+/// [`Probe::sweep_slots`]).
+pub(super) async fn sweep_slots(probe: Arc<Probe>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let p = probe.clone();
+        if let Ok(freed @ 1..) = tokio::task::spawn_blocking(move || p.sweep_slots()).await {
+            tracing::debug!(freed, "freed the slots of stale connects");
+        }
+    }
+}
+
 /// `METAPROXY_WATCHDOG=off`: for the attack tests' controls alone.
 pub(super) fn watchdog_off() -> bool {
     std::env::var("METAPROXY_WATCHDOG").is_ok_and(|v| v == "off")

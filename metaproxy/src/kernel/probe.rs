@@ -756,6 +756,34 @@ impl Probe {
         }
     }
 
+    /// Frees the slots whose record is older than [`MAX_RECORD_AGE`]:
+    /// those would be refused anyway, and a job must not hold slots by
+    /// leaving connects pending (SYNs the daemon never accepted). Returns
+    /// how many went.
+    pub fn sweep_slots(&self) -> usize {
+        let now = boot_ns_now();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<(u32, u64)> = slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, slot)| check_age(slot.record.boot_ns, now).is_err())
+            .map(|(port, slot)| (port, slot.record.boot_ns))
+            .collect();
+        let mut freed = 0;
+        for (port, boot_ns) in stale {
+            // Still the stale one: a new connect may have taken the slot
+            // since.
+            if slots
+                .get(&port, 0)
+                .is_ok_and(|s| s.record.boot_ns == boot_ns)
+                && slots.remove(&port).is_ok()
+            {
+                freed += 1;
+            }
+        }
+        freed
+    }
+
     /// Takes the record filed under `pair`'s 4-tuple.
     fn take_direct(&self, pair: &AddrPair) -> Result<Option<ConnRecord>, ProbeError> {
         let Some(key) = pair.conn_key() else {

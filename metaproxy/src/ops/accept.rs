@@ -52,14 +52,15 @@ impl Listener for tokio::net::UnixListener {
 }
 
 /// What a listener does with a connection when no permit is left.
-pub enum WhenFull<P> {
+pub enum WhenFull<S, P> {
     /// Wait for a permit before accepting.
     Wait,
-    /// Accept, tell `shed` (to count and log it), and close it.
-    Shed(Box<dyn Fn(&P) + Send>),
+    /// Accept, hand it to `shed` (to count and log it, and let go of what
+    /// it holds), and close it.
+    Shed(Box<dyn Fn(S, &P) + Send>),
 }
 
-impl<P> std::fmt::Debug for WhenFull<P> {
+impl<S, P> std::fmt::Debug for WhenFull<S, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Wait => "Wait",
@@ -70,11 +71,11 @@ impl<P> std::fmt::Debug for WhenFull<P> {
 
 /// One listener's rules.
 #[derive(Debug)]
-pub struct Rules<P> {
+pub struct Rules<S, P> {
     /// The listener's name in the log (`imds`, `metrics`, `admin`).
     pub name: &'static str,
     pub permits: Arc<Semaphore>,
-    pub when_full: WhenFull<P>,
+    pub when_full: WhenFull<S, P>,
 }
 
 /// The backoff after consecutive failures.
@@ -107,7 +108,7 @@ impl Backoff {
 /// end.
 pub async fn serve<L, H, F>(
     listener: L,
-    rules: Rules<L::Peer>,
+    rules: Rules<L::Stream, L::Peer>,
     shutdown: impl Future<Output = ()>,
     mut handle: H,
 ) -> JoinSet<()>
@@ -142,7 +143,7 @@ where
                             Ok(permit) => permit,
                             Err(_) => {
                                 if let WhenFull::Shed(shed) = &rules.when_full {
-                                    shed(&peer);
+                                    shed(stream, &peer);
                                 }
                                 continue;
                             }
@@ -284,7 +285,7 @@ mod tests {
         let rules = Rules {
             name: "test",
             permits: Arc::new(Semaphore::new(2)),
-            when_full: WhenFull::Shed(Box::new(move |p: &u32| seen.lock().unwrap().push(*p))),
+            when_full: WhenFull::Shed(Box::new(move |_, p: &u32| seen.lock().unwrap().push(*p))),
         };
         // Each connection holds its permit for the whole test.
         let tasks = serve(

@@ -99,8 +99,16 @@ pub async fn run(
         name: "imds",
         permits: pipeline.count.total.clone(),
         // Over the global cap: closed at once (dropping it).
-        when_full: WhenFull::Shed(Box::new(move |peer: &SocketAddr| {
+        when_full: WhenFull::Shed(Box::new(move |stream: TcpStream, peer: &SocketAddr| {
             for_shed.metrics.shed.inc();
+            // Its record would otherwise wait on its slot until the client
+            // lets go of its socket: a job holding thousands of shed
+            // connections would hold the slots every other job needs.
+            if let Ok(local) = stream.local_addr() {
+                for_shed
+                    .attribution
+                    .release(&AddrPair::new(ClientAddr(*peer), ServerAddr(local)));
+            }
             if let Some(suppressed) = REFUSAL_LOG.allow(peer.ip()) {
                 tracing::warn!(client = %peer, suppressed, "too many open connections; closing");
             }

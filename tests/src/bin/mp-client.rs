@@ -20,6 +20,8 @@
 //!                               shuffled from SEED; percentiles each
 //! mp-client throughput ADDR PATH CLIENTS SECS [HEADER]...
 //!                               CLIENTS threads of connect+GET+close; requests/s
+//! mp-client linger ADDR N SECS  N connections held open SECS seconds, sending
+//!                               nothing (prints a line once all are open)
 //! mp-client connects ADDR N     N connect()s alone (RST on close); percentiles
 //! mp-client download ADDR PATH N
 //!                               N sequential GETs of PATH, each on a
@@ -117,6 +119,9 @@ fn main() {
             &headers(&args[5..]),
         ),
         Some("connects") => connects(addr, n()),
+        Some("linger") if args.len() == 4 => {
+            linger(addr, n(), args[3].parse().unwrap_or_else(|_| usage()))
+        }
         Some("download") if args.len() == 4 => {
             download(addr, &args[2], args[3].parse().unwrap_or_else(|_| usage()))
         }
@@ -499,6 +504,22 @@ fn keepalive(addr: SocketAddr, path: &str, n: usize, secs: u64) -> serde_json::V
 }
 
 /// connect() alone, then close with a reset (no TIME_WAIT): its latency.
+/// Opens `n` connections and keeps every one open for `secs` seconds,
+/// sending nothing, whether the server kept or closed it.
+fn linger(addr: SocketAddr, n: usize, secs: u64) -> serde_json::Value {
+    let mut held = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => held.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", json!({ "connected": held.len(), "failed": failed }));
+    std::thread::sleep(Duration::from_secs(secs));
+    json!({ "ok": failed == 0, "connected": held.len() })
+}
+
 fn connects(addr: SocketAddr, n: usize) -> serde_json::Value {
     let mut micros = Vec::with_capacity(n);
     let mut failed = 0;
