@@ -52,12 +52,16 @@ impl Listener for tokio::net::UnixListener {
 }
 
 /// What a listener does with a connection when no permit is left.
+/// What a shed connection is handed to: the stream (closed when it
+/// returns) and its peer.
+pub type ShedFn<S, P> = Box<dyn Fn(S, &P) + Send>;
+
 pub enum WhenFull<S, P> {
     /// Wait for a permit before accepting.
     Wait,
     /// Accept, hand it to `shed` (to count and log it, and let go of what
     /// it holds), and close it.
-    Shed(Box<dyn Fn(S, &P) + Send>),
+    Shed(ShedFn<S, P>),
 }
 
 impl<S, P> std::fmt::Debug for WhenFull<S, P> {
