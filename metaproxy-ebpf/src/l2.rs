@@ -128,7 +128,10 @@ pub fn mp_l2_deliver(ctx: TcContext) -> i32 {
     // SAFETY: sk was checked for null; the local port is a field of every
     // socket the kernel hands here, full or not.
     let local_port = unsafe { (*sk).src_port };
-    if local_port != u32::from(cfg.listen_port4) && local_port != u32::from(cfg.listen_port6) {
+    if local_port != u32::from(cfg.listen_port4)
+        && local_port != u32::from(cfg.listen_port6)
+        && !cfg.is_slot4(local_port as u16)
+    {
         return TC_NEXT;
     }
     // SAFETY: sk was checked for null; the helper returns null for sockets
@@ -170,8 +173,11 @@ pub fn mp_l2_deliver(ctx: TcContext) -> i32 {
         },
         _ => return TC_NEXT,
     };
-    match ctx.load::<u16>(tcp_at) {
-        Ok(src_port) if u16::from_be(src_port) == listen_port && listen_port != 0 => {}
+    // The listener's answers leave from its port, or (IPv4) from the slot
+    // the connection was steered from.
+    match ctx.load::<u16>(tcp_at).map(u16::from_be) {
+        Ok(src_port) if src_port == listen_port && listen_port != 0 => {}
+        Ok(src_port) if key.family == u32::from(AF_INET) && cfg.is_slot4(src_port) => {}
         _ => return TC_NEXT,
     }
     // SAFETY: the map holds plain data; the value is copied out at once.
