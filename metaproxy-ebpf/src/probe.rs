@@ -32,8 +32,10 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS, BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_addr, bpf_sock_ops,
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -90,6 +92,13 @@ static MP_CONNS: LruHashMap<ConnKey, ConnRecord> = LruHashMap::pinned(CONNS_CAPA
 /// ever evicted to make room.
 #[map(name = "MP_SLOTS")]
 static MP_SLOTS: HashMap<u32, Slot> = HashMap::pinned(SLOTS_MAX, 0);
+
+/// Socket cookie -> the slot it holds, so that a socket holds one slot at
+/// most: connecting again (after a failed connect, or a disconnect with
+/// `AF_UNSPEC`) frees the one it had. LRU: a lost entry only leaves the
+/// slot to its socket's release or the daemon's sweep.
+#[map(name = "MP_SOCK_SLOTS")]
+static MP_SOCK_SLOTS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(SLOTS_MAX, 0);
 
 /// The daemon's IPv4 listening socket (index 0), set by the daemon of this
 /// generation once it listens. Not pinned: the socket is the daemon's own.
@@ -255,21 +264,25 @@ fn redirect(
     };
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A socket connecting again lets go of the slot it had.
+    if let Some(held) = MP_SOCK_SLOTS.get_ptr(cookie) {
+        // SAFETY: the pointer came from a successful lookup just now.
+        free_slot((unsafe { *held }) as u16, cookie);
+        let _ = MP_SOCK_SLOTS.remove(cookie);
+    }
     let port = if !to_ip4_listener {
         cfg.listen_port6
     } else if cfg.slot_count4 == 0 {
         cfg.listen_port4
     } else {
-        match take_slot(cfg, cookie, &mut record) {
-            Some(port) => port,
-            None => {
-                warn!(
-                    ctx,
-                    "refusing imds connect: no free slot (cgroup {})", cgroup_id
-                );
-                return REFUSE;
-            }
-        }
+        // With no slot free (some job holds them all), the listen port
+        // itself: the connection is then attributed by its 4-tuple alone,
+        // as before slots, and only a translated one is refused. Holding
+        // the slots must not cost every other job its credentials.
+        take_slot(cfg, cookie, &mut record).unwrap_or_else(|| {
+            debug!(ctx, "no free slot: the listen port (cgroup {})", cgroup_id);
+            cfg.listen_port4
+        })
     };
     if MP_PENDING.insert(cookie, record, 0).is_err() {
         free_slot(record.slot, cookie);
@@ -303,6 +316,7 @@ fn take_slot(cfg: &ProbeConfig, cookie: u64, record: &mut ConnRecord) -> Option<
             record: *record,
         };
         if MP_SLOTS.insert(port, slot, u64::from(BPF_NOEXIST)).is_ok() {
+            let _ = MP_SOCK_SLOTS.insert(cookie, port, 0);
             return Some(port as u16);
         }
     }
@@ -392,21 +406,32 @@ pub fn mp_sock_release(ctx: SockContext) -> i32 {
     }
     // SAFETY: ctx is the program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Its slot: from the pending record (a connect that failed has no peer
-    // port left), or the port it was connected to.
-    let slot = match MP_PENDING.get_ptr(cookie) {
+    // Its slot: as noted when it was taken, or from the pending record (a
+    // connect that failed, or a disconnected socket, has no peer port
+    // left), or the port it was connected to.
+    let slot = if let Some(held) = MP_SOCK_SLOTS.get_ptr(cookie) {
         // SAFETY: the pointer came from a successful lookup just now.
-        Some(record) => unsafe { (*record).slot },
-        None if cfg.is_slot4(peer_port) => peer_port,
-        None => 0,
+        (unsafe { *held }) as u16
+    } else if let Some(record) = MP_PENDING.get_ptr(cookie) {
+        // SAFETY: as above.
+        unsafe { (*record).slot }
+    } else if cfg.is_slot4(peer_port) {
+        peer_port
+    } else {
+        0
     };
     let _ = MP_PENDING.remove(cookie);
+    let _ = MP_SOCK_SLOTS.remove(cookie);
     free_slot(slot, cookie);
     ALLOW
 }
 
 /// A connection to a pending slot of the IPv4 listen address goes to the
-/// daemon's listening socket; everything else is looked up as usual.
+/// daemon's listening socket; one to any other port of the slot range on
+/// that address is refused (`SK_DROP` ends the lookup: TCP answers RST): a
+/// socket some process bound there (a wildcard bind on the host, while the
+/// daemon is down) must never answer a connect the redirect sent to a
+/// slot. Everything else is looked up as usual.
 #[sk_lookup]
 pub fn mp_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid bpf_sk_lookup.
@@ -420,12 +445,14 @@ pub fn mp_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     if MP_SLOTS.get_ptr(u32::from(port)).is_none() {
-        return SK_PASS;
+        return SK_DROP;
     }
-    // No listener (the daemon is down or not listening yet): the usual
-    // lookup finds nobody on the slot, and the caller is refused.
-    let _ = MP_LISTENER.redirect_sk_lookup(&ctx, 0, 0);
-    SK_PASS
+    // No listener (the daemon is down or not listening yet): refused too,
+    // never handed to another socket.
+    match MP_LISTENER.redirect_sk_lookup(&ctx, 0, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
+    }
 }
 
 #[sock_ops]

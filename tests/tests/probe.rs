@@ -208,6 +208,8 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
         "attached/a",
         &["get", IMDS, "/latest/meta-data/instance-id"],
     );
+    // The connect is sent to a slot, where nobody is steered now: it is
+    // refused.
     assert_eq!(
         down["errno"],
         libc::ECONNREFUSED,
@@ -241,6 +243,61 @@ fn the_redirect_fails_closed_while_the_daemon_is_down_and_recovers_on_restart() 
     assert!(bed.daemon.terminate(), "daemon did not stop on SIGTERM");
     let stopped = bed.client("attached/a", &["get", IMDS]);
     assert_eq!(stopped["errno"], libc::ECONNREFUSED, "{stopped}");
+    assert_eq!(bed.imds_calls(), 0);
+}
+
+#[test]
+fn sockets_squatting_the_slots_while_the_daemon_is_down_answer_nobody() {
+    use std::io::BufRead as _;
+    let mut bed = Bed::new(&[]);
+    bed.daemon.kill9();
+    // Someone on the host (here, a process of the subtree) listens on
+    // every slot port, on every address, and answers 200 to anything.
+    let squat = r#"
+import resource, selectors, socket
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+sel = selectors.DefaultSelector()
+for port in range(16384, 32768):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+    except OSError:
+        s.close()
+        continue
+    s.listen(8)
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        c, _ = key.fileobj.accept()
+        c.setblocking(True)
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nsquatted")
+        c.close()
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", squat]).stdout(Stdio::piped());
+    let mut squatter = spawn_in(cmd, &bed.ns.path(), &bed.cgroup("attached/squatter")).unwrap();
+    let out = squatter.child().stdout.take().unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(out).read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    // Control: the squatter answers on those ports elsewhere.
+    let control = bed.client("attached/b", &["get", "127.0.0.1:20000"]);
+    assert_eq!(control["status"], 200, "{control}");
+    // The redirect's connects reach no one of them.
+    for _ in 0..20 {
+        let got = bed.client("attached/a", &["get", IMDS]);
+        assert_eq!(
+            got["errno"],
+            libc::ECONNREFUSED,
+            "a squatter answered the redirect: {got}"
+        );
+    }
+    squatter.terminate(std::time::Duration::from_secs(5));
     assert_eq!(bed.imds_calls(), 0);
 }
 

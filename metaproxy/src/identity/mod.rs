@@ -295,7 +295,14 @@ impl Identities {
     /// own addresses; if it does not, the runtime is asked again once (its
     /// networks may have changed since we cached it).
     pub async fn identify(&self, caller: &Caller) -> Result<Identity, IdentityError> {
-        for fresh in [false, true] {
+        // A translated connection from a foreign address is most likely
+        // another job guessing a slot: it does not get to make the daemon
+        // ask the runtime again, connection after connection.
+        let tries: &[bool] = match caller.via {
+            crate::model::caller::Via::Direct => &[false, true],
+            crate::model::caller::Via::Translated { .. } => &[false],
+        };
+        for &fresh in tries {
             if fresh {
                 self.cache().remove(&caller.cgroup);
             }
