@@ -12,7 +12,10 @@
 //! listen address) the redirect sent it to ([`Via::Translated`]). A
 //! translated connection only claims its record once it has shown that it
 //! comes from the record's container ([`Attribution::claim`]): until then
-//! the record stays for the connection it belongs to.
+//! the record stays for the connection it belongs to. A translated
+//! connection from a local socket of a user-space relay that serves the
+//! record's network namespace ([`Via::Relayed`], see `kernel::relay`)
+//! claims it at once.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -22,6 +25,7 @@ use crate::{
     kernel::addrs::{ip_from_words, AddrPair, ClientAddr},
     kernel::cgroup::CgroupPaths,
     kernel::probe::Probe,
+    kernel::relay::{self, Relay},
     model::{
         caller::{Caller, Via},
         ids::CgroupId,
@@ -52,6 +56,40 @@ impl RecordSource for Probe {
         .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
     }
 }
+
+/// Which user-space relay (slirp4netns, pasta), if any, opened a
+/// translated connection on behalf of the record's process: /proc and the
+/// kernel in the daemon, a table in tests.
+pub trait RelaySource: Send + Sync + 'static {
+    /// The relay holding the local socket of `pair` that serves the
+    /// network namespace of process `pid`, still in the cgroup at
+    /// `cgroup_path`. May block.
+    fn relay_of(
+        &self,
+        pair: &AddrPair,
+        pid: u32,
+        cgroup_path: &str,
+    ) -> Result<Option<Relay>, String>;
+}
+
+/// The host's relays, as /proc and the kernel show them.
+#[derive(Debug, Default)]
+pub struct HostRelays;
+
+impl RelaySource for HostRelays {
+    fn relay_of(
+        &self,
+        pair: &AddrPair,
+        pid: u32,
+        cgroup_path: &str,
+    ) -> Result<Option<Relay>, String> {
+        relay::relay_of(pair.client.0, pair.server.0, pid, cgroup_path)
+    }
+}
+
+/// Relay checks at once: each reads every process's open files, and any
+/// local process can open connections to a pending slot.
+const RELAY_CHECKS: usize = 2;
 
 /// Maps cgroup ids to their paths below the cgroup2 mount.
 pub trait CgroupDirectory: Send + Sync + 'static {
@@ -86,6 +124,8 @@ pub enum AttributionError {
 pub struct Attribution {
     records: Arc<dyn RecordSource>,
     cgroups: Arc<dyn CgroupDirectory>,
+    relays: Arc<dyn RelaySource>,
+    relay_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Attribution {
@@ -95,8 +135,17 @@ impl std::fmt::Debug for Attribution {
 }
 
 impl Attribution {
-    pub fn new(records: Arc<dyn RecordSource>, cgroups: Arc<dyn CgroupDirectory>) -> Self {
-        Self { records, cgroups }
+    pub fn new(
+        records: Arc<dyn RecordSource>,
+        cgroups: Arc<dyn CgroupDirectory>,
+        relays: Arc<dyn RelaySource>,
+    ) -> Self {
+        Self {
+            records,
+            cgroups,
+            relays,
+            relay_checks: Arc::new(tokio::sync::Semaphore::new(RELAY_CHECKS)),
+        }
     }
 
     /// The caller behind `pair`. Known cgroups are answered from memory;
@@ -118,7 +167,33 @@ impl Attribution {
                     .flatten()
             }
         };
-        Ok(caller(pair.client, &record, path, via))
+        let mut caller = caller(pair.client, &record, path, via);
+        if let (Via::Translated { slot }, Some(path)) = (via, caller.cgroup_path.clone()) {
+            if let Some(relay) = self.relay(pair, caller.pid, path).await {
+                tracing::debug!(client = %pair.client.0, relay_pid = relay.pid, relay = %crate::ops::logging::Clean(&relay.comm), cgroup_id = %caller.cgroup, "connection relayed for the record's network namespace");
+                caller.via = Via::Relayed {
+                    slot,
+                    relay_pid: relay.pid,
+                };
+            }
+        }
+        Ok(caller)
+    }
+
+    /// The relay that opened `pair` for process `pid` of the cgroup at
+    /// `path`, if one did.
+    async fn relay(&self, pair: &AddrPair, pid: u32, path: Arc<str>) -> Option<Relay> {
+        let _permit = self.relay_checks.acquire().await.ok()?;
+        let (relays, pair) = (self.relays.clone(), *pair);
+        let found = tokio::task::spawn_blocking(move || relays.relay_of(&pair, pid, &path)).await;
+        match found {
+            Ok(Ok(relay)) => relay,
+            Ok(Err(e)) => {
+                tracing::warn!(client = %pair.client.0, error = %crate::ops::logging::Clean(&e), "cannot tell whether a relay opened this connection");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Takes the record of a connection that will not be served (shed
@@ -133,7 +208,7 @@ impl Attribution {
     /// then the record waits for the connection it belongs to. A direct
     /// caller took its record at lookup.
     pub fn claim(&self, caller: &Caller) -> Result<(), AttributionError> {
-        let Via::Translated { slot } = caller.via else {
+        let Some(slot) = caller.via.slot() else {
             return Ok(());
         };
         match self.records.claim(slot, caller.boot_ns, caller.cgroup) {

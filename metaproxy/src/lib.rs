@@ -25,7 +25,8 @@
 //! direction of the imports.
 //!
 //! No `unsafe` anywhere but `kernel::probe::syscalls`, the few `bpf(2)`
-//! commands aya 0.14 does not offer (it says which, and why).
+//! commands aya 0.14 does not offer (it says which, and why), and the one
+//! `TUNGETDEVNETNS` ioctl in `kernel::relay`, which no crate offers.
 #![deny(unsafe_code)]
 
 pub mod attribution;

@@ -93,3 +93,36 @@ async fn an_inner_docker_in_docker_container_gets_its_outer_containers_role() {
         "the audit line names the inner container's cgroup: {log:?}"
     );
 }
+
+#[tokio::test]
+async fn a_relay_serving_the_records_namespace_claims_it_from_a_host_address() {
+    let bed = bed().await;
+    // A rootless container: its network namespace's only way out is a
+    // relay on the host, so it has no address of its own Docker knows.
+    let job = bed.container(1, with_role());
+    let id = job.container.clone().unwrap();
+    bed.runtime
+        .containers
+        .lock()
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()
+        .addresses = Some(Vec::new());
+    // Control: the same connection, from a host socket no relay of the
+    // job's namespace holds, is refused and leaves the record.
+    let a = bed.request_via(Some(&job), SLOT, None, CREDS).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(bed.records.pending(SLOT));
+
+    let b = bed
+        .request_via(Some(&job), SLOT + 1, Some(777), CREDS)
+        .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(b.body, "ci-deploy");
+    assert!(!bed.records.pending(SLOT + 1), "the record is taken");
+    assert_eq!(bed.last_log().via.as_deref(), Some("relayed by pid 777"));
+    assert!(
+        bed.answers.pinned.lock().unwrap().is_empty(),
+        "answers to a relay cross no bridge: nothing to pin"
+    );
+}

@@ -199,7 +199,7 @@ fn attach_probe(
     };
     let (probe, kernel_log) = Probe::attach(&opts).map_err(|e| {
         let hint = if lacks_privilege(&e) {
-            " (not permitted: run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON and CAP_DAC_READ_SEARCH as packaging/metaproxy.service grants)"
+            " (not permitted: run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE as packaging/metaproxy.service grants)"
         } else {
             ""
         };

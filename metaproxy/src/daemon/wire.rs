@@ -20,7 +20,7 @@ use super::{
     tasks::Tasks,
 };
 use crate::{
-    attribution::{Attribution, CgroupDirectory, RecordSource},
+    attribution::{Attribution, CgroupDirectory, HostRelays, RecordSource, RelaySource},
     config::{self, RunConfig},
     credentials::{AwsSts, CallerIdentity, CredentialCache, InstrumentedSts, Sts},
     identity::{
@@ -54,6 +54,8 @@ pub struct World {
     pub records: Arc<dyn RecordSource>,
     /// cgroup ids to paths.
     pub cgroups: Arc<dyn CgroupDirectory>,
+    /// Which user-space relay opened a translated connection.
+    pub relays: Arc<dyn RelaySource>,
     /// The container runtimes' APIs.
     pub runtimes: Runtimes,
     /// STS, with the instance profile's credentials.
@@ -91,6 +93,7 @@ impl World {
         Ok(Self {
             records: probe,
             cgroups: Arc::new(CgroupPaths::new(mount)),
+            relays: Arc::new(HostRelays),
             runtimes: config
                 .runtimes
                 .iter()
@@ -249,7 +252,7 @@ pub async fn wire(
     let pipeline = Arc::new(Pipeline {
         answers: world.answers,
         count: count.clone(),
-        attribution: Attribution::new(world.records, world.cgroups),
+        attribution: Attribution::new(world.records, world.cgroups, world.relays),
         surface: Surface {
             identities: identities.clone(),
             policy: policy.clone(),

@@ -301,6 +301,10 @@ impl Identities {
         let tries: &[bool] = match caller.via {
             crate::model::caller::Via::Direct => &[false, true],
             crate::model::caller::Via::Translated { .. } => &[false],
+            // Comes from the relay's host address, not the container's:
+            // the kernel has shown the relay serves the network namespace
+            // the record's process connected from, which stands for it.
+            crate::model::caller::Via::Relayed { .. } => return self.resolve(caller).await,
         };
         for &fresh in tries {
             if fresh {

@@ -42,6 +42,22 @@ pub enum Via {
     /// the record's container, and only then takes it (see
     /// `attribution::Attribution::claim`).
     Translated { slot: u16 },
+    /// By its slot, from a local socket of a user-space relay (slirp4netns,
+    /// pasta) that the kernel shows serves the network namespace the
+    /// record's process connected from (`kernel::relay`). The record is
+    /// claimed before anything is read.
+    Relayed { slot: u16, relay_pid: u32 },
+}
+
+impl Via {
+    /// The slot a connection found its record by, if it was not its own
+    /// 4-tuple.
+    pub fn slot(self) -> Option<u16> {
+        match self {
+            Via::Direct => None,
+            Via::Translated { slot } | Via::Relayed { slot, .. } => Some(slot),
+        }
+    }
 }
 
 impl Caller {

@@ -186,6 +186,9 @@ impl Entry {
             via: caller.and_then(|c| match c.via {
                 crate::model::caller::Via::Direct => None,
                 crate::model::caller::Via::Translated { .. } => Some("translated".into()),
+                crate::model::caller::Via::Relayed { relay_pid, .. } => {
+                    Some(format!("relayed by pid {relay_pid}"))
+                }
             }),
         }
     }

@@ -142,23 +142,31 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pip
     // Identified now to find its share (cached: the surface asks again
     // per request at no cost).
     let identity = pipeline.surface.identities.identify(&caller).await;
-    if let Via::Translated { .. } = caller.via {
+    let claimed = match caller.via {
+        Via::Direct => Ok(()),
         // Found by its slot alone: it takes the record only if it comes
         // from an address of the record's (outermost) container, which
         // identify has checked of a container with addresses of its own.
         // A host process, or a container in the host's network namespace,
         // has no address a translated connection could prove itself by.
-        let own = matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some());
-        let claimed = if own {
-            pipeline.attribution.claim(&caller)
-        } else {
-            Err(AttributionError::NotItsSlot)
-        };
-        if let Err(e) = claimed {
-            return refuse_unattributed(stream, peer, e, &pipeline).await;
+        Via::Translated { .. } => {
+            if matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some()) {
+                pipeline.attribution.claim(&caller)
+            } else {
+                Err(AttributionError::NotItsSlot)
+            }
         }
+        // The kernel has shown the relay serves the network namespace the
+        // record's process connected from.
+        Via::Relayed { .. } => pipeline.attribution.claim(&caller),
+    };
+    if let Err(e) = claimed {
+        return refuse_unattributed(stream, peer, e, &pipeline).await;
     }
-    if let Ok(Identity::Container(c)) = &identity {
+    // A relay's connection is answered through this host's own stack to
+    // the relay, never over a bridge: there is no wire path to pin.
+    let on_a_wire = !matches!(caller.via, Via::Relayed { .. });
+    if let (Ok(Identity::Container(c)), true) = (&identity, on_a_wire) {
         if let Err(why) = pipeline.answers.pin(caller.cgroup, peer.ip(), c).await {
             pipeline.metrics.unpinned.inc();
             if let Some(suppressed) = REFUSAL_LOG.allow(caller.cgroup) {

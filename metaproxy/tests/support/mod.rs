@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_util::{future::BoxFuture, stream::BoxStream, FutureExt as _, StreamExt as _};
 use hyper::{Method, Response};
 use metaproxy::{
-    attribution::{CgroupDirectory, RecordSource},
+    attribution::{CgroupDirectory, RecordSource, RelaySource},
     config::{flags::RunArgs, EphemeralPorts, Host, RunConfig},
     credentials::{
         CallerIdentity, CredKey, CredentialCache, Credentials, CredentialsError, Secret, Sts,
@@ -28,7 +28,7 @@ use metaproxy::{
     identity::{
         id_token::KeySource, ContainerRuntime, Identities, RuntimeError, RuntimeEvent, RuntimeKind,
     },
-    kernel::addrs::AddrPair,
+    kernel::{addrs::AddrPair, relay::Relay},
     model::caller::Via,
     model::container::Container,
     model::ids::{AccountId, CgroupId, ContainerId},
@@ -52,7 +52,12 @@ pub const ACCOUNT: &str = "123456789012";
 /// on 127.0.0.1): found by 4-tuple, or (as a translated connection's are)
 /// by a slot, which only a claim takes.
 #[derive(Default)]
-pub struct FakeRecords(Mutex<HashMap<u16, ConnRecord>>, Mutex<FakeSlots>);
+pub struct FakeRecords(
+    Mutex<HashMap<u16, ConnRecord>>,
+    Mutex<FakeSlots>,
+    /// Client ports a relay opened, with the relay's pid.
+    Mutex<HashMap<u16, u32>>,
+);
 
 /// Slots: which client port is accepted on which slot, and what waits there.
 #[derive(Default)]
@@ -72,9 +77,25 @@ impl FakeRecords {
         }
     }
 
+    /// Says the connection from `client_port` is a relay's (pid
+    /// `relay_pid`) that serves the record's network namespace.
+    pub fn relayed(&self, client_port: u16, relay_pid: u32) {
+        self.2.lock().unwrap().insert(client_port, relay_pid);
+    }
+
     /// Whether a record still waits on `slot`.
     pub fn pending(&self, slot: u16) -> bool {
         self.1.lock().unwrap().pending.contains_key(&slot)
+    }
+}
+
+impl RelaySource for FakeRecords {
+    fn relay_of(&self, pair: &AddrPair, _: u32, _: &str) -> Result<Option<Relay>, String> {
+        let relays = self.2.lock().unwrap();
+        Ok(relays.get(&pair.client.0.port()).map(|&pid| Relay {
+            pid,
+            comm: "slirp4netns".into(),
+        }))
     }
 }
 
@@ -466,6 +487,7 @@ pub async fn bed_with_keys(flags: &[&str], issuer_keys: Option<Arc<dyn KeySource
         prepared,
         World {
             records: records.clone(),
+            relays: records.clone(),
             cgroups: cgroups.clone(),
             runtimes: runtimes
                 .iter()
@@ -694,12 +716,27 @@ impl Bed {
     /// the way, accepted on `slot` from 127.0.0.1 (where the kernel filed
     /// `who`'s record, if given), and reads the answer.
     pub async fn request_translated(&self, who: Option<&Who>, slot: u16, path: &str) -> Answer {
+        self.request_via(who, slot, None, path).await
+    }
+
+    /// As [`Self::request_translated`], from a relay with pid `relay` (if
+    /// given) that serves the record's network namespace.
+    pub async fn request_via(
+        &self,
+        who: Option<&Who>,
+        slot: u16,
+        relay: Option<u32>,
+        path: &str,
+    ) -> Answer {
         let raw =
             format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = socket.local_addr().unwrap().port();
         self.records.translated(port, slot, who.map(record_of));
+        if let Some(pid) = relay {
+            self.records.relayed(port, pid);
+        }
         let mut stream = socket.connect(self.addr).await.unwrap();
         stream.write_all(raw.as_bytes()).await.unwrap();
         let mut out = Vec::new();

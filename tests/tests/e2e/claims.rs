@@ -37,6 +37,11 @@ fn another_job_on_a_guessed_pending_slot_is_refused_and_the_owner_still_gets_its
     let attacker = bed
         .container("attacker", bed.base_image(), &[], &[])
         .unwrap();
+    // In the host's network namespace, its connections come from a host
+    // address, as a relay's do: it must not pass for one.
+    let host_net = bed
+        .container("host-net", bed.base_image(), &[], &["--network", "host"])
+        .unwrap();
     let pid = bed
         .dockerd
         .docker(&["inspect", "-f", "{{.State.Pid}}", "victim"])
@@ -91,6 +96,19 @@ fn another_job_on_a_guessed_pending_slot_is_refused_and_the_owner_still_gets_its
                 .is_some_and(|r| r.contains("pending on this slot is another's"))
         });
         assert!(refused, "{:#?}", bed.daemon.connections().unwrap());
+        let from_host = host_net.raw(&format!("169.254.170.254:{slot}"), "GET", CREDS, &[]);
+        assert_eq!(from_host["status"], 403, "{from_host}");
+        let refusals = bed.daemon.connections().unwrap().into_iter().filter(|c| {
+            c["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("pending on this slot is another's"))
+        });
+        assert_eq!(
+            refusals.count(),
+            2,
+            "{:#?}",
+            bed.daemon.connections().unwrap()
+        );
         assert_eq!(bed.daemon.status().unwrap()["maps"]["slots"], 1);
 
         // Let the victim's SYN through: its connection takes its record.

@@ -17,6 +17,7 @@ mod logs;
 mod metrics;
 mod podman;
 mod policy_file;
+mod relay;
 mod roles;
 mod sts;
 mod surface;

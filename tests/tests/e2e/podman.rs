@@ -33,8 +33,15 @@ fn bed_with_podman() -> (E2eBed, Podman) {
 }
 
 /// Runs the AWS SDK client in a Podman container labelled as job `job`,
-/// with `env`, and returns its report.
-fn sdk_client(podman: &Podman, name: &str, job: u32, env: &[(&str, &str)]) -> Value {
+/// with `env` and more `podman run` options `extra`, and returns its
+/// report.
+fn sdk_client(
+    podman: &Podman,
+    name: &str,
+    job: u32,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Value {
     let mut args = vec![
         "--name".to_string(),
         name.to_string(),
@@ -48,6 +55,7 @@ fn sdk_client(podman: &Podman, name: &str, job: u32, env: &[(&str, &str)]) -> Va
     for (k, v) in env {
         args.extend(["-e".to_string(), format!("{k}={v}")]);
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(Podman::host_binary_mounts(&[&bin("mp-sdk-client")]));
     args.extend([
         BASE_IMAGE.to_string(),
@@ -73,6 +81,7 @@ fn podmans_job_containers_get_their_role_beside_dockers_and_others_get_nothing()
         "podman-with-role",
         5151,
         &[("IAM_ROLE", ROLE_DEPLOY)],
+        &[],
     );
     assert_real_imds_untouched(&bed);
     assert_eq!(with["ok"], true, "{with}\n{}", bed.daemon.log());
@@ -93,9 +102,46 @@ fn podmans_job_containers_get_their_role_beside_dockers_and_others_get_nothing()
         "{conns:#?}"
     );
 
-    let without = sdk_client(&podman, "podman-no-role", 5152, &[]);
+    let without = sdk_client(&podman, "podman-no-role", 5152, &[], &[]);
     assert_eq!(without["ok"], false, "{without}");
     assert!(without["arns"].as_array().unwrap().is_empty(), "{without}");
+
+    // Podman's user-space network: slirp4netns relays the container's
+    // connections from the host's own address (as it does for every
+    // rootless container). The kernel shows the relay serves the
+    // container's namespace, so the container gets its role.
+    let relayed = sdk_client(
+        &podman,
+        "podman-slirp4netns",
+        5154,
+        &[
+            ("IAM_ROLE", ROLE_DEPLOY),
+            // Podman's bridge goes with its last container; Docker's stays.
+            (
+                "AWS_ENDPOINT_URL_STS",
+                &format!("http://{}:{PORT}", metaproxy_tests::docker::GATEWAY),
+            ),
+        ],
+        &["--network", "slirp4netns"],
+    );
+    assert_eq!(relayed["ok"], true, "{relayed}\n{}", bed.daemon.log());
+    assert!(
+        is_assumed(
+            ROLE_DEPLOY,
+            "gitlab-job-5154",
+            relayed["arns"][0].as_str().unwrap()
+        ),
+        "{relayed}"
+    );
+    let conns = bed.daemon.connections().unwrap();
+    assert!(
+        conns.iter().any(|c| c["container"] == "podman-slirp4netns"
+            && c["via"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("relayed by pid"))
+            && c["outcome"] == "served"),
+        "{conns:#?}"
+    );
 
     // Docker's containers are served as before, side by side.
     let docker = bed
