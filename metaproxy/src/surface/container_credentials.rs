@@ -21,6 +21,7 @@ use hyper::{header, Request};
 use super::{document, granted, Denial, Reply, Surface};
 use crate::{
     model::{
+        caller::Caller,
         container::Container,
         gitlab::{single_value, Unclear},
     },
@@ -141,6 +142,7 @@ impl Surface {
     pub(super) async fn container_credentials<B>(
         &self,
         req: &Request<B>,
+        caller: &Caller,
         c: &Container,
         decision: &RoleDecision,
     ) -> Result<Reply, Denial> {
@@ -162,7 +164,7 @@ impl Surface {
         }
         let role = granted(decision, c)?;
         let creds = self
-            .issue(c, role, super::Endpoint::ContainerCredentials)
+            .issue(caller, c, role, super::Endpoint::ContainerCredentials)
             .await?;
         let body = creds.rendered(Rendering::ContainerCredentials, |creds| {
             let doc = document::ContainerCredentialsDocument::new(creds, &role.arn);

@@ -276,7 +276,9 @@ impl Surface {
                     }
                 }
                 if endpoint == Endpoint::ContainerCredentials {
-                    let result = self.container_credentials(&req, &c, &decision).await;
+                    let result = self
+                        .container_credentials(&req, caller, &c, &decision)
+                        .await;
                     return Handled::new(
                         endpoint,
                         RouteLabel::ContainerCredentials,
@@ -286,7 +288,7 @@ impl Surface {
                     );
                 }
                 let route = Route::of(req.method(), req.uri().path(), req.uri().query());
-                let result = self.container(&req, route, &c, &decision).await;
+                let result = self.container(&req, route, caller, &c, &decision).await;
                 Handled::new(endpoint, route.label(), Some(c), role, result)
             }
         }
@@ -323,6 +325,7 @@ impl Surface {
         &self,
         req: &Request<B>,
         route: Route<'_>,
+        caller: &Caller,
         c: &Container,
         decision: &RoleDecision,
     ) -> Result<Reply, Denial> {
@@ -354,7 +357,9 @@ impl Surface {
             Route::Credentials {
                 role: asked,
                 extended,
-            } if asked == role.arn.name() => self.serve_credentials(c, role, extended).await,
+            } if asked == role.arn.name() => {
+                self.serve_credentials(caller, c, role, extended).await
+            }
             Route::IamInfo => Ok(Reply::text(document::iam_info(
                 &role.arn,
                 SystemTime::now(),
@@ -378,11 +383,12 @@ impl Surface {
 
     async fn serve_credentials(
         &self,
+        caller: &Caller,
         c: &Container,
         role: &Role,
         extended: bool,
     ) -> Result<Reply, Denial> {
-        let creds = self.issue(c, role, Endpoint::Imds).await?;
+        let creds = self.issue(caller, c, role, Endpoint::Imds).await?;
         let which = if extended {
             Rendering::ImdsExtended
         } else {
@@ -399,9 +405,12 @@ impl Surface {
     }
 
     /// Credentials for `role`, for container `c`, with the audit line that
-    /// records their issue.
+    /// records their issue to each cgroup of it that asks: a nested
+    /// container (Docker-in-Docker's inner ones) gets a line of its own,
+    /// naming its cgroup.
     async fn issue(
         &self,
+        caller: &Caller,
         c: &Container,
         role: &Role,
         endpoint: Endpoint,
@@ -416,15 +425,21 @@ impl Surface {
                     tracing::warn!(container_id = %c.id, role_arn = %key.role_arn, reason = %Clean(&e.to_string()), suppressed, "no credentials to serve");
                 }
             })?;
-        if !creds.first_for(&c.id) {
-            // Already recorded for this container; `connections` and the
-            // metrics count the repeats.
+        if !creds.first_for(&c.id, caller.cgroup) {
+            // Already recorded for this cgroup of this container;
+            // `connections` and the metrics count the repeats.
             return Ok(creds);
         }
+        // A cgroup below the container's own: a nested container's.
+        let nested = caller
+            .cgroup_path
+            .as_deref()
+            .filter(|p| Some(*p) != c.cgroup.as_deref());
         tracing::info!(
             target: "metaproxy::audit",
             container_id = %c.id,
             container = %Clean(&c.name),
+            nested = %Clean(nested.unwrap_or("-")),
             job = %Clean(c.job_id().unwrap_or("-")),
             role_arn = %key.role_arn,
             session = %key.session_name,

@@ -1,7 +1,7 @@
 //! The answers made from issued credentials, kept with them: credentials
 //! never change once issued, so each document is serialised once per
-//! refresh, not once per request. And the containers they went to, so the
-//! audit line is written once per container.
+//! refresh, not once per request. And the containers (and cgroups of
+//! them) they went to, so the audit line is written once for each.
 
 use std::{
     collections::HashSet,
@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::{
     credentials::{Credentials, Issued},
-    model::ids::ContainerId,
+    model::ids::{CgroupId, ContainerId},
 };
 
 /// The answers kept.
@@ -27,8 +27,9 @@ pub enum Rendering {
 #[derive(Default)]
 struct Kept {
     bodies: [OnceLock<Bytes>; 3],
-    /// Containers these credentials have been handed to.
-    handed_to: Mutex<HashSet<ContainerId>>,
+    /// Containers, and which of their cgroups, these credentials have been
+    /// handed to.
+    handed_to: Mutex<HashSet<(ContainerId, CgroupId)>>,
 }
 
 /// The surface's use of issued credentials.
@@ -36,9 +37,10 @@ pub trait Served {
     /// The `which` rendering, made by `render` the first time.
     fn rendered(&self, which: Rendering, render: impl FnOnce(&Credentials) -> Bytes) -> Bytes;
 
-    /// Whether this is the first time these credentials go to `container`
-    /// (what the audit line records; repeats are only counted).
-    fn first_for(&self, container: &ContainerId) -> bool;
+    /// Whether this is the first time these credentials go to cgroup
+    /// `cgroup` of `container` (what the audit line records; repeats are
+    /// only counted).
+    fn first_for(&self, container: &ContainerId, cgroup: CgroupId) -> bool;
 }
 
 impl Served for Issued {
@@ -51,16 +53,12 @@ impl Served for Issued {
         }
     }
 
-    fn first_for(&self, container: &ContainerId) -> bool {
+    fn first_for(&self, container: &ContainerId, cgroup: CgroupId) -> bool {
         let Some(kept) = self.served(Kept::default) else {
             return true;
         };
         let mut seen = kept.handed_to.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(container) {
-            return false;
-        }
-        seen.insert(container.clone());
-        true
+        seen.insert((container.clone(), cgroup))
     }
 }
 
@@ -91,7 +89,9 @@ mod tests {
         assert!(printed.contains("ASIAEXAMPLE"));
         assert!(!printed.contains("very-secret"), "{printed}");
         let id = ContainerId::parse(&"a".repeat(64)).unwrap();
-        assert!(issued.first_for(&id));
-        assert!(!issued.first_for(&id));
+        assert!(issued.first_for(&id, CgroupId(1)));
+        assert!(!issued.first_for(&id, CgroupId(1)));
+        // A nested container's cgroup gets its own audit line.
+        assert!(issued.first_for(&id, CgroupId(2)));
     }
 }

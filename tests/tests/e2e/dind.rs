@@ -37,6 +37,18 @@ fn an_inner_container_gets_its_jobs_role_and_one_of_a_job_without_gets_nothing()
     // Behind the service's NAT: found by its slot, not its 4-tuple (the
     // old design refused exactly these).
     assert_eq!(served["via"], "translated", "{served}");
+    // Each inner container gets an audit line of its own, naming its
+    // cgroup, though the credentials are the service container's.
+    let again = dind.sdk_client("inner-with-role-2").expect("inner client");
+    assert_eq!(again["ok"], true, "{again}");
+    let log = bed.daemon.log();
+    let issued: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("credentials issued") && l.contains("container=dind-with-role"))
+        .collect();
+    assert_eq!(issued.len(), 2, "{log}");
+    assert!(issued[0].contains(&format!("nested={cgroup}")), "{log}");
+    assert!(issued.iter().all(|l| l.contains("/dind/")), "{log}");
 
     let none = Dind::start(&bed, "dind-no-role", &[], &[]).expect("dind");
     let nothing = none.sdk_client("inner-no-role").expect("inner client");
