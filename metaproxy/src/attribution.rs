@@ -61,13 +61,16 @@ impl RecordSource for Probe {
 /// translated connection on behalf of the record's process: /proc and the
 /// kernel in the daemon, a table in tests.
 pub trait RelaySource: Send + Sync + 'static {
+    /// Whether the client of `pair` has an address of this host (only
+    /// then can it be a relay's). Cheap, never blocks for long.
+    fn is_local(&self, pair: &AddrPair) -> bool;
     /// The relay holding the local socket of `pair` that serves the
-    /// network namespace of process `pid`, still in the cgroup at
-    /// `cgroup_path`. May block.
+    /// network namespace of thread `tid` of process `pid`, still in the
+    /// cgroup at `cgroup_path`. May block.
     fn relay_of(
         &self,
         pair: &AddrPair,
-        pid: u32,
+        pid_tid: (u32, u32),
         cgroup_path: &str,
     ) -> Result<Option<Relay>, String>;
 }
@@ -77,19 +80,30 @@ pub trait RelaySource: Send + Sync + 'static {
 pub struct HostRelays;
 
 impl RelaySource for HostRelays {
+    fn is_local(&self, pair: &AddrPair) -> bool {
+        relay::is_local(pair.client.0.ip())
+    }
     fn relay_of(
         &self,
         pair: &AddrPair,
-        pid: u32,
+        pid_tid: (u32, u32),
         cgroup_path: &str,
     ) -> Result<Option<Relay>, String> {
-        relay::relay_of(pair.client.0, pair.server.0, pid, cgroup_path)
+        relay::relay_of(pair.client.0, pair.server.0, pid_tid, cgroup_path)
     }
 }
 
 /// Relay checks at once: each reads every process's open files, and any
-/// local process can open connections to a pending slot.
+/// local process can open connections to a pending slot. A connection
+/// that finds both taken is not a relay's (it is refused: fail closed);
+/// none waits for one.
 const RELAY_CHECKS: usize = 2;
+/// How long a relay check may take before its connection is refused (the
+/// check itself runs on, holding its place, until it ends).
+const RELAY_CHECK_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Failed relay checks are logged at most this often.
+static RELAY_LOG: crate::ops::ratelimit::PerSource = crate::ops::ratelimit::PerSource::new(1, 5);
 
 /// Maps cgroup ids to their paths below the cgroup2 mount.
 pub trait CgroupDirectory: Send + Sync + 'static {
@@ -169,7 +183,7 @@ impl Attribution {
         };
         let mut caller = caller(pair.client, &record, path, via);
         if let (Via::Translated { slot }, Some(path)) = (via, caller.cgroup_path.clone()) {
-            if let Some(relay) = self.relay(pair, caller.pid, path).await {
+            if let Some(relay) = self.relay(pair, (caller.pid, record.tid), path).await {
                 tracing::debug!(client = %pair.client.0, relay_pid = relay.pid, relay = %crate::ops::logging::Clean(&relay.comm), cgroup_id = %caller.cgroup, "connection relayed for the record's network namespace");
                 caller.via = Via::Relayed {
                     slot,
@@ -180,20 +194,33 @@ impl Attribution {
         Ok(caller)
     }
 
-    /// The relay that opened `pair` for process `pid` of the cgroup at
-    /// `path`, if one did.
-    async fn relay(&self, pair: &AddrPair, pid: u32, path: Arc<str>) -> Option<Relay> {
-        let _permit = self.relay_checks.acquire().await.ok()?;
-        let (relays, pair) = (self.relays.clone(), *pair);
-        let found = tokio::task::spawn_blocking(move || relays.relay_of(&pair, pid, &path)).await;
-        match found {
-            Ok(Ok(relay)) => relay,
-            Ok(Err(e)) => {
-                tracing::warn!(client = %pair.client.0, error = %crate::ops::logging::Clean(&e), "cannot tell whether a relay opened this connection");
-                None
-            }
-            Err(_) => None,
+    /// The relay that opened `pair` for thread `tid` of process `pid` of
+    /// the cgroup at `path`, if one did.
+    async fn relay(&self, pair: &AddrPair, pid_tid: (u32, u32), path: Arc<str>) -> Option<Relay> {
+        if !self.relays.is_local(pair) {
+            return None;
         }
+        let Ok(permit) = self.relay_checks.clone().try_acquire_owned() else {
+            if let Some(suppressed) = RELAY_LOG.allow(pair.client.0.ip()) {
+                tracing::warn!(client = %pair.client.0, suppressed, "relay checks busy: refusing a connection from a host address on a pending slot");
+            }
+            return None;
+        };
+        let (relays, pair) = (self.relays.clone(), *pair);
+        let check = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            relays.relay_of(&pair, pid_tid, &path)
+        });
+        let why = match tokio::time::timeout(RELAY_CHECK_TIME, check).await {
+            Ok(Ok(Ok(relay))) => return relay,
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "it took too long".to_string(),
+        };
+        if let Some(suppressed) = RELAY_LOG.allow(pair.client.0.ip()) {
+            tracing::warn!(client = %pair.client.0, error = %crate::ops::logging::Clean(&why), suppressed, "cannot tell whether a relay opened this connection; refusing it");
+        }
+        None
     }
 
     /// Takes the record of a connection that will not be served (shed

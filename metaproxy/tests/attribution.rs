@@ -14,7 +14,8 @@ const SLOT: u16 = 50_001;
 #[tokio::test]
 async fn a_translated_connection_from_its_container_gets_the_role_and_takes_the_record() {
     let bed = bed().await;
-    let job = bed.container(1, with_role());
+    let service = bed.container(1, with_role());
+    let job = bed.inner_container(&service, 7);
     let a = bed.request_translated(Some(&job), SLOT, CREDS).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body, "ci-deploy");
@@ -27,10 +28,12 @@ async fn a_translated_connection_from_its_container_gets_the_role_and_takes_the_
 #[tokio::test]
 async fn another_address_on_a_pending_slot_is_refused_and_leaves_the_record() {
     let bed = bed().await;
-    let victim = bed.container(1, with_role());
-    let id = victim.container.clone().unwrap();
-    // The victim's only address is not the one the connection comes from
-    // (127.0.0.1): as another job guessing the victim's slot would look.
+    let service = bed.container(1, with_role());
+    let victim = bed.inner_container(&service, 7);
+    let id = service.container.clone().unwrap();
+    // The victim job's only address is not the one the connection comes
+    // from (127.0.0.1): as another job guessing the victim's slot would
+    // look.
     bed.runtime
         .containers
         .lock()
@@ -49,6 +52,24 @@ async fn another_address_on_a_pending_slot_is_refused_and_leaves_the_record() {
         bed.answers.pinned.lock().unwrap().is_empty(),
         "nothing was pinned"
     );
+}
+
+#[tokio::test]
+async fn a_containers_own_record_is_not_claimed_by_translation_even_from_its_address() {
+    let bed = bed().await;
+    // Nothing translates a job container's own connects on their way to
+    // the host: a connection from its address that did not find the
+    // record by its 4-tuple was forged (raw packets from the job's
+    // address, the answers read by poisoning the host's ARP entry).
+    let job = bed.container(1, with_role());
+    let a = bed.request_translated(Some(&job), SLOT, CREDS).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(bed.records.pending(SLOT), "the record stays for its owner");
+    // Control: the same connection, for an inner container of that job,
+    // is what NAT in the job makes, and is served.
+    let inner = bed.inner_container(&job, 7);
+    let b = bed.request_translated(Some(&inner), SLOT + 1, CREDS).await;
+    assert_eq!(b.status, 200, "{}", b.body);
 }
 
 #[tokio::test]
@@ -125,4 +146,27 @@ async fn a_relay_serving_the_records_namespace_claims_it_from_a_host_address() {
         bed.answers.pinned.lock().unwrap().is_empty(),
         "answers to a relay cross no bridge: nothing to pin"
     );
+}
+
+#[tokio::test]
+async fn a_relayed_host_process_gets_no_pass_through_to_the_instance() {
+    let bed = support::bed_with(&["--allow-host-cgroup", "/system.slice/ssm.service"]).await;
+    let agent = bed.process_at("/system.slice/ssm.service", "amazon-ssm-agent");
+    // Control: the allow-listed service itself reaches the real IMDS.
+    let a = bed
+        .request(&agent, "GET", "/latest/meta-data/instance-id", &[])
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // A process of its cgroup behind a relay of its own (a rootless build
+    // step that stayed in the service's cgroup) is not that service.
+    let b = bed
+        .request_via(
+            Some(&agent),
+            SLOT,
+            Some(777),
+            "/latest/meta-data/instance-id",
+        )
+        .await;
+    assert_eq!(b.status, 403, "{}", b.body);
+    assert!(bed.records.pending(SLOT));
 }

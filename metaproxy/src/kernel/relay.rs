@@ -24,13 +24,17 @@
 //! Needs `CAP_SYS_PTRACE` (to read other users' open files and copy one).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     path::Path,
 };
 
-use procfs::process::{FDTarget, Process};
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process},
+};
+use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
 
 /// A process that relays a network namespace's connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,24 +47,40 @@ pub struct Relay {
 /// TUN/TAP file's device (Linux 5.2).
 const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
 
-/// `/dev/net/tun`: misc device 10, minor 200.
-const TUN_DEVICE: u64 = (10 << 8) | 200;
+/// Whether `ip` is an address of this network namespace: only a socket
+/// of this host can be a relay's, and asking costs one netlink dump, where
+/// the TCP table and /proc cost far more. Connections from a container's
+/// address (Docker-in-Docker's) stop here.
+pub fn is_local(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        return true;
+    }
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut all| {
+        all.any(|a| {
+            a.address.is_some_and(|s| {
+                s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(ip)
+                    || s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(ip)
+            })
+        })
+    })
+}
 
 /// The relay that holds the local socket connected from `peer` to `local`
-/// and serves the network namespace of process `pid`, which must still be
-/// in the cgroup at `cgroup_path` (below the cgroup2 mount). `None` if the
-/// socket is not local, or no process holding it serves that namespace.
-/// Reads /proc: run it off the async workers.
+/// and serves the network namespace of thread `tid` of process `pid`,
+/// which must still be in the cgroup at `cgroup_path` (below the cgroup2
+/// mount). `None` if the socket is not local, or no process holding it
+/// serves that namespace. Reads /proc: run it off the async workers.
 pub fn relay_of(
     peer: SocketAddr,
     local: SocketAddr,
-    pid: u32,
+    (pid, tid): (u32, u32),
     cgroup_path: &str,
 ) -> Result<Option<Relay>, String> {
     let Some(inode) = local_socket(peer, local)? else {
         return Ok(None);
     };
-    let Some(served) = netns_of(pid, cgroup_path)? else {
+    let Some(served) = netns_of(pid, tid, cgroup_path) else {
         return Ok(None);
     };
     if Some(served) == netns_id(Path::new("/proc/self/ns/net")) {
@@ -69,10 +89,17 @@ pub fn relay_of(
     }
     let all = procfs::process::all_processes().map_err(|e| format!("/proc: {e}"))?;
     for process in all.flatten() {
-        let holds = process.fd().is_ok_and(|mut fds| {
-            fds.any(|fd| fd.is_ok_and(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode)))
-        });
-        if holds && serves(&process, served) {
+        if !holds(&process, inode) {
+            continue;
+        }
+        // From here on the pid is pinned: if it was reused since it was
+        // listed, the process now behind it must hold the socket too.
+        let Some(pidfd) =
+            Pid::from_raw(process.pid).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
+        else {
+            continue;
+        };
+        if holds(&process, inode) && serves(&process, &pidfd, served) {
             let comm = process.stat().map(|s| s.comm).unwrap_or_default();
             return Ok(Some(Relay {
                 pid: process.pid as u32,
@@ -83,11 +110,22 @@ pub fn relay_of(
     Ok(None)
 }
 
-/// Whether `process` holds a TUN/TAP file whose device lives in the
-/// network namespace `netns`. The device is told by its number, not by
-/// the path its file was opened by (a relay in a mount namespace of its
-/// own opened it by a path we may not see).
-fn serves(process: &Process, netns: NetnsId) -> bool {
+/// Whether `process` holds the socket `inode`. Reads links only: nothing
+/// here touches the files themselves (a file on a hung mount would hang
+/// us).
+fn holds(process: &Process, inode: u64) -> bool {
+    process.fd().is_ok_and(|mut fds| {
+        fds.any(|fd| fd.is_ok_and(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode)))
+    })
+}
+
+/// Whether `process` (pinned by `pidfd`) holds a TUN/TAP file whose
+/// device lives in the network namespace `netns`. A TUN/TAP is told by
+/// what the kernel writes in its fdinfo (`iff:`, the interface it is
+/// attached to), never by opening, stat-ing or asking a file that may be
+/// on a mount its owner controls; only then is a copy of it asked where
+/// its device lives.
+fn serves(process: &Process, pidfd: &OwnedFd, netns: NetnsId) -> bool {
     let Ok(fds) = process.fd() else {
         return false;
     };
@@ -95,26 +133,35 @@ fn serves(process: &Process, netns: NetnsId) -> bool {
         let FDTarget::Path(_) = fd.target else {
             return false;
         };
-        let file = format!("/proc/{}/fd/{}", process.pid, fd.fd);
-        let is_tun = std::fs::metadata(&file)
-            .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == TUN_DEVICE);
-        is_tun && tap_netns(process, fd.fd) == Some(netns)
+        let info = format!("/proc/{}/fdinfo/{}", process.pid, fd.fd);
+        let is_tun =
+            std::fs::read_to_string(info).is_ok_and(|i| i.lines().any(|l| l.starts_with("iff:")));
+        is_tun && tap_netns(pidfd, fd.fd) == Some(netns)
     })
 }
 
 /// The inode of the local TCP socket whose own address is `peer` and whose
-/// remote is `local`, if there is one in this network namespace.
+/// remote is `local`, established, if there is one in this network
+/// namespace (an IPv4 pair is also looked for among dual-stack sockets).
 fn local_socket(peer: SocketAddr, local: SocketAddr) -> Result<Option<u64>, String> {
     let (peer, local) = (canonical(peer), canonical(local));
-    let table = match peer {
-        SocketAddr::V4(_) => procfs::net::tcp(),
-        SocketAddr::V6(_) => procfs::net::tcp6(),
+    let mut tables = vec![procfs::net::tcp6()];
+    if peer.is_ipv4() {
+        tables.insert(0, procfs::net::tcp());
     }
-    .map_err(|e| format!("/proc/net/tcp: {e}"))?;
-    Ok(table
-        .iter()
-        .find(|e| e.local_address == peer && e.remote_address == local)
-        .map(|e| e.inode))
+    for table in tables {
+        let table = table.map_err(|e| format!("/proc/net/tcp: {e}"))?;
+        let found = table.iter().find(|e| {
+            e.state == TcpState::Established
+                && e.inode != 0
+                && canonical(e.local_address) == peer
+                && canonical(e.remote_address) == local
+        });
+        if let Some(e) = found {
+            return Ok(Some(e.inode));
+        }
+    }
+    Ok(None)
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -128,32 +175,27 @@ fn netns_id(path: &Path) -> Option<NetnsId> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// The network namespace of process `pid`, if it is still in the cgroup
-/// at `cgroup_path`.
-fn netns_of(pid: u32, cgroup_path: &str) -> Result<Option<NetnsId>, String> {
-    let Ok(process) = Process::new(pid as i32) else {
-        return Ok(None);
-    };
-    let before = netns_id(&Path::new("/proc").join(pid.to_string()).join("ns/net"));
-    let in_cgroup = process
-        .cgroups()
-        .map(|c| {
-            c.0.iter()
-                .any(|c| c.hierarchy == 0 && c.pathname == cgroup_path)
-        })
-        .unwrap_or(false);
-    if !in_cgroup {
-        return Ok(None);
-    }
-    Ok(before)
+/// The network namespace of thread `tid` of process `pid` (the thread
+/// that connected: threads may differ), if it is still in the cgroup at
+/// `cgroup_path`. Read before the cgroup is checked, so a thread reused
+/// in between fails the check.
+fn netns_of(pid: u32, tid: u32, cgroup_path: &str) -> Option<NetnsId> {
+    let task = Path::new("/proc")
+        .join(pid.to_string())
+        .join("task")
+        .join(tid.to_string());
+    let netns = netns_id(&task.join("ns/net"))?;
+    let cgroups = std::fs::read_to_string(task.join("cgroup")).ok()?;
+    cgroups
+        .lines()
+        .any(|l| l.strip_prefix("0::") == Some(cgroup_path))
+        .then_some(netns)
 }
 
-/// The network namespace of the device behind file `fd` of `process`, if
-/// that file is an attached TUN/TAP.
-fn tap_netns(process: &Process, fd: i32) -> Option<NetnsId> {
-    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
-    let pidfd = pidfd_open(Pid::from_raw(process.pid)?, PidfdFlags::empty()).ok()?;
-    let tap = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).ok()?;
+/// The network namespace of the device behind file `fd` of the process
+/// `pidfd`, if that file is an attached TUN/TAP.
+fn tap_netns(pidfd: &OwnedFd, fd: i32) -> Option<NetnsId> {
+    let tap = pidfd_getfd(pidfd, fd, PidfdGetfdFlags::empty()).ok()?;
     let netns = dev_netns(&tap)?;
     let m = rustix::fs::fstat(&netns).ok()?;
     Some((m.st_dev as u64, m.st_ino as u64))
@@ -214,10 +256,12 @@ mod tests {
             .unwrap_or("/")
             .to_string();
         let me = std::process::id();
-        let found = relay_of(peer, server.local_addr().unwrap(), me, &path).unwrap();
+        let found = relay_of(peer, server.local_addr().unwrap(), (me, me), &path).unwrap();
         assert_eq!(found, None);
         // A pid that is not in the cgroup named is nobody's either.
-        assert_eq!(netns_of(me, "/not/its/cgroup").unwrap(), None);
-        assert!(netns_of(me, &path).unwrap().is_some());
+        assert_eq!(netns_of(me, me, "/not/its/cgroup"), None);
+        assert!(netns_of(me, me, &path).is_some());
+        assert!(is_local(peer.ip()));
+        assert!(!is_local("192.0.2.1".parse().unwrap()));
     }
 }

@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     attribution::{Attribution, AttributionError},
-    identity::Identity,
+    identity::{container_roots, Identity},
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
     model::caller::Via,
     ops::accept::{self, Rules, WhenFull},
@@ -149,16 +149,33 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pip
         // identify has checked of a container with addresses of its own.
         // A host process, or a container in the host's network namespace,
         // has no address a translated connection could prove itself by.
+        // And only a nested container's connect (Docker-in-Docker's inner
+        // ones) is translated on its way out of the outer one: a record
+        // of the container's own is claimed by its own 4-tuple, never by
+        // a connection forged from its address.
         Via::Translated { .. } => {
-            if matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some()) {
+            let nested = caller
+                .cgroup_path
+                .as_deref()
+                .is_some_and(|p| container_roots(p).len() > 1);
+            let own = matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some());
+            if own && nested {
                 pipeline.attribution.claim(&caller)
             } else {
                 Err(AttributionError::NotItsSlot)
             }
         }
         // The kernel has shown the relay serves the network namespace the
-        // record's process connected from.
-        Via::Relayed { .. } => pipeline.attribution.claim(&caller),
+        // record's process connected from. Only a container's: a host
+        // process behind a relay of its own (a rootless build step that
+        // stayed in the runner's cgroup) is no allow-listed host service.
+        Via::Relayed { .. } => {
+            if matches!(&identity, Ok(Identity::Container(_))) {
+                pipeline.attribution.claim(&caller)
+            } else {
+                Err(AttributionError::NotItsSlot)
+            }
+        }
     };
     if let Err(e) = claimed {
         return refuse_unattributed(stream, peer, e, &pipeline).await;

@@ -90,7 +90,11 @@ impl FakeRecords {
 }
 
 impl RelaySource for FakeRecords {
-    fn relay_of(&self, pair: &AddrPair, _: u32, _: &str) -> Result<Option<Relay>, String> {
+    fn is_local(&self, _: &AddrPair) -> bool {
+        // Every test client is on 127.0.0.1.
+        true
+    }
+    fn relay_of(&self, pair: &AddrPair, _: (u32, u32), _: &str) -> Result<Option<Relay>, String> {
         let relays = self.2.lock().unwrap();
         Ok(relays.get(&pair.client.0.port()).map(|&pid| Relay {
             pid,

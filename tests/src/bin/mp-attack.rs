@@ -33,6 +33,13 @@
 //!     from the victim's MAC every millisecond, so that the bridge sends us the
 //!     victim's frames (not relayed). Either way the TCP payloads are
 //!     searched for credentials and IMDSv2 token answers
+//! mp-attack claim --iface IFACE --victim IP --dst IP --path PATH
+//!     another job's pending connect taken with packets alone: the host's
+//!     neighbour entry for the victim poisoned (as arp-mitm's arp mode,
+//!     nothing relayed; a line says when), then, for the port read from
+//!     stdin (the victim's slot), a user-space TCP connection from the
+//!     victim's address to DST:PORT and one GET of PATH; what came back
+//!     is reported (status, body, credentials seen)
 //! mp-attack sniff --iface IFACE --seconds N
 //!     every frame on IFACE (docker0, lo, a bridge: what a --network host
 //!     job sees), for N seconds, searched the same way
@@ -118,6 +125,14 @@ fn main() {
             let method = flags.optional("mode").unwrap_or(l2::Method::Arp);
             flags.finish();
             l2::arp_mitm(&iface, victim, seconds, method)
+        }
+        "claim" => {
+            let iface: String = flags.required("iface");
+            let victim = flags.required("victim");
+            let dst = flags.required("dst");
+            let path: String = flags.required("path");
+            flags.finish();
+            l2::claim(&iface, victim, dst, &path)
         }
         "sniff" => {
             let iface: String = flags.required("iface");

