@@ -244,6 +244,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!(
             "redirect in place: generation {generation}; packet guard on {guard}; daemon {daemon}"
         );
+        if !probe::steering_in_place(pins, generation) {
+            // Still fail closed (the drop-ins only ask that): said, not
+            // failed, since a generation from before slots has none.
+            eprintln!(
+                "warning: the slot steering of generation {generation} is not pinned: redirected connects are refused until metaproxy runs again"
+            );
+        }
         return Ok(());
     }
     let status = admin_client::status(&args.admin.admin_socket).await?;

@@ -27,11 +27,10 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
     checks.push(bpffs_check(&mountinfo, pin_dir));
     checks.push(layer2_check(crate::kernel::lsm::bpf_lsm()));
     checks.push(match probe::redirect_in_place(pin_dir) {
-        Ok(Some(generation)) => Check::new(
-            "host",
-            CheckId::Redirect,
-            Level::Ok,
-            format!("pinned in {} (generation {generation})", pin_dir.display()),
+        Ok(Some(generation)) => redirect_check(
+            pin_dir,
+            generation,
+            probe::steering_in_place(pin_dir, generation),
         ),
         Ok(None) => Check::new(
             "host",
@@ -48,6 +47,31 @@ pub(super) async fn host_checks(pin_dir: &Path) -> Vec<Check> {
     });
     checks.push(policy_routing_check(&policy_rules().await));
     checks
+}
+
+/// The redirect of `generation`, pinned in `pin_dir`, with its slot
+/// steering or without.
+pub(super) fn redirect_check(pin_dir: &Path, generation: u64, steering: bool) -> Check {
+    if steering {
+        Check::new(
+            "host",
+            CheckId::Redirect,
+            Level::Ok,
+            format!("pinned in {} (generation {generation})", pin_dir.display()),
+        )
+    } else {
+        Check::new(
+            "host",
+            CheckId::Redirect,
+            Level::Fail,
+            format!(
+                "pinned in {} (generation {generation}), but not its slot steering ({}-{generation}): every redirected connect is refused",
+                pin_dir.display(),
+                metaproxy_common::PROG_SK_LOOKUP
+            ),
+        )
+        .fix("systemctl restart metaproxy")
+    }
 }
 
 /// The `ip rule` entries beyond the kernel's own (local, main, default),

@@ -20,6 +20,16 @@ fn the_pins_need_a_bpf_filesystem() {
 }
 
 #[test]
+fn a_redirect_without_its_slot_steering_fails() {
+    let pins = std::path::Path::new("/sys/fs/bpf/metaproxy");
+    assert_eq!(host::redirect_check(pins, 3, true).level, Level::Ok);
+    let c = host::redirect_check(pins, 3, false);
+    assert_eq!(c.level, Level::Fail);
+    assert!(c.found.contains("mp_sk_lookup-3"), "{}", c.found);
+    assert!(c.found.contains("refused"), "{}", c.found);
+}
+
+#[test]
 fn io_uring_kernels_fail_and_others_pass() {
     for (release, level) in [
         ("5.10.0-1-amd64", Level::Fail),

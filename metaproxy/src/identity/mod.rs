@@ -449,19 +449,38 @@ fn within(path: &str, root: &str) -> bool {
 /// `<prefix>-<id>[.scope]` (containerd's `cri-containerd-`: `None`), so
 /// that a container of another runtime is never mistaken for a host
 /// process.
+///
+/// A Podman pod under the cgroupfs manager is a bare id below
+/// `libpod_parent`, with its containers' `libpod-<id>` below it: the pod
+/// is no container, and is left out when a container follows it (alone,
+/// it reads as Docker's, which knows no such container: refused).
 pub fn container_roots(path: &str) -> Vec<(ContainerId, &str, Option<RuntimeKind>)> {
     let mut end = 0;
-    path.split('/')
+    let mut parent = "";
+    let mut pod = None;
+    let mut roots: Vec<_> = path
+        .split('/')
         .filter_map(|component| {
             end += component.len() + 1;
+            let above = std::mem::replace(&mut parent, component);
             let c = component.strip_suffix(".scope").unwrap_or(component);
             let id = c.get(c.len().checked_sub(64)?..)?;
             let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
             let id = whole_or_suffix.then(|| ContainerId::parse(id))??;
+            if c.len() == 64 && above == "libpod_parent" {
+                pod = Some(id.clone());
+            }
             let kind = RuntimeKind::of_prefix(&c[..c.len() - 64]);
             Some((id, &path[..(end - 1).min(path.len())], kind))
         })
-        .collect()
+        .collect();
+    if let Some(pod) = pod {
+        let at = roots.iter().position(|(id, ..)| *id == pod);
+        if let Some(at) = at.filter(|&at| at + 1 < roots.len()) {
+            roots.remove(at);
+        }
+    }
+    roots
 }
 
 #[cfg(test)]
@@ -503,6 +522,14 @@ mod tests {
         assert_eq!(kinds(&format!("/system.slice/docker-{A}.scope")), [docker]);
         assert_eq!(kinds(&format!("/machine.slice/libpod-{A}.scope")), [podman]);
         assert_eq!(kinds(&format!("/libpod_parent/libpod-{A}")), [podman]);
+        // A pod under cgroupfs is no container: its container is the
+        // outermost one.
+        assert_eq!(kinds(&format!("/libpod_parent/{B}/libpod-{A}")), [podman]);
+        assert_eq!(ids(&format!("/libpod_parent/{B}/libpod-{A}")), [A]);
+        // Alone, the pod's id is looked for as Docker's (and not found).
+        assert_eq!(kinds(&format!("/libpod_parent/{B}")), [docker]);
+        // Anywhere else a bare id is Docker's.
+        assert_eq!(kinds(&format!("/ci/{B}/libpod-{A}")), [docker, podman]);
         assert_eq!(
             kinds(&format!("/ci/libpod-{A}/docker/{B}")),
             [podman, docker]

@@ -265,6 +265,9 @@ pub struct Probe {
     pending: HashMap<MapData, u64, ConnRecord>,
     /// Behind a lock for the same reason.
     slots: Mutex<HashMap<MapData, u32, Slot>>,
+    /// The same map through a handle of its own, which the sweep walks
+    /// without the lock the accept path takes.
+    slots_walk: HashMap<MapData, u32, Slot>,
     config: ProbeConfig,
     drops: PerCpuArray<MapData, u64>,
     generation: u64,
@@ -433,6 +436,15 @@ impl Probe {
         let conns = take_map(&mut ebpf, MAP_CONNS)?;
         let pending = take_map(&mut ebpf, MAP_PENDING)?;
         let slots = take_map(&mut ebpf, MAP_SLOTS)?;
+        let slots_walk = {
+            let path = maps_dir.join(MAP_SLOTS);
+            let map_err = |source| ProbeError::Map {
+                name: MAP_SLOTS,
+                source,
+            };
+            let data = MapData::from_pin(&path).map_err(map_err)?;
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?
+        };
         let drops = {
             let map = ebpf
                 .take_map(MAP_GUARD_DROPS)
@@ -458,6 +470,7 @@ impl Probe {
                 conns: Mutex::new(conns),
                 pending,
                 slots: Mutex::new(slots),
+                slots_walk,
                 config: opts.config,
                 drops,
                 generation,
@@ -762,8 +775,9 @@ impl Probe {
     /// how many went.
     pub fn sweep_slots(&self) -> usize {
         let now = boot_ns_now();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let stale: Vec<(u32, u64)> = slots
+        // Walked without the accept path's lock: up to SLOTS_MAX lookups.
+        let stale: Vec<(u32, u64)> = self
+            .slots_walk
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, slot)| check_age(slot.record.boot_ns, now).is_err())
@@ -771,6 +785,7 @@ impl Probe {
             .collect();
         let mut freed = 0;
         for (port, boot_ns) in stale {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             // Still the stale one: a new connect may have taken the slot
             // since.
             if slots
@@ -938,7 +953,7 @@ mod watchdog;
 
 use attach::{attach_lsm, attach_program, attach_sk_lookup, attach_sockopt, attach_tc};
 use pins::{check_pin_dir, ensure_bpffs_dir, pinned_links, unpin};
-pub use pins::{detach, guard_in_place, redirect_in_place};
+pub use pins::{detach, guard_in_place, redirect_in_place, steering_in_place};
 pub use watchdog::Repairs;
 
 #[cfg(test)]

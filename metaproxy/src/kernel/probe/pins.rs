@@ -64,6 +64,16 @@ pub fn redirect_in_place(pin_dir: &Path) -> Result<Option<u64>, ProbeError> {
         .max())
 }
 
+/// Whether generation `generation`'s slot steering (`sk_lookup` on the
+/// daemon's network namespace) is pinned. Without it every redirected
+/// connect meets a port nothing listens on, and is refused.
+pub fn steering_in_place(pin_dir: &Path, generation: u64) -> bool {
+    pin_dir
+        .join(LINKS_DIR)
+        .join(format!("{PROG_SK_LOOKUP}-{generation}"))
+        .exists()
+}
+
 /// The interfaces the pinned tc guard of generation `generation` is on, by
 /// index, and how: what `metaproxy status` and doctor report without the
 /// daemon.
