@@ -73,6 +73,20 @@ async fn a_containers_own_record_is_not_claimed_by_translation_even_from_its_add
 }
 
 #[tokio::test]
+async fn a_build_step_of_an_inner_dockerd_is_nested_and_the_containers_own_process_is_not() {
+    let bed = bed().await;
+    let service = bed.container(1, with_role());
+    // BuildKit's RUN steps have no container id of their own.
+    let step = bed.process_below(&service, "/docker/buildkit/x7q2m9k1p0z8y3w6v5u4t3s2r");
+    let a = bed.request_translated(Some(&step), SLOT, CREDS).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // Control: a process in the init's own cgroup is not nested.
+    let own = bed.container(2, with_role());
+    let b = bed.request_translated(Some(&own), SLOT + 1, CREDS).await;
+    assert_eq!(b.status, 403, "{}", b.body);
+}
+
+#[tokio::test]
 async fn a_pending_slot_of_a_host_process_cannot_be_claimed_by_translation() {
     let bed = bed().await;
     // A host process (or a container sharing the host's network

@@ -456,31 +456,38 @@ fn within(path: &str, root: &str) -> bool {
 /// it reads as Docker's, which knows no such container: refused).
 pub fn container_roots(path: &str) -> Vec<(ContainerId, &str, Option<RuntimeKind>)> {
     let mut end = 0;
-    let mut parent = "";
+    // `/libpod_parent/<pod id>`: the pod's place, and only there.
+    let pod_at_top = path.starts_with("/libpod_parent/");
     let mut pod = None;
-    let mut roots: Vec<_> = path
-        .split('/')
-        .filter_map(|component| {
-            end += component.len() + 1;
-            let above = std::mem::replace(&mut parent, component);
-            let c = component.strip_suffix(".scope").unwrap_or(component);
-            let id = c.get(c.len().checked_sub(64)?..)?;
-            let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
-            let id = whole_or_suffix.then(|| ContainerId::parse(id))??;
-            if c.len() == 64 && above == "libpod_parent" {
-                pod = Some(id.clone());
-            }
-            let kind = RuntimeKind::of_prefix(&c[..c.len() - 64]);
-            Some((id, &path[..(end - 1).min(path.len())], kind))
-        })
-        .collect();
-    if let Some(pod) = pod {
-        let at = roots.iter().position(|(id, ..)| *id == pod);
-        if let Some(at) = at.filter(|&at| at + 1 < roots.len()) {
-            roots.remove(at);
+    let mut roots = Vec::new();
+    for (n, component) in path.split('/').enumerate() {
+        end += component.len() + 1;
+        let c = component.strip_suffix(".scope").unwrap_or(component);
+        let Some(id) = c.len().checked_sub(64).and_then(|at| c.get(at..)) else {
+            continue;
+        };
+        let whole_or_suffix = c.len() == 64 || c.as_bytes()[c.len() - 65] == b'-';
+        let Some(id) = whole_or_suffix.then(|| ContainerId::parse(id)).flatten() else {
+            continue;
+        };
+        if pod_at_top && n == 2 && c.len() == 64 {
+            pod = Some(roots.len());
         }
+        let kind = RuntimeKind::of_prefix(&c[..c.len() - 64]);
+        roots.push((id, &path[..(end - 1).min(path.len())], kind));
+    }
+    if let Some(at) = pod.filter(|&at| at + 1 < roots.len()) {
+        roots.remove(at);
     }
     roots
+}
+
+/// Whether the cgroup at `path` is a nested one of container `c`: below
+/// the subtree that names `c` (`root`) and not its init's own (Docker-in-
+/// Docker's inner containers and build steps; not the container's own
+/// processes, whose connects nothing translates).
+pub fn is_nested(path: &str, root: &str, c: &Container) -> bool {
+    path != root && within(path, root) && Some(path) != c.cgroup.as_deref()
 }
 
 #[cfg(test)]
@@ -530,6 +537,11 @@ mod tests {
         assert_eq!(kinds(&format!("/libpod_parent/{B}")), [docker]);
         // Anywhere else a bare id is Docker's.
         assert_eq!(kinds(&format!("/ci/{B}/libpod-{A}")), [docker, podman]);
+        // Only at the top: deeper, a bare id is a container's.
+        assert_eq!(
+            kinds(&format!("/docker/{B}/libpod_parent/{A}/libpod-{A}")),
+            [docker, docker, podman]
+        );
         assert_eq!(
             kinds(&format!("/ci/libpod-{A}/docker/{B}")),
             [podman, docker]

@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     attribution::{Attribution, AttributionError},
-    identity::{container_roots, Identity},
+    identity::{container_roots, is_nested, Identity},
     kernel::addrs::{AddrPair, ClientAddr, ServerAddr},
     model::caller::Via,
     ops::accept::{self, Rules, WhenFull},
@@ -149,17 +149,21 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, pipeline: Arc<Pip
         // identify has checked of a container with addresses of its own.
         // A host process, or a container in the host's network namespace,
         // has no address a translated connection could prove itself by.
-        // And only a nested container's connect (Docker-in-Docker's inner
-        // ones) is translated on its way out of the outer one: a record
-        // of the container's own is claimed by its own 4-tuple, never by
-        // a connection forged from its address.
+        // And only a nested cgroup's connect (Docker-in-Docker's inner
+        // containers and build steps) is translated on its way out of the
+        // outer container: a record of the container's own processes is
+        // claimed by its own 4-tuple, never by a connection forged from
+        // its address.
         Via::Translated { .. } => {
-            let nested = caller
-                .cgroup_path
-                .as_deref()
-                .is_some_and(|p| container_roots(p).len() > 1);
-            let own = matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some());
-            if own && nested {
+            let nested = |c: &crate::model::container::Container| {
+                caller.cgroup_path.as_deref().is_some_and(|p| {
+                    container_roots(p)
+                        .first()
+                        .is_some_and(|(_, root, _)| is_nested(p, root, c))
+                })
+            };
+            let own = matches!(&identity, Ok(Identity::Container(c)) if c.addresses.is_some() && nested(c));
+            if own {
                 pipeline.attribution.claim(&caller)
             } else {
                 Err(AttributionError::NotItsSlot)

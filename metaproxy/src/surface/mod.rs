@@ -439,7 +439,6 @@ impl Surface {
             target: "metaproxy::audit",
             container_id = %c.id,
             container = %Clean(&c.name),
-            nested = %Clean(nested.unwrap_or("-")),
             job = %Clean(c.job_id().unwrap_or("-")),
             role_arn = %key.role_arn,
             session = %key.session_name,
@@ -447,6 +446,9 @@ impl Surface {
             access_key_id = %creds.access_key_id,
             expiration = %imds_time(creds.expiration),
             endpoint = endpoint.name(),
+            // Quoted and last: a job names its inner cgroups, spaces and
+            // `=` included, and must not add fields to the line.
+            nested = ?nested.unwrap_or("-"),
             "credentials issued"
         );
         Ok(creds)

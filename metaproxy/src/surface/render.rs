@@ -4,7 +4,7 @@
 //! them) they went to, so the audit line is written once for each.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Mutex, OnceLock},
 };
 
@@ -14,6 +14,10 @@ use crate::{
     credentials::{Credentials, Issued},
     model::ids::{CgroupId, ContainerId},
 };
+
+/// Cgroups of one container that get an audit line of their own for one
+/// issue of credentials.
+const MAX_AUDITED_CGROUPS: usize = 64;
 
 /// The answers kept.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +33,7 @@ struct Kept {
     bodies: [OnceLock<Bytes>; 3],
     /// Containers, and which of their cgroups, these credentials have been
     /// handed to.
-    handed_to: Mutex<HashSet<(ContainerId, CgroupId)>>,
+    handed_to: Mutex<HashMap<ContainerId, HashSet<CgroupId>>>,
 }
 
 /// The surface's use of issued credentials.
@@ -58,7 +62,13 @@ impl Served for Issued {
             return true;
         };
         let mut seen = kept.handed_to.lock().unwrap_or_else(|e| e.into_inner());
-        seen.insert((container.clone(), cgroup))
+        let cgroups = seen.entry(container.clone()).or_default();
+        if cgroups.len() >= MAX_AUDITED_CGROUPS {
+            // A job making cgroup after cgroup gets no line for each (nor
+            // the memory): the connection log still lists every request.
+            return false;
+        }
+        cgroups.insert(cgroup)
     }
 }
 
@@ -91,7 +101,14 @@ mod tests {
         let id = ContainerId::parse(&"a".repeat(64)).unwrap();
         assert!(issued.first_for(&id, CgroupId(1)));
         assert!(!issued.first_for(&id, CgroupId(1)));
-        // A nested container's cgroup gets its own audit line.
+        // A nested container's cgroup gets its own audit line, up to a
+        // bound per container.
         assert!(issued.first_for(&id, CgroupId(2)));
+        for n in 3..=64 {
+            assert!(issued.first_for(&id, CgroupId(n)));
+        }
+        assert!(!issued.first_for(&id, CgroupId(65)));
+        let other = ContainerId::parse(&"b".repeat(64)).unwrap();
+        assert!(issued.first_for(&other, CgroupId(65)));
     }
 }

@@ -616,6 +616,19 @@ impl Bed {
         }
     }
 
+    /// A process in cgroup `below` of container `outer` (`/init`, where
+    /// docker:dind moves its own processes; `/docker/buildkit/<id>`, where
+    /// its BuildKit runs build steps).
+    pub fn process_below(&self, outer: &Who, below: &str) -> Who {
+        let outer_id = outer.container.clone().expect("an outer container");
+        Who {
+            cgroup: self.new_cgroup(format!("/docker/{outer_id}{below}")),
+            comm: "sh",
+            container: Some(outer_id),
+            dst: IMDS,
+        }
+    }
+
     /// A running container of Podman (`--podman-host`), in the cgroup
     /// Podman's systemd driver gives it, and a process in it.
     pub fn podman_container(&self, n: usize, spec: Spec<'_>) -> Who {

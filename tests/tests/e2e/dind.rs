@@ -47,7 +47,7 @@ fn an_inner_container_gets_its_jobs_role_and_one_of_a_job_without_gets_nothing()
         .filter(|l| l.contains("credentials issued") && l.contains("container=dind-with-role"))
         .collect();
     assert_eq!(issued.len(), 2, "{log}");
-    assert!(issued[0].contains(&format!("nested={cgroup}")), "{log}");
+    assert!(issued[0].contains(&format!("nested=\"{cgroup}\"")), "{log}");
     assert!(issued.iter().all(|l| l.contains("/dind/")), "{log}");
 
     let none = Dind::start(&bed, "dind-no-role", &[], &[]).expect("dind");
