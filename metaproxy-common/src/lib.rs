@@ -425,13 +425,17 @@ pub struct ConnRecord {
     pub comm: [u8; 16],
 }
 
-/// A pending slot: the record of the connect sent there, and its socket's
-/// cookie (so only that socket's release frees it).
+/// A pending slot: the record of the connect sent there, its socket's
+/// cookie (so only that socket's release frees it), and, once its SYN is
+/// about to go out, the connection's 4-tuple (all zero before): a
+/// connection accepted on the slot with that 4-tuple is the record's own,
+/// any other was translated on its way.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
     pub cookie: u64,
     pub record: ConnRecord,
+    pub conn: ConnKey,
 }
 
 /// One TCP connection as both ends see it: the client's address and port
@@ -595,7 +599,7 @@ mod tests {
         );
         assert_eq!(
             core::mem::size_of::<Slot>(),
-            8 + core::mem::size_of::<ConnRecord>()
+            8 + core::mem::size_of::<ConnRecord>() + core::mem::size_of::<ConnKey>()
         );
         assert_eq!(core::mem::size_of::<ConnKey>(), 16 + 16 + 2 + 2 + 2 + 2);
     }

@@ -314,6 +314,7 @@ fn take_slot(cfg: &ProbeConfig, cookie: u64, record: &mut ConnRecord) -> Option<
         let slot = Slot {
             cookie,
             record: *record,
+            conn: ConnKey::default(),
         };
         if MP_SLOTS.insert(port, slot, u64::from(BPF_NOEXIST)).is_ok() {
             let _ = MP_SOCK_SLOTS.insert(cookie, port, 0);
@@ -470,7 +471,8 @@ pub fn mp_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 /// The SYN is about to go out: the local port is known, so move the record
-/// from the cookie to the 4-tuple and ask to hear when the socket closes.
+/// from the cookie to the 4-tuple (beside it on its slot, or in the 4-tuple
+/// map, asking to hear when the socket closes).
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     // Every connect of every job passes here; only those the redirect sent
@@ -495,6 +497,21 @@ fn on_connect(ctx: &SockOpsContext) {
     let Some(key) = conn_key(ctx) else {
         return;
     };
+    if cfg.is_slot4(port) {
+        // Sent to a slot: the record waits there, and its 4-tuple goes
+        // beside it, by which the daemon tells this connection from a
+        // translated one. The slot is freed when the daemon takes it, or
+        // when this socket goes: no close callback, no second map.
+        if let Some(slot) = MP_SLOTS.get_ptr_mut(u32::from(port)) {
+            // SAFETY: the pointer came from a successful lookup just now.
+            unsafe {
+                if (*slot).cookie == cookie {
+                    (*slot).conn = key;
+                }
+            }
+        }
+        return;
+    }
     // Without the close callback the entry would outlive the connection and
     // could be found by a later one reusing the 4-tuple: record nothing (the
     // daemon then refuses the connection) rather than that.

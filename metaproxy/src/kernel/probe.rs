@@ -8,10 +8,11 @@
 //! default):
 //!
 //! ```text
-//! maps-v1/MP_PENDING   socket cookie -> record   (shared across restarts)
-//! maps-v1/MP_CONNS     4-tuple -> record         (shared across restarts)
-//! maps-v1/MP_SLOTS     slot port -> record       (shared across restarts)
-//! maps-v1/MP_GUARD_DROPS  the packet guard's drop counters
+//! maps-v2/MP_PENDING   socket cookie -> record   (shared across restarts)
+//! maps-v2/MP_CONNS     4-tuple -> record         (shared across restarts;
+//!                      connections on the listen port itself)
+//! maps-v2/MP_SLOTS     slot port -> record, 4-tuple (shared across restarts)
+//! maps-v2/MP_GUARD_DROPS  the packet guard's drop counters
 //! links/<prog>-<gen>   one bpf_link per cgroup program and generation
 //!                      (bpffs refuses dots in names)
 //! links/mp_sk_lookup-<gen>
@@ -38,8 +39,12 @@
 
 use std::{
     fs, io,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -67,7 +72,9 @@ static PROBE_OBJECT: &[u8] =
 
 /// Bump when a map's key or value layout changes: new maps are created
 /// beside the old ones instead of reusing incompatible pins.
-const MAPS_DIR: &str = "maps-v1";
+/// Versioned by the maps' layout: v2 notes the 4-tuple beside a slot's
+/// record.
+const MAPS_DIR: &str = "maps-v2";
 const LINKS_DIR: &str = "links";
 /// The cgroup programs, in attach order: the layer-2 lock first, then the
 /// bind guards, so the listen address is guarded before anything is
@@ -89,6 +96,10 @@ const OPTIONAL_PROGRAMS: [&str; 1] = [PROG_L2_SOCKET];
 /// A record older than this at accept is refused: no SDK waits this long
 /// for IMDS, and an old record is one a spoofed SYN could claim.
 pub const MAX_RECORD_AGE: Duration = Duration::from_secs(5);
+
+/// How many sources of translated connections [`Probe::lookup`] keeps in
+/// mind.
+const TRANSLATED_SOURCES: usize = 4096;
 /// Pin name stems of the tc guard (see the module docs).
 const TCX_PIN: &str = "mp_guard_tc_if";
 const NETLINK_PIN: &str = "mp_guard_nl_if";
@@ -260,11 +271,20 @@ enum Pin {
 /// The attached probe. Dropping it leaves the programs attached (that is
 /// the point of pinning); only [`detach`] removes them.
 pub struct Probe {
-    /// Behind a lock: taking a record is a lookup and a delete.
+    /// Behind a lock: taking a record is a lookup and a delete where the
+    /// kernel cannot do both in one step (before 5.14).
     conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
+    /// The same map, for taking a record in one step.
+    conns_fd: OwnedFd,
     pending: HashMap<MapData, u64, ConnRecord>,
     /// Behind a lock for the same reason.
     slots: Mutex<HashMap<MapData, u32, Slot>>,
+    slots_fd: OwnedFd,
+    /// Whether this kernel takes from a hash map in one step.
+    one_step: AtomicBool,
+    /// Sources of connections on slots that were not their own (see
+    /// [`Probe::lookup`]), at most [`TRANSLATED_SOURCES`].
+    translated_from: Mutex<std::collections::HashSet<std::net::IpAddr>>,
     /// The same map through a handle of its own, which the sweep walks
     /// without the lock the accept path takes.
     slots_walk: HashMap<MapData, u32, Slot>,
@@ -432,10 +452,13 @@ impl Probe {
         for (path, _, pin) in old {
             unpin(&path, &pin)?;
         }
+        if let Err(e) = remove_old_maps(&opts.pin_dir, MAPS_DIR) {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot unpin the maps of an older layout");
+        }
 
-        let conns = take_map(&mut ebpf, MAP_CONNS)?;
+        let (conns, conns_fd) = take_map_and_fd(&mut ebpf, MAP_CONNS)?;
         let pending = take_map(&mut ebpf, MAP_PENDING)?;
-        let slots = take_map(&mut ebpf, MAP_SLOTS)?;
+        let (slots, slots_fd) = take_map_and_fd(&mut ebpf, MAP_SLOTS)?;
         let slots_walk = {
             let path = maps_dir.join(MAP_SLOTS);
             let map_err = |source| ProbeError::Map {
@@ -468,8 +491,12 @@ impl Probe {
         Ok((
             Self {
                 conns: Mutex::new(conns),
+                conns_fd,
                 pending,
                 slots: Mutex::new(slots),
+                slots_fd,
+                one_step: AtomicBool::new(true),
+                translated_from: Mutex::default(),
                 slots_walk,
                 config: opts.config,
                 drops,
@@ -704,43 +731,122 @@ impl Probe {
     /// What the kernel recorded for the accepted connection `pair`, if
     /// anything, and how it was found.
     ///
-    /// By its 4-tuple first: the record its own socket's SYN filed, which
-    /// is consumed (it serves this accept and no other: a client that
-    /// keeps its socket open after the daemon closed would otherwise leave
-    /// a live record, which a spoofed SYN from the same address and port
-    /// could claim), and its slot with it. Else, for a connection accepted
-    /// on a slot, the record pending there, which is *not* consumed: the
-    /// connection's source was translated, and it takes the record only
-    /// once it has shown it comes from the record's container
-    /// ([`Probe::claim`]). A record older than [`MAX_RECORD_AGE`] is
-    /// refused.
+    /// A connection accepted on a slot: the record pending there, taken in
+    /// one step. If the 4-tuple its socket noted beside it is `pair`'s, it
+    /// is the connection's own and stays taken (it serves this accept and
+    /// no other: a client that keeps its socket open after the daemon
+    /// closed would otherwise leave a live record, which a spoofed SYN
+    /// from the same address and port could claim). Else the connection
+    /// was translated on its way: the record goes back to its slot, not
+    /// consumed, and the connection takes it only once it has shown it
+    /// comes from the record's container ([`Probe::claim`]). From a source
+    /// whose connections on slots lately were not their own, the record is
+    /// looked at before it is taken, so that nobody can keep another's
+    /// slot empty for moments by sending connections to it. A connection
+    /// on the listen port itself (no slot was free, or IPv6): the record
+    /// its socket filed under the 4-tuple, taken. A record older than
+    /// [`MAX_RECORD_AGE`] is refused.
     pub fn lookup(&self, pair: &AddrPair) -> Result<Option<(ConnRecord, Via)>, ProbeError> {
-        if let Some(record) = self.take_direct(pair)? {
-            check_age(record.boot_ns, boot_ns_now())?;
-            if record.slot != 0 {
-                self.claim(record.slot, |r| {
-                    r.boot_ns == record.boot_ns && r.tid == record.tid
-                })?;
-            }
-            return Ok(Some((record, Via::Direct)));
-        }
         let port = pair.server.0.port();
         if !pair.server.0.ip().to_canonical().is_ipv4() || !self.config.is_slot4(port) {
-            return Ok(None);
+            let Some(record) = self.take_direct(pair)? else {
+                return Ok(None);
+            };
+            check_age(record.boot_ns, boot_ns_now())?;
+            return Ok(Some((record, Via::Direct)));
         }
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = match slots.get(&u32::from(port), 0) {
-            Ok(slot) => slot,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(source) => {
-                return Err(ProbeError::Map {
-                    name: MAP_SLOTS,
-                    source,
-                })
+        let key = u32::from(port);
+        let source = pair.client.0.ip().to_canonical();
+        let look_first = self.translates(source);
+        let held = if look_first {
+            // Looked at, not taken: taken and put back, the slot would be
+            // free for a moment, and its own connection could miss it.
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.get(&key, 0) {
+                Ok(held) => held,
+                Err(MapError::KeyNotFound) => return Ok(None),
+                Err(source) => {
+                    return Err(ProbeError::Map {
+                        name: MAP_SLOTS,
+                        source,
+                    })
+                }
             }
+        } else {
+            // The common case, a connection that is the record's own: one
+            // step.
+            let Some(held) = self.take(&self.slots_fd, &self.slots, MAP_SLOTS, &key)? else {
+                return Ok(None);
+            };
+            held
         };
-        check_age(slot.record.boot_ns, boot_ns_now())?;
-        Ok(Some((slot.record, Via::Translated { slot: port })))
+        let own = pair.conn_key().is_some_and(|k| k == held.conn);
+        if look_first {
+            // Its own after all (a DinD service's own process): taken now,
+            // if nobody took it meanwhile.
+            if own
+                && !self.claim(port, |r| {
+                    r.boot_ns == held.record.boot_ns && r.tid == held.record.tid
+                })?
+            {
+                return Ok(None);
+            }
+        } else if !own {
+            self.put_back(key, held)?;
+            self.note_translated(source);
+        }
+        check_age(held.record.boot_ns, boot_ns_now())?;
+        let via = if own {
+            Via::Direct
+        } else {
+            Via::Translated { slot: port }
+        };
+        Ok(Some((held.record, via)))
+    }
+
+    /// Whether connections from `source` on slots were lately not their
+    /// own: translated (a Docker-in-Docker service, a relay's host
+    /// address), or forged (a job trying pending slots).
+    fn translates(&self, source: std::net::IpAddr) -> bool {
+        self.translated_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&source)
+    }
+
+    /// Notes that a connection from `source` on a slot was not its own:
+    /// from then on its connections look at a slot before they take it, so
+    /// that no stream of them can keep another's slot free for moments.
+    fn note_translated(&self, source: std::net::IpAddr) {
+        let mut seen = self
+            .translated_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= TRANSLATED_SOURCES {
+            // Bounded: forgotten all at once, each then learnt again by
+            // one connection.
+            seen.clear();
+        }
+        seen.insert(source);
+    }
+
+    /// Puts `held` back on slot `key`, which was taken from it a moment
+    /// ago. Should a new connect have taken the slot in that moment, it
+    /// keeps it, and the connect whose record this was is refused (its
+    /// client retries): a slot is never given to two.
+    fn put_back(&self, key: u32, held: Slot) -> Result<(), ProbeError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // BPF_NOEXIST, from linux/bpf.h.
+        match slots.insert(key, held, 1) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(source) => Err(ProbeError::Map {
+                name: MAP_SLOTS,
+                source,
+            }),
+        }
     }
 
     /// Takes the record pending on `slot` if `is_it` says it is still the
@@ -750,23 +856,15 @@ impl Probe {
         slot: u16,
         is_it: impl Fn(&ConnRecord) -> bool,
     ) -> Result<bool, ProbeError> {
-        let map_err = |source| ProbeError::Map {
-            name: MAP_SLOTS,
-            source,
-        };
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let key = u32::from(slot);
-        match slots.get(&key, 0) {
-            Ok(held) if is_it(&held.record) => {}
-            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
-            Err(source) => return Err(map_err(source)),
+        let Some(held) = self.take(&self.slots_fd, &self.slots, MAP_SLOTS, &key)? else {
+            return Ok(false);
+        };
+        if is_it(&held.record) {
+            return Ok(true);
         }
-        match slots.remove(&key) {
-            Ok(()) => Ok(true),
-            // Freed meanwhile: its socket went.
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(map_err(source)),
-        }
+        // Another connect's, which took the slot since.
+        self.put_back(key, held).map(|()| false)
     }
 
     /// Frees the slots whose record is older than [`MAX_RECORD_AGE`]:
@@ -807,22 +905,46 @@ impl Probe {
         let Some(key) = pair.conn_key() else {
             return Ok(None);
         };
-        let map_err = |source| ProbeError::Map {
-            name: MAP_CONNS,
-            source,
-        };
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let record = match conns.get(&key, 0) {
-            Ok(record) => record,
+        self.take(&self.conns_fd, &self.conns, MAP_CONNS, &key)
+    }
+
+    /// Takes `key`'s value out of the map `fd` (`name`): in one `bpf(2)`
+    /// call, or, on a kernel before 5.14, as a lookup and a delete under
+    /// `two_step`'s lock.
+    fn take<K: aya::Pod, V: aya::Pod>(
+        &self,
+        fd: &OwnedFd,
+        two_step: &Mutex<HashMap<MapData, K, V>>,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>, ProbeError> {
+        let map_err = |source| ProbeError::Map { name, source };
+        if self.one_step.load(Ordering::Relaxed) {
+            match syscalls::map_take(fd.as_fd(), key) {
+                Ok(value) => return Ok(value),
+                Err(e) if syscalls::is_unsupported(&e) => {
+                    self.one_step.store(false, Ordering::Relaxed);
+                }
+                Err(io_error) => {
+                    return Err(map_err(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_and_delete_elem",
+                        io_error,
+                    })))
+                }
+            }
+        }
+        let mut map = two_step.lock().unwrap_or_else(|p| p.into_inner());
+        let value = match map.get(key, 0) {
+            Ok(value) => value,
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(source) => return Err(map_err(source)),
         };
-        match conns.remove(&key) {
+        match map.remove(key) {
             // Gone meanwhile: the connection closed under us.
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(map_err(source)),
         }
-        Ok(Some(record))
+        Ok(Some(value))
     }
 
     /// Steers connections to pending slots to `listener` (this daemon's
@@ -941,6 +1063,30 @@ pub fn interface_name(index: u32) -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
+/// As [`take_map`], with a descriptor of the map's own.
+fn take_map_and_fd<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<(HashMap<MapData, K, V>, OwnedFd), ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Missing(name))?;
+    let fd = match &map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|io_error| ProbeError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }),
+            })?,
+        _ => return Err(ProbeError::Missing(name)),
+    };
+    let map = HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+    Ok((map, fd))
+}
+
 fn take_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -955,7 +1101,7 @@ mod syscalls;
 mod watchdog;
 
 use attach::{attach_lsm, attach_program, attach_sk_lookup, attach_sockopt, attach_tc};
-use pins::{check_pin_dir, ensure_bpffs_dir, pinned_links, unpin};
+use pins::{check_pin_dir, ensure_bpffs_dir, pinned_links, remove_old_maps, unpin};
 pub use pins::{detach, guard_in_place, redirect_in_place, steering_in_place};
 pub use watchdog::Repairs;
 

@@ -188,6 +188,28 @@ pub fn detach(pin_dir: &Path) -> Result<usize, ProbeError> {
     Ok(removed)
 }
 
+/// Unpins the maps of older layouts (`maps-v<n>` other than `current`),
+/// once nothing attached uses them: a daemon upgraded across a change of
+/// layout starts with maps of its own, and those of the old one go.
+pub(super) fn remove_old_maps(pin_dir: &Path, current: &str) -> Result<(), ProbeError> {
+    for entry in fs::read_dir(pin_dir).map_err(io_err("listing", pin_dir))? {
+        let dir = entry.map_err(io_err("listing", pin_dir))?.path();
+        let old = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("maps-v") && n != current);
+        if !old {
+            continue;
+        }
+        for pin in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let pin = pin.map_err(io_err("listing", &dir))?.path();
+            fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
+        }
+        fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
+    }
+    Ok(())
+}
+
 /// Creates `dir` on bpffs, mounting bpffs at /sys/fs/bpf first if nothing
 /// is mounted there (some minimal hosts do not mount it).
 pub(super) fn ensure_bpffs_dir(dir: &Path) -> Result<(), ProbeError> {

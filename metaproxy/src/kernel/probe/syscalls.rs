@@ -12,7 +12,11 @@
 //!   (`BPF_OBJ_GET`), pinning it again where its pin was removed
 //!   (`BPF_OBJ_PIN`), asking the kernel where it is attached
 //!   (`BPF_OBJ_GET_INFO_BY_FD`), and detaching it to attach it again in
-//!   front (`BPF_LINK_DETACH`), for the probe's watchdog.
+//!   front (`BPF_LINK_DETACH`), for the probe's watchdog;
+//! * taking a record out of a hash map in one step
+//!   (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which aya offers only for queues
+//!   and stacks): one `bpf(2)` call on the request path where a lookup and
+//!   a delete were two, and no lock around them.
 #![allow(unsafe_code)]
 
 use std::{
@@ -29,6 +33,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
@@ -201,6 +206,50 @@ pub(super) fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
         ]),
         prog_id: info.prog_id,
     })
+}
+
+/// `union bpf_attr` as the map element commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Looks `key` up in the hash map `map` and deletes it, as one step: the
+/// value, or `None` if the key was not there. A kernel before 5.14 does
+/// not do this for hash maps and says so (`ENOTSUPP` or `EINVAL`); see
+/// [`is_unsupported`].
+pub(super) fn map_take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let mut elem = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut elem) {
+        // SAFETY: the kernel wrote a whole value, and V is Pod (any bytes
+        // are a valid V; it was zeroed before in any case).
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `e` says the kernel cannot take from a hash map in one step.
+pub(super) fn is_unsupported(e: &io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own, not ENOTSUP.
+    matches!(
+        e.raw_os_error(),
+        Some(524 | libc::EINVAL | libc::EOPNOTSUPP)
+    )
 }
 
 /// `union bpf_attr` as `BPF_LINK_DETACH` reads it.

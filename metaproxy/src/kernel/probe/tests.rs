@@ -157,3 +157,29 @@ fn guard_pins_name_their_interface_and_filter() {
     assert_eq!(parse_pin("mp_guard_nl_if2_p49152-4"), None);
     assert_eq!(parse_pin("mp_guard_tc_if-4"), None);
 }
+
+#[test]
+fn an_upgrade_across_a_map_layout_unpins_the_old_layouts_maps_only() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    for (sub, pins) in [
+        ("maps-v1", &["MP_SLOTS", "MP_CONNS"][..]),
+        (MAPS_DIR, &["MP_SLOTS"][..]),
+        (LINKS_DIR, &["mp_connect4-3"][..]),
+        ("other", &["keep"][..]),
+    ] {
+        fs::create_dir(dir.join(sub)).unwrap();
+        for p in pins {
+            fs::write(dir.join(sub).join(p), b"").unwrap();
+        }
+    }
+    remove_old_maps(dir, MAPS_DIR).unwrap();
+    assert!(!dir.join("maps-v1").exists());
+    for kept in [
+        format!("{MAPS_DIR}/MP_SLOTS"),
+        format!("{LINKS_DIR}/mp_connect4-3"),
+        "other/keep".to_string(),
+    ] {
+        assert!(dir.join(&kept).exists(), "{kept} went");
+    }
+}
