@@ -497,7 +497,9 @@ fn on_connect(ctx: &SockOpsContext) {
     let Some(key) = conn_key(ctx) else {
         return;
     };
-    if cfg.is_slot4(port) {
+    // (A v4-mapped connection of an IPv6 socket keys as IPv4; a native
+    // IPv6 one is never on a slot, whatever its listen port.)
+    if key.family == AF_INET && cfg.is_slot4(port) {
         // Sent to a slot: the record waits there, and its 4-tuple goes
         // beside it, by which the daemon tells this connection from a
         // translated one. The slot is freed when the daemon takes it, or

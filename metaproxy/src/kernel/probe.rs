@@ -39,7 +39,6 @@
 
 use std::{
     fs, io,
-    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -97,9 +96,8 @@ const OPTIONAL_PROGRAMS: [&str; 1] = [PROG_L2_SOCKET];
 /// for IMDS, and an old record is one a spoofed SYN could claim.
 pub const MAX_RECORD_AGE: Duration = Duration::from_secs(5);
 
-/// How many sources of translated connections [`Probe::lookup`] keeps in
-/// mind.
-const TRANSLATED_SOURCES: usize = 4096;
+/// How many sources of direct connections [`Probe::lookup`] keeps in mind.
+const DIRECT_SOURCES: usize = 4096;
 /// Pin name stems of the tc guard (see the module docs).
 const TCX_PIN: &str = "mp_guard_tc_if";
 const NETLINK_PIN: &str = "mp_guard_nl_if";
@@ -275,16 +273,16 @@ pub struct Probe {
     /// kernel cannot do both in one step (before 5.14).
     conns: Mutex<HashMap<MapData, ConnKey, ConnRecord>>,
     /// The same map, for taking a record in one step.
-    conns_fd: OwnedFd,
+    conns_fd: syscalls::TakeFd<ConnKey, ConnRecord>,
     pending: HashMap<MapData, u64, ConnRecord>,
-    /// Behind a lock for the same reason.
+    /// Behind a lock for the same reason, and for putting a record back.
     slots: Mutex<HashMap<MapData, u32, Slot>>,
-    slots_fd: OwnedFd,
+    slots_fd: syscalls::TakeFd<u32, Slot>,
     /// Whether this kernel takes from a hash map in one step.
     one_step: AtomicBool,
-    /// Sources of connections on slots that were not their own (see
-    /// [`Probe::lookup`]), at most [`TRANSLATED_SOURCES`].
-    translated_from: Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    /// Sources whose last connection on a slot was its own (see
+    /// [`Probe::lookup`]), at most [`DIRECT_SOURCES`].
+    direct_sources: Mutex<std::collections::HashSet<std::net::IpAddr>>,
     /// The same map through a handle of its own, which the sweep walks
     /// without the lock the accept path takes.
     slots_walk: HashMap<MapData, u32, Slot>,
@@ -496,7 +494,7 @@ impl Probe {
                 slots: Mutex::new(slots),
                 slots_fd,
                 one_step: AtomicBool::new(true),
-                translated_from: Mutex::default(),
+                direct_sources: Mutex::default(),
                 slots_walk,
                 config: opts.config,
                 drops,
@@ -731,18 +729,20 @@ impl Probe {
     /// What the kernel recorded for the accepted connection `pair`, if
     /// anything, and how it was found.
     ///
-    /// A connection accepted on a slot: the record pending there, taken in
-    /// one step. If the 4-tuple its socket noted beside it is `pair`'s, it
+    /// A connection accepted on a slot: the record pending there. If the
+    /// 4-tuple its socket noted beside it is `pair`'s, it
     /// is the connection's own and stays taken (it serves this accept and
     /// no other: a client that keeps its socket open after the daemon
     /// closed would otherwise leave a live record, which a spoofed SYN
     /// from the same address and port could claim). Else the connection
     /// was translated on its way: the record goes back to its slot, not
     /// consumed, and the connection takes it only once it has shown it
-    /// comes from the record's container ([`Probe::claim`]). From a source
-    /// whose connections on slots lately were not their own, the record is
-    /// looked at before it is taken, so that nobody can keep another's
-    /// slot empty for moments by sending connections to it. A connection
+    /// comes from the record's container ([`Probe::claim`]). The record is
+    /// taken before it is looked at only for a source whose last
+    /// connection on a slot was its own (a job container's, the common
+    /// case); any other source's is looked at first, so that nobody can
+    /// keep another's slot empty for moments by sending connections to it.
+    /// A connection
     /// on the listen port itself (no slot was free, or IPv6): the record
     /// its socket filed under the 4-tuple, taken. A record older than
     /// [`MAX_RECORD_AGE`] is refused.
@@ -757,10 +757,18 @@ impl Probe {
         }
         let key = u32::from(port);
         let source = pair.client.0.ip().to_canonical();
-        let look_first = self.translates(source);
-        let held = if look_first {
-            // Looked at, not taken: taken and put back, the slot would be
-            // free for a moment, and its own connection could miss it.
+        let take_first = self.direct_from(source);
+        let held = if take_first {
+            // The common case, a source whose connections on slots were
+            // their own: one step.
+            let Some(held) = self.take(&self.slots_fd, &self.slots, MAP_SLOTS, &key)? else {
+                return Ok(None);
+            };
+            held
+        } else {
+            // Looked at first: a connection that is not the record's own
+            // must not empty the slot even for a moment, in which its own
+            // connection could miss it.
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             match slots.get(&key, 0) {
                 Ok(held) => held,
@@ -772,28 +780,23 @@ impl Probe {
                     })
                 }
             }
-        } else {
-            // The common case, a connection that is the record's own: one
-            // step.
-            let Some(held) = self.take(&self.slots_fd, &self.slots, MAP_SLOTS, &key)? else {
-                return Ok(None);
-            };
-            held
         };
         let own = pair.conn_key().is_some_and(|k| k == held.conn);
-        if look_first {
-            // Its own after all (a DinD service's own process): taken now,
-            // if nobody took it meanwhile.
-            if own
-                && !self.claim(port, |r| {
-                    r.boot_ns == held.record.boot_ns && r.tid == held.record.tid
-                })?
-            {
-                return Ok(None);
+        match (take_first, own) {
+            (true, true) | (false, false) => {}
+            (true, false) => {
+                self.put_back(key, held)?;
+                self.note_source(source, false);
             }
-        } else if !own {
-            self.put_back(key, held)?;
-            self.note_translated(source);
+            (false, true) => {
+                // Taken now, if nobody took it meanwhile.
+                if !self.claim(port, |r| {
+                    r.boot_ns == held.record.boot_ns && r.tid == held.record.tid
+                })? {
+                    return Ok(None);
+                }
+                self.note_source(source, true);
+            }
         }
         check_age(held.record.boot_ns, boot_ns_now())?;
         let via = if own {
@@ -804,27 +807,27 @@ impl Probe {
         Ok(Some((held.record, via)))
     }
 
-    /// Whether connections from `source` on slots were lately not their
-    /// own: translated (a Docker-in-Docker service, a relay's host
-    /// address), or forged (a job trying pending slots).
-    fn translates(&self, source: std::net::IpAddr) -> bool {
-        self.translated_from
+    /// Whether `source`'s last connection on a slot was its own.
+    fn direct_from(&self, source: std::net::IpAddr) -> bool {
+        self.direct_sources
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&source)
     }
 
-    /// Notes that a connection from `source` on a slot was not its own:
-    /// from then on its connections look at a slot before they take it, so
-    /// that no stream of them can keep another's slot free for moments.
-    fn note_translated(&self, source: std::net::IpAddr) {
+    /// Notes whether `source`'s connection on a slot was its own.
+    fn note_source(&self, source: std::net::IpAddr, direct: bool) {
         let mut seen = self
-            .translated_from
+            .direct_sources
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= TRANSLATED_SOURCES {
-            // Bounded: forgotten all at once, each then learnt again by
-            // one connection.
+        if !direct {
+            seen.remove(&source);
+            return;
+        }
+        if seen.len() >= DIRECT_SOURCES {
+            // Bounded: forgotten all at once, each then learnt again by one
+            // connection (looked at first meanwhile, which is safe).
             seen.clear();
         }
         seen.insert(source);
@@ -913,14 +916,14 @@ impl Probe {
     /// `two_step`'s lock.
     fn take<K: aya::Pod, V: aya::Pod>(
         &self,
-        fd: &OwnedFd,
+        fd: &syscalls::TakeFd<K, V>,
         two_step: &Mutex<HashMap<MapData, K, V>>,
         name: &'static str,
         key: &K,
     ) -> Result<Option<V>, ProbeError> {
         let map_err = |source| ProbeError::Map { name, source };
         if self.one_step.load(Ordering::Relaxed) {
-            match syscalls::map_take(fd.as_fd(), key) {
+            match fd.take(key) {
                 Ok(value) => return Ok(value),
                 Err(e) if syscalls::is_unsupported(&e) => {
                     self.one_step.store(false, Ordering::Relaxed);
@@ -1063,24 +1066,26 @@ pub fn interface_name(index: u32) -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
-/// As [`take_map`], with a descriptor of the map's own.
+/// A map, and a descriptor of its own for taking from it in one step.
+type TakeableMap<K, V> = (HashMap<MapData, K, V>, syscalls::TakeFd<K, V>);
+
+/// As [`take_map`], with a descriptor of the map's own for taking from it
+/// in one step.
 fn take_map_and_fd<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<(HashMap<MapData, K, V>, OwnedFd), ProbeError> {
+) -> Result<TakeableMap<K, V>, ProbeError> {
     let map = ebpf.take_map(name).ok_or(ProbeError::Missing(name))?;
     let fd = match &map {
-        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|io_error| ProbeError::Map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => {
+            syscalls::TakeFd::of(data).map_err(|io_error| ProbeError::Map {
                 name,
                 source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
+                    call: "a descriptor of the map's own",
                     io_error,
                 }),
-            })?,
+            })?
+        }
         _ => return Err(ProbeError::Missing(name)),
     };
     let map = HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })?;

@@ -175,17 +175,29 @@ pub fn detach(pin_dir: &Path) -> Result<usize, ProbeError> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n == LINKS_DIR || n.starts_with("maps-v"));
-        if !is_ours {
-            continue;
+        if is_ours {
+            remove_pins(&dir)?;
         }
-        for pin in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
-            let pin = pin.map_err(io_err("listing", &dir))?.path();
-            fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
-        }
-        fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
     }
     fs::remove_dir(pin_dir).map_err(io_err("removing", pin_dir))?;
     Ok(removed)
+}
+
+/// Removes the directory of pins `dir` and the pins in it; never follows
+/// a symbolic link (one in `dir`'s place is removed itself), so that what
+/// someone planted there cannot point the daemon at another directory.
+fn remove_pins(dir: &Path) -> Result<(), ProbeError> {
+    let kind = fs::symlink_metadata(dir)
+        .map_err(io_err("reading", dir))?
+        .file_type();
+    if !kind.is_dir() {
+        return fs::remove_file(dir).map_err(io_err("unpinning", dir));
+    }
+    for pin in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let pin = pin.map_err(io_err("listing", dir))?.path();
+        fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
+    }
+    fs::remove_dir(dir).map_err(io_err("removing", dir))
 }
 
 /// Unpins the maps of older layouts (`maps-v<n>` other than `current`),
@@ -198,14 +210,9 @@ pub(super) fn remove_old_maps(pin_dir: &Path, current: &str) -> Result<(), Probe
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("maps-v") && n != current);
-        if !old {
-            continue;
+        if old {
+            remove_pins(&dir)?;
         }
-        for pin in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
-            let pin = pin.map_err(io_err("listing", &dir))?.path();
-            fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
-        }
-        fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
     }
     Ok(())
 }

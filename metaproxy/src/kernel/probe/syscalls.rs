@@ -219,27 +219,49 @@ struct MapElem {
     flags: u64,
 }
 
-/// Looks `key` up in the hash map `map` and deletes it, as one step: the
-/// value, or `None` if the key was not there. A kernel before 5.14 does
-/// not do this for hash maps and says so (`ENOTSUPP` or `EINVAL`); see
-/// [`is_unsupported`].
-pub(super) fn map_take<K: aya::Pod, V: aya::Pod>(
-    map: BorrowedFd<'_>,
-    key: &K,
-) -> io::Result<Option<V>> {
-    let mut value = std::mem::MaybeUninit::<V>::zeroed();
-    let mut elem = MapElem {
-        map_fd: map.as_raw_fd() as u32,
-        key: std::ptr::from_ref(key) as u64,
-        value: value.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut elem) {
-        // SAFETY: the kernel wrote a whole value, and V is Pod (any bytes
-        // are a valid V; it was zeroed before in any case).
-        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
+/// A hash map's own descriptor, for taking values out of it in one step.
+/// Made only for a map whose key and value are `K` and `V` in size, so the
+/// kernel writes no more than a `V`.
+pub(super) struct TakeFd<K, V> {
+    fd: OwnedFd,
+    _types: std::marker::PhantomData<fn(&K) -> V>,
+}
+
+impl<K: aya::Pod, V: aya::Pod> TakeFd<K, V> {
+    pub(super) fn of(map: &aya::maps::MapData) -> io::Result<Self> {
+        let info = map.info().map_err(io::Error::other)?;
+        let sizes = (info.key_size() as usize, info.value_size() as usize);
+        if sizes != (std::mem::size_of::<K>(), std::mem::size_of::<V>()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the map's key and value are {sizes:?} bytes, not ours"),
+            ));
+        }
+        Ok(Self {
+            fd: map.fd().as_fd().try_clone_to_owned()?,
+            _types: std::marker::PhantomData,
+        })
+    }
+
+    /// Looks `key` up and deletes it, as one step: the value, or `None` if
+    /// the key was not there. A kernel before 5.14 does not do this for
+    /// hash maps and says so; see [`is_unsupported`].
+    pub(super) fn take(&self, key: &K) -> io::Result<Option<V>> {
+        let mut value = std::mem::MaybeUninit::<V>::zeroed();
+        let mut elem = MapElem {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: std::ptr::from_ref(key) as u64,
+            value: value.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut elem) {
+            // SAFETY: the kernel wrote one value, which is a V in size (see
+            // `of`), and V is Pod (any bytes are a valid V; they were
+            // zeroed before in any case).
+            Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

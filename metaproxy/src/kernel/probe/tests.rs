@@ -173,8 +173,13 @@ fn an_upgrade_across_a_map_layout_unpins_the_old_layouts_maps_only() {
             fs::write(dir.join(sub).join(p), b"").unwrap();
         }
     }
+    // Planted: a link in an old layout's place, to a directory that is
+    // not ours.
+    let elsewhere = scratch.path().join("other");
+    std::os::unix::fs::symlink(&elsewhere, dir.join("maps-v0")).unwrap();
     remove_old_maps(dir, MAPS_DIR).unwrap();
     assert!(!dir.join("maps-v1").exists());
+    assert!(fs::symlink_metadata(dir.join("maps-v0")).is_err());
     for kept in [
         format!("{MAPS_DIR}/MP_SLOTS"),
         format!("{LINKS_DIR}/mp_connect4-3"),
