@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--json]`: metaproxy against the floor users compare
-//! it with, measured in the same run on the same machine.
+//! `cargo xtask bench [--json] [--latency]`: metaproxy against the floor
+//! users compare it with, measured in the same run on the same machine
+//! (`--latency`: the credential GET's table alone, for comparing builds).
 //!
 //! In the end-to-end bed, a job container times sequential connect + GET +
 //! close round trips (the way SDKs fetch credentials), each round one
@@ -66,7 +67,12 @@ mod traffic;
 
 use answer::{Percentiles, TargetRun};
 
-pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()> {
+pub fn run(
+    json_out: bool,
+    perf: bool,
+    traffic_only: bool,
+    latency_only: bool,
+) -> anyhow::Result<()> {
     let release = prepare()?;
     // The kernel counts run time and runs of every BPF program while this
     // is held.
@@ -94,6 +100,15 @@ pub fn run(json_out: bool, perf: bool, traffic_only: bool) -> anyhow::Result<()>
 
     let targets = targets(&floor, &job);
     let latency = latency(&bed, &job, &targets)?;
+    if latency_only {
+        let mut table = machine();
+        write_latency(&mut table, &latency_rows(&targets, &latency))?;
+        println!(
+            "{table}\ndaemon CPU per request: {:.0} us",
+            latency.cpu_us_per_request
+        );
+        return Ok(());
+    }
     let throughput = throughput(&bed, &job, &floor, perf)?;
     let assume_role_under_load = assume_role_calls(&bed);
     let probe = probe_cost(&job, &floor)?;
@@ -608,12 +623,12 @@ struct Report {
     traffic: traffic::Report,
 }
 
-fn report(f: &Figures<'_>, traffic: traffic::Report) -> Report {
-    let latency = f.latency;
+/// The latency table's rows: each target's medians, and their ratios to
+/// nginx's.
+fn latency_rows(targets: &[(&'static str, String)], latency: &Latency) -> Vec<LatencyRow> {
     let floor_p50 = latency.median("nginx", |p| p.p50_us);
     let floor_p99 = latency.median("nginx", |p| p.p99_us);
-    let rows = f
-        .targets
+    targets
         .iter()
         .map(|&(name, _)| {
             let p50_us = latency.median(name, |p| p.p50_us);
@@ -627,7 +642,12 @@ fn report(f: &Figures<'_>, traffic: traffic::Report) -> Report {
                 p99_ratio: p99_us / floor_p99,
             }
         })
-        .collect();
+        .collect()
+}
+
+fn report(f: &Figures<'_>, traffic: traffic::Report) -> Report {
+    let latency = f.latency;
+    let rows = latency_rows(f.targets, latency);
     let (live, held, probe) = (f.live, f.held, f.probe);
     let (direct, redirected) = (&probe.direct, &probe.redirected);
     let direct_connect_us = direct.connects.p50_us.unwrap_or(f64::NAN);
@@ -757,25 +777,31 @@ impl Report {
 }
 
 /// The tables for people: this report's, then the traffic report's.
+/// The credential GET's table.
+fn write_latency(out: &mut impl fmt::Write, rows: &[LatencyRow]) -> fmt::Result {
+    writeln!(
+        out,
+        "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in a shuffled order (medians of the runs' percentiles, microseconds)"
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
+        "", "p50", "p90", "p99", "p50/nginx", "p99/nginx"
+    )?;
+    for row in rows {
+        writeln!(
+            out,
+            "{:<28} {:>8.0} {:>8.0} {:>8.0} {:>10.2}x {:>10.2}x",
+            row.name, row.p50_us, row.p90_us, row.p99_us, row.p50_ratio, row.p99_ratio,
+        )?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(out, "\n{}", self.machine)?;
-        writeln!(
-            out,
-            "\ncredential GET from a job container: connect + GET + close; {RUNS} runs of {ROUNDS} rounds, each round one request to every row in a shuffled order (medians of the runs' percentiles, microseconds)"
-        )?;
-        writeln!(
-            out,
-            "{:<28} {:>8} {:>8} {:>8} {:>11} {:>11}",
-            "", "p50", "p90", "p99", "p50/nginx", "p99/nginx"
-        )?;
-        for row in &self.latency {
-            writeln!(
-                out,
-                "{:<28} {:>8.0} {:>8.0} {:>8.0} {:>10.2}x {:>10.2}x",
-                row.name, row.p50_us, row.p90_us, row.p99_us, row.p50_ratio, row.p99_ratio,
-            )?;
-        }
+        write_latency(out, &self.latency)?;
         writeln!(
             out,
             "\nthroughput, connect + GET + close per request (requests/s)"

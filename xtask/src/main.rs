@@ -49,6 +49,10 @@ enum Cmd {
         /// job side by side.
         #[arg(long)]
         traffic: bool,
+        /// Only the credential GET's latency table (a few minutes): for
+        /// comparing builds, run in turns.
+        #[arg(long)]
+        latency: bool,
     },
     /// Run every test: unit tests, then the kernel and end-to-end suites.
     Test {
@@ -91,7 +95,8 @@ fn main() -> anyhow::Result<()> {
             json,
             perf,
             traffic,
-        } => bench::run(json, perf, traffic),
+            latency,
+        } => bench::run(json, perf, traffic, latency),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Clean => clean::run(),
         Cmd::Lint => lint::run(),
