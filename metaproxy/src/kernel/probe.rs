@@ -752,6 +752,14 @@ impl Probe {
             let Some(record) = self.take_direct(pair)? else {
                 return Ok(None);
             };
+            if record.slot != 0 {
+                // Given a slot by a connect that failed before its SYN, then
+                // connected to the listen port itself: the slot goes too, or
+                // a translated connection could claim the record again.
+                self.claim(record.slot, |r| {
+                    r.boot_ns == record.boot_ns && r.tid == record.tid
+                })?;
+            }
             check_age(record.boot_ns, boot_ns_now())?;
             return Ok(Some((record, Via::Direct)));
         }

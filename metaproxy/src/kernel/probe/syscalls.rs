@@ -220,8 +220,8 @@ struct MapElem {
 }
 
 /// A hash map's own descriptor, for taking values out of it in one step.
-/// Made only for a map whose key and value are `K` and `V` in size, so the
-/// kernel writes no more than a `V`.
+/// Made only for a plain (not per-CPU) hash map whose key and value are
+/// `K` and `V` in size, so the kernel writes no more than a `V`.
 pub(super) struct TakeFd<K, V> {
     fd: OwnedFd,
     _types: std::marker::PhantomData<fn(&K) -> V>,
@@ -230,6 +230,17 @@ pub(super) struct TakeFd<K, V> {
 impl<K: aya::Pod, V: aya::Pod> TakeFd<K, V> {
     pub(super) fn of(map: &aya::maps::MapData) -> io::Result<Self> {
         let info = map.info().map_err(io::Error::other)?;
+        // A per-CPU map (pinned in our place by someone) would have the
+        // kernel write one value per CPU.
+        if !matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Hash | aya::maps::MapType::LruHash)
+        ) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the map is not a plain hash map",
+            ));
+        }
         let sizes = (info.key_size() as usize, info.value_size() as usize);
         if sizes != (std::mem::size_of::<K>(), std::mem::size_of::<V>()) {
             return Err(io::Error::new(
